@@ -1,0 +1,1 @@
+"""Burning: seed rendering and lint, images, devices and the wrong-disk guard, writer, manifest."""

@@ -1,0 +1,3 @@
+from pibake.cli import main
+
+main()

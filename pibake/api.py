@@ -1,0 +1,21 @@
+"""The pibake Python API. The CLI and the REST API are thin shells over these functions.
+
+    from pibake import api
+    api.init_cluster("cluster", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    cluster = api.load_cluster("cluster")
+    nodes = api.plan_nodes(cluster, "red[01-04]", "10.1.1.[11-14]")
+    seed = api.render_seed(cluster, nodes[0], api.seed_secrets("cluster"))
+"""
+
+from pibake.bake.lint import lint_seed  # noqa: F401
+from pibake.bake.seed import render_seed  # noqa: F401
+from pibake.cluster import init_cluster, load_cluster  # noqa: F401
+from pibake.plan import plan_from_inventory, plan_nodes  # noqa: F401
+from pibake.secrets import (  # noqa: F401
+    check_permissions,
+    ensure_secrets,
+    load_join_token,
+    rotate_join_token,
+    seed_secrets,
+    wpa_psk,
+)

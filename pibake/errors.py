@@ -1,0 +1,52 @@
+"""The one error family users see.
+
+A ``PibakeError`` carries a message a person can act on. The CLI prints it as
+``pibake: error: <message>`` without a traceback and exits 1. Anything else that
+escapes is a bug: the CLI calls it an internal error.
+"""
+
+
+class PibakeError(Exception):
+    """An error the user can fix. ``str(err)`` says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(PibakeError):
+    """cluster.yaml or the cluster directory is missing or invalid."""
+
+
+class PlanError(PibakeError):
+    """A hostname/IP plan is invalid (counts differ, duplicates, outside the network, ...)."""
+
+
+class SeedError(PibakeError):
+    """A rendered cloud-init seed failed validation; nothing was written."""
+
+
+class SecretsError(PibakeError):
+    """Secrets are missing, unreadable or have unsafe permissions."""
+
+
+class CommandError(PibakeError):
+    """An external command failed. Carries argv, exit code and stderr."""
+
+    def __init__(self, argv, returncode, stderr="", stdout="", message=None):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr or ""
+        self.stdout = stdout or ""
+        if message is None:
+            tail = self.stderr.strip().splitlines()[-3:]
+            detail = ("; ".join(tail)) if tail else "no error output"
+            message = f"{self.argv[0]} exited with {returncode}: {detail}"
+        super().__init__(message)
+
+
+class NotBuiltError(PibakeError):
+    """A command or feature that is planned but not built yet. The CLI exits 2."""
+
+    exit_code = 2
+
+    def __init__(self, what):
+        super().__init__(f"{what} is not built yet in this version of pibake")

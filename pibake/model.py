@@ -1,0 +1,81 @@
+"""Plain data the whole of pibake passes around. No I/O here.
+
+``Cluster`` is cluster.yaml after validation; ``PlannedNode`` is one line of a
+hostname/IP plan; ``SeedSecrets`` is what a seed must carry so a node can enrol.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("manager", "worker", "sensor")
+
+# Image family decides what the seed looks like (network renderer, boot partition name).
+FAMILIES = ("raspios", "ubuntu")
+
+
+@dataclass(frozen=True)
+class Wifi:
+    country: str  # ISO 3166 alpha-2, upper case, e.g. "DE"
+    ssid: str
+    psk: str  # the WPA PSK as 64 hex digits (PBKDF2 of passphrase and SSID), never the passphrase
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A validated cluster.yaml."""
+
+    name: str
+    manager: str  # manager hostname, e.g. "red00"
+    manager_ip: str  # e.g. "10.1.1.10"
+    network: str  # CIDR, e.g. "10.1.1.0/24"
+    gateway: str | None = None
+    dns: tuple[str, ...] = ()
+    user: str = "pi"
+    ssh_keys: tuple[str, ...] = ()
+    timezone: str = "Etc/UTC"
+    locale: str = "C.UTF-8"
+    wifi: Wifi | None = None
+    image: str = "raspios-trixie-lite-arm64"  # catalog name or a path to an image file
+    family: str = "raspios"  # one of FAMILIES; from the catalog, or set in cluster.yaml for a local image
+    ntp_servers: tuple[str, ...] = ()
+    registry_port: int = 8443
+    directory: Path | None = field(default=None, compare=False)
+
+    @property
+    def registry_url(self):
+        return f"https://{self.manager}:{self.registry_port}"
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """One card/host: a hostname paired with an IP and a role."""
+
+    hostname: str
+    ip: str
+    role: str = "worker"
+
+
+@dataclass(frozen=True)
+class SeedSecrets:
+    """What a node's seed carries so it can enrol. The join token only enrols and expires."""
+
+    join_token: str
+    ca_cert_pem: str
+
+
+@dataclass(frozen=True)
+class Seed:
+    """The three NoCloud files, as text."""
+
+    user_data: str
+    meta_data: str
+    network_config: str
+    instance_id: str
+
+    def files(self):
+        """{file name on the boot partition: text}."""
+        return {
+            "user-data": self.user_data,
+            "meta-data": self.meta_data,
+            "network-config": self.network_config,
+        }

@@ -1,0 +1,1 @@
+"""cloud-init templates per role (package data, loaded with importlib.resources / Jinja2 PackageLoader)."""
