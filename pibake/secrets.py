@@ -380,3 +380,28 @@ def check_permissions(cluster_dir):
             problems.append(f"{path} is {oct(path.stat().st_mode & 0o777)}, must be 0400")
     if problems:
         raise SecretsError("unsafe permissions: " + "; ".join(problems) + " (fix with chmod)")
+
+
+# Files of the cluster directory that the manager needs to run the registry. The CA *key* is
+# not among them: it stays on the machine that ran `pibake init`.
+MANAGER_BUNDLE_FILES = (
+    "cluster.yaml",
+    "secrets/ca.crt",
+    "secrets/registry.crt",
+    "secrets/registry.key",
+    "secrets/join-token.json",
+    "secrets/munge.key",
+    "secrets/admin-password",
+)
+
+
+def manager_bundle(cluster_dir):
+    """{relative path: bytes} of what the manager's registry needs from the cluster directory."""
+    bundle = {}
+    for rel in MANAGER_BUNDLE_FILES:
+        path = Path(cluster_dir) / rel
+        try:
+            bundle[rel] = path.read_bytes()
+        except FileNotFoundError:
+            raise SecretsError(f"{path} is missing: run `pibake init` first") from None
+    return bundle

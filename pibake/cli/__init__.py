@@ -98,6 +98,8 @@ from pibake.cli import (  # noqa: E402,F401  pylint: disable=wrong-import-positi
     agent_cmd,
     burn_cmd,
     deploy_cmd,
+    devices_cmd,
+    image_cmd,
     init_cmd,
     lab_cmd,
     registry_cmd,

@@ -26,21 +26,3 @@ def reseed_cmd(args):
     not_built('pibake reseed')
 
 
-@cli.command('image', context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
-             add_help_option=True, short_help='List')
-@click.argument('args', nargs=-1, type=click.UNPROCESSED)
-def image_cmd(args):
-    """List, download and verify OS images from the pinned catalog.
-
-    Not built yet in this version of pibake."""
-    not_built('pibake image')
-
-
-@cli.command('devices', context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
-             add_help_option=True, short_help='List removable cards that pibake could write to')
-@click.argument('args', nargs=-1, type=click.UNPROCESSED)
-def devices_cmd(args):
-    """List removable cards that pibake could write to, and why others are refused.
-
-    Not built yet in this version of pibake."""
-    not_built('pibake devices')
