@@ -1,22 +1,790 @@
-"""cluster.yaml: create, load, validate (one JSON schema; every problem reported with its path).
+"""cluster.yaml: create, load, validate.
 
-STUB: being built (issue 2). Signatures are the contract other modules use.
+One JSON schema (``CLUSTER_SCHEMA``) describes the file; ``validate_cluster_data`` adds the
+checks a schema cannot express (addresses inside the network, real time zones, ssh key
+blobs, ...). Every problem is reported at once, each with its path, e.g.
+``cluster.yaml: network: 10.1.1.0/33 is not a network; dns[1]: ...``.
+
+``init_cluster`` writes a commented, human-editable cluster.yaml (values reach YAML only
+through ``yaml.safe_dump`` of dicts) and the secrets (``pibake.secrets.ensure_secrets``).
+It never overwrites secrets unless asked to rotate them, and never silently replaces a
+cluster.yaml that says something else than what it was asked for.
 """
 
+import base64
+import ipaddress
 import logging
+import os
+import pwd
+import re
+import shutil
+import zoneinfo
+from pathlib import Path
 
-from pibake.errors import NotBuiltError
+import jsonschema
+import yaml
+
+from pibake import secrets as _secrets
+from pibake.errors import ConfigError, SecretsError
+from pibake.model import FAMILIES, Cluster, Wifi
 
 LOG = logging.getLogger(__name__)
 
 CLUSTER_FILE = "cluster.yaml"
+BACKUP_FILE = "cluster.yaml.bak"
+DOC_HINT = "see docs/cluster-yaml.md"
+
+# Images pibake knows by name, with their family. Anything else must be a path to a local
+# image file together with an explicit ``family``.
+IMAGE_CATALOG = {
+    "raspios-trixie-lite-arm64": "raspios",
+    "ubuntu-24.04-server-arm64": "ubuntu",
+}
+DEFAULT_IMAGE = "raspios-trixie-lite-arm64"
+IMAGE_SUFFIXES = (".img", ".img.xz", ".img.gz", ".img.zst", ".img.bz2", ".zip", ".raw")
+
+DEFAULT_USER = "pi"
+DEFAULT_LOCALE = "C.UTF-8"
+DEFAULT_REGISTRY_PORT = 8443
+
+# ISO 3166-1 alpha-2 (all 249 assigned codes), for the Wi-Fi regulatory country.
+ISO3166_ALPHA2 = frozenset(
+    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS
+    BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE
+    EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM
+    HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC
+    LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA
+    NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW
+    SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO
+    TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW""".split()
+)
+
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+LOCALE_RE = re.compile(r"^(C|POSIX|[a-z]{2,3}(_[A-Z]{2})?)(\.[A-Za-z0-9-]+)?(@[a-z]+)?$")
+TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
+PSK_RE = re.compile(r"^[0-9a-f]{64}$")
+SSH_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
+
+# The order keys are written in, and their comments in the generated file.
+_KEY_DOCS = {
+    "name": "Cluster name: used as Slurm's ClusterName and in the CA's name. Lower case, no dots.",
+    "manager": "Hostname of the manager (runs slurmctld, munge and the pibake registry).",
+    "manager_ip": "Static IPv4 address of the manager; must lie inside `network`.",
+    "network": "The cluster's IPv4 network in CIDR form. Every node's IP must lie inside it.",
+    "gateway": "Default route for the nodes (your home router). Inside `network`.",
+    "dns": "DNS servers the nodes use (a list of IP addresses).",
+    "user": "The login user created on every node (ssh keys only, no password login).",
+    "ssh_keys": "ssh public keys allowed to log in as `user` (one authorized_keys line each).",
+    "timezone": "IANA time zone of the nodes, e.g. Europe/Berlin or Etc/UTC.",
+    "locale": "System locale of the nodes, e.g. C.UTF-8 or en_US.UTF-8.",
+    "wifi": (
+        "Optional Wi-Fi: ISO 3166 country code, SSID and the WPA PSK (64 hex digits, derived from the\n"
+        "passphrase by `pibake init --wifi-ssid ...`; the passphrase itself is never stored)."
+    ),
+    "image": (
+        "OS image: a catalog name (raspios-trixie-lite-arm64, ubuntu-24.04-server-arm64) or a path\n"
+        "to a local image file (then `family` is required)."
+    ),
+    "family": "Image family: raspios or ubuntu. Implied by a catalog image; required for a local file.",
+    "ntp_servers": "Optional NTP servers (names or IPs). Empty: the OS defaults. Pis have no RTC.",
+    "registry_port": "TCP port of the pibake registry (HTTPS) on the manager.",
+}
+_WIFI_EXAMPLE = """\
+# wifi:
+#   country: DE
+#   ssid: MyNetwork
+#   psk: <64 hex digits, written by pibake init --wifi-ssid MyNetwork --wifi-country DE>
+"""
+
+_IPV4 = {"type": "string", "minLength": 7, "maxLength": 15}
+
+CLUSTER_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "pibake cluster.yaml",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "manager", "manager_ip", "network"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 40},
+        "manager": {"type": "string", "minLength": 1, "maxLength": 63},
+        "manager_ip": _IPV4,
+        "network": {"type": "string", "minLength": 9, "maxLength": 18},
+        "gateway": {"anyOf": [_IPV4, {"type": "null"}]},
+        "dns": {"type": "array", "items": _IPV4, "maxItems": 3},
+        "user": {"type": "string", "minLength": 1, "maxLength": 32},
+        "ssh_keys": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 16384}},
+        "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
+        "locale": {"type": "string", "minLength": 1, "maxLength": 64},
+        "wifi": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["country", "ssid", "psk"],
+                    "properties": {
+                        "country": {"type": "string", "minLength": 2, "maxLength": 2},
+                        "ssid": {"type": "string", "minLength": 1, "maxLength": 32},
+                        "psk": {"type": "string", "minLength": 64, "maxLength": 64},
+                    },
+                },
+            ]
+        },
+        "image": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "family": {"enum": list(FAMILIES)},
+        "ntp_servers": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 253}},
+        "registry_port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    },
+}
 
 
-def init_cluster(cluster_dir, *, manager, manager_ip, network, **options):
-    """Create/refresh cluster.yaml and secrets/ in ``cluster_dir``. Returns a JSON-able dict."""
-    raise NotBuiltError("pibake init")
+# --------------------------------------------------------------------------- YAML reading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a hand edit that adds `dns:` twice is an error)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path, what=None, error=ConfigError):
+    """Parse a YAML file safely; malformed YAML raises ``error`` naming the line and column."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what}: not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise error(f"{what}: {where}{problem} (the file is not valid YAML)") from None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _path_str(parts):
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _schema_problem(err):
+    path = _path_str(err.absolute_path)
+    value = err.instance
+    if err.validator == "additionalProperties":
+        extra = sorted(set(value) - set(err.schema.get("properties", {})), key=str)
+        where = f"{path}: " if path else ""
+        known = ", ".join(err.schema.get("properties", {}))
+        return path, f"{where}unknown key {', '.join(repr(k) for k in extra)} (known keys: {known})"
+    if err.validator == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        where = f"{path}." if path else ""
+        return path, f"{where}{missing}: missing (this key is required)"
+    if err.validator in ("type", "anyOf") and isinstance(value, (bool, int, float)) and not isinstance(
+        err.schema.get("type"), list
+    ):
+        wants_text = err.schema.get("type") == "string" or any(
+            s.get("type") == "string" for s in err.schema.get("anyOf", ())
+        )
+        if wants_text:
+            return path, f"{path}: {value!r} is not text; put the value in quotes (YAML reads {value!r})"
+    if err.validator == "enum":
+        return path, f"{path}: {value!r} is not one of {', '.join(map(str, err.validator_value))}"
+    if err.validator == "maxItems":
+        return path, f"{path}: at most {err.validator_value} entries"
+    return path, f"{path or 'cluster.yaml'}: {err.message}"
+
+
+def _ipv4(value):
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        return None
+
+
+def valid_hostname(name):
+    """True for an RFC 1123 label in lower case, not all digits (a hostname, never an FQDN)."""
+    return isinstance(name, str) and bool(HOSTNAME_RE.match(name)) and not name.isdigit()
+
+
+def ssh_key_problem(line):
+    """None if ``line`` is an ssh public key line (type, base64 blob, optional comment); else why not."""
+    if not isinstance(line, str) or "\n" in line or "\r" in line:
+        return "must be one line"
+    if "PRIVATE KEY" in line:
+        return "is a private key: give the public key (the .pub file), and keep the private key secret"
+    fields = line.strip().split(None, 2)
+    if len(fields) < 2:
+        return "is not an ssh public key (expected e.g. 'ssh-ed25519 AAAA... comment')"
+    kind, blob = fields[0], fields[1]
+    if kind not in SSH_KEY_TYPES:
+        return f"is not an ssh public key: unknown key type {kind[:40]!r} (expected one of {', '.join(SSH_KEY_TYPES)})"
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (ValueError, base64.binascii.Error):
+        return "is not an ssh public key: the key data is not base64"
+    if len(raw) < 4:
+        return "is not an ssh public key: the key data is too short"
+    n = int.from_bytes(raw[:4], "big")
+    if raw[4 : 4 + n] != kind.encode():
+        return f"is not an ssh public key: the key data does not match its type {kind}"
+    if any(ord(c) < 32 for c in line):
+        return "contains control characters"
+    return None
+
+
+def valid_timezone(name):
+    if not isinstance(name, str) or not TIMEZONE_RE.match(name) or ".." in name:
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def _valid_dns_name(name):
+    if len(name) > 253:
+        return False
+    labels = name.rstrip(".").split(".")
+    return all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", label) for label in labels)
+
+
+def image_is_path(image):
+    """A local image file (a path) rather than a catalog name."""
+    return "/" in image or image.startswith(("~", ".")) or image.endswith(IMAGE_SUFFIXES)
+
+
+def validate_cluster_data(data):
+    """Every problem in a cluster.yaml mapping, as a list of 'path: what is wrong' strings."""
+    if not isinstance(data, dict):
+        return [f"the file must be a mapping of keys to values (got {type(data).__name__})"]
+    validator = jsonschema.Draft202012Validator(CLUSTER_SCHEMA)
+    problems = {}
+    for err in validator.iter_errors(data):
+        path, text = _schema_problem(err)
+        problems.setdefault(path, text)
+    bad = set(problems)
+    sem = []
+
+    def ok(key):
+        return key in data and data[key] is not None and not any(p == key or p.startswith((key + ".", key + "[")) for p in bad)
+
+    network = None
+    if ok("network"):
+        try:
+            network = ipaddress.IPv4Network(data["network"], strict=True)
+        except ValueError as exc:
+            detail = "host bits are set" if "host bits" in str(exc) else "expected e.g. 10.1.1.0/24"
+            sem.append(f"network: {data['network']} is not a network ({detail})")
+        else:
+            if network.prefixlen > 30:
+                sem.append(f"network: {network} is too small for a cluster (use a /30 or larger, e.g. /24)")
+                network = None
+
+    def check_in_network(key, value):
+        addr = _ipv4(value)
+        if addr is None:
+            sem.append(f"{key}: {value} is not an IPv4 address")
+            return None
+        if network is not None:
+            if addr not in network:
+                sem.append(f"{key}: {addr} is outside the network {network}")
+            elif addr == network.network_address:
+                sem.append(f"{key}: {addr} is the network address of {network}; use a host address")
+            elif addr == network.broadcast_address:
+                sem.append(f"{key}: {addr} is the broadcast address of {network}; use a host address")
+        return addr
+
+    if ok("manager_ip"):
+        check_in_network("manager_ip", data["manager_ip"])
+    if ok("gateway"):
+        check_in_network("gateway", data["gateway"])
+    if ok("dns"):
+        for i, server in enumerate(data["dns"]):
+            if _ipv4(server) is None:
+                sem.append(f"dns[{i}]: {server} is not an IPv4 address")
+    if ok("name") and not valid_hostname(data["name"]):
+        sem.append(f"name: {data['name']!r} is not a valid cluster name (lower case letters, digits and '-')")
+    if ok("manager") and not valid_hostname(data["manager"]):
+        sem.append(
+            f"manager: {data['manager']!r} is not a valid hostname "
+            "(RFC 1123 label: lower case letters, digits and '-', no dots, at most 63)"
+        )
+    if ok("user"):
+        user = data["user"]
+        if not USER_RE.match(user):
+            sem.append(f"user: {user!r} is not a valid Linux user name (lower case, start with a letter or _)")
+        elif user in RESERVED_USERS:
+            sem.append(f"user: {user!r} is a system account; choose an ordinary name such as pi")
+    if ok("ssh_keys"):
+        for i, key in enumerate(data["ssh_keys"]):
+            why = ssh_key_problem(key)
+            if why:
+                sem.append(f"ssh_keys[{i}]: {why}")
+    if ok("timezone") and not valid_timezone(data["timezone"]):
+        sem.append(f"timezone: {data['timezone']!r} is not a known time zone (e.g. Europe/Berlin, Etc/UTC)")
+    if ok("locale") and not LOCALE_RE.match(data["locale"]):
+        sem.append(f"locale: {data['locale']!r} is not a locale name (e.g. C.UTF-8, en_US.UTF-8)")
+    if ok("wifi"):
+        wifi = data["wifi"]
+        if wifi["country"] not in ISO3166_ALPHA2:
+            sem.append(f"wifi.country: {wifi['country']!r} is not an ISO 3166 country code (e.g. DE, US, GB)")
+        if not PSK_RE.match(wifi["psk"]):
+            sem.append("wifi.psk: must be the WPA PSK as 64 lower-case hex digits (run `pibake init --wifi-ssid ...`)")
+        if any(ord(c) < 32 for c in wifi["ssid"]) or len(wifi["ssid"].encode()) > 32:
+            sem.append("wifi.ssid: must be 1 to 32 bytes without control characters")
+    if ok("ntp_servers"):
+        for i, server in enumerate(data["ntp_servers"]):
+            if _ipv4(server) is None and not _valid_dns_name(server):
+                sem.append(f"ntp_servers[{i}]: {server!r} is neither an IPv4 address nor a host name")
+    if ok("image"):
+        image = data["image"]
+        family = data.get("family")
+        if any(ord(c) < 32 for c in image):
+            sem.append("image: contains control characters")
+        elif image_is_path(image):
+            if family is None:
+                sem.append(f"family: required for the local image {image} (one of {', '.join(FAMILIES)})")
+        elif image not in IMAGE_CATALOG:
+            sem.append(
+                f"image: {image!r} is not in the catalog ({', '.join(IMAGE_CATALOG)}); "
+                "for a local file give its path and a family"
+            )
+        elif family is not None and not bad.intersection({"family"}) and family != IMAGE_CATALOG[image]:
+            sem.append(f"family: {image} is a {IMAGE_CATALOG[image]} image, not {family}")
+    elif "image" not in data and data.get("family") not in (None, "raspios"):
+        sem.append(f"family: the default image {DEFAULT_IMAGE} is raspios, not {data.get('family')}")
+    return [problems[k] for k in sorted(problems)] + sem
+
+
+def _problems_error(where, problems, hint):
+    message = "; ".join(f"{where}: {p}" for p in problems)
+    err = ConfigError(f"{message} ({hint})")
+    err.problems = list(problems)
+    return err
+
+
+def cluster_from_data(data, directory=None):
+    """Build the ``Cluster`` from a *validated* mapping."""
+    image = data.get("image", DEFAULT_IMAGE)
+    family = data.get("family") or IMAGE_CATALOG.get(image, "raspios")
+    if directory is not None and image_is_path(image):
+        image = str((Path(directory) / Path(image).expanduser()).resolve())
+    wifi = data.get("wifi")
+    network = ipaddress.IPv4Network(data["network"])
+    gateway = data.get("gateway")
+    return Cluster(
+        name=data["name"],
+        manager=data["manager"],
+        manager_ip=str(ipaddress.IPv4Address(data["manager_ip"])),
+        network=str(network),
+        gateway=gateway,
+        dns=tuple(data.get("dns") or ()),
+        user=data.get("user", DEFAULT_USER),
+        ssh_keys=tuple(k.strip() for k in data.get("ssh_keys") or ()),
+        timezone=data.get("timezone", "Etc/UTC"),
+        locale=data.get("locale", DEFAULT_LOCALE),
+        wifi=Wifi(country=wifi["country"], ssid=wifi["ssid"], psk=wifi["psk"]) if wifi else None,
+        image=image,
+        family=family,
+        ntp_servers=tuple(data.get("ntp_servers") or ()),
+        registry_port=data.get("registry_port", DEFAULT_REGISTRY_PORT),
+        directory=Path(directory) if directory is not None else None,
+    )
+
+
+def load_cluster_data(cluster_dir):
+    """The raw mapping of ``cluster_dir``/cluster.yaml, validated; ConfigError lists every problem."""
+    path = Path(cluster_dir) / CLUSTER_FILE
+    if not path.exists():
+        if not Path(cluster_dir).exists():
+            raise ConfigError(
+                f"no cluster directory {cluster_dir}: run `pibake init` first "
+                "(or point --cluster / PIBAKE_CLUSTER at an existing one)"
+            )
+        raise ConfigError(f"{path} is missing: run `pibake init` first")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a file")
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path} is empty: run `pibake init --force ...` or write it ({DOC_HINT})")
+    problems = validate_cluster_data(data)
+    if problems:
+        raise _problems_error(path, problems, f"edit {path}; {DOC_HINT}")
+    return data
 
 
 def load_cluster(cluster_dir):
-    """Read and validate ``cluster_dir``/cluster.yaml; return a ``pibake.model.Cluster``."""
-    raise NotBuiltError("loading cluster.yaml")
+    """Read and validate ``cluster_dir``/cluster.yaml; return a ``pibake.model.Cluster``.
+
+    Raises ConfigError naming every problem with its path (``cluster.yaml: dns[1]: ...``).
+    """
+    data = load_cluster_data(cluster_dir)
+    cluster = cluster_from_data(data, Path(cluster_dir))
+    LOG.debug("loaded cluster %s from %s", cluster.name, cluster_dir)
+    return cluster
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def render_cluster_yaml(data):
+    """The text of a commented cluster.yaml for ``data``. Each value goes through yaml.safe_dump."""
+    out = [
+        "# pibake cluster configuration. Written by `pibake init`; edit it by hand as you like,",
+        "# `pibake` re-reads and validates it on every command. Reference: docs/cluster-yaml.md",
+        "",
+    ]
+    for key, doc in _KEY_DOCS.items():
+        if key not in data:
+            if key == "wifi":
+                out += [f"# {line}" for line in doc.splitlines()]
+                out.append(_WIFI_EXAMPLE.rstrip("\n"))
+                out.append("")
+            continue
+        out += [f"# {line}" for line in doc.splitlines()]
+        out.append(yaml.safe_dump({key: data[key]}, default_flow_style=False, sort_keys=False, width=4096).rstrip("\n"))
+        out.append("")
+    extra = [k for k in data if k not in _KEY_DOCS]
+    if extra:  # never silently drop a key
+        out.append(yaml.safe_dump({k: data[k] for k in extra}, default_flow_style=False, sort_keys=False).rstrip("\n"))
+    text = "\n".join(out).rstrip("\n") + "\n"
+    if yaml.safe_load(text) != data:  # the comments must never change what the file says
+        raise AssertionError("rendered cluster.yaml does not round-trip")
+    return text
+
+
+def _atomic_write(path, text, mode=0o644):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _home_of_invoking_user():
+    """The home of the user who ran pibake (the sudo caller when run with sudo)."""
+    sudo_user = os.environ.get("SUDO_USER")
+    if os.geteuid() == 0 and sudo_user and sudo_user != "root":
+        try:
+            return Path(pwd.getpwnam(sudo_user).pw_dir)
+        except KeyError:
+            pass
+    return Path.home()
+
+
+def default_ssh_key_files(home=None):
+    """The invoking user's ~/.ssh/*.pub files (sorted)."""
+    ssh_dir = Path(home) / ".ssh" if home else _home_of_invoking_user() / ".ssh"
+    try:
+        return sorted(p for p in ssh_dir.glob("*.pub") if p.is_file())
+    except OSError:
+        return []
+
+
+def read_ssh_key_file(path):
+    """The public key lines of an ssh .pub / authorized_keys-style file; ConfigError if it is not one."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--ssh-key {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--ssh-key {path}: cannot read it ({type(exc).__name__})") from None
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"--ssh-key {path}: the file holds no key")
+    for key in keys:
+        why = ssh_key_problem(key)
+        if why:
+            raise ConfigError(f"--ssh-key {path}: {why}")
+    return keys
+
+
+def host_timezone():
+    """The machine's own time zone name, if it can be told; else Etc/UTC."""
+    try:
+        target = os.readlink("/etc/localtime")
+        name = target.split("zoneinfo/", 1)[1]
+        if valid_timezone(name):
+            return name
+    except (OSError, IndexError):
+        pass
+    try:
+        name = Path("/etc/timezone").read_text().strip()
+        if valid_timezone(name):
+            return name
+    except OSError:
+        pass
+    return "Etc/UTC"
+
+
+def default_cluster_name(manager):
+    """'red00' -> 'red': the manager's name without its trailing number."""
+    name = re.sub(r"[-0-9]+$", "", manager or "")
+    return name if valid_hostname(name) else manager
+
+
+def _wifi_psk(ssid, password):
+    password = password.rstrip("\r\n")
+    if re.fullmatch(r"[0-9a-fA-F]{64}", password):  # already a PSK
+        return password.lower()
+    try:
+        return _secrets.wpa_psk(ssid, password)
+    except SecretsError as exc:
+        raise ConfigError(f"Wi-Fi: {exc}") from None
+
+
+def _differences(existing, wanted):
+    """Keys where ``wanted`` disagrees with ``existing``, as readable strings (never a PSK)."""
+    diffs = []
+    for key, value in wanted.items():
+        old = existing.get(key)
+        if key == "image" and old is None:
+            old = DEFAULT_IMAGE
+        if key == "wifi":
+            if (old or None) != value:
+                diffs.append("wifi: different Wi-Fi settings")
+            continue
+        if key in ("dns", "ssh_keys", "ntp_servers"):
+            same = list(old or []) == list(value)
+        else:
+            same = old == value
+        if not same:
+            if key == "ssh_keys":
+                diffs.append(f"ssh_keys: {len(old or [])} keys there, a different set of {len(value)} asked")
+            else:
+                diffs.append(f"{key}: {_short(old)} there, {_short(value)} asked")
+    return diffs
+
+
+def _short(value):
+    if value is None:
+        return "not set"
+    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _rotate_names(rotate):
+    if rotate is True or rotate == "all":
+        return True
+    names = [rotate] if isinstance(rotate, str) else list(rotate or ())
+    if "all" in names:
+        return True
+    return tuple(names)
+
+
+def init_cluster(
+    cluster_dir,
+    *,
+    manager,
+    manager_ip,
+    network,
+    name=None,
+    gateway=None,
+    dns=(),
+    user=None,
+    ssh_keys=(),
+    ssh_key_files=(),
+    timezone=None,
+    locale=None,
+    wifi_country=None,
+    wifi_ssid=None,
+    wifi_password=None,
+    image=None,
+    family=None,
+    rotate=(),
+    force=False,
+    home=None,
+):
+    """Create or refresh ``cluster_dir``: cluster.yaml and secrets/. Returns a JSON-able dict.
+
+    Options left at None/empty mean "the default" on creation and "keep what is there" on a
+    re-run (user defaults to pi, locale to C.UTF-8, timezone to this machine's, gateway to the
+    network's first host, dns to the gateway, ssh keys to the invoking user's ~/.ssh/*.pub).
+    A re-run asking for different values than cluster.yaml holds raises ConfigError unless
+    ``force`` (the old file is kept as cluster.yaml.bak). Secrets are created when missing and
+    replaced only when named in ``rotate`` (``True``/"all" for all). The Wi-Fi passphrase is
+    turned into a WPA PSK and neither stored nor returned.
+    """
+    cluster_dir = Path(cluster_dir)
+    path = cluster_dir / CLUSTER_FILE
+    rotate = _rotate_names(rotate)
+    if rotate is not True:
+        unknown = sorted(set(rotate) - set(_secrets.SECRET_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"--rotate: unknown secret {', '.join(unknown)}; choose from all, {', '.join(_secrets.SECRET_NAMES)}"
+            )
+    if cluster_dir.exists() and not cluster_dir.is_dir():
+        raise ConfigError(f"{cluster_dir} exists and is not a directory")
+
+    # What the caller asked for explicitly (these must match an existing file).
+    wanted = {"manager": manager, "manager_ip": manager_ip, "network": network}
+    optional = {"name": name, "gateway": gateway, "user": user, "timezone": timezone, "locale": locale,
+                "image": image, "family": family}
+    wanted.update({k: v for k, v in optional.items() if v is not None})
+    if dns:
+        wanted["dns"] = [d.strip() for item in dns for d in str(item).split(",") if d.strip()]
+    key_sources = []
+    explicit_keys = [k.strip() for k in ssh_keys if k and k.strip()]
+    for key_file in ssh_key_files:
+        explicit_keys += read_ssh_key_file(key_file)
+        key_sources.append(str(Path(key_file).expanduser()))
+    if explicit_keys:
+        wanted["ssh_keys"] = list(dict.fromkeys(explicit_keys))
+    if wifi_ssid is not None or wifi_password is not None or wifi_country is not None:
+        missing = [opt for opt, val in (("--wifi-country", wifi_country), ("--wifi-ssid", wifi_ssid),
+                                        ("a Wi-Fi password", wifi_password)) if not val]
+        if missing:
+            raise ConfigError(f"Wi-Fi needs a country, an SSID and a password: missing {', '.join(missing)}")
+        wanted["wifi"] = {"country": wifi_country.upper() if len(wifi_country) == 2 else wifi_country,
+                          "ssid": wifi_ssid, "psk": _wifi_psk(wifi_ssid, wifi_password)}
+
+    existing = None
+    existing_problems = []
+    if path.exists():
+        try:
+            existing = read_yaml(path)
+        except ConfigError as exc:
+            existing_problems = [str(exc)]
+        else:
+            if existing is None:
+                existing_problems = [f"{path} is empty"]
+            else:
+                existing_problems = [f"{path}: {p}" for p in validate_cluster_data(existing)]
+        if existing_problems and not force:
+            raise ConfigError(
+                "; ".join(existing_problems)
+                + f" (fix {path} by hand, or re-run init with --force to rewrite it; a backup is kept in {BACKUP_FILE})"
+            )
+        if not isinstance(existing, dict):
+            existing = None
+
+    result = {"cluster_dir": str(cluster_dir), "cluster_yaml": str(path), "warnings": []}
+    if existing is not None and not existing_problems:
+        diffs = _differences(existing, wanted)
+        if diffs and not force:
+            raise ConfigError(
+                f"{path} already exists with other values ({'; '.join(diffs)}): edit {path} by hand, "
+                f"or re-run init with --force to replace them (the old file is kept as {BACKUP_FILE})"
+            )
+        data = dict(existing)
+        data.update(wanted)
+        status = "updated" if diffs else "unchanged"
+    else:
+        data = dict(existing or {})
+        data.update(wanted)
+        status = "replaced" if path.exists() else "created"
+
+    # Defaults, for keys neither the caller nor the existing file sets.
+    if status in ("created", "replaced"):
+        data.setdefault("name", default_cluster_name(manager))
+        net = None
+        try:
+            net = ipaddress.IPv4Network(network, strict=True)
+        except ValueError:
+            pass  # reported by validation below
+        if "gateway" not in data and net is not None and net.num_addresses > 2:
+            data["gateway"] = str(next(net.hosts()))
+        if "dns" not in data and data.get("gateway"):
+            data["dns"] = [data["gateway"]]
+        data.setdefault("user", DEFAULT_USER)
+        if "ssh_keys" not in data:
+            found = []
+            for key_file in default_ssh_key_files(home):
+                try:
+                    keys = read_ssh_key_file(key_file)
+                except ConfigError as exc:
+                    result["warnings"].append(f"skipped {key_file}: {str(exc).split(': ', 1)[-1]}")
+                    continue
+                found += keys
+                key_sources.append(str(key_file))
+            data["ssh_keys"] = list(dict.fromkeys(found))
+            result["ssh_keys_default"] = True
+        data.setdefault("timezone", host_timezone())
+        data.setdefault("locale", DEFAULT_LOCALE)
+        data.setdefault("image", DEFAULT_IMAGE)
+        data.setdefault("registry_port", DEFAULT_REGISTRY_PORT)
+    # Order keys as documented, unknown ones last.
+    data = {**{k: data[k] for k in _KEY_DOCS if k in data}, **{k: v for k, v in data.items() if k not in _KEY_DOCS}}
+
+    problems = validate_cluster_data(data)
+    if problems:
+        raise _problems_error("init", problems, "fix the options and run `pibake init` again")
+    if not data.get("ssh_keys"):
+        result["warnings"].append(
+            "no ssh public key: you will not be able to log in to the nodes with ssh "
+            "(pass --ssh-key FILE, or create one with ssh-keygen -t ed25519, then re-run init)"
+        )
+
+    # Nothing is written before everything above passed.
+    cluster_dir.mkdir(parents=True, exist_ok=True)
+    secret_status = _secrets.ensure_secrets(
+        cluster_dir, data["name"], data["manager"], data["manager_ip"], rotate=rotate
+    )
+    if status != "unchanged":
+        if path.exists():
+            shutil.copy2(path, cluster_dir / BACKUP_FILE)
+            result["backup"] = str(cluster_dir / BACKUP_FILE)
+        mode = 0o600 if data.get("wifi") else 0o644  # a WPA PSK is as good as the passphrase
+        _atomic_write(path, render_cluster_yaml(data), mode)
+    LOG.info("cluster.yaml %s; secrets %s", status, secret_status)
+
+    cluster = cluster_from_data(data, cluster_dir)
+    result.update(
+        {
+            "name": cluster.name,
+            "manager": cluster.manager,
+            "manager_ip": cluster.manager_ip,
+            "network": cluster.network,
+            "cluster_yaml_status": status,
+            "secrets_dir": str(_secrets.secrets_dir(cluster_dir)),
+            "secrets": secret_status,
+            "ssh_keys": len(cluster.ssh_keys),
+            "ssh_key_files": key_sources,
+            "wifi": {"country": cluster.wifi.country, "ssid": cluster.wifi.ssid} if cluster.wifi else None,
+            "image": cluster.image,
+            "family": cluster.family,
+        }
+    )
+    result.setdefault("ssh_keys_default", False)
+    return result
