@@ -20,3 +20,16 @@ from pibake.secrets import (  # noqa: F401
     seed_secrets,
     wpa_psk,
 )
+from pibake.bake.images import (  # noqa: F401,E402
+    load_catalog,
+    open_image_stream,
+    resolve_image,
+    verify_image,
+)
+from pibake.bake.devices import (  # noqa: F401,E402
+    check_target,
+    confirmation_prompt,
+    describe_devices,
+    list_devices,
+    open_target,
+)
