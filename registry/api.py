@@ -1,0 +1,124 @@
+"""REST blueprint ``/api/v1`` (contract: docs and ``openapi.json`` next to this module)."""
+
+import json
+import logging
+from importlib import resources
+
+from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from pibake.registry.auth import basic_auth, join_auth, registry
+from pibake.registry.service import RegistryError
+from pibake.registry.slurmctl import ApplyError
+from pibake.secrets import munge_key_b64
+
+LOG = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def openapi_document():
+    return json.loads(resources.files("pibake.registry").joinpath("openapi.json").read_text(encoding="utf-8"))
+
+
+def _json_body():
+    body = request.get_json(silent=True)
+    if body is None:
+        raise RegistryError(400, "the request body must be JSON (Content-Type: application/json)")
+    return body
+
+
+def _current_node_name():
+    user = basic_auth.current_user()
+    return user["name"] if user and user["kind"] == "node" else None
+
+
+@bp.errorhandler(RegistryError)
+def _registry_error(err):
+    body = {"error": err.message}
+    if err.problems:
+        body["problems"] = err.problems
+    return jsonify(body), err.status
+
+
+@bp.errorhandler(ApplyError)
+def _apply_error(err):
+    LOG.error("slurm.conf not applied: %s", err)
+    return jsonify(error=f"the node is recorded but slurm.conf could not be put in force ({err}); "
+                         "retry later"), 503
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(err):
+    return jsonify(error=f"{err.name}: {err.description}"), err.code
+
+
+@bp.get("/health")
+def health():
+    return jsonify(registry().health())
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())
+
+
+@bp.post("/enrol")
+@join_auth.login_required
+def enrol():
+    body, created = registry().enrol(_json_body(), peer_ip=request.remote_addr)
+    return jsonify(body), 201 if created else 200
+
+
+@bp.get("/munge-key")
+@basic_auth.login_required(role="node")
+def munge_key():
+    user = basic_auth.current_user()
+    if user["status"] == "pending":
+        raise RegistryError(403, f"{user['name']} is pending approval; an admin must accept it "
+                                 f"(`pibake registry accept {user['name']}`)")
+    reg = registry()
+    reg.store.touch(user["name"])
+    return jsonify(munge_key_b64=munge_key_b64(reg.cluster_dir))
+
+
+@bp.get("/slurm.conf")
+@basic_auth.login_required(role=["node", "admin"])
+def slurm_conf():
+    reg = registry()
+    if _current_node_name():
+        reg.store.touch(_current_node_name())
+    return Response(reg.slurm_conf(), mimetype="text/plain")
+
+
+@bp.post("/nodes/<hostname>/status")
+@basic_auth.login_required(role="node")
+def node_status(hostname):
+    if _current_node_name() != hostname:
+        raise RegistryError(403, "a node may report only its own status")
+    node = registry().report_status(hostname, _json_body())
+    return jsonify(node)
+
+
+@bp.get("/nodes")
+@basic_auth.login_required(role="admin")
+def list_nodes():
+    return jsonify(registry().nodes())
+
+
+@bp.get("/nodes/<hostname>")
+@basic_auth.login_required(role="admin")
+def get_node(hostname):
+    return jsonify(registry().node(hostname))
+
+
+@bp.delete("/nodes/<hostname>")
+@basic_auth.login_required(role="admin")
+def delete_node(hostname):
+    return jsonify(registry().remove(hostname))
+
+
+@bp.post("/nodes/<hostname>/accept")
+@basic_auth.login_required(role="admin")
+def accept_node(hostname):
+    return jsonify(registry().accept(hostname))

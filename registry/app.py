@@ -1,0 +1,59 @@
+"""Flask app factory for the registry.
+
+    app = create_app("cluster", require_approval=True, slurm_conf="/tmp/x/slurm.conf", slurm_apply="none")
+
+Options are those of ``pibake.registry.service.Registry``. Served by ``pibake registry serve`` under
+gunicorn with TLS; Flask's own server is for tests only.
+"""
+
+import hashlib
+import hmac
+import logging
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from pibake.registry.service import Registry
+from pibake.secrets import admin_password
+
+LOG = logging.getLogger(__name__)
+
+MAX_BODY = 256 * 1024
+
+
+def create_app(cluster_dir, *, test_config=None, **options):
+    """A Flask app for the cluster in ``cluster_dir``. ``test_config`` updates ``app.config``."""
+    app = Flask(__name__)
+    reg = Registry(cluster_dir, **options)
+    # The session key derives from the admin password: stable across gunicorn workers and restarts,
+    # and every browser session ends when the admin password is rotated.
+    app.config.update(
+        SECRET_KEY=hmac.new(admin_password(cluster_dir).encode(), b"pibake-registry-session",
+                            hashlib.sha256).hexdigest(),
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_NAME="pibake_session",
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        app.config.update(test_config)
+    app.extensions["pibake_registry"] = reg
+
+    from pibake.registry import api, web  # pylint: disable=import-outside-toplevel
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(web.bp)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err):
+        if request.path.startswith("/api/"):
+            return jsonify(error=f"{err.name}: {err.description}"), err.code
+        return err
+
+    @app.errorhandler(Exception)
+    def _unexpected(err):  # a bug: log it (no request data), answer without details
+        LOG.exception("internal error on %s %s", request.method, request.path)
+        return jsonify(error="internal error in the registry; see its log"), 500
+
+    return app

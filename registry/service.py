@@ -1,0 +1,302 @@
+"""The registry's operations, shared by the REST API, the web page and ``pibake registry`` commands.
+
+``Registry(cluster_dir, **options)`` binds the store, the cluster settings and the slurm.conf applier.
+Options (``create_app(cluster_dir, **options)`` and ``pibake registry serve`` flags take the same), with the
+cluster.yaml ``registry:`` keys that set them when not given explicitly:
+
+==================  ==========================  ==============================================================
+option              cluster.yaml registry: key  meaning
+==================  ==========================  ==============================================================
+require_approval    require_approval            new nodes wait as ``pending`` until an admin accepts them
+slurm_conf          slurm_conf                  where slurm.conf is written (default /etc/slurm/slurm.conf)
+slurm_apply         slurm_apply                 auto|systemd|service|direct|none (see ``slurmctl``)
+slurm_settings      slurm_settings              mapping of slurm.conf settings overriding the defaults
+slurm_state         slurm_state                 ask ``sinfo`` for each node's state (default true)
+apply_timeout       apply_timeout               seconds to wait for slurmctld (default 60)
+==================  ==========================  ==============================================================
+"""
+
+import ipaddress
+import logging
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from pibake import __version__
+from pibake.errors import ConfigError, NotBuiltError
+from pibake.model import ROLES
+from pibake.registry import slurmconf
+from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
+from pibake.registry.store import ConflictError, Store
+
+LOG = logging.getLogger(__name__)
+
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+RESERVED_HOSTNAMES = {"admin"}
+STATUS_STATES = ("ready", "error")
+OPTION_KEYS = ("require_approval", "slurm_conf", "slurm_apply", "slurm_settings", "slurm_state",
+               "apply_timeout")
+SINFO_CACHE_SECONDS = 3
+
+
+class RegistryError(Exception):
+    """A client mistake or refusal: carries the HTTP status and a one-line message (no secrets)."""
+
+    def __init__(self, status, message, problems=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.problems = problems or []
+
+
+def cluster_settings(cluster_dir):
+    """What the registry needs from cluster.yaml: name, manager, manager_ip, network, registry_port and
+    the optional ``registry:`` mapping. Uses ``pibake.cluster.load_cluster`` when it is built; the raw
+    YAML otherwise (and always for the ``registry:`` mapping)."""
+    path = Path(cluster_dir) / "cluster.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: run `pibake init` first") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping")
+    try:
+        from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
+
+        cluster = load_cluster(cluster_dir)
+        settings = {"name": cluster.name, "manager": cluster.manager, "manager_ip": cluster.manager_ip,
+                    "network": cluster.network, "registry_port": cluster.registry_port}
+    except NotBuiltError:
+        missing = [k for k in ("name", "manager", "manager_ip") if not raw.get(k)]
+        if missing:
+            raise ConfigError(f"{path}: missing {', '.join(missing)}") from None
+        settings = {"name": raw["name"], "manager": raw["manager"], "manager_ip": str(raw["manager_ip"]),
+                    "network": raw.get("network"), "registry_port": int(raw.get("registry_port", 8443))}
+    registry = raw.get("registry") or {}
+    if not isinstance(registry, dict):
+        raise ConfigError(f"{path}: registry must be a mapping")
+    unknown = sorted(set(registry) - set(OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: registry: unknown key(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(OPTION_KEYS)}")
+    settings["registry"] = registry
+    return settings
+
+
+def validate_enrolment(payload, peer_ip=None, network=None):
+    """Check an enrolment body; return the record to store. Raises RegistryError(400) naming every problem."""
+    if not isinstance(payload, dict):
+        raise RegistryError(400, "the request body must be a JSON object")
+    problems = []
+    hostname = payload.get("hostname")
+    if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
+        problems.append("hostname: must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1-63 chars)")
+    elif hostname in RESERVED_HOSTNAMES:
+        problems.append(f"hostname: {hostname} is reserved")
+    mac = payload.get("mac")
+    if isinstance(mac, str):
+        mac = mac.strip().lower().replace("-", ":")
+    if not isinstance(mac, str) or not MAC_RE.match(mac):
+        problems.append("mac: must be a MAC address like dc:a6:32:01:02:03")
+    ips = payload.get("ips")
+    good_ips = []
+    if not isinstance(ips, list) or not ips:
+        problems.append("ips: must be a non-empty list of IP addresses")
+    else:
+        for i, ip in enumerate(ips):
+            try:
+                good_ips.append(str(ipaddress.ip_address(ip)))
+            except (ValueError, TypeError):
+                problems.append(f"ips[{i}]: {str(ip)[:50]!r} is not an IP address")
+    role = payload.get("role", "worker")
+    if role not in ROLES:
+        problems.append(f"role: must be one of {', '.join(ROLES)}")
+    model = payload.get("model", "")
+    if not isinstance(model, str) or len(model) > 200:
+        problems.append("model: must be a string of at most 200 characters")
+    for key in ("cpus", "memory_mb"):
+        value = payload.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > 10**7:
+            problems.append(f"{key}: must be a positive whole number")
+    facts = None
+    raw = payload.get("slurmd_c")
+    if not isinstance(raw, str) or len(raw) > 10000:
+        problems.append("slurmd_c: must be the text printed by `slurmd -C`")
+    else:
+        try:
+            facts = slurmconf.parse_slurmd_c(raw)
+        except slurmconf.SlurmdCError as exc:
+            problems.append(str(exc))
+    os_release = payload.get("os_release", {})
+    if not isinstance(os_release, dict) or len(str(os_release)) > 5000:
+        problems.append("os_release: must be an object (the fields of /etc/os-release)")
+    agent_version = payload.get("agent_version", "")
+    if not isinstance(agent_version, str) or len(agent_version) > 50:
+        problems.append("agent_version: must be a short string")
+    if problems:
+        raise RegistryError(400, "invalid enrolment: " + "; ".join(problems), problems)
+    return {
+        "hostname": hostname, "mac": mac, "ips": good_ips, "ip": choose_ip(good_ips, peer_ip, network),
+        "role": role, "model": model.strip(), "cpus": payload["cpus"], "memory_mb": payload["memory_mb"],
+        "slurmd_c_raw": raw, "slurmd_c": facts, "os_release": {str(k): str(v)[:200] for k, v in os_release.items()},
+        "agent_version": agent_version,
+    }
+
+
+def choose_ip(ips, peer_ip=None, network=None):
+    """The address slurmctld reaches the node at: the one the request came from when the node listed it,
+    else the first in the cluster network, else the first listed."""
+    if peer_ip in ips:
+        return peer_ip
+    if network:
+        try:
+            net = ipaddress.ip_network(network, strict=False)
+            for ip in ips:
+                if ipaddress.ip_address(ip) in net:
+                    return ip
+        except ValueError:
+            pass
+    return ips[0]
+
+
+class Registry:
+    """Registry operations over one cluster directory."""
+
+    def __init__(self, cluster_dir, **options):
+        unknown = sorted(set(options) - set(OPTION_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown registry option(s): {', '.join(unknown)}")
+        self.cluster_dir = Path(cluster_dir)
+        self.cluster = cluster_settings(cluster_dir)
+        merged = dict(self.cluster["registry"])
+        merged.update({k: v for k, v in options.items() if v is not None})
+        self.require_approval = bool(merged.get("require_approval", False))
+        self.slurm_settings = dict(merged.get("slurm_settings") or {})
+        self.slurm_state_enabled = bool(merged.get("slurm_state", True))
+        self.applier = SlurmApplier(merged.get("slurm_conf") or DEFAULT_CONF, merged.get("slurm_apply") or "auto",
+                                    timeout=float(merged.get("apply_timeout", 60)))
+        self.store = Store(cluster_dir)
+        self._sinfo_cache = (0.0, None)
+
+    # ------------------------------------------------------------------ slurm
+    @property
+    def manager(self):
+        return self.cluster["manager"]
+
+    @property
+    def manager_ip(self):
+        return self.cluster["manager_ip"]
+
+    def slurm_nodes(self):
+        """Nodes that belong in slurm.conf: accepted workers (pending, manager and sensor roles are not)."""
+        return [{"hostname": n["hostname"], "ip": n["ip"], "facts": n["slurmd_c"]}
+                for n in self.store.list() if n["role"] == "worker" and n["status"] != "pending"]
+
+    def slurm_conf(self):
+        return slurmconf.generate_slurm_conf(
+            self.slurm_nodes(), cluster_name=self.cluster["name"], manager=self.manager,
+            manager_ip=self.manager_ip, settings=self.slurm_settings)
+
+    def apply_slurm(self):
+        """Make slurmctld run with a slurm.conf matching the store. Raises ApplyError."""
+        # Generated inside the lock: concurrent enrolments coalesce (a later apply includes earlier nodes,
+        # and the ones waiting find the text unchanged).
+        return self.applier.apply(self.slurm_conf)
+
+    def slurm_state_map(self):
+        if not self.slurm_state_enabled:
+            return None
+        stamp, states = self._sinfo_cache
+        if time.monotonic() - stamp < SINFO_CACHE_SECONDS:
+            return states
+        states = slurm_states(self.applier.conf_path)
+        self._sinfo_cache = (time.monotonic(), states)
+        return states
+
+    def conf_server(self):
+        return f"{self.manager}:{slurmconf.DEFAULT_SETTINGS['SlurmctldPort']}"
+
+    # ------------------------------------------------------------------ nodes
+    def with_state(self, nodes):
+        states = self.slurm_state_map() if nodes else None
+        for node in nodes:
+            node["slurm_state"] = (states or {}).get(node["hostname"]) if states is not None else None
+        return nodes
+
+    def nodes(self):
+        return self.with_state(self.store.list())
+
+    def node(self, hostname):
+        node = self.store.get(hostname)
+        if node is None:
+            raise RegistryError(404, f"no node named {hostname[:64]!s} is enrolled")
+        return self.with_state([node])[0]
+
+    def enrol(self, payload, peer_ip=None):
+        """Enrol (or re-enrol) a node. Returns ``(response body, created)``; the slurm.conf that includes
+        the node is in force when this returns (for an accepted worker)."""
+        record = validate_enrolment(payload, peer_ip, self.cluster.get("network"))
+        try:
+            node, credential, created = self.store.enrol(record, require_approval=self.require_approval)
+        except ConflictError:
+            raise RegistryError(
+                409, f"{record['hostname']} is already enrolled with another MAC address; if the board was "
+                     f"replaced, remove the old record first (`pibake registry remove {record['hostname']}`)"
+            ) from None
+        LOG.info("%s %s (%s, %s, status %s)", "enrolled" if created else "re-enrolled", node["hostname"],
+                 node["ip"], node["model"] or "unknown model", node["status"])
+        if node["status"] != "pending" and node["role"] == "worker":
+            self.apply_slurm()
+        return {
+            "hostname": node["hostname"],
+            "status": "pending" if node["status"] == "pending" else "enrolled",
+            "credential": credential,
+            "slurm": {"conf_server": self.conf_server(), "manager": self.manager, "manager_ip": self.manager_ip},
+        }, created
+
+    def accept(self, hostname):
+        node = self.store.get(hostname)
+        if node is None:
+            raise RegistryError(404, f"no node named {hostname[:64]} is enrolled")
+        node = self.store.accept(hostname)
+        LOG.info("accepted %s", hostname)
+        if node["role"] == "worker":
+            self.apply_slurm()
+        return node
+
+    def remove(self, hostname):
+        node = self.store.get(hostname)
+        if node is None or not self.store.delete(hostname):
+            raise RegistryError(404, f"no node named {hostname[:64]} is enrolled")
+        LOG.info("removed %s", hostname)
+        if node["role"] == "worker" and node["status"] != "pending":
+            self.apply_slurm()
+        return node
+
+    def report_status(self, hostname, payload):
+        if not isinstance(payload, dict):
+            raise RegistryError(400, "the request body must be a JSON object")
+        problems = []
+        state = payload.get("state")
+        if state not in STATUS_STATES:
+            problems.append(f"state: must be one of {', '.join(STATUS_STATES)}")
+        message = payload.get("message", "")
+        if not isinstance(message, str) or len(message) > 2000:
+            problems.append("message: must be a string of at most 2000 characters")
+        if problems:
+            raise RegistryError(400, "invalid status report: " + "; ".join(problems), problems)
+        node = self.store.get(hostname)
+        if node is None:
+            raise RegistryError(404, f"no node named {hostname[:64]} is enrolled")
+        if node["status"] == "pending":
+            raise RegistryError(403, f"{hostname} is pending approval; an admin must accept it first")
+        LOG.info("%s reports %s%s", hostname, state, f": {message[:200]}" if message else "")
+        return self.store.set_status(hostname, state, message)
+
+    def health(self):
+        return {"status": "ok", "version": __version__, "nodes": self.store.count()}

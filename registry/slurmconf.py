@@ -1,0 +1,237 @@
+"""slurm.conf from enrolled nodes' ``slurmd -C`` facts. Pure: data in, text out; no disk, no clock.
+
+Decisions (documented in docs/ as well):
+
+* **Topology as reported.** Each NodeName line carries CPUs, Boards, SocketsPerBoard, CoresPerSocket and
+  ThreadsPerCore exactly as the node's ``slurmd -C`` printed them: CPUs alone makes slurmctld drain the node
+  with "Node configuration differs from hardware".
+* **RealMemory margin.** Configured = reported minus max(3 %, 64 MiB), rounded down to a multiple of 32 MiB.
+  MemTotal moves by tens of MiB across kernel updates, firmware (``gpu_mem``/CMA) changes and even boots,
+  and a node whose configured RealMemory exceeds what its slurmd finds is drained ("Low RealMemory"). The
+  rounding also lets boards of one model that differ by a few MiB fold into one line.
+* **NodeAddr=<ip>** on every line, so neither the manager nor the nodes need DNS or /etc/hosts.
+* **Folding.** Nodes with identical topology and memory share one line, names and addresses folded with
+  ClusterShell's NodeSet on the last numeric axis (``red[01-03]`` / ``10.1.1.[11-13]``) when the two
+  expand in corresponding order; otherwise each node gets its own line (still correct, just longer).
+* **Configless.** ``SlurmctldParameters=enable_configless``: nodes run ``slurmd --conf-server <manager>:6817``
+  and fetch this file from slurmctld; the registry only writes it on the manager.
+* **Ports and timeouts.** SlurmctldPort 6817, SlurmdPort 6818 (Slurm's defaults; the agent and firewalls
+  rely on them). SlurmdTimeout 60 s: a Pi that stops answering is ``down`` within about a minute, while a
+  Wi-Fi blip of a few seconds does not flap it. SlurmctldTimeout 120 s (default). MessageTimeout 30 s
+  (default 10): a Pi 3 on an SD card under load can be slow to answer RPCs. ReturnToService 2: a node that
+  was down for not responding comes back by itself as soon as its slurmd registers with a valid config.
+* **Settings that work on Raspberry Pi OS with systemd and in the lab without it:** proctrack/linuxproc and
+  task/none (no cgroup v2 requirements), MailProg=/bin/true, select/cons_tres with CR_Core (memory is not
+  a consumable resource, so a job without ``--mem`` does not take a whole node's memory).
+"""
+
+import ipaddress
+import re
+
+from ClusterShell.NodeSet import NodeSet
+
+TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
+INT_KEYS = TOPOLOGY_KEYS + ("RealMemory", "Sockets", "Gres", "TmpDisk")
+SLURMCTLD_PORT = 6817
+SLURMD_PORT = 6818
+MEMORY_MARGIN_FRACTION = 0.03
+MEMORY_MARGIN_MIN_MB = 64
+MEMORY_ROUND_MB = 32
+DEFAULT_PARTITION = "main"
+
+# Settings that do not depend on the nodes. Overridable key by key (tests point the paths at a temp dir).
+DEFAULT_SETTINGS = {
+    "SlurmUser": "slurm",
+    "SlurmctldPort": str(SLURMCTLD_PORT),
+    "SlurmdPort": str(SLURMD_PORT),
+    "AuthType": "auth/munge",
+    "CryptoType": "crypto/munge",
+    "SlurmctldParameters": "enable_configless",
+    "StateSaveLocation": "/var/spool/slurmctld",
+    "SlurmdSpoolDir": "/var/spool/slurmd",
+    "SlurmctldPidFile": "/run/slurmctld.pid",
+    "SlurmdPidFile": "/run/slurmd.pid",
+    "SlurmctldLogFile": "/var/log/slurm/slurmctld.log",
+    "SlurmdLogFile": "/var/log/slurm/slurmd.log",
+    "ProctrackType": "proctrack/linuxproc",
+    "TaskPlugin": "task/none",
+    "MailProg": "/bin/true",
+    "ReturnToService": "2",
+    "SchedulerType": "sched/backfill",
+    "SelectType": "select/cons_tres",
+    "SelectTypeParameters": "CR_Core",
+    "SlurmctldTimeout": "120",
+    "SlurmdTimeout": "60",
+    "MessageTimeout": "30",
+    "InactiveLimit": "0",
+    "KillWait": "30",
+    "MinJobAge": "300",
+    "Waittime": "0",
+    "JobAcctGatherType": "jobacct_gather/none",
+    "AccountingStorageType": "accounting_storage/none",
+    "JobCompType": "jobcomp/none",
+    "SlurmctldDebug": "info",
+    "SlurmdDebug": "info",
+}
+
+_KV_RE = re.compile(r"(\w+)=(\S+)")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class SlurmdCError(ValueError):
+    """``slurmd -C`` output that cannot be used. The message says what is missing."""
+
+
+def parse_slurmd_c(text):
+    """Parse ``slurmd -C`` output into a dict (ints for numbers). Only the ``NodeName=`` line counts.
+
+    >>> parse_slurmd_c("NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 "
+    ...                "ThreadsPerCore=1 RealMemory=24105\\nUpTime=0-00:07:20")["CoresPerSocket"]
+    2
+    """
+    if not isinstance(text, str):
+        raise SlurmdCError("slurmd_c must be the text printed by `slurmd -C`")
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("NodeName=")), None)
+    if line is None:
+        raise SlurmdCError("slurmd_c has no line starting with NodeName= (send the output of `slurmd -C`)")
+    facts = {}
+    for key, value in _KV_RE.findall(line):
+        if key in INT_KEYS:
+            try:
+                facts[key] = int(value)
+            except ValueError:
+                raise SlurmdCError(f"slurmd_c: {key}={value} is not a whole number") from None
+        else:
+            facts[key] = value
+    missing = [k for k in ("CPUs", "CoresPerSocket", "ThreadsPerCore", "RealMemory") if k not in facts]
+    if missing:
+        raise SlurmdCError(f"slurmd_c lacks {', '.join(missing)}")
+    facts.setdefault("Boards", 1)
+    if "SocketsPerBoard" not in facts:
+        facts["SocketsPerBoard"] = facts.get("Sockets") or max(
+            1, facts["CPUs"] // (facts["CoresPerSocket"] * facts["ThreadsPerCore"] * facts["Boards"]))
+    bad = [k for k in TOPOLOGY_KEYS + ("RealMemory",) if facts[k] < 1]
+    if bad:
+        raise SlurmdCError(f"slurmd_c: {', '.join(bad)} must be at least 1")
+    return facts
+
+
+def configured_memory(reported_mb):
+    """RealMemory to configure for a node that reports ``reported_mb`` (see module docstring)."""
+    margin = max(MEMORY_MARGIN_MIN_MB, int(reported_mb * MEMORY_MARGIN_FRACTION))
+    value = (reported_mb - margin) // MEMORY_ROUND_MB * MEMORY_ROUND_MB
+    return max(1, value)
+
+
+def slurm_cluster_name(name):
+    """Slurm lower-cases ClusterName and allows letters, digits, '_' and '-'; keep it at 40 chars."""
+    cleaned = re.sub(r"[^a-z0-9_-]+", "-", str(name).lower()).strip("-")
+    return (cleaned or "pibake")[:40]
+
+
+def _node_key(node):
+    facts = node["facts"]
+    return tuple(facts[k] for k in TOPOLOGY_KEYS) + (configured_memory(facts["RealMemory"]),)
+
+
+def _fold(names):
+    nodeset = NodeSet(fold_axis=[-1])
+    nodeset.updaten(list(names))
+    return str(nodeset)
+
+
+def _expand(folded):
+    return list(NodeSet(folded, fold_axis=[-1]))
+
+
+def _group_lines(key, members):
+    """NodeName lines for ``members`` (dicts with hostname, ip) sharing topology ``key``."""
+    cpus, boards, sockets, cores, threads, memory = key
+    spec = (f"CPUs={cpus} Boards={boards} SocketsPerBoard={sockets} CoresPerSocket={cores} "
+            f"ThreadsPerCore={threads} RealMemory={memory}")
+    by_name = {m["hostname"]: m["ip"] for m in members}
+    names = _fold(by_name)
+    ordered = _expand(names)
+    ips = [by_name[n] for n in ordered]
+    folded_ips = _fold(ips)
+    if len(members) > 1 and _expand(folded_ips) == ips and "," not in folded_ips and "," not in names:
+        return [f"NodeName={names} NodeAddr={folded_ips} {spec} State=UNKNOWN"]
+    return [f"NodeName={n} NodeAddr={by_name[n]} {spec} State=UNKNOWN" for n in ordered]
+
+
+def node_lines(nodes):
+    """The NodeName lines for ``nodes`` (see ``generate_slurm_conf``), grouped and folded, sorted."""
+    groups = {}
+    for node in nodes:
+        groups.setdefault(_node_key(node), []).append(node)
+    lines = []
+    # Order groups by their first hostname so the file is stable whatever the DB order.
+    for key, members in sorted(groups.items(), key=lambda kv: min(m["hostname"] for m in kv[1])):
+        lines.extend(_group_lines(key, members))
+    return lines
+
+
+def validate_nodes(nodes):
+    """Raise ValueError naming every node that cannot go into slurm.conf."""
+    problems = []
+    seen = set()
+    for i, node in enumerate(nodes):
+        name = node.get("hostname")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            problems.append(f"nodes[{i}].hostname: {name!r} is not a lower-case RFC 1123 label")
+        elif name in seen:
+            problems.append(f"nodes[{i}].hostname: {name} appears twice")
+        seen.add(name)
+        try:
+            ipaddress.ip_address(node.get("ip"))
+        except ValueError:
+            problems.append(f"nodes[{i}].ip: {node.get('ip')!r} is not an IP address")
+        facts = node.get("facts") or {}
+        missing = [k for k in TOPOLOGY_KEYS + ("RealMemory",) if not isinstance(facts.get(k), int)]
+        if missing:
+            problems.append(f"nodes[{i}].facts: missing {', '.join(missing)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def generate_slurm_conf(nodes, *, cluster_name, manager, manager_ip, settings=None,
+                        partition=DEFAULT_PARTITION):
+    """Full slurm.conf text.
+
+    ``nodes``: iterable of ``{"hostname", "ip", "facts"}`` where ``facts`` is ``parse_slurmd_c`` output.
+    ``settings``: overrides of ``DEFAULT_SETTINGS`` (a value of None drops the key).
+    The partition ``partition`` holds all nodes and is the default one. With no nodes the file still
+    starts a slurmctld (partition without nodes), so the manager can run before any worker enrolled.
+    """
+    nodes = list(nodes)
+    validate_nodes(nodes)
+    merged = dict(DEFAULT_SETTINGS)
+    for key, value in (settings or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = str(value)
+    for key, value in merged.items():
+        if "\n" in value or "\n" in key:
+            raise ValueError(f"slurm.conf setting {key} must be one line")
+    out = [
+        "# slurm.conf generated by the pibake registry from the enrolled nodes' `slurmd -C` facts.",
+        "# Do not edit: the registry rewrites it whenever a node enrols, is accepted or removed.",
+        f"ClusterName={slurm_cluster_name(cluster_name)}",
+        f"SlurmctldHost={manager}({manager_ip})",
+    ]
+    out += [f"{k}={v}" for k, v in merged.items()]
+    out.append("")
+    out.append("# Nodes (RealMemory = reported - max(3%, 64 MiB), rounded down to 32 MiB)")
+    out += node_lines(nodes)
+    out.append("")
+    if nodes:
+        out.append(f"PartitionName={partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+    else:
+        out.append(f"PartitionName={partition} Default=YES MaxTime=INFINITE State=UP")
+    return "\n".join(out) + "\n"
+
+
+def nodes_section(conf_text):
+    """The NodeName lines of a slurm.conf text: when they change, slurmctld must restart (22.05)."""
+    return [ln.strip() for ln in (conf_text or "").splitlines() if ln.strip().startswith("NodeName=")]

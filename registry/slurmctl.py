@@ -1,0 +1,279 @@
+"""Put a generated slurm.conf in force on the manager.
+
+Slurm 22.05 (Debian 12, Raspberry Pi OS bookworm) cannot add or remove nodes with ``scontrol reconfigure``.
+So, when the NodeName lines change, the file is written atomically and slurmctld is restarted (running
+jobs survive: slurmctld saves them in StateSaveLocation and slurmd keeps running them), then
+``scontrol reconfigure`` makes the configless slurmds fetch the new file. When only other settings change,
+``scontrol reconfigure`` is enough. slurmctld is not started while no node is configured (22.05 refuses
+to start with "no nodes configured").
+
+How slurmctld is (re)started, ``mode``:
+
+* ``auto``: ``systemd`` when systemd is PID 1 (``/run/systemd/system`` exists), else ``service`` when
+  ``/etc/init.d/slurmctld`` exists, else ``direct``;
+* ``systemd``: ``systemctl restart slurmctld``;
+* ``service``: ``service slurmctld restart`` (init.d; needs /run/lock);
+* ``direct``: stop the pid in SlurmctldPidFile (SIGTERM, wait), start ``slurmctld -f <conf>`` (it daemonizes);
+* ``none``: only write the file (tests, or a manager whose Slurm is managed by hand).
+
+Applies are serialized: a thread lock plus an flock on ``<conf>.lock`` (gunicorn runs several processes).
+"""
+
+import contextlib
+import fcntl
+import logging
+import os
+import pwd
+import signal
+import threading
+import time
+from pathlib import Path
+
+from pibake.errors import CommandError, PibakeError
+from pibake.registry.slurmconf import nodes_section
+from pibake.run import run, which
+
+LOG = logging.getLogger(__name__)
+
+MODES = ("auto", "systemd", "service", "direct", "none")
+DEFAULT_CONF = "/etc/slurm/slurm.conf"
+
+
+class ApplyError(PibakeError):
+    """slurm.conf could not be put in force. The message names the step that failed."""
+
+
+def conf_settings(conf_text):
+    """{key: value} of the plain ``Key=Value`` lines of a slurm.conf (NodeName/PartitionName excluded)."""
+    settings = {}
+    for line in (conf_text or "").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" not in line or line.startswith(("NodeName=", "PartitionName=")):
+            continue
+        key, value = line.split("=", 1)
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def write_atomic(path, text, mode=0o644):
+    """Write ``text`` to ``path`` through a temp file + fsync + rename; readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+class SlurmApplier:
+    """Writes slurm.conf at ``conf_path`` and makes slurmctld take it (see module docstring)."""
+
+    def __init__(self, conf_path=DEFAULT_CONF, mode="auto", *, timeout=60):
+        if mode not in MODES:
+            raise PibakeError(f"unknown slurm apply mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.conf_path = Path(conf_path)
+        self.mode = mode
+        self.timeout = timeout
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def env(self):
+        """Environment for Slurm commands: SLURM_CONF points at our file when it is not the default."""
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(self.conf_path)
+        return env
+
+    def resolved_mode(self):
+        if self.mode != "auto":
+            return self.mode
+        if Path("/run/systemd/system").is_dir() and which("systemctl"):
+            return "systemd"
+        if Path("/etc/init.d/slurmctld").exists() and which("service") and self.conf_path == Path(DEFAULT_CONF):
+            return "service"
+        return "direct"
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Serialize applies across threads and processes."""
+        lock_path = self.conf_path.with_name(self.conf_path.name + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with _THREAD_LOCK:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def current_text(self):
+        try:
+            return self.conf_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, text):
+        """Make ``text`` (or what the callable ``text()`` returns, under the lock) the slurm.conf in force. Returns what was done: a dict with ``action``.
+
+        ``action`` is ``unchanged`` (same text, slurmctld already up or no nodes), ``written`` (mode none),
+        ``reconfigured`` or ``restarted``. Raises ApplyError when slurmctld does not take it.
+        """
+        with self.locked():
+            if callable(text):  # generated under the lock, so concurrent callers coalesce
+                text = text()
+            old = self.current_text()
+            has_nodes = bool(nodes_section(text))
+            if self.mode == "none":
+                if old != text:
+                    write_atomic(self.conf_path, text)
+                    return {"action": "written", "conf": str(self.conf_path)}
+                return {"action": "unchanged", "conf": str(self.conf_path)}
+            running = self.slurmctld_up() if has_nodes or old else False
+            if old == text and (running or not has_nodes):
+                return {"action": "unchanged", "conf": str(self.conf_path)}
+            write_atomic(self.conf_path, text)
+            if not has_nodes:
+                LOG.info("slurm.conf written with no nodes; slurmctld waits for the first worker")
+                if running:
+                    self._stop()
+                return {"action": "written", "conf": str(self.conf_path)}
+            self._prepare_dirs(text)
+            if running and old is not None and nodes_section(old) == nodes_section(text):
+                self._reconfigure()
+                LOG.info("slurm.conf changed (settings only): scontrol reconfigure done")
+                return {"action": "reconfigured", "conf": str(self.conf_path)}
+            self._restart(running)
+            self._wait_up()
+            self._reconfigure()
+            LOG.info("slurm.conf with %d node line(s) in force (slurmctld restarted)", len(nodes_section(text)))
+            return {"action": "restarted", "conf": str(self.conf_path)}
+
+    # ------------------------------------------------------------------ slurmctld control
+    def slurmctld_up(self):
+        """True when ``scontrol ping`` reports the primary controller UP."""
+        if not which("scontrol") or self.current_text() is None:
+            return False
+        try:
+            proc = run(["scontrol", "ping"], timeout=15, check=False, env=self.env)
+        except CommandError:
+            return False
+        return proc.returncode == 0 and " is UP" in proc.stdout
+
+    def _pid(self):
+        pid_file = conf_settings(self.current_text()).get("SlurmctldPidFile", "/run/slurmctld.pid")
+        try:
+            pid = int(Path(pid_file).read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def _prepare_dirs(self, text):
+        """StateSaveLocation and log dirs must exist and belong to SlurmUser (Debian does not create them)."""
+        settings = conf_settings(text)
+        user = settings.get("SlurmUser", "slurm")
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise ApplyError(f"SlurmUser {user} does not exist on this machine; install slurmctld") from None
+        dirs = [settings.get("StateSaveLocation", "/var/spool/slurmctld")]
+        for key in ("SlurmctldLogFile", "SlurmctldPidFile"):
+            if settings.get(key):
+                dirs.append(str(Path(settings[key]).parent))
+        for d in dirs:
+            path = Path(d)
+            if not path.exists():
+                path.mkdir(parents=True, mode=0o755)
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        state = Path(settings.get("StateSaveLocation", "/var/spool/slurmctld"))
+        if state.stat().st_uid != pw.pw_uid:
+            os.chown(state, pw.pw_uid, pw.pw_gid)
+
+    def _restart(self, running):
+        mode = self.resolved_mode()
+        LOG.info("restarting slurmctld (%s)", mode)
+        try:
+            if mode == "systemd":
+                run(["systemctl", "restart", "slurmctld"], timeout=self.timeout)
+            elif mode == "service":
+                run(["service", "slurmctld", "restart"], timeout=self.timeout)
+            else:
+                if running or self._pid():
+                    self._stop()
+                run(["slurmctld", "-f", str(self.conf_path)], timeout=self.timeout, env=self.env)
+        except CommandError as exc:
+            raise ApplyError(f"could not restart slurmctld ({mode}): {exc}") from None
+
+    def _stop(self):
+        mode = self.resolved_mode()
+        if mode == "systemd":
+            run(["systemctl", "stop", "slurmctld"], timeout=self.timeout, check=False)
+            return
+        if mode == "service":
+            run(["service", "slurmctld", "stop"], timeout=self.timeout, check=False)
+            return
+        pid = self._pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.05)
+        raise ApplyError(f"slurmctld (pid {pid}) did not stop within {self.timeout} s")
+
+    def _wait_up(self):
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.slurmctld_up():
+                return
+            time.sleep(0.2)
+        log = conf_settings(self.current_text()).get("SlurmctldLogFile", "its log")
+        raise ApplyError(f"slurmctld did not come up within {self.timeout} s with the new slurm.conf; see {log}")
+
+    def _reconfigure(self):
+        try:
+            run(["scontrol", "reconfigure"], timeout=self.timeout, env=self.env)
+        except CommandError as exc:
+            raise ApplyError(f"scontrol reconfigure failed: {exc}") from None
+
+
+def slurm_states(conf_path=DEFAULT_CONF, *, timeout=5):
+    """{node name: state} from ``sinfo -N -h -o '%N %T'``, or None when Slurm is absent or not answering."""
+    conf_path = Path(conf_path)
+    if not which("sinfo") or not conf_path.exists():
+        return None
+    env = dict(os.environ)
+    env["SLURM_CONF"] = str(conf_path)
+    try:
+        proc = run(["sinfo", "-N", "-h", "-o", "%N %T"], timeout=timeout, check=False, env=env)
+    except CommandError:
+        return None
+    if proc.returncode != 0:
+        return None
+    return parse_sinfo(proc.stdout)
+
+
+def parse_sinfo(text):
+    """Parse ``sinfo -N -h -o '%N %T'`` output. A node in several partitions appears once."""
+    states = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            states.setdefault(parts[0], parts[1])
+    return states

@@ -1,0 +1,235 @@
+"""The registry's SQLite store: one file ``registry.db`` in the cluster directory, WAL mode.
+
+The schema is versioned with ``PRAGMA user_version`` and a ``migrations`` table (what ran, when).
+Each call opens its own short-lived connection (cheap with SQLite) so threads and gunicorn worker
+processes never share one. Enrolment runs in a ``BEGIN IMMEDIATE`` transaction: two concurrent
+enrolments of one hostname serialize, and the hostname primary key makes duplicates impossible.
+Only a hash of each node credential is stored.
+"""
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import sqlite3
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+DB_FILE = "registry.db"
+
+# Each entry upgrades the schema from version i to i+1. Never edit a released entry: append.
+MIGRATIONS = (
+    """
+    CREATE TABLE nodes (
+        hostname        TEXT PRIMARY KEY,
+        mac             TEXT NOT NULL,
+        ip              TEXT NOT NULL,
+        ips             TEXT NOT NULL DEFAULT '[]',
+        role            TEXT NOT NULL,
+        model           TEXT NOT NULL DEFAULT '',
+        cpus            INTEGER NOT NULL,
+        memory_mb       INTEGER NOT NULL,
+        slurmd_c_raw    TEXT NOT NULL,
+        slurmd_c        TEXT NOT NULL,
+        os_release      TEXT NOT NULL DEFAULT '{}',
+        agent_version   TEXT NOT NULL DEFAULT '',
+        status          TEXT NOT NULL CHECK (status IN ('pending', 'enrolled', 'ready', 'error')),
+        message         TEXT NOT NULL DEFAULT '',
+        credential_hash TEXT NOT NULL,
+        enrol_count     INTEGER NOT NULL DEFAULT 1,
+        enrolled_at     TEXT NOT NULL,
+        last_seen       TEXT NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+PUBLIC_FIELDS = ("hostname", "ip", "ips", "mac", "role", "model", "cpus", "memory_mb", "slurmd_c",
+                 "os_release", "agent_version", "status", "message", "enrol_count", "enrolled_at",
+                 "last_seen")
+
+
+class ConflictError(Exception):
+    """The hostname is enrolled with another MAC address."""
+
+
+def utcnow():
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def new_credential():
+    """A fresh per-node credential (256 random bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_credential(credential):
+    """sha256 of the credential. The credential is 256 random bits, not a password a person chose, so a
+    slow KDF adds nothing against guessing and would cost every node request tens of milliseconds."""
+    return "sha256$" + hashlib.sha256(credential.encode()).hexdigest()
+
+
+def credential_matches(credential, stored_hash):
+    if not isinstance(credential, str) or not stored_hash:
+        return False
+    return hmac.compare_digest(hash_credential(credential), stored_hash)
+
+
+def _row_to_node(row):
+    node = dict(row)
+    for key in ("ips", "slurmd_c", "os_release"):
+        node[key] = json.loads(node[key])
+    node.pop("credential_hash", None)
+    node.pop("slurmd_c_raw", None)
+    return node
+
+
+class Store:
+    """Nodes in ``<cluster_dir>/registry.db``."""
+
+    def __init__(self, cluster_dir, *, filename=DB_FILE):
+        self.path = Path(cluster_dir) / filename
+        self.migrate()
+
+    @contextlib.contextmanager
+    def connect(self, immediate=False):
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ schema
+    def migrate(self):
+        """Create or upgrade the schema to SCHEMA_VERSION. Safe to call from many processes at once."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                LOG.warning("registry DB %s is not in WAL mode (%s)", self.path, mode)
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}, newer than this pibake ({SCHEMA_VERSION})")
+            conn.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+            for number in range(version, SCHEMA_VERSION):
+                # executescript() would COMMIT mid-transaction: run the statements one by one.
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO migrations VALUES (?, ?)", (number + 1, utcnow()))
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        if fresh:
+            self.path.chmod(0o600)
+
+    def schema_version(self):
+        with self.connect() as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # ------------------------------------------------------------------ nodes
+    def enrol(self, record, *, require_approval=False):
+        """Insert or update a node from a validated enrolment ``record``.
+
+        Returns ``(node, credential, created)``. The credential is new on every enrolment (the old one
+        stops working). Raises ConflictError when the hostname is enrolled with another MAC.
+        A pending node stays pending on re-enrolment; an accepted one is ``enrolled`` again.
+        """
+        credential = new_credential()
+        now = utcnow()
+        values = {
+            "hostname": record["hostname"], "mac": record["mac"], "ip": record["ip"],
+            "ips": json.dumps(record["ips"]), "role": record["role"], "model": record.get("model", ""),
+            "cpus": record["cpus"], "memory_mb": record["memory_mb"], "slurmd_c_raw": record["slurmd_c_raw"],
+            "slurmd_c": json.dumps(record["slurmd_c"], sort_keys=True),
+            "os_release": json.dumps(record.get("os_release") or {}, sort_keys=True),
+            "agent_version": record.get("agent_version") or "",
+            "credential_hash": hash_credential(credential), "last_seen": now,
+        }
+        with self.connect(immediate=True) as conn:
+            row = conn.execute("SELECT mac, status FROM nodes WHERE hostname = ?", (record["hostname"],)).fetchone()
+            if row is None:
+                values.update(status="pending" if require_approval else "enrolled", message="",
+                              enrolled_at=now, enrol_count=1)
+                cols = ", ".join(values)
+                conn.execute(f"INSERT INTO nodes ({cols}) VALUES ({', '.join('?' * len(values))})",
+                             tuple(values.values()))
+                created = True
+            else:
+                if row["mac"] != record["mac"]:
+                    raise ConflictError(record["hostname"])
+                values["status"] = "pending" if row["status"] == "pending" else "enrolled"
+                values["message"] = ""
+                sets = ", ".join(f"{k} = ?" for k in values if k != "hostname")
+                conn.execute(f"UPDATE nodes SET {sets}, enrol_count = enrol_count + 1 WHERE hostname = ?",
+                             tuple(v for k, v in values.items() if k != "hostname") + (record["hostname"],))
+                created = False
+            node = _row_to_node(conn.execute("SELECT * FROM nodes WHERE hostname = ?",
+                                             (record["hostname"],)).fetchone())
+        return node, credential, created
+
+    def get(self, hostname):
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM nodes WHERE hostname = ?", (hostname,)).fetchone()
+        return _row_to_node(row) if row else None
+
+    def list(self):
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM nodes ORDER BY hostname").fetchall()
+        return [_row_to_node(r) for r in rows]
+
+    def count(self):
+        with self.connect() as conn:
+            return conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
+
+    def delete(self, hostname):
+        """True when the node existed."""
+        with self.connect(immediate=True) as conn:
+            return conn.execute("DELETE FROM nodes WHERE hostname = ?", (hostname,)).rowcount > 0
+
+    def accept(self, hostname):
+        """Pending -> enrolled. Returns the node, or None when unknown. Accepting a non-pending node is a no-op."""
+        with self.connect(immediate=True) as conn:
+            conn.execute("UPDATE nodes SET status = 'enrolled' WHERE hostname = ? AND status = 'pending'",
+                         (hostname,))
+            row = conn.execute("SELECT * FROM nodes WHERE hostname = ?", (hostname,)).fetchone()
+        return _row_to_node(row) if row else None
+
+    def set_status(self, hostname, status, message=""):
+        with self.connect(immediate=True) as conn:
+            conn.execute("UPDATE nodes SET status = ?, message = ?, last_seen = ? WHERE hostname = ?",
+                         (status, message, utcnow(), hostname))
+            row = conn.execute("SELECT * FROM nodes WHERE hostname = ?", (hostname,)).fetchone()
+        return _row_to_node(row) if row else None
+
+    def check_credential(self, hostname, credential):
+        """The node (and last_seen refreshed) when ``credential`` is this node's, else None."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM nodes WHERE hostname = ?", (hostname,)).fetchone()
+        if row is None or not credential_matches(credential, row["credential_hash"]):
+            return None
+        return _row_to_node(row)
+
+    def touch(self, hostname):
+        with self.connect(immediate=True) as conn:
+            conn.execute("UPDATE nodes SET last_seen = ? WHERE hostname = ?", (utcnow(), hostname))

@@ -1,0 +1,4 @@
+"""Web page (placeholder replaced below)."""
+from flask import Blueprint
+
+bp = Blueprint("web", __name__)
