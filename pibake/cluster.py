@@ -34,11 +34,12 @@ CLUSTER_FILE = "cluster.yaml"
 BACKUP_FILE = "cluster.yaml.bak"
 DOC_HINT = "see docs/cluster-yaml.md"
 
-# Images pibake knows by name, with their family. Anything else must be a path to a local
-# image file together with an explicit ``family``.
+# Images pibake knows by name, with their family: the shipped catalog (bake/catalog.yaml, read
+# by pibake.bake.images) is the truth; this table is only the fallback when it cannot be read.
+# Anything else must be a path to a local image file together with an explicit ``family``.
 IMAGE_CATALOG = {
     "raspios-trixie-lite-arm64": "raspios",
-    "ubuntu-24.04-server-arm64": "ubuntu",
+    "ubuntu-24.04-server-arm64-raspi": "ubuntu",
 }
 DEFAULT_IMAGE = "raspios-trixie-lite-arm64"
 IMAGE_SUFFIXES = (".img", ".img.xz", ".img.gz", ".img.zst", ".img.bz2", ".zip", ".raw")
@@ -92,8 +93,8 @@ _KEY_DOCS = {
         "passphrase by `pibake init --wifi-ssid ...`; the passphrase itself is never stored)."
     ),
     "image": (
-        "OS image: a catalog name (raspios-trixie-lite-arm64, ubuntu-24.04-server-arm64) or a path\n"
-        "to a local image file (then `family` is required)."
+        "OS image: a catalog name (see `pibake image list`, e.g. raspios-trixie-lite-arm64 or\n"
+        "ubuntu-24.04-server-arm64-raspi) or a path to a local image file (then `family` is required)."
     ),
     "family": "Image family: raspios or ubuntu. Implied by a catalog image; required for a local file.",
     "ntp_servers": "Optional NTP servers (names or IPs). Empty: the OS defaults. Pis have no RTC.",
@@ -106,7 +107,7 @@ _WIFI_EXAMPLE = """\
 #   psk: <64 hex digits, written by pibake init --wifi-ssid MyNetwork --wifi-country DE>
 """
 
-_IPV4 = {"type": "string", "minLength": 7, "maxLength": 15}
+_IPV4 = {"type": "string"}  # the address itself is checked by validate_cluster_data
 
 CLUSTER_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -118,7 +119,7 @@ CLUSTER_SCHEMA = {
         "name": {"type": "string", "minLength": 1, "maxLength": 40},
         "manager": {"type": "string", "minLength": 1, "maxLength": 63},
         "manager_ip": _IPV4,
-        "network": {"type": "string", "minLength": 9, "maxLength": 18},
+        "network": {"type": "string"},
         "gateway": {"anyOf": [_IPV4, {"type": "null"}]},
         "dns": {"type": "array", "items": _IPV4, "maxItems": 3},
         "user": {"type": "string", "minLength": 1, "maxLength": 32},
@@ -282,6 +283,17 @@ def _valid_dns_name(name):
     return all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", label) for label in labels)
 
 
+def image_catalog():
+    """{catalog image name: family}, from the shipped catalog when it can be read."""
+    try:
+        from pibake.bake.images import load_catalog  # pylint: disable=import-outside-toplevel
+
+        return {name: entry.family for name, entry in load_catalog().items()}
+    except Exception as exc:  # noqa: BLE001  the catalog is another module's; fall back, say why
+        LOG.debug("image catalog not readable (%s); using the built-in names", exc)
+        return dict(IMAGE_CATALOG)
+
+
 def image_is_path(image):
     """A local image file (a path) rather than a catalog name."""
     return "/" in image or image.startswith(("~", ".")) or image.endswith(IMAGE_SUFFIXES)
@@ -371,6 +383,7 @@ def validate_cluster_data(data):
             if _ipv4(server) is None and not _valid_dns_name(server):
                 sem.append(f"ntp_servers[{i}]: {server!r} is neither an IPv4 address nor a host name")
     if ok("image"):
+        catalog = image_catalog()
         image = data["image"]
         family = data.get("family")
         if any(ord(c) < 32 for c in image):
@@ -378,20 +391,45 @@ def validate_cluster_data(data):
         elif image_is_path(image):
             if family is None:
                 sem.append(f"family: required for the local image {image} (one of {', '.join(FAMILIES)})")
-        elif image not in IMAGE_CATALOG:
+        elif image not in catalog:
             sem.append(
-                f"image: {image!r} is not in the catalog ({', '.join(IMAGE_CATALOG)}); "
+                f"image: {image!r} is not in the catalog ({', '.join(catalog)}); "
                 "for a local file give its path and a family"
             )
-        elif family is not None and not bad.intersection({"family"}) and family != IMAGE_CATALOG[image]:
-            sem.append(f"family: {image} is a {IMAGE_CATALOG[image]} image, not {family}")
+        elif family is not None and not bad.intersection({"family"}) and family != catalog[image]:
+            sem.append(f"family: {image} is a {catalog[image]} image, not {family}")
     elif "image" not in data and data.get("family") not in (None, "raspios"):
         sem.append(f"family: the default image {DEFAULT_IMAGE} is raspios, not {data.get('family')}")
     return [problems[k] for k in sorted(problems)] + sem
 
 
+_OPTION_OF_KEY = {
+    "name": "--name", "manager": "--manager", "manager_ip": "--manager-ip", "network": "--network",
+    "gateway": "--gateway", "dns": "--dns", "user": "--user", "ssh_keys": "--ssh-key", "timezone": "--timezone",
+    "locale": "--locale", "wifi": "--wifi-*", "image": "--image", "family": "--family",
+}
+
+
+def _as_option_problems(problems, wanted):
+    """'dns[0]: ...' -> '--dns: ...' for values the user gave as options."""
+    out = []
+    for problem in problems:
+        key = re.split(r"[.\[:]", problem, maxsplit=1)[0]
+        if key in wanted and key in _OPTION_OF_KEY:
+            rest = problem[len(key):]
+            rest = re.sub(r"^\[\d+\]", "", rest)
+            if key == "wifi" and rest.startswith("."):
+                sub = rest[1:].split(":", 1)[0]
+                out.append(f"--wifi-{sub}{rest[1 + len(sub):]}" if sub in ("country", "ssid") else f"Wi-Fi{rest}")
+                continue
+            out.append(f"{_OPTION_OF_KEY[key]}{rest}")
+        else:
+            out.append(problem)
+    return out
+
+
 def _problems_error(where, problems, hint):
-    message = "; ".join(f"{where}: {p}" for p in problems)
+    message = "; ".join(f"{where}: {p}" if where else p for p in problems)
     err = ConfigError(f"{message} ({hint})")
     err.problems = list(problems)
     return err
@@ -400,7 +438,7 @@ def _problems_error(where, problems, hint):
 def cluster_from_data(data, directory=None):
     """Build the ``Cluster`` from a *validated* mapping."""
     image = data.get("image", DEFAULT_IMAGE)
-    family = data.get("family") or IMAGE_CATALOG.get(image, "raspios")
+    family = data.get("family") or image_catalog().get(image, "raspios")
     if directory is not None and image_is_path(image):
         image = str((Path(directory) / Path(image).expanduser()).resolve())
     wifi = data.get("wifi")
@@ -703,6 +741,9 @@ def init_cluster(
     if existing is not None and not existing_problems:
         diffs = _differences(existing, wanted)
         if diffs and not force:
+            problems = validate_cluster_data({**existing, **wanted})
+            if problems:  # say what is wrong with the new values first
+                raise _problems_error(None, _as_option_problems(problems, wanted), "fix them and run init again")
             raise ConfigError(
                 f"{path} already exists with other values ({'; '.join(diffs)}): edit {path} by hand, "
                 f"or re-run init with --force to replace them (the old file is kept as {BACKUP_FILE})"
@@ -710,9 +751,8 @@ def init_cluster(
         data = dict(existing)
         data.update(wanted)
         status = "updated" if diffs else "unchanged"
-    else:
-        data = dict(existing or {})
-        data.update(wanted)
+    else:  # no file yet, or a broken one being replaced with --force: start from the options
+        data = dict(wanted)
         status = "replaced" if path.exists() else "created"
 
     # Defaults, for keys neither the caller nor the existing file sets.
@@ -749,7 +789,7 @@ def init_cluster(
 
     problems = validate_cluster_data(data)
     if problems:
-        raise _problems_error("init", problems, "fix the options and run `pibake init` again")
+        raise _problems_error(None, _as_option_problems(problems, wanted), "fix them and run init again")
     if not data.get("ssh_keys"):
         result["warnings"].append(
             "no ssh public key: you will not be able to log in to the nodes with ssh "
