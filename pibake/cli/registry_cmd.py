@@ -1,16 +1,125 @@
-"""Commands not built yet: they say so plainly and exit 2."""
+"""``pibake registry``: run the registry (gunicorn + TLS) and manage its nodes from the manager.
+
+The management commands use the same ``pibake.registry.service.Registry`` functions as the REST API.
+"""
+
+import logging
 
 import click
 
 from pibake.cli import cli
-from pibake.cli.options import not_built
+from pibake.cli.options import emit_json, json_option, pass_state
+
+LOG = logging.getLogger(__name__)
+
+APPLY_MODES = ("auto", "systemd", "service", "direct", "none")
 
 
-@cli.command('registry', context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
-             add_help_option=True, short_help='Run and manage the registry')
-@click.argument('args', nargs=-1, type=click.UNPROCESSED)
-def registry_cmd(args):
-    """Run and manage the registry (the enrolment service on the manager).
+def _registry(state, **options):
+    from pibake.registry.service import Registry  # pylint: disable=import-outside-toplevel
 
-    Not built yet in this version of pibake."""
-    not_built('pibake registry')
+    return Registry(state.cluster_dir, **options)
+
+
+def _slurm_options(func):
+    func = click.option("--slurm-conf", type=click.Path(dir_okay=False), default=None,
+                        help="Where slurm.conf is written (default /etc/slurm/slurm.conf, or "
+                             "registry.slurm_conf in cluster.yaml).")(func)
+    func = click.option("--apply", "slurm_apply", type=click.Choice(APPLY_MODES), default=None,
+                        help="How slurmctld is made to take a new slurm.conf (default auto: systemd, "
+                             "else the init.d service, else the daemon directly; none: write only).")(func)
+    return func
+
+
+@cli.group("registry", short_help="Run and manage the registry")
+def registry_group():
+    """Run and manage the registry (the enrolment service on the manager)."""
+
+
+@registry_group.command("serve")
+@click.option("--bind", default=None, metavar="IP:PORT",
+              help="Address to listen on (default 0.0.0.0:<registry_port from cluster.yaml>).")
+@click.option("--require-approval", is_flag=True, default=None,
+              help="New nodes wait as pending until `pibake registry accept HOST` (or the page).")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="gunicorn worker processes.")
+@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Threads per worker (enrolments wait for slurmctld, so several per worker).")
+@_slurm_options
+@pass_state
+def serve_cmd(state, bind, require_approval, workers, threads, slurm_conf, slurm_apply):
+    """Serve the registry over HTTPS (gunicorn, TLS from secrets/registry.crt|key) in the foreground.
+
+    Logs go to stderr; SIGTERM or Ctrl-C stops it cleanly."""
+    from pibake.registry.server import serve  # pylint: disable=import-outside-toplevel
+
+    if state.verbosity <= 0:  # a server says what it does: at least INFO for pibake's own loggers
+        logging.getLogger("pibake").setLevel(logging.INFO)
+    serve(state.cluster_dir, bind=bind, workers=workers, threads=threads,
+          require_approval=require_approval, slurm_conf=slurm_conf, slurm_apply=slurm_apply)
+
+
+def _fmt_mem(mb):
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb} MiB"
+
+
+@registry_group.command("nodes")
+@json_option
+@pass_state
+def nodes_cmd(state, as_json):
+    """List the enrolled nodes (hostname, IP, role, model, CPUs, memory, status, Slurm state)."""
+    nodes = _registry(state).nodes()
+    if as_json:
+        emit_json(nodes)
+        return
+    if not nodes:
+        click.echo("no nodes enrolled yet", err=True)
+        return
+    header = ("HOSTNAME", "IP", "ROLE", "MODEL", "CPUS", "MEMORY", "STATUS", "SLURM", "LAST SEEN")
+    rows = [(n["hostname"], n["ip"], n["role"], n["model"] or "-", str(n["cpus"]), _fmt_mem(n["memory_mb"]),
+             n["status"], n["slurm_state"] or "-", n["last_seen"]) for n in nodes]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        click.echo("  ".join(col.ljust(w) for col, w in zip(row, widths)).rstrip(), err=True)
+
+
+def _admin_action(state, action, hostname, as_json, slurm_conf, slurm_apply):
+    from pibake.registry.service import RegistryError  # pylint: disable=import-outside-toplevel
+    from pibake.errors import PibakeError  # pylint: disable=import-outside-toplevel
+
+    reg = _registry(state, slurm_conf=slurm_conf, slurm_apply=slurm_apply)
+    try:
+        node = getattr(reg, action)(hostname)
+    except RegistryError as err:
+        raise PibakeError(err.message) from None
+    if as_json:
+        emit_json(node)
+    else:
+        click.echo(f"{'accepted' if action == 'accept' else 'removed'} {hostname}", err=True)
+
+
+@registry_group.command("accept")
+@click.argument("hostname")
+@json_option
+@_slurm_options
+@pass_state
+def accept_cmd(state, hostname, as_json, slurm_conf, slurm_apply):
+    """Accept a node waiting for approval; it becomes a Slurm node."""
+    _admin_action(state, "accept", hostname, as_json, slurm_conf, slurm_apply)
+
+
+@registry_group.command("remove")
+@click.argument("hostname")
+@json_option
+@_slurm_options
+@pass_state
+def remove_cmd(state, hostname, as_json, slurm_conf, slurm_apply):
+    """Remove a node (its credential stops working; it leaves slurm.conf). It may enrol again."""
+    _admin_action(state, "remove", hostname, as_json, slurm_conf, slurm_apply)
+
+
+@registry_group.command("slurm-conf")
+@pass_state
+def slurm_conf_cmd(state):
+    """Print the slurm.conf the registry generates from the enrolled nodes."""
+    click.echo(_registry(state).slurm_conf(), nl=False)

@@ -1,0 +1,91 @@
+"""Serve the registry app under gunicorn with TLS (``pibake registry serve``).
+
+gunicorn's master runs in the foreground, logs to stderr, and stops cleanly on SIGTERM/SIGINT.
+Workers are threaded (``gthread``): an enrolment waits while slurmctld restarts, and other requests
+must still be answered meanwhile.
+"""
+
+import logging
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.config import KNOWN_SETTINGS
+
+_SETTINGS = {s.name for s in KNOWN_SETTINGS}
+
+from pibake.errors import ConfigError, PibakeError
+from pibake.registry.app import create_app
+from pibake.secrets import secrets_dir
+
+LOG = logging.getLogger(__name__)
+
+
+class RegistryServer(BaseApplication):
+    """A gunicorn application around an already created Flask app."""
+
+    def __init__(self, app, options):
+        self.application = app
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self.application
+
+
+def parse_bind(bind, default_port):
+    """``IP:PORT``, ``[v6]:PORT``, ``IP`` or ``:PORT`` -> gunicorn bind string. Raises ConfigError."""
+    if not bind:
+        return f"0.0.0.0:{default_port}"
+    host, sep, port = bind.rpartition(":")
+    if not sep or "]" in port:
+        host, port = bind, str(default_port)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--bind {bind}: the port must be a number from 1 to 65535")
+    return f"{host or '0.0.0.0'}:{port}"
+
+
+def gunicorn_options(cluster_dir, bind, *, workers=2, threads=8, timeout=120):
+    sdir = secrets_dir(cluster_dir)
+    cert, key = sdir / "registry.crt", sdir / "registry.key"
+    for path in (cert, key):
+        if not Path(path).exists():
+            raise ConfigError(f"{path} is missing: run `pibake init` (or copy the manager bundle) first")
+    opts = {
+        "bind": [bind],
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "certfile": str(cert),
+        "keyfile": str(key),
+        "accesslog": "-",
+        "errorlog": "-",
+        "loglevel": "info",
+        "timeout": timeout,
+        "graceful_timeout": 10,
+        "proc_name": "pibake-registry",
+        "forwarded_allow_ips": "",
+    }
+    if "control_socket_disable" in _SETTINGS:  # gunicorn >= 24: one shared ~/.gunicorn socket would clash
+        opts["control_socket_disable"] = True
+    return opts
+
+
+def serve(cluster_dir, *, bind=None, workers=2, threads=8, **options):
+    """Run the registry until SIGTERM. ``options`` are Registry options (None = from cluster.yaml)."""
+    app = create_app(cluster_dir, **{k: v for k, v in options.items() if v not in (None, False)})
+    reg = app.extensions["pibake_registry"]
+    bind = parse_bind(bind, reg.cluster.get("registry_port", 8443))
+    opts = gunicorn_options(cluster_dir, bind, workers=workers, threads=threads,
+                            timeout=int(reg.applier.timeout) * 2 + 30)
+    try:
+        result = reg.apply_slurm()
+        LOG.info("slurm.conf at start: %s", result["action"])
+    except PibakeError as err:
+        LOG.warning("slurm.conf not applied at start (%s); will retry on the next enrolment", err)
+    LOG.info("registry for cluster %s listening on https://%s (%s)", reg.cluster["name"], bind,
+             "approval required" if reg.require_approval else "open enrolment with the join token")
+    RegistryServer(app, opts).run()
