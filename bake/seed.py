@@ -1,11 +1,565 @@
-"""Render a node's NoCloud seed from the role templates. Pure: data in, three texts out.
+"""Render a node's cloud-init NoCloud seed (user-data, meta-data, network-config). Pure: data in, three texts out.
 
-STUB: being built (issue 2).
+How a seed is built
+-------------------
+* The role templates ``templates/{manager,worker,sensor}.yaml.j2`` (Jinja2, ``StrictUndefined``) hold the
+  cloud-config of each role; every user value reaches them only through the ``tojson`` filter (JSON is YAML).
+  The rendered text is parsed with ``yaml.safe_load``; pibake then adds ``write_files`` (file contents from the
+  other templates, the agent's source, its config, the CA certificate, for the manager the cluster bundle) and
+  dumps the whole with ``yaml.safe_dump`` behind a ``#cloud-config`` header. meta-data and network-config are
+  dicts dumped the same way. No YAML is ever pasted together from strings, and every value that ends up in a
+  file is validated first (``validate_seed_inputs``): a hostname like ``"a\\n  runcmd: [reboot]"`` is an error.
+* Files the seed installs (all roles)::
+
+    /usr/local/lib/pibake/agent.py          0755  the first-boot agent (pibake.firstboot/agent.py, verbatim)
+    /etc/pibake/agent.json                  0600  agent config: registry URL, join token, CA path, node, role
+    /etc/pibake/ca.crt                      0644  the cluster CA: the agent pins the registry with it
+    /etc/systemd/system/pibake-agent.service      oneshot unit that runs the agent on every boot
+    /usr/local/lib/pibake/pibake-start          start a unit now + on every boot (see below)
+    /usr/local/lib/pibake/pibake-hosts-entry    one /etc/hosts line: manager name -> manager IP
+    /usr/local/lib/pibake/pibake-scrub-seed     removes the secret write_files from the card's user-data
+
+  workers and sensors also get ``/etc/systemd/timesyncd.conf.d/pibake.conf`` (time from the manager, the
+  cluster's ``ntp_servers`` as fallback); sensors ``pibake-enable-i2c``; the manager gets chrony serving the
+  cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``
+  and ``pibake-registry.service``, and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
+
+How runcmd starts the agent (and the registry)
+----------------------------------------------
+runcmd calls ``pibake-start UNIT -- COMMAND...``. When systemd is PID 1 (``/run/systemd/system`` exists, i.e.
+a real Pi) it runs ``systemctl daemon-reload``, ``systemctl enable UNIT`` and ``systemctl restart --no-block
+UNIT``: the unit runs now and on every later boot, and first boot is not held up (runcmd itself runs inside
+``cloud-final.service``; waiting there for a unit that waits for the registry could stall it). Without systemd
+(containers, ``pibake lab``) it runs COMMAND detached in the background (``setsid``), logging to
+``/var/log/pibake/<unit>.log``, so cloud-init finishes and the agent keeps retrying until the registry answers.
+In both cases the agent is ``/usr/bin/python3 /usr/local/lib/pibake/agent.py --config /etc/pibake/agent.json``.
+
+The manager's card carries secrets
+----------------------------------
+The manager's user-data carries the registry's cluster bundle (``pibake.secrets.manager_bundle``: cluster.yaml,
+CA certificate, registry key and certificate, join token record, munge key, admin password; never the CA key)
+as base64 ``write_files`` into ``/var/lib/pibake/cluster`` (secrets 0400; the directories are created 0700 by
+``bootcmd`` before write_files runs). Every node's user-data carries the join token in the agent config. The
+boot partition is FAT: anyone holding the card can read it. So the first runcmd step of every role runs
+``pibake-scrub-seed``, which rewrites ``/boot/firmware/user-data`` without those entries once they are on the
+root file system (still valid #cloud-config, same instance-id, so nothing runs twice). Until first boot the card
+must be handled like the secrets it holds; seeds written by ``pibake render`` are 0600 in a 0700 directory.
+
+The manager gets pibake from a wheel that ``pibake burn`` puts at ``/boot/firmware/pibake/pibake-*.whl``
+(Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition at /boot/firmware): its dependencies
+come from Debian packages, then ``python3 -m venv --system-site-packages /opt/pibake`` and ``pip install
+--no-deps --no-index`` of the wheel; ``pibake-registry.service`` runs ``/opt/pibake/bin/pibake --cluster
+/var/lib/pibake/cluster registry serve``.
 """
 
-from pibake.errors import NotBuiltError
+import base64
+import importlib.resources
+import ipaddress
+import json
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from pibake.errors import SeedError
+from pibake.model import FAMILIES, ROLES, Seed
+
+LOG = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- paths on the node
+
+LIB_DIR = "/usr/local/lib/pibake"
+AGENT_PATH = f"{LIB_DIR}/agent.py"
+AGENT_CONFIG = "/etc/pibake/agent.json"
+CA_PATH = "/etc/pibake/ca.crt"
+CREDENTIAL_FILE = "/etc/pibake/node-credential"
+BOOT_DIR = "/boot/firmware"  # Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition here
+SEED_FILE = f"{BOOT_DIR}/user-data"
+WHEEL_GLOB = f"{BOOT_DIR}/pibake/pibake-*.whl"
+MANAGER_ROOT = "/var/lib/pibake"
+MANAGER_CLUSTER_DIR = f"{MANAGER_ROOT}/cluster"
+SYSTEMD_DIR = "/etc/systemd/system"
+AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
+REGISTRY_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, "registry", "serve"]
+
+SCRIPTS = {  # name in templates -> (path on the node, template)
+    "start": (f"{LIB_DIR}/pibake-start", "pibake-start.sh.j2"),
+    "hosts_entry": (f"{LIB_DIR}/pibake-hosts-entry", "hosts-entry.sh.j2"),
+    "scrub": (f"{LIB_DIR}/pibake-scrub-seed", "scrub-seed.py.j2"),
+    "install_pibake": (f"{LIB_DIR}/pibake-install", "install-pibake.sh.j2"),
+    "enable_i2c": (f"{LIB_DIR}/pibake-enable-i2c", "enable-i2c.sh.j2"),
+}
+ROLE_SCRIPTS = {
+    "manager": ("start", "hosts_entry", "scrub", "install_pibake"),
+    "worker": ("start", "hosts_entry", "scrub"),
+    "sensor": ("start", "hosts_entry", "scrub", "enable_i2c"),
+}
+ROLE_GROUPS = {
+    "manager": ["adm", "sudo"],
+    "worker": ["adm", "sudo"],
+    # cloud-init creates a group that does not exist yet (Ubuntu has no gpio/i2c/spi groups)
+    "sensor": ["adm", "sudo", "dialout", "gpio", "i2c", "spi"],
+}
+# Modes of the manager bundle files on the manager (same as in the cluster directory; cluster.yaml may hold
+# the Wi-Fi PSK, so it is private too).
+BUNDLE_MODES = {
+    "cluster.yaml": "0600",
+    "secrets/ca.crt": "0444",
+    "secrets/registry.crt": "0444",
+}
+BUNDLE_DEFAULT_MODE = "0400"
+PUBLIC_BUNDLE_FILES = ("secrets/ca.crt", "secrets/registry.crt")
+
+RENDERERS = {"raspios": "NetworkManager", "ubuntu": "networkd"}
+WIRED_NIC = "eth0"  # the Pi's on-board Ethernet is eth0 on Raspberry Pi OS and on Ubuntu for Pi
+WIFI_NIC = "wlan0"
+
+TOP_LEVEL_KEYS = {  # what each role's user-data holds, in order; tests hold the seed to exactly these
+    "worker": ("hostname", "manage_etc_hosts", "users", "ssh_pwauth", "disable_root", "timezone", "locale",
+               "package_update", "package_upgrade", "packages", "runcmd", "write_files"),
+}
+TOP_LEVEL_KEYS["sensor"] = TOP_LEVEL_KEYS["worker"]
+TOP_LEVEL_KEYS["manager"] = TOP_LEVEL_KEYS["worker"][:-3] + ("bootcmd",) + TOP_LEVEL_KEYS["worker"][-3:]
+
+HEADER = "#cloud-config\n"
 
 
-def render_seed(cluster, node, seed_secrets, *, instance_id=None):
-    """Return a ``pibake.model.Seed`` for ``node`` (a PlannedNode) in ``cluster``."""
-    raise NotBuiltError("seed rendering")
+# --------------------------------------------------------------------------- validation
+
+# Local checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these
+# run again here because render_seed takes any Cluster/PlannedNode, including ones built in code.
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DNS_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
+TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
+LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
+PSK_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SSH_KEY_TYPES = frozenset({
+    "ssh-ed25519", "ssh-rsa", "ssh-dss", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+})
+_B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+
+
+def _show(value, limit=40):
+    """A value for an error message: repr (so control characters show as escapes), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def ssh_key_problem(line):
+    """None if ``line`` is one OpenSSH public key line (type, base64 blob naming that type, optional comment)."""
+    if not isinstance(line, str):
+        return "is not a string"
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        return f"is not an OpenSSH public key line (expected '<type> <base64> [comment]', type one of ssh-ed25519, ssh-rsa, ecdsa-sha2-nistp256, ...)"
+    kind, blob = parts[0], parts[1]
+    if not _B64_RE.match(blob):
+        return "has a key part that is not base64"
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except ValueError:
+        return "has a key part that is not base64"
+    size = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
+    if size != len(kind) or raw[4 : 4 + size] != kind.encode():
+        return f"has a key part that is not a {kind} key"
+    if len(parts) == 3 and not parts[2].isprintable():
+        return "has control or line-break characters in its comment"
+    return None
+
+
+def _host_or_ip_ok(value):
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(DNS_NAME_RE.match(value))
+
+
+def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
+    """Check every value that will reach a seed file; raise SeedError listing every problem with its path.
+
+    Error messages never contain a secret (join token, PSK, CA certificate).
+    """
+    problems = []
+
+    def bad(path, message):
+        problems.append(f"{path}: {message}")
+
+    # node
+    if not isinstance(node.hostname, str) or not HOSTNAME_RE.match(node.hostname):
+        bad("hostname", f"{_show(node.hostname)} is not a valid hostname: use 1-63 lower-case letters, digits "
+                        "and '-', not starting or ending with '-'")
+    if node.role not in ROLES:
+        bad("role", f"{_show(node.role)} is not a role; choose one of {', '.join(ROLES)}")
+    network = None
+    try:
+        network = ipaddress.IPv4Network(cluster.network, strict=True)
+    except (ValueError, TypeError):
+        bad("cluster.network", f"{_show(cluster.network)} is not an IPv4 network in CIDR form, e.g. 10.1.1.0/24")
+    try:
+        ip = ipaddress.IPv4Address(node.ip)
+        if network is not None and ip not in network:
+            bad("ip", f"{node.ip} is outside the cluster network {network}")
+    except (ValueError, TypeError):
+        bad("ip", f"{_show(node.ip)} is not an IPv4 address")
+
+    # cluster
+    if not isinstance(cluster.manager, str) or not HOSTNAME_RE.match(cluster.manager):
+        bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
+    for key in ("manager_ip", "gateway"):
+        value = getattr(cluster, key)
+        if value is None and key == "gateway":
+            continue
+        try:
+            ipaddress.IPv4Address(value)
+        except (ValueError, TypeError):
+            bad(f"cluster.{key}", f"{_show(value)} is not an IPv4 address")
+    for i, server in enumerate(cluster.dns or ()):
+        try:
+            ipaddress.ip_address(server)
+        except (ValueError, TypeError):
+            bad(f"cluster.dns[{i}]", f"{_show(server)} is not an IP address")
+    for i, server in enumerate(cluster.ntp_servers or ()):
+        if not _host_or_ip_ok(server):
+            bad(f"cluster.ntp_servers[{i}]", f"{_show(server)} is not a host name or IP address")
+    if not isinstance(cluster.user, str) or not USER_RE.match(cluster.user):
+        bad("cluster.user", f"{_show(cluster.user)} is not a valid user name: 1-32 of a-z 0-9 _ -, "
+                            "starting with a letter or _")
+    elif cluster.user in RESERVED_USERS:
+        bad("cluster.user", f"{cluster.user!r} is a system account; choose another user name")
+    for i, key in enumerate(cluster.ssh_keys or ()):
+        problem = ssh_key_problem(key)
+        if problem:
+            bad(f"cluster.ssh_keys[{i}]", f"{_show(key)} {problem}")
+    if not isinstance(cluster.timezone, str) or not TIMEZONE_RE.match(cluster.timezone):
+        bad("cluster.timezone", f"{_show(cluster.timezone)} is not a time zone name such as Europe/Berlin")
+    if not isinstance(cluster.locale, str) or not LOCALE_RE.match(cluster.locale):
+        bad("cluster.locale", f"{_show(cluster.locale)} is not a locale name such as C.UTF-8 or en_GB.UTF-8")
+    if cluster.family not in FAMILIES:
+        bad("cluster.family", f"{_show(cluster.family)} is not an image family; choose one of {', '.join(FAMILIES)}")
+    if not isinstance(cluster.registry_port, int) or isinstance(cluster.registry_port, bool) \
+            or not 1 <= cluster.registry_port <= 65535:
+        bad("cluster.registry_port", f"{_show(cluster.registry_port)} is not a TCP port (1-65535)")
+    wifi = cluster.wifi
+    if wifi is not None:
+        if not isinstance(wifi.country, str) or not COUNTRY_RE.match(wifi.country):
+            bad("cluster.wifi.country", f"{_show(wifi.country)} is not a two-letter country code such as DE")
+        if not isinstance(wifi.ssid, str) or not 1 <= len(wifi.ssid.encode("utf-8", "surrogatepass")) <= 32:
+            bad("cluster.wifi.ssid", "an SSID has 1 to 32 bytes")
+        elif not wifi.ssid.isprintable():
+            bad("cluster.wifi.ssid", f"{_show(wifi.ssid)} contains control or line-break characters")
+        if not isinstance(wifi.psk, str) or not PSK_RE.match(wifi.psk):
+            bad("cluster.wifi.psk", "must be the WPA PSK as 64 hex digits (pibake init computes it from the "
+                                    "passphrase)")
+
+    # secrets: checked for shape only, never echoed
+    token = getattr(seed_secrets, "join_token", None)
+    if not isinstance(token, str) or not token.startswith("K10") or not token.isprintable() or " " in token:
+        bad("join_token", "is missing or malformed (run `pibake token rotate`)")
+    pem = getattr(seed_secrets, "ca_cert_pem", None)
+    if not isinstance(pem, str) or "-----BEGIN CERTIFICATE-----" not in pem:
+        bad("ca_cert_pem", "is not a PEM certificate (check secrets/ca.crt)")
+    if instance_id is not None and (not isinstance(instance_id, str) or not INSTANCE_ID_RE.match(instance_id)):
+        bad("instance_id", f"{_show(instance_id)} is not an instance id: 1-128 of A-Z a-z 0-9 . _ -")
+
+    if problems:
+        where = node.hostname if isinstance(node.hostname, str) and HOSTNAME_RE.match(node.hostname) else "seed"
+        raise SeedError(f"{where}: cannot render: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- templates + YAML
+
+
+_ENV = None
+
+
+def template_env():
+    """The Jinja2 environment of pibake's templates (package pibake.templates)."""
+    global _ENV  # pylint: disable=global-statement
+    if _ENV is None:
+        _ENV = jinja2.Environment(
+            loader=jinja2.PackageLoader("pibake.templates", ""),
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=False,
+        )
+    return _ENV
+
+
+def _render(name, **context):
+    return template_env().get_template(name).render(**context)
+
+
+class _SeedDumper(yaml.SafeDumper):
+    """safe_dump, with file contents (multi-line strings) as readable literal blocks where YAML allows."""
+
+
+def _represent_str(dumper, data):
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_SeedDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(data):
+    """YAML text for ``data`` (plain dicts/lists/str/int/bool only: a SafeDumper refuses anything else)."""
+    return yaml.dump(data, Dumper=_SeedDumper, sort_keys=False, default_flow_style=False, allow_unicode=True,
+                     width=4096)
+
+
+def agent_source():
+    """The agent's source file, shipped verbatim to every node."""
+    return importlib.resources.files("pibake.firstboot").joinpath("agent.py").read_text(encoding="utf-8")
+
+
+def _text_file(path, content, permissions):
+    return {"path": path, "owner": "root:root", "permissions": permissions, "content": content}
+
+
+def _binary_file(path, data, permissions):
+    return {"path": path, "owner": "root:root", "permissions": permissions, "encoding": "b64",
+            "content": base64.b64encode(data).decode("ascii")}
+
+
+def agent_config(cluster, node):
+    """The agent's config (written to /etc/pibake/agent.json): see firstboot/agent.py."""
+    return {
+        "registry_url": cluster.registry_url,
+        "join_token": None,  # filled in by the caller: kept out of anything that might be logged
+        "ca_cert": CA_PATH,
+        "hostname": node.hostname,
+        "role": node.role,
+        "manager": cluster.manager,
+        "manager_ip": cluster.manager_ip,
+        "credential_file": CREDENTIAL_FILE,
+        "boot_dir": BOOT_DIR,
+    }
+
+
+def secret_paths(role, bundle_paths=()):
+    """Paths whose write_files entries pibake-scrub-seed removes from the card after first boot."""
+    paths = [AGENT_CONFIG]
+    if role == "manager":
+        paths += [f"{MANAGER_CLUSTER_DIR}/{rel}" for rel in bundle_paths if rel not in PUBLIC_BUNDLE_FILES]
+    return paths
+
+
+def _write_files(cluster, node, seed_secrets, bundle):
+    config = agent_config(cluster, node)
+    config["join_token"] = seed_secrets.join_token
+    files = [
+        _text_file(AGENT_PATH, agent_source(), "0755"),
+        _text_file(AGENT_CONFIG, json.dumps(config, indent=2) + "\n", "0600"),
+        _text_file(CA_PATH, seed_secrets.ca_cert_pem, "0644"),
+        _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
+                   _render("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
+    ]
+    for name in ROLE_SCRIPTS[node.role]:
+        path, template = SCRIPTS[name]
+        files.append(_text_file(path, _render(template), "0755"))
+    if node.role == "manager":
+        servers = list(cluster.ntp_servers or ())
+        files.append(_text_file("/etc/chrony/conf.d/pibake.conf",
+                                _render("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
+        files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
+                                _render("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND), "0644"))
+        for rel in sorted(bundle):
+            files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
+                                      BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
+    else:
+        files.append(_text_file("/etc/systemd/timesyncd.conf.d/pibake.conf",
+                                _render("timesyncd.conf.j2", servers=[cluster.manager_ip],
+                                        fallback=list(cluster.ntp_servers or ())), "0644"))
+    return files
+
+
+def render_user_data(cluster, node, seed_secrets, bundle=None):
+    """The #cloud-config text for ``node``'s role."""
+    bundle = bundle or {}
+    context = {
+        "cluster": cluster,
+        "node": node,
+        "user_groups": ROLE_GROUPS[node.role],
+        "scripts": {name: path for name, (path, _) in SCRIPTS.items()},
+        "seed_file": SEED_FILE,
+        "secret_paths": secret_paths(node.role, bundle),
+        "agent_command": AGENT_COMMAND,
+        "registry_command": REGISTRY_COMMAND,
+        "wheel_glob": WHEEL_GLOB,
+        "manager_root": MANAGER_ROOT,
+        "manager_cluster_dir": MANAGER_CLUSTER_DIR,
+    }
+    config = yaml.safe_load(_render(f"{node.role}.yaml.j2", **context))
+    if not isinstance(config, dict) or "write_files" in config:
+        raise AssertionError(f"template {node.role}.yaml.j2 must be a mapping without write_files")
+    config["write_files"] = _write_files(cluster, node, seed_secrets, bundle)
+    comment = (f"# pibake seed, role {node.role}: generated by `pibake render` (pibake.bake.seed); "
+               "re-render rather than edit.\n")
+    return HEADER + comment + dump_yaml(config)
+
+
+def render_meta_data(node, instance_id):
+    return dump_yaml({"instance-id": instance_id, "local-hostname": node.hostname})
+
+
+def network_config_data(cluster, node):
+    """The netplan v2 network config (a dict) for ``node``."""
+    network = ipaddress.IPv4Network(cluster.network)
+    wired = {"dhcp4": False, "dhcp6": False, "addresses": [f"{node.ip}/{network.prefixlen}"]}
+    if cluster.gateway:
+        # 0.0.0.0/0 rather than `default`: netplan takes both, cloud-init before 23.x only the former
+        wired["routes"] = [{"to": "0.0.0.0/0", "via": cluster.gateway}]
+    if cluster.dns:
+        wired["nameservers"] = {"addresses": list(cluster.dns)}
+    net = {"version": 2, "renderer": RENDERERS[cluster.family], "ethernets": {WIRED_NIC: wired}}
+    if cluster.wifi is not None:
+        wired["optional"] = True  # boot does not wait for a cable that may not be plugged in
+        net["wifis"] = {
+            WIFI_NIC: {
+                "dhcp4": True,
+                "optional": True,
+                # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
+                "regulatory-domain": cluster.wifi.country,
+                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+            }
+        }
+    return {"network": net}
+
+
+def render_network_config(cluster, node):
+    return "# pibake network-config (netplan v2), generated by `pibake render`\n" + dump_yaml(
+        network_config_data(cluster, node))
+
+
+def new_instance_id():
+    return f"pibake-{uuid.uuid4()}"
+
+
+def render_seed(cluster, node, seed_secrets, *, instance_id=None, manager_bundle=None):
+    """Return a ``pibake.model.Seed`` for ``node`` (a PlannedNode) in ``cluster``. Pure.
+
+    ``seed_secrets`` is a ``SeedSecrets`` (join token + CA cert). A manager's seed also needs
+    ``manager_bundle`` ({relative path: bytes}, from ``pibake.secrets.manager_bundle``). ``instance_id``
+    defaults to a fresh ``pibake-<uuid4>``, so every render is a new cloud-init instance.
+    Raises SeedError (naming every bad value, never a secret) when an input cannot go into a seed.
+    """
+    validate_seed_inputs(cluster, node, seed_secrets, instance_id)
+    if node.role == "manager":
+        if not manager_bundle:
+            raise SeedError(f"{node.hostname}: a manager seed needs the cluster bundle "
+                            "(pibake.secrets.manager_bundle(cluster_dir))")
+        bad = [rel for rel in manager_bundle if not _bundle_path_ok(rel)]
+        if bad:
+            raise SeedError(f"{node.hostname}: bundle paths must be relative paths inside the cluster "
+                            f"directory: {', '.join(_show(b) for b in bad)}")
+    elif manager_bundle:
+        raise SeedError(f"{node.hostname}: only the manager's seed may carry the cluster bundle "
+                        f"(role is {node.role})")
+    if instance_id is None:
+        instance_id = new_instance_id()
+    LOG.debug("rendering %s seed for %s (%s)", node.role, node.hostname, instance_id)
+    return Seed(
+        user_data=render_user_data(cluster, node, seed_secrets, manager_bundle),
+        meta_data=render_meta_data(node, instance_id),
+        network_config=render_network_config(cluster, node),
+        instance_id=instance_id,
+    )
+
+
+def _bundle_path_ok(rel):
+    return (isinstance(rel, str) and re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", rel) is not None
+            and ".." not in rel.split("/"))
+
+
+# --------------------------------------------------------------------------- I/O: render + lint + write
+
+
+def _write_atomic(path, text, mode=0o600):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, inventory=None,
+                 instance_ids=None):
+    """Plan, render and lint the seeds of one or more nodes, then write them to ``out_dir/<hostname>/``.
+
+    Every seed is linted before anything is written: one bad seed and nothing is written (SeedError naming
+    the host and the key). Files are 0600 (they carry the join token; the manager's the cluster's secrets)
+    in 0700 directories, each written atomically. Returns a JSON-able list, one dict per node:
+    hostname, ip, role, instance_id, paths, warnings. Nothing secret is in it.
+    """
+    from pibake.bake.lint import lint_seed
+    from pibake.cluster import load_cluster
+    from pibake.plan import plan_from_inventory, plan_nodes
+    from pibake.secrets import manager_bundle, seed_secrets
+
+    cluster = load_cluster(cluster_dir)
+    if inventory:
+        if hostnames or ips:
+            raise SeedError("give either --inventory or --hostname/--ip, not both")
+        nodes = plan_from_inventory(cluster, inventory)
+    else:
+        if not hostnames or not ips:
+            raise SeedError("say which nodes: --hostname HOSTLIST and --ip IPLIST (or --inventory FILE)")
+        nodes = plan_nodes(cluster, hostnames, ips, role=role)
+    secrets = seed_secrets(cluster_dir)
+    bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
+
+    rendered = []
+    failures = []
+    for i, node in enumerate(nodes):
+        iid = instance_ids[i] if instance_ids else None
+        seed = render_seed(cluster, node, secrets, instance_id=iid,
+                           manager_bundle=bundle if node.role == "manager" else None)
+        report = lint_seed(seed, hostname=node.hostname, family=cluster.family)
+        if report.errors:
+            failures.append(f"{node.hostname}: {report.errors[0]}"
+                            + (f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""))
+        rendered.append((node, seed, report))
+    if failures:
+        raise SeedError("seed lint failed, nothing written: " + "; ".join(failures))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for node, seed, report in rendered:
+        host_dir = out / node.hostname
+        host_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(host_dir, 0o700)
+        paths = {}
+        for name, text in seed.files().items():
+            _write_atomic(host_dir / name, text, 0o600)
+            paths[name] = str(host_dir / name)
+        LOG.info("wrote the %s seed of %s to %s", node.role, node.hostname, host_dir)
+        results.append({
+            "hostname": node.hostname,
+            "ip": node.ip,
+            "role": node.role,
+            "instance_id": seed.instance_id,
+            "paths": paths,
+            "warnings": [str(w) for w in report.warnings],
+        })
+    return results
