@@ -33,7 +33,8 @@ LSBLK_COLUMNS = "NAME,PATH,SIZE,MODEL,SERIAL,TRAN,RM,HOTPLUG,TYPE,MOUNTPOINTS,FS
 DEFAULT_MAX_BYTES = 256 * 10**9
 # Mount points whose disk is the running system.
 SYSTEM_MOUNTS = ("/", "/boot", "/boot/firmware", "/boot/efi", "/usr", "/var", "/home")
-SYSFS_FILES = ("removable", "ro", "size", "device/type", "device/model", "device/vendor", "device/serial")
+SYSFS_FILES = ("removable", "ro", "size", "device/type", "device/name", "device/model", "device/vendor",
+               "device/serial")
 
 BLKGETSIZE64 = 0x80081272
 BLKROGET = 0x125E
@@ -177,7 +178,7 @@ def _int(value):
 def _str(value):
     if value is None:
         return None
-    value = str(value).strip()
+    value = " ".join(str(value).split())
     return value or None
 
 
@@ -317,13 +318,22 @@ def build_devices(facts):
             own_points.append("[SWAP]")
         devices.append(Device(
             name=node["name"], path=node["path"], size=node["size"],
-            model=node["model"] or _str(sysfs.get("device/model")),
+            model=node["model"] or _str(sysfs.get("device/model")) or _mmc_model(sysfs),
             serial=node["serial"] or _str(sysfs.get("device/serial")),
             transport=tran, removable=removable, rm=rm, hotplug=node["hotplug"], type=node["type"],
             read_only=ro, majmin=node["majmin"], mountpoints=tuple(dict.fromkeys(own_points)),
             partitions=tuple(partitions), holds=tuple(holds), sd_card=sd_card,
         ))
     return devices
+
+
+def _mmc_model(sysfs):
+    """lsblk reports no model for mmc devices; sysfs has the card's product name (device/name)."""
+    name = _str(sysfs.get("device/name"))
+    kind = _str(sysfs.get("device/type"))
+    if not name:
+        return None
+    return f"{kind} card {name}" if kind == "SD" else f"{kind or 'MMC'} {name}"
 
 
 def find_partition_parent(facts, path=None, majmin=None):
@@ -349,9 +359,13 @@ def refusal_reasons(device, *, allow_non_removable=False, max_bytes=DEFAULT_MAX_
     if other:
         reasons.append(f"it has mounted filesystems ({', '.join(other)}); unmount them first if this is the card")
     if device.size == 0:
-        reasons.append("it has size 0: no card in the reader (insert one and run again)")
+        if device.type == "loop":
+            reasons.append("it has size 0: no image attached to this loop device")
+        else:
+            reasons.append("it has size 0: no card in the reader (insert one and run again)")
     if device.read_only:
-        reasons.append("it is read-only (an SD card's lock switch? slide it to unlock)")
+        hint = " (an SD card's lock switch? slide it to unlock)" if device.removable else ""
+        reasons.append(f"it is read-only{hint}")
     if not device.removable and not allow_non_removable:
         reasons.append("it is not a removable disk (pass --allow-non-removable if you really mean it)")
     if max_bytes is not None and device.size > max_bytes:
@@ -362,7 +376,8 @@ def refusal_reasons(device, *, allow_non_removable=False, max_bytes=DEFAULT_MAX_
 
 def _refuse(device, reasons):
     serial = f", serial {device.serial}" if device.serial else ""
-    return GuardError(f"refusing to write {device.path} ({device.model or 'unknown model'}{serial}, "
+    model = device.model or ("loop device" if device.type == "loop" else "unknown model")
+    return GuardError(f"refusing to write {device.path} ({model}{serial}, "
                       f"{human_size(device.size)}): {reasons[0]}"
                       + (f" (and {len(reasons) - 1} more: see `pibake devices`)" if len(reasons) > 1 else ""))
 
