@@ -120,26 +120,21 @@ CLUSTER_SCHEMA = {
         "manager": {"type": "string", "minLength": 1, "maxLength": 63},
         "manager_ip": _IPV4,
         "network": {"type": "string"},
-        "gateway": {"anyOf": [_IPV4, {"type": "null"}]},
+        "gateway": {"type": ["string", "null"]},
         "dns": {"type": "array", "items": _IPV4, "maxItems": 3},
         "user": {"type": "string", "minLength": 1, "maxLength": 32},
         "ssh_keys": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 16384}},
         "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
         "locale": {"type": "string", "minLength": 1, "maxLength": 64},
         "wifi": {
-            "anyOf": [
-                {"type": "null"},
-                {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["country", "ssid", "psk"],
-                    "properties": {
-                        "country": {"type": "string", "minLength": 2, "maxLength": 2},
-                        "ssid": {"type": "string", "minLength": 1, "maxLength": 32},
-                        "psk": {"type": "string", "minLength": 64, "maxLength": 64},
-                    },
-                },
-            ]
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "required": ["country", "ssid", "psk"],
+            "properties": {
+                "country": {"type": "string", "minLength": 2, "maxLength": 2},
+                "ssid": {"type": "string", "minLength": 1, "maxLength": 32},
+                "psk": {"type": "string", "minLength": 64, "maxLength": 64},
+            },
         },
         "image": {"type": "string", "minLength": 1, "maxLength": 4096},
         "family": {"enum": list(FAMILIES)},
@@ -213,14 +208,11 @@ def _schema_problem(err):
         missing = err.message.split("'")[1] if "'" in err.message else err.message
         where = f"{path}." if path else ""
         return path, f"{where}{missing}: missing (this key is required)"
-    if err.validator in ("type", "anyOf") and isinstance(value, (bool, int, float)) and not isinstance(
-        err.schema.get("type"), list
-    ):
-        wants_text = err.schema.get("type") == "string" or any(
-            s.get("type") == "string" for s in err.schema.get("anyOf", ())
-        )
-        if wants_text:
-            return path, f"{path}: {value!r} is not text; put the value in quotes (YAML reads {value!r})"
+    if err.validator == "type" and isinstance(value, (bool, int, float)):
+        wanted = err.schema.get("type")
+        if wanted == "string" or (isinstance(wanted, list) and "string" in wanted):
+            why = "YAML reads bare no, yes, on, off as booleans" if isinstance(value, bool) else "YAML read a number"
+            return path, f"{path}: {value!r} is not text; put the value in quotes ({why})"
     if err.validator == "enum":
         return path, f"{path}: {value!r} is not one of {', '.join(map(str, err.validator_value))}"
     if err.validator == "maxItems":

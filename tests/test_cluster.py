@@ -1,0 +1,475 @@
+"""cluster.yaml: schema + semantic validation, init_cluster, the reference page's example."""
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pibake import secrets
+from pibake.cluster import (
+    CLUSTER_SCHEMA,
+    init_cluster,
+    load_cluster,
+    render_cluster_yaml,
+    ssh_key_problem,
+    validate_cluster_data,
+)
+from pibake.errors import ConfigError
+from pibake.model import Cluster, Wifi
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "cluster-yaml.md"
+BASE = dict(manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+
+
+def ssh_pubkey(comment="you@laptop"):
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}"
+
+
+KEY = ssh_pubkey()
+VALID = {
+    "name": "red",
+    "manager": "red00",
+    "manager_ip": "10.1.1.10",
+    "network": "10.1.1.0/24",
+    "gateway": "10.1.1.1",
+    "dns": ["10.1.1.1", "9.9.9.9"],
+    "user": "pi",
+    "ssh_keys": [KEY],
+    "timezone": "Europe/Berlin",
+    "locale": "en_US.UTF-8",
+    "wifi": {"country": "DE", "ssid": "HomeNet", "psk": "a" * 64},
+    "image": "raspios-trixie-lite-arm64",
+    "ntp_servers": ["0.debian.pool.ntp.org", "10.1.1.1"],
+    "registry_port": 8443,
+}
+
+
+def write_cluster(tmp_path, data=None, text=None):
+    cdir = tmp_path / "cluster"
+    cdir.mkdir(exist_ok=True)
+    (cdir / "cluster.yaml").write_text(text if text is not None else yaml.safe_dump(data))
+    return cdir
+
+
+def with_(**changes):
+    data = json.loads(json.dumps(VALID))
+    for key, value in changes.items():
+        if value is _DROP:
+            data.pop(key)
+        else:
+            data[key] = value
+    return data
+
+
+_DROP = object()
+
+
+# --------------------------------------------------------------------------- load_cluster
+
+
+def test_valid_file_loads_into_the_model(tmp_path):
+    cluster = load_cluster(write_cluster(tmp_path, VALID))
+    assert cluster == Cluster(
+        name="red", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", gateway="10.1.1.1",
+        dns=("10.1.1.1", "9.9.9.9"), user="pi", ssh_keys=(KEY,), timezone="Europe/Berlin", locale="en_US.UTF-8",
+        wifi=Wifi(country="DE", ssid="HomeNet", psk="a" * 64), image="raspios-trixie-lite-arm64", family="raspios",
+        ntp_servers=("0.debian.pool.ntp.org", "10.1.1.1"), registry_port=8443,
+    )
+    assert cluster.directory == tmp_path / "cluster"
+
+
+def test_minimal_file_gets_model_defaults(tmp_path):
+    cluster = load_cluster(write_cluster(tmp_path, {k: VALID[k] for k in ("name", "manager", "manager_ip", "network")}))
+    assert (cluster.user, cluster.locale, cluster.timezone, cluster.family) == ("pi", "C.UTF-8", "Etc/UTC", "raspios")
+    assert cluster.gateway is None and cluster.dns == () and cluster.wifi is None
+
+
+BAD = [
+    # (changes to the valid file, fragment of the error)
+    ({"network": "10.1.1.0/33"}, "network: 10.1.1.0/33 is not a network"),
+    ({"network": "10.1.1.5/24"}, "network: 10.1.1.5/24 is not a network (host bits are set)"),
+    ({"network": "10.1.1.0/31"}, "network: 10.1.1.0/31 is too small"),
+    ({"network": "fe80::/64"}, "network: fe80::/64 is not a network"),
+    ({"manager_ip": "10.1.2.10"}, "manager_ip: 10.1.2.10 is outside the network 10.1.1.0/24"),
+    ({"manager_ip": "10.1.1.0"}, "manager_ip: 10.1.1.0 is the network address"),
+    ({"manager_ip": "10.1.1.255"}, "manager_ip: 10.1.1.255 is the broadcast address"),
+    ({"manager_ip": "10.1.1.300"}, "manager_ip: 10.1.1.300 is not an IPv4 address"),
+    ({"gateway": "192.168.1.1"}, "gateway: 192.168.1.1 is outside the network 10.1.1.0/24"),
+    ({"dns": ["10.1.1.1", "1.1.1"]}, "dns[1]: 1.1.1 is not an IPv4 address"),
+    ({"dns": "10.1.1.1"}, "dns: '10.1.1.1' is not of type 'array'"),
+    ({"dns": ["1.1.1.1"] * 4}, "dns: at most 3 entries"),
+    ({"manager": "Red00"}, "manager: 'Red00' is not a valid hostname"),
+    ({"manager": "red00.lan"}, "manager: 'red00.lan' is not a valid hostname"),
+    ({"manager": "-red"}, "manager: '-red' is not a valid hostname"),
+    ({"manager": "a" * 64}, "manager: "),
+    ({"manager": "red00\nruncmd: [reboot]"}, "manager: 'red00\\nruncmd: [reboot]' is not a valid hostname"),
+    ({"name": "Red Cluster"}, "name: 'Red Cluster' is not a valid cluster name"),
+    ({"user": "Pi"}, "user: 'Pi' is not a valid Linux user name"),
+    ({"user": "1pi"}, "user: '1pi' is not a valid Linux user name"),
+    ({"user": "root"}, "user: 'root' is a system account"),
+    ({"ssh_keys": ["ssh-ed25519"]}, "ssh_keys[0]: is not an ssh public key"),
+    ({"ssh_keys": [KEY, "ssh-ed25519 not-base64!"]}, "ssh_keys[1]: is not an ssh public key: the key data is not base64"),
+    ({"ssh_keys": ["ssh-dsa AAAAB3NzaC1yc2E="]}, "ssh_keys[0]: is not an ssh public key: unknown key type 'ssh-dsa'"),
+    ({"ssh_keys": ["ssh-rsa " + KEY.split()[1]]}, "ssh_keys[0]: is not an ssh public key: the key data does not match its type ssh-rsa"),
+    ({"ssh_keys": [KEY + "\nssh-ed25519 x"]}, "ssh_keys[0]: must be one line"),
+    ({"ssh_keys": ["-----BEGIN OPENSSH PRIVATE KEY-----"]}, "ssh_keys[0]: is a private key"),
+    ({"timezone": "Mars/Olympus_Mons"}, "timezone: 'Mars/Olympus_Mons' is not a known time zone"),
+    ({"timezone": "../../etc/passwd"}, "timezone: '../../etc/passwd' is not a known time zone"),
+    ({"locale": "english"}, "locale: 'english' is not a locale name"),
+    ({"wifi": {"country": "XX", "ssid": "a", "psk": "a" * 64}}, "wifi.country: 'XX' is not an ISO 3166 country code"),
+    ({"wifi": {"country": "de", "ssid": "a", "psk": "a" * 64}}, "wifi.country: 'de' is not an ISO 3166 country code"),
+    ({"wifi": {"country": False, "ssid": "a", "psk": "a" * 64}}, "wifi.country: False is not text; put the value in quotes"),
+    ({"wifi": {"country": "DE", "ssid": "a", "psk": "g" * 64}}, "wifi.psk: must be the WPA PSK as 64 lower-case hex digits"),
+    ({"wifi": {"country": "DE", "ssid": "a", "psk": "ab"}}, "wifi.psk: 'ab' is too short"),
+    ({"wifi": {"country": "DE", "ssid": "a\nb", "psk": "a" * 64}}, "wifi.ssid: must be 1 to 32 bytes without control characters"),
+    ({"wifi": {"country": "DE", "ssid": "a", "psk": "a" * 64, "password": "x"}}, "wifi: unknown key 'password'"),
+    ({"wifi": {"country": "DE", "psk": "a" * 64}}, "wifi.ssid: missing (this key is required)"),
+    ({"image": "debian-12-arm64"}, "image: 'debian-12-arm64' is not in the catalog"),
+    ({"image": "/srv/images/custom.img"}, "family: required for the local image /srv/images/custom.img"),
+    ({"image": "raspios-trixie-lite-arm64", "family": "ubuntu"}, "family: raspios-trixie-lite-arm64 is a raspios image, not ubuntu"),
+    ({"family": "arch"}, "family: 'arch' is not one of raspios, ubuntu"),
+    ({"ntp_servers": ["pool ntp org"]}, "ntp_servers[0]: 'pool ntp org' is neither an IPv4 address nor a host name"),
+    ({"registry_port": 70000}, "registry_port: 70000 is greater than the maximum of 65535"),
+    ({"registry_port": "8443"}, "registry_port: '8443' is not of type 'integer'"),
+    ({"gatway": "10.1.1.1"}, "unknown key 'gatway'"),
+    ({"network": _DROP}, "network: missing (this key is required)"),
+    ({"name": 7}, "name: 7 is not text; put the value in quotes"),
+]
+
+
+@pytest.mark.parametrize("changes, fragment", BAD, ids=[f[1][:40] for f in BAD])
+def test_invalid_values_are_reported_with_their_path(tmp_path, changes, fragment):
+    cdir = write_cluster(tmp_path, with_(**changes))
+    with pytest.raises(ConfigError) as err:
+        load_cluster(cdir)
+    message = str(err.value)
+    assert fragment in message
+    assert message.startswith(f"{cdir / 'cluster.yaml'}: ")
+    assert "docs/cluster-yaml.md" in message
+    assert "\n" not in message.replace("\\n", "")  # one line for the CLI
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    cdir = write_cluster(tmp_path, with_(network="10.1.1.0/33", dns=["10.1.1.1", "1.1.1"], user="Root",
+                                         timezone="Nowhere", wifi={"country": "ZZ", "ssid": "x", "psk": "0" * 64}))
+    with pytest.raises(ConfigError) as err:
+        load_cluster(cdir)
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    for fragment in ("network: 10.1.1.0/33", "dns[1]: 1.1.1", "user: 'Root'", "timezone: 'Nowhere'", "wifi.country: 'ZZ'"):
+        assert any(p.startswith(fragment) for p in problems), fragment
+
+
+def test_valid_data_has_no_problems():
+    assert validate_cluster_data(VALID) == []
+    assert validate_cluster_data(with_(image="/srv/ubuntu.img.xz", family="ubuntu")) == []
+    assert validate_cluster_data(with_(gateway="10.1.1.10")) == []  # the manager may route
+
+
+def test_local_image_path_is_relative_to_the_cluster_directory(tmp_path):
+    cluster = load_cluster(write_cluster(tmp_path, with_(image="images/custom.img", family="ubuntu")))
+    assert cluster.image == str(tmp_path / "cluster" / "images" / "custom.img")
+    assert cluster.family == "ubuntu"
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("name: red\nmanager: red00\n  manager_ip: 10.1.1.10\n", "line 3, column 13: mapping values are not allowed here"),
+        ("name: red\nmanager: [red00\n", "line 3"),
+        ("name: red\nname: blue\nmanager: red00\n", "line 2, column 1: duplicate key 'name' (first on line 1)"),
+        ("- red00\n- 10.1.1.10\n", "the file must be a mapping of keys to values (got list)"),
+        ("", "is empty"),
+        ("name: !!python/object/apply:os.system ['true']\n", "could not determine a constructor"),
+        ("\xff\xfe".encode("latin-1").decode("latin-1"), None),
+    ],
+)
+def test_malformed_yaml_names_the_line(tmp_path, text, fragment):
+    cdir = tmp_path / "cluster"
+    cdir.mkdir()
+    if fragment is None:
+        (cdir / "cluster.yaml").write_bytes(b"\xff\xfe\x00")
+        fragment = "not UTF-8 text"
+    else:
+        (cdir / "cluster.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_cluster(cdir)
+    assert fragment in str(err.value)
+
+
+def test_missing_file_or_directory_says_run_init(tmp_path):
+    with pytest.raises(ConfigError, match=r"no cluster directory .*run `pibake init` first"):
+        load_cluster(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty/cluster.yaml is missing: run `pibake init` first"):
+        load_cluster(tmp_path / "empty")
+
+
+def test_ssh_key_check_accepts_real_key_types(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    for private in (rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1())):
+        line = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        assert ssh_key_problem(line.decode() + " comment with spaces") is None
+    assert ssh_key_problem(KEY) is None
+
+
+# --------------------------------------------------------------------------- the reference page
+
+
+def _doc_yaml_blocks():
+    return re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+def test_docs_full_example_loads_and_validates(tmp_path):
+    blocks = _doc_yaml_blocks()
+    full = yaml.safe_load(blocks[0])
+    assert set(full) == set(CLUSTER_SCHEMA["properties"]), "the full example must show every key"
+    cluster = load_cluster(write_cluster(tmp_path, text=blocks[0]))
+    assert cluster.wifi.psk == secrets.wpa_psk("HomeNet", "correct horse battery")
+    assert cluster.ssh_keys[0].endswith("you@laptop")
+    minimal = yaml.safe_load(blocks[1])
+    assert validate_cluster_data(minimal) == []
+
+
+def test_docs_document_every_key():
+    text = DOCS.read_text()
+    for key in CLUSTER_SCHEMA["properties"]:
+        assert f"| `{key}` |" in text, key
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ssid=st.text(min_size=1, max_size=40),
+    user=st.text(max_size=40),
+    name=st.text(max_size=40),
+    key=st.text(max_size=200),
+)
+def test_rendered_yaml_holds_exactly_the_values(ssid, user, name, key):
+    """Whatever the strings are, cluster.yaml says them verbatim and adds no keys (values only via safe_dump)."""
+    data = with_(name=name, user=user, ssh_keys=[key], wifi={"country": "DE", "ssid": ssid, "psk": "0" * 64})
+    text = render_cluster_yaml(data)
+    assert yaml.safe_load(text) == data
+
+
+# --------------------------------------------------------------------------- init_cluster
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A home directory with two ssh public keys (and a private key that must be ignored)."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519.pub").write_text(ssh_pubkey("me@laptop") + "\n")
+    (home / ".ssh" / "work.pub").write_text(ssh_pubkey("me@work") + "\n")
+    (home / ".ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    return home
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _secret_bytes(cdir):
+    return {p.name: p.read_bytes() for p in sorted((cdir / "secrets").iterdir())}
+
+
+def test_init_creates_a_documented_cluster_yaml_and_secrets(tmp_path, home):
+    cdir = tmp_path / "c"
+    result = init_cluster(cdir, home=home, timezone="Europe/Berlin", **BASE)
+    assert result["cluster_yaml_status"] == "created"
+    assert set(result["secrets"].values()) == {"created"}
+    assert result["ssh_keys_default"] is True and result["ssh_keys"] == 2
+    assert result["ssh_key_files"] == [str(home / ".ssh" / "id_ed25519.pub"), str(home / ".ssh" / "work.pub")]
+    text = (cdir / "cluster.yaml").read_text()
+    assert text.count("\n# ") >= 10  # a comment above each key
+    cluster = load_cluster(cdir)
+    assert (cluster.name, cluster.gateway, cluster.dns, cluster.user) == ("red", "10.1.1.1", ("10.1.1.1",), "pi")
+    assert (cluster.timezone, cluster.locale, cluster.image, cluster.family) == (
+        "Europe/Berlin", "C.UTF-8", "raspios-trixie-lite-arm64", "raspios")
+    assert _mode(cdir / "secrets") == 0o700
+    assert _mode(cdir / "secrets" / "munge.key") == 0o400
+    assert _mode(cdir / "cluster.yaml") == 0o644
+    json.dumps(result)  # JSON-able
+
+
+def test_init_result_contains_no_secret(tmp_path, home):
+    cdir = tmp_path / "c"
+    result = json.dumps(init_cluster(cdir, home=home, wifi_country="DE", wifi_ssid="HomeNet",
+                                     wifi_password="correct horse battery", **BASE))
+    for secret in (
+        secrets.load_join_token(cdir).token, secrets.admin_password(cdir), secrets.munge_key_b64(cdir),
+        secrets.wpa_psk("HomeNet", "correct horse battery"), "correct horse battery",
+    ):
+        assert secret not in result
+    assert "correct horse battery" not in (cdir / "cluster.yaml").read_text()
+
+
+def test_wifi_passphrase_becomes_the_ieee_psk(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, wifi_country="us", wifi_ssid="IEEE", wifi_password="password", **BASE)
+    cluster = load_cluster(cdir)
+    # IEEE 802.11i-2004, Annex H.4.1 test vector
+    assert cluster.wifi == Wifi("US", "IEEE", "f42c6fc52df0ebef9ebb4b90b38a5f902e83fe1b135a70e23aed762e9710a12e")
+    assert _mode(cdir / "cluster.yaml") == 0o600  # the PSK opens the network too
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"wifi_ssid": "x"}, "Wi-Fi needs a country, an SSID and a password: missing --wifi-country, a Wi-Fi password"),
+        ({"wifi_ssid": "HomeNet", "wifi_country": "DE", "wifi_password": "short"}, "a WPA passphrase has 8 to 63 characters"),
+        ({"wifi_ssid": "HomeNet", "wifi_country": "XY", "wifi_password": "longenough"}, "--wifi-country: 'XY'"),
+        ({"network": "10.1.1.0/33"}, "--network: 10.1.1.0/33 is not a network"),
+        ({"manager_ip": "10.9.9.9"}, "--manager-ip: 10.9.9.9 is outside the network 10.1.1.0/24"),
+        ({"dns": ["10.1.1.1,1.2.3"]}, "--dns: 1.2.3 is not an IPv4 address"),
+        ({"manager": "RED00"}, "--manager: 'RED00' is not a valid hostname"),
+        ({"user": "root"}, "--user: 'root' is a system account"),
+        ({"rotate": ["munge"]}, "--rotate: unknown secret munge; choose from all, ca, registry-cert"),
+        ({"image": "./custom.img"}, "family: required for the local image ./custom.img"),
+    ],
+)
+def test_init_refuses_bad_options_and_writes_nothing(tmp_path, home, options, fragment):
+    cdir = tmp_path / "c"
+    with pytest.raises(ConfigError) as err:
+        init_cluster(cdir, home=home, **{**BASE, **options})
+    assert fragment in str(err.value)
+    assert not cdir.exists()
+
+
+def test_init_with_ssh_key_files(tmp_path, home):
+    keyfile = tmp_path / "laptop.pub"
+    keyfile.write_text(f"# my keys\n{KEY}\n\n{ssh_pubkey('other')}\n")
+    result = init_cluster(tmp_path / "c", home=home, ssh_key_files=[keyfile], **BASE)
+    assert result["ssh_keys_default"] is False and result["ssh_keys"] == 2
+    assert load_cluster(tmp_path / "c").ssh_keys[0] == KEY
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="is a private key: give the public key"):
+        init_cluster(tmp_path / "d", home=home, ssh_key_files=[private], **BASE)
+    with pytest.raises(ConfigError, match="no such file"):
+        init_cluster(tmp_path / "d", home=home, ssh_key_files=[tmp_path / "nope.pub"], **BASE)
+
+
+def test_init_without_any_key_warns(tmp_path):
+    empty_home = tmp_path / "nohome"
+    empty_home.mkdir()
+    result = init_cluster(tmp_path / "c", home=empty_home, **BASE)
+    assert result["ssh_keys"] == 0
+    assert any("no ssh public key" in w for w in result["warnings"])
+
+
+def test_rerun_with_same_values_changes_nothing(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, **BASE)
+    before_text = (cdir / "cluster.yaml").read_bytes()
+    before_mtime = os.stat(cdir / "cluster.yaml").st_mtime_ns
+    before_secrets = _secret_bytes(cdir)
+    result = init_cluster(cdir, home=home, **BASE)
+    assert result["cluster_yaml_status"] == "unchanged"
+    assert set(result["secrets"].values()) == {"kept"}
+    assert (cdir / "cluster.yaml").read_bytes() == before_text
+    assert os.stat(cdir / "cluster.yaml").st_mtime_ns == before_mtime
+    assert _secret_bytes(cdir) == before_secrets
+    assert not (cdir / "cluster.yaml.bak").exists()
+
+
+def test_hand_edits_survive_and_differing_values_are_refused(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, **BASE)
+    path = cdir / "cluster.yaml"
+    edited = path.read_text().replace("timezone: ", "# my own note\ntimezone: America/Denver\nx_old_timezone: ")
+    edited = re.sub(r"\nx_old_timezone: .*\n", "\n", edited)
+    path.write_text(edited)
+    assert load_cluster(cdir).timezone == "America/Denver"
+
+    # Same options again: the hand edit and its comment stay.
+    assert init_cluster(cdir, home=home, **BASE)["cluster_yaml_status"] == "unchanged"
+    assert path.read_text() == edited
+
+    # A different value: refused, the file untouched, the message says what to do.
+    with pytest.raises(ConfigError) as err:
+        init_cluster(cdir, home=home, timezone="Europe/Paris", **BASE)
+    message = str(err.value)
+    assert "timezone: America/Denver there, Europe/Paris asked" in message
+    assert "edit" in message and "--force" in message and "cluster.yaml.bak" in message
+    assert path.read_text() == edited
+
+    # --force: replaced, backup kept, other hand edits preserved as values.
+    result = init_cluster(cdir, home=home, timezone="Europe/Paris", force=True, **BASE)
+    assert result["cluster_yaml_status"] == "updated"
+    assert (cdir / "cluster.yaml.bak").read_text() == edited
+    assert load_cluster(cdir).timezone == "Europe/Paris"
+
+
+def test_broken_file_is_only_replaced_with_force(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, **BASE)
+    (cdir / "cluster.yaml").write_text("manager: [red00\n")
+    with pytest.raises(ConfigError, match="line 2.*--force"):
+        init_cluster(cdir, home=home, **BASE)
+    result = init_cluster(cdir, home=home, force=True, **BASE)
+    assert result["cluster_yaml_status"] == "replaced"
+    assert (cdir / "cluster.yaml.bak").read_text() == "manager: [red00\n"
+    assert load_cluster(cdir).manager == "red00"
+
+
+def test_secrets_are_only_replaced_when_rotated(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, **BASE)
+    first = _secret_bytes(cdir)
+    result = init_cluster(cdir, home=home, rotate=["munge-key"], **BASE)
+    assert result["secrets"]["munge-key"] == "rotated"
+    assert [v for k, v in result["secrets"].items() if k != "munge-key"] == ["kept"] * 4
+    second = _secret_bytes(cdir)
+    assert second["munge.key"] != first["munge.key"]
+    assert {k: v for k, v in second.items() if k != "munge.key"} == {k: v for k, v in first.items() if k != "munge.key"}
+    result = init_cluster(cdir, home=home, rotate=["all"], **BASE)
+    assert set(result["secrets"].values()) == {"rotated"}
+    third = _secret_bytes(cdir)
+    assert all(third[k] != second[k] for k in ("ca.key", "munge.key", "admin-password", "join-token.json"))
+
+
+def test_changing_the_manager_reissues_the_registry_certificate(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, **BASE)
+    result = init_cluster(cdir, home=home, force=True, **{**BASE, "manager_ip": "10.1.1.20"})
+    assert result["secrets"]["registry-cert"] == "rotated"
+    assert result["secrets"]["ca"] == "kept"
+
+
+def test_local_image_and_ubuntu_catalog_image(tmp_path, home):
+    init_cluster(tmp_path / "a", home=home, image="/srv/img/my.img.xz", family="ubuntu", **BASE)
+    cluster = load_cluster(tmp_path / "a")
+    assert (cluster.image, cluster.family) == ("/srv/img/my.img.xz", "ubuntu")
+    init_cluster(tmp_path / "b", home=home, image="ubuntu-24.04-server-arm64-raspi", **BASE)
+    assert load_cluster(tmp_path / "b").family == "ubuntu"
+
+
+def test_sudo_user_home_is_used_for_default_keys(tmp_path, monkeypatch):
+    import pwd
+
+    from pibake import cluster as cluster_mod
+
+    if os.geteuid() != 0:
+        pytest.skip("SUDO_USER only matters when running as root")
+    someone = next((p for p in pwd.getpwall() if p.pw_uid >= 1000 and Path(p.pw_dir).is_dir()), None)
+    if someone is None:
+        monkeypatch.setenv("SUDO_USER", "root")
+        assert cluster_mod._home_of_invoking_user() == Path.home()
+        return
+    monkeypatch.setenv("SUDO_USER", someone.pw_name)
+    assert cluster_mod._home_of_invoking_user() == Path(someone.pw_dir)
