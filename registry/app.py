@@ -23,7 +23,7 @@ MAX_BODY = 256 * 1024
 
 def create_app(cluster_dir, *, test_config=None, **options):
     """A Flask app for the cluster in ``cluster_dir``. ``test_config`` updates ``app.config``."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     reg = Registry(cluster_dir, **options)
     # The session key derives from the admin password: stable across gunicorn workers and restarts,
     # and every browser session ends when the admin password is rotated.

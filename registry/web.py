@@ -1,4 +1,110 @@
-"""Web page (placeholder replaced below)."""
-from flask import Blueprint
+"""The registry's web page: server-rendered, works without JavaScript.
 
-bp = Blueprint("web", __name__)
+The admin logs in with the admin password (``secrets/admin-password``) through a form; the session is a
+signed cookie (HttpOnly, SameSite=Strict). State-changing forms carry a per-session CSRF token.
+"""
+
+import hmac
+import logging
+import secrets
+from functools import wraps
+
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+
+from pibake.errors import PibakeError
+from pibake.registry.auth import admin_matches, registry
+from pibake.registry.service import RegistryError
+
+LOG = logging.getLogger(__name__)
+
+bp = Blueprint("web", __name__, template_folder="templates", static_folder="static",
+               static_url_path="/static")
+
+
+def login_required(view):
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        if not session.get("admin"):
+            return redirect(url_for("web.login", next=request.path))
+        return view(*args, **kwargs)
+    return wrapped
+
+
+def _check_csrf():
+    token = request.form.get("csrf", "")
+    expected = session.get("csrf", "")
+    return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+
+
+@bp.after_request
+def _headers(response):
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Content-Security-Policy",
+                                "default-src 'self'; style-src 'self'; img-src 'self' data:")
+    return response
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    error = None
+    status = 200
+    if request.method == "POST":
+        if admin_matches(registry().cluster_dir, request.form.get("password", "")):
+            session.clear()
+            session["admin"] = True
+            session["csrf"] = secrets.token_urlsafe(24)
+            LOG.info("admin logged in on the web page from %s", request.remote_addr)
+            target = request.args.get("next", "")
+            if not target.startswith("/") or target.startswith("//"):
+                target = url_for("web.index")
+            return redirect(target)
+        LOG.warning("web login failed from %s", request.remote_addr)
+        error = "Wrong password. The admin password is in secrets/admin-password in the cluster directory."
+        status = 401
+    return render_template("login.html", error=error), status
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("web.login"))
+
+
+@bp.get("/")
+@login_required
+def index():
+    reg = registry()
+    nodes = reg.nodes()
+    states = [n["slurm_state"] for n in nodes]
+    return render_template(
+        "nodes.html", nodes=nodes, cluster=reg.cluster, require_approval=reg.require_approval,
+        pending=sum(1 for n in nodes if n["status"] == "pending"),
+        slurm_known=any(s is not None for s in states), csrf=session.get("csrf", ""))
+
+
+def _admin_post(action, hostname):
+    if not _check_csrf():
+        flash("The form expired; please try again.", "error")
+        return redirect(url_for("web.index"))
+    try:
+        getattr(registry(), action)(hostname)
+        flash(f"{'Accepted' if action == 'accept' else 'Removed'} {hostname}.", "ok")
+    except RegistryError as err:
+        flash(err.message, "error")
+    except PibakeError as err:  # slurm.conf could not be applied: the change is recorded, say so
+        flash(f"{hostname}: recorded, but slurm.conf could not be put in force: {err}", "error")
+    return redirect(url_for("web.index"))
+
+
+@bp.post("/nodes/<hostname>/accept")
+@login_required
+def accept(hostname):
+    return _admin_post("accept", hostname)
+
+
+@bp.post("/nodes/<hostname>/remove")
+@login_required
+def remove(hostname):
+    return _admin_post("remove", hostname)

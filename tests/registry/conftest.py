@@ -1,0 +1,101 @@
+"""flaskr-style fixtures: a real cluster directory (pibake init), a real SQLite store, the real app."""
+
+import base64
+import logging
+
+import pytest
+
+from pibake.cluster import init_cluster
+from pibake.registry.app import create_app
+from pibake.secrets import admin_password, load_join_token, munge_key_b64
+
+# `slurmd -C` first lines. The Pi 4 lines are as printed on Raspberry Pi 4 boards (4 GB: 3789,
+# 8 GB: 7807, from a public Pi cluster write-up); Pi 3 B+ (1 GB) and Pi 5 (8 GB) follow the same
+# firmware-reported pattern (4 Cortex-A cores, one socket, MemTotal minus the firmware's carve-out).
+# "vm" is this machine's own output, recorded when these tests were written.
+SLURMD_C = {
+    "pi3": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=921\n"
+           "UpTime=0-00:03:12\n",
+    "pi4": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=3789\n"
+           "UpTime=0-00:02:41\n",
+    "pi4-8g": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 "
+              "RealMemory=7807\nUpTime=0-01:10:05\n",
+    "pi5": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=8052\n"
+           "UpTime=0-00:00:58\n",
+    "vm": "NodeName={h} CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105\n"
+          "UpTime=0-00:07:20\n",
+}
+MODELS = {"pi3": "Raspberry Pi 3 Model B Plus Rev 1.3", "pi4": "Raspberry Pi 4 Model B Rev 1.4",
+          "pi4-8g": "Raspberry Pi 4 Model B Rev 1.5", "pi5": "Raspberry Pi 5 Model B Rev 1.0", "vm": "vm"}
+MEMORY = {"pi3": 921, "pi4": 3789, "pi4-8g": 7807, "pi5": 8052, "vm": 24105}
+
+
+def enrolment(hostname="red01", index=1, kind="pi4", ip=None, mac=None, role="worker"):
+    return {
+        "hostname": hostname,
+        "mac": mac or f"dc:a6:32:00:00:{index:02x}",
+        "ips": [ip or f"127.0.77.{index}"],
+        "role": role,
+        "model": MODELS[kind],
+        "cpus": 4 if kind != "vm" else 2,
+        "memory_mb": MEMORY[kind],
+        "slurmd_c": SLURMD_C[kind].format(h=hostname),
+        "os_release": {"ID": "debian", "VERSION_CODENAME": "bookworm"},
+        "agent_version": "0.1.0",
+    }
+
+
+@pytest.fixture
+def cluster_dir(tmp_path):
+    d = tmp_path / "cluster"
+    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="testlab")
+    return d
+
+
+@pytest.fixture
+def app_options(tmp_path):
+    return {"slurm_conf": str(tmp_path / "etc" / "slurm.conf"), "slurm_apply": "none", "slurm_state": False}
+
+
+@pytest.fixture
+def app(cluster_dir, app_options):
+    return create_app(cluster_dir, test_config={"TESTING": True}, **app_options)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class Creds:
+    def __init__(self, cluster_dir):
+        self.cluster_dir = cluster_dir
+        self.token = load_join_token(cluster_dir).token
+        self.admin = ("admin", admin_password(cluster_dir))
+        self.munge_b64 = munge_key_b64(cluster_dir)
+
+    @property
+    def join(self):
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def secrets(self):
+        """Every secret string that must never appear in a response or a log line."""
+        return [self.token, self.token.split("::")[1], self.admin[1], self.munge_b64,
+                base64.b64decode(self.munge_b64)[:24].hex()]
+
+
+@pytest.fixture
+def creds(cluster_dir):
+    return Creds(cluster_dir)
+
+
+@pytest.fixture
+def all_logs(caplog):
+    """Every log record of the run (the CLI may have made the pibake logger non-propagating)."""
+    logger = logging.getLogger("pibake")
+    saved = logger.propagate, logger.level
+    logger.propagate = True
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="pibake")
+    yield caplog
+    logger.propagate, logger.level = saved
