@@ -1,0 +1,152 @@
+"""The agent against the real registry app (pibake.registry, real SQLite store) served over TLS on
+127.0.0.1 with the cluster's own certificate. Services are not started here ("services": "none");
+the lab e2e tests (tests/e2e) run munge and slurmd for real."""
+
+import datetime as dt
+import json
+import os
+import stat
+import threading
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from pibake import secrets
+from pibake.firstboot import agent
+from tests.firstboot.conftest import write_agent_config
+
+pytest.importorskip("pibake.registry.app")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    from pibake.cluster import init_cluster
+
+    d = tmp_path / "cluster"
+    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="agenttest")
+    return d
+
+
+@pytest.fixture
+def registry_url(cluster, tmp_path):
+    from pibake.registry.app import create_app
+
+    app = create_app(cluster, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    sdir = secrets.secrets_dir(cluster)
+    server = make_server("127.0.0.1", 0, app, threaded=True,
+                         ssl_context=(str(sdir / "registry.crt"), str(sdir / "registry.key")))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def admin(cluster, registry_url, method, path):
+    return requests.request(method, f"{registry_url}/api/v1{path}", auth=("admin", secrets.admin_password(cluster)),
+                            verify=str(secrets.secrets_dir(cluster) / "ca.crt"), timeout=10)
+
+
+@pytest.fixture
+def node(tmp_path, cluster, registry_url):
+    token = secrets.load_join_token(cluster).token
+    nd = tmp_path / "node"
+    cfg = write_agent_config(nd, registry_url, secrets.secrets_dir(cluster) / "ca.crt", token)
+    (nd / "boot" / "user-data").write_text(
+        "#cloud-config\nwrite_files:\n  - path: /etc/pibake/agent.json\n    content: |\n"
+        f"      {{\"join_token\": \"{token}\"}}\n")
+    (nd / "hosts").write_text("127.0.0.1 localhost\n")
+    return nd, cfg, token
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the munge key is chowned to munge)")
+def test_enrol_then_every_later_boot_uses_the_credential(node, cluster, registry_url):
+    nd, cfg, token = node
+    result = agent.run_agent(str(cfg))
+    assert result["status"] == "ready" and result["enrolment"] == "new"
+    hostname = result["hostname"]
+
+    # the credential is stored 0600; the token is gone from the config and the boot partition
+    assert mode(nd / "node-credential") == 0o600 and len((nd / "node-credential").read_text().strip()) >= 20
+    config = json.loads(cfg.read_text())
+    assert "join_token" not in config and config["registry_url"] == registry_url and mode(cfg) == 0o600
+    user_data = (nd / "boot" / "user-data").read_text()
+    assert token not in user_data and "pibake-join-token-removed" in user_data
+    assert set(result["token_removed_from"]) == {str(cfg), str(nd / "boot" / "user-data")}
+
+    # munge key from the registry, 0400 munge; slurmd configless; the manager resolves
+    key = nd / "munge.key"
+    assert key.read_bytes() == secrets.munge_key(cluster) and mode(key) == 0o400
+    import pwd
+    assert os.stat(key).st_uid == pwd.getpwnam("munge").pw_uid
+    assert (nd / "default-slurmd").read_text() == 'SLURMD_OPTIONS="--conf-server localhost:6817"\n'
+    assert (nd / "hosts").read_text() == "127.0.0.1 localhost\n"  # already mapped: left alone
+    state = json.loads((nd / "agent-state.json").read_text())
+    assert state["conf_server"] == "localhost:6817" and mode(nd / "agent-state.json") == 0o600
+    assert (nd / "node-credential").read_text().strip() not in json.dumps(state)
+
+    # the registry has the node, ready, with its facts
+    rec = admin(cluster, registry_url, "GET", f"/nodes/{hostname}").json()
+    assert rec["status"] == "ready" and rec["cpus"] == result_cpus() and rec["mac"]
+
+    # second boot: credential, nothing rewritten
+    again = agent.run_agent(str(cfg))
+    assert again["enrolment"] == "credential" and again["changed"] == [] and again["status"] == "ready"
+    assert admin(cluster, registry_url, "GET", "/nodes").json().__len__() == 1
+
+
+def result_cpus():
+    return agent.fact_cpus()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_removed_node_is_refused_and_told_why(node, cluster, registry_url):
+    nd, cfg, _token = node
+    hostname = agent.run_agent(str(cfg))["hostname"]
+    assert admin(cluster, registry_url, "DELETE", f"/nodes/{hostname}").status_code == 200
+    with pytest.raises(agent.AgentError, match=r"rejected this node's credential \(HTTP 401.*removed by an admin"):
+        agent.run_agent(str(cfg))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_rejected_credential_with_a_token_still_present_re_enrols(node, cluster, registry_url):
+    nd, cfg, token = node
+    hostname = agent.run_agent(str(cfg))["hostname"]
+    admin(cluster, registry_url, "DELETE", f"/nodes/{hostname}")
+    config = json.loads(cfg.read_text())
+    config["join_token"] = token  # e.g. `pibake deploy` wrote a fresh config
+    cfg.write_text(json.dumps(config))
+    result = agent.run_agent(str(cfg))
+    assert result["enrolment"] == "new" and result["status"] == "ready"
+    assert "join_token" not in json.loads(cfg.read_text())
+
+
+def test_wrong_token_is_refused_with_the_registry_message(tmp_path, cluster, registry_url):
+    real = secrets.load_join_token(cluster).token
+    wrong = real[:-32] + "0" * 32  # same CA pin, wrong secret
+    cfg = write_agent_config(tmp_path / "n2", registry_url, secrets.secrets_dir(cluster) / "ca.crt", wrong)
+    with pytest.raises(agent.Refused, match=r"enrolment refused by the registry \(HTTP 401\): join token") as err:
+        agent.run_agent(str(cfg))
+    assert "0" * 32 not in str(err.value)
+    assert json.loads(cfg.read_text())["join_token"] == wrong  # nothing removed after a refusal
+    assert not (tmp_path / "n2" / "node-credential").exists()
+
+
+def test_expired_token_is_refused(tmp_path, cluster, registry_url):
+    old = secrets.rotate_join_token(cluster, ttl=dt.timedelta(seconds=-1))
+    cfg = write_agent_config(tmp_path / "n3", registry_url, secrets.secrets_dir(cluster) / "ca.crt", old.token)
+    with pytest.raises(agent.Refused, match="HTTP 401") as err:
+        agent.run_agent(str(cfg))
+    assert "expired" in str(err.value)
+
+
+def test_no_token_no_credential(tmp_path, cluster, registry_url):
+    cfg = write_agent_config(tmp_path / "n4", registry_url, secrets.secrets_dir(cluster) / "ca.crt", None)
+    with pytest.raises(agent.AgentError, match="nothing to authenticate with"):
+        agent.run_agent(str(cfg))
+

@@ -1,0 +1,78 @@
+"""A tiny scripted HTTPS server on 127.0.0.1 for the agent's pinning and retry tests."""
+
+import json
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class ScriptedServer:
+    """Answers each request with the next (status, body) of ``script`` (the last one repeats).
+
+    ``requests`` records (method, path, authorization scheme or None, JSON body); ``connections``
+    counts accepted TCP connections, including those whose TLS handshake failed.
+    """
+
+    def __init__(self, certfile, keyfile, script):
+        self.script = list(script)
+        self.requests = []
+        self.connections = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                auth = self.headers.get("Authorization")
+                outer.requests.append((self.command, self.path, auth.split()[0] if auth else None,
+                                       json.loads(raw) if raw else None))
+                status, body = outer.script[0] if len(outer.script) == 1 else outer.script.pop(0)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _answer
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self):
+                sock, addr = super().get_request()
+                outer.connections += 1
+                return sock, addr
+
+            def finish_request(self, request, client_address):
+                try:
+                    request = ctx.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError):
+                    return
+                super().finish_request(request, client_address)
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certfile, keyfile)
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def free_port():
+    """A loopback port nobody listens on (for connection-refused tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
