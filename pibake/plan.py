@@ -218,7 +218,8 @@ def plan_nodes(cluster, hostnames, ips, role=None, recorded=()):
             f"{len(addrs)} address{'es' if len(addrs) != 1 else ''}; give exactly one IP per hostname"
         )
     pairs = [(h, ip, _default_role(cluster, h, role)) for h, ip in zip(hosts, addrs)]
-    problems += _check_pairs(cluster, pairs, tuple(recorded))
+    unpaired = [(h, None, _default_role(cluster, h, role)) for h in hosts[len(addrs):]]
+    problems += _check_pairs(cluster, pairs + unpaired, tuple(recorded))
     if problems:
         raise _plan_error(problems)
     nodes = [PlannedNode(hostname=h, ip=ip, role=r) for h, ip, r in pairs]
