@@ -150,3 +150,37 @@ def test_no_token_no_credential(tmp_path, cluster, registry_url):
     with pytest.raises(agent.AgentError, match="nothing to authenticate with"):
         agent.run_agent(str(cfg))
 
+
+
+def pibake(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pibake", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_pibake_agent_run_cli(node, cluster, registry_url):
+    nd, cfg, _token = node
+    proc = pibake("agent", "run", "--config", str(cfg), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "ready" and result["enrolment"] == "new"
+    assert "enrolled as" in proc.stderr and "join token removed from" in proc.stderr
+    secret = (nd / "node-credential").read_text().strip()
+    assert secret not in proc.stderr + proc.stdout  # never logged
+    assert admin(cluster, registry_url, "DELETE", f"/nodes/{result['hostname']}").status_code == 200
+    proc = pibake("agent", "run", "--config", str(cfg), "--once")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "pibake: error: the registry rejected this node's credential (HTTP 401")
+
+
+def test_pibake_agent_run_cli_pin_mismatch(tmp_path, cluster, cluster_b, registry_url):
+    cfg = write_agent_config(tmp_path / "n5", registry_url, secrets.secrets_dir(cluster_b) / "ca.crt",
+                             secrets.load_join_token(cluster).token)
+    proc = pibake("agent", "run", "--config", str(cfg), "--json")
+    assert proc.returncode == 1
+    assert "pibake: error: CA pin mismatch" in proc.stderr
+    assert json.loads(proc.stdout)["status"] == "error"
