@@ -194,7 +194,7 @@ class Registry:
 
     def slurm_nodes(self):
         """Nodes that belong in slurm.conf: accepted workers (pending, manager and sensor roles are not)."""
-        return [{"hostname": n["hostname"], "ip": n["ip"], "facts": n["slurmd_c"]}
+        return [{"hostname": n["hostname"], "ip": n["ip"], "facts": n["slurmd_c"], "model": n["model"]}
                 for n in self.store.list() if n["role"] == "worker" and n["status"] != "pending"]
 
     def slurm_conf(self):

@@ -10,7 +10,8 @@ Decisions (documented in docs/ as well):
   and a node whose configured RealMemory exceeds what its slurmd finds is drained ("Low RealMemory"). The
   rounding also lets boards of one model that differ by a few MiB fold into one line.
 * **NodeAddr=<ip>** on every line, so neither the manager nor the nodes need DNS or /etc/hosts.
-* **Folding.** Nodes with identical topology and memory share one line, names and addresses folded with
+* **Folding.** Nodes with identical topology and board model, and memory within 2 %, share one line
+  (configured from the smallest of them), names and addresses folded with
   ClusterShell's NodeSet on the last numeric axis (``red[01-03]`` / ``10.1.1.[11-13]``) when the two
   expand in corresponding order; otherwise each node gets its own line (still correct, just longer).
 * **Configless.** ``SlurmctldParameters=enable_configless``: nodes run ``slurmd --conf-server <manager>:6817``
@@ -129,9 +130,32 @@ def slurm_cluster_name(name):
     return (cleaned or "pibake")[:40]
 
 
-def _node_key(node):
-    facts = node["facts"]
-    return tuple(facts[k] for k in TOPOLOGY_KEYS) + (configured_memory(facts["RealMemory"]),)
+MEMORY_FOLD_TOLERANCE = 0.02
+
+
+def model_family(model):
+    """``Raspberry Pi 4 Model B Rev 1.4`` -> ``Raspberry Pi 4 Model B``: board revisions fold together."""
+    return re.sub(r"\s+Rev\s+\S+$", "", (model or "").strip())
+
+
+def _groups(nodes):
+    """{(topology..., configured memory): [nodes]}. Nodes of one topology and board model whose reported
+    memory lies within 2 % of the smallest among them share one line, configured from that smallest."""
+    by_kind = {}
+    for node in nodes:
+        facts = node["facts"]
+        kind = tuple(facts[k] for k in TOPOLOGY_KEYS) + (model_family(node.get("model")),)
+        by_kind.setdefault(kind, []).append(node)
+    groups = {}
+    for kind, members in by_kind.items():
+        members.sort(key=lambda n: (n["facts"]["RealMemory"], n["hostname"]))
+        base = None
+        for node in members:
+            mem = node["facts"]["RealMemory"]
+            if base is None or mem > base * (1 + MEMORY_FOLD_TOLERANCE):
+                base = mem
+            groups.setdefault(kind[:-1] + (configured_memory(base), kind[-1]), []).append(node)
+    return groups
 
 
 def _fold(names):
@@ -146,7 +170,7 @@ def _expand(folded):
 
 def _group_lines(key, members):
     """NodeName lines for ``members`` (dicts with hostname, ip) sharing topology ``key``."""
-    cpus, boards, sockets, cores, threads, memory = key
+    cpus, boards, sockets, cores, threads, memory, _model = key
     spec = (f"CPUs={cpus} Boards={boards} SocketsPerBoard={sockets} CoresPerSocket={cores} "
             f"ThreadsPerCore={threads} RealMemory={memory}")
     by_name = {m["hostname"]: m["ip"] for m in members}
@@ -160,10 +184,8 @@ def _group_lines(key, members):
 
 
 def node_lines(nodes):
-    """The NodeName lines for ``nodes`` (see ``generate_slurm_conf``), grouped and folded, sorted."""
-    groups = {}
-    for node in nodes:
-        groups.setdefault(_node_key(node), []).append(node)
+    """The NodeName lines for ``nodes`` (see ``generate_slurm_conf``), grouped and folded, sorted by name."""
+    groups = _groups(nodes)
     lines = []
     # Order groups by their first hostname so the file is stable whatever the DB order.
     for key, members in sorted(groups.items(), key=lambda kv: min(m["hostname"] for m in kv[1])):
@@ -198,7 +220,8 @@ def generate_slurm_conf(nodes, *, cluster_name, manager, manager_ip, settings=No
                         partition=DEFAULT_PARTITION):
     """Full slurm.conf text.
 
-    ``nodes``: iterable of ``{"hostname", "ip", "facts"}`` where ``facts`` is ``parse_slurmd_c`` output.
+    ``nodes``: iterable of ``{"hostname", "ip", "facts", "model" (optional)}`` where ``facts`` is
+    ``parse_slurmd_c`` output and ``model`` the board model (different models never share a line).
     ``settings``: overrides of ``DEFAULT_SETTINGS`` (a value of None drops the key).
     The partition ``partition`` holds all nodes and is the default one. With no nodes the file still
     starts a slurmctld (partition without nodes), so the manager can run before any worker enrolled.
