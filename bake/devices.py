@@ -356,8 +356,9 @@ def refusal_reasons(device, *, allow_non_removable=False, max_bytes=DEFAULT_MAX_
     if system:
         what = ", ".join(system)
         reasons.append(f"it holds {what} of the running system")
-    if other:
-        reasons.append(f"it has mounted filesystems ({', '.join(other)}); unmount them first if this is the card")
+    if other and not system:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        reasons.append(f"it has mounted filesystems ({shown}); unmount them first if this is the card")
     if device.size == 0:
         if device.type == "loop":
             reasons.append("it has size 0: no image attached to this loop device")
@@ -599,3 +600,21 @@ def _recheck_open(fd, target, facts_provider):
                          f"{fresh.device.serial} since it was checked (card swapped?); run again")
     LOG.info("opened %s exclusively and re-checked it", label)
     return replace(target, device=fresh.device)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text):
+    """'256G', '300 GB', '2T', '64GiB', '1000000' -> bytes (decimal units as disks are sold; KiB/MiB/GiB/TiB
+    binary). 'none' (or 'off') -> None: no cap. Raises GuardError on anything else."""
+    value = str(text).strip().lower()
+    if value in ("none", "off", "no"):
+        return None
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise GuardError(f"cannot read the size {text!r}: use e.g. 256G, 512GB, 2T, 64GiB or none")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])

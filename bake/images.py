@@ -34,7 +34,8 @@ from pibake.model import FAMILIES
 LOG = logging.getLogger(__name__)
 
 FORMATS = ("none", "xz", "zst", "gz")
-CHUNK = 1 << 20  # 1 MiB: download chunk and hashing block
+CHUNK = 1 << 20  # 1 MiB: hashing and decompression block
+DOWNLOAD_CHUNK = 64 << 10  # small, so an interrupted download keeps all but the last 64 KiB
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAGIC = (
     (b"\xfd7zXZ\x00", "xz"),
@@ -335,7 +336,7 @@ def download(url, dest, *, sha256, size=None, progress=None, session=None, timeo
                 digest_done = have
                 try:
                     with open(part, mode) as out:
-                        for block in resp.iter_content(CHUNK):
+                        for block in resp.iter_content(DOWNLOAD_CHUNK):
                             if not block:
                                 continue
                             out.write(block)
@@ -491,6 +492,8 @@ def verify_image(name_or_path, *, cache_dir=None, sha256=None, progress=None, ca
                     if not block:
                         break
                     usize += len(block)
+                    if progress:
+                        progress(stream.compressed_position() or 0, image.size)
         except ImageError as exc:
             problems.append(str(exc))
             usize = None
@@ -542,8 +545,8 @@ class ImageStream:
 
     def _fail(self, exc):
         return ImageError(
-            f"image {self.path.name} is corrupt or truncated at {self.bytes_read} decompressed bytes "
-            f"({self.image.format}: {exc}); download it again (pibake image get) or check the file"
+            f"image {self.path.name} is corrupt or truncated (after {self.bytes_read} decompressed bytes; "
+            f"{self.image.format}: {exc}); download it again (pibake image get) or check the file"
         )
 
     def read(self, size=-1):
@@ -634,8 +637,8 @@ def open_image_stream(local_image):
 def uncompressed_size(local_image):
     """Size in bytes of the decompressed image when it can be known without decompressing, else None.
 
-    raw: the file size; xz: from the stream index (``xz --robot --list``); zst: the frame header's content
-    size when the compressor recorded it; gz: None (its trailer only holds the size modulo 4 GiB).
+    raw: the file size; xz: from the stream index (``xz --robot --list``); zst and gz: None (a zst frame header
+    only gives its own frame's size and a file may hold several; gz keeps the size modulo 4 GiB).
     """
     path = Path(local_image.path)
     if local_image.format == "none":
@@ -654,15 +657,4 @@ def uncompressed_size(local_image):
             if fields[0] == "totals" and len(fields) > 4 and fields[4].isdigit():
                 return int(fields[4])
         return None
-    if local_image.format == "zst":
-        try:
-            import zstandard
-        except ImportError:
-            return None
-        with open(path, "rb") as fh:
-            params = zstandard.get_frame_parameters(fh.read(18))
-        size = params.content_size
-        if size in (0, zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
-            return None
-        return size
     return None

@@ -1,16 +1,61 @@
-"""Commands not built yet: they say so plainly and exit 2."""
+"""`pibake devices`: the disks pibake could write to, and why every other one is refused."""
 
 import click
 
+from pibake import api
+from pibake.bake.devices import DEFAULT_MAX_BYTES, human_size, parse_size
 from pibake.cli import cli
-from pibake.cli.options import not_built
+from pibake.cli.options import emit_json, json_option
+
+DEVICES_EPILOG = """\b
+A candidate is a whole, removable disk with a card in it (size > 0), writable, not larger than the
+cap (default 256 GB), holding nothing mounted, no swap and not the running system. Every other disk
+is listed with the reason `pibake burn` would refuse it. Unattached loop devices are left out.
+\b
+Examples:
+  pibake devices
+  pibake devices --json | jq '.[] | select(.candidate) | .path'
+  pibake devices --allow-non-removable        (loop devices, internal readers that report RM=0)"""
 
 
-@cli.command('devices', context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
-             add_help_option=True, short_help='List removable cards that pibake could write to')
-@click.argument('args', nargs=-1, type=click.UNPROCESSED)
-def devices_cmd(args):
-    """List removable cards that pibake could write to, and why others are refused.
+def max_size_option(fn):
+    return click.option(
+        "--max-size", "max_size", default="256G", show_default=True, metavar="SIZE",
+        help="Refuse disks larger than this (e.g. 512G, 2T; 'none' for no cap).")(fn)
 
-    Not built yet in this version of pibake."""
-    not_built('pibake devices')
+
+@cli.command("devices", short_help="List removable cards that pibake could write to.", epilog=DEVICES_EPILOG)
+@click.option("--allow-non-removable", is_flag=True, help="Count non-removable disks as candidates too.")
+@max_size_option
+@click.option("--all", "show_all", is_flag=True, help="Also list unattached loop devices.")
+@json_option
+def devices_cmd(allow_non_removable, max_size, show_all, as_json):
+    """List removable cards that pibake could write to, and why others are refused."""
+    cap = parse_size(max_size) if max_size else DEFAULT_MAX_BYTES
+    reports = api.describe_devices(allow_non_removable=allow_non_removable, max_bytes=cap,
+                                   include_empty_loops=show_all)
+    if as_json:
+        emit_json([r.to_dict() for r in reports])
+        return
+    say = lambda text="": click.echo(text, err=True)  # noqa: E731
+    candidates = [r for r in reports if r.candidate]
+    refused = [r for r in reports if not r.candidate]
+    if candidates:
+        say("Cards pibake can write to:")
+        for r in candidates:
+            d = r.device
+            say(f"  {d.path:<14} {human_size(d.size):>9}  {d.model or '-'}  serial {d.serial or '-'}  "
+                f"{(d.transport or '-').upper()}  {'removable' if d.removable else 'NOT removable'}")
+            for part in d.partitions:
+                say(f"      {part.path:<14} {human_size(part.size):>9}  {part.fstype or '-'}")
+    else:
+        say("No card pibake can write to: insert an SD card (in a USB reader or the built-in slot) and run again.")
+    if refused:
+        say("")
+        say("Refused:")
+        for r in refused:
+            d = r.device
+            say(f"  {d.path:<14} {human_size(d.size):>9}  {d.model or ('loop device' if d.type == 'loop' else '-')}"
+                f"  serial {d.serial or '-'}")
+            for reason in r.reasons:
+                say(f"      - {reason}")
