@@ -51,8 +51,10 @@ SCHEMA_GLOBS = (
 SIZE_WARN = 256 * 1024
 SIZE_MAX = 1024 * 1024
 RENDERERS = {"raspios": "NetworkManager", "ubuntu": "networkd"}
-SENSITIVE_TOP_KEYS = frozenset({"write_files", "chpasswd", "password", "users", "ca_certs", "ca-certs",
-                                "ssh_keys", "random_seed"})
+# schema errors under these keys are reported without the offending value (it may be a secret)
+SENSITIVE_TOP_KEYS = frozenset({"write_files", "chpasswd", "password", "ca_certs", "ca-certs", "ssh_keys",
+                                "random_seed", "apt"})
+SENSITIVE_KEYS = frozenset({"passwd", "hashed_passwd", "plain_text_passwd", "password", "content"})
 NO_SCHEMA_WARNING = ("cloud-init is not installed (its JSON schema was not found): only pibake's own checks ran; "
                      "install cloud-init (apt-get install cloud-init) for the full check")
 
@@ -178,21 +180,26 @@ def _path(parts):
     return ".".join(str(p) for p in parts)
 
 
-def _describe(error, sensitive):
-    """A one-line message for a schema error that never quotes a sensitive value."""
+def _sensitive(parts):
+    parts = [str(p) for p in parts]
+    return bool(parts) and (parts[0] in SENSITIVE_TOP_KEYS or bool(SENSITIVE_KEYS.intersection(parts)))
+
+
+def _describe(error, parts):
+    """A one-line message for a schema error at ``parts`` that never quotes a sensitive value."""
     from jsonschema.exceptions import best_match
 
     if error.context:
-        inner = best_match(error.context)
+        # the branch whose type fits the instance says the most; "is not of type" from the others does not
+        relevant = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
+        inner = best_match(relevant or error.context)
         if inner is not None:
-            sub = _path(inner.relative_path)
-            return (f"{sub}: " if sub else "") + _describe(inner, sensitive)
-    if not sensitive:
+            sub = list(inner.relative_path)
+            return (f"{_path(sub)}: " if sub else "") + _describe(inner, list(parts) + sub)
+    if not _sensitive(parts) or error.validator in ("required", "additionalProperties", "deprecated"):
         return error.message
     # generic wording from the failing keyword, without the instance
     expected = error.validator_value
-    if error.validator in ("required", "additionalProperties", "deprecated"):
-        return error.message
     if error.validator == "enum":
         return f"must be one of {expected}"
     if error.validator == "type":
@@ -207,8 +214,7 @@ def schema_check(config, schema, report):
     validator = _validator_class()(schema, format_checker=FormatChecker())
     for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
         parts = list(error.absolute_path)
-        sensitive = bool(parts) and str(parts[0]) in SENSITIVE_TOP_KEYS
-        message = _describe(error, sensitive)
+        message = _describe(error, parts)
         if isinstance(error, _Deprecated):
             report.warn("user-data", _path(parts), message)
         else:
