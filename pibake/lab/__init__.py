@@ -1,3 +1,10 @@
 """The lab: Pi-like hosts in network namespaces on one Linux machine (see ``pibake.lab.hosts``)."""
 
-from pibake.lab.hosts import LabError, LabHost, LabNetwork, cleanup_leftovers  # noqa: F401
+from pibake.lab.hosts import (  # noqa: F401
+    LabError,
+    LabHost,
+    LabNetwork,
+    cleanup_leftovers,
+    cleanup_stale,
+    run_prefix,
+)

@@ -316,8 +316,10 @@ chroot "$root" apt-get -q update
 chroot "$root" apt-get -q -y --no-install-recommends -o Dpkg::Use-Pty=0 install "$@"
 # cloud-init's default locale (en_US.UTF-8) and the Pi's (en_GB.UTF-8) must exist:
 # Debian's locale-gen only builds what /etc/locale.gen enables.
-sed -i -e 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' -e 's/^# *\(en_GB.UTF-8 UTF-8\)/\1/' "$root/etc/locale.gen"
-chroot "$root" locale-gen
+if [ -f "$root/etc/locale.gen" ]; then
+    sed -i -e 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' -e 's/^# *\(en_GB.UTF-8 UTF-8\)/\1/' "$root/etc/locale.gen"
+    chroot "$root" locale-gen
+fi
 rm -f "$root/usr/sbin/policy-rc.d" "$root/etc/dpkg/dpkg.cfg.d/pibake-lab-build"
 umount "$root/var/cache/apt/archives"
 umount -R "$root/dev"
