@@ -1,0 +1,100 @@
+"""The registry puts slurm.conf in force on a real slurmctld (Slurm 22.05 here): restart on node changes,
+reconfigure for settings only; enrol returns once the node is known to slurmctld."""
+
+import pytest
+
+from pibake.registry.app import create_app
+from pibake.registry.service import Registry
+from tests.registry.conftest import enrolment
+from tests.registry.slurm_fixture import slurm_sandbox  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def slurm_app(cluster_dir, slurm_sandbox):  # noqa: F811
+    app = create_app(cluster_dir, slurm_conf=str(slurm_sandbox.conf), slurm_apply="direct",
+                     slurm_settings=slurm_sandbox.settings, apply_timeout=30)
+    return app, slurm_sandbox
+
+
+def _node_field(box, name, field):
+    out = box.scontrol("show", "node", name)
+    assert out.returncode == 0, out.stderr + box.log()[-2000:]
+    for token in out.stdout.split():
+        if token.startswith(field + "="):
+            return token.split("=", 1)[1]
+    raise AssertionError(f"{field} not in {out.stdout}")
+
+
+def test_enrol_add_remove_nodes_on_real_slurmctld(slurm_app, creds):
+    app, box = slurm_app
+    client = app.test_client()
+    assert not box.conf.exists()
+
+    r = client.post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
+    assert r.status_code == 201, r.get_data(as_text=True) + box.log()[-2000:]
+    # in force when enrol returned: slurmctld is up and knows the node, with its address and topology
+    assert _node_field(box, "red01", "NodeAddr") == "127.0.77.1"
+    assert _node_field(box, "red01", "CoresPerSocket") == "2"
+    assert _node_field(box, "red01", "RealMemory") == "23360"
+    first_pid = box.slurmctld_pid()
+    assert first_pid
+
+    # a job queued now must survive the restart that adding a node needs
+    job = __import__("subprocess").run(["sbatch", "--parsable", "-N1", "--wrap", "sleep 600"],
+                                       capture_output=True, text=True, env=box.env, timeout=30)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+
+    r = client.post("/api/v1/enrol", json=enrolment("red02", 2, kind="vm"), headers=creds.join)
+    assert r.status_code == 201
+    assert _node_field(box, "red02", "NodeAddr") == "127.0.77.2"
+    assert box.slurmctld_pid() != first_pid  # 22.05 cannot add nodes by reconfigure: restarted
+    assert "NodeName=red[01-02] NodeAddr=127.0.77.[1-2]" in box.conf.read_text()
+    squeue = __import__("subprocess").run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True,
+                                          text=True, env=box.env, timeout=30)
+    assert squeue.stdout.split() == [job_id]
+
+    # the page/API reads states from sinfo
+    nodes = client.get("/api/v1/nodes", auth=creds.admin).json
+    assert {n["hostname"]: n["slurm_state"] for n in nodes}.keys() == {"red01", "red02"}
+    assert all(n["slurm_state"] for n in nodes)  # e.g. "unknown*"/"down*" while no slurmd runs
+
+    # re-enrolment of a known node changes nothing in Slurm: no restart
+    pid = box.slurmctld_pid()
+    assert client.post("/api/v1/enrol", json=enrolment("red02", 2, kind="vm"), headers=creds.join).status_code == 200
+    assert box.slurmctld_pid() == pid
+
+    # settings only: reconfigure, no restart
+    reg = Registry(app.extensions["pibake_registry"].cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct",
+                   slurm_settings={**box.settings, "MessageTimeout": "25"})
+    assert reg.apply_slurm()["action"] == "reconfigured"
+    assert box.slurmctld_pid() == pid
+    config = box.scontrol("show", "config").stdout
+    assert "MessageTimeout          = 25 sec" in config
+
+    # removal: restart, the node is gone
+    assert client.delete("/api/v1/nodes/red02", auth=creds.admin).status_code == 200
+    assert box.scontrol("show", "node", "red02").returncode != 0
+    assert _node_field(box, "red01", "NodeAddr") == "127.0.77.1"
+
+
+def test_accept_in_approval_mode_reaches_slurmctld(cluster_dir, slurm_sandbox, creds):  # noqa: F811
+    box = slurm_sandbox
+    app = create_app(cluster_dir, require_approval=True, slurm_conf=str(box.conf), slurm_apply="direct",
+                     slurm_settings=box.settings, apply_timeout=30)
+    client = app.test_client()
+    r = client.post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
+    assert r.json["status"] == "pending"
+    assert box.slurmctld_pid() is None  # no accepted node yet: slurmctld is not started
+    assert client.post("/api/v1/nodes/red01/accept", auth=creds.admin).status_code == 200
+    assert _node_field(box, "red01", "NodeAddr") == "127.0.77.1"
+
+
+def test_apply_failure_is_503_not_500(cluster_dir, slurm_sandbox, creds):  # noqa: F811
+    box = slurm_sandbox
+    bad = {**box.settings, "SelectType": "select/does-not-exist"}
+    app = create_app(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=bad,
+                     apply_timeout=5)
+    r = app.test_client().post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
+    assert r.status_code == 503
+    assert "could not be put in force" in r.json["error"] and "retry" in r.json["error"]
