@@ -66,8 +66,20 @@ class SystemFacts:
             p = d / name
             return p.read_text(encoding="utf-8") if p.exists() else ""
 
+        if not (d / "lsblk.json").is_file():
+            raise PibakeError(f"{d} holds no recorded device facts (lsblk.json missing)")
         sysfs = json.loads(text("sysfs.json") or "{}")
         return cls(lsblk_json=text("lsblk.json"), swaps=text("swaps"), mountinfo=text("mountinfo"), sysfs=sysfs)
+
+    def save(self, directory):
+        """Write the facts as a fixture directory (what ``from_dir`` reads): for tests and bug reports."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "lsblk.json").write_text(self.lsblk_json, encoding="utf-8")
+        (d / "swaps").write_text(self.swaps, encoding="utf-8")
+        (d / "mountinfo").write_text(self.mountinfo, encoding="utf-8")
+        (d / "sysfs.json").write_text(json.dumps(self.sysfs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return d
 
 
 @dataclass(frozen=True)
@@ -154,7 +166,7 @@ def human_size(n):
         return "unknown size"
     for unit, div in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= div:
-            return f"{n / div:.1f} {unit}"
+            return f"{n / div:.1f}".removesuffix(".0") + f" {unit}"
     return f"{n} bytes"
 
 
@@ -351,7 +363,8 @@ def find_partition_parent(facts, path=None, majmin=None):
 def refusal_reasons(device, *, allow_non_removable=False, max_bytes=DEFAULT_MAX_BYTES):
     """Why writing to ``device`` would be refused: a list of short reasons ([] = a candidate card)."""
     reasons = []
-    system = [h for h in device.holds if h in SYSTEM_MOUNTS or h == "swap"]
+    order = SYSTEM_MOUNTS + ("swap",)
+    system = sorted((h for h in device.holds if h in order), key=order.index)
     other = [h for h in device.holds if h not in system]
     if system:
         what = ", ".join(system)

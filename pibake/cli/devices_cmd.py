@@ -3,7 +3,7 @@
 import click
 
 from pibake import api
-from pibake.bake.devices import DEFAULT_MAX_BYTES, human_size, parse_size
+from pibake.bake.devices import DEFAULT_MAX_BYTES, SystemFacts, gather_facts, human_size, parse_size
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option
 
@@ -28,11 +28,19 @@ def max_size_option(fn):
 @click.option("--allow-non-removable", is_flag=True, help="Count non-removable disks as candidates too.")
 @max_size_option
 @click.option("--all", "show_all", is_flag=True, help="Also list unattached loop devices.")
+@click.option("--record", "record_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also save the facts read (lsblk JSON, /proc/swaps, mountinfo, sysfs) to DIR, for a bug report.")
+@click.option("--facts", "facts_dir", type=click.Path(file_okay=False, exists=True), default=None, hidden=True,
+              help="Decide on facts recorded with --record instead of this machine's (listing only).")
 @json_option
-def devices_cmd(allow_non_removable, max_size, show_all, as_json):
+def devices_cmd(allow_non_removable, max_size, show_all, record_dir, facts_dir, as_json):
     """List removable cards that pibake could write to, and why others are refused."""
     cap = parse_size(max_size) if max_size else DEFAULT_MAX_BYTES
-    reports = api.describe_devices(allow_non_removable=allow_non_removable, max_bytes=cap,
+    facts = SystemFacts.from_dir(facts_dir) if facts_dir else gather_facts()
+    if record_dir:
+        SystemFacts.save(facts, record_dir)
+        click.echo(f"facts saved to {record_dir}", err=True)
+    reports = api.describe_devices(facts, allow_non_removable=allow_non_removable, max_bytes=cap,
                                    include_empty_loops=show_all)
     if as_json:
         emit_json([r.to_dict() for r in reports])

@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ REFUSED = [
     ("workstation", "/dev/nvme0n1", "259:0", {}, ["Samsung SSD 980 PRO 1TB", "holds", "/", "running system"]),
     ("workstation", "/dev/nvme0n1", "259:0", {"allow_non_removable": True, "max_bytes": None}, ["holds"]),
     ("workstation", "/dev/sda", "8:0", {"allow_non_removable": True, "max_bytes": None}, ["/data", "unmount"]),
-    ("workstation", "/dev/sdc", "8:32", {}, ["Expansion HDD", "NAAB12CD", "larger than 256.0 GB", "--max-size"]),
+    ("workstation", "/dev/sdc", "8:32", {}, ["Expansion HDD", "NAAB12CD", "larger than 256 GB", "--max-size"]),
     ("workstation", "/dev/sdd", "8:48", {}, ["SD/MMC", "size 0", "no card"]),
     ("workstation", "/dev/sde", "8:64", {"allow_non_removable": True}, ["KINGSTON", "swap"]),
     ("workstation", "/dev/sdf", "8:80", {}, ["Multi-Card", "read-only", "lock switch"]),
@@ -355,3 +356,60 @@ def test_unattached_loop_device_refused():
     free = proc.stdout.strip()
     with pytest.raises(GuardError, match="unattached loop device|size 0"):
         check_target(free, allow_non_removable=True)
+
+
+# ---------------------------------------------------------------- docs examples are tests
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "images-and-devices.md"
+
+
+def _doc_block_after(marker):
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index(marker)
+    fence = text.index("```\n", start) + 4
+    return text[fence:text.index("\n```", fence)]
+
+
+def test_doc_devices_output_is_what_pibake_prints():
+    block = _doc_block_after("<!-- pibake devices --facts tests/fixtures/devices/workstation -->")
+    out = subprocess.run([sys.executable, "-m", "pibake", "devices", "--facts", str(FIXTURES / "workstation")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.rstrip("\n") == block
+
+
+def test_doc_refusal_and_prompt_lines_are_real():
+    text = DOC.read_text(encoding="utf-8")
+    with pytest.raises(GuardError) as info:
+        decide("workstation", "/dev/sdc", "8:32")
+    assert f"pibake: error: {info.value}\n" in text
+    assert devices.confirmation_prompt(decide("workstation", "/dev/sdb", "8:16")) + "\n" in text
+
+
+def test_cli_devices_json_and_record_round_trip(tmp_path):
+    """`pibake devices --record DIR` on this machine, then the same decisions from the recorded facts."""
+    live = subprocess.run([sys.executable, "-m", "pibake", "devices", "--json", "--record", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert live.returncode == 0, live.stderr
+    replay = subprocess.run([sys.executable, "-m", "pibake", "devices", "--json", "--facts", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    rows = json.loads(live.stdout)
+    assert rows == json.loads(replay.stdout)
+    for row in rows:
+        assert row["candidate"] == (not row["reasons"])
+        assert {"path", "size", "model", "serial", "transport", "removable", "partitions", "mounted"} <= set(row)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("256G", 256 * 10**9), ("512 GB", 512 * 10**9), ("2T", 2 * 10**12), ("64GiB", 64 * 2**30),
+    ("1000000", 10**6), ("1.5T", 15 * 10**11), ("none", None), ("OFF", None),
+])
+def test_parse_size(text, expected):
+    assert devices.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "12X", "-1G", "G"])
+def test_parse_size_refuses(text):
+    with pytest.raises(GuardError, match="cannot read the size"):
+        devices.parse_size(text)
