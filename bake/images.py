@@ -297,8 +297,16 @@ def download(url, dest, *, sha256, size=None, progress=None, session=None, timeo
     part = dest.with_name(dest.name + ".part")
     session = session or requests.Session()
     with _CacheLock(dest):
-        if dest.exists() and _stamp_matches(dest, expected):
-            return dest
+        if dest.exists():
+            if _stamp_matches(dest, expected):
+                return dest
+            # present under its final name but not (or no longer) known to match: check it once
+            if sha256_file(dest, progress=progress) == expected:
+                _write_stamp(dest, expected)
+                return dest
+            LOG.warning("%s does not match its sha256 any more: downloading it again", dest)
+            dest.unlink()
+            _stamp_path(dest).unlink(missing_ok=True)
         have = part.stat().st_size if part.exists() else 0
         if size is not None and have > size:
             LOG.info("discarding %s: larger than the expected %d bytes", part, size)
@@ -348,6 +356,9 @@ def download(url, dest, *, sha256, size=None, progress=None, session=None, timeo
                 except requests.RequestException as exc:
                     raise ImageError(f"download of {url} was interrupted at {digest_done} bytes "
                                      f"({exc.__class__.__name__}); run again to resume") from exc
+                except OSError as exc:
+                    raise ImageError(f"cannot write {part}: {exc.strerror}; free some space or choose another "
+                                     "--cache-dir, then run again to resume") from exc
         if total is not None and part.stat().st_size < total:
             raise ImageError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; "
                              "run again to resume")

@@ -92,6 +92,19 @@ def test_mountinfo_alone_marks_a_disk_in_use():
         check_target("/dev/sdg", facts=stripped, stat_result=blk("8:96"))
 
 
+def test_dev_root_in_mountinfo_found_by_majmin():
+    """Older Pi images mount / from "/dev/root": only the maj:min in mountinfo ties it to mmcblk0."""
+    f = facts("raspberrypi")
+    doc = json.loads(f.lsblk_json)
+    for node in doc["blockdevices"]:
+        for child in node.get("children", []):
+            child["mountpoints"] = [None]
+    mountinfo = f.mountinfo.replace("/dev/mmcblk0p2", "/dev/root").replace("/dev/mmcblk0p1", "/dev/root")
+    pi = SystemFacts(lsblk_json=json.dumps(doc), swaps=f.swaps, mountinfo=mountinfo, sysfs=f.sysfs)
+    with pytest.raises(GuardError, match="holds /, /boot/firmware of the running system"):
+        check_target("/dev/mmcblk0", facts=pi, stat_result=blk("179:0"))
+
+
 # ---------------------------------------------------------------- decisions: the matrix
 
 REFUSED = [

@@ -214,6 +214,10 @@ def test_download_into_cache_then_cached(server, tmp_path):
         fh.write(b"\0")
     images.resolve_image("test-image", cache_dir=cache, catalog=catalog)
     assert len(server.log) == 2 and image.path.read_bytes() == PAYLOAD_XZ
+    # a good file copied into the cache by hand (no stamp) is hashed once, not downloaded
+    (cache / "test.img.xz.verified").unlink()
+    images.resolve_image("test-image", cache_dir=cache, catalog=catalog)
+    assert len(server.log) == 2 and (cache / "test.img.xz.verified").exists()
 
 
 def test_resume_after_a_partial_download(server, tmp_path):
@@ -274,6 +278,20 @@ def test_corrupted_download_is_refused(server, tmp_path):
     with pytest.raises(ImageError, match="sha256 mismatch"):
         images.resolve_image("test-image", cache_dir=cache, catalog=catalog)
     assert cache_files(cache) == []
+
+
+def test_full_cache_disk_is_one_clear_line(server, tmp_path):
+    """ENOSPC while writing the .part file: an ImageError saying what to do (the partial file is kept)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "test.img.xz.part").symlink_to("/dev/full")
+    server.handler.support_range = False  # a fresh 200 download straight into the full "disk"
+    catalog = {"test-image": entry(server.url("/img/test.img.xz"))}
+    with pytest.raises(ImageError, match="free some space"):
+        images.resolve_image("test-image", cache_dir=cache, catalog=catalog)
+    assert not (cache / "test.img.xz").exists()
 
 
 def test_http_error_is_one_clear_line(server, tmp_path):
