@@ -290,8 +290,8 @@ def _pieces(size, ranges, holes, block_size):
             pos = end
 
 
-def _open_target(target, size, keep_unwritten):
-    """(fd, own, kind, name)."""
+def _open_target(target, size, keep_unwritten, source_stat=None):
+    """(fd, own, kind, name). Checks happen before anything is truncated or written."""
     if isinstance(target, int):
         st = os.fstat(target)
         name = _fd_name(target)
@@ -312,6 +312,10 @@ def _open_target(target, size, keep_unwritten):
         except OSError as exc:
             raise WriteError(f"cannot open {name} for writing: {exc.strerror}") from exc
         st, own = os.fstat(fd), True
+    if source_stat is not None and (source_stat.st_dev, source_stat.st_ino) == (st.st_dev, st.st_ino):
+        if own:
+            os.close(fd)
+        raise WriteError(f"the image and the target are the same file ({name}): choose another output")
     if stat.S_ISBLK(st.st_mode):
         capacity = os.lseek(fd, 0, os.SEEK_END)
         if size is not None and capacity < size:
@@ -388,11 +392,8 @@ def write_image(source, target, *, sparse=True, verify=True, progress=None, bloc
                 bmap = allocation.parse_bmap(Path(bmap).read_text())
             except (OSError, ValueError) as exc:
                 raise WriteError(f"cannot use bmap file {bmap}: {exc}") from exc
-        fd, own, kind, target_name = _open_target(target, image_size, keep_unwritten)
+        fd, own, kind, target_name = _open_target(target, image_size, keep_unwritten, os.fstat(src))
         try:
-            sst, tst = os.fstat(src), os.fstat(fd)
-            if (sst.st_dev, sst.st_ino) == (tst.st_dev, tst.st_ino):
-                raise WriteError(f"the image and the target are the same file ({target_name})")
             effective_kind = "block" if keep_unwritten else kind
             plan = plan_write(src, image_size, target_kind=effective_kind, sparse=sparse, bmap=bmap,
                               merge_gap=merge_gap)
