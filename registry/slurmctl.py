@@ -25,6 +25,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -258,6 +259,8 @@ def slurm_states(conf_path=DEFAULT_CONF, *, timeout=5):
     conf_path = Path(conf_path)
     if not which("sinfo") or not conf_path.exists():
         return None
+    if not controller_listening(conf_path.read_text(encoding="utf-8", errors="replace")):
+        return None  # sinfo would spend seconds retrying a controller that is not there
     env = dict(os.environ)
     env["SLURM_CONF"] = str(conf_path)
     try:
@@ -267,6 +270,21 @@ def slurm_states(conf_path=DEFAULT_CONF, *, timeout=5):
     if proc.returncode != 0:
         return None
     return parse_sinfo(proc.stdout)
+
+
+def controller_listening(conf_text, timeout=0.5):
+    """True when something accepts TCP connections at SlurmctldHost's address and SlurmctldPort."""
+    settings = conf_settings(conf_text)
+    host = settings.get("SlurmctldHost", "")
+    addr = host.split("(", 1)[1].rstrip(")") if "(" in host else host
+    port = int(settings.get("SlurmctldPort", "6817").split("-")[0])
+    if not addr:
+        return False
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def parse_sinfo(text):
