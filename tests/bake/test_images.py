@@ -75,7 +75,7 @@ class Server:
         handler = type("Handler", (_Handler,), {"files": {}, "support_range": support_range, "log": []})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def url(self, path):
