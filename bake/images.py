@@ -573,9 +573,20 @@ class ImageStream:
         return data
 
     def readinto(self, buffer):
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        if not hasattr(self._stream, "readinto"):
+            data = self.read(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        try:
+            n = self._stream.readinto(buffer)
+        except (lzma.LZMAError, EOFError, gzip.BadGzipFile, OSError, ValueError) as exc:
+            raise self._fail(exc) from exc
+        self.bytes_read += n
+        return n
+
+    @property
+    def name(self):
+        return str(self.path)
 
     def compressed_position(self):
         try:

@@ -352,6 +352,34 @@ def test_streams_decompress(compressed, fmt):
     assert read_all(image) == PAYLOAD
 
 
+@pytest.mark.parametrize("fmt", ["none", "xz", "gz", "zst"])
+def test_streams_readinto(compressed, fmt):
+    """The writer reads into its own aligned buffer: readinto gives the same bytes as read."""
+    out = bytearray()
+    buf = bytearray(256 << 10)
+    view = memoryview(buf)
+    with images.open_image_stream(images.resolve_image(str(compressed[fmt]))) as stream:
+        while True:
+            n = stream.readinto(view[:100_000])
+            if not n:
+                break
+            out += buf[:n]
+        assert stream.bytes_read == len(PAYLOAD)
+    assert bytes(out) == PAYLOAD
+
+
+@pytest.mark.parametrize("fmt", ["xz", "gz", "zst"])
+def test_truncated_stream_readinto_is_a_clear_error(compressed, tmp_path, fmt):
+    data = compressed[fmt].read_bytes()
+    cut = tmp_path / f"cut.img.{fmt}"
+    cut.write_bytes(data[: len(data) // 2])
+    buf = bytearray(1 << 20)
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        with images.open_image_stream(images.resolve_image(str(cut))) as stream:
+            while stream.readinto(buf):
+                pass
+
+
 @pytest.mark.parametrize("fmt", ["xz", "gz", "zst"])
 def test_truncated_stream_is_a_clear_error(compressed, tmp_path, fmt):
     data = compressed[fmt].read_bytes()
