@@ -203,6 +203,25 @@ def cleanup_leftovers(prefix):
     return report
 
 
+def run_prefix(family, pid=None):
+    """A lab prefix unique to one process: ``<family><pid>`` (e.g. ``pe12345``), so concurrent test runs
+    never share names, and ``cleanup_stale(family)`` can tell a dead run's leftovers from a live one's."""
+    prefix = f"{family}{pid or os.getpid()}"
+    _check_prefix(prefix)
+    return prefix
+
+
+def cleanup_stale(family):
+    """``cleanup_leftovers`` for every ``<family><pid>`` lab whose process ``pid`` is gone."""
+    pattern = re.compile(rf"^({re.escape(family)}(\d+))-")
+    prefixes = set()
+    for name in _netns_names() + _link_names():
+        m = pattern.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            prefixes.add(m.group(1))
+    return {p: cleanup_leftovers(p) for p in sorted(prefixes)}
+
+
 def _unmount_under(path):
     """Bind mounts live in the hosts' private mount namespaces; nothing should be mounted in ours,
     but unmount defensively anything under ``path``."""
@@ -216,7 +235,12 @@ def _unmount_under(path):
 
 
 class LabNetwork:
-    """The lab bridge ``<prefix>-br`` with an address in ``subnet`` (default: its last usable one)."""
+    """The lab bridge ``<prefix>-br`` for ``subnet``.
+
+    ``bridge_ip``: an address of ``subnet`` given to the bridge so this machine can reach the hosts
+    ("auto": the subnet's last usable address); None (default): the bridge has no address and the hosts
+    reach only each other.
+    """
 
     def __init__(self, prefix, subnet, bridge_ip):
         self.prefix = prefix
@@ -230,14 +254,18 @@ class LabNetwork:
         net = ipaddress.ip_network(subnet)
         if not net.is_private or net.version != 4:
             raise LabError(f"lab subnet {subnet} must be a private IPv4 network")
-        bridge_ip = bridge_ip or str(list(net.hosts())[-1])
+        if bridge_ip == "auto":
+            bridge_ip = str(list(net.hosts())[-1])
+        if bridge_ip and ipaddress.ip_address(bridge_ip) not in net:
+            raise LabError(f"bridge address {bridge_ip} is outside the lab subnet {net}")
         self = cls(prefix, str(net), bridge_ip)
         if self.bridge in _link_names():
             _ip("link", "del", self.bridge, check=False)
         _ip("link", "add", "name", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{bridge_ip}/{net.prefixlen}", "dev", self.bridge)
+        if bridge_ip:
+            _ip("addr", "add", f"{bridge_ip}/{net.prefixlen}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        LOG.info("lab bridge %s on %s (%s)", self.bridge, net, bridge_ip)
+        LOG.info("lab bridge %s on %s%s", self.bridge, net, f" ({bridge_ip})" if bridge_ip else "")
         return self
 
     def destroy(self):
@@ -269,7 +297,10 @@ class LabHost:
         """
         if not HOSTNAME_RE.match(name):
             raise LabError(f"lab host name {name!r} must be a lower-case RFC 1123 label")
-        addr = ipaddress.ip_address(ip)
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            raise LabError(f"{ip!r} is not an IP address") from None
         if addr not in network.subnet or str(addr) == network.bridge_ip:
             raise LabError(f"{ip} is not a free address of the lab subnet {network.subnet}")
         prefix = network.prefix
