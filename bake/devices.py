@@ -631,3 +631,65 @@ def parse_size(text):
     if not match or match.group(2) not in _SIZE_UNITS:
         raise GuardError(f"cannot read the size {text!r}: use e.g. 256G, 512GB, 2T, 64GiB or none")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+# ---------------------------------------------------------------- which card is in the reader
+
+
+def parse_disk_id(head):
+    """The partition table's disk identifier from a disk's first sectors (at least 1024 bytes for GPT):
+    the GPT disk GUID, or the MBR disk signature as 8 hex digits (what ``blkid`` calls PTUUID), or None for a
+    disk without a partition table (a blank card)."""
+    import uuid
+
+    if len(head) >= 1024 and head[512:520] == b"EFI PART":
+        return str(uuid.UUID(bytes_le=bytes(head[512 + 56:512 + 72])))
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa":
+        return f"{int.from_bytes(head[440:444], 'little'):08x}"
+    return None
+
+
+@dataclass(frozen=True)
+class CardIdentity:
+    """What tells one card from another in the same reader.
+
+    A USB reader reports its own serial, the same for every card put in it; a card in a built-in mmc slot
+    reports the card's serial (``serial_identifies_card``). The partition table's disk id and the size tell
+    cards apart in a USB reader (two cards burned from the same image and never booted can share a disk id)."""
+
+    path: str
+    model: str | None
+    serial: str | None
+    size: int | None
+    disk_id: str | None
+    serial_identifies_card: bool
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def card_identity(target):
+    """Read the identity of the card a checked ``Target`` points at (opens it read-only, 4 KiB)."""
+    with open(target.path, "rb") as fh:
+        head = fh.read(4096)
+    dev = target.device
+    return CardIdentity(
+        path=target.path,
+        model=dev.model if dev else None,
+        serial=dev.serial if dev else None,
+        size=target.size,
+        disk_id=parse_disk_id(head),
+        serial_identifies_card=bool(dev and dev.sd_card and dev.serial),
+    )
+
+
+def same_card(before, after):
+    """True/False when two ``CardIdentity`` surely are / are not the same card; None when it cannot be told
+    (a USB reader, both cards blank, same size)."""
+    if before.serial_identifies_card and after.serial_identifies_card:
+        return before.serial == after.serial
+    if before.size != after.size or before.disk_id != after.disk_id:
+        return False
+    if before.disk_id is None:
+        return None
+    return True

@@ -27,9 +27,11 @@ from pibake.bake.images import (  # noqa: F401,E402
     verify_image,
 )
 from pibake.bake.devices import (  # noqa: F401,E402
+    card_identity,
     check_target,
     confirmation_prompt,
     describe_devices,
     list_devices,
     open_target,
+    same_card,
 )

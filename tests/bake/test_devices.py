@@ -426,3 +426,57 @@ def test_parse_size(text, expected):
 def test_parse_size_refuses(text):
     with pytest.raises(GuardError, match="cannot read the size"):
         devices.parse_size(text)
+
+
+# ---------------------------------------------------------------- card identity
+
+
+def test_parse_disk_id_mbr_gpt_blank():
+    mbr = bytearray(4096)
+    mbr[440:444] = (0x1A2B3C4D).to_bytes(4, "little")
+    mbr[510:512] = b"\x55\xaa"
+    assert devices.parse_disk_id(bytes(mbr)) == "1a2b3c4d"
+    gpt = bytearray(mbr)
+    gpt[512:520] = b"EFI PART"
+    import uuid
+    guid = uuid.UUID("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+    gpt[512 + 56:512 + 72] = guid.bytes_le
+    assert devices.parse_disk_id(bytes(gpt)) == str(guid)
+    assert devices.parse_disk_id(bytes(4096)) is None
+
+
+def _identity(serial=None, size=32, disk_id=None, by_serial=False):
+    return devices.CardIdentity(path="/dev/sdb", model="m", serial=serial, size=size, disk_id=disk_id,
+                                serial_identifies_card=by_serial)
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    (_identity("A", by_serial=True), _identity("A", by_serial=True, disk_id="x"), True),
+    (_identity("A", by_serial=True), _identity("B", by_serial=True), False),
+    (_identity("R", disk_id="11111111"), _identity("R", disk_id="22222222"), False),  # USB reader: disk id
+    (_identity("R", size=32), _identity("R", size=64), False),
+    (_identity("R", disk_id="11111111"), _identity("R", disk_id="11111111"), True),
+    (_identity("R"), _identity("R"), None),  # two blank cards of one size in one USB reader: cannot tell
+])
+def test_same_card(a, b, expected):
+    assert devices.same_card(a, b) is expected
+
+
+@needs_root("loop devices need root")
+@needs_program("losetup", "sfdisk")
+def test_card_identity_of_a_loop_device(tmp_path):
+    image = tmp_path / "card.img"
+    with open(image, "wb") as fh:
+        fh.truncate(16 << 20)
+    subprocess.run(["sfdisk", "-q", str(image)], input="label: dos\nlabel-id: 0x5eed1234\nstart=2048, type=c\n",
+                   text=True, check=True, capture_output=True)
+    proc = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"losetup does not work here: {proc.stderr.strip()}")
+    dev = proc.stdout.strip()
+    try:
+        ident = devices.card_identity(check_target(dev, allow_non_removable=True))
+        assert (ident.disk_id, ident.size, ident.serial_identifies_card) == ("5eed1234", 16 << 20, False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+    assert devices.card_identity(check_target(image)).disk_id == "5eed1234"
