@@ -162,7 +162,7 @@ def ssh_key_problem(line):
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
         return f"is not an OpenSSH public key line (expected '<type> <base64> [comment]', type one of ssh-ed25519, ssh-rsa, ecdsa-sha2-nistp256, ...)"
     kind, blob = parts[0], parts[1]
-    if not _B64_RE.match(blob):
+    if not _B64_RE.fullmatch(blob):
         return "has a key part that is not base64"
     try:
         raw = base64.b64decode(blob, validate=True)
@@ -183,7 +183,7 @@ def _host_or_ip_ok(value):
         ipaddress.ip_address(value)
         return True
     except ValueError:
-        return bool(DNS_NAME_RE.match(value))
+        return bool(DNS_NAME_RE.fullmatch(value))
 
 
 def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
@@ -197,7 +197,7 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         problems.append(f"{path}: {message}")
 
     # node
-    if not isinstance(node.hostname, str) or not HOSTNAME_RE.match(node.hostname):
+    if not isinstance(node.hostname, str) or not HOSTNAME_RE.fullmatch(node.hostname):
         bad("hostname", f"{_show(node.hostname)} is not a valid hostname: use 1-63 lower-case letters, digits "
                         "and '-', not starting or ending with '-'")
     if node.role not in ROLES:
@@ -215,7 +215,7 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("ip", f"{_show(node.ip)} is not an IPv4 address")
 
     # cluster
-    if not isinstance(cluster.manager, str) or not HOSTNAME_RE.match(cluster.manager):
+    if not isinstance(cluster.manager, str) or not HOSTNAME_RE.fullmatch(cluster.manager):
         bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
     for key in ("manager_ip", "gateway"):
         value = getattr(cluster, key)
@@ -233,7 +233,7 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     for i, server in enumerate(cluster.ntp_servers or ()):
         if not _host_or_ip_ok(server):
             bad(f"cluster.ntp_servers[{i}]", f"{_show(server)} is not a host name or IP address")
-    if not isinstance(cluster.user, str) or not USER_RE.match(cluster.user):
+    if not isinstance(cluster.user, str) or not USER_RE.fullmatch(cluster.user):
         bad("cluster.user", f"{_show(cluster.user)} is not a valid user name: 1-32 of a-z 0-9 _ -, "
                             "starting with a letter or _")
     elif cluster.user in RESERVED_USERS:
@@ -242,9 +242,9 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         problem = ssh_key_problem(key)
         if problem:
             bad(f"cluster.ssh_keys[{i}]", f"{_show(key)} {problem}")
-    if not isinstance(cluster.timezone, str) or not TIMEZONE_RE.match(cluster.timezone):
+    if not isinstance(cluster.timezone, str) or not TIMEZONE_RE.fullmatch(cluster.timezone):
         bad("cluster.timezone", f"{_show(cluster.timezone)} is not a time zone name such as Europe/Berlin")
-    if not isinstance(cluster.locale, str) or not LOCALE_RE.match(cluster.locale):
+    if not isinstance(cluster.locale, str) or not LOCALE_RE.fullmatch(cluster.locale):
         bad("cluster.locale", f"{_show(cluster.locale)} is not a locale name such as C.UTF-8 or en_GB.UTF-8")
     if cluster.family not in FAMILIES:
         bad("cluster.family", f"{_show(cluster.family)} is not an image family; choose one of {', '.join(FAMILIES)}")
@@ -253,13 +253,13 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("cluster.registry_port", f"{_show(cluster.registry_port)} is not a TCP port (1-65535)")
     wifi = cluster.wifi
     if wifi is not None:
-        if not isinstance(wifi.country, str) or not COUNTRY_RE.match(wifi.country):
+        if not isinstance(wifi.country, str) or not COUNTRY_RE.fullmatch(wifi.country):
             bad("cluster.wifi.country", f"{_show(wifi.country)} is not a two-letter country code such as DE")
         if not isinstance(wifi.ssid, str) or not 1 <= len(wifi.ssid.encode("utf-8", "surrogatepass")) <= 32:
             bad("cluster.wifi.ssid", "an SSID has 1 to 32 bytes")
         elif not wifi.ssid.isprintable():
             bad("cluster.wifi.ssid", f"{_show(wifi.ssid)} contains control or line-break characters")
-        if not isinstance(wifi.psk, str) or not PSK_RE.match(wifi.psk):
+        if not isinstance(wifi.psk, str) or not PSK_RE.fullmatch(wifi.psk):
             bad("cluster.wifi.psk", "must be the WPA PSK as 64 hex digits (pibake init computes it from the "
                                     "passphrase)")
 
@@ -270,11 +270,11 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     pem = getattr(seed_secrets, "ca_cert_pem", None)
     if not isinstance(pem, str) or "-----BEGIN CERTIFICATE-----" not in pem:
         bad("ca_cert_pem", "is not a PEM certificate (check secrets/ca.crt)")
-    if instance_id is not None and (not isinstance(instance_id, str) or not INSTANCE_ID_RE.match(instance_id)):
+    if instance_id is not None and (not isinstance(instance_id, str) or not INSTANCE_ID_RE.fullmatch(instance_id)):
         bad("instance_id", f"{_show(instance_id)} is not an instance id: 1-128 of A-Z a-z 0-9 . _ -")
 
     if problems:
-        where = node.hostname if isinstance(node.hostname, str) and HOSTNAME_RE.match(node.hostname) else "seed"
+        where = node.hostname if isinstance(node.hostname, str) and HOSTNAME_RE.fullmatch(node.hostname) else "seed"
         raise SeedError(f"{where}: cannot render: " + "; ".join(problems))
 
 
@@ -282,6 +282,24 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
 
 
 _ENV = None
+_JSON_ESCAPE = re.compile(r"\\(?:u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|.)", re.IGNORECASE)
+
+
+def yaml_tojson(value):
+    """``value`` as JSON that YAML reads back exactly: the ``tojson`` filter of pibake's templates.
+
+    JSON is YAML, with one exception: JSON spells a character beyond U+FFFF as a surrogate pair
+    (``\\ud83d\\ude00``) and YAML reads those as two lone surrogates. Such pairs become YAML's ``\\UXXXXXXXX``.
+    The output is ASCII only, so no raw line separator (U+2028, NEL) can reach the YAML parser.
+    """
+
+    def fix(match):
+        if match.group(1) is None:
+            return match.group(0)
+        high, low = int(match.group(1), 16), int(match.group(2), 16)
+        return "\\U%08X" % (0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+
+    return _JSON_ESCAPE.sub(fix, json.dumps(value, ensure_ascii=True))
 
 
 def template_env():
@@ -294,6 +312,7 @@ def template_env():
             keep_trailing_newline=True,
             autoescape=False,
         )
+        _ENV.filters["tojson"] = yaml_tojson
     return _ENV
 
 
