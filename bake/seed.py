@@ -65,6 +65,8 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
+from pibake.cluster import valid_hostname
 from pibake.errors import SeedError
 from pibake.model import FAMILIES, ROLES, Seed
 
@@ -130,9 +132,9 @@ HEADER = "#cloud-config\n"
 
 # --------------------------------------------------------------------------- validation
 
-# Local checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these
-# run again here because render_seed takes any Cluster/PlannedNode, including ones built in code.
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these run
+# again here because render_seed takes any Cluster/PlannedNode, including ones built in code. Hostnames and
+# ssh keys use pibake.cluster's validators (plus: a key comment must be printable, no line separators).
 DNS_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
@@ -141,11 +143,6 @@ LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
 PSK_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SSH_KEY_TYPES = frozenset({
-    "ssh-ed25519", "ssh-rsa", "ssh-dss", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
-})
-_B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
 
 def _show(value, limit=40):
@@ -156,24 +153,10 @@ def _show(value, limit=40):
 
 def ssh_key_problem(line):
     """None if ``line`` is one OpenSSH public key line (type, base64 blob naming that type, optional comment)."""
-    if not isinstance(line, str):
-        return "is not a string"
-    parts = line.split(" ", 2)
-    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
-        return f"is not an OpenSSH public key line (expected '<type> <base64> [comment]', type one of ssh-ed25519, ssh-rsa, ecdsa-sha2-nistp256, ...)"
-    kind, blob = parts[0], parts[1]
-    if not _B64_RE.fullmatch(blob):
-        return "has a key part that is not base64"
-    try:
-        raw = base64.b64decode(blob, validate=True)
-    except ValueError:
-        return "has a key part that is not base64"
-    size = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
-    if size != len(kind) or raw[4 : 4 + size] != kind.encode():
-        return f"has a key part that is not a {kind} key"
-    if len(parts) == 3 and not parts[2].isprintable():
-        return "has control or line-break characters in its comment"
-    return None
+    problem = _cluster_ssh_key_problem(line)
+    if problem is None and not line.isprintable():
+        problem = "contains control or line-break characters"
+    return problem
 
 
 def _host_or_ip_ok(value):
@@ -197,9 +180,9 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         problems.append(f"{path}: {message}")
 
     # node
-    if not isinstance(node.hostname, str) or not HOSTNAME_RE.fullmatch(node.hostname):
+    if not valid_hostname(node.hostname):
         bad("hostname", f"{_show(node.hostname)} is not a valid hostname: use 1-63 lower-case letters, digits "
-                        "and '-', not starting or ending with '-'")
+                        "and '-', not starting or ending with '-', not only digits")
     if node.role not in ROLES:
         bad("role", f"{_show(node.role)} is not a role; choose one of {', '.join(ROLES)}")
     network = None
@@ -215,7 +198,7 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("ip", f"{_show(node.ip)} is not an IPv4 address")
 
     # cluster
-    if not isinstance(cluster.manager, str) or not HOSTNAME_RE.fullmatch(cluster.manager):
+    if not valid_hostname(cluster.manager):
         bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
     for key in ("manager_ip", "gateway"):
         value = getattr(cluster, key)
@@ -274,7 +257,7 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("instance_id", f"{_show(instance_id)} is not an instance id: 1-128 of A-Z a-z 0-9 . _ -")
 
     if problems:
-        where = node.hostname if isinstance(node.hostname, str) and HOSTNAME_RE.fullmatch(node.hostname) else "seed"
+        where = node.hostname if valid_hostname(node.hostname) else "seed"
         raise SeedError(f"{where}: cannot render: " + "; ".join(problems))
 
 
