@@ -55,6 +55,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -71,7 +72,7 @@ ALIGN = 4096  # O_DIRECT alignment that suits 512e and 4Kn cards and files on ex
 HEAD = 64 * 1024  # zeroed first, written last: MBR + GPT header + GPT entries
 MERGE_GAP = 64 * 1024  # ranges closer than this are written as one
 SPOOL_GRAIN = 64 * 1024
-NBUF = 3
+NBUF = 4
 
 
 class WriteError(PibakeError):
@@ -266,28 +267,103 @@ class _Hasher:
         self.pool.shutdown(wait=True)
 
 
-def _pieces(size, ranges, holes, block_size):
-    """Yield (start, end, write, hole) covering [0, size): boundaries of write ranges and holes, at most
-    block_size long."""
-    cuts = {0, size}
+def _split(ranges, block_size):
+    """(offset, length) pieces of at most block_size covering ``ranges`` ((start, end) pairs) in order."""
     for a, b in ranges:
-        cuts.update((a, b))
-    for a, b in holes:
-        cuts.update((a, b))
-    cuts = sorted(c for c in cuts if 0 <= c <= size)
-    ri = hi = 0
-    for a, b in zip(cuts, cuts[1:]):
-        while ri < len(ranges) and ranges[ri][1] <= a:
-            ri += 1
-        while hi < len(holes) and holes[hi][1] <= a:
-            hi += 1
-        write = ri < len(ranges) and ranges[ri][0] <= a
-        hole = hi < len(holes) and holes[hi][0] <= a
         pos = a
         while pos < b:
-            end = min(b, pos + block_size)
-            yield pos, end, write, hole
-            pos = end
+            n = min(block_size, b - pos)
+            yield pos, n
+            pos += n
+
+
+class _ReadAhead:
+    """A reader thread fills aligned buffers ahead of the consumer (reads and writes overlap).
+
+    ``fill(view, offset)`` runs in the reader thread, in order (so it may also feed a hash).
+    Iterate to get (offset, view); a view is valid until the next item is taken.
+    """
+
+    def __init__(self, pieces, fill, block_size, depth=4):
+        import queue
+
+        self._free = queue.Queue()
+        self._ready = queue.Queue()
+        self._stop = False
+        for _ in range(depth):
+            self._free.put(_aligned_buffer(block_size + ALIGN))
+        self._thread = threading.Thread(target=self._run, args=(pieces, fill), name="pibake-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, pieces, fill):
+        try:
+            for offset, n in pieces:
+                buf = self._free.get()
+                if self._stop:
+                    return
+                view = memoryview(buf)[:n]
+                fill(view, offset)
+                self._ready.put((offset, view, buf))
+            self._ready.put(None)
+        except BaseException as exc:  # handed to the consumer
+            self._ready.put(exc)
+
+    def __iter__(self):
+        held = None
+        try:
+            while True:
+                if held is not None:
+                    self._free.put(held)
+                    held = None
+                item = self._ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                offset, view, held = item
+                yield offset, view
+        finally:
+            self._stop = True
+            self._free.put(held or _aligned_buffer(ALIGN))  # unblock a waiting reader
+            self._thread.join()
+
+
+class _ImageHasher(threading.Thread):
+    """SHA-256 of the whole logical image (holes as zeros), in its own thread, reading the source itself
+    (its data pages are usually still cached from the writer's reads), so it never holds up the writes."""
+
+    def __init__(self, src, size, holes, block_size):
+        super().__init__(name="pibake-image-sha", daemon=True)
+        self.src, self.size, self.holes, self.block_size = src, size, holes, block_size
+        self.digest = hashlib.sha256()
+        self.error = None
+        self.stop = False
+
+    def run(self):
+        try:
+            zero = memoryview(bytes(self.block_size))
+            buf = _aligned_buffer(self.block_size)
+            segments = [(a, b, True) for a, b in self.holes]
+            segments += [(a, b, False) for a, b in allocation.invert(self.holes, 0, self.size)]
+            for a, b, hole in sorted(segments):
+                for offset, n in _split([(a, b)], self.block_size):
+                    if self.stop:
+                        return
+                    if hole:
+                        self.digest.update(zero[:n])
+                    else:
+                        view = memoryview(buf)[:n]
+                        _pread_full(self.src, view, offset)
+                        self.digest.update(view)
+                        view.release()
+        except BaseException as exc:
+            self.error = exc
+
+    def hexdigest(self):
+        self.join()
+        if self.error:
+            raise self.error
+        return self.digest.hexdigest()
 
 
 def _open_target(target, size, keep_unwritten, source_stat=None):
@@ -419,10 +495,9 @@ def _write_planned(src, fd, plan, *, verify, progress, block_size, target_name, 
     size, ranges = plan.size, plan.ranges
     to_write = allocation.total(ranges)
     progress_total = to_write * (2 if verify else 1)
-    zero = _aligned_buffer(block_size)
-    buffers = [_aligned_buffer(block_size) for _ in range(NBUF)]
-    pending = [None] * NBUF
-    hasher = _Hasher()
+    image_hasher = _ImageHasher(src, size, plan.holes, block_size)
+    image_hasher.start()
+    written = hashlib.sha256()
     direct = True
     try:
         _set_direct(fd, True)
@@ -456,64 +531,57 @@ def _write_planned(src, fd, plan, *, verify, progress, block_size, target_name, 
             else:
                 raise
 
+    def fill(view, at):  # reader thread, in order
+        _pread_full(src, view, at)
+        written.update(view)
+
     try:
-        for a, b in head_ranges:  # a killed write leaves no partition table behind
-            put(memoryview(zero)[: b - a], a)
-        if head_ranges:
-            os.fdatasync(fd)
-        slot = 0
-        for start, end, write, hole in _pieces(size, ranges, plan.holes, block_size):
-            offset = start
-            n = end - start
-            if hole:
-                view = memoryview(zero)[:n]
-                hasher.submit(view, written=write)
-            else:
-                if pending[slot] is not None:
-                    pending[slot].result()
-                view = memoryview(buffers[slot])[:n]
-                _pread_full(src, view, start)
-                pending[slot] = hasher.submit(view, written=write)
-                slot = (slot + 1) % NBUF
-            if not write:
-                continue
-            if start < HEAD:
-                head_data.append((start, bytes(view)))
-                continue
-            put(view, start)
-            done += n
-            if progress:
-                progress(done, progress_total)
-        offset = 0
-        os.fsync(fd)
-        for at, data in head_data:
-            buf = _aligned_buffer(len(data))
-            view = memoryview(buf)[: len(data)]
-            view[:] = data
-            put(view, at)
-            done += len(data)
-        os.fsync(fd)
-        if progress and head_data:
-            progress(done, progress_total)
-    except OSError as exc:
-        raise WriteError(f"writing to {target_name} failed near byte {offset}: {exc.strerror}; the target is "
-                         "incomplete (no partition table): check the card and burn again") from exc
-    finally:
-        hasher.close()
         try:
-            _set_direct(fd, False)
-        except OSError:
-            pass
-    write_seconds = time.monotonic() - write_started
-    hasher.written.update(_ranges_trailer([(a, b - a) for a, b in ranges]))
-    written_sha = hasher.written.hexdigest()
-    verified, method, verify_seconds = False, "none", 0.0
-    if verify:
-        t0 = time.monotonic()
-        method = _verify(src, fd, ranges, written_sha, block_size=block_size, progress=progress,
-                         done=done, progress_total=progress_total, target_name=target_name, notes=notes)
-        verified, verify_seconds = True, time.monotonic() - t0
-    return dict(image_sha256=hasher.image.hexdigest(), written_sha256=written_sha, verified=verified,
+            zero = _aligned_buffer(HEAD)
+            for a, b in head_ranges:  # a killed write leaves no partition table behind
+                put(memoryview(zero)[: b - a], a)
+            if head_ranges:
+                os.fdatasync(fd)
+            for offset, view in _ReadAhead(_split(ranges, block_size), fill, block_size):
+                if offset < HEAD:
+                    head_data.append((offset, bytes(view)))
+                    continue
+                put(view, offset)
+                done += len(view)
+                if progress:
+                    progress(done, progress_total)
+            offset = 0
+            os.fsync(fd)
+            for at, data in head_data:
+                view = memoryview(_aligned_buffer(len(data)))[: len(data)]
+                view[:] = data
+                put(view, at)
+                done += len(data)
+            os.fsync(fd)
+            if progress and head_data:
+                progress(done, progress_total)
+        except OSError as exc:
+            raise WriteError(f"writing to {target_name} failed near byte {offset}: {exc.strerror}; the target is "
+                             "incomplete (no partition table): check the card and burn again") from exc
+        finally:
+            try:
+                _set_direct(fd, False)
+            except OSError:
+                pass
+        write_seconds = time.monotonic() - write_started
+        written.update(_ranges_trailer([(a, b - a) for a, b in ranges]))
+        written_sha = written.hexdigest()
+        verified, method, verify_seconds = False, "none", 0.0
+        if verify:
+            t0 = time.monotonic()
+            method = _verify(src, fd, ranges, written_sha, block_size=block_size, progress=progress,
+                             done=done, progress_total=progress_total, target_name=target_name, notes=notes)
+            verified, verify_seconds = True, time.monotonic() - t0
+        image_sha = image_hasher.hexdigest()
+    finally:
+        image_hasher.stop = True
+        image_hasher.join()
+    return dict(image_sha256=image_sha, written_sha256=written_sha, verified=verified,
                 verify_method=method, direct_io=direct, write_seconds=round(write_seconds, 3),
                 verify_seconds=round(verify_seconds, 3))
 
@@ -527,23 +595,27 @@ def _open_readback(fd, target_name, notes):
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-    rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return _open_fadvise(fd, target_name, notes), "fadvise"
+
+
+def _open_fadvise(fd, target_name, notes):
+    rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
     notes.append(f"{target_name} refused O_DIRECT reads: page cache dropped with posix_fadvise before reading back")
-    return rfd, "fadvise"
+    return rfd
 
 
-def _read_range(rfd, view, at, method):
-    """Read len(view) bytes at ``at``; O_DIRECT needs aligned lengths, so round up into the buffer."""
+def _read_into(rfd, view, at, direct):
+    """Read len(view) bytes at ``at``; O_DIRECT wants aligned lengths, so read a rounded-up length into the
+    buffer behind ``view`` (which always starts at the buffer's start and has ALIGN bytes to spare)."""
     n = len(view)
-    want = -(-n // ALIGN) * ALIGN if method == "direct" else n
-    obj = view.obj if hasattr(view, "obj") else view
-    full = memoryview(obj)[:want]
+    want = -(-n // ALIGN) * ALIGN if direct else n
+    full = memoryview(view.obj)[:want] if direct else view
     done = 0
     while done < n:
         got = os.preadv(rfd, [full[done:want]], at + done)
         if got == 0:
-            full[done:n] = bytes(n - done)
+            view[done:n] = bytes(n - done)
             break
         done += got
 
@@ -551,58 +623,50 @@ def _read_range(rfd, view, at, method):
 def _verify(src, fd, ranges, expected, *, block_size, progress, done, progress_total, target_name, notes):
     os.fsync(fd)
     rfd, method = _open_readback(fd, target_name, notes)
-    buf = _aligned_buffer(block_size + ALIGN)
+    state = {"rfd": rfd, "direct": method == "direct"}
+
+    def fill(view, at):  # reader thread
+        try:
+            _read_into(state["rfd"], view, at, state["direct"])
+        except OSError as exc:
+            if state["direct"] and exc.errno == errno.EINVAL:  # O_DIRECT accepted at open, refused on read
+                os.close(state["rfd"])
+                state["rfd"], state["direct"] = _open_fadvise(fd, target_name, notes), False
+                _read_into(state["rfd"], view, at, False)
+            else:
+                raise VerifyError(f"reading back {target_name} failed at byte {at}: {exc.strerror}") from exc
+
     digest = hashlib.sha256()
     try:
-        for a, b in ranges:
-            pos = a
-            while pos < b:
-                n = min(block_size, b - pos)
-                view = memoryview(buf)[:n]
-                try:
-                    _read_range(rfd, view, pos, method)
-                except OSError as exc:
-                    if method == "direct" and exc.errno == errno.EINVAL:
-                        os.close(rfd)
-                        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-                        os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
-                        method = "fadvise"
-                        notes.append("O_DIRECT read refused: page cache dropped with posix_fadvise instead")
-                        _read_range(rfd, view, pos, method)
-                    else:
-                        raise VerifyError(f"reading back {target_name} failed at byte {pos}: {exc.strerror}") from exc
-                digest.update(view)
-                pos += n
-                done += n
-                if progress:
-                    progress(done, progress_total)
+        for _offset, view in _ReadAhead(_split(ranges, block_size), fill, block_size):
+            digest.update(view)
+            done += len(view)
+            if progress:
+                progress(done, progress_total)
         digest.update(_ranges_trailer([(a, b - a) for a, b in ranges]))
         if digest.hexdigest() != expected:
-            bad = _first_difference(src, rfd, ranges, method, block_size)
+            if src is None:
+                raise VerifyError(f"verification failed: what {target_name} holds differs from the image stream; "
+                                  "the card may be faulty or fake: try another card")
+            bad = _first_difference(src, state["rfd"], ranges, state["direct"], block_size)
             raise VerifyError(f"verification failed: {target_name} differs from the image at byte {bad} "
                               f"(0x{bad:x}); the card may be faulty or fake: try another card")
     finally:
-        os.close(rfd)
-    return method
+        os.close(state["rfd"])
+    return "direct" if state["direct"] else "fadvise"
 
 
-def _first_difference(src, rfd, ranges, method, block_size):
+def _first_difference(src, rfd, ranges, direct, block_size):
     buf = _aligned_buffer(block_size + ALIGN)
-    try:
-        for a, b in ranges:
-            pos = a
-            while pos < b:
-                n = min(block_size, b - pos)
-                view = memoryview(buf)[:n]
-                _read_range(rfd, view, pos, method)
-                want = os.pread(src, n, pos)
-                want += bytes(n - len(want))
-                got = bytes(view)
-                if got != want:
-                    return pos + next(i for i in range(n) if got[i] != want[i])
-                pos += n
-    finally:
-        view = None
+    for pos, n in _split(ranges, block_size):
+        view = memoryview(buf)[:n]
+        _read_into(rfd, view, pos, direct)
+        want = os.pread(src, n, pos)
+        want += bytes(n - len(want))
+        got = bytes(view)
+        view.release()
+        if got != want:
+            return pos + next(i for i in range(n) if got[i] != want[i])
     return ranges[0][0] if ranges else 0
 
 
@@ -713,34 +777,6 @@ def _write_stream(stream, target, *, verify, progress, block_size, keep_unwritte
 
 
 def _verify_against_hash(fd, ranges, expected, *, block_size, progress, progress_total, target_name, notes):
-    """Read-back for a stream (no source to compare with): the hash alone says good or bad; a bad
-    read-back names the first bad range."""
-    os.fsync(fd)
-    rfd, method = _open_readback(fd, target_name, notes)
-    try:
-        pairs = [(a, b - a) for a, b in ranges]
-        got = written_ranges_sha256(rfd, pairs, block_size=block_size) if method != "direct" else None
-        if got is None:
-            buf = _aligned_buffer(block_size + ALIGN)
-            digest = hashlib.sha256()
-            done = progress_total // 2
-            for a, b in ranges:
-                pos = a
-                while pos < b:
-                    n = min(block_size, b - pos)
-                    view = memoryview(buf)[:n]
-                    _read_range(rfd, view, pos, method)
-                    digest.update(view)
-                    pos += n
-                    done += n
-                    if progress:
-                        progress(done, progress_total)
-            digest.update(_ranges_trailer(pairs))
-            got = digest.hexdigest()
-        if got != expected:
-            raise VerifyError(f"verification failed: what {target_name} holds differs from the image stream "
-                              f"in the range starting at byte {ranges[0][0] if ranges else 0} or later; "
-                              "the card may be faulty or fake: try another card")
-    finally:
-        os.close(rfd)
-    return method
+    """Read-back for a stream: there is no source to compare with, the hash alone says good or bad."""
+    return _verify(None, fd, ranges, expected, block_size=block_size, progress=progress, done=progress_total // 2,
+                   progress_total=progress_total, target_name=target_name, notes=notes)
