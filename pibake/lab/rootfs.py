@@ -36,7 +36,7 @@ DEFAULT_CACHE_DIR = Path("/var/cache/pibake/lab")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 # Bump when the build recipe below changes in a way that changes the result.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 # What the seeds would install from the internet on a real Pi, plus what cloud-init's
 # modules call (locale, timezone, users/sudo, ssh keys, ntp). Names are bookworm's.
@@ -118,13 +118,16 @@ def rootfs_stamp(root):
     return data
 
 
-def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, mirror=None, progress=None):
+def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, mirror=None, progress=None,
+                  download_dir=None):
     """Return the path of a complete cached rootfs, building it first when needed.
 
     The cache entry is ``<cache_dir>/rootfs-<release>-<hash of package list>``; a stamp file
     beside it (``...done``) is written last, so a rootfs without a stamp (a build that was
     killed) is removed and rebuilt, never used. Concurrent callers wait on a lock file
     instead of building twice. ``progress`` (optional) is called with one-line messages.
+    Downloaded packages are kept in ``download_dir`` (default ``<cache_dir>/debs``), so a
+    rebuild does not download again; ``mirror`` defaults to this machine's Debian mirror.
     """
     note = progress or (lambda message: None)
     packages = tuple(dict.fromkeys(packages))
@@ -145,7 +148,7 @@ def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, 
                 note(f"removing incomplete rootfs {leftover.name}")
                 _remove_tree(leftover)
         note(f"building lab rootfs {root.name} (debootstrap {release}, {len(packages)} packages)")
-        debs = root.parent / "debs"
+        debs = Path(download_dir) if download_dir else root.parent / "debs"
         _debootstrap(partial, release, mirror, debs / "debootstrap", note)
         _install_packages(partial, release, mirror, packages, debs / "apt", note)
         _strip_host_state(partial)
@@ -319,6 +322,9 @@ chroot "$root" apt-get -q -y --no-install-recommends -o Dpkg::Use-Pty=0 install 
 if [ -f "$root/etc/locale.gen" ]; then
     sed -i -e 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' -e 's/^# *\(en_GB.UTF-8 UTF-8\)/\1/' "$root/etc/locale.gen"
     chroot "$root" locale-gen
+    # A system locale is set, as on a Pi image; cloud-init then regenerates locales only
+    # when a seed asks for another one.
+    chroot "$root" update-locale LANG=en_US.UTF-8
 fi
 rm -f "$root/usr/sbin/policy-rc.d" "$root/etc/dpkg/dpkg.cfg.d/pibake-lab-build"
 umount "$root/var/cache/apt/archives"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pibake.lab.rootfs import (
+    DEFAULT_CACHE_DIR,
     LAB_PACKAGES,
     debian_mirror,
     ensure_rootfs,
@@ -101,7 +102,10 @@ def test_half_built_cache_is_rebuilt_not_used(tmp_path):
     root = rootfs_path(tmp_path, packages=packages)
     partial = root.with_name(root.name + ".partial")
     # A build killed in the middle of debootstrap...
-    code = f"from pibake.lab.rootfs import ensure_rootfs; ensure_rootfs({str(tmp_path)!r}, packages={packages!r})"
+    # Packages come from the lab's own download cache when it has them (not part of the test).
+    debs = str(DEFAULT_CACHE_DIR / "debs")
+    code = ("from pibake.lab.rootfs import ensure_rootfs; "
+            f"ensure_rootfs({str(tmp_path)!r}, packages={packages!r}, download_dir={debs!r})")
     build = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -115,7 +119,7 @@ def test_half_built_cache_is_rebuilt_not_used(tmp_path):
     (root / "planted-by-test").write_text("half built")
     assert rootfs_stamp(root) is None
 
-    built = ensure_rootfs(tmp_path, packages=packages)
+    built = ensure_rootfs(tmp_path, packages=packages, download_dir=debs)
 
     assert built == root
     assert rootfs_stamp(root)["packages"] == list(packages)
