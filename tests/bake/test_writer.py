@@ -277,3 +277,26 @@ def test_a_card_too_small_is_refused_before_writing(image, tmp_path):
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
     assert backing.read_bytes() == b"\xa5" * (16 * MIB)
+
+
+@needs_program("bmaptool", "dd")
+def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
+    """bench/burn itself is not part of the suite (it wants a 2 GiB image); this checks that it works."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc/os-release").write_text("ID=debian\n")
+    (rootfs / "usr-bin.bin").write_bytes(os.urandom(2 * MIB))
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/burn"), "--size", "96M", "--boot-size", "40M",
+                           "--rootfs", str(rootfs), "--reps", "1", "--workdir", str(tmp_path / "work"),
+                           "--report-dir", str(report), "--no-drop-caches"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "pibake (sparse + verify)" in proc.stdout and "goal:" in proc.stdout
+    data = json.loads((report / "burn.json").read_text())
+    assert set(data["median_seconds"]) == {"pibake (sparse + verify)", "dd bs=4M conv=fsync", "bmaptool copy"}
+    assert data["pibake"]["bytes_written"] < data["image"]["size"] / 2
+    assert data["command"].startswith("bench/burn --size 96M")
+    text = (report / "burn.md").read_text()
+    assert "| dd bs=4M conv=fsync |" in text and data["date"] in text
+    assert not (tmp_path / "work").exists()  # cleaned up
