@@ -505,28 +505,28 @@ def _write_atomic(path, text, mode=0o600):
 
 
 def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, inventory=None,
-                 instance_ids=None):
+                 instance_ids=None, record=True):
     """Plan, render and lint the seeds of one or more nodes, then write them to ``out_dir/<hostname>/``.
 
-    Every seed is linted before anything is written: one bad seed and nothing is written (SeedError naming
-    the host and the key). Files are 0600 (they carry the join token; the manager's the cluster's secrets)
-    in 0700 directories, each written atomically. Returns a JSON-able list, one dict per node:
-    hostname, ip, role, instance_id, paths, warnings. Nothing secret is in it.
+    Nodes come from ``hostnames`` + ``ips`` (hostlists such as ``red[01-03]`` / ``10.1.1.[11-13]``) or from
+    a cloudmesh ``inventory`` file (``pibake.plan.resolve_plan``). Every seed is linted before anything is
+    written: one bad seed and nothing is written (SeedError naming the host and the key). Then the plan is
+    recorded in the cluster's plan.yaml (``record=False`` skips that) and the seeds are written: files 0600
+    (they carry the join token; the manager's also the cluster's secrets) in 0700 directories, each file
+    atomically. Returns a JSON-able list, one dict per node: hostname, ip, role, instance_id, paths,
+    warnings. Nothing secret is in it.
     """
     from pibake.bake.lint import lint_seed
     from pibake.cluster import load_cluster
-    from pibake.plan import plan_from_inventory, plan_nodes
+    from pibake.plan import record_plan, resolve_plan
     from pibake.secrets import manager_bundle, seed_secrets
 
     cluster = load_cluster(cluster_dir)
-    if inventory:
-        if hostnames or ips:
-            raise SeedError("give either --inventory or --hostname/--ip, not both")
-        nodes = plan_from_inventory(cluster, inventory)
-    else:
-        if not hostnames or not ips:
-            raise SeedError("say which nodes: --hostname HOSTLIST and --ip IPLIST (or --inventory FILE)")
-        nodes = plan_nodes(cluster, hostnames, ips, role=role)
+    if inventory is None and not hostnames and not ips:
+        raise SeedError("say which nodes: --hostname HOSTLIST and --ip IPLIST, or --inventory FILE")
+    nodes = resolve_plan(cluster, hostnames=hostnames, ips=ips, role=role, inventory=inventory)
+    if instance_ids is not None and len(instance_ids) != len(nodes):
+        raise SeedError(f"{len(instance_ids)} instance ids given for {len(nodes)} nodes")
     secrets = seed_secrets(cluster_dir)
     bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
 
@@ -538,13 +538,17 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
                            manager_bundle=bundle if node.role == "manager" else None)
         report = lint_seed(seed, hostname=node.hostname, family=cluster.family)
         if report.errors:
-            failures.append(f"{node.hostname}: {report.errors[0]}"
-                            + (f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""))
+            more = len(report.errors) - 1
+            failures.append(f"{node.hostname}: {report.errors[0]}" + (f" (and {more} more)" if more else ""))
         rendered.append((node, seed, report))
     if failures:
         raise SeedError("seed lint failed, nothing written: " + "; ".join(failures))
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SeedError(f"--out {out}: exists and is not a directory")
+    if record:
+        record_plan(cluster_dir, nodes)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for node, seed, report in rendered:

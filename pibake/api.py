@@ -8,7 +8,7 @@
 """
 
 from pibake.bake.lint import lint_seed  # noqa: F401
-from pibake.bake.seed import render_seed  # noqa: F401
+from pibake.bake.seed import render_seed, render_seeds  # noqa: F401
 from pibake.cluster import init_cluster, load_cluster  # noqa: F401
 from pibake.plan import plan_from_inventory, plan_nodes  # noqa: F401
 from pibake.plan import record_plan, recorded_plan, resolve_plan  # noqa: F401
