@@ -155,7 +155,7 @@ def validate_seed(root, seed, *, enter, host="host", timeout=60):
     if not user_data.startswith("#cloud-config"):
         raise SeedError(f"{host}: user-data must start with #cloud-config")
     check_path = "/run/pibake-seed-check.yaml"
-    _write_host_file(root, check_path, user_data, enter=enter, timeout=timeout)
+    _write_host_file(root, check_path, user_data, enter=enter, timeout=timeout, mode="0600")
     try:
         proc = run([*enter, "chroot", root, "cloud-init", "schema", "--config-file", check_path],
                    timeout=timeout, check=False, env=HOST_ENV)

@@ -142,6 +142,7 @@ def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, 
         mirror = mirror or debian_mirror()
         started = time.monotonic()
         partial = root.with_name(root.name + ".partial")
+        root.with_name(root.name + STAMP_SUFFIX).unlink(missing_ok=True)  # stale: its rootfs is gone
         for leftover in (root, partial):
             if leftover.exists():
                 LOG.info("removing incomplete lab rootfs %s", leftover)
@@ -198,7 +199,19 @@ def debian_mirror(sources_dirs=("/etc/apt/sources.list", "/etc/apt/sources.list.
     return DEFAULT_MIRROR
 
 
-def make_host_root(rootfs, host_dir, *, enter=(), timeout=60):
+def copy_boot_partition(image, dest, *, timeout=300):
+    """Copy every file of ``image``'s FAT boot partition into the directory ``dest`` (mtools, no mount)."""
+    from pibake.bake.bootpart import find_boot_partition
+
+    part = find_boot_partition(image)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    run(["mcopy", "-s", "-n", "-i", f"{part.target}@@{part.offset}", "::/*", dest],
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, timeout=timeout)
+    return dest
+
+
+def make_host_root(rootfs, host_dir, *, enter=(), boot_image=None, timeout=60):
     """Mount a host's own root filesystem and return its path (``<host_dir>/root``).
 
     ``<host_dir>/root`` becomes an overlay (lower: the cached ``rootfs``; upper and work:
@@ -206,6 +219,8 @@ def make_host_root(rootfs, host_dir, *, enter=(), timeout=60):
     plus the machine's /sys/fs/cgroup bound in, which slurmd needs), a minimal /dev, a tmpfs
     /run (/run/lock 1777, /run/sshd, /run/munge) and /boot/firmware bound to
     ``<host_dir>/bootfs`` (the host's boot partition, where ``boot_host`` puts the seed).
+    With ``boot_image`` (a burned .img), every file of its FAT boot partition is copied
+    there first, as a Pi sees its card: config.txt, cmdline.txt, the seed, extra files.
 
     All mounts are made by one script run through ``enter`` (an argv prefix that puts a
     command in the host's namespaces, e.g. ``["nsenter", "--target", pid, "--mount",
@@ -223,6 +238,8 @@ def make_host_root(rootfs, host_dir, *, enter=(), timeout=60):
         (host_dir / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(host_dir, 0o700)
     os.chmod(host_dir / "bootfs", 0o700)
+    if boot_image is not None:
+        copy_boot_partition(boot_image, host_dir / "bootfs", timeout=timeout)
     root = host_dir / "root"
     run(
         [*enter, "sh", "-eu", "-c", _MOUNT_SCRIPT, "mount-host-root", rootfs, host_dir / "upper", host_dir / "work",

@@ -195,3 +195,38 @@ def test_boot_result_collects_errors_from_status_and_stage_exit_codes():
                              "cloud-init modules-config exited with 1"]
     with pytest.raises(BootError, match=r"^red05: cloud-init did not finish cleanly: \('locale'"):
         result.check()
+
+
+@lab
+@needs_program("mcopy", "mkfs.vfat", "sfdisk", "mke2fs")
+def test_host_boots_the_seed_read_back_from_a_burned_image(lab_rootfs, tmp_path):
+    """The lab's path: seed on a Pi-like image's FAT partition -> read back -> the host's /boot/firmware."""
+    from pibake.bake.bootpart import read_seed, write_seed
+    from pibake.bake.synthetic import build_pi_image
+
+    image = tmp_path / "red06.img"
+    build_pi_image(image, size="96M")
+    burned = Seed(
+        user_data="#cloud-config\nhostname: red06\nruncmd:\n  - [sh, -c, 'cat /boot/firmware/extra.txt > /var/tmp/extra']\n",
+        meta_data="instance-id: red06-0001\n",
+        network_config="version: 2\nethernets:\n  eth0:\n    addresses: [10.77.9.16/24]\n",
+        instance_id="red06-0001",
+    )
+    write_seed(image, burned, extra_files={"extra.txt": b"shipped on the card\n"})
+    seed = read_seed(image)
+    assert seed.user_data == burned.user_data
+
+    sandbox = Sandbox("glabimg")
+    try:
+        root = make_host_root(lab_rootfs, tmp_path / "host", enter=sandbox.enter, boot_image=image)
+        sandbox.root = root
+        result = boot_host(root, seed, enter=sandbox.enter, host="red06")
+        assert result.ok, result.errors
+        assert result.hostname == "red06"
+        assert in_host(sandbox, "/var/tmp/extra") == "shipped on the card\n"
+        assert "root=PARTUUID=" in in_host(sandbox, "/boot/firmware/cmdline.txt")
+        assert in_host(sandbox, "/boot/firmware/config.txt").startswith("# For more options")
+        assert "10.77.9.16" in in_host(sandbox, "/etc/network/interfaces.d/50-cloud-init")
+    finally:
+        sandbox.destroy()
+        remove_host_root(tmp_path / "host")
