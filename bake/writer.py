@@ -685,14 +685,14 @@ def _write_stream(stream, target, *, verify, progress, block_size, keep_unwritte
         _set_direct(fd, True)
     except OSError:
         direct = False
-    head = None
+    head = []  # (offset, bytes): the chunks that hold the first HEAD bytes are written last
     ranges, pos, slot = [], 0, 0
     skip_zero = kind == "file" and not keep_unwritten
     write_started = time.monotonic()
     try:
         try:
-            if kind == "block":
-                os.pwrite(fd, bytes(HEAD), 0)
+            if kind == "block" or keep_unwritten:  # a killed write leaves no partition table behind
+                _pwrite_full(fd, memoryview(_aligned_buffer(HEAD))[:HEAD], 0)
                 os.fdatasync(fd)
             while True:
                 if pending[slot] is not None:
@@ -717,29 +717,35 @@ def _write_stream(stream, target, *, verify, progress, block_size, keep_unwritte
                 if not is_zero:
                     ranges.append((pos, pos + n))
                     if pos < HEAD:
-                        head = (pos, bytes(view))
+                        head.append((pos, bytes(view)))
                     else:
-                        if direct and n % ALIGN:
+                        if direct and n % ALIGN:  # the unaligned tail of the image
                             _set_direct(fd, False)
-                            direct = False
-                        try:
                             _pwrite_full(fd, view, pos)
-                        except OSError as exc:
-                            if direct and exc.errno == errno.EINVAL:
-                                _set_direct(fd, False)
-                                direct = False
+                            _set_direct(fd, True)
+                        else:
+                            try:
                                 _pwrite_full(fd, view, pos)
-                            else:
-                                raise
+                            except OSError as exc:
+                                if direct and exc.errno == errno.EINVAL:
+                                    _set_direct(fd, False)
+                                    direct = False
+                                    notes.append("direct I/O refused by the target: buffered writes")
+                                    _pwrite_full(fd, view, pos)
+                                else:
+                                    raise
                 pos += n
                 if progress:
                     progress(pos, (size or pos) * (2 if verify else 1))
+            if size is not None and pos != size:
+                raise WriteError(f"the image stream ended after {pos} bytes but {size} were announced; "
+                                 "the target is incomplete (no partition table): check the image file")
             if kind == "file" and not keep_unwritten:
                 os.ftruncate(fd, pos)
             os.fsync(fd)
-            if head is not None:
-                _set_direct(fd, False)
-                _pwrite_full(fd, head[1], head[0])
+            _set_direct(fd, False)
+            for at, data in head:
+                _pwrite_full(fd, data, at)
             os.fsync(fd)
         except OSError as exc:
             raise WriteError(f"writing to {target_name} failed near byte {pos}: {exc.strerror}; the target is "
@@ -750,9 +756,6 @@ def _write_stream(stream, target, *, verify, progress, block_size, keep_unwritte
                 _set_direct(fd, False)
             except OSError:
                 pass
-        if size is not None and pos != size:
-            raise WriteError(f"the image stream ended after {pos} bytes but {size} were announced; "
-                             "the target is incomplete: check the image file")
         ranges = allocation.normalise(ranges)
         write_seconds = time.monotonic() - write_started
         hasher.written.update(_ranges_trailer([(a, b - a) for a, b in ranges]))

@@ -300,3 +300,52 @@ def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
     text = (report / "burn.md").read_text()
     assert "| dd bs=4M conv=fsync |" in text and data["date"] in text
     assert not (tmp_path / "work").exists()  # cleaned up
+
+
+@needs_root("losetup needs root")
+@needs_program("losetup")
+@pytest.mark.parametrize("sparse", [True, False])
+def test_stream_to_a_loop_device(image, tmp_path, sparse):
+    """A decompressing stream onto a card: full (written as it arrives) and sparse (spooled first)."""
+    path, layout = image
+    packed = tmp_path / "pi.img.gz"
+    with open(path, "rb") as src, gzip.open(packed, "wb", compresslevel=1) as out:
+        out.write(src.read())
+    backing = tmp_path / "card.bin"
+    backing.write_bytes(os.urandom(layout.size + MIB))
+    proc = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"losetup does not work here: {proc.stderr.strip()}")
+    loop = proc.stdout.strip()
+    try:
+        fd = os.open(loop, os.O_RDWR | os.O_EXCL)
+        try:
+            with gzip.open(packed, "rb") as stream:
+                result = write_image(stream, fd, sparse=sparse, size=layout.size, spool_dir=tmp_path)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert result.verified and result.target_kind == "block" and result.direct_io
+    assert result.image_sha256 == sha256_file(path)
+    if not sparse:
+        assert result.bytes_written == layout.size
+        with open(backing, "rb") as f:
+            assert hashlib.sha256(f.read(layout.size)).hexdigest() == result.image_sha256
+    check_partitions(backing, layout, tmp_path)
+
+
+def test_a_short_stream_is_an_error_and_leaves_no_partition_table(image, tmp_path):
+    import io
+
+    path, layout = image
+    data = path.read_bytes()[: layout.size // 2]
+    target = tmp_path / "card.bin"
+    target.write_bytes(path.read_bytes())
+    with pytest.raises(WriteError, match="ended after"):
+        write_image(io.BytesIO(data), target, sparse=False, size=layout.size, keep_unwritten=True)
+    reader = allocation.Reader(os.open(target, os.O_RDONLY), layout.size)
+    try:
+        assert allocation.read_partition_table(reader, layout.size) == (None, [])
+    finally:
+        os.close(reader.fd)
