@@ -11,18 +11,22 @@ those proofs, read straight from the image (no mounting, no root, no external pr
 * FAT12/16/32: everything before the data region (boot sector, FSInfo, backup boot sector,
   every FAT copy, the FAT12/16 root directory) plus every cluster whose FAT entry is non-zero.
 
-Everything else (the MBR, the gap before the first partition, EBRs, GPT headers and entries,
-partitions with an unknown or unsupported filesystem, slack after a filesystem's end is the
-one exception: it belongs to no filesystem) is "used". ``allocation_map`` returns the
-*free* ranges: the only ranges a writer may leave untouched on a card.
+Everything else is "used": the MBR, the gap before the first partition, EBRs, GPT headers and
+entries (primary and backup), and whole partitions whose filesystem is unknown or unsupported
+(bigalloc, external journals, impossible values; the map's notes say which). The one place outside
+a filesystem's own map that counts as free is the slack between a filesystem's end and its
+partition's end: no filesystem owns it. If partitions overlap, nothing is skipped at all.
+``allocation_map`` returns the *free* ranges: the only ranges a writer may leave untouched on a card.
 
 Ranges are half-open ``(start, end)`` byte pairs, sorted and non-overlapping.
 """
 
+import array
 import logging
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 
 LOG = logging.getLogger(__name__)
@@ -430,55 +434,60 @@ def fat_used_ranges(reader, offset, length):
     fat = reader.read(offset + reserved * bps, fat_sectors * bps)
     cluster_bytes = spc * bps
     data = offset + data_start * bps
-    used = [(offset, data)]
     last = clusters + 2  # cluster numbers 2 .. clusters+1 exist
-    if kind == 32:
-        if len(fat) < last * 4:
-            raise Unsupported("FAT32 table shorter than the cluster count")
-        page = 4096
-        zero_page = bytes(page)
-        import array
-        words = array.array("I")
-        words.frombytes(fat[: last * 4])
-        if struct.pack("=I", 1) != struct.pack("<I", 1):
-            words.byteswap()
-        run_start = None
-        for base in range(0, last * 4, page):
-            chunk = fat[base: min(base + page, last * 4)]
-            first_n = base // 4
-            if chunk == zero_page[: len(chunk)]:
-                if run_start is not None:
-                    used.append((run_start, first_n))
-                    run_start = None
-                continue
-            for n in range(max(first_n, 2), first_n + len(chunk) // 4):
-                if words[n] & 0x0FFFFFFF:
-                    if run_start is None:
-                        run_start = n
-                elif run_start is not None:
-                    used.append((run_start, n))
-                    run_start = None
-        if run_start is not None:
-            used.append((run_start, last))
-        cluster_runs = [u for u in used[1:]]
-    else:
-        cluster_runs, run_start = [], None
-        for n in range(2, last):
-            if kind == 16:
-                entry = fat[2 * n] | fat[2 * n + 1] << 8
-            else:
-                pair = fat[n * 3 // 2] | fat[n * 3 // 2 + 1] << 8
-                entry = pair >> 4 if n & 1 else pair & 0xFFF
-            if entry:
+    if len(fat) * 8 < last * kind:
+        raise Unsupported(f"FAT{kind} table shorter than the cluster count")
+    cluster_runs = _fat32_runs(fat, last) if kind == 32 else _fat12_16_runs(fat, last, kind)
+    ranges = [(offset, data)]  # boot sector, FSInfo, backup boot sector, every FAT, FAT12/16 root directory
+    ranges += [(data + (a - 2) * cluster_bytes, data + (b - 2) * cluster_bytes) for a, b in cluster_runs]
+    return "vfat", normalise(ranges)
+
+
+def _fat32_runs(fat, last):
+    """Runs (first, end) of cluster numbers >= 2 whose FAT32 entry (low 28 bits) is non-zero."""
+    words = array.array("I")
+    words.frombytes(fat[: last * 4])
+    if sys.byteorder != "little":
+        words.byteswap()
+    runs, run_start, page = [], None, 4096
+    zero_page = bytes(page)
+    for base in range(0, last * 4, page):
+        chunk = fat[base: min(base + page, last * 4)]
+        first_n = base // 4
+        if chunk == zero_page[: len(chunk)]:  # 1024 free clusters at once
+            if run_start is not None:
+                runs.append((run_start, first_n))
+                run_start = None
+            continue
+        for n in range(max(first_n, 2), first_n + len(chunk) // 4):
+            if words[n] & 0x0FFFFFFF:
                 if run_start is None:
                     run_start = n
             elif run_start is not None:
-                cluster_runs.append((run_start, n))
+                runs.append((run_start, n))
                 run_start = None
-        if run_start is not None:
-            cluster_runs.append((run_start, last))
-    ranges = [used[0]] + [(data + (a - 2) * cluster_bytes, data + (b - 2) * cluster_bytes) for a, b in cluster_runs]
-    return f"vfat", normalise(ranges)
+    if run_start is not None:
+        runs.append((run_start, last))
+    return runs
+
+
+def _fat12_16_runs(fat, last, kind):
+    runs, run_start = [], None
+    for n in range(2, last):
+        if kind == 16:
+            entry = fat[2 * n] | fat[2 * n + 1] << 8
+        else:
+            pair = fat[n * 3 // 2] | fat[n * 3 // 2 + 1] << 8
+            entry = pair >> 4 if n & 1 else pair & 0xFFF
+        if entry:
+            if run_start is None:
+                run_start = n
+        elif run_start is not None:
+            runs.append((run_start, n))
+            run_start = None
+    if run_start is not None:
+        runs.append((run_start, last))
+    return runs
 
 
 def filesystem_map(reader, partition):
