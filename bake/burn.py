@@ -1,0 +1,638 @@
+"""Burning cards and image files: the orchestration the CLI and the REST API call.
+
+``burn()`` does, in this order, and touches no target before every check has passed:
+
+1. load cluster.yaml, plan the nodes (hostlist + IP list, or an inventory);
+2. render and lint every node's seed (one bad seed: nothing is written);
+3. for a manager, get the pibake wheel it installs from its boot partition;
+4. record the plan (a hostname keeps its IP);
+5. resolve the image (catalog download with sha256, or a local file) and, when it is
+   compressed, decompress it once into a raw spool file, so a corrupt or truncated
+   download is found before any card is touched;
+6. check every target with the wrong-disk guard and ask for confirmation (model, size,
+   serial) unless the caller confirmed already (``--yes``);
+7. per card/file: append ``started`` to the manifest, write the image (sparse, hashed,
+   read back), write the seed to the boot partition and read it back, append ``complete``.
+
+Targets: ``output="out/{hostname}.img"`` writes one image file per node; ``devices=[dev]``
+with several nodes burns them one after the other and asks for the next card between
+burns (checking it is a different card); ``devices=[a, b]`` writes cards in parallel
+threads, in rounds of ``len(devices)``.
+
+The seams for what cannot exist in a test (a person swapping cards) are thin:
+``ask(message)`` waits for the person, ``probe(device)`` reads the card's identity, and
+``next_card_verdict`` is the pure decision between them.
+
+Test hook: the environment variable ``PIBAKE_TEST_WRITE_DELAY`` (seconds, float) makes
+every progress step of the writer sleep that long. Tests use it to kill a burn mid-write;
+it has no other effect and is never set by pibake itself.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pibake
+from pibake.bake import bootpart, devices, images, manifest
+from pibake.errors import PibakeError, PlanError, SeedError
+from pibake.run import run
+
+LOG = logging.getLogger(__name__)
+
+WRITE_DELAY_ENV = "PIBAKE_TEST_WRITE_DELAY"
+WHEEL_DIR_ON_BOOT = "pibake"  # /boot/firmware/pibake/pibake-<version>-py3-none-any.whl
+_WHEEL_RE = re.compile(r"^pibake-[0-9][A-Za-z0-9_.+!-]*-py3-none-any\.whl$")
+_SOURCE_PARTS = ("pibake", "bake", "templates", "firstboot", "registry")
+_SOURCE_FILES = ("setup.cfg", "pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE")
+
+
+class BurnError(PibakeError):
+    """A burn cannot start or did not finish; the message says which target and what to do."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class BurnResult:
+    """One card or image file. ``error`` is None when the burn completed."""
+
+    hostname: str
+    ip: str
+    role: str
+    target: str
+    target_kind: str  # "block" or "file"
+    instance_id: str
+    action: str = "burn"  # or "reseed"
+    burn_id: str | None = None
+    manifest_status: str | None = None  # complete / failed
+    image: dict = field(default_factory=dict)  # name, path, sha256 (as stored), raw_sha256
+    bytes_written: int = 0
+    bytes_skipped: int = 0
+    written_sha256: str | None = None
+    verified: bool = False
+    seed: dict = field(default_factory=dict)  # files (sha256), cmdline (removed tokens), partition
+    card: dict = field(default_factory=dict)  # model, serial, size, disk_id (before the burn)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self):
+        return self.error is None
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def output_paths(template, nodes):
+    """{hostname: path} from an ``--output`` template such as ``out/{hostname}.img`` (pure)."""
+    paths = {}
+    for node in nodes:
+        try:
+            path = str(template).format_map({"hostname": node.hostname, "ip": node.ip, "role": node.role})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise BurnError(f"--output {template}: only {{hostname}}, {{ip}} and {{role}} can be filled in "
+                            f"({exc})") from None
+        paths[node.hostname] = path
+    if len(set(paths.values())) < len(paths):
+        raise BurnError(f"--output {template} names the same file for several hosts: put {{hostname}} in it, "
+                        "e.g. --output 'out/{hostname}.img'")
+    return paths
+
+
+def rounds(nodes, n_devices):
+    """Split nodes into rounds of at most ``n_devices`` (one card per device per round)."""
+    return [nodes[i:i + n_devices] for i in range(0, len(nodes), n_devices)]
+
+
+def next_card_verdict(burned, identity, seed_instance_id):
+    """Decide whether the card now in the reader is a new one to burn (pure).
+
+    ``burned``: list of {"identity": CardIdentity, "instance_id": str} for cards burned in this batch.
+    ``identity``: the ``devices.CardIdentity`` of the card now in the reader, or None (no card/reader).
+    ``seed_instance_id``: the instance-id of the seed on that card's boot partition, or None.
+    Returns (verdict, message): "absent", "same" or "new".
+
+    A card pibake just burned carries the seed pibake wrote and read back: its instance-id is the
+    strongest proof of "same card", because cards burned from one image share a disk id and a USB
+    reader reports its own serial for every card. A card serial from an mmc slot decides too.
+    """
+    if identity is None or not identity.size:
+        return "absent", "no card in the reader"
+    for entry in burned:
+        before = entry["identity"]
+        if before.serial_identifies_card and identity.serial_identifies_card:
+            if before.serial == identity.serial:
+                return "same", f"this is the card just burned (card serial {identity.serial})"
+            continue
+        if seed_instance_id and seed_instance_id == entry["instance_id"]:
+            return "same", f"this is the card just burned (it carries seed {seed_instance_id})"
+    return "new", "a different card"
+
+
+# --------------------------------------------------------------------------- wheel for the manager
+
+
+def _source_tree():
+    """The checkout pibake runs from (setup.cfg next to the pibake package), or None."""
+    root = Path(pibake.__file__).resolve().parent.parent
+    if (root / "setup.cfg").is_file() and (root / "bake").is_dir() and (root / "pibake").is_dir():
+        return root
+    return None
+
+
+def _source_digest(root):
+    digest = hashlib.sha256()
+    paths = [root / f for f in _SOURCE_FILES if (root / f).is_file()]
+    for part in _SOURCE_PARTS:
+        paths += [p for p in sorted((root / part).rglob("*"))
+                  if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")]
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def wheel_cache_dir():
+    return images.default_cache_dir().parent / "wheels"
+
+
+def manager_wheel(wheel=None, *, cache_dir=None):
+    """Path of a pibake wheel for the manager's boot partition.
+
+    ``wheel``: a given ``pibake-*-py3-none-any.whl``. Otherwise one is built from the checkout pibake
+    runs from (``pip wheel --no-deps``, in a copy so the checkout stays clean) and cached by the
+    checksum of the sources, so it is built once per change.
+    """
+    if wheel is not None:
+        path = Path(wheel)
+        if not path.is_file():
+            raise BurnError(f"--wheel {wheel} does not exist")
+        if not _WHEEL_RE.match(path.name):
+            raise BurnError(f"--wheel {wheel}: expected a file named pibake-<version>-py3-none-any.whl")
+        return path
+    root = _source_tree()
+    if root is None:
+        raise BurnError("cannot build the pibake wheel the manager installs: pibake is not running from a source "
+                        "checkout; build one in a checkout (python3 -m pip wheel --no-deps . -w dist) and pass "
+                        "--wheel dist/pibake-*.whl")
+    cache = Path(cache_dir) if cache_dir else wheel_cache_dir()
+    key_dir = cache / _source_digest(root)
+    name = f"pibake-{pibake.__version__}-py3-none-any.whl"
+    cached = key_dir / name
+    if cached.is_file():
+        return cached
+    key_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pibake-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for f in _SOURCE_FILES:
+            if (root / f).is_file():
+                shutil.copy2(root / f, src / f)
+        for part in _SOURCE_PARTS:
+            shutil.copytree(root / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        out = Path(tmp) / "dist"
+        last = None
+        for extra in ([], ["--no-build-isolation"]):
+            try:
+                run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", *extra,
+                     str(src), "-w", str(out)], timeout=600)
+                break
+            except PibakeError as exc:
+                last = exc
+        else:
+            raise BurnError(f"cannot build the pibake wheel the manager installs ({last}); build one with "
+                            "`python3 -m pip wheel --no-deps . -w dist` and pass --wheel dist/pibake-*.whl")
+        built = sorted(out.glob("pibake-*-py3-none-any.whl"))
+        if not built:
+            raise BurnError("pip built no pibake-*-py3-none-any.whl; pass --wheel FILE")
+        tmp_target = key_dir / f".{built[0].name}.part"
+        shutil.copyfile(built[0], tmp_target)
+        os.replace(tmp_target, key_dir / built[0].name)
+        LOG.info("built %s into the cache %s", built[0].name, key_dir)
+        return key_dir / built[0].name
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class Prepared:
+    """Everything checked and rendered before any target is touched."""
+
+    cluster: object
+    nodes: list
+    seeds: dict  # hostname -> Seed
+    wheel: Path | None
+    family: str
+    image: object = None  # images.LocalImage
+    raw_path: Path | None = None  # raw (decompressed) image to write
+    raw_size: int = 0
+    spool_dir: str | None = None
+
+
+def _image_family(cluster, image_name):
+    try:
+        catalog = images.load_catalog()
+    except PibakeError:
+        return cluster.family
+    entry = catalog.get(str(image_name))
+    return entry.family if entry else cluster.family
+
+
+def render_checked_seeds(cluster, cluster_dir, nodes, family):
+    """{hostname: Seed}, every seed linted; SeedError naming each failing host, nothing written."""
+    from pibake.bake.lint import lint_seed
+    from pibake.bake.seed import render_seed
+    from pibake.secrets import manager_bundle, seed_secrets
+
+    secrets = seed_secrets(cluster_dir)
+    bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
+    seeds, failures = {}, []
+    for node in nodes:
+        seed = render_seed(cluster, node, secrets, manager_bundle=bundle if node.role == "manager" else None)
+        report = lint_seed(seed, hostname=node.hostname, family=family)
+        if report.errors:
+            more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+            failures.append(f"{node.hostname}: {report.errors[0]}{more}")
+        seeds[node.hostname] = seed
+    if failures:
+        raise SeedError("seed lint failed, nothing written: " + "; ".join(failures))
+    return seeds
+
+
+def prepare(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, image=None, wheel=None):
+    """Plan, render and lint (steps 1-3). No target, no download."""
+    from dataclasses import replace
+
+    from pibake.cluster import load_cluster
+    from pibake.plan import resolve_plan
+
+    cluster = load_cluster(cluster_dir)
+    if not inventory and not (hostnames and ips):
+        raise PlanError("say which nodes: --hostname HOSTLIST and --ip IPLIST (or --inventory FILE)")
+    nodes = resolve_plan(cluster, hostnames=hostnames, ips=ips, role=role, inventory=inventory)
+    family = _image_family(cluster, image or cluster.image)
+    seed_cluster = replace(cluster, family=family) if family != cluster.family else cluster
+    seeds = render_checked_seeds(seed_cluster, cluster_dir, nodes, family)
+    wheel_path = manager_wheel(wheel) if any(n.role == "manager" for n in nodes) else None
+    return Prepared(cluster=cluster, nodes=nodes, seeds=seeds, wheel=wheel_path, family=family)
+
+
+def _raw_image(prepared, image_name, *, sha256=None, progress=None, cache_dir=None):
+    """Resolve the image and make sure a raw (decompressed) file of it exists (step 5)."""
+    local = images.resolve_image(image_name, sha256=sha256, cache_dir=cache_dir,
+                                 progress=(lambda d, t: progress("download", d, t)) if progress else None)
+    prepared.image = local
+    if local.format == "none":
+        prepared.raw_path = Path(local.path)
+    else:
+        from pibake.bake import writer
+
+        prepared.spool_dir = tempfile.mkdtemp(prefix="pibake-raw-", dir=os.environ.get("TMPDIR"))
+        raw = Path(prepared.spool_dir) / "image.raw"
+        LOG.info("decompressing %s into %s", local.path, raw)
+        total = images.uncompressed_size(local)
+        with images.open_image_stream(local) as stream:
+            writer.spool_stream(stream, raw, progress=(lambda d, t=None: progress("decompress", d, total or d))
+                                if progress else None)
+        prepared.raw_path = raw
+    prepared.raw_size = os.path.getsize(prepared.raw_path)
+    if prepared.raw_size == 0:
+        raise BurnError(f"image {local.path} is empty")
+    return prepared
+
+
+def _cleanup(prepared):
+    if prepared.spool_dir:
+        shutil.rmtree(prepared.spool_dir, ignore_errors=True)
+        prepared.spool_dir = None
+
+
+# --------------------------------------------------------------------------- one card
+
+
+def _progress_hook(progress, hostname):
+    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+    if not progress and not delay:
+        return None
+
+    def hook(done, total):
+        if progress:
+            progress(hostname, done, total)
+        if delay:
+            time.sleep(delay)
+
+    return hook
+
+
+def _wheel_files(prepared, node):
+    if node.role != "manager" or prepared.wheel is None:
+        return {}
+    return {f"{WHEEL_DIR_ON_BOOT}/{prepared.wheel.name}": prepared.wheel.read_bytes()}
+
+
+def _card_facts(target):
+    if target.kind != "block":
+        return {}
+    try:
+        ident = devices.card_identity(target)
+    except OSError as exc:
+        raise BurnError(f"cannot read {target.path}: {exc.strerror}") from None
+    return {"model": ident.model, "serial": ident.serial, "size": ident.size, "disk_id_before": ident.disk_id,
+            "serial_identifies_card": ident.serial_identifies_card}
+
+
+def burn_one(cluster_dir, prepared, node, target, *, verify=True, sparse=True, progress=None,
+             facts_provider=None):
+    """Write image + seed to one checked ``devices.Target``; record it in the manifest. Returns a BurnResult."""
+    seed = prepared.seeds[node.hostname]
+    started = time.monotonic()
+    image_info = {"name": prepared.image.name, "path": str(prepared.image.path), "sha256": prepared.image.sha256}
+    result = BurnResult(hostname=node.hostname, ip=node.ip, role=node.role, target=target.path,
+                        target_kind=target.kind, instance_id=seed.instance_id, image=image_info)
+    result.card = _card_facts(target)
+    result.burn_id = manifest.start(
+        cluster_dir, action="burn", hostname=node.hostname, ip=node.ip, role=node.role,
+        instance_id=seed.instance_id, image=image_info, target=target.path, target_kind=target.kind,
+        card=result.card, mode="sparse" if sparse else "full")
+    fd = None
+    try:
+        from pibake.bake import writer
+
+        if target.kind == "block":
+            fd = devices.open_target(target, facts_provider=facts_provider)
+            dest = fd
+        else:
+            dest = target.path
+        written = writer.write_image(str(prepared.raw_path), dest, sparse=sparse, verify=verify,
+                                     progress=_progress_hook(progress, node.hostname))
+        result.image["raw_sha256"] = written.image_sha256
+        result.bytes_written, result.bytes_skipped = written.bytes_written, written.bytes_skipped
+        result.written_sha256, result.verified = written.written_sha256, written.verified
+        # The exclusive fd stays open while the seed is written: nothing can mount the card meanwhile.
+        seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node))
+        result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"],
+                       "partition": seeded["partition"]["number"], "verified": seeded["verified"]}
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, PibakeError) else (
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else f"internal error: {exc.__class__.__name__}")
+        result.error = reason
+        result.manifest_status = "failed"
+        result.seconds = round(time.monotonic() - started, 3)
+        manifest.finish(cluster_dir, result.burn_id, "failed", reason=reason, seconds=result.seconds)
+        if not isinstance(exc, PibakeError):
+            raise
+        return result
+    finally:
+        if fd is not None:
+            os.close(fd)
+    result.seconds = round(time.monotonic() - started, 3)
+    result.manifest_status = "complete"
+    manifest.finish(cluster_dir, result.burn_id, "complete", written_sha256=result.written_sha256,
+                    raw_sha256=result.image.get("raw_sha256"), bytes_written=result.bytes_written,
+                    bytes_skipped=result.bytes_skipped, verified=result.verified,
+                    seed_files=result.seed["files"], seconds=result.seconds)
+    LOG.info("burned %s to %s in %.1f s", node.hostname, target.path, result.seconds)
+    return result
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def check_write_target(path, prepared, *, allow_non_removable=False, max_bytes=devices.DEFAULT_MAX_BYTES,
+                       facts=None):
+    """The guard (E) plus: the image must fit, and an output file must not be the image itself."""
+    target = devices.check_target(path, allow_non_removable=allow_non_removable, max_bytes=max_bytes, facts=facts)
+    if target.kind == "block" and target.size is not None and target.size < prepared.raw_size:
+        raise BurnError(f"refusing {target.path}: it holds {devices.human_size(target.size)} but the image needs "
+                        f"{devices.human_size(prepared.raw_size)}; use a larger card")
+    if target.kind == "file" and target.exists:
+        for src in {Path(prepared.raw_path), Path(prepared.image.path)}:
+            if os.path.samefile(target.path, src):
+                raise BurnError(f"refusing {path}: it is the image itself; choose another --output")
+    return target
+
+
+def default_probe(device, *, allow_non_removable=False, max_bytes=devices.DEFAULT_MAX_BYTES):
+    """(CardIdentity or None, seed instance-id or None) of the card now in ``device``."""
+    try:
+        target = devices.check_target(device, allow_non_removable=allow_non_removable, max_bytes=max_bytes)
+    except devices.GuardError as exc:
+        if "no card" in str(exc) or "size 0" in str(exc):
+            return None, None
+        raise
+    try:
+        ident = devices.card_identity(target)
+    except OSError:
+        return None, None
+    try:
+        seed = bootpart.read_seed(target.path)
+    except PibakeError:
+        seed = None
+    return ident, (seed.instance_id if seed else None)
+
+
+def wait_for_next_card(device, hostname, burned, *, ask, probe):
+    """Ask for the next card until one that was not burned in this batch is in ``device``."""
+    message = f"Insert the card for {hostname} into {device}, then press Enter"
+    while True:
+        ask(message)
+        identity, iid = probe(device)
+        verdict, why = next_card_verdict(burned, identity, iid)
+        LOG.info("card check on %s: %s (%s)", device, verdict, why)
+        if verdict == "new":
+            return identity
+        message = f"{why} in {device}: insert the card for {hostname}, then press Enter"
+
+
+# --------------------------------------------------------------------------- burn
+
+
+def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, devices_=(), output=None,
+         image=None, sha256=None, verify=True, sparse=True, allow_non_removable=False,
+         max_bytes=devices.DEFAULT_MAX_BYTES, wheel=None, confirm=None, ask=None, probe=None, progress=None,
+         facts_provider=None, cache_dir=None):
+    """Burn one or more nodes; return a list of ``BurnResult`` (one per card or file).
+
+    ``confirm(prompt) -> bool`` is asked before erasing each card (None: confirmed, i.e. --yes).
+    ``ask(message)`` waits for a person to swap cards between rounds (None: a batch that needs a card
+    swap is refused). ``probe(device)`` reads the card identity (default ``default_probe``).
+    ``progress(label, done, total)`` reports download, decompression and per-host write progress.
+    Raises PibakeError before anything is written when a check fails.
+    """
+    devices_ = [d for d in (devices_ or ()) if d]
+    if bool(devices_) == bool(output):
+        raise BurnError("say where to write: --device /dev/sdX (cards) or --output 'out/{hostname}.img' (files), "
+                        "not both")
+    if len(set(devices_)) != len(devices_):
+        raise BurnError(f"--device names the same device twice: {','.join(devices_)}")
+    prepared = prepare(cluster_dir, hostnames=hostnames, ips=ips, role=role, inventory=inventory, image=image,
+                       wheel=wheel)
+    nodes = prepared.nodes
+    if devices_ and len(devices_) > len(nodes):
+        raise BurnError(f"{len(devices_)} devices for {len(nodes)} host(s): give one device per card to burn")
+    if devices_ and len(nodes) > len(devices_) and ask is None:
+        raise BurnError(f"{len(nodes)} hosts on {len(devices_)} device(s) needs a card swap between burns: "
+                        "run interactively, or give one --device per host")
+    paths = output_paths(output, nodes) if output else None
+    if paths:
+        for path in paths.values():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from pibake.plan import record_plan
+
+    try:
+        _raw_image(prepared, image or prepared.cluster.image, sha256=sha256, progress=progress, cache_dir=cache_dir)
+        facts = facts_provider() if facts_provider else None
+        guard = {"allow_non_removable": allow_non_removable, "max_bytes": max_bytes}
+        write = {"verify": verify, "sparse": sparse, "progress": progress, "facts_provider": facts_provider}
+        if paths:
+            targets = {h: check_write_target(p, prepared, facts=facts, **guard) for h, p in paths.items()}
+            record_plan(cluster_dir, nodes)  # every check passed: from here on things are written
+            return [burn_one(cluster_dir, prepared, node, targets[node.hostname], **write) for node in nodes]
+        return _burn_devices(cluster_dir, prepared, devices_, guard, write, confirm=confirm, ask=ask,
+                             probe=probe or (lambda d: default_probe(d, **guard)), facts=facts,
+                             before_first_write=lambda: record_plan(cluster_dir, nodes))
+    finally:
+        _cleanup(prepared)
+
+
+def _burn_devices(cluster_dir, prepared, device_paths, guard, write, *, confirm, ask, probe, facts,
+                  before_first_write=None):
+    results, burned = [], {d: [] for d in device_paths}
+    for number, batch in enumerate(rounds(prepared.nodes, len(device_paths))):
+        pairs = list(zip(device_paths, batch))
+        if number > 0:
+            for device, node in pairs:
+                wait_for_next_card(device, node.hostname, burned[device], ask=ask, probe=probe)
+            facts = None  # new cards: read this machine's facts again
+        targets = {}
+        for device, node in pairs:
+            targets[device] = check_write_target(device, prepared, facts=facts, **guard)
+        if confirm is not None:
+            for device, node in pairs:
+                question = devices.confirmation_prompt(targets[device]).replace(
+                    "Continue?", f"Burn {node.hostname} ({node.ip}) on it?")
+                if not confirm(question):
+                    raise BurnError(f"not confirmed: nothing written to {device}")
+        if number == 0 and before_first_write is not None:
+            before_first_write()
+        if len(pairs) == 1:
+            device, node = pairs[0]
+            round_results = [burn_one(cluster_dir, prepared, node, targets[device], **write)]
+        else:
+            with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="pibake-burn") as pool:
+                futures = [pool.submit(burn_one, cluster_dir, prepared, node, targets[device], **write)
+                           for device, node in pairs]
+                round_results = [f.result() for f in futures]
+        results.extend(round_results)
+        for (device, node), res in zip(pairs, round_results):
+            if res.ok:
+                burned[device].append({"identity": devices.card_identity(targets[device]),
+                                       "instance_id": res.instance_id})
+        if any(not r.ok for r in round_results):
+            left = prepared.nodes[len(results):]
+            if left:
+                LOG.warning("stopping the batch: %d host(s) not burned: %s", len(left),
+                            ", ".join(n.hostname for n in left))
+            break
+    return results
+
+
+# --------------------------------------------------------------------------- reseed
+
+
+def detect_family(target, default):
+    """The image family of a burned card or image, from its boot partition's files; ``default`` if unsure."""
+    part = bootpart.find_boot_partition(target)
+    names = set(bootpart.list_files(part))
+    if "vmlinuz" in names or "initrd.img" in names:
+        return "ubuntu"
+    if "kernel8.img" in names or "kernel_2712.img" in names or "issue.txt" in names:
+        return "raspios"
+    return default
+
+
+def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None, confirm=None,
+           allow_non_removable=False, max_bytes=devices.DEFAULT_MAX_BYTES, wheel=None):
+    """Replace the seed on a burned card (``device``) or image file (``image_file``); the OS is not rewritten.
+
+    A fresh instance-id makes cloud-init run again on the next boot. Returns a ``BurnResult``
+    (action "reseed"), recorded in the manifest like a burn.
+    """
+    from dataclasses import replace
+
+    from pibake.cluster import load_cluster
+    from pibake.plan import record_plan, resolve_plan
+
+    if bool(device) == bool(image_file):
+        raise BurnError("say what to reseed: --device /dev/sdX or --image FILE.img (one of them)")
+    path = device or image_file
+    cluster = load_cluster(cluster_dir)
+    nodes = resolve_plan(cluster, hostnames=hostname, ips=ip, role=role)
+    if len(nodes) != 1:
+        raise PlanError(f"reseed writes one card: --hostname {hostname} names {len(nodes)} hosts")
+    node = nodes[0]
+    if image_file:
+        target = devices.check_target(image_file)
+        if target.kind != "file" or not target.exists:
+            raise BurnError(f"image file {image_file} does not exist: check the path")
+    else:
+        target = devices.check_target(device, allow_non_removable=allow_non_removable, max_bytes=max_bytes)
+        if target.kind != "block":
+            raise BurnError(f"{device} is not a block device: use --image for an image file")
+    family = detect_family(target.path, cluster.family)
+    seed_cluster = replace(cluster, family=family) if family != cluster.family else cluster
+    seed = render_checked_seeds(seed_cluster, cluster_dir, [node], family)[node.hostname]
+    prepared = Prepared(cluster=cluster, nodes=[node], seeds={node.hostname: seed}, family=family,
+                        wheel=manager_wheel(wheel) if node.role == "manager" else None)
+    previous = bootpart.read_seed(target.path)
+    if confirm is not None and target.kind == "block":
+        question = devices.confirmation_prompt(target).split(":", 1)[1].replace(
+            "Everything on it will be lost. Continue?", "")
+        if not confirm(f"About to replace the seed on {target.path}:{question.rstrip()} with {node.hostname} "
+                       f"({node.ip}); the OS stays as it is. Continue?"):
+            raise BurnError(f"not confirmed: nothing written to {target.path}")
+    record_plan(cluster_dir, [node])
+    started = time.monotonic()
+    result = BurnResult(hostname=node.hostname, ip=node.ip, role=node.role, target=target.path,
+                        target_kind=target.kind, instance_id=seed.instance_id, action="reseed")
+    result.card = _card_facts(target)
+    result.burn_id = manifest.start(
+        cluster_dir, action="reseed", hostname=node.hostname, ip=node.ip, role=node.role,
+        instance_id=seed.instance_id, previous_instance_id=previous.instance_id if previous else None,
+        target=target.path, target_kind=target.kind, card=result.card)
+    fd = None
+    try:
+        if target.kind == "block":
+            fd = devices.open_target(target)
+        seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node))
+    except PibakeError as exc:
+        manifest.finish(cluster_dir, result.burn_id, "failed", reason=str(exc))
+        raise
+    except BaseException as exc:
+        manifest.finish(cluster_dir, result.burn_id, "failed", reason=f"interrupted ({exc.__class__.__name__})")
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+    result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"],
+                   "partition": seeded["partition"]["number"], "verified": seeded["verified"],
+                   "previous_instance_id": previous.instance_id if previous else None}
+    result.verified = seeded["verified"]
+    result.seconds = round(time.monotonic() - started, 3)
+    result.manifest_status = "complete"
+    manifest.finish(cluster_dir, result.burn_id, "complete", seed_files=seeded["files"], seconds=result.seconds)
+    return result
