@@ -395,3 +395,22 @@ def test_range_arithmetic():
     assert allocation.merge_gaps([(0, 10), (15, 20), (100, 110)], 6) == [(0, 20), (100, 110)]
     assert allocation._bits_to_ranges(bytes([0b00000110, 0xFF, 0x01, 0x00, 0x80]), 40) == [(1, 3), (8, 17), (39, 40)]
     assert allocation._bits_to_ranges(bytes([0xFF, 0xFF]), 12) == [(0, 12)]
+
+
+def test_on_a_card_a_bmap_cannot_overrule_the_filesystem_maps(pi_image, tmp_path):
+    """A bmap is the image producer's claim; inside a known filesystem only its own map proves a block free.
+    Outside filesystems (the gap before the first partition) an unmapped range may be skipped."""
+    image, layout = pi_image
+    blocks = layout.size // 4096
+    lying = tmp_path / "lying.bmap"
+    lying.write_text(f'<bmap version="2.0"><ImageSize>{layout.size}</ImageSize><BlockSize>4096</BlockSize>'
+                     f'<BlocksCount>{blocks}</BlocksCount><BlockMap><Range>0</Range></BlockMap></bmap>')
+    amap = allocation.image_allocation_map(image)
+    used_by_fs = [r for m in amap.filesystems for r in m.used]
+    target = tmp_path / "card.bin"
+    random_file(target, layout.size)
+    result = write_image(image, target, keep_unwritten=True, bmap=lying)
+    written = allocation.normalise((a, a + n) for a, n in result.ranges)
+    assert allocation.subtract(used_by_fs, written) == []  # every used filesystem block was written
+    assert allocation.intersect(written, [(64 * 1024, layout.boot_offset)]) == []  # the unmapped gap was not
+    assert_equivalent(image, target, layout, tmp_path)
