@@ -35,3 +35,5 @@ from pibake.bake.devices import (  # noqa: F401,E402
     open_target,
     same_card,
 )
+from pibake.bake.allocation import image_allocation_map  # noqa: F401,E402
+from pibake.bake.writer import spool_stream, write_image, written_ranges_sha256  # noqa: F401,E402
