@@ -20,7 +20,8 @@ Optional config keys (defaults in ``DEFAULTS``):
 ``deadline_s``        how long to keep retrying an unreachable registry or a 5xx (default 900 s: a
                       worker often boots before the manager).
 ``backoff_base_s``, ``backoff_max_s``   exponential backoff with full jitter between attempts.
-``request_timeout_s`` one HTTP request.
+``request_timeout_s`` one HTTP request; ``enrol_timeout_s`` the enrolment request (the registry
+                      answers once slurmctld runs with the new node: allow for a restart).
 ``munge_key_file``, ``slurmd_defaults_file``, ``hosts_file``, ``systemd_dropin_dir``   where things go.
 ``scrub_paths``       files (glob patterns) from which the join token is removed after enrolment.
 ``services``          "auto" (systemd when it is PID 1, else `service`/direct start), "systemd",
@@ -45,6 +46,7 @@ credential and a join token is still present. Exit codes: 0 ready, 1 refused or 
 import argparse
 import base64
 import binascii
+import errno
 import glob
 import hashlib
 import json
@@ -77,6 +79,7 @@ DEFAULTS = {
     "backoff_base_s": 2.0,
     "backoff_max_s": 60.0,
     "request_timeout_s": 15.0,
+    "enrol_timeout_s": 180.0,  # an enrolment waits while the manager restarts slurmctld with the new node
     "munge_key_file": "/etc/munge/munge.key",
     "slurmd_defaults_file": "/etc/default/slurmd",
     "hosts_file": "/etc/hosts",
@@ -97,8 +100,9 @@ TOKEN_RE = re.compile(r"^K10(?P<ca_hash>[0-9a-f]{64})::(?P<id>[a-z0-9]{6})\.(?P<
 TOKEN_MARKER = "pibake-join-token-removed-after-enrolment-"
 SLURMD_DROPIN = (
     "# Written by the pibake agent: slurmd runs configless (--conf-server in /etc/default/slurmd),\n"
-    "# so there is no /etc/slurm/slurm.conf for the packaged unit's condition to find.\n"
-    "[Unit]\nConditionPathExists=\n"
+    "# so there is no /etc/slurm/slurm.conf for the packaged unit's condition to find; and slurmd exits\n"
+    "# when the controller is not reachable yet (manager still booting, slurmctld restarting): retry.\n"
+    "[Unit]\nConditionPathExists=\nStartLimitIntervalSec=0\n\n[Service]\nRestart=on-failure\nRestartSec=5\n"
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_TEMPFAIL = 0, 1, 2, 75
@@ -417,7 +421,7 @@ class Registry:
         self.session.verify = ca_file
         self.session.headers["User-Agent"] = f"pibake-agent/{AGENT_VERSION}"
 
-    def call(self, method, path, what, *, auth=None, body=None, ok=(200, 201), retry_status=()):
+    def call(self, method, path, what, *, auth=None, body=None, ok=(200, 201), retry_status=(), timeout=None):
         """Send one request, retrying connection errors and 5xx (and ``retry_status``) with
         exponential backoff and full jitter until the deadline. Returns the response on ``ok``;
         raises Refused on another status, RegistryUnreachable at the deadline, AgentError on TLS."""
@@ -431,7 +435,7 @@ class Registry:
             attempt += 1
             try:
                 resp = self.session.request(method, url, json=body, auth=auth, headers=headers,
-                                            timeout=self.timeout)
+                                            timeout=timeout or self.timeout)
             except requests.exceptions.SSLError as exc:
                 raise AgentError(
                     f"TLS check of {self.url} failed: its certificate does not chain to the pinned CA "
@@ -573,7 +577,7 @@ def write_file(path, data, mode=0o644, owner=None):
         pass
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.pibake-{os.getpid()}")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.pibake-{os.getpid()}-{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -583,8 +587,35 @@ def write_file(path, data, mode=0o644, owner=None):
     if uid_gid:
         os.chown(tmp, *uid_gid)
     os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    _replace(tmp, path)
     return True
+
+
+def _replace(tmp, path):
+    """Rename ``tmp`` over ``path``; when ``path`` is a mount point (a bind-mounted /etc/hosts in a
+    container or lab host: EBUSY) copy the content in place instead, keeping the target's mode/owner
+    set from ``tmp``."""
+    try:
+        os.replace(tmp, path)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.EXDEV):
+            os.unlink(tmp)
+            raise
+    try:
+        st = os.stat(tmp)
+        with open(tmp, "rb") as src:
+            data = src.read()
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, st.st_mode & 0o7777)
+    finally:
+        os.unlink(tmp)
 
 
 def _rewrite_same_meta(path, data):
@@ -593,7 +624,7 @@ def _rewrite_same_meta(path, data):
         mode = os.stat(path).st_mode & 0o7777
     except OSError:
         mode = 0o600
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.pibake-{os.getpid()}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.pibake-{os.getpid()}-{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -604,7 +635,7 @@ def _rewrite_same_meta(path, data):
         os.chmod(tmp, mode)
     except OSError:
         pass
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def load_config(path):
@@ -624,7 +655,7 @@ def load_config(path):
         problems.append("registry_url must be an https:// URL")
     if config.get("role") not in ("worker", "sensor", "manager"):
         problems.append("role must be worker, sensor or manager")
-    for key in ("deadline_s", "backoff_base_s", "backoff_max_s", "request_timeout_s"):
+    for key in ("deadline_s", "backoff_base_s", "backoff_max_s", "request_timeout_s", "enrol_timeout_s"):
         if not isinstance(config.get(key), (int, float)) or config[key] < 0:
             problems.append(f"{key} must be a number >= 0")
     if config.get("services") not in ("auto", "systemd", "sysv", "none"):
@@ -716,10 +747,14 @@ class Services:
     ``restart`` (its configuration changed). Returns "started", "restarted" or "running".
     """
 
-    def __init__(self, mode="auto"):
+    def __init__(self, mode="auto", *, deadline=None, backoff_base=2.0, backoff_max=60.0, once=False,
+                 sleep=time.sleep, rand=random.random, clock=time.monotonic):
         if mode == "auto":
             mode = "systemd" if systemd_is_pid1() else "sysv"
         self.mode = mode
+        self.deadline = deadline
+        self.backoff_base, self.backoff_max, self.once = backoff_base, backoff_max, once
+        self.sleep, self.rand, self.clock = sleep, rand, clock
 
     def ensure(self, name, restart=False, options=""):
         if self.mode == "none":
@@ -757,11 +792,28 @@ class Services:
         else:
             # Debian's init.d/slurmd exits 0 *without starting* when /etc/slurm/slurm.conf is
             # missing, which is always so in configless mode: start the daemon directly.
-            exe = _which(daemon) or f"/usr/sbin/{daemon}"
-            _check([exe] + options.split())
+            self._start_slurmd([_which(daemon) or f"/usr/sbin/{daemon}"] + options.split())
         if not _wait(lambda: find_processes(daemon), 10):
             raise AgentError(f"{daemon} did not start: see /var/log/{'munge/munged.log' if name == 'munge' else 'slurm/'}")
         return "restarted" if running else "started"
+
+    def _start_slurmd(self, argv):
+        """slurmd fetches its config from the controller before it daemonizes and exits 1 when it cannot
+        (manager still booting, slurmctld restarting for another node): retry with backoff until the
+        deadline."""
+        attempt = 0
+        while True:
+            attempt += 1
+            proc = _run(argv, timeout=180)
+            if proc.returncode == 0:
+                return
+            problem = f"`{' '.join(argv)}` failed (exit {proc.returncode}): {_last_line(proc.stderr or proc.stdout)}"
+            remaining = (self.deadline - self.clock()) if self.deadline is not None else 0
+            if self.once or remaining <= 0:
+                raise AgentError(problem + (f" (gave up after {attempt} attempts)" if attempt > 1 else ""))
+            delay = min(remaining, self.rand() * min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
+            LOG.warning("%s; attempt %d, retrying in %.1f s", problem, attempt, delay)
+            self.sleep(delay)
 
     @staticmethod
     def _stop(daemon, procs):
@@ -793,7 +845,9 @@ class Agent:
         self.once = once
         self.started = time.monotonic()
         self.deadline = self.started + float(self.config["deadline_s"])
-        self.services = services or Services(self.config["services"])
+        self.services = services or Services(
+            self.config["services"], deadline=self.deadline, backoff_base=float(self.config["backoff_base_s"]),
+            backoff_max=float(self.config["backoff_max_s"]), once=once)
         self._registry = registry
         self.result = {"hostname": None, "registry": self.config["registry_url"], "status": "error",
                        "enrolment": None, "changed": [], "services": {}, "warnings": [], "message": ""}
@@ -879,7 +933,8 @@ class Agent:
         c = self.config
         body = {k: v for k, v in facts.items() if k != "slurmd_c_parsed"}
         LOG.info("enrolling %s with %s", facts["hostname"], c["registry_url"])
-        resp = self.registry().call("POST", "/enrol", "enrolment", auth=token, body=body, ok=(200, 201))
+        resp = self.registry().call("POST", "/enrol", "enrolment", auth=token, body=body, ok=(200, 201),
+                                    timeout=max(float(c["enrol_timeout_s"]), float(c["request_timeout_s"])))
         data = _json(resp, "enrolment")
         credential = data.get("credential")
         if not isinstance(credential, str) or not credential:
@@ -1043,6 +1098,11 @@ def main(argv=None):
         LOG.error("%s", exc)
         result = {"status": "error", "message": str(exc)}
         code = exc.exit_code
+    except OSError as exc:  # a file the agent must write: say which and why, no traceback
+        message = f"{exc.filename or 'a file'}: {exc.strerror or exc}"
+        LOG.error("%s", message)
+        result = {"status": "error", "message": message}
+        code = EXIT_FAILED
     if args.json:
         json.dump(result, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
