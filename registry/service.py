@@ -194,19 +194,34 @@ class Registry:
 
     def slurm_nodes(self):
         """Nodes that belong in slurm.conf: accepted workers (pending, manager and sensor roles are not)."""
-        return [{"hostname": n["hostname"], "ip": n["ip"], "facts": n["slurmd_c"], "model": n["model"]}
-                for n in self.store.list() if n["role"] == "worker" and n["status"] != "pending"]
+        return self.store.slurm_rows()
 
     def slurm_conf(self):
         return slurmconf.generate_slurm_conf(
             self.slurm_nodes(), cluster_name=self.cluster["name"], manager=self.manager,
             manager_ip=self.manager_ip, settings=self.slurm_settings)
 
-    def apply_slurm(self):
-        """Make slurmctld run with a slurm.conf matching the store. Raises ApplyError."""
-        # Generated inside the lock: concurrent enrolments coalesce (a later apply includes earlier nodes,
-        # and the ones waiting find the text unchanged).
-        return self.applier.apply(self.slurm_conf)
+    def apply_slurm(self, after_seq=None):
+        """Make slurmctld run with a slurm.conf matching the store. Raises ApplyError.
+
+        ``after_seq``: the store's node_set_seq after the caller's change. Under the apply lock, when the
+        conf in force was generated at that counter or later, the caller's change is already in it and
+        nothing is done: concurrent enrolments coalesce into few applies.
+        """
+        conf = str(self.applier.conf_path)
+        generated = {}
+
+        def text():
+            if after_seq is not None and self.store.applied_seq(conf) >= after_seq:
+                return None
+            generated["seq"] = self.store.node_set_seq()
+            return self.slurm_conf()
+
+        def applied():
+            if "seq" in generated:
+                self.store.set_applied_seq(conf, generated["seq"])
+
+        return self.applier.apply(text, on_applied=applied)
 
     def slurm_state_map(self):
         if not self.slurm_state_enabled:
@@ -251,7 +266,7 @@ class Registry:
         LOG.info("%s %s (%s, %s, status %s)", "enrolled" if created else "re-enrolled", node["hostname"],
                  node["ip"], node["model"] or "unknown model", node["status"])
         if node["status"] != "pending" and node["role"] == "worker":
-            self.apply_slurm()
+            self.apply_slurm(after_seq=self.store.node_set_seq())
         return {
             "hostname": node["hostname"],
             "status": "pending" if node["status"] == "pending" else "enrolled",
@@ -266,7 +281,7 @@ class Registry:
         node = self.store.accept(hostname)
         LOG.info("accepted %s", hostname)
         if node["role"] == "worker":
-            self.apply_slurm()
+            self.apply_slurm(after_seq=self.store.node_set_seq())
         return node
 
     def remove(self, hostname):
@@ -275,7 +290,7 @@ class Registry:
             raise RegistryError(404, f"no node named {hostname[:64]} is enrolled")
         LOG.info("removed %s", hostname)
         if node["role"] == "worker" and node["status"] != "pending":
-            self.apply_slurm()
+            self.apply_slurm(after_seq=self.store.node_set_seq())
         return node
 
     def report_status(self, hostname, payload):

@@ -12,8 +12,10 @@ Decisions (documented in docs/ as well):
 * **NodeAddr=<ip>** on every line, so neither the manager nor the nodes need DNS or /etc/hosts.
 * **Folding.** Nodes with identical topology and board model, and memory within 2 %, share one line
   (configured from the smallest of them), names and addresses folded with
-  ClusterShell's NodeSet on the last numeric axis (``red[01-03]`` / ``10.1.1.[11-13]``) when the two
-  expand in corresponding order; otherwise each node gets its own line (still correct, just longer).
+  ClusterShell's NodeSet on the last numeric axis (``red[01-03]`` / ``10.1.1.[11-13]``). Slurm pairs the
+  n-th name with the n-th address, expanding comma-separated parts in written order, so the address list
+  is built in the names' order (runs of ascending addresses folded, e.g. ``10.1.1.13,10.1.1.[11-12]``).
+  Lines stay under 1000 characters (split into chunks when longer).
 * **Configless.** ``SlurmctldParameters=enable_configless``: nodes run ``slurmd --conf-server <manager>:6817``
   and fetch this file from slurmctld; the registry only writes it on the manager.
 * **Ports and timeouts.** SlurmctldPort 6817, SlurmdPort 6818 (Slurm's defaults; the agent and firewalls
@@ -39,6 +41,8 @@ MEMORY_MARGIN_FRACTION = 0.03
 MEMORY_MARGIN_MIN_MB = 64
 MEMORY_ROUND_MB = 32
 DEFAULT_PARTITION = "main"
+# Older slurm.conf parsers limited lines to 1024 characters: longer folded lines are split.
+MAX_LINE = 1000
 
 # Settings that do not depend on the nodes. Overridable key by key (tests point the paths at a temp dir).
 DEFAULT_SETTINGS = {
@@ -159,13 +163,63 @@ def _groups(nodes):
 
 
 def _fold(names):
-    nodeset = NodeSet(fold_axis=[-1])
-    nodeset.updaten(list(names))
-    return str(nodeset)
+    """NodeSet folding on the last numeric axis only (``red[01-03]``, ``10.1.1.[11-13]``)."""
+    return str(NodeSet(",".join(names), fold_axis=[-1]))
+
+
+_TOP_LEVEL_COMMA = re.compile(r",(?![^\[]*\])")
 
 
 def _expand(folded):
-    return list(NodeSet(folded, fold_axis=[-1]))
+    """Expand a hostlist the way Slurm does: comma-separated parts in written order, each part's range
+    ascending. (NodeSet's own iteration may order parts differently.)"""
+    out = []
+    for part in _TOP_LEVEL_COMMA.split(folded):
+        out.extend(NodeSet(part, fold_axis=[-1]))
+    return out
+
+
+_LAST_NUMBER = re.compile(r"^(.*?)(\d+)$")
+
+
+def _fold_in_order(items):
+    """Fold ``items`` into a hostlist that expands in exactly this order, or None when it cannot.
+
+    Runs of one prefix with ascending numbers fold with NodeSet; runs join with ','.
+    """
+    runs, current, last = [], [], None
+    for item in items:
+        m = _LAST_NUMBER.match(item)
+        if not m:
+            return None
+        key = (m.group(1), int(m.group(2)))
+        if current and (key[0] != last[0] or key[1] <= last[1]):
+            runs.append(current)
+            current = []
+        current.append(item)
+        last = key
+    if current:
+        runs.append(current)
+    folded = ",".join(_fold(run) for run in runs)
+    return folded if _expand(folded) == list(items) else None
+
+
+def _lines_for(names, by_name, spec):
+    folded = _fold(names)
+    ordered = _expand(folded)
+    if len(ordered) > 1:
+        addrs = _fold_in_order([by_name[n] for n in ordered])
+        if addrs is not None:
+            line = f"NodeName={folded} NodeAddr={addrs} {spec} State=UNKNOWN"
+            if len(line) <= MAX_LINE:
+                return [line]
+            # Cut into chunks of the size that should fit, then check each (halving if still too long).
+            size = max(1, min(len(ordered) // 2, len(ordered) * (MAX_LINE - 150) // len(line)))
+            out = []
+            for i in range(0, len(ordered), size):
+                out += _lines_for(ordered[i:i + size], by_name, spec)
+            return out
+    return [f"NodeName={n} NodeAddr={by_name[n]} {spec} State=UNKNOWN" for n in ordered]
 
 
 def _group_lines(key, members):
@@ -174,13 +228,7 @@ def _group_lines(key, members):
     spec = (f"CPUs={cpus} Boards={boards} SocketsPerBoard={sockets} CoresPerSocket={cores} "
             f"ThreadsPerCore={threads} RealMemory={memory}")
     by_name = {m["hostname"]: m["ip"] for m in members}
-    names = _fold(by_name)
-    ordered = _expand(names)
-    ips = [by_name[n] for n in ordered]
-    folded_ips = _fold(ips)
-    if len(members) > 1 and _expand(folded_ips) == ips and "," not in folded_ips and "," not in names:
-        return [f"NodeName={names} NodeAddr={folded_ips} {spec} State=UNKNOWN"]
-    return [f"NodeName={n} NodeAddr={by_name[n]} {spec} State=UNKNOWN" for n in ordered]
+    return _lines_for(list(by_name), by_name, spec)
 
 
 def node_lines(nodes):

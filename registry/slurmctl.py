@@ -125,8 +125,11 @@ class SlurmApplier:
             return None
 
     # ------------------------------------------------------------------ apply
-    def apply(self, text):
-        """Make ``text`` (or what the callable ``text()`` returns, under the lock) the slurm.conf in force. Returns what was done: a dict with ``action``.
+    def apply(self, text, on_applied=None):
+        """Make ``text`` (or what the callable ``text()`` returns, under the lock) the slurm.conf in force.
+
+        A callable may return None: nothing to do (``action`` ``coalesced``). ``on_applied()`` runs under
+        the lock after success. Returns what was done: a dict with ``action``.
 
         ``action`` is ``unchanged`` (same text, slurmctld already up or no nodes), ``written`` (mode none),
         ``reconfigured`` or ``restarted``. Raises ApplyError when slurmctld does not take it.
@@ -134,32 +137,40 @@ class SlurmApplier:
         with self.locked():
             if callable(text):  # generated under the lock, so concurrent callers coalesce
                 text = text()
-            old = self.current_text()
-            has_nodes = bool(nodes_section(text))
-            if self.mode == "none":
-                if old != text:
-                    write_atomic(self.conf_path, text)
-                    return {"action": "written", "conf": str(self.conf_path)}
-                return {"action": "unchanged", "conf": str(self.conf_path)}
-            running = self.slurmctld_up() if has_nodes or old else False
-            if old == text and (running or not has_nodes):
-                return {"action": "unchanged", "conf": str(self.conf_path)}
-            write_atomic(self.conf_path, text)
-            if not has_nodes:
-                LOG.info("slurm.conf written with no nodes; slurmctld waits for the first worker")
-                if running:
-                    self._stop()
+                if text is None:
+                    return {"action": "coalesced", "conf": str(self.conf_path)}
+            result = self._apply_locked(text)
+            if on_applied:
+                on_applied()
+            return result
+
+    def _apply_locked(self, text):
+        old = self.current_text()
+        has_nodes = bool(nodes_section(text))
+        if self.mode == "none":
+            if old != text:
+                write_atomic(self.conf_path, text)
                 return {"action": "written", "conf": str(self.conf_path)}
-            self._prepare_dirs(text)
-            if running and old is not None and nodes_section(old) == nodes_section(text):
-                self._reconfigure()
-                LOG.info("slurm.conf changed (settings only): scontrol reconfigure done")
-                return {"action": "reconfigured", "conf": str(self.conf_path)}
-            self._restart(running)
-            self._wait_up()
+            return {"action": "unchanged", "conf": str(self.conf_path)}
+        running = self.slurmctld_up() if has_nodes or old else False
+        if old == text and (running or not has_nodes):
+            return {"action": "unchanged", "conf": str(self.conf_path)}
+        write_atomic(self.conf_path, text)
+        if not has_nodes:
+            LOG.info("slurm.conf written with no nodes; slurmctld waits for the first worker")
+            if running:
+                self._stop()
+            return {"action": "written", "conf": str(self.conf_path)}
+        self._prepare_dirs(text)
+        if running and old is not None and nodes_section(old) == nodes_section(text):
             self._reconfigure()
-            LOG.info("slurm.conf with %d node line(s) in force (slurmctld restarted)", len(nodes_section(text)))
-            return {"action": "restarted", "conf": str(self.conf_path)}
+            LOG.info("slurm.conf changed (settings only): scontrol reconfigure done")
+            return {"action": "reconfigured", "conf": str(self.conf_path)}
+        self._restart(running)
+        self._wait_up()
+        self._reconfigure()
+        LOG.info("slurm.conf with %d node line(s) in force (slurmctld restarted)", len(nodes_section(text)))
+        return {"action": "restarted", "conf": str(self.conf_path)}
 
     # ------------------------------------------------------------------ slurmctld control
     def slurmctld_up(self):

@@ -45,6 +45,12 @@ MIGRATIONS = (
         last_seen       TEXT NOT NULL
     );
     """,
+    # 2: change counter of the node set, and per slurm.conf path the counter its file was generated at,
+    #    so concurrent enrolments coalesce into one slurm.conf apply.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('node_set_seq', 0);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -185,6 +191,7 @@ class Store:
                 conn.execute(f"UPDATE nodes SET {sets}, enrol_count = enrol_count + 1 WHERE hostname = ?",
                              tuple(v for k, v in values.items() if k != "hostname") + (record["hostname"],))
                 created = False
+            self._bump(conn)
             node = _row_to_node(conn.execute("SELECT * FROM nodes WHERE hostname = ?",
                                              (record["hostname"],)).fetchone())
         return node, credential, created
@@ -199,6 +206,13 @@ class Store:
             rows = conn.execute("SELECT * FROM nodes ORDER BY hostname").fetchall()
         return [_row_to_node(r) for r in rows]
 
+    def slurm_rows(self):
+        """What slurm.conf needs of accepted workers, lean (called on every enrolment)."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT hostname, ip, model, slurmd_c FROM nodes WHERE role = 'worker' "
+                                "AND status != 'pending' ORDER BY hostname").fetchall()
+        return [{"hostname": r[0], "ip": r[1], "model": r[2], "facts": json.loads(r[3])} for r in rows]
+
     def count(self):
         with self.connect() as conn:
             return conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
@@ -206,13 +220,17 @@ class Store:
     def delete(self, hostname):
         """True when the node existed."""
         with self.connect(immediate=True) as conn:
-            return conn.execute("DELETE FROM nodes WHERE hostname = ?", (hostname,)).rowcount > 0
+            deleted = conn.execute("DELETE FROM nodes WHERE hostname = ?", (hostname,)).rowcount > 0
+            if deleted:
+                self._bump(conn)
+            return deleted
 
     def accept(self, hostname):
         """Pending -> enrolled. Returns the node, or None when unknown. Accepting a non-pending node is a no-op."""
         with self.connect(immediate=True) as conn:
-            conn.execute("UPDATE nodes SET status = 'enrolled' WHERE hostname = ? AND status = 'pending'",
-                         (hostname,))
+            if conn.execute("UPDATE nodes SET status = 'enrolled' WHERE hostname = ? AND status = 'pending'",
+                            (hostname,)).rowcount:
+                self._bump(conn)
             row = conn.execute("SELECT * FROM nodes WHERE hostname = ?", (hostname,)).fetchone()
         return _row_to_node(row) if row else None
 
@@ -230,6 +248,27 @@ class Store:
         if row is None or not credential_matches(credential, row["credential_hash"]):
             return None
         return _row_to_node(row)
+
+    # ------------------------------------------------------------------ change counter
+    @staticmethod
+    def _bump(conn):
+        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'node_set_seq'")
+
+    def node_set_seq(self):
+        """Counter raised by every enrolment, acceptance and removal (in the same transaction)."""
+        with self.connect() as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'node_set_seq'").fetchone()[0]
+
+    def applied_seq(self, conf_path):
+        """The node_set_seq at which the slurm.conf now in force at ``conf_path`` was generated (-1: never)."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"applied_seq:{conf_path}",)).fetchone()
+        return row[0] if row else -1
+
+    def set_applied_seq(self, conf_path, seq):
+        with self.connect(immediate=True) as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                         "value = max(value, excluded.value)", (f"applied_seq:{conf_path}", seq))
 
     def touch(self, hostname):
         with self.connect(immediate=True) as conn:

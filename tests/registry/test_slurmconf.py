@@ -100,24 +100,55 @@ def test_order_of_input_does_not_matter():
     assert node_lines(MIXED) == node_lines(list(reversed(MIXED)))
 
 
-def test_addresses_out_of_name_order_are_not_folded():
-    nodes = [node("red01", "10.1.1.13", "pi4"), node("red02", "10.1.1.11", "pi4"), node("red03", "10.1.1.12", "pi4")]
-    lines = node_lines(nodes)
-    assert [ln.split()[:2] for ln in lines] == [
-        ["NodeName=red01", "NodeAddr=10.1.1.13"], ["NodeName=red02", "NodeAddr=10.1.1.11"],
-        ["NodeName=red03", "NodeAddr=10.1.1.12"]]
+def slurm_hostnames(hostlist):
+    """Expand a hostlist with Slurm's own parser (`scontrol show hostnames`), or ours without Slurm."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not shutil.which("scontrol"):
+        from pibake.registry.slurmconf import _expand
+        return _expand(hostlist)
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
+        conf.write("ClusterName=x\nSlurmctldHost=localhost\nNodeName=a\nPartitionName=p Nodes=ALL\n")
+        conf.flush()
+        out = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True,
+                             env={"SLURM_CONF": conf.name, "PATH": "/usr/bin:/bin"}, timeout=30, check=True)
+    return out.stdout.split()
 
 
-def test_gaps_and_other_prefixes_stay_correct():
-    nodes = [node("red01", "10.1.1.11", "pi4"), node("red03", "10.1.1.13", "pi4"), node("blue01", "10.1.1.40", "pi4")]
-    lines = node_lines(nodes)
-    # every node appears with its own address, whichever way the lines are folded
-    pairs = set()
-    from ClusterShell.NodeSet import NodeSet
+def pairs_as_slurm_reads_them(lines):
+    pairs = []
     for ln in lines:
         fields = dict(f.split("=", 1) for f in ln.split())
-        pairs |= set(zip(NodeSet(fields["NodeName"]), NodeSet(fields["NodeAddr"])))
-    assert pairs == {("red01", "10.1.1.11"), ("red03", "10.1.1.13"), ("blue01", "10.1.1.40")}
+        names, addrs = slurm_hostnames(fields["NodeName"]), slurm_hostnames(fields["NodeAddr"])
+        assert len(names) == len(addrs), ln
+        pairs += zip(names, addrs)
+    return sorted(pairs)
+
+
+PAIRING_CASES = {
+    "in order": [("red01", "10.1.1.11"), ("red02", "10.1.1.12"), ("red03", "10.1.1.13")],
+    "addresses out of name order": [("red01", "10.1.1.13"), ("red02", "10.1.1.11"), ("red03", "10.1.1.12")],
+    "gaps and other prefixes": [("red01", "10.1.1.11"), ("red03", "10.1.1.13"), ("blue01", "10.1.1.40")],
+    "several /24s": [(f"n{i:03d}", f"10.77.{i // 5}.{250 - i}") for i in range(20)],
+    "padding widths": [("n9", "10.0.0.9"), ("n10", "10.0.0.10"), ("n010", "10.0.0.11")],
+}
+
+
+@pytest.mark.parametrize("case", PAIRING_CASES)
+def test_every_name_keeps_its_address_as_slurm_reads_it(case):
+    pairs = PAIRING_CASES[case]
+    lines = node_lines([node(n, ip, "pi4") for n, ip in pairs])
+    assert pairs_as_slurm_reads_them(lines) == sorted(pairs)
+    assert len(lines) == 1 or case == "padding widths"
+
+
+def test_long_lines_are_split():
+    pairs = [(f"red{i:04d}", f"10.77.{i // 250}.{i % 250 + 1}") for i in range(0, 1200, 3)]
+    lines = node_lines([node(n, ip, "pi4") for n, ip in pairs])
+    assert len(lines) > 1 and all(len(ln) <= 1000 for ln in lines)
+    assert pairs_as_slurm_reads_them(lines) == sorted(pairs)
 
 
 def test_full_conf_has_the_required_settings():
