@@ -23,6 +23,7 @@ How a seed is built
   cluster's ``ntp_servers`` as fallback); sensors ``pibake-enable-i2c``; the manager gets chrony serving the
   cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``
   and ``pibake-registry.service``, and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
+  On Raspberry Pi OS (sshd ships disabled) runcmd also enables ``ssh.service``; Ubuntu runs it already.
 
 How runcmd starts the agent (and the registry)
 ----------------------------------------------
@@ -44,6 +45,9 @@ boot partition is FAT: anyone holding the card can read it. So the first runcmd 
 ``pibake-scrub-seed``, which rewrites ``/boot/firmware/user-data`` without those entries once they are on the
 root file system (still valid #cloud-config, same instance-id, so nothing runs twice). Until first boot the card
 must be handled like the secrets it holds; seeds written by ``pibake render`` are 0600 in a 0700 directory.
+cloud-init's own copies under /var/lib/cloud/instances/ (root-only, on the root file system, like
+/var/lib/pibake/cluster itself) keep the bundle; the agent removes the join token text from them after
+enrolment (firstboot/agent.py, ``scrub_paths``).
 
 The manager gets pibake from a wheel that ``pibake burn`` puts at ``/boot/firmware/pibake/pibake-*.whl``
 (Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition at /boot/firmware): its dependencies
@@ -117,6 +121,9 @@ BUNDLE_DEFAULT_MODE = "0400"
 PUBLIC_BUNDLE_FILES = ("secrets/ca.crt", "secrets/registry.crt")
 
 RENDERERS = {"raspios": "NetworkManager", "ubuntu": "networkd"}
+# Raspberry Pi OS ships sshd disabled; Ubuntu 24.04 runs it through ssh.socket (starting ssh.service next to
+# it would only fail on the busy port), so only Raspberry Pi OS gets `pibake-start ssh.service`.
+LOGIN_UNITS = {"raspios": ["ssh.service"], "ubuntu": []}
 WIRED_NIC = "eth0"  # the Pi's on-board Ethernet is eth0 on Raspberry Pi OS and on Ubuntu for Pi
 WIFI_NIC = "wlan0"
 
@@ -394,6 +401,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "cluster": cluster,
         "node": node,
         "user_groups": ROLE_GROUPS[node.role],
+        "login_units": LOGIN_UNITS[cluster.family],
         "scripts": {name: path for name, (path, _) in SCRIPTS.items()},
         "seed_file": SEED_FILE,
         "secret_paths": secret_paths(node.role, bundle),

@@ -188,6 +188,13 @@ def test_manager_content_and_bundle():
     assert "/var/lib/pibake/cluster/secrets/ca.crt" not in scrub
 
 
+def test_ssh_enabled_on_raspios_only():
+    start = "/usr/local/lib/pibake/pibake-start"
+    for role in ("manager", "worker", "sensor"):
+        assert [start, "ssh.service"] in yaml.safe_load(render(role, "raspios").user_data)["runcmd"]
+        assert [start, "ssh.service"] not in yaml.safe_load(render(role, "ubuntu").user_data)["runcmd"]
+
+
 def test_sensor_content():
     config = yaml.safe_load(render("sensor").user_data)
     assert "slurmd" not in config["packages"] and "munge" not in config["packages"]

@@ -33,9 +33,10 @@ users = st.one_of(any_text, st.from_regex(r"[a-z_][a-z0-9_-]{0,12}", fullmatch=T
 ssids = st.one_of(any_text, st.text(min_size=1, max_size=32))
 comments = st.one_of(any_text, st.text(max_size=30))
 
-BASELINE = {role: yaml.safe_load(render_seed(CLUSTER, NODES[role], SECRETS, instance_id="pibake-p",
-                                             manager_bundle=BUNDLE if role == "manager" else None).user_data)
-            for role in ("manager", "worker", "sensor")}
+BASELINE = {(role, family): yaml.safe_load(render_seed(dataclasses.replace(CLUSTER, family=family), NODES[role],
+                                                       SECRETS, instance_id="pibake-p",
+                                                       manager_bundle=BUNDLE if role == "manager" else None).user_data)
+            for role in ("manager", "worker", "sensor") for family in ("raspios", "ubuntu")}
 
 
 def render_or_error(cluster, node):
@@ -51,18 +52,18 @@ def render_or_error(cluster, node):
         return None
 
 
-def parse(seed, role):
+def parse(seed, role, family="raspios"):
     assert seed.user_data.startswith("#cloud-config\n")
     config = yaml.safe_load(seed.user_data)
     assert list(config) == list(TOP_LEVEL_KEYS[role]), "no extra or missing top-level keys"
-    base = BASELINE[role]
+    base = BASELINE[(role, family)]
     assert config["runcmd"] == base["runcmd"] and config["packages"] == base["packages"]
     assert [f["path"] for f in config["write_files"]] == [f["path"] for f in base["write_files"]]
     return config
 
 
 def commands_and_files_unchanged(config, role, *, except_paths=()):
-    base = {f["path"]: f for f in BASELINE[role]["write_files"]}
+    base = {f["path"]: f for f in BASELINE[(role, "raspios")]["write_files"]}
     for entry in config["write_files"]:
         # agent.py is shipped verbatim (test_seed.py checks it); it may change while the suite runs
         if entry["path"] not in except_paths and entry["path"] != "/usr/local/lib/pibake/agent.py":
@@ -101,7 +102,7 @@ def test_user_is_an_error_or_round_trips(user):
     (entry,) = config["users"]
     assert entry["name"] == user and isinstance(entry["name"], str)
     assert {k: v for k, v in entry.items() if k != "name"} == {
-        k: v for k, v in BASELINE["worker"]["users"][0].items() if k != "name"}
+        k: v for k, v in BASELINE[("worker", "raspios")]["users"][0].items() if k != "name"}
     commands_and_files_unchanged(config, "worker")
 
 
@@ -144,7 +145,7 @@ def test_ssid_is_an_error_or_round_trips(ssid, family):
     wlan = net["network"]["wifis"]["wlan0"]
     assert wlan["access-points"] == {ssid: {"password": PSK}}
     assert list(net["network"]) == ["version", "renderer", "ethernets", "wifis"]
-    parse(seed, "worker")
+    parse(seed, "worker", family)
     report = lint_seed(seed, hostname="red01", family=family)
     assert report.errors == []
 
