@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import CommandError, PibakeError
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -150,9 +150,13 @@ def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, 
                 _remove_tree(leftover)
         note(f"building lab rootfs {root.name} (debootstrap {release}, {len(packages)} packages)")
         debs = Path(download_dir) if download_dir else root.parent / "debs"
-        _debootstrap(partial, release, mirror, debs / "debootstrap", note)
-        _install_packages(partial, release, mirror, packages, debs / "apt", note)
-        _strip_host_state(partial)
+        try:
+            _debootstrap(partial, release, mirror, debs / "debootstrap", note)
+            _install_packages(partial, release, mirror, packages, debs / "apt", note)
+            _strip_host_state(partial)
+        except PibakeError:
+            _remove_tree(partial)
+            raise
         partial.rename(root)
         seconds = round(time.monotonic() - started, 1)
         size = _tree_size(root)
@@ -312,11 +316,15 @@ def _debootstrap(target, release, mirror, debs, note):
     debs.mkdir(parents=True, exist_ok=True)
     note("debootstrap --variant=minbase")
     started = time.monotonic()
-    run(
-        _in_private_mounts([which("debootstrap"), "--variant=minbase", f"--cache-dir={debs}", release, target,
-                            mirror]),
-        timeout=1200,
-    )
+    try:
+        run(
+            _in_private_mounts([which("debootstrap"), "--variant=minbase", f"--cache-dir={debs}", release, target,
+                                mirror]),
+            timeout=1200,
+        )
+    except CommandError as exc:
+        raise RootfsError(f"debootstrap {release} from {mirror} failed ({_tail(exc)}); "
+                          "check that the Debian mirror is reachable, then run again") from exc
     LOG.info("debootstrap took %.1f s", time.monotonic() - started)
 
 
@@ -358,10 +366,14 @@ def _install_packages(target, release, mirror, packages, debs, note):
     debs.mkdir(parents=True, exist_ok=True)
     note(f"apt-get install {len(packages)} packages")
     started = time.monotonic()
-    run(
-        _in_private_mounts(["sh", "-eu", "-c", _INSTALL_SCRIPT, "lab-install", target, debs, *packages]),
-        timeout=1800,
-    )
+    try:
+        run(
+            _in_private_mounts(["sh", "-eu", "-c", _INSTALL_SCRIPT, "lab-install", target, debs, *packages]),
+            timeout=1800,
+        )
+    except CommandError as exc:
+        raise RootfsError(f"installing the lab packages into the rootfs failed ({_tail(exc)}); "
+                          "check the package names and that the Debian mirror is reachable") from exc
     LOG.info("package install took %.1f s", time.monotonic() - started)
 
 
@@ -433,6 +445,11 @@ def _remove_tree(path):
     if mounted:
         raise RootfsError(f"cannot remove {path}: {mounted[0]} is still mounted (unmount it, or stop the lab)")
     run(["rm", "-rf", "--one-file-system", path], timeout=600)
+
+
+def _tail(exc):
+    lines = [line.strip() for line in (exc.stderr or exc.stdout or str(exc)).splitlines() if line.strip()]
+    return "; ".join(lines[-2:]) or str(exc)
 
 
 def _tree_size(path):

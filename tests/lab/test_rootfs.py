@@ -187,3 +187,17 @@ def test_make_host_root_refuses_an_incomplete_rootfs_and_a_missing_enter(tmp_pat
         make_host_root(tmp_path / "nothing", tmp_path / "h", enter=["true"])
     with pytest.raises(RootfsError, match="enter prefix"):
         make_host_root(lab_rootfs, tmp_path / "h", enter=[])
+
+
+@lab_test
+def test_failed_build_says_what_failed_and_leaves_nothing_behind(tmp_path):
+    from pibake.lab.rootfs import RootfsError
+
+    # Nothing listens on the discard port of loopback: debootstrap cannot fetch the Release file.
+    with pytest.raises(RootfsError, match=r"^debootstrap bookworm from http://127.0.0.1:9/debian failed .*"
+                                          r"check that the Debian mirror is reachable"):
+        ensure_rootfs(tmp_path, packages=("procps",), mirror="http://127.0.0.1:9/debian")
+    root = rootfs_path(tmp_path, packages=("procps",))
+    assert not root.exists()
+    assert not root.with_name(root.name + ".partial").exists()
+    assert rootfs_stamp(root) is None
