@@ -205,7 +205,8 @@ def manager_wheel(wheel=None, *, cache_dir=None):
             shutil.copytree(root / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out = Path(tmp) / "dist"
         last = None
-        for extra in ([], ["--no-build-isolation"]):
+        # The installed setuptools + wheel first (fast, offline); then pip's isolated build environment.
+        for extra in (["--no-build-isolation"], []):
             try:
                 run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", *extra,
                      str(src), "-w", str(out)], timeout=600)
@@ -488,9 +489,6 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
         raise BurnError(f"{len(nodes)} hosts on {len(devices_)} device(s) needs a card swap between burns: "
                         "run interactively, or give one --device per host")
     paths = output_paths(output, nodes) if output else None
-    if paths:
-        for path in paths.values():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
     from pibake.plan import record_plan
 
     try:
@@ -499,7 +497,16 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
         guard = {"allow_non_removable": allow_non_removable, "max_bytes": max_bytes}
         write = {"verify": verify, "sparse": sparse, "progress": progress, "facts_provider": facts_provider}
         if paths:
-            targets = {h: check_write_target(p, prepared, facts=facts, **guard) for h, p in paths.items()}
+            created = _make_parents(paths.values())
+            try:
+                targets = {h: check_write_target(p, prepared, facts=facts, **guard) for h, p in paths.items()}
+            except BaseException:
+                for folder in reversed(created):
+                    try:
+                        folder.rmdir()  # only folders this call created, and only while empty
+                    except OSError:
+                        pass
+                raise
             record_plan(cluster_dir, nodes)  # every check passed: from here on things are written
             return [burn_one(cluster_dir, prepared, node, targets[node.hostname], **write) for node in nodes]
         return _burn_devices(cluster_dir, prepared, devices_, guard, write, confirm=confirm, ask=ask,
@@ -507,6 +514,21 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
                              before_first_write=lambda: record_plan(cluster_dir, nodes))
     finally:
         _cleanup(prepared)
+
+
+def _make_parents(paths):
+    """Create the missing folders of output paths; return the folders created, outermost first."""
+    created = []
+    for path in paths:
+        missing = []
+        folder = Path(path).absolute().parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
+            created.append(folder)
+    return created
 
 
 def _burn_devices(cluster_dir, prepared, device_paths, guard, write, *, confirm, ask, probe, facts,
