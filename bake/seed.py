@@ -204,6 +204,15 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     except (ValueError, TypeError):
         bad("ip", f"{_show(node.ip)} is not an IPv4 address")
 
+    # the manager's seed must be the manager named in cluster.yaml (the registry certificate names it)
+    if node.role == "manager" and (node.hostname, node.ip) != (cluster.manager, cluster.manager_ip):
+        bad("role", f"the manager seed is for {cluster.manager} ({cluster.manager_ip}) as cluster.yaml says, not "
+                    f"{_show(node.hostname)} ({_show(node.ip)}); change manager/manager_ip there first")
+    elif node.role != "manager" and node.hostname == cluster.manager:
+        bad("hostname", f"{node.hostname} is the cluster's manager; render it with role manager")
+    elif node.role != "manager" and node.ip == cluster.manager_ip:
+        bad("ip", f"{node.ip} is the manager's address")
+
     # cluster
     if not valid_hostname(cluster.manager):
         bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
