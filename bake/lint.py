@@ -17,6 +17,9 @@ pibake's checks
   (and the expected hostname, when given).
 * network-config is netplan ``version: 2`` (top-level or under ``network:``) with the renderer of the image
   family (NetworkManager for Raspberry Pi OS, networkd for Ubuntu), static addresses in CIDR form.
+  cloud-init 22.4 has no JSON schema for network-config; the one newer releases ship
+  (``schema-network-config-v2.json``) has no ``wifis`` at all (netplan validates those on the node), so lint
+  does not use it and checks network-config itself.
 * Size. cloud-init itself puts no limit on NoCloud files (checked in 22.4's DataSourceNoCloud: it reads the
   whole file) and FAT32 allows 4 GiB per file; the real limit is the free space of the boot partition, which
   burn checks against the card. A pibake seed is tens of KiB (the agent's source is the bulk), so lint warns
