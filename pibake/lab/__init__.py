@@ -1,6 +1,7 @@
 """The lab: Pi-like hosts in network namespaces on one Linux machine (see ``pibake.lab.hosts``)."""
 
 from pibake.lab.hosts import (  # noqa: F401
+    HostProcess,
     LabError,
     LabHost,
     LabNetwork,

@@ -407,9 +407,10 @@ class LabHost:
                    env={**CLEAN_ENV, **(env or {})})
 
     def popen(self, argv, *, env=None, cwd="/", **kwargs):
-        """Start ``argv`` inside the host; returns a ``subprocess.Popen``."""
+        """Start ``argv`` inside the host; returns a ``HostProcess`` (a ``subprocess.Popen`` whose
+        ``terminate``/``kill``/``send_signal`` reach the program, not the nsenter wrapper)."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.Popen(self._enter(argv, cwd), env={**CLEAN_ENV, **(env or {})}, **kwargs)
+        return HostProcess(self._enter(argv, cwd), env={**CLEAN_ENV, **(env or {})}, **kwargs)
 
     def path(self, inside):
         """Where a path inside the host lives on this machine (only for the per-host directories)."""
@@ -443,9 +444,28 @@ class LabHost:
         return f"LabHost({self.name!r}, {self.ip!r}, pid={self.pid})"
 
 
-def _child_pid(pid):
-    """The (single) child of ``pid``: unshare --fork's child is the host's PID 1."""
-    end = time.monotonic() + 5
+class HostProcess(subprocess.Popen):
+    """A program started in a lab host through ``nsenter``, which forks to enter the PID namespace and
+    does not forward signals: signals go to nsenter's child (the program itself)."""
+
+    def inner_pid(self):
+        return _child_pid(self.pid, timeout=2) if self.poll() is None else None
+
+    def send_signal(self, sig):
+        inner = self.inner_pid()
+        if inner is None:
+            super().send_signal(sig)
+            return
+        try:
+            os.kill(inner, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _child_pid(pid, timeout=5):
+    """The (single) child of ``pid``: unshare --fork's child is the host's PID 1, nsenter's child the
+    program it runs."""
+    end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
             with open(f"/proc/{pid}/task/{pid}/children") as fh:

@@ -95,12 +95,21 @@ class LabCluster:
         self.mgr.run(["chown", "munge:munge", "/etc/munge/munge.key"])
         self.mgr.run(["chmod", "0400", "/etc/munge/munge.key"])
         self.mgr.run(["service", "munge", "start"])
+        self.start_registry()
+
+    def start_registry(self):
         log = open(self.registry_log, "ab")
         self.registry = self.mgr.popen(
             [sys.executable, "-m", "pibake", "--cluster", str(self.cluster_dir), "registry", "serve",
              "--bind", f"{self.manager_ip}:8443"], stdout=log, stderr=log)
         log.close()
         wait_for("the registry to answer /health over TLS", self._healthy, timeout=60)
+
+    def stop_registry(self):
+        """SIGTERM the registry (gunicorn master) and wait for it: the manager is 'not booted yet'."""
+        self.registry.terminate()
+        self.registry.wait(timeout=30)
+        wait_for("the registry port to close", lambda: self.api("GET", "/health", auth=None)[0] == 0, timeout=30)
 
     def _healthy(self):
         if self.registry.poll() is not None:
@@ -155,6 +164,8 @@ class LabCluster:
             "registry_url": "https://mgr:8443", "join_token": token, "ca_cert": "/etc/pibake/ca.crt",
             "hostname": name, "role": "worker", "manager": "mgr", "manager_ip": self.manager_ip,
             "credential_file": "/etc/pibake/node-credential", "boot_dir": str(host.path("/boot/firmware")),
+            # only this host's boot partition: the lab shares the machine's /var/lib/cloud and /run is per host
+            "scrub_paths": [str(host.path("/boot/firmware/user-data"))],
             "deadline_s": 150, "backoff_base_s": 0.5, "backoff_max_s": 5,
         }
         config.update(extra)

@@ -134,11 +134,29 @@ def test_expired_token_is_refused(lab_cluster):
     assert "HTTP 401" in result["message"] and "expired" in result["message"]
 
 
+def test_worker_booting_before_the_manager_waits_for_the_registry(lab_cluster):
+    """Workers often boot first: the agent retries (backoff + jitter) until the registry answers."""
+    c = lab_cluster
+    c.stop_registry()
+    h = c.add_worker("w8", 18)
+    err_path = c.tmp / "w8-agent.err"
+    with open(err_path, "w") as err_file:
+        agent = h.popen(c.agent_argv(), stdout=subprocess.PIPE, stderr=err_file, text=True)
+    try:
+        wait_for("the agent to log a retry", lambda: "retrying in" in err_path.read_text(), timeout=60)
+    finally:
+        c.start_registry()
+    out, _ = agent.communicate(timeout=240)
+    err = err_path.read_text()
+    assert agent.returncode == 0, err
+    assert "cannot reach the registry at https://mgr:8443 (connection refused); attempt 1, retrying in" in err
+    assert json.loads(out)["status"] == "ready"
+    assert c.wait_idle(["w8"])["w8"] == "idle"
+
+
 def test_removed_node_credential_is_refused(lab_cluster):
     c = lab_cluster
-    h = c.add_worker("w8", 18)
-    code, result, err = c.run_agent(h)
-    assert code == 0, err
+    h = c.hosts["w8"]
     status, _ = c.api("DELETE", "/nodes/w8")
     assert status == 200
     code, result, err = c.run_agent(h)

@@ -178,3 +178,14 @@ def test_leftovers_of_a_crashed_run_are_found_by_name(tmp_path):
     assert names_with(prefix) == []
     assert not os.path.exists(f"/proc/{init_pid}") or lab_hosts._is_zombie(init_pid)
     assert cleanup_stale("pz") == {}
+
+
+def test_popen_signals_reach_the_program(lab):
+    """nsenter forks into the PID namespace and does not forward signals: HostProcess does."""
+    a = lab("alpha", 11)
+    trap = a.popen(["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done"],
+                   stdout=subprocess.PIPE, text=True)
+    assert trap.stdout.readline().strip() == "ready"
+    trap.terminate()
+    assert trap.stdout.read().strip() == "got-term"
+    assert trap.wait(timeout=10) == 3
