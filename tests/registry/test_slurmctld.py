@@ -98,3 +98,47 @@ def test_apply_failure_is_503_not_500(cluster_dir, slurm_sandbox, creds):  # noq
     r = app.test_client().post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
     assert r.status_code == 503
     assert "could not be put in force" in r.json["error"] and "retry" in r.json["error"]
+
+
+def test_unordered_addresses_reach_slurmctld_paired_right(cluster_dir, slurm_sandbox):  # noqa: F811
+    """Three identical nodes whose addresses do not ascend with their names: one folded line, and
+    slurmctld gives each node its own address."""
+    from pibake.registry.service import validate_enrolment
+
+    box = slurm_sandbox
+    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+                   apply_timeout=30)
+    wanted = {"red01": "127.0.77.13", "red02": "127.0.77.11", "red03": "127.0.77.12", "red04": "127.0.78.2"}
+    for i, (name, ip) in enumerate(wanted.items(), start=1):
+        reg.store.enrol(validate_enrolment(enrolment(name, i, kind="vm", ip=ip)))
+    assert reg.apply_slurm()["action"] == "restarted"
+    lines = [ln for ln in box.conf.read_text().splitlines() if ln.startswith("NodeName=")]
+    assert len(lines) == 1 and "NodeAddr=127.0.77.13,127.0.77.[11-12],127.0.78.2 " in lines[0]
+    assert {name: _node_field(box, name, "NodeAddr") for name in wanted} == wanted
+
+
+def test_enrolled_node_becomes_idle_when_its_slurmd_starts(slurm_app, creds):
+    """Right after the enrol answer, a slurmd for the node registers and the node is idle; a job runs.
+    (slurmd reads the registry's file here: configless fetching is what the lab e2e test covers, since a
+    configless slurmd talks to the default munge socket and this test's munged has its own.)"""
+    import subprocess
+    import time
+
+    app, box = slurm_app
+    client = app.test_client()
+    r = client.post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm", ip="127.0.0.1"), headers=creds.join)
+    assert r.status_code == 201
+    started = subprocess.run(["slurmd", "-f", str(box.conf), "-N", "red01"], capture_output=True, text=True,
+                             env=box.env, timeout=60)
+    assert started.returncode == 0, started.stderr
+    state = None
+    for _ in range(150):  # bounded wait: slurmd registers within a second here
+        state = {n["hostname"]: n["slurm_state"] for n in client.get("/api/v1/nodes", auth=creds.admin).json}
+        if state.get("red01") == "idle":
+            break
+        time.sleep(0.2)
+        app.extensions["pibake_registry"]._sinfo_cache = (0.0, None)  # read sinfo afresh
+    assert state == {"red01": "idle"}, box.log()[-2000:]
+    job = subprocess.run(["srun", "-N1", "-w", "red01", "echo", "ran"], capture_output=True, text=True,
+                         env=box.env, timeout=60)
+    assert job.returncode == 0 and job.stdout.strip() == "ran", job.stderr
