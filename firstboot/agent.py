@@ -1023,7 +1023,7 @@ class Agent:
                 _read(c["hosts_file"]) or "", state["manager"], state["manager_ip"]), mode=0o644))
         try:
             key_changed = self._changed(c["munge_key_file"], write_file(c["munge_key_file"], key, 0o400, "munge"))
-            if conf_server:
+            if conf_server and c["role"] == "worker":  # only workers are Slurm compute nodes
                 options = f"--conf-server {conf_server}"
                 slurm_changed = self._changed(c["slurmd_defaults_file"], write_file(
                     c["slurmd_defaults_file"],
@@ -1041,7 +1041,7 @@ class Agent:
                           f"(conf server {conf_server})"
             else:
                 self.result["services"]["munge"] = self.services.ensure("munge", restart=key_changed)
-                message = f"munge {self.result['services']['munge']}; no Slurm conf server for this role"
+                message = f"munge {self.result['services']['munge']}; no slurmd for role {c['role']}"
         except AgentError as exc:
             self._report(hostname, credential, "error", str(exc))
             raise

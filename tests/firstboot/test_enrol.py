@@ -28,16 +28,30 @@ def cluster(tmp_path):
     return d
 
 
-@pytest.fixture
-def registry_url(cluster, tmp_path):
+def _serve(cluster, tmp_path, **options):
     from pibake.registry.app import create_app
 
-    app = create_app(cluster, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    app = create_app(cluster, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False,
+                     **options)
     sdir = secrets.secrets_dir(cluster)
     server = make_server("127.0.0.1", 0, app, threaded=True,
                          ssl_context=(str(sdir / "registry.crt"), str(sdir / "registry.key")))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
+    return server
+
+
+@pytest.fixture
+def registry_url(cluster, tmp_path):
+    server = _serve(cluster, tmp_path)
+    yield f"https://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def approval_registry_url(cluster, tmp_path):
+    server = _serve(cluster, tmp_path, require_approval=True)
     yield f"https://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
@@ -184,3 +198,68 @@ def test_pibake_agent_run_cli_pin_mismatch(tmp_path, cluster, cluster_b, registr
     assert proc.returncode == 1
     assert "pibake: error: CA pin mismatch" in proc.stderr
     assert json.loads(proc.stdout)["status"] == "error"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_pending_node_waits_for_approval(tmp_path, cluster, approval_registry_url):
+    """Approval mode: the node enrols as pending, keeps its credential, and finishes once accepted."""
+    url = approval_registry_url
+    cfg = write_agent_config(tmp_path / "n6", url, secrets.secrets_dir(cluster) / "ca.crt",
+                             secrets.load_join_token(cluster).token)
+    with pytest.raises(agent.RegistryUnreachable, match="still pending approval") as err:
+        agent.run_agent(str(cfg))
+    assert err.value.exit_code == agent.EXIT_TEMPFAIL
+    assert (tmp_path / "n6" / "node-credential").exists()
+    assert "join_token" not in json.loads(cfg.read_text())  # enrolled: the token did its job
+    hostname = agent.fact_hostname()
+    assert admin(cluster, url, "GET", f"/nodes/{hostname}").json()["status"] == "pending"
+    assert admin(cluster, url, "POST", f"/nodes/{hostname}/accept").status_code == 200
+    result = agent.run_agent(str(cfg))  # next boot (or the retry loop) after the admin accepted
+    assert result["status"] == "ready" and result["enrolment"] == "credential"
+    assert json.loads((tmp_path / "n6" / "agent-state.json").read_text())["status"] == "enrolled"
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# a stand-in for systemctl (systemd is not PID 1 here): logs its arguments, keeps unit state in files
+echo "$*" >> "$FAKE_SYSTEMD/calls"
+case "$1" in
+  is-enabled) test -e "$FAKE_SYSTEMD/enabled-$3" ;;
+  is-active) test -e "$FAKE_SYSTEMD/active-$3" ;;
+  enable) touch "$FAKE_SYSTEMD/enabled-$2" ;;
+  start|restart) touch "$FAKE_SYSTEMD/active-$2" ;;
+  daemon-reload) true ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
+    """Under systemd: enable + start munge and slurmd, a drop-in lifting the packaged unit's
+    ConditionPathExists=/etc/slurm/slurm.conf (configless), and no restart when nothing changed."""
+    nd, cfg, _token = node
+    fake = tmp_path / "fake-systemd"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "systemctl").write_text(FAKE_SYSTEMCTL)
+    (fake / "bin" / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SYSTEMD", str(fake))
+    config = json.loads(cfg.read_text())
+    config["services"] = "systemd"
+    cfg.write_text(json.dumps(config))
+
+    result = agent.run_agent(str(cfg))
+    assert result["services"] == {"munge": "started", "slurmd": "started"}
+    dropin = nd / "slurmd.service.d" / "pibake-configless.conf"
+    assert "ConditionPathExists=\n" in dropin.read_text() and "Restart=on-failure" in dropin.read_text()
+    calls = (fake / "calls").read_text().splitlines()
+    assert calls == ["daemon-reload",
+                     "is-enabled --quiet munge", "enable munge", "is-active --quiet munge", "start munge",
+                     "is-active --quiet munge",
+                     "is-enabled --quiet slurmd", "enable slurmd", "is-active --quiet slurmd", "start slurmd",
+                     "is-active --quiet slurmd"]
+
+    (fake / "calls").unlink()
+    again = agent.run_agent(str(cfg))
+    assert again["services"] == {"munge": "running", "slurmd": "running"} and again["changed"] == []
+    assert "restart" not in (fake / "calls").read_text() and "start" not in (fake / "calls").read_text()
