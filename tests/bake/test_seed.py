@@ -337,11 +337,13 @@ def test_scrub_removes_secrets_and_keeps_valid_cloud_config(tmp_path):
 def test_hosts_entry_is_idempotent_and_replaces(tmp_path):
     script = _script(render("worker"), "pibake-hosts-entry", tmp_path)
     hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1\tlocalhost\n127.0.1.1\tred00\n10.1.1.99 red00 old\n10.1.1.20 other\n")
+    hosts.write_text("127.0.0.1\tlocalhost\n127.0.1.1\tred00\n# red00 comment\n10.1.1.99 red00 old # was\n"
+                     "10.1.1.98 red00\n10.1.1.20 other  red000\n")
     env = dict(os.environ, PIBAKE_HOSTS_FILE=str(hosts))
     for ip in ("10.1.1.10", "10.1.1.10", "10.1.1.50"):
         subprocess.run(["sh", str(script), ip, "red00"], env=env, check=True, timeout=30)
-    assert hosts.read_text() == "127.0.0.1\tlocalhost\n127.0.1.1\tred00\n10.1.1.20 other\n10.1.1.50\tred00\n"
+    assert hosts.read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1\tred00\n# red00 comment\n10.1.1.99 old # was\n"
+                                 "10.1.1.20 other  red000\n10.1.1.50\tred00\n")
 
 
 @pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd is PID 1 here: would start real units")
