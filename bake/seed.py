@@ -142,7 +142,8 @@ HEADER = "#cloud-config\n"
 # Checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these run
 # again here because render_seed takes any Cluster/PlannedNode, including ones built in code. Hostnames and
 # ssh keys use pibake.cluster's validators (plus: a key comment must be printable, no line separators).
-DNS_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
 TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")

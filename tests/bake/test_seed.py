@@ -22,7 +22,7 @@ from pibake.bake import seed as seed_mod
 from pibake.bake.lint import lint_seed
 from pibake.bake.seed import TOP_LEVEL_KEYS, render_seed
 from pibake.errors import SeedError
-from pibake.model import PlannedNode, SeedSecrets, Wifi
+from pibake.model import SeedSecrets, Wifi
 from tests.bake.seed_fixtures import (
     BUNDLE, CLUSTER, FAKE_ADMIN, FAKE_MUNGE, FAKE_TOKEN, FAMILIES, NODES, PSK, SECRETS, cloud_init_network,
     cloud_init_schema, cluster_for, has_cloud_init, render, ssh_key,
