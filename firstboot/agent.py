@@ -26,6 +26,7 @@ Optional config keys (defaults in ``DEFAULTS``):
 ``scrub_paths``       files (glob patterns) from which the join token is removed after enrolment.
 ``services``          "auto" (systemd when it is PID 1, else `service`/direct start), "systemd",
                       "sysv" or "none" (write files only).
+``slurmctld_port``    the manager's slurmctld port, when the registry names no conf server (6817).
 
 What the agent removes after a successful enrolment (and only then):
 
