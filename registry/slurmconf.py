@@ -11,8 +11,8 @@ Decisions (documented in docs/ as well):
   rounding also lets boards of one model that differ by a few MiB fold into one line.
 * **NodeAddr=<ip>** on every line, so neither the manager nor the nodes need DNS or /etc/hosts.
 * **Folding.** Nodes with identical topology and board model, and memory within 2 %, share one line
-  (configured from the smallest of them), names and addresses folded with
-  ClusterShell's NodeSet on the last numeric axis (``red[01-03]`` / ``10.1.1.[11-13]``). Slurm pairs the
+  (configured from the smallest of them), names and addresses folded on their trailing number with
+  ClusterShell's RangeSet, the engine of its NodeSet (``red[01-03]`` / ``10.1.1.[11-13]``). Slurm pairs the
   n-th name with the n-th address, expanding comma-separated parts in written order, so the address list
   is built in the names' order (runs of ascending addresses folded, e.g. ``10.1.1.13,10.1.1.[11-12]``).
   Lines stay under 1000 characters (split into chunks when longer).
@@ -32,6 +32,7 @@ import ipaddress
 import re
 
 from ClusterShell.NodeSet import NodeSet
+from ClusterShell.RangeSet import RangeSet
 
 TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
 INT_KEYS = TOPOLOGY_KEYS + ("RealMemory", "Sockets", "Gres", "TmpDisk")
@@ -162,58 +163,76 @@ def _groups(nodes):
     return groups
 
 
-def _fold(names):
-    """NodeSet folding on the last numeric axis only (``red[01-03]``, ``10.1.1.[11-13]``)."""
-    return str(NodeSet(",".join(names), fold_axis=[-1]))
-
-
+_LAST_NUMBER = re.compile(r"^(.*?)(\d+)$")
 _TOP_LEVEL_COMMA = re.compile(r",(?![^\[]*\])")
 
 
-def _expand(folded):
-    """Expand a hostlist the way Slurm does: comma-separated parts in written order, each part's range
-    ascending. (NodeSet's own iteration may order parts differently.)"""
+def _piece(prefix, numbers):
+    """``prefix[ranges]`` folded by ClusterShell's RangeSet (padding kept), and its expansion in order."""
+    rangeset = RangeSet(",".join(numbers))
+    expanded = [prefix + n for n in rangeset]
+    if len(expanded) == 1:
+        return expanded[0], expanded
+    return f"{prefix}[{rangeset}]", expanded
+
+
+def fold_names(names):
+    """Fold hostnames on their trailing number: ``red[01-03],blue1``. Returns ``(hostlist, order)`` where
+    ``order`` is how Slurm expands the hostlist (parts in written order, each range ascending)."""
+    by_prefix, plain = {}, []
+    for name in names:
+        m = _LAST_NUMBER.match(name)
+        if m:
+            by_prefix.setdefault(m.group(1), []).append(m.group(2))
+        else:
+            plain.append(name)
+    parts, order = [], []
+    for prefix in sorted(by_prefix):
+        part, expanded = _piece(prefix, by_prefix[prefix])
+        parts.append(part)
+        order += expanded
+    for name in sorted(plain):
+        parts.append(name)
+        order.append(name)
+    return ",".join(parts), order
+
+
+def fold_in_order(items):
+    """Fold ``items`` (addresses) into a hostlist that Slurm expands in exactly this order: runs of one
+    prefix with ascending numbers fold (``10.1.1.[11-13]``), runs join with ','. None if it cannot."""
+    parts, run_prefix, run, last = [], None, [], None
+    for item in items:
+        m = _LAST_NUMBER.match(item)
+        if not m or (m.group(2).startswith("0") and len(m.group(2)) > 1):
+            return None  # padded numbers: keep it simple, one line per node
+        prefix, number = m.group(1), int(m.group(2))
+        if run and (prefix != run_prefix or number <= last):
+            parts.append(_piece(run_prefix, run)[0])
+            run = []
+        run_prefix, last = prefix, number
+        run.append(m.group(2))
+    if run:
+        parts.append(_piece(run_prefix, run)[0])
+    return ",".join(parts)
+
+
+def expand_hostlist(hostlist):
+    """Expand a hostlist as Slurm does (parts in written order, ranges ascending). For checks and tests."""
     out = []
-    for part in _TOP_LEVEL_COMMA.split(folded):
+    for part in _TOP_LEVEL_COMMA.split(hostlist):
         out.extend(NodeSet(part, fold_axis=[-1]))
     return out
 
 
-_LAST_NUMBER = re.compile(r"^(.*?)(\d+)$")
-
-
-def _fold_in_order(items):
-    """Fold ``items`` into a hostlist that expands in exactly this order, or None when it cannot.
-
-    Runs of one prefix with ascending numbers fold with NodeSet; runs join with ','.
-    """
-    runs, current, last = [], [], None
-    for item in items:
-        m = _LAST_NUMBER.match(item)
-        if not m:
-            return None
-        key = (m.group(1), int(m.group(2)))
-        if current and (key[0] != last[0] or key[1] <= last[1]):
-            runs.append(current)
-            current = []
-        current.append(item)
-        last = key
-    if current:
-        runs.append(current)
-    folded = ",".join(_fold(run) for run in runs)
-    return folded if _expand(folded) == list(items) else None
-
-
 def _lines_for(names, by_name, spec):
-    folded = _fold(names)
-    ordered = _expand(folded)
+    folded, ordered = fold_names(names)
     if len(ordered) > 1:
-        addrs = _fold_in_order([by_name[n] for n in ordered])
+        addrs = fold_in_order([by_name[n] for n in ordered])
         if addrs is not None:
             line = f"NodeName={folded} NodeAddr={addrs} {spec} State=UNKNOWN"
             if len(line) <= MAX_LINE:
                 return [line]
-            # Cut into chunks of the size that should fit, then check each (halving if still too long).
+            # Cut into chunks of the size that should fit, then check each (smaller again if needed).
             size = max(1, min(len(ordered) // 2, len(ordered) * (MAX_LINE - 150) // len(line)))
             out = []
             for i in range(0, len(ordered), size):

@@ -107,8 +107,8 @@ def slurm_hostnames(hostlist):
     import tempfile
 
     if not shutil.which("scontrol"):
-        from pibake.registry.slurmconf import _expand
-        return _expand(hostlist)
+        from pibake.registry.slurmconf import expand_hostlist
+        return expand_hostlist(hostlist)
     with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
         conf.write("ClusterName=x\nSlurmctldHost=localhost\nNodeName=a\nPartitionName=p Nodes=ALL\n")
         conf.flush()
@@ -227,3 +227,15 @@ def test_folded_memory_is_the_smallest_of_the_line():
     nodes[2]["facts"] = {**nodes[2]["facts"], "RealMemory": 3793}
     (line,) = node_lines(nodes)
     assert "RealMemory=3648 " in line and line.startswith("NodeName=red[01-03] NodeAddr=10.1.1.[11-13] ")
+
+
+@pytest.mark.parametrize("names", [
+    ["red01", "red02", "red03"], ["red1", "red2", "red10"], ["n9", "n10", "n010"], ["blue01", "red01", "gw"],
+    [f"bench{i:04d}" for i in range(0, 300, 3)],
+])
+def test_fold_names_order_is_slurms(names):
+    from pibake.registry.slurmconf import fold_names
+
+    folded, order = fold_names(names)
+    assert sorted(order) == sorted(names)
+    assert slurm_hostnames(folded) == order
