@@ -25,6 +25,10 @@ def test_three_workers_enrol_and_become_idle(lab_cluster):
         assert result["status"] == "ready" and result["enrolment"] == "new" and result["hostname"] == host.name
         assert result["services"] == {"munge": "started", "slurmd": "started"}
         assert "enrolled as" in err and "CA" in err and "pinned" in err
+        credential = host.path("/etc/pibake/node-credential").read_text().strip()
+        for secret in (c.token(), c.token().split(".")[1], credential,
+                       (c.sdir / "admin-password").read_text().strip()):
+            assert secret not in err and secret not in out  # never logged
 
     states = c.wait_idle(WORKERS)
     assert all(states[n] == "idle" for n in WORKERS)
