@@ -451,7 +451,11 @@ def wait_for_next_card(device, hostname, burned, *, ask, probe):
     message = f"Insert the card for {hostname} into {device}, then press Enter"
     while True:
         ask(message)
-        identity, iid = probe(device)
+        try:
+            identity, iid = probe(device)
+        except PibakeError as exc:  # e.g. the desktop mounted the new card: say so and let the person fix it
+            message = f"{exc}; fix that, then press Enter"
+            continue
         verdict, why = next_card_verdict(burned, identity, iid)
         LOG.info("card check on %s: %s (%s)", device, verdict, why)
         if verdict == "new":
@@ -622,10 +626,11 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
                         wheel=manager_wheel(wheel) if node.role == "manager" else None)
     previous = bootpart.read_seed(target.path)
     if confirm is not None and target.kind == "block":
-        question = devices.confirmation_prompt(target).split(":", 1)[1].replace(
-            "Everything on it will be lost. Continue?", "")
-        if not confirm(f"About to replace the seed on {target.path}:{question.rstrip()} with {node.hostname} "
-                       f"({node.ip}); the OS stays as it is. Continue?"):
+        d = target.device
+        model = (d.model or ("loop device" if d.type == "loop" else "unknown model")) if d else "unknown model"
+        what = f"{model}, {devices.human_size(target.size)}, serial {(d.serial if d else None) or 'none reported'}"
+        if not confirm(f"About to replace the seed on {target.path} ({what}) with {node.hostname} ({node.ip}); "
+                       "the OS stays as it is. Continue?"):
             raise BurnError(f"not confirmed: nothing written to {target.path}")
     record_plan(cluster_dir, [node])
     started = time.monotonic()

@@ -121,6 +121,24 @@ def test_wait_for_next_card_asks_until_a_new_card_is_in():
     assert len(asked) == 3
 
 
+def test_wait_for_next_card_lets_the_person_fix_a_refused_card():
+    from pibake.bake.devices import GuardError
+
+    answers = iter([GuardError("refusing to write /dev/sdb (STORAGE DEVICE, 31.9 GB): it has mounted partitions "
+                               "(/media/pi/bootfs)"), (card(disk_id="0badcafe"), None)])
+
+    def probe(dev):
+        got = next(answers)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    asked = []
+    burn.wait_for_next_card("/dev/sdb", "red02", [{"identity": card(), "instance_id": "pibake-1"}],
+                            ask=asked.append, probe=probe)
+    assert asked[1].startswith("refusing to write /dev/sdb") and asked[1].endswith("fix that, then press Enter")
+
+
 # ---------------------------------------------------------------- image files
 
 
