@@ -366,6 +366,23 @@ class _ImageHasher(threading.Thread):
         return self.digest.hexdigest()
 
 
+def _wipe_stale_backup_gpt(fd, image_size, notes):
+    """A card larger than the image may still end in the backup GPT of what it held before; with the new
+    image's partition table in front, tools then see two disagreeing tables. Zero it (it lies past the
+    image, in space the image does not use)."""
+    capacity = os.lseek(fd, 0, os.SEEK_END)
+    start = max(-(-image_size // ALIGN) * ALIGN, capacity - HEAD)
+    for sector in (512, 4096):
+        at = capacity - sector
+        if at >= start and os.pread(fd, 8, at) == b"EFI PART":
+            _set_direct(fd, False)
+            _pwrite_full(fd, bytes(capacity - start), start)
+            os.fsync(fd)
+            notes.append(f"zeroed a stale backup GPT at the end of the card (bytes {start}-{capacity})")
+            return True
+    return False
+
+
 def _open_target(target, size, keep_unwritten, source_stat=None):
     """(fd, own, kind, name). Checks happen before anything is truncated or written."""
     if isinstance(target, int):
@@ -474,6 +491,8 @@ def write_image(source, target, *, sparse=True, verify=True, progress=None, bloc
             plan = plan_write(src, image_size, target_kind=effective_kind, sparse=sparse, bmap=bmap,
                               merge_gap=merge_gap)
             notes.extend(plan.notes)
+            if kind == "block":
+                _wipe_stale_backup_gpt(fd, image_size, notes)
             result = _write_planned(src, fd, plan, verify=verify, progress=progress, block_size=block_size,
                                     target_name=target_name, notes=notes)
         finally:

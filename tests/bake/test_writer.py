@@ -361,3 +361,35 @@ def test_an_image_whose_size_is_not_a_multiple_of_4k(tmp_path):
         assert result.verified and result.direct_io
         assert result.ranges[-1][0] + result.ranges[-1][1] == img.stat().st_size
         assert sha256_file(target) == sha256_file(img)
+
+
+@needs_root("losetup needs root")
+@needs_program("losetup")
+def test_a_stale_backup_gpt_at_the_end_of_a_larger_card_is_wiped(image, tmp_path):
+    path, layout = image
+    backing = tmp_path / "gpt-card.bin"
+    subprocess.run(["truncate", "-s", str(layout.size + 16 * MIB), str(backing)], check=True)
+    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(backing)], check=True, text=True,
+                   input="label: gpt\n\nstart=2048, size=20480, type=linux\n")
+    with open(backing, "rb") as f:
+        f.seek(-512, os.SEEK_END)
+        assert f.read(8) == b"EFI PART"
+    proc = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"losetup does not work here: {proc.stderr.strip()}")
+    loop = proc.stdout.strip()
+    try:
+        fd = os.open(loop, os.O_RDWR | os.O_EXCL)
+        try:
+            result = write_image(path, fd)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert any("stale backup GPT" in n for n in result.notes)
+    with open(backing, "rb") as f:
+        f.seek(-512, os.SEEK_END)
+        assert f.read(8) != b"EFI PART"
+    signatures = subprocess.run(["wipefs", str(backing)], capture_output=True, text=True, check=True).stdout
+    assert " dos " in signatures and "gpt" not in signatures, signatures  # wipefs only lists here
+    check_partitions(backing, layout, tmp_path)
