@@ -913,6 +913,8 @@ class Agent:
             try:
                 munge_resp = self._fetch_munge_key(hostname, credential, state)
                 self.result["enrolment"] = "credential"
+                if token:  # e.g. a config rewritten with a token although the node is enrolled
+                    self._remove_token(token)
             except Refused as exc:
                 if exc.status != 401:
                     raise

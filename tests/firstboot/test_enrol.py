@@ -263,3 +263,15 @@ def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
     again = agent.run_agent(str(cfg))
     assert again["services"] == {"munge": "running", "slurmd": "running"} and again["changed"] == []
     assert "restart" not in (fake / "calls").read_text() and "start" not in (fake / "calls").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_token_put_back_next_to_a_working_credential_is_removed(node, cluster, registry_url):
+    nd, cfg, token = node
+    agent.run_agent(str(cfg))
+    config = json.loads(cfg.read_text())
+    config["join_token"] = token
+    cfg.write_text(json.dumps(config))
+    result = agent.run_agent(str(cfg))
+    assert result["enrolment"] == "credential" and result["token_removed_from"] == [str(cfg)]
+    assert "join_token" not in json.loads(cfg.read_text())
