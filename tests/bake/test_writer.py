@@ -367,7 +367,7 @@ def test_an_image_whose_size_is_not_a_multiple_of_4k(tmp_path):
 @needs_program("losetup")
 def test_a_stale_backup_gpt_at_the_end_of_a_larger_card_is_wiped(image, tmp_path):
     path, layout = image
-    backing = tmp_path / "gpt-card.bin"
+    backing = tmp_path / "used-card.bin"
     subprocess.run(["truncate", "-s", str(layout.size + 16 * MIB), str(backing)], check=True)
     subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(backing)], check=True, text=True,
                    input="label: gpt\n\nstart=2048, size=20480, type=linux\n")
