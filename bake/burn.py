@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,7 @@ class Prepared:
     raw_path: Path | None = None  # raw (decompressed) image to write
     raw_size: int = 0
     spool_dir: str | None = None
+    image_from_raw_cache: bool = False
 
 
 def _image_family(cluster, image_name):
@@ -302,18 +304,44 @@ def _raw_image(prepared, image_name, *, sha256=None, progress=None, cache_dir=No
     else:
         from pibake.bake import writer
 
-        prepared.spool_dir = tempfile.mkdtemp(prefix="pibake-raw-", dir=os.environ.get("TMPDIR"))
-        raw = Path(prepared.spool_dir) / "image.raw"
-        LOG.info("decompressing %s into %s", local.path, raw)
-        total = images.uncompressed_size(local)
-        with images.open_image_stream(local) as stream:
-            writer.spool_stream(stream, raw, progress=(lambda d, t=None: progress("decompress", d, total or d))
-                                if progress else None)
-        prepared.raw_path = raw
+        # An image whose sha256 is known (catalog, or --sha256) is decompressed once and kept, sparse, in
+        # the raw cache; any other compressed file goes to a scratch folder removed after the burn.
+        cached = raw_cache_dir(cache_dir) / f"{local.sha256}.img" if local.sha256 else None
+        if cached is not None and cached.is_file():
+            LOG.info("using the decompressed image %s", cached)
+            prepared.raw_path = cached
+            prepared.image_from_raw_cache = True
+        else:
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                scratch = cached.parent
+            else:
+                prepared.spool_dir = tempfile.mkdtemp(prefix="pibake-raw-", dir=os.environ.get("TMPDIR"))
+                scratch = Path(prepared.spool_dir)
+            raw = scratch / f".image-{os.getpid()}-{uuid.uuid4().hex[:8]}.raw"
+            LOG.info("decompressing %s into %s", local.path, raw)
+            total = images.uncompressed_size(local)
+            try:
+                with images.open_image_stream(local) as stream:
+                    writer.spool_stream(stream, raw, progress=(lambda d, t=None: progress("decompress", d, total or d))
+                                        if progress else None)
+                final = cached if cached is not None else scratch / "image.raw"
+                os.replace(raw, final)
+            except BaseException:
+                raw.unlink(missing_ok=True)
+                raw.with_name(raw.name + ".partial").unlink(missing_ok=True)
+                raise
+            prepared.raw_path = final
     prepared.raw_size = os.path.getsize(prepared.raw_path)
     if prepared.raw_size == 0:
         raise BurnError(f"image {local.path} is empty")
     return prepared
+
+
+def raw_cache_dir(cache_dir=None):
+    """Where decompressed images of known sha256 are kept (sparse files; delete them any time)."""
+    images_dir = Path(cache_dir) if cache_dir else images.default_cache_dir()
+    return images_dir.parent / "raw"
 
 
 def _cleanup(prepared):
@@ -361,7 +389,8 @@ def burn_one(cluster_dir, prepared, node, target, *, verify=True, sparse=True, p
     """Write image + seed to one checked ``devices.Target``; record it in the manifest. Returns a BurnResult."""
     seed = prepared.seeds[node.hostname]
     started = time.monotonic()
-    image_info = {"name": prepared.image.name, "path": str(prepared.image.path), "sha256": prepared.image.sha256}
+    image_info = {"name": prepared.image.name, "path": str(prepared.image.path), "sha256": prepared.image.sha256,
+                  "format": prepared.image.format, "raw_cached": prepared.image_from_raw_cache}
     result = BurnResult(hostname=node.hostname, ip=node.ip, role=node.role, target=target.path,
                         target_kind=target.kind, instance_id=seed.instance_id, image=image_info)
     result.card = _card_facts(target)

@@ -165,9 +165,35 @@ def test_burn_two_image_files(cluster, pi, tmp_path):
 def test_xz_image_is_decompressed_once_and_burned(cluster, pi, tmp_path):
     xz = tmp_path / "raspios.img.xz"
     xz.write_bytes(lzma.compress(pi.path.read_bytes(), preset=0))
-    (r,) = burn.burn(cluster, hostnames="red03", ips="10.1.1.13", output=str(tmp_path / "red03.img"), image=str(xz))
-    assert r.ok and r.image["raw_sha256"] == hashlib.sha256(pi.path.read_bytes()).hexdigest()
+    raw_sha = hashlib.sha256(pi.path.read_bytes()).hexdigest()
+    (r,) = burn.burn(cluster, hostnames="red03", ips="10.1.1.13", output=str(tmp_path / "red03.img"), image=str(xz),
+                     cache_dir=tmp_path / "cache" / "images")
+    assert r.ok and r.image["raw_sha256"] == raw_sha and r.image["raw_cached"] is False
     _assert_burned(r.target, pi, r, tmp_path)
+    assert not list((tmp_path / "cache").rglob("*.img"))  # sha256 unknown: nothing kept
+
+    # With its sha256 known the decompressed image is kept (sparse) and the next burn starts at once.
+    xz_sha = hashlib.sha256(xz.read_bytes()).hexdigest()
+    for host, ip, cached in (("red04", "10.1.1.14", False), ("red05", "10.1.1.15", True)):
+        (r,) = burn.burn(cluster, hostnames=host, ips=ip, output=str(tmp_path / f"{host}.img"), image=str(xz),
+                         sha256=xz_sha, cache_dir=tmp_path / "cache" / "images")
+        assert r.ok and r.image["raw_cached"] is cached and r.image["raw_sha256"] == raw_sha
+        _assert_burned(r.target, pi, r, tmp_path)
+    kept = tmp_path / "cache" / "raw" / f"{xz_sha}.img"
+    assert [p.name for p in kept.parent.iterdir()] == [kept.name]
+    assert kept.read_bytes() == pi.path.read_bytes()
+    assert os.stat(kept).st_blocks * 512 < pi.size  # sparse
+
+
+def test_truncated_xz_with_its_sha256_leaves_no_raw_cache(cluster, pi, tmp_path):
+    whole = lzma.compress(pi.path.read_bytes(), preset=0)
+    xz = tmp_path / "cut.img.xz"
+    xz.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(PibakeError, match="corrupt or truncated"):
+        burn.burn(cluster, hostnames="red01", ips="10.1.1.11", output=str(tmp_path / "red01.img"), image=str(xz),
+                  sha256=hashlib.sha256(xz.read_bytes()).hexdigest(), cache_dir=tmp_path / "cache" / "images")
+    assert list((tmp_path / "cache" / "raw").iterdir()) == []
+    assert not (tmp_path / "red01.img").exists()
 
 
 # ---------------------------------------------------------------- refusals: one line, nothing written
