@@ -64,9 +64,13 @@ def expand_hostlist(pattern, option="--hostname", problems=None):
     """
     own = problems is None
     problems = [] if own else problems
+    if isinstance(pattern, NodeSet):
+        pattern = str(pattern)
     items = [pattern] if isinstance(pattern, str) else list(pattern or ())
     out = []
     for item in items:
+        if isinstance(item, NodeSet):
+            item = str(item)
         if not isinstance(item, str):
             problems.append(f"{option}: {item!r} is not text")
             continue
@@ -87,6 +91,12 @@ def expand_hostlist(pattern, option="--hostname", problems=None):
                 out.extend(str(n) for n in nodeset)
             except (NodeSetException, RangeSetException, ValueError) as exc:
                 detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if "padding" in detail:
+                    problems.append(
+                        f"{option}: {part!r}: both ends of a zero-padded range need the same width "
+                        "(write e.g. 'red[01-10]', not 'red0[1-10]')"
+                    )
+                    continue
                 problems.append(
                     f"{option}: {part!r} is not a valid hostlist ({detail}); write e.g. 'red[01-04]'"
                 )
