@@ -535,7 +535,7 @@ def allocation_map(reader, size):
     ordered = sorted(inside, key=lambda p: p.start)
     overlap = any(a.end > b.start for a, b in zip(ordered, ordered[1:]))
     maps = [filesystem_map(reader, p) for p in ordered]
-    if scheme is None and maps[0].fstype is None:
+    if scheme is None and maps[0].fstype is None and maps[0].note.endswith("unknown filesystem"):
         maps = []  # no partition table, no filesystem: nothing is known, everything is written
         notes.append("no partition table and no known filesystem: the whole image is written")
     if overlap:

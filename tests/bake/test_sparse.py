@@ -414,3 +414,45 @@ def test_on_a_card_a_bmap_cannot_overrule_the_filesystem_maps(pi_image, tmp_path
     assert allocation.subtract(used_by_fs, written) == []  # every used filesystem block was written
     assert allocation.intersect(written, [(64 * 1024, layout.boot_offset)]) == []  # the unmapped gap was not
     assert_equivalent(image, target, layout, tmp_path)
+
+
+def test_bigalloc_is_not_trusted_and_written_whole(tmp_path):
+    fs = tmp_path / "big.img"
+    sh("truncate", "-s", "64M", fs)
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-O", "bigalloc", "-C", "65536", fs)
+    amap = allocation.image_allocation_map(fs)
+    assert amap.free == []
+    assert any("bigalloc" in n for n in amap.notes)
+    target = tmp_path / "t.bin"
+    random_file(target, fs.stat().st_size)
+    result = write_image(fs, target, keep_unwritten=True)
+    assert result.bytes_written == fs.stat().st_size
+    assert any("bigalloc" in n for n in result.notes)
+
+
+def _as_set(ranges):
+    return {i for a, b in ranges for i in range(a, b)}
+
+
+try:
+    from hypothesis import given, strategies as st
+except ImportError:  # hypothesis is a test extra
+    given = None
+
+if given is not None:
+    span = st.tuples(st.integers(0, 200), st.integers(0, 60)).map(lambda t: (t[0], t[0] + t[1]))
+    spans = st.lists(span, max_size=12)
+
+    @given(spans, spans, st.integers(1, 64), st.integers(0, 40))
+    def test_range_arithmetic_matches_sets(a, b, alignment, gap):
+        sa, sb = _as_set(a), _as_set(b)
+        norm = allocation.normalise(a)
+        assert _as_set(norm) == sa
+        assert all(x[1] < y[0] for x, y in zip(norm, norm[1:]))  # sorted, disjoint, not touching
+        assert _as_set(allocation.invert(a, 0, 300)) == set(range(300)) - sa
+        assert _as_set(allocation.subtract(a, b)) == sa - sb
+        assert _as_set(allocation.intersect(a, b)) == sa & sb
+        grown = allocation.align_outward(a, alignment, 10_000)
+        assert _as_set(grown) >= sa
+        assert all(x % alignment == 0 and (y % alignment == 0 or y == 10_000) for x, y in grown)
+        assert _as_set(allocation.merge_gaps(a, gap)) >= sa
