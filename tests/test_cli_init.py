@@ -224,3 +224,30 @@ def test_token_show_warns_when_expired(env, tmp_path):
     assert out.returncode == 0
     assert json.loads(out.stdout)["expired"] is True
     assert "expired" in out.stderr and "pibake token rotate" in out.stderr
+
+
+def test_docs_init_examples_run(env, tmp_path):
+    """Every `$ pibake ...` line of docs/init.md runs, in order, with the documented outcome."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "init.md").read_text()
+    lines = [m.group(1) for m in re.finditer(r"^\$ (pibake .*)$", doc, flags=re.M)]
+    assert len(lines) >= 8
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "wifi-pass.txt").write_text("correct horse battery\n")
+    environ = {k: v for k, v in env.items() if k != "PIBAKE_CLUSTER"}
+    for line in lines:
+        expect = 1 if line.rstrip().endswith("# exits 1") else 0
+        argv = shlex.split(line.split("#", 1)[0])[1:]
+        out = subprocess.run([sys.executable, "-m", "pibake", *argv], capture_output=True, text=True,
+                             env=environ, cwd=work, timeout=60)
+        assert out.returncode == expect, (line, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert load_cluster(work / "cluster").manager_ip == "10.1.1.20"
+    assert (work / "cluster" / "cluster.yaml.bak").exists()
+    home = load_cluster(work / "home")
+    assert (home.user, home.dns, home.wifi.country) == ("alice", ("192.168.50.1", "9.9.9.9"), "DE")
+    assert load_cluster(work / "ubuntu").family == "ubuntu"
