@@ -383,6 +383,15 @@ def _wipe_stale_backup_gpt(fd, image_size, notes):
     return False
 
 
+def _target_kind(target):
+    """"block" or "file", without opening anything (``_open_target`` refuses what is neither)."""
+    try:
+        st = os.fstat(target) if isinstance(target, int) else os.stat(target)
+    except FileNotFoundError:
+        return "file"
+    return "block" if stat.S_ISBLK(st.st_mode) else "file"
+
+
 def _open_target(target, size, keep_unwritten, source_stat=None):
     """(fd, own, kind, name). Checks happen before anything is truncated or written."""
     if isinstance(target, int):
@@ -485,12 +494,12 @@ def write_image(source, target, *, sparse=True, verify=True, progress=None, bloc
                 bmap = allocation.parse_bmap(Path(bmap).read_text())
             except (OSError, ValueError) as exc:
                 raise WriteError(f"cannot use bmap file {bmap}: {exc}") from exc
+        # plan first: a refusal (e.g. a bmap of another image) must not have truncated an existing output file
+        plan = plan_write(src, image_size, target_kind="block" if keep_unwritten else _target_kind(target),
+                          sparse=sparse, bmap=bmap, merge_gap=merge_gap)
+        notes.extend(plan.notes)
         fd, own, kind, target_name = _open_target(target, image_size, keep_unwritten, os.fstat(src))
         try:
-            effective_kind = "block" if keep_unwritten else kind
-            plan = plan_write(src, image_size, target_kind=effective_kind, sparse=sparse, bmap=bmap,
-                              merge_gap=merge_gap)
-            notes.extend(plan.notes)
             if kind == "block":
                 _wipe_stale_backup_gpt(fd, image_size, notes)
             result = _write_planned(src, fd, plan, verify=verify, progress=progress, block_size=block_size,

@@ -251,8 +251,11 @@ def test_refusals_are_one_line_and_write_nothing(image, tmp_path):
     bmap = tmp_path / "other.bmap"
     bmap.write_text('<bmap version="2.0"><ImageSize>8192</ImageSize><BlockSize>4096</BlockSize>'
                     '<BlocksCount>2</BlocksCount><BlockMap><Range>0</Range></BlockMap></bmap>')
+    existing = tmp_path / "o.img"
+    existing.write_bytes(b"an older output, kept when the burn is refused")
     with pytest.raises(PibakeError, match="bmap file that belongs to this image"):
-        write_image(path, tmp_path / "o.img", bmap=bmap)
+        write_image(path, existing, bmap=bmap)
+    assert existing.read_bytes() == b"an older output, kept when the burn is refused"
     for exc in (WriteError, VerifyError):
         assert issubclass(exc, PibakeError)
 
