@@ -791,9 +791,9 @@ def _write_stream(stream, target, *, verify, progress, block_size, keep_unwritte
         method, verify_seconds = "none", 0.0
         if verify:
             t0 = time.monotonic()
-            method = _verify_against_hash(fd, ranges, written_sha, block_size=block_size, progress=progress,
-                                          progress_total=allocation.total(ranges) * 2, target_name=target_name,
-                                          notes=notes)
+            # the bar goes on from the bytes streamed to those plus the bytes read back
+            method = _verify(None, fd, ranges, written_sha, block_size=block_size, progress=progress, done=pos,
+                             progress_total=pos + allocation.total(ranges), target_name=target_name, notes=notes)
             verify_seconds = time.monotonic() - t0
     finally:
         if own:
@@ -805,9 +805,3 @@ def _write_stream(stream, target, *, verify, progress, block_size, keep_unwritte
         ranges=[[a, b - a] for a, b in ranges], image_sha256=hasher.image.hexdigest(), written_sha256=written_sha,
         verified=verify, verify_method=method, direct_io=direct, seconds=round(time.monotonic() - started, 3),
         write_seconds=round(write_seconds, 3), verify_seconds=round(verify_seconds, 3), notes=notes)
-
-
-def _verify_against_hash(fd, ranges, expected, *, block_size, progress, progress_total, target_name, notes):
-    """Read-back for a stream: there is no source to compare with, the hash alone says good or bad."""
-    return _verify(None, fd, ranges, expected, block_size=block_size, progress=progress, done=progress_total // 2,
-                   progress_total=progress_total, target_name=target_name, notes=notes)

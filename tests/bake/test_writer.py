@@ -162,9 +162,12 @@ def test_gzip_stream_source(image, tmp_path, sparse):
         for chunk in iter(lambda: src.read(4 * MIB), b""):
             out.write(chunk)
     target = tmp_path / "out.img"
+    calls = []
     with gzip.open(packed, "rb") as stream:
-        result = write_image(stream, target, sparse=sparse, size=layout.size, spool_dir=tmp_path)
+        result = write_image(stream, target, sparse=sparse, size=layout.size, spool_dir=tmp_path,
+                             progress=lambda done, total: calls.append((done, total)))
     assert result.verified and result.mode == ("sparse" if sparse else "full")
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == calls[-1][1]
     assert result.image_sha256 == sha256_file(path)
     assert result.bytes_total == layout.size
     if not sparse:
