@@ -170,12 +170,12 @@ def wheel_cache_dir():
     return images.default_cache_dir().parent / "wheels"
 
 
-def manager_wheel(wheel=None, *, cache_dir=None):
+def manager_wheel(wheel=None, *, cache_dir=None, source=None):
     """Path of a pibake wheel for the manager's boot partition.
 
     ``wheel``: a given ``pibake-*-py3-none-any.whl``. Otherwise one is built from the checkout pibake
     runs from (``pip wheel --no-deps``, in a copy so the checkout stays clean) and cached by the
-    checksum of the sources, so it is built once per change.
+    checksum of the sources, so it is built once per change. ``source``: another checkout (tests).
     """
     if wheel is not None:
         path = Path(wheel)
@@ -184,7 +184,7 @@ def manager_wheel(wheel=None, *, cache_dir=None):
         if not _WHEEL_RE.match(path.name):
             raise BurnError(f"--wheel {wheel}: expected a file named pibake-<version>-py3-none-any.whl")
         return path
-    root = _source_tree()
+    root = Path(source) if source else _source_tree()
     if root is None:
         raise BurnError("cannot build the pibake wheel the manager installs: pibake is not running from a source "
                         "checkout; build one in a checkout (python3 -m pip wheel --no-deps . -w dist) and pass "

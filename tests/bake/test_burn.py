@@ -341,8 +341,33 @@ def test_manager_gets_the_pibake_wheel(cluster, pi, tmp_path, monkeypatch):
     assert "pibake/cli/burn_cmd.py" in names and "pibake/bake/burn.py" in names and "pibake/firstboot/agent.py" in names
     cached = list((tmp_path / "cache" / "pibake" / "wheels").glob("*/pibake-*.whl"))
     assert len(cached) == 1 and cached[0].read_bytes() == wheel
-    assert burn.manager_wheel() == cached[0]  # second call: from the cache, no build
     _assert_burned(out, pi, r, tmp_path)
+
+
+def test_manager_wheel_is_cached_per_source_state(tmp_path, monkeypatch):
+    """A frozen copy of the checkout (other work goes on in the real one): built once, then from the cache."""
+    import shutil
+
+    root = Path(burn.__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in burn._SOURCE_FILES:
+        if (root / name).is_file():
+            shutil.copy2(root / name, src / name)
+    for part in burn._SOURCE_PARTS:
+        shutil.copytree(root / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    first = burn.manager_wheel(source=src, cache_dir=tmp_path / "wheels")
+    assert first.parent.parent == tmp_path / "wheels" and zipfile.is_zipfile(first)
+    assert not (src / "build").exists()  # built in a scratch copy: the checkout stays clean
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built again although the sources did not change")
+
+    monkeypatch.setattr(burn, "run", no_build)
+    assert burn.manager_wheel(source=src, cache_dir=tmp_path / "wheels") == first
+    (src / "pibake" / "cli" / "extra_module.py").write_text("# a change\n")
+    with pytest.raises(AssertionError, match="built again"):
+        burn.manager_wheel(source=src, cache_dir=tmp_path / "wheels")
 
 
 def test_manager_wheel_given_and_refused(cluster, pi, tmp_path):
@@ -472,3 +497,9 @@ def test_batch_on_one_reader_needs_a_person(cluster, pi, tmp_path):
     with pytest.raises(BurnError, match="2 devices for 1 host"):
         burn.burn(cluster, hostnames="red01", ips="10.1.1.11", devices_=["/dev/sdy", "/dev/sdz"], image=str(pi.path))
     assert manifest.entries(cluster) == []
+
+
+def test_manager_wheel_cannot_be_built_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(burn, "_source_tree", lambda: None)  # e.g. pibake installed from a wheel
+    with pytest.raises(BurnError, match=r"not running from a source checkout.*--wheel dist/pibake-\*\.whl"):
+        burn.manager_wheel()
