@@ -18,10 +18,12 @@ What is written (``mode``):
 
 How: ranges are grown to 4 KiB boundaries and written with large (``block_size``) aligned writes
 from mmap'ed buffers, with ``O_DIRECT`` when the target accepts it (else buffered, and
-``direct_io`` is false). SHA-256 runs in a second thread while the main thread writes. At the end
-``fsync``, then the written ranges are read back bypassing the page cache (``O_DIRECT`` reads, or
-``posix_fadvise(DONTNEED)`` when O_DIRECT is refused) and hashed; a mismatch raises
-``VerifyError`` naming the first bad byte offset.
+``direct_io`` is false). A reader thread reads the source ahead and feeds the written hash while the
+main thread writes; the image hash runs in a third thread over the whole image. At the end ``fsync``,
+then the written ranges are read back bypassing the page cache (``O_DIRECT`` reads, or
+``posix_fadvise(DONTNEED)`` when O_DIRECT is refused) and hashed; a mismatch raises ``VerifyError``
+naming the first bad byte offset (for a stream source, which cannot be re-read, just that it differs).
+On a card larger than the image, a stale backup GPT left at its end by an earlier image is zeroed.
 
 Hashes (both hex SHA-256):
 
@@ -30,7 +32,9 @@ Hashes (both hex SHA-256):
   written range in ascending offset order, followed by the range list, one 16-byte
   ``struct.pack(">QQ", offset, length)`` per range after merging adjacent ranges (so the value does
   not depend on how the writer cut its requests). ``written_ranges_sha256(target, ranges)``
-  recomputes it from a card or file later, e.g. from the ``ranges`` of a burn manifest.
+  recomputes it from a card or file later, given the ``ranges`` of the result (they are also
+  reproducible from the image: ``plan_write``). Writing the seed afterwards changes the boot
+  partition, so recompute before the seed, or on the image.
 
 Interrupted writes: the first 64 KiB (MBR, GPT header and entries) are zeroed before anything else
 and written last, after an fsync of everything else. A process killed mid-write therefore leaves a
