@@ -603,27 +603,36 @@ def _wifi_psk(ssid, password):
         raise ConfigError(f"Wi-Fi: {exc}") from None
 
 
+# What a key means when cluster.yaml leaves it out (see cluster_from_data / the model).
+_EFFECTIVE_DEFAULTS = {"user": DEFAULT_USER, "locale": DEFAULT_LOCALE, "timezone": "Etc/UTC",
+                       "image": DEFAULT_IMAGE, "registry_port": DEFAULT_REGISTRY_PORT}
+
+
 def _differences(existing, wanted):
-    """Keys where ``wanted`` disagrees with ``existing``, as readable strings (never a PSK)."""
-    diffs = []
+    """Compare the asked-for values with cluster.yaml.
+
+    Returns (changes, additions): ``changes`` are keys where the file says something else (readable
+    strings, never a PSK); ``additions`` are keys the file leaves unset or empty (gateway, dns,
+    ssh_keys, wifi, ...) that may be filled in without --force.
+    """
+    changes, additions = [], []
     for key, value in wanted.items():
         old = existing.get(key)
-        if key == "image" and old is None:
-            old = DEFAULT_IMAGE
-        if key == "wifi":
-            if (old or None) != value:
-                diffs.append("wifi: different Wi-Fi settings")
+        if old is None:
+            old = _EFFECTIVE_DEFAULTS.get(key)
+        if old is None or old == []:
+            if value not in (None, []):
+                additions.append(key)
             continue
-        if key in ("dns", "ssh_keys", "ntp_servers"):
-            same = list(old or []) == list(value)
+        if old == value:
+            continue
+        if key == "wifi":
+            changes.append("wifi: different Wi-Fi settings")
+        elif key == "ssh_keys":
+            changes.append(f"ssh_keys: {len(old)} keys there, a different set of {len(value)} asked")
         else:
-            same = old == value
-        if not same:
-            if key == "ssh_keys":
-                diffs.append(f"ssh_keys: {len(old or [])} keys there, a different set of {len(value)} asked")
-            else:
-                diffs.append(f"{key}: {_short(old)} there, {_short(value)} asked")
-    return diffs
+            changes.append(f"{key}: {_short(old)} there, {_short(value)} asked")
+    return changes, additions
 
 
 def _short(value):
@@ -631,6 +640,37 @@ def _short(value):
         return "not set"
     text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _apply_defaults(data, manager, network, home, result, key_sources):
+    """Fill in the keys a new cluster.yaml gets by default (only those not set yet)."""
+    data.setdefault("name", default_cluster_name(manager))
+    try:
+        net = ipaddress.IPv4Network(network, strict=True)
+    except ValueError:
+        net = None  # reported by validation
+    if data.get("gateway") is None and net is not None and net.num_addresses > 2:
+        data["gateway"] = str(next(net.hosts()))
+    if not data.get("dns") and data.get("gateway"):
+        data["dns"] = [data["gateway"]]
+    data.setdefault("user", DEFAULT_USER)
+    if "ssh_keys" not in data:
+        found = []
+        for key_file in default_ssh_key_files(home):
+            try:
+                keys = read_ssh_key_file(key_file)
+            except ConfigError as exc:
+                result["warnings"].append(f"skipped {key_file}: {str(exc).split(': ', 1)[-1]}")
+                continue
+            found += keys
+            key_sources.append(str(key_file))
+        data["ssh_keys"] = list(dict.fromkeys(found))
+        result["ssh_keys_default"] = True
+    data.setdefault("timezone", host_timezone())
+    data.setdefault("locale", DEFAULT_LOCALE)
+    data.setdefault("image", DEFAULT_IMAGE)
+    data.setdefault("registry_port", DEFAULT_REGISTRY_PORT)
+    return data
 
 
 def _rotate_names(rotate):
@@ -731,51 +771,30 @@ def init_cluster(
 
     result = {"cluster_dir": str(cluster_dir), "cluster_yaml": str(path), "warnings": []}
     if existing is not None and not existing_problems:
-        diffs = _differences(existing, wanted)
-        if diffs and not force:
+        changes, additions = _differences(existing, wanted)
+        if changes and not force:
             problems = validate_cluster_data({**existing, **wanted})
             if problems:  # say what is wrong with the new values first
                 raise _problems_error(None, _as_option_problems(problems, wanted), "fix them and run init again")
             raise ConfigError(
-                f"{path} already exists with other values ({'; '.join(diffs)}): edit {path} by hand, "
+                f"{path} already exists with other values ({'; '.join(changes)}): edit {path} by hand, "
                 f"or re-run init with --force to replace them (the old file is kept as {BACKUP_FILE})"
             )
-        data = dict(existing)
-        data.update(wanted)
-        status = "updated" if diffs else "unchanged"
-    else:  # no file yet, or a broken one being replaced with --force: start from the options
+        data = {**existing, **wanted}
+        status = "updated" if changes or additions else "unchanged"
+        if additions:
+            result["added"] = additions
+    else:
+        # No file yet, or a broken one replaced with --force: keep what the broken file says when the
+        # options make it valid, else start from the options alone (the old file goes to the backup).
         data = dict(wanted)
         status = "replaced" if path.exists() else "created"
-
-    # Defaults, for keys neither the caller nor the existing file sets.
-    if status in ("created", "replaced"):
-        data.setdefault("name", default_cluster_name(manager))
-        net = None
-        try:
-            net = ipaddress.IPv4Network(network, strict=True)
-        except ValueError:
-            pass  # reported by validation below
-        if "gateway" not in data and net is not None and net.num_addresses > 2:
-            data["gateway"] = str(next(net.hosts()))
-        if "dns" not in data and data.get("gateway"):
-            data["dns"] = [data["gateway"]]
-        data.setdefault("user", DEFAULT_USER)
-        if "ssh_keys" not in data:
-            found = []
-            for key_file in default_ssh_key_files(home):
-                try:
-                    keys = read_ssh_key_file(key_file)
-                except ConfigError as exc:
-                    result["warnings"].append(f"skipped {key_file}: {str(exc).split(': ', 1)[-1]}")
-                    continue
-                found += keys
-                key_sources.append(str(key_file))
-            data["ssh_keys"] = list(dict.fromkeys(found))
-            result["ssh_keys_default"] = True
-        data.setdefault("timezone", host_timezone())
-        data.setdefault("locale", DEFAULT_LOCALE)
-        data.setdefault("image", DEFAULT_IMAGE)
-        data.setdefault("registry_port", DEFAULT_REGISTRY_PORT)
+        if existing is not None:
+            merged = {**existing, **wanted}
+            _apply_defaults(merged, manager, network, home, {"warnings": []}, [])
+            if not validate_cluster_data(merged):
+                data = {**existing, **wanted}
+        _apply_defaults(data, manager, network, home, result, key_sources)
     # Order keys as documented, unknown ones last.
     data = {**{k: data[k] for k in _KEY_DOCS if k in data}, **{k: v for k, v in data.items() if k not in _KEY_DOCS}}
 
@@ -808,6 +827,7 @@ def init_cluster(
             "manager": cluster.manager,
             "manager_ip": cluster.manager_ip,
             "network": cluster.network,
+            "gateway": cluster.gateway,
             "cluster_yaml_status": status,
             "secrets_dir": str(_secrets.secrets_dir(cluster_dir)),
             "secrets": secret_status,

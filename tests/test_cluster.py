@@ -473,3 +473,34 @@ def test_sudo_user_home_is_used_for_default_keys(tmp_path, monkeypatch):
         return
     monkeypatch.setenv("SUDO_USER", someone.pw_name)
     assert cluster_mod._home_of_invoking_user() == Path(someone.pw_dir)
+
+
+def test_unset_keys_can_be_added_without_force(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=tmp_path, **BASE)  # no ~/.ssh there: ssh_keys: []
+    assert load_cluster(cdir).ssh_keys == ()
+    keyfile = tmp_path / "k.pub"
+    keyfile.write_text(KEY + "\n")
+    result = init_cluster(cdir, home=home, ssh_key_files=[keyfile], wifi_country="DE", wifi_ssid="HomeNet",
+                          wifi_password="correct horse battery", **BASE)
+    assert result["cluster_yaml_status"] == "updated"
+    assert result["added"] == ["ssh_keys", "wifi"]
+    cluster = load_cluster(cdir)
+    assert cluster.ssh_keys == (KEY,) and cluster.wifi.ssid == "HomeNet"
+    assert (cdir / "cluster.yaml.bak").exists()
+    # and now they are set, a different Wi-Fi is a change that needs --force
+    with pytest.raises(ConfigError, match="wifi: different Wi-Fi settings"):
+        init_cluster(cdir, home=home, wifi_country="DE", wifi_ssid="Other", wifi_password="correct horse battery",
+                     **BASE)
+
+
+def test_force_over_a_broken_file_keeps_its_good_values(tmp_path, home):
+    cdir = tmp_path / "c"
+    init_cluster(cdir, home=home, timezone="America/Denver", **BASE)
+    path = cdir / "cluster.yaml"
+    path.write_text(path.read_text().replace("user: pi", "user: Pi"))
+    with pytest.raises(ConfigError, match="user: 'Pi' is not a valid Linux user name.*--force"):
+        init_cluster(cdir, home=home, **BASE)
+    result = init_cluster(cdir, home=home, user="pi", force=True, **BASE)
+    assert result["cluster_yaml_status"] == "replaced"
+    assert load_cluster(cdir).timezone == "America/Denver"  # the hand-set value survived

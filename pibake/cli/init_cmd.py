@@ -50,6 +50,9 @@ def _suggest_workers(result):
     last = first + 3
     if last not in net or last == net.broadcast_address or first == net.broadcast_address:
         return None
+    gateway = result.get("gateway")
+    if gateway and first <= ipaddress.IPv4Address(gateway) <= last:
+        return None
     base = ".".join(str(first).split(".")[:3])
     return f"'{result['name']}[01-04]'", f"'{base}.[{str(first).split('.')[3]}-{str(last).split('.')[3]}]'"
 
@@ -142,6 +145,8 @@ def _report_init(result):
     if result.get("wifi"):
         _say(f"  Wi-Fi          {result['wifi']['ssid']} ({result['wifi']['country']}), stored as a WPA PSK")
     _say(f"  image          {result['image']} ({result['family']})")
+    if result.get("added"):
+        _say(f"  added          {', '.join(result['added'])}")
     for warning in result["warnings"]:
         _say(f"warning: {warning}")
     _say("")
