@@ -413,6 +413,8 @@ def burn_one(cluster_dir, prepared, node, target, *, verify=True, sparse=True, p
         result.bytes_written, result.bytes_skipped = written.bytes_written, written.bytes_skipped
         result.written_sha256, result.verified = written.written_sha256, written.verified
         # The exclusive fd stays open while the seed is written: nothing can mount the card meanwhile.
+        if target.kind == "block":
+            bootpart.flush_block_device(target.path)  # no page cached before the write may answer a read now
         seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node))
         result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"],
                        "partition": seeded["partition"]["number"], "verified": seeded["verified"]}
