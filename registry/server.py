@@ -61,7 +61,7 @@ def gunicorn_options(cluster_dir, bind, *, workers=2, threads=8, timeout=120):
         "threads": threads,
         "certfile": str(cert),
         "keyfile": str(key),
-        "accesslog": "-",
+        "accesslog": "/dev/stderr",  # "-" would be stdout; logs go to stderr
         "errorlog": "-",
         "loglevel": "info",
         "timeout": timeout,
