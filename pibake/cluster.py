@@ -392,7 +392,11 @@ def validate_cluster_data(data):
             sem.append(f"family: {image} is a {catalog[image]} image, not {family}")
     elif "image" not in data and data.get("family") not in (None, "raspios"):
         sem.append(f"family: the default image {DEFAULT_IMAGE} is raspios, not {data.get('family')}")
-    return [problems[k] for k in sorted(problems)] + sem
+    out = [problems[k] for k in sorted(problems)] + sem
+    psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
+    if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)
+        out = [p.replace(repr(psk), "<hidden>").replace(str(psk), "<hidden>") for p in out]
+    return out
 
 
 _OPTION_OF_KEY = {

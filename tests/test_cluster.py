@@ -130,7 +130,7 @@ BAD = [
     ({"wifi": {"country": "de", "ssid": "a", "psk": "a" * 64}}, "wifi.country: 'de' is not an ISO 3166 country code"),
     ({"wifi": {"country": False, "ssid": "a", "psk": "a" * 64}}, "wifi.country: False is not text; put the value in quotes"),
     ({"wifi": {"country": "DE", "ssid": "a", "psk": "g" * 64}}, "wifi.psk: must be the WPA PSK as 64 lower-case hex digits"),
-    ({"wifi": {"country": "DE", "ssid": "a", "psk": "ab"}}, "wifi.psk: 'ab' is too short"),
+    ({"wifi": {"country": "DE", "ssid": "a", "psk": "hunter2hunter2"}}, "wifi.psk: <hidden> is too short"),
     ({"wifi": {"country": "DE", "ssid": "a\nb", "psk": "a" * 64}}, "wifi.ssid: must be 1 to 32 bytes without control characters"),
     ({"wifi": {"country": "DE", "ssid": "a", "psk": "a" * 64, "password": "x"}}, "wifi: unknown key 'password'"),
     ({"wifi": {"country": "DE", "psk": "a" * 64}}, "wifi.ssid: missing (this key is required)"),
@@ -157,6 +157,7 @@ def test_invalid_values_are_reported_with_their_path(tmp_path, changes, fragment
     assert message.startswith(f"{cdir / 'cluster.yaml'}: ")
     assert "docs/cluster-yaml.md" in message
     assert "\n" not in message.replace("\\n", "")  # one line for the CLI
+    assert "hunter2" not in message  # a PSK (or a passphrase written there) is never echoed
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
