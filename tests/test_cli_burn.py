@@ -320,3 +320,18 @@ def test_the_manual_commands_run(work, tmp_path):
     assert json_result["hostname"] == "red10" and json_result["manifest_status"] == "complete"
     tail = outputs["manifest"][0].splitlines()
     assert len(tail) == 2 and all(json.loads(line)["burn_id"] for line in tail)
+
+
+def test_burn_from_a_cloudmesh_inventory(work):
+    cwd, _ = work
+    (cwd / "inventory.yaml").write_text(
+        "red01:\n  host: red01\n  ip: 10.1.1.11\n  service: worker\n  tag: ubuntu\n"
+        "red02:\n  host: red02\n  ip: 10.1.1.12\n  service: worker\n")
+    proc = pibake(cwd, "burn", "--inventory", "inventory.yaml", "--output", "out/{hostname}.img", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["hostname"], r["ip"], r["manifest_status"]) for r in json.loads(proc.stdout)] == [
+        ("red01", "10.1.1.11", "complete"), ("red02", "10.1.1.12", "complete")]
+    assert bootpart.read_seed(cwd / "out" / "red02.img").instance_id == json.loads(proc.stdout)[1]["instance_id"]
+    both = pibake(cwd, "burn", "--inventory", "inventory.yaml", "--hostname", "red03", "--ip", "10.1.1.13",
+                  "--output", "out/{hostname}.img")
+    assert "either --inventory or --hostname/--ip" in _refused(both)
