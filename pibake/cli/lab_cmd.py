@@ -1,16 +1,131 @@
-"""Commands not built yet: they say so plainly and exit 2."""
+"""``pibake lab``: a simulated Pi cluster on this Linux machine (thin shell over ``pibake.lab.cluster``)."""
+
+import os
+import subprocess
+import sys
 
 import click
 
 from pibake.cli import cli
-from pibake.cli.options import not_built
+from pibake.cli.options import emit_json, json_option, pass_state
+
+prefix_option = click.option(
+    "--prefix", default="pblab", show_default=True, metavar="NAME",
+    help="Name prefix of the lab's namespaces, links and state (2-9 of a-z0-9): several labs can coexist.")
 
 
-@cli.command('lab', context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
-             add_help_option=True, short_help='A simulated Pi cluster on this Linux machine')
-@click.argument('args', nargs=-1, type=click.UNPROCESSED)
-def lab_cmd(args):
-    """A simulated Pi cluster on this Linux machine (network namespaces + real cloud-init).
+def _say(text=""):
+    click.echo(text, err=True)
 
-    Not built yet in this version of pibake."""
-    not_built('pibake lab')
+
+@cli.group("lab", short_help="A simulated Pi cluster on this Linux machine (namespaces + real cloud-init).")
+def lab_cmd():
+    """A simulated Pi cluster on this Linux machine: each host is a set of namespaces with its own
+    Debian root, booted by the real cloud-init from the seed on a burned image's boot partition.
+
+    \b
+    Examples:
+      pibake burn --hostname red00 --ip 10.77.7.10 --output 'images/{hostname}.img'
+      pibake burn --hostname 'red[01-03]' --ip '10.77.7.[11-13]' --output 'images/{hostname}.img'
+      pibake lab up --from-images images
+      pibake lab status
+      pibake lab shell red00 -- srun -N3 hostname
+      pibake lab down
+
+    Needs root. Nothing leaves the lab: its bridge has no address on this machine, no gateway, no NAT.
+    """
+
+
+@lab_cmd.command("up")
+@click.option("--workers", default=3, show_default=True, type=click.IntRange(0, 50),
+              help="Workers to burn when no --from-images is given.")
+@click.option("--from-images", "images_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Boot DIR/<hostname>.img (from pibake burn --output 'DIR/{hostname}.img'). "
+                   "Default: burn the manager and --workers workers onto a synthetic Pi-like image.")
+@click.option("--manager-delay", default=0.0, type=click.FloatRange(0, 3600), metavar="SECONDS",
+              help="Boot the workers first and the manager SECONDS later (their agents retry).")
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1), metavar="SECONDS",
+              help="How long to wait for every worker to be idle in sinfo.")
+@click.option("--no-wait", is_flag=True, help="Return after booting, without waiting for idle workers.")
+@prefix_option
+@json_option
+@pass_state
+def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, prefix, as_json):
+    """Boot a lab cluster from burned images: manager first, then the workers, until all are idle."""
+    from pibake.lab.cluster import lab_up
+
+    progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
+    report = lab_up(state.cluster_path, images_dir=images_dir, workers=workers, manager_delay=manager_delay,
+                    prefix=prefix, wait=not no_wait, timeout=timeout, progress=progress)
+    if as_json:
+        emit_json(report)
+    t = report["timings"]
+    for h in report["hosts"]:
+        ht = h["timings"]
+        idle = f", idle at {ht['idle_s']:.1f} s" if "idle_s" in ht else ""
+        _say(f"  {h['name']:<12} {h['ip']:<15} {h['role']:<8} host {ht.get('host_s', 0):.1f} s, "
+             f"root {ht.get('root_s', 0):.1f} s, cloud-init {ht.get('cloud_init_s', 0):.1f} s "
+             f"(done at {ht.get('boot_done_s', 0):.1f} s){idle}; sshd {h.get('sshd')}")
+    what = "all workers idle" if "all_idle_s" in t else "booted"
+    _say(f"lab {report['prefix']} up on {report['network']}: {what} after {t.get('total_s', 0):.1f} s")
+    _say(f"  pibake lab status | pibake lab shell {report['hosts'][0]['name']} | pibake lab down"
+         + (f" (--prefix {prefix})" if prefix != "pblab" else ""))
+
+
+@lab_cmd.command("status")
+@prefix_option
+@json_option
+def status_cmd(prefix, as_json):
+    """Per host: address, role, running, cloud-init, Slurm state, enrolled with the registry."""
+    from pibake.lab.cluster import lab_status
+
+    report = lab_status(prefix=prefix)
+    if as_json:
+        emit_json(report)
+        return
+    _say(f"lab {report['prefix']} ({report['cluster']}, {report['network']}), registry {report['registry']}")
+    _say(f"  {'HOST':<12} {'IP':<15} {'ROLE':<8} {'RUNNING':<8} {'CLOUD-INIT':<12} {'SLURM':<10} {'ENROLLED':<9} SSHD")
+    for h in report["hosts"]:
+        ci = h["cloud_init"] or {}
+        ci_text = (ci.get("status") or "-") + (f" ({len(ci['errors'])} errors)" if ci.get("errors") else "")
+        enrolled = {True: "yes", False: "no", None: "?"}[h["enrolled"]]
+        _say(f"  {h['name']:<12} {h['ip']:<15} {h['role']:<8} {'yes' if h['running'] else 'NO':<8} "
+             f"{ci_text:<12} {h['slurm'] or '-':<10} {enrolled:<9} {'yes' if h['sshd'] else 'no'}")
+
+
+@lab_cmd.command("shell", context_settings={"ignore_unknown_options": True})
+@click.argument("host")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@prefix_option
+def shell_cmd(host, command, prefix):
+    """A root shell inside lab host HOST; with a COMMAND (after --), run it and exit with its code.
+
+    \b
+    Examples:
+      pibake lab shell red01
+      pibake lab shell red00 -- sinfo
+    """
+    from pibake.lab.cluster import shell_argv
+
+    argv = shell_argv(host, list(command) or None, prefix=prefix)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not command:
+        os.execvp(argv[0], argv)
+    proc = subprocess.run(argv, check=False)
+    sys.exit(proc.returncode)
+
+
+@lab_cmd.command("down")
+@prefix_option
+@json_option
+def down_cmd(prefix, as_json):
+    """Remove the lab: every host, namespace, link and folder named after its prefix (also after a crash)."""
+    from pibake.lab.cluster import lab_down
+
+    report = lab_down(prefix=prefix)
+    if as_json:
+        emit_json(report)
+    removed = report["netns"] + report["links"]
+    _say(f"lab {prefix} down: removed {len(report['netns'])} hosts, {len(report['links'])} links, "
+         f"{report['processes']} processes" if removed else f"lab {prefix}: nothing was running")

@@ -77,6 +77,9 @@ LAB_PACKAGES = (
     # tools the lab and people use inside a host
     "iproute2",
     "iputils-ping",
+    # sensor seeds (I2C sensors): cheap, a few hundred kB
+    "python3-smbus",
+    "i2c-tools",
     # a network renderer, so cloud-init writes the seed's network-config as a file
     # (/etc/network/interfaces.d/50-cloud-init); the lab never brings it up
     "ifupdown",

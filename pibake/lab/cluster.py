@@ -1,0 +1,619 @@
+"""The lab cluster: burned images booted as Pi-like hosts on one Linux machine.
+
+``lab_up`` turns a folder of burned images (``DIR/<hostname>.img``, made by ``pibake burn --output``)
+into running lab hosts:
+
+1. one lab bridge and, per image, a namespace host (``pibake.lab.hosts.LabHost``) with the IP from
+   the image's own ``network-config``, inside the lab's namespaces only (the bridge has no address
+   on this machine, there is no gateway and no NAT: nothing the hosts send leaves the bridge);
+2. per host a real root: an overlay of the cached Debian rootfs, with the image's whole FAT boot
+   partition copied to /boot/firmware (``rootfs.make_host_root``);
+3. every seed, read back from its image (``bake.bootpart.read_seed``), checked against the host's
+   own cloud-init schema before anything boots (a bad seed: nothing boots, the error names host
+   and key);
+4. boot = cloud-init's four stages (``boot.boot_host``): the manager first (its registry and
+   slurmctld come up from its own cloud-init), then the workers, which enrol through their agent;
+   ``manager_delay`` boots the workers first instead (their agents retry);
+5. sshd started in every host (on a Pi, systemd starts the enabled ssh.service at boot);
+6. wait until every worker is ``idle`` in ``sinfo`` on the manager.
+
+Every name starts with the lab's prefix (default ``pblab``), so ``lab_down`` removes a crashed
+lab's leftovers by name (``hosts.cleanup_leftovers``). The lab's state (hosts, PIDs, timings) is
+kept in ``/run/pibake-lab/<prefix>.json``; host state lives under ``/tmp/pibake-lab-<prefix>/``.
+
+    report = lab_up("cluster", images_dir="images")      # or: lab_up("cluster") burns them itself
+    lab_status()["hosts"]                                 # per host: running, cloud-init, slurm, enrolled
+    lab_run("red00", ["srun", "-N3", "hostname"]).stdout
+    lab_down()
+"""
+
+import concurrent.futures
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pibake.errors import PibakeError, SeedError
+from pibake.run import run, which
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "pblab"
+STATE_DIR = Path("/run/pibake-lab")
+HOST_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+    "TERM": "dumb",
+}
+AGENT_CONFIG = "/etc/pibake/agent.json"
+IMAGE_SUFFIX = ".img"
+# Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
+ROOTS_DIR = "_roots"
+IMAGES_DIR = "_images"
+
+
+class LabClusterError(PibakeError):
+    """The lab cluster could not be brought up, found or entered."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def seed_host(hostname, seed, manager):
+    """{name, ip, role} of the host a seed read back from an image is for.
+
+    The IP is the first address of ``network-config``'s wired interface, the role comes from the
+    agent config in ``user-data`` (``manager`` for the cluster's manager name when absent).
+    """
+    try:
+        net = yaml.safe_load(seed.network_config or "") or {}
+    except yaml.YAMLError:
+        net = {}
+    net = net.get("network", net) if isinstance(net, dict) else {}
+    ip = None
+    for nic in (net.get("ethernets") or {}).values() if isinstance(net, dict) else ():
+        addresses = (nic or {}).get("addresses") or []
+        if addresses:
+            try:
+                ip = str(ipaddress.ip_interface(str(addresses[0])).ip)
+            except ValueError:
+                ip = None
+            break
+    role = None
+    try:
+        user = yaml.safe_load(seed.user_data or "") or {}
+    except yaml.YAMLError:
+        user = {}
+    for entry in (user.get("write_files") or []) if isinstance(user, dict) else ():
+        if isinstance(entry, dict) and entry.get("path") == AGENT_CONFIG:
+            try:
+                role = json.loads(entry.get("content") or "{}").get("role")
+            except (ValueError, AttributeError):
+                role = None
+    if role is None:
+        role = "manager" if hostname == manager else "worker"
+    return {"name": hostname, "ip": ip, "role": role}
+
+
+def worker_names(manager, manager_ip, network, count):
+    """Hostnames and IPs for ``count`` workers after the manager: red00/10.1.1.10 -> red01/.11, ..."""
+    m = re.match(r"^(.*?)(\d*)$", manager)
+    stem, digits = m.group(1), m.group(2)
+    width = max(len(digits), 2)
+    start = int(digits) + 1 if digits else 1
+    net = ipaddress.ip_network(network)
+    first_ip = ipaddress.ip_address(manager_ip) + 1
+    names, ips = [], []
+    for i in range(count):
+        ip = first_ip + i
+        if ip not in net or ip == net.broadcast_address:
+            raise LabClusterError(f"{count} workers after {manager_ip} do not fit in {network}: use fewer --workers")
+        names.append(f"{stem}{start + i:0{width}d}")
+        ips.append(str(ip))
+    return names, ips
+
+
+def boot_order(hosts, manager_delay):
+    """The boot groups: [[manager], [workers...]] normally; workers first when ``manager_delay`` > 0."""
+    managers = [h for h in hosts if h["role"] == "manager"]
+    others = [h for h in hosts if h["role"] != "manager"]
+    groups = [managers, others] if not manager_delay else [others, managers]
+    return [g for g in groups if g]
+
+
+def parse_sinfo(text):
+    """{node: state} from ``sinfo -N -h -o '%N %T'`` (a node in several partitions: its first line)."""
+    states = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            states.setdefault(parts[0], parts[1])
+    return states
+
+
+def enter_argv(pid):
+    """The argv prefix that runs a command in every namespace of the lab host whose PID 1 is ``pid``."""
+    return [which("nsenter") or "nsenter", "-t", str(pid), "-a", "--wd=/", "--"]
+
+
+def host_argv(host, argv, env=None):
+    """The argv that runs ``argv`` inside a lab host's own root (``host``: a state entry)."""
+    env = {**HOST_ENV, **(env or {})}
+    return [*enter_argv(host["pid"]), "chroot", host["root"], "/usr/bin/env", "-i",
+            *[f"{k}={v}" for k, v in env.items()], *[str(a) for a in argv]]
+
+
+# --------------------------------------------------------------------------- state
+
+
+def state_path(prefix=DEFAULT_PREFIX, state_dir=None):
+    return Path(state_dir or STATE_DIR) / f"{prefix}.json"
+
+
+def load_state(prefix=DEFAULT_PREFIX, state_dir=None):
+    """The lab's recorded state (a dict), or None when no lab with ``prefix`` was brought up."""
+    try:
+        return json.loads(state_path(prefix, state_dir).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise LabClusterError(f"{state_path(prefix, state_dir)} is damaged: run `pibake lab down`") from None
+
+
+def _save_state(state, state_dir=None):
+    path = state_path(state["prefix"], state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _require_state(prefix, state_dir):
+    state = load_state(prefix, state_dir)
+    if state is None:
+        raise LabClusterError(f"no lab is running (prefix {prefix}): start one with `pibake lab up`")
+    return state
+
+
+def _host(state, name):
+    for host in state["hosts"]:
+        if host["name"] == name:
+            return host
+    names = ", ".join(h["name"] for h in state["hosts"]) or "none"
+    raise LabClusterError(f"the lab has no host {name!r} (hosts: {names})")
+
+
+def _alive(host):
+    pid = host.get("pid")
+    if not pid or not os.path.exists(f"/proc/{pid}"):
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") == host.get("netns_id")
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- images
+
+
+def lab_images(images_dir, manager):
+    """[(hostname, image path)] of ``DIR/<hostname>.img``, the manager first, then by name."""
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise LabClusterError(f"--from-images {images_dir}: no such folder (make images with "
+                              "pibake burn --output 'DIR/{hostname}.img')")
+    from pibake.cluster import valid_hostname
+
+    found = []
+    for path in sorted(folder.glob(f"*{IMAGE_SUFFIX}")):
+        name = path.name[: -len(IMAGE_SUFFIX)]
+        if not valid_hostname(name):
+            raise LabClusterError(f"{path}: the file name must be <hostname>.img with a valid hostname")
+        found.append((name, path))
+    if not found:
+        raise LabClusterError(f"--from-images {images_dir}: no <hostname>.img files in it")
+    if manager not in [n for n, _ in found]:
+        raise LabClusterError(f"--from-images {images_dir}: no image for the manager {manager} ({manager}.img)")
+    found.sort(key=lambda item: (item[0] != manager, item[0]))
+    return found
+
+
+def burn_lab_images(cluster_dir, out_dir, *, workers=3, progress=None):
+    """Burn the manager and ``workers`` workers of the cluster's plan onto a synthetic Pi-like image
+    (``bake.synthetic.build_pi_image``): ``out_dir/<hostname>.img``. Returns the folder."""
+    from pibake.bake.burn import burn
+    from pibake.bake.synthetic import build_pi_image
+    from pibake.cluster import load_cluster
+    from pibake.plan import recorded_plan
+
+    note = progress or (lambda message: None)
+    cluster = load_cluster(cluster_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir.parent / "synthetic-raspios.img"
+    note("building a synthetic Pi-like base image (nothing is downloaded)")
+    build_pi_image(base, size="160M", boot_size="64M", family="raspios")
+    planned = [n for n in recorded_plan(cluster_dir) if n.role != "manager"]
+    if len(planned) >= workers:
+        names, ips = [n.hostname for n in planned[:workers]], [n.ip for n in planned[:workers]]
+    else:
+        names, ips = worker_names(cluster.manager, cluster.manager_ip, cluster.network, workers)
+    template = str(out_dir / "{hostname}.img")
+    note(f"burning {cluster.manager} (manager) and {', '.join(names)} to {out_dir}")
+    burn(cluster_dir, hostnames=cluster.manager, ips=cluster.manager_ip, role="manager", output=template,
+         image=str(base))
+    if names:
+        burn(cluster_dir, hostnames=",".join(names), ips=",".join(ips), role="worker", output=template,
+             image=str(base))
+    base.unlink(missing_ok=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- up
+
+
+def _base_dir(prefix):
+    from pibake.lab.hosts import default_base_dir
+
+    return default_base_dir(prefix)
+
+
+def _running_hosts(state):
+    return [h["name"] for h in (state or {}).get("hosts", []) if _alive(h)]
+
+
+def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix=DEFAULT_PREFIX, wait=True,
+           timeout=600.0, rootfs=None, state_dir=None, progress=None):
+    """Bring a lab cluster up from burned images and return its report (a dict, see ``lab up --json``).
+
+    ``images_dir``: ``DIR/<hostname>.img`` from ``pibake burn --output``; None: burn the manager and
+    ``workers`` workers onto a synthetic Pi-like image first. ``manager_delay`` (seconds): boot the
+    workers first and the manager that long after them. ``wait``: wait (up to ``timeout`` s) until
+    every worker is idle in sinfo. ``progress(message)`` gets one-line progress notes.
+
+    A seed that fails cloud-init's schema stops everything before any host boots (``SeedError`` naming
+    the host and the key) and the lab is removed again. A lab that boots but does not become idle is
+    left running for inspection (``LabClusterError`` says how to look and how to remove it).
+    """
+    from pibake.bake.bootpart import read_seed
+    from pibake.cluster import load_cluster
+    from pibake.lab.hosts import LabNetwork, _check_prefix, cleanup_leftovers
+    from pibake.lab.rootfs import ensure_rootfs
+
+    note = progress or (lambda message: None)
+    _check_prefix(prefix)
+    if os.geteuid() != 0:
+        raise LabClusterError("the lab needs root (network, mount, UTS and PID namespaces)")
+    cluster_dir = Path(cluster_dir).resolve()
+    cluster = load_cluster(cluster_dir)
+    previous = load_state(prefix, state_dir)
+    running = _running_hosts(previous)
+    if running:
+        raise LabClusterError(f"a lab is already running (prefix {prefix}: {', '.join(running)}): "
+                              "run `pibake lab down` first")
+    report = cleanup_leftovers(prefix)  # a crashed lab's namespaces, links and folders
+    if report["netns"] or report["links"]:
+        note(f"removed leftovers of an earlier lab: {', '.join(report['netns'] + report['links'])}")
+    state_path(prefix, state_dir).unlink(missing_ok=True)
+
+    started = time.monotonic()
+    timings = {}
+    base = _base_dir(prefix)
+    base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if images_dir is None:
+        t0 = time.monotonic()
+        images_dir = burn_lab_images(cluster_dir, base / IMAGES_DIR, workers=workers, progress=note)
+        timings["burn_s"] = round(time.monotonic() - t0, 2)
+    images = lab_images(images_dir, cluster.manager)
+
+    hosts = []
+    for name, image in images:
+        seed = read_seed(image)
+        if seed is None:
+            raise SeedError(f"{name}: {image} has no cloud-init seed on its boot partition (burn it with pibake)")
+        entry = seed_host(name, seed, cluster.manager)
+        if not entry["ip"]:
+            raise SeedError(f"{name}: the seed's network-config on {image} gives no address")
+        if ipaddress.ip_address(entry["ip"]) not in ipaddress.ip_network(cluster.network):
+            raise LabClusterError(f"{name}: {entry['ip']} is outside the cluster's network {cluster.network}")
+        entry.update(image=str(Path(image).resolve()), seed=seed)
+        hosts.append(entry)
+    ips = [h["ip"] for h in hosts]
+    dup = sorted({ip for ip in ips if ips.count(ip) > 1})
+    if dup:
+        raise LabClusterError(f"two images use the same address {dup[0]}: burn them again with distinct IPs")
+
+    t0 = time.monotonic()
+    rootfs = Path(rootfs) if rootfs else ensure_rootfs(progress=note)
+    timings["rootfs_s"] = round(time.monotonic() - t0, 2)
+
+    state = {
+        "prefix": prefix, "cluster_dir": str(cluster_dir), "cluster": cluster.name, "network": cluster.network,
+        "manager": cluster.manager, "manager_ip": cluster.manager_ip, "registry_port": cluster.registry_port,
+        "rootfs": str(rootfs), "images_dir": str(Path(images_dir).resolve()),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "hosts": [],
+    }
+    network = None
+    lab_hosts = []
+    try:
+        network = LabNetwork.create(prefix, cluster.network)
+        t0 = time.monotonic()
+        note(f"creating {len(hosts)} hosts on {cluster.network} (bridge {network.bridge}, no address on this machine)")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
+            made = list(pool.map(lambda h: _make_host(h, network, rootfs, base, started), hosts))
+        for host, (lab_host, record) in zip(hosts, made):
+            lab_hosts.append(lab_host)
+            state["hosts"].append(record)
+        timings["hosts_s"] = round(time.monotonic() - t0, 2)
+        _save_state(state, state_dir)
+
+        # every seed is checked before any host boots
+        t0 = time.monotonic()
+        problems = []
+        for host, record in zip(hosts, state["hosts"]):
+            try:
+                from pibake.lab.boot import validate_seed
+
+                validate_seed(record["root"], host["seed"], enter=enter_argv(record["pid"]), host=host["name"])
+            except SeedError as err:
+                problems.append(str(err))
+        if problems:
+            raise SeedError("; ".join(problems) + " (nothing was booted)")
+        timings["validate_s"] = round(time.monotonic() - t0, 2)
+    except BaseException:
+        for lab_host in lab_hosts:
+            lab_host.destroy()
+        if network is not None:
+            network.destroy()
+        cleanup_leftovers(prefix)
+        state_path(prefix, state_dir).unlink(missing_ok=True)
+        raise
+
+    by_name = {h["name"]: h for h in hosts}
+    groups = boot_order(state["hosts"], manager_delay)
+    for i, group in enumerate(groups):
+        if i and manager_delay:
+            note(f"waiting {manager_delay:g} s before booting the manager (--manager-delay)")
+            time.sleep(manager_delay)
+        note("booting " + ", ".join(f"{r['name']} ({r['role']})" for r in group) + " (cloud-init)")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(group)) as pool:
+            list(pool.map(lambda r: _boot(r, by_name[r["name"]]["seed"], started), group))
+        _save_state(state, state_dir)
+    failed = [r for r in state["hosts"] if not r["boot"]["ok"]]
+    if failed:
+        raise LabClusterError("; ".join(f"{r['name']}: cloud-init did not finish cleanly: "
+                                        f"{'; '.join(r['boot']['errors'][:2]) or r['boot']['status']}"
+                                        for r in failed)
+                              + f" (the lab stays up: pibake lab shell {failed[0]['name']}; pibake lab down)")
+    timings["booted_s"] = round(time.monotonic() - started, 2)
+
+    if wait:
+        note("waiting for every worker to be idle in sinfo")
+        _wait_idle(state, started, timeout)
+        timings["all_idle_s"] = round(time.monotonic() - started, 2)
+    timings["total_s"] = round(time.monotonic() - started, 2)
+    state["timings"] = timings
+    _save_state(state, state_dir)
+    return _up_report(state)
+
+
+def _make_host(host, network, rootfs, base, started):
+    from pibake.lab.hosts import LabHost
+    from pibake.lab.rootfs import make_host_root
+
+    t0 = time.monotonic()
+    lab_host = LabHost.create(host["name"], host["ip"], network=network, base_dir=base)
+    try:
+        record = {
+            "name": host["name"], "ip": host["ip"], "role": host["role"], "image": host["image"],
+            "pid": lab_host.pid, "netns": lab_host.netns, "netns_id": os.readlink(f"/proc/{lab_host.pid}/ns/net"),
+            "mac": lab_host.mac, "timings": {"host_s": round(time.monotonic() - t0, 2)},
+        }
+        t1 = time.monotonic()
+        root = make_host_root(rootfs, base / ROOTS_DIR / host["name"], enter=enter_argv(lab_host.pid),
+                              boot_image=host["image"], timeout=300)
+        record["root"] = str(root)
+        record["timings"]["root_s"] = round(time.monotonic() - t1, 2)
+        record["boot"] = {"ok": False, "status": "not booted", "errors": []}
+    except BaseException:
+        lab_host.destroy()
+        raise
+    return lab_host, record
+
+
+def _boot(record, seed, started):
+    from pibake.lab.boot import boot_host
+
+    record["timings"]["boot_start_s"] = round(time.monotonic() - started, 2)
+    result = boot_host(record["root"], seed, enter=enter_argv(record["pid"]), host=record["name"], validate=False)
+    record["timings"]["cloud_init_s"] = result.seconds
+    record["boot"] = {"ok": result.ok, "status": result.status.get("status"), "errors": result.errors,
+                      "hostname": result.hostname}
+    if result.ok:
+        record["sshd"] = _start_sshd(record)
+    record["timings"]["boot_done_s"] = round(time.monotonic() - started, 2)
+    LOG.info("%s booted: %s", record["name"], record["boot"])
+    return record
+
+
+def _start_sshd(record):
+    """Start sshd as systemd would at boot (ssh.service is enabled on the image); 'running' or why not."""
+    check = run(host_argv(record, ["sh", "-c", "test -x /usr/sbin/sshd && ls /etc/ssh/ssh_host_*_key"]),
+                check=False, timeout=60)
+    if check.returncode != 0:
+        return "not installed or no host keys"
+    if run(host_argv(record, ["pgrep", "-x", "sshd"]), check=False, timeout=60).returncode == 0:
+        return "running"
+    proc = run(host_argv(record, ["/usr/sbin/sshd"]), check=False, timeout=60)
+    if proc.returncode != 0:
+        LOG.warning("%s: sshd did not start: %s", record["name"], proc.stderr.strip())
+        return f"failed: {proc.stderr.strip()[-200:]}"
+    return "running"
+
+
+def _wait_idle(state, started, timeout):
+    manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
+    workers = [h for h in state["hosts"] if h["role"] == "worker"]
+    if manager is None or not workers:
+        return
+    end = time.monotonic() + timeout
+    states = {}
+    while time.monotonic() < end:
+        states = slurm_states(manager)
+        for h in workers:
+            if states.get(h["name"]) == "idle" and "idle_s" not in h["timings"]:
+                h["timings"]["idle_s"] = round(time.monotonic() - started, 2)
+        if all(states.get(h["name"]) == "idle" for h in workers):
+            return
+        time.sleep(0.5)
+    missing = ", ".join(f"{h['name']} ({states.get(h['name'], 'not in sinfo')})" for h in workers
+                        if states.get(h["name"]) != "idle")
+    raise LabClusterError(f"not idle after {timeout:g} s: {missing}. The lab stays up: look with "
+                          f"`pibake lab status` and `pibake lab shell {manager['name']}`; remove it with "
+                          "`pibake lab down`")
+
+
+def slurm_states(manager):
+    """{node: state} from sinfo in the manager host ({} while slurmctld does not answer)."""
+    proc = run(host_argv(manager, ["sinfo", "-N", "-h", "-o", "%N %T"]), check=False, timeout=30)
+    return parse_sinfo(proc.stdout) if proc.returncode == 0 else {}
+
+
+def _up_report(state):
+    return {
+        "prefix": state["prefix"], "cluster": state["cluster"], "network": state["network"],
+        "timings": state.get("timings", {}),
+        "hosts": [{k: h.get(k) for k in ("name", "ip", "role", "image", "boot", "sshd", "timings")}
+                  for h in state["hosts"]],
+    }
+
+
+# --------------------------------------------------------------------------- use
+
+
+def lab_run(name, argv, *, prefix=DEFAULT_PREFIX, state_dir=None, timeout=120, check=False, input=None):
+    """Run ``argv`` inside lab host ``name``'s own root; a ``subprocess.CompletedProcess``."""
+    host = _host(_require_state(prefix, state_dir), name)
+    if not _alive(host):
+        raise LabClusterError(f"lab host {name} is not running: `pibake lab down`, then `pibake lab up`")
+    return run(host_argv(host, argv), check=check, timeout=timeout, input=input)
+
+
+def shell_argv(name, argv=None, *, prefix=DEFAULT_PREFIX, state_dir=None, term=None):
+    """The argv of a shell (or of ``argv``) inside lab host ``name``: nsenter into all its namespaces,
+    chroot into its root, a clean environment."""
+    host = _host(_require_state(prefix, state_dir), name)
+    if not _alive(host):
+        raise LabClusterError(f"lab host {name} is not running: `pibake lab down`, then `pibake lab up`")
+    env = {"TERM": term or os.environ.get("TERM", "dumb"), "PS1": f"root@{name}(lab):\\w# "}
+    return host_argv(host, list(argv) if argv else ["/bin/bash", "--norc", "-i"], env=env)
+
+
+def registry_nodes(state, timeout=30):
+    """The registry's node list (GET /api/v1/nodes with the admin credential, TLS verified against the
+    cluster's CA), asked from inside the manager's network namespace. None when it does not answer."""
+    from pibake.secrets import admin_password, secrets_dir
+
+    manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
+    if manager is None or not _alive(manager):
+        return None
+    cluster_dir = Path(state["cluster_dir"])
+    code = (
+        "import json, sys, requests\n"
+        "url, ca, user, pw = json.loads(sys.stdin.read())\n"
+        "try:\n"
+        "    r = requests.get(url, verify=ca, timeout=10, auth=(user, pw))\n"
+        "    print(json.dumps([r.status_code, r.json() if r.content else None]))\n"
+        "except requests.exceptions.RequestException as exc:\n"
+        "    print(json.dumps([0, type(exc).__name__]))\n"
+    )
+    url = f"https://{state['manager_ip']}:{state['registry_port']}/api/v1/nodes"
+    creds = [url, str(secrets_dir(cluster_dir) / "ca.crt"), "admin", admin_password(cluster_dir)]
+    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--", sys.executable, "-c", code]
+    proc = run(argv, input=json.dumps(creds), check=False, timeout=timeout)
+    try:
+        status, data = json.loads(proc.stdout)
+    except ValueError:
+        return None
+    return data if status == 200 and isinstance(data, list) else None
+
+
+def _cloud_init_status(host):
+    proc = run(host_argv(host, ["cloud-init", "status", "--format", "json"]), check=False, timeout=60)
+    try:
+        data = json.loads(proc.stdout)
+    except ValueError:
+        return {"status": "unknown", "errors": [proc.stderr.strip()[-200:]]}
+    errors = list(data.get("errors") or [])
+    for stage in ("init-local", "init", "modules-config", "modules-final"):
+        value = data.get(stage)
+        if isinstance(value, dict):
+            errors.extend(e for e in value.get("errors") or [] if e not in errors)
+    return {"status": data.get("status"), "errors": errors}
+
+
+def lab_status(*, prefix=DEFAULT_PREFIX, state_dir=None):
+    """Per host: name, ip, role, running, cloud-init status (done/errors), slurm state, enrolled."""
+    state = _require_state(prefix, state_dir)
+    manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
+    slurm = slurm_states(manager) if manager and _alive(manager) else {}
+    nodes = registry_nodes(state)
+    enrolled = {n.get("hostname"): n.get("status") for n in nodes or []}
+    out = []
+    for host in state["hosts"]:
+        alive = _alive(host)
+        entry = {"name": host["name"], "ip": host["ip"], "role": host["role"], "running": alive,
+                 "cloud_init": _cloud_init_status(host) if alive else None,
+                 "slurm": slurm.get(host["name"]),
+                 "enrolled": None if nodes is None else host["name"] in enrolled,
+                 "registry_status": enrolled.get(host["name"]),
+                 "sshd": _sshd_running(host) if alive else False}
+        out.append(entry)
+    return {"prefix": state["prefix"], "cluster": state["cluster"], "network": state["network"],
+            "registry": "answering" if nodes is not None else "not answering", "hosts": out}
+
+
+def _sshd_running(host):
+    return run(host_argv(host, ["pgrep", "-x", "sshd"]), check=False, timeout=30).returncode == 0
+
+
+# --------------------------------------------------------------------------- down
+
+
+def lab_down(*, prefix=DEFAULT_PREFIX, state_dir=None):
+    """Remove the lab: every process, namespace, link and folder named after ``prefix`` (also after a
+    crash, with or without a state file). Returns what was removed."""
+    from pibake.lab.hosts import _check_prefix, cleanup_leftovers
+
+    _check_prefix(prefix)
+    state = load_state(prefix, state_dir) if state_path(prefix, state_dir).exists() else None
+    report = cleanup_leftovers(prefix)
+    for host in (state or {}).get("hosts", []):  # a host whose netns was already gone
+        if _alive(host):
+            try:
+                os.kill(host["pid"], 9)
+            except ProcessLookupError:
+                pass
+    base = _base_dir(prefix)
+    if base.exists():
+        shutil.rmtree(base, ignore_errors=True)
+    state_path(prefix, state_dir).unlink(missing_ok=True)
+    report["state"] = bool(state)
+    return report
+
+
+def lab_exists(prefix=DEFAULT_PREFIX):
+    """Names of this machine's network namespaces and links that belong to the lab ``prefix``."""
+    from pibake.lab.hosts import _link_names, _netns_names
+
+    return [n for n in _netns_names() + _link_names() if n.startswith(f"{prefix}-")]
