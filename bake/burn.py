@@ -571,19 +571,26 @@ def _burn_devices(cluster_dir, prepared, device_paths, guard, write, *, confirm,
     results, burned = [], {d: [] for d in device_paths}
     for number, batch in enumerate(rounds(prepared.nodes, len(device_paths))):
         pairs = list(zip(device_paths, batch))
-        if number > 0:
+        try:
+            if number > 0:
+                for device, node in pairs:
+                    wait_for_next_card(device, node.hostname, burned[device], ask=ask, probe=probe)
+                facts = None  # new cards: read this machine's facts again
+            targets = {}
             for device, node in pairs:
-                wait_for_next_card(device, node.hostname, burned[device], ask=ask, probe=probe)
-            facts = None  # new cards: read this machine's facts again
-        targets = {}
-        for device, node in pairs:
-            targets[device] = check_write_target(device, prepared, facts=facts, **guard)
-        if confirm is not None:
-            for device, node in pairs:
-                question = devices.confirmation_prompt(targets[device]).replace(
-                    "Continue?", f"Burn {node.hostname} ({node.ip}) on it?")
-                if not confirm(question):
-                    raise BurnError(f"not confirmed: nothing written to {device}")
+                targets[device] = check_write_target(device, prepared, facts=facts, **guard)
+            if confirm is not None:
+                for device, node in pairs:
+                    question = devices.confirmation_prompt(targets[device]).replace(
+                        "Continue?", f"Burn {node.hostname} ({node.ip}) on it?")
+                    if not confirm(question):
+                        raise BurnError(f"not confirmed: nothing written to {device}")
+        except PibakeError as exc:
+            if not results:
+                raise
+            done = ", ".join(r.hostname for r in results if r.ok)
+            left = ", ".join(n.hostname for n in prepared.nodes[len(results):])
+            raise BurnError(f"{exc} (burned: {done}; not burned: {left})") from None
         if number == 0 and before_first_write is not None:
             before_first_write()
         if len(pairs) == 1:

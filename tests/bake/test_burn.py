@@ -503,3 +503,19 @@ def test_manager_wheel_cannot_be_built_says_what_to_do(monkeypatch):
     monkeypatch.setattr(burn, "_source_tree", lambda: None)  # e.g. pibake installed from a wheel
     with pytest.raises(BurnError, match=r"not running from a source checkout.*--wheel dist/pibake-\*\.whl"):
         burn.manager_wheel()
+
+
+@_apply(loops)
+def test_batch_stopped_at_the_second_card_says_what_was_burned(cluster, pi, tmp_path):
+    backing = random_file(tmp_path / "card.bin", 128 * MIB)
+    answers = iter([True, False])
+    with loop_device(backing) as dev:
+        def ask(message):  # the next card: a blank one
+            run(["losetup", "-d", dev])
+            run(["losetup", dev, random_file(tmp_path / "card2.bin", 128 * MIB, 5)])
+
+        with pytest.raises(BurnError) as err:
+            burn.burn(cluster, hostnames="red[01-02]", ips="10.1.1.[11-12]", devices_=[dev], image=str(pi.path),
+                      allow_non_removable=True, ask=ask, confirm=lambda q: next(answers))
+    assert str(err.value) == f"not confirmed: nothing written to {dev} (burned: red01; not burned: red02)"
+    assert [(e["hostname"], e["status"]) for e in manifest.entries(cluster)] == [("red01", "complete")]
