@@ -521,6 +521,58 @@ def render_cluster_yaml(data):
     return text
 
 
+def _value_end(node):
+    """(line, column) just after a node's last character, ignoring block-end tokens."""
+    while isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and not node.flow_style and node.value:
+        last = node.value[-1]
+        node = last[1] if isinstance(node, yaml.MappingNode) else last
+    return node.end_mark.line, node.end_mark.column
+
+
+def update_cluster_yaml(text, data):
+    """``text`` (a hand-edited cluster.yaml) with its top-level keys set to ``data``, comments kept.
+
+    Changed keys are rewritten in place, new ones appended with their documentation comment, keys
+    no longer in ``data`` removed. Falls back to a freshly rendered file when the result would not
+    say exactly ``data`` (the check that makes this safe).
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        current = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return render_cluster_yaml(data)
+    if not isinstance(root, yaml.MappingNode) or not isinstance(current, dict):
+        return render_cluster_yaml(data)
+    lines = text.splitlines()
+    spans = {}
+    for key_node, value_node in root.value:
+        end_line, end_col = _value_end(value_node)
+        spans[key_node.value] = (key_node.start_mark.line, end_line + 1 if end_col > 0 else end_line)
+    edits = []  # (start, end, new lines), applied bottom-up
+    for key, (start, end) in spans.items():
+        if key not in data:
+            edits.append((start, end, []))
+        elif current.get(key) != data[key]:
+            fragment = yaml.safe_dump({key: data[key]}, default_flow_style=False, sort_keys=False, width=4096)
+            edits.append((start, end, fragment.rstrip("\n").splitlines()))
+    for start, end, new in sorted(edits, reverse=True):
+        lines[start:end] = new
+    for key in data:
+        if key not in spans:
+            doc = _KEY_DOCS.get(key)
+            lines += [""] + ([f"# {line}" for line in doc.splitlines()] if doc else [])
+            lines += yaml.safe_dump({key: data[key]}, default_flow_style=False, sort_keys=False,
+                                    width=4096).rstrip("\n").splitlines()
+    out = "\n".join(lines).rstrip("\n") + "\n"
+    try:
+        if yaml.safe_load(out) == data:
+            return out
+    except yaml.YAMLError:
+        pass
+    LOG.debug("could not edit cluster.yaml in place; writing it afresh")
+    return render_cluster_yaml(data)
+
+
 def _atomic_write(path, text, mode=0o644):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -821,7 +873,11 @@ def init_cluster(
             shutil.copy2(path, cluster_dir / BACKUP_FILE)
             result["backup"] = str(cluster_dir / BACKUP_FILE)
         mode = 0o600 if data.get("wifi") else 0o644  # a WPA PSK is as good as the passphrase
-        _atomic_write(path, render_cluster_yaml(data), mode)
+        if status == "updated":  # a valid file, maybe hand-edited: change only what changed
+            text = update_cluster_yaml(path.read_text(encoding="utf-8"), data)
+        else:
+            text = render_cluster_yaml(data)
+        _atomic_write(path, text, mode)
     LOG.info("cluster.yaml %s; secrets %s", status, secret_status)
 
     cluster = cluster_from_data(data, cluster_dir)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pibake import secrets
 from pibake.cluster import (
     CLUSTER_SCHEMA,
+    update_cluster_yaml,
     init_cluster,
     load_cluster,
     render_cluster_yaml,
@@ -414,6 +415,9 @@ def test_hand_edits_survive_and_differing_values_are_refused(tmp_path, home):
     assert result["cluster_yaml_status"] == "updated"
     assert (cdir / "cluster.yaml.bak").read_text() == edited
     assert load_cluster(cdir).timezone == "Europe/Paris"
+    after = path.read_text()
+    assert "# my own note\ntimezone: Europe/Paris\n" in after  # edited in place, the user's comment kept
+    assert after.replace("Europe/Paris", "America/Denver") == edited
 
 
 def test_broken_file_is_only_replaced_with_force(tmp_path, home):
@@ -505,3 +509,40 @@ def test_force_over_a_broken_file_keeps_its_good_values(tmp_path, home):
     result = init_cluster(cdir, home=home, user="pi", force=True, **BASE)
     assert result["cluster_yaml_status"] == "replaced"
     assert load_cluster(cdir).timezone == "America/Denver"  # the hand-set value survived
+
+
+UPDATE_TEXT = """\
+# top comment
+name: red   # trailing note
+manager: red00
+dns:
+- 10.1.1.1
+- 9.9.9.9
+
+# my note about the user
+user: pi
+ssh_keys: []
+# end note
+timezone: Etc/UTC
+"""
+
+
+def test_update_in_place_keeps_comments_and_says_exactly_the_data():
+    data = yaml.safe_load(UPDATE_TEXT)
+    data.update(dns=["1.1.1.1"], ssh_keys=[KEY], timezone="Europe/Berlin", locale="C.UTF-8")
+    del data["manager"]
+    out = update_cluster_yaml(UPDATE_TEXT, data)
+    assert yaml.safe_load(out) == data
+    for kept in ("# top comment", "name: red   # trailing note", "# my note about the user", "# end note"):
+        assert kept in out
+    assert "manager" not in out
+    assert "# System locale of the nodes" in out  # an added key gets its documentation
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(["name", "dns", "user", "ssh_keys", "timezone", "extra"]),
+                              st.one_of(st.text(max_size=30), st.lists(st.text(max_size=20), max_size=3)),
+                              max_size=6))
+def test_update_in_place_always_says_exactly_the_data(values):
+    data = {**yaml.safe_load(UPDATE_TEXT), **values}
+    assert yaml.safe_load(update_cluster_yaml(UPDATE_TEXT, data)) == data
