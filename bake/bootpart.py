@@ -226,15 +226,22 @@ def flush_block_device(path):
         os.close(fd)
 
 
-def list_files(part):
-    """Names in the root directory of the boot partition (folders without a trailing slash)."""
-    out = run(["mdir", "-b", "-i", _drive(part), "::/"], env=_mtools_env(), check=False)
+def list_files(part, folder=""):
+    """Names in a folder (default: the root) of the boot partition (folders without a trailing slash)."""
+    prefix = f"::/{folder.strip('/')}/" if folder.strip("/") else "::/"
+    out = run(["mdir", "-b", "-i", _drive(part), prefix], env=_mtools_env(), check=False)
     names = []
     for line in out.stdout.splitlines():
         line = line.strip()
-        if line.startswith("::/"):
-            names.append(line[3:].rstrip("/"))
+        if line.startswith(prefix):
+            names.append(line[len(prefix):].rstrip("/"))
     return names
+
+
+def remove_files(part, names):
+    """Delete files (paths relative to the root) from the boot partition; missing ones are ignored."""
+    for name in names:
+        run(["mdel", "-i", _drive(part), f"::/{name}"], env=_mtools_env(), check=False)
 
 
 def read_files(part, names):
@@ -329,6 +336,15 @@ def write_seed(target, seed, *, extra_files=None, verify=True):
         LOG.warning("%s: boot partition has no cmdline.txt; writing the seed only", target)
     for name, data in (extra_files or {}).items():
         files[name] = _as_bytes(data)
+    removed_files = []
+    for name in extra_files or {}:
+        # A new wheel replaces older ones: the manager installs whichever pibake-*.whl its glob finds last.
+        folder, _, base = name.rpartition("/")
+        if re.fullmatch(r"pibake-.+-py3-none-any\.whl", base):
+            stale = [f"{folder}/{n}" if folder else n for n in list_files(part, folder)
+                     if n != base and re.fullmatch(r"pibake-.+\.whl", n)]
+            remove_files(part, stale)
+            removed_files += stale
     digests = put_files(part, files, verify=verify)
     LOG.info("seed %s written to %s partition %d", seed.instance_id, target, part.number)
     return {
@@ -337,6 +353,7 @@ def write_seed(target, seed, *, extra_files=None, verify=True):
         "instance_id": seed.instance_id,
         "files": digests,
         "cmdline": cmdline_info,
+        "removed_files": removed_files,
         "verified": bool(verify),
     }
 

@@ -112,11 +112,14 @@ def test_write_seed_reads_back_and_fixes_cmdline(image, pristine, tmp_path):
     _fsck_boot(image, pristine, tmp_path)
     run(["e2fsck", "-fn", f"{image}?offset={pristine.root_offset}"])
 
-    # Writing again (a reseed) replaces the files; cmdline.txt is already clean and is left alone.
+    # Writing again (a reseed) replaces the files; cmdline.txt is already clean and is left alone; a new
+    # pibake wheel replaces the old one (the manager installs whichever its glob finds last).
     newer = Seed(SEED.user_data, "instance-id: red01-0002\n", SEED.network_config, "red01-0002")
-    second = bootpart.write_seed(image, newer)
+    second = bootpart.write_seed(image, newer, extra_files={"pibake/pibake-0.0.1-py3-none-any.whl": b"PK new"})
     assert second["cmdline"] == {"present": True, "removed": [], "changed": False}
     assert "cmdline.txt" not in second["files"]
+    assert second["removed_files"] == ["pibake/pibake-0.0.0-py3-none-any.whl"]
+    assert bootpart.list_files(part, "pibake") == ["pibake-0.0.1-py3-none-any.whl"]
     assert bootpart.read_seed(image).instance_id == "red01-0002"
 
 
