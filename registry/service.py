@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from pibake import __version__
-from pibake.errors import ConfigError, NotBuiltError
+from pibake.errors import ConfigError
 from pibake.model import ROLES
 from pibake.registry import slurmconf
 from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
@@ -53,30 +53,13 @@ class RegistryError(Exception):
 
 
 def cluster_settings(cluster_dir):
-    """What the registry needs from cluster.yaml: name, manager, manager_ip, network, registry_port and
-    the optional ``registry:`` mapping. Uses ``pibake.cluster.load_cluster`` when it is built; the raw
-    YAML otherwise (and always for the ``registry:`` mapping)."""
-    path = Path(cluster_dir) / "cluster.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is missing: run `pibake init` first") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a mapping")
-    try:
-        from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
+    """What the registry needs from cluster.yaml (validated by ``pibake.cluster.load_cluster``): name,
+    manager, manager_ip, network, registry_port, and the optional ``registry:`` mapping of options."""
+    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
 
-        cluster = load_cluster(cluster_dir)
-        settings = {"name": cluster.name, "manager": cluster.manager, "manager_ip": cluster.manager_ip,
-                    "network": cluster.network, "registry_port": cluster.registry_port}
-    except NotBuiltError:
-        missing = [k for k in ("name", "manager", "manager_ip") if not raw.get(k)]
-        if missing:
-            raise ConfigError(f"{path}: missing {', '.join(missing)}") from None
-        settings = {"name": raw["name"], "manager": raw["manager"], "manager_ip": str(raw["manager_ip"]),
-                    "network": raw.get("network"), "registry_port": int(raw.get("registry_port", 8443))}
+    cluster = load_cluster(cluster_dir)
+    path = Path(cluster_dir) / "cluster.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     registry = raw.get("registry") or {}
     if not isinstance(registry, dict):
         raise ConfigError(f"{path}: registry must be a mapping")
@@ -84,8 +67,8 @@ def cluster_settings(cluster_dir):
     if unknown:
         raise ConfigError(f"{path}: registry: unknown key(s) {', '.join(unknown)}; "
                           f"known: {', '.join(OPTION_KEYS)}")
-    settings["registry"] = registry
-    return settings
+    return {"name": cluster.name, "manager": cluster.manager, "manager_ip": cluster.manager_ip,
+            "network": cluster.network, "registry_port": cluster.registry_port, "registry": registry}
 
 
 def validate_enrolment(payload, peer_ip=None, network=None):

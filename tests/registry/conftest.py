@@ -99,3 +99,16 @@ def all_logs(caplog):
     caplog.set_level(logging.DEBUG, logger="pibake")
     yield caplog
     logger.propagate, logger.level = saved
+
+
+@pytest.fixture
+def slurm_sandbox():
+    """A private munged + slurmctld setup (see slurm_fixture.SlurmSandbox); stopped and removed after."""
+    from tests.registry.slurm_fixture import SlurmSandbox
+
+    box = SlurmSandbox()
+    try:
+        box.start_munge()
+        yield box
+    finally:
+        box.stop()

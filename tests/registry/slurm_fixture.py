@@ -104,13 +104,3 @@ class SlurmSandbox:
         _kill_pidfile(self.root / "run" / "slurmctld.pid")
         _kill_pidfile(self.root / "munge" / "munged.pid")
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-@pytest.fixture
-def slurm_sandbox():
-    box = SlurmSandbox()
-    try:
-        box.start_munge()
-        yield box
-    finally:
-        box.stop()

@@ -6,11 +6,10 @@ import pytest
 from pibake.registry.app import create_app
 from pibake.registry.service import Registry
 from tests.registry.conftest import enrolment
-from tests.registry.slurm_fixture import slurm_sandbox  # noqa: F401  (fixture)
 
 
 @pytest.fixture
-def slurm_app(cluster_dir, slurm_sandbox):  # noqa: F811
+def slurm_app(cluster_dir, slurm_sandbox):
     app = create_app(cluster_dir, slurm_conf=str(slurm_sandbox.conf), slurm_apply="direct",
                      slurm_settings=slurm_sandbox.settings, apply_timeout=30)
     return app, slurm_sandbox
@@ -78,7 +77,7 @@ def test_enrol_add_remove_nodes_on_real_slurmctld(slurm_app, creds):
     assert _node_field(box, "red01", "NodeAddr") == "127.0.77.1"
 
 
-def test_accept_in_approval_mode_reaches_slurmctld(cluster_dir, slurm_sandbox, creds):  # noqa: F811
+def test_accept_in_approval_mode_reaches_slurmctld(cluster_dir, slurm_sandbox, creds):
     box = slurm_sandbox
     app = create_app(cluster_dir, require_approval=True, slurm_conf=str(box.conf), slurm_apply="direct",
                      slurm_settings=box.settings, apply_timeout=30)
@@ -90,7 +89,7 @@ def test_accept_in_approval_mode_reaches_slurmctld(cluster_dir, slurm_sandbox, c
     assert _node_field(box, "red01", "NodeAddr") == "127.0.77.1"
 
 
-def test_apply_failure_is_503_not_500(cluster_dir, slurm_sandbox, creds):  # noqa: F811
+def test_apply_failure_is_503_not_500(cluster_dir, slurm_sandbox, creds):
     box = slurm_sandbox
     bad = {**box.settings, "SelectType": "select/does-not-exist"}
     app = create_app(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=bad,
@@ -100,7 +99,7 @@ def test_apply_failure_is_503_not_500(cluster_dir, slurm_sandbox, creds):  # noq
     assert "could not be put in force" in r.json["error"] and "retry" in r.json["error"]
 
 
-def test_unordered_addresses_reach_slurmctld_paired_right(cluster_dir, slurm_sandbox):  # noqa: F811
+def test_unordered_addresses_reach_slurmctld_paired_right(cluster_dir, slurm_sandbox):
     """Three identical nodes whose addresses do not ascend with their names: one folded line, and
     slurmctld gives each node its own address."""
     from pibake.registry.service import validate_enrolment
