@@ -12,7 +12,7 @@ not allowed). Nothing here logs or returns a presented secret.
 import hmac
 import logging
 
-from flask import current_app, g, jsonify
+from flask import current_app, g, jsonify, request
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth
 
 from pibake.errors import SecretsError
@@ -53,7 +53,7 @@ def _verify_join_token(token):
                   "`pibake token rotate`")
         return None
     if not ok:
-        LOG.warning("enrolment refused: wrong or expired join token")
+        LOG.warning("enrolment refused from %s: wrong or expired join token", request.remote_addr)
         return None
     return {"kind": "join"}
 
@@ -73,11 +73,11 @@ def _verify_basic(username, password):
     if username == ADMIN_USER:
         if admin_matches(reg.cluster_dir, password):
             return {"kind": "admin", "name": ADMIN_USER}
-        LOG.warning("admin authentication failed")
+        LOG.warning("admin authentication failed from %s", request.remote_addr)
         return None
     node = reg.store.check_credential(username, password)
     if node is None:
-        LOG.warning("node authentication failed for %s", username[:64])
+        LOG.warning("node authentication failed for %s from %s", username[:64], request.remote_addr)
         return None
     g.node = node
     return {"kind": "node", "name": node["hostname"], "status": node["status"]}

@@ -155,6 +155,15 @@ def test_expired_join_token_is_refused(cluster_dir, app_options, creds):
     assert "expired" in r.json["error"] and "pibake token rotate" in r.json["error"]
 
 
+def test_expired_join_token_record_is_refused(client, creds, cluster_dir, all_logs):
+    from pibake.secrets import rotate_join_token
+
+    token = rotate_join_token(cluster_dir, ttl=dt.timedelta(seconds=-1)).token  # expired when written
+    r = client.post("/api/v1/enrol", json=enrolment("red01"), headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401 and "expired" in r.json["error"]
+    assert "enrolment refused from 127.0.0.1" in all_logs.text and token not in all_logs.text
+
+
 def test_rotated_join_token_refuses_the_old_one(client, creds, cluster_dir):
     from pibake.secrets import rotate_join_token
 
