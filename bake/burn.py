@@ -195,7 +195,6 @@ def manager_wheel(wheel=None, *, cache_dir=None, source=None):
     cached = key_dir / name
     if cached.is_file():
         return cached
-    key_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pibake-wheel-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
@@ -220,11 +219,24 @@ def manager_wheel(wheel=None, *, cache_dir=None, source=None):
         built = sorted(out.glob("pibake-*-py3-none-any.whl"))
         if not built:
             raise BurnError("pip built no pibake-*-py3-none-any.whl; pass --wheel FILE")
+        key_dir.mkdir(parents=True, exist_ok=True)
         tmp_target = key_dir / f".{built[0].name}.part"
         shutil.copyfile(built[0], tmp_target)
         os.replace(tmp_target, key_dir / built[0].name)
         LOG.info("built %s into the cache %s", built[0].name, key_dir)
+        _prune_wheel_cache(cache, keep=key_dir)
         return key_dir / built[0].name
+
+
+def _prune_wheel_cache(cache, keep, newest=4):
+    """Every source change builds a wheel: keep the ``newest`` few, delete older ones."""
+    try:
+        entries = sorted((d for d in cache.iterdir() if d.is_dir() and d != keep),
+                         key=lambda d: d.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in entries[newest - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- preparation

@@ -368,6 +368,14 @@ def test_manager_wheel_is_cached_per_source_state(tmp_path, monkeypatch):
     (src / "pibake" / "cli" / "extra_module.py").write_text("# a change\n")
     with pytest.raises(AssertionError, match="built again"):
         burn.manager_wheel(source=src, cache_dir=tmp_path / "wheels")
+    # Old builds are pruned: only the newest few stay.
+    for i in range(6):
+        old = tmp_path / "wheels" / f"old{i}"
+        old.mkdir()
+        os.utime(old, (1000 + i, 1000 + i))
+    burn._prune_wheel_cache(tmp_path / "wheels", keep=first.parent)
+    assert sorted(d.name for d in (tmp_path / "wheels").iterdir()) == sorted(
+        [first.parent.name, "old5", "old4", "old3"])
 
 
 def test_manager_wheel_given_and_refused(cluster, pi, tmp_path):
