@@ -20,6 +20,27 @@ from pibake.secrets import secrets_dir
 LOG = logging.getLogger(__name__)
 
 
+LOGCONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": "INFO", "handlers": []},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False, "qualname": "gunicorn.error"},
+        "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False,
+                            "qualname": "gunicorn.access"},
+    },
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stderr"},
+        "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stderr"},
+    },
+    "formatters": {
+        "generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s",
+                    "datefmt": "[%Y-%m-%d %H:%M:%S %z]", "class": "logging.Formatter"},
+        "access": {"format": "%(message)s", "class": "logging.Formatter"},
+    },
+}
+
+
 class RegistryServer(BaseApplication):
     """A gunicorn application around an already created Flask app."""
 
@@ -61,8 +82,9 @@ def gunicorn_options(cluster_dir, bind, *, workers=2, threads=8, timeout=120):
         "threads": threads,
         "certfile": str(cert),
         "keyfile": str(key),
-        "accesslog": "/dev/stderr",  # "-" would be stdout; logs go to stderr
-        "errorlog": "-",
+        # Everything to stderr (gunicorn's "-" access log is stdout; /dev/stderr cannot be opened when
+        # stderr is the journal's socket under systemd): gunicorn's own loggers, configured here.
+        "logconfig_dict": LOGCONFIG,
         "loglevel": "info",
         "timeout": timeout,
         "graceful_timeout": 10,

@@ -28,11 +28,12 @@ class Server:
 
     def start(self):
         self.stderr = open(self.stderr_path, "ab")
+        self.stdout = open(self.stderr_path.with_suffix(".stdout"), "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pibake", "--cluster", str(self.cluster_dir), "registry", "serve",
              "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--apply", "none",
              "--slurm-conf", str(self.cluster_dir / "slurm.conf"), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=self.stderr)
+            stdout=self.stdout, stderr=self.stderr)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -58,6 +59,7 @@ class Server:
                 self.proc.wait()
         if self.proc:
             self.stderr.close()
+            self.stdout.close()
 
 
 @pytest.fixture
@@ -99,6 +101,8 @@ def test_sigterm_stops_cleanly_and_logs_hold_no_secret(server, creds):
     assert server.proc.wait(20) == 0
     log = server.log()
     assert "Listening at: https://127.0.0.1" in log and "enrolled red01" in log
+    assert '"POST /api/v1/enrol HTTP/1.1" 201' in log  # the access log, on stderr too
+    assert server.stderr_path.with_suffix(".stdout").read_text() == ""  # stdout stays clean
     assert "join token" in log  # the refusal is logged ...
     for secret in creds.secrets() + [cred]:
         assert secret not in log  # ... without any secret
