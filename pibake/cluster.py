@@ -864,8 +864,40 @@ def init_cluster(
         )
 
     # Nothing is written before everything above passed.
+    try:
+        _write_cluster(cluster_dir, path, data, status, rotate, result)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the cluster directory {cluster_dir}: {exc.strerror or type(exc).__name__}"
+            + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")
+            + "; choose another --cluster directory or fix its permissions"
+        ) from None
+    LOG.info("cluster.yaml %s; secrets %s", status, result["secrets"])
+
+    cluster = cluster_from_data(data, cluster_dir)
+    result.update(
+        {
+            "name": cluster.name,
+            "manager": cluster.manager,
+            "manager_ip": cluster.manager_ip,
+            "network": cluster.network,
+            "gateway": cluster.gateway,
+            "cluster_yaml_status": status,
+            "secrets_dir": str(_secrets.secrets_dir(cluster_dir)),
+            "ssh_keys": len(cluster.ssh_keys),
+            "ssh_key_files": key_sources,
+            "wifi": {"country": cluster.wifi.country, "ssid": cluster.wifi.ssid} if cluster.wifi else None,
+            "image": cluster.image,
+            "family": cluster.family,
+        }
+    )
+    result.setdefault("ssh_keys_default", False)
+    return result
+
+
+def _write_cluster(cluster_dir, path, data, status, rotate, result):
     cluster_dir.mkdir(parents=True, exist_ok=True)
-    secret_status = _secrets.ensure_secrets(
+    result["secrets"] = _secrets.ensure_secrets(
         cluster_dir, data["name"], data["manager"], data["manager_ip"], rotate=rotate
     )
     if status != "unchanged":
@@ -878,25 +910,3 @@ def init_cluster(
         else:
             text = render_cluster_yaml(data)
         _atomic_write(path, text, mode)
-    LOG.info("cluster.yaml %s; secrets %s", status, secret_status)
-
-    cluster = cluster_from_data(data, cluster_dir)
-    result.update(
-        {
-            "name": cluster.name,
-            "manager": cluster.manager,
-            "manager_ip": cluster.manager_ip,
-            "network": cluster.network,
-            "gateway": cluster.gateway,
-            "cluster_yaml_status": status,
-            "secrets_dir": str(_secrets.secrets_dir(cluster_dir)),
-            "secrets": secret_status,
-            "ssh_keys": len(cluster.ssh_keys),
-            "ssh_key_files": key_sources,
-            "wifi": {"country": cluster.wifi.country, "ssid": cluster.wifi.ssid} if cluster.wifi else None,
-            "image": cluster.image,
-            "family": cluster.family,
-        }
-    )
-    result.setdefault("ssh_keys_default", False)
-    return result

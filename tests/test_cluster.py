@@ -546,3 +546,11 @@ def test_update_in_place_keeps_comments_and_says_exactly_the_data():
 def test_update_in_place_always_says_exactly_the_data(values):
     data = {**yaml.safe_load(UPDATE_TEXT), **values}
     assert yaml.safe_load(update_cluster_yaml(UPDATE_TEXT, data)) == data
+
+
+def test_unwritable_cluster_directory_is_a_clear_error(tmp_path, home):
+    (tmp_path / "afile").write_text("not a directory\n")
+    with pytest.raises(ConfigError, match=r"cannot write the cluster directory .*afile/c: Not a directory"):
+        init_cluster(tmp_path / "afile" / "c", home=home, **BASE)
+    with pytest.raises(ConfigError, match=r"afile exists and is not a directory"):
+        init_cluster(tmp_path / "afile", home=home, **BASE)
