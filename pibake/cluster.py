@@ -174,6 +174,10 @@ def read_yaml(path, what=None, error=ConfigError):
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise error(f"{what}: not UTF-8 text") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except OSError as exc:
+        raise error(f"{what}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
