@@ -7,8 +7,7 @@ Decisions (documented in docs/ as well):
   with "Node configuration differs from hardware".
 * **RealMemory margin.** Configured = reported minus max(3 %, 64 MiB), rounded down to a multiple of 32 MiB.
   MemTotal moves by tens of MiB across kernel updates, firmware (``gpu_mem``/CMA) changes and even boots,
-  and a node whose configured RealMemory exceeds what its slurmd finds is drained ("Low RealMemory"). The
-  rounding also lets boards of one model that differ by a few MiB fold into one line.
+  and a node whose configured RealMemory exceeds what its slurmd finds is drained ("Low RealMemory").
 * **NodeAddr=<ip>** on every line, so neither the manager nor the nodes need DNS or /etc/hosts.
 * **Folding.** Nodes with identical topology and board model, and memory within 2 %, share one line
   (configured from the smallest of them), names and addresses folded on their trailing number with
@@ -35,7 +34,7 @@ from ClusterShell.NodeSet import NodeSet
 from ClusterShell.RangeSet import RangeSet
 
 TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
-INT_KEYS = TOPOLOGY_KEYS + ("RealMemory", "Sockets", "Gres", "TmpDisk")
+INT_KEYS = TOPOLOGY_KEYS + ("RealMemory", "Sockets", "TmpDisk")
 SLURMCTLD_PORT = 6817
 SLURMD_PORT = 6818
 MEMORY_MARGIN_FRACTION = 0.03

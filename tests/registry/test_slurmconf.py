@@ -239,3 +239,9 @@ def test_fold_names_order_is_slurms(names):
     folded, order = fold_names(names)
     assert sorted(order) == sorted(names)
     assert slurm_hostnames(folded) == order
+
+
+def test_gres_and_unknown_fields_are_kept_as_text():
+    facts = parse_slurmd_c("NodeName=g CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 "
+                           "RealMemory=3789 Gres=gpu:1 TmpDisk=1000")
+    assert facts["Gres"] == "gpu:1" and facts["TmpDisk"] == 1000
