@@ -5,7 +5,9 @@ Workers are threaded (``gthread``): an enrolment waits while slurmctld restarts,
 must still be answered meanwhile.
 """
 
+import json
 import logging
+import os
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -96,6 +98,29 @@ def gunicorn_options(cluster_dir, bind, *, workers=2, threads=8, timeout=120):
     return opts
 
 
+SERVE_OPTIONS_FILE = "registry-serve.json"
+
+
+def remember_serve_options(cluster_dir, reg):
+    """Record where the running registry writes slurm.conf and how it applies it, so that
+    `pibake registry accept/remove` on the manager act on the same file the same way."""
+    path = Path(cluster_dir) / SERVE_OPTIONS_FILE
+    options = {"slurm_conf": str(reg.applier.conf_path), "slurm_apply": reg.applier.mode,
+               "slurm_settings": reg.slurm_settings}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(options, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def served_options(cluster_dir):
+    """The options the last `registry serve` of this cluster ran with ({} when none)."""
+    try:
+        data = json.loads((Path(cluster_dir) / SERVE_OPTIONS_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if k in ("slurm_conf", "slurm_apply", "slurm_settings")}
+
+
 def serve(cluster_dir, *, bind=None, workers=2, threads=8, **options):
     """Run the registry until SIGTERM. ``options`` are Registry options (None = from cluster.yaml)."""
     app = create_app(cluster_dir, **{k: v for k, v in options.items() if v not in (None, False)})
@@ -103,6 +128,7 @@ def serve(cluster_dir, *, bind=None, workers=2, threads=8, **options):
     bind = parse_bind(bind, reg.cluster.get("registry_port", 8443))
     opts = gunicorn_options(cluster_dir, bind, workers=workers, threads=threads,
                             timeout=int(reg.applier.timeout) * 2 + 30)
+    remember_serve_options(cluster_dir, reg)
     try:
         result = reg.apply_slurm()
         LOG.info("slurm.conf at start: %s", result["action"])

@@ -16,19 +16,30 @@ APPLY_MODES = ("auto", "systemd", "service", "direct", "none")
 
 
 def _registry(state, **options):
+    """The registry of the cluster, acting on slurm.conf like the last `registry serve` did unless told."""
+    from pibake.registry.server import served_options  # pylint: disable=import-outside-toplevel
     from pibake.registry.service import Registry  # pylint: disable=import-outside-toplevel
 
-    return Registry(state.cluster_dir, **options)
+    merged = served_options(state.cluster_dir)
+    merged.update({k: v for k, v in options.items() if v is not None})
+    return Registry(state.cluster_dir, **merged)
 
 
-def _slurm_options(func):
+def _slurm_options(func, serve=False):
+    default = ("/etc/slurm/slurm.conf, or registry.slurm_conf in cluster.yaml" if serve else
+               "as the last `registry serve`, else registry.slurm_conf in cluster.yaml, else /etc/slurm/slurm.conf")
     func = click.option("--slurm-conf", type=click.Path(dir_okay=False), default=None,
-                        help="Where slurm.conf is written (default /etc/slurm/slurm.conf, or "
-                             "registry.slurm_conf in cluster.yaml).")(func)
+                        help=f"Where slurm.conf is written (default: {default}).")(func)
     func = click.option("--apply", "slurm_apply", type=click.Choice(APPLY_MODES), default=None,
-                        help="How slurmctld is made to take a new slurm.conf (default auto: systemd, "
-                             "else the init.d service, else the daemon directly; none: write only).")(func)
+                        help="How slurmctld is made to take a new slurm.conf (default: "
+                             + ("" if serve else "as the last `registry serve`, else ")
+                             + "auto: systemd, else the init.d service, else the daemon directly; "
+                               "none: write only).")(func)
     return func
+
+
+def _serve_slurm_options(func):
+    return _slurm_options(func, serve=True)
 
 
 @cli.group("registry", short_help="Run and manage the registry")
@@ -45,7 +56,7 @@ def registry_group():
               help="gunicorn worker processes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Threads per worker (enrolments wait for slurmctld, so several per worker).")
-@_slurm_options
+@_serve_slurm_options
 @pass_state
 def serve_cmd(state, bind, require_approval, workers, threads, slurm_conf, slurm_apply):
     """Serve the registry over HTTPS (gunicorn, TLS from secrets/registry.crt|key) in the foreground.

@@ -83,6 +83,17 @@ def test_tls_enrol_and_munge_key(server, creds):
     assert r.status_code == 401
 
 
+def test_management_commands_act_like_the_running_server(server, creds):
+    """`pibake registry remove` without options writes the slurm.conf the server writes."""
+    requests.post(f"{server.url}/enrol", json=enrolment("red01"), headers=creds.join, verify=server.ca, timeout=10)
+    conf = server.cluster_dir / "slurm.conf"  # the server runs with --slurm-conf <cluster>/slurm.conf --apply none
+    assert "NodeName=red01 " in conf.read_text()
+    out = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(server.cluster_dir), "registry", "remove",
+                          "red01"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "NodeName=" not in conf.read_text()
+
+
 def test_another_ca_is_rejected_by_the_client(server, tmp_path):
     other = tmp_path / "other"
     ensure_secrets(other, "other", "localhost", "127.0.0.1")
