@@ -83,6 +83,11 @@ def test_login_see_nodes_accept_pending(live_registry, page, creds):
     assert page.locator("#node-red03 .status").inner_text().strip() == "enrolled"
     assert "waiting for approval" not in page.inner_text(".summary")
 
+    page.locator("#node-red02 button.remove").click()
+    page.wait_for_selector(".flash.ok")
+    assert "Removed red02" in page.inner_text(".flash.ok")
+    assert page.locator("#node-red02").count() == 0 and page.locator("#node-red01").count() == 1
+
     # the session cookie is HttpOnly and SameSite=Strict
     (cookie,) = [c for c in page.context.cookies() if c["name"] == "pibake_session"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
