@@ -155,6 +155,9 @@ def host_argv(host, argv, env=None):
 
 
 def state_path(prefix=DEFAULT_PREFIX, state_dir=None):
+    from pibake.lab.hosts import _check_prefix
+
+    _check_prefix(prefix)  # also keeps the state file name inside the state folder
     return Path(state_dir or STATE_DIR) / f"{prefix}.json"
 
 

@@ -1,0 +1,180 @@
+"""The lab cluster's decisions (pibake.lab.cluster) without booting anything: which host an image is for,
+worker names, boot order, sinfo parsing, the images folder, the state file, and the CLI's one-line refusals.
+The boots themselves are in tests/e2e/test_lab.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pibake.errors import PibakeError
+from pibake.lab import cluster as labc
+from pibake.model import PlannedNode, Seed
+from tests.conftest import needs_program
+
+
+@pytest.fixture(scope="module")
+def red(tmp_path_factory):
+    from pibake.cluster import init_cluster, load_cluster
+    from tests.bake.seed_fixtures import ssh_key
+
+    cdir = tmp_path_factory.mktemp("labc") / "cluster"
+    init_cluster(cdir, manager="red00", manager_ip="10.77.7.10", network="10.77.7.0/24", name="red",
+                 ssh_keys=(ssh_key(),), timezone="Etc/UTC", home=cdir.parent)
+    return cdir, load_cluster(cdir)
+
+
+def _seed(red, name, ip, role):
+    from pibake.bake.seed import render_seed
+    from pibake.secrets import manager_bundle, seed_secrets
+
+    cdir, cluster = red
+    bundle = manager_bundle(cdir) if role == "manager" else None
+    return render_seed(cluster, PlannedNode(name, ip, role), seed_secrets(cdir), manager_bundle=bundle)
+
+
+@pytest.mark.parametrize("name, ip, role", [("red00", "10.77.7.10", "manager"), ("red07", "10.77.7.17", "worker"),
+                                            ("temp01", "10.77.7.31", "sensor")])
+def test_seed_host_reads_address_and_role_from_the_seed(red, name, ip, role):
+    assert labc.seed_host(name, _seed(red, name, ip, role), "red00") == {"name": name, "ip": ip, "role": role}
+
+
+def test_seed_host_without_agent_config_or_address():
+    seed = Seed(user_data="#cloud-config\n", meta_data="instance-id: x\n", network_config="", instance_id="x")
+    assert labc.seed_host("red00", seed, "red00") == {"name": "red00", "ip": None, "role": "manager"}
+    assert labc.seed_host("red05", seed, "red00")["role"] == "worker"
+    broken = Seed(user_data="#cloud-config\n: [", meta_data="", network_config="version: [", instance_id=None)
+    assert labc.seed_host("red05", broken, "red00") == {"name": "red05", "ip": None, "role": "worker"}
+
+
+@pytest.mark.parametrize("manager, ip, count, names, ips", [
+    ("red00", "10.77.7.10", 3, ["red01", "red02", "red03"], ["10.77.7.11", "10.77.7.12", "10.77.7.13"]),
+    ("pi", "10.77.7.1", 2, ["pi01", "pi02"], ["10.77.7.2", "10.77.7.3"]),
+    ("node009", "10.77.7.100", 2, ["node010", "node011"], ["10.77.7.101", "10.77.7.102"]),
+    ("red00", "10.77.7.10", 0, [], []),
+])
+def test_worker_names_follow_the_manager(manager, ip, count, names, ips):
+    assert labc.worker_names(manager, ip, "10.77.7.0/24", count) == (names, ips)
+
+
+def test_worker_names_must_fit_the_network():
+    with pytest.raises(labc.LabClusterError, match="3 workers after 10.77.7.252 do not fit in 10.77.7.0/24"):
+        labc.worker_names("red00", "10.77.7.252", "10.77.7.0/24", 3)
+
+
+def test_boot_order_manager_first_unless_delayed():
+    hosts = [{"name": "red01", "role": "worker"}, {"name": "red00", "role": "manager"},
+             {"name": "t1", "role": "sensor"}]
+    names = lambda groups: [[h["name"] for h in g] for g in groups]  # noqa: E731
+    assert names(labc.boot_order(hosts, 0)) == [["red00"], ["red01", "t1"]]
+    assert names(labc.boot_order(hosts, 20)) == [["red01", "t1"], ["red00"]]
+    assert names(labc.boot_order(hosts[1:2], 0)) == [["red00"]]
+
+
+def test_parse_sinfo():
+    text = "red01 idle\nred02 down*\nred01 allocated\n\nred03 idle~\n"
+    assert labc.parse_sinfo(text) == {"red01": "idle", "red02": "down*", "red03": "idle~"}
+
+
+def test_host_argv_enters_every_namespace_and_the_hosts_root():
+    argv = labc.host_argv({"pid": 4242, "root": "/tmp/x/root"}, ["sinfo", "-N"])
+    assert argv[1:6] == ["-t", "4242", "-a", "--wd=/", "--"]
+    assert argv[6:10] == ["chroot", "/tmp/x/root", "/usr/bin/env", "-i"]
+    assert argv[-2:] == ["sinfo", "-N"] and "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in argv
+
+
+def test_lab_images_manager_first(tmp_path):
+    for name in ("red02", "red00", "red01"):
+        (tmp_path / f"{name}.img").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [n for n, _ in labc.lab_images(tmp_path, "red00")] == ["red00", "red01", "red02"]
+
+
+@pytest.mark.parametrize("files, message", [
+    (None, "no such folder"),
+    ([], "no <hostname>.img files in it"),
+    (["red01.img"], "no image for the manager red00 (red00.img)"),
+    (["red00.img", "Red_1.img"], "the file name must be <hostname>.img with a valid hostname"),
+])
+def test_lab_images_refusals(tmp_path, files, message):
+    folder = tmp_path / "images"
+    if files is not None:
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_bytes(b"")
+    with pytest.raises(labc.LabClusterError) as err:
+        labc.lab_images(folder, "red00")
+    assert message in str(err.value)
+
+
+def test_state_round_trip_and_damage(tmp_path):
+    assert labc.load_state("pz1", tmp_path) is None
+    state = {"prefix": "pz1", "hosts": [{"name": "red00", "pid": 1, "netns_id": "net:[0]"}]}
+    labc._save_state(state, tmp_path)
+    assert labc.load_state("pz1", tmp_path) == state
+    assert oct(os.stat(labc.state_path("pz1", tmp_path)).st_mode & 0o777) == "0o600"
+    with pytest.raises(labc.LabClusterError, match="the lab has no host 'red09' \\(hosts: red00\\)"):
+        labc.lab_run("red09", ["true"], prefix="pz1", state_dir=tmp_path)
+    with pytest.raises(labc.LabClusterError, match="lab host red00 is not running"):
+        labc.shell_argv("red00", prefix="pz1", state_dir=tmp_path)  # pid 1 is not the host's PID 1
+    labc.state_path("pz1", tmp_path).write_text("{")
+    with pytest.raises(labc.LabClusterError, match="is damaged: run `pibake lab down`"):
+        labc.load_state("pz1", tmp_path)
+
+
+@needs_program("sfdisk", "mkfs.vfat", "mcopy", "mke2fs")
+def test_burn_lab_images_burns_manager_and_workers_from_the_plan(red, tmp_path):
+    from pibake.bake.bootpart import read_seed, read_cmdline
+
+    cdir, cluster = red
+    out = labc.burn_lab_images(cdir, tmp_path / "images", workers=2)
+    images = labc.lab_images(out, "red00")
+    assert [n for n, _ in images] == ["red00", "red01", "red02"]
+    hosts = [labc.seed_host(n, read_seed(p), "red00") for n, p in images]
+    assert hosts == [{"name": "red00", "ip": "10.77.7.10", "role": "manager"},
+                     {"name": "red01", "ip": "10.77.7.11", "role": "worker"},
+                     {"name": "red02", "ip": "10.77.7.12", "role": "worker"}]
+    assert "ds=nocloud" not in read_cmdline(images[1][1])
+    assert not (tmp_path / "synthetic-raspios.img").exists()
+
+
+def _pibake(*args):
+    return subprocess.run([sys.executable, "-m", "pibake", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lab", "status", "--prefix", "pz9nolab"], "no lab is running (prefix pz9nolab): start one with `pibake lab up`"),
+    (["lab", "shell", "red01", "--prefix", "pz9nolab"], "no lab is running (prefix pz9nolab)"),
+    (["lab", "status", "--prefix", "Bad-Prefix"], "lab prefix 'Bad-Prefix' must be 2-9 characters"),
+])
+def test_cli_refusals_are_one_line(args, message):
+    proc = _pibake(*args)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pibake: error: ") and message in lines[0], proc.stderr
+
+
+def test_cli_up_refuses_missing_images_folder(red, tmp_path):
+    cdir, _ = red
+    proc = _pibake("--cluster", str(cdir), "lab", "up", "--from-images", str(tmp_path / "nope"), "--prefix", "pz9up")
+    assert proc.returncode == 1
+    if os.geteuid() == 0:
+        assert "--from-images" in proc.stderr and "no such folder" in proc.stderr
+    else:
+        assert "the lab needs root" in proc.stderr
+    assert not os.path.exists("/run/pibake-lab/pz9up.json")
+
+
+def test_cli_down_with_nothing_running():
+    proc = _pibake("lab", "down", "--prefix", "pz9none", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["netns"] == []
+    assert "lab pz9none: nothing was running" in proc.stderr
+
+
+def test_not_root_is_refused(monkeypatch, red):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(PibakeError, match="the lab needs root"):
+        labc.lab_up(red[0], images_dir="x", prefix="pz9x")
