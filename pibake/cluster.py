@@ -99,6 +99,11 @@ _KEY_DOCS = {
     "family": "Image family: raspios or ubuntu. Implied by a catalog image; required for a local file.",
     "ntp_servers": "Optional NTP servers (names or IPs). Empty: the OS defaults. Pis have no RTC.",
     "registry_port": "TCP port of the pibake registry (HTTPS) on the manager.",
+    "registry": (
+        "Optional registry settings: require_approval (new nodes wait for an admin), slurm_conf (path),\n"
+        "slurm_apply (auto|systemd|service|direct|none), slurm_settings (slurm.conf overrides),\n"
+        "slurm_state (ask sinfo), apply_timeout (seconds). See docs/registry.md."
+    ),
 }
 _WIFI_EXAMPLE = """\
 # wifi:
@@ -140,6 +145,21 @@ CLUSTER_SCHEMA = {
         "family": {"enum": list(FAMILIES)},
         "ntp_servers": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 253}},
         "registry_port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "registry": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "require_approval": {"type": "boolean"},
+                "slurm_conf": {"type": "string", "minLength": 1, "maxLength": 4096},
+                "slurm_apply": {"enum": ["auto", "systemd", "service", "direct", "none"]},
+                "slurm_settings": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "integer"]},
+                },
+                "slurm_state": {"type": "boolean"},
+                "apply_timeout": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
     },
 }
 

@@ -143,6 +143,9 @@ BAD = [
     ({"registry_port": 70000}, "registry_port: 70000 is greater than the maximum of 65535"),
     ({"registry_port": "8443"}, "registry_port: '8443' is not of type 'integer'"),
     ({"gatway": "10.1.1.1"}, "unknown key 'gatway'"),
+    ({"registry": {"slurm_apply": "reboot"}}, "registry.slurm_apply: 'reboot' is not one of"),
+    ({"registry": {"approval": True}}, "registry: unknown key 'approval'"),
+    ({"registry": {"require_approval": "yes"}}, "registry.require_approval: 'yes' is not of type 'boolean'"),
     ({"network": _DROP}, "network: missing (this key is required)"),
     ({"name": 7}, "name: 7 is not text; put the value in quotes"),
 ]
