@@ -1,0 +1,219 @@
+"""MkDocs hooks for the pibake manual (mkdocs.yml: ``hooks: [scripts/docs_hooks.py]``).
+
+Two pages are generated at build time, so they cannot drift from the code:
+
+* ``reference/cli.md``: the ``--help`` text of every pibake command, taken from click itself
+  (``pibake [CMD...] --help`` through click's test runner, 80 columns);
+* ``rest-reference.md``: the REST API, rendered from ``registry/openapi.json``.
+
+Pages under docs/ that the nav in mkdocs.yml does not list are appended under "More", so a page a
+helper adds later is still reachable (and ``mkdocs build --strict`` does not depend on the nav being
+updated in the same commit).
+
+``tests/test_docs.py`` imports this file to compare the generated text with ``pibake CMD --help``.
+"""
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATED = {"reference/cli.md", "rest-reference.md"}
+
+# --------------------------------------------------------------------------- CLI reference
+
+
+def command_paths():
+    """[("init",), ("image", "list"), ...]: every command and subcommand, in the order --help lists them."""
+    import click
+
+    from pibake.cli import cli
+
+    paths = []
+
+    def walk(cmd, path, parent):
+        ctx = click.Context(cmd, info_name=path[-1] if path else "pibake", parent=parent)
+        if path:
+            paths.append(tuple(path))
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                if sub is not None and not getattr(sub, "hidden", False):
+                    walk(sub, [*path, name], ctx)
+
+    walk(cli, [], None)
+    return paths
+
+
+def help_text(path):
+    """What ``pibake PATH... --help`` prints (80 columns), via click's runner."""
+    from click.testing import CliRunner
+
+    from pibake.cli import cli
+
+    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="pibake", terminal_width=80)
+    if result.exit_code != 0:
+        raise RuntimeError(f"pibake {' '.join(path)} --help exited {result.exit_code}: {result.output}")
+    return result.output
+
+
+def cli_reference_markdown():
+    lines = [
+        "# Command reference",
+        "",
+        "Generated when the manual is built, from the `--help` of every command (click itself), so it",
+        "always says what this version of `pibake` accepts. Examples and `--json` outputs:",
+        "[Commands](../commands.md).",
+        "",
+        "## pibake",
+        "",
+        "```text",
+        help_text(()).rstrip("\n"),
+        "```",
+        "",
+    ]
+    for path in command_paths():
+        lines += [
+            f"{'#' * min(len(path) + 2, 6)} pibake {' '.join(path)}",
+            "",
+            "```text",
+            help_text(path).rstrip("\n"),
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- REST reference
+
+
+def _ref_name(schema):
+    ref = schema.get("$ref", "")
+    return ref.rsplit("/", 1)[-1] if ref else None
+
+
+def _schema_brief(schema):
+    if not schema:
+        return ""
+    name = _ref_name(schema)
+    if name:
+        return f"[{name}](#schema-{name.lower()})"
+    kind = schema.get("type", "")
+    if kind == "array":
+        return f"array of {_schema_brief(schema.get('items', {}))}"
+    if "enum" in schema:
+        return " \\| ".join(f"`{v}`" for v in schema["enum"])
+    fmt = schema.get("format")
+    return f"{kind} ({fmt})" if fmt else (kind or "any")
+
+
+def _cell(text):
+    return str(text or "").replace("|", "\\|").replace("\n", " ")
+
+
+def rest_reference_markdown(spec=None):
+    if spec is None:
+        spec = json.loads((REPO / "registry" / "openapi.json").read_text())
+    info = spec.get("info", {})
+    base = (spec.get("servers") or [{"url": ""}])[0]["url"]
+    schemes = spec.get("components", {}).get("securitySchemes", {})
+    lines = [
+        "# REST API reference",
+        "",
+        f"Generated when the manual is built from `registry/openapi.json` ({info.get('title', '')}, "
+        f"version {info.get('version', '')}); the registry serves the same document at "
+        f"`{base}/openapi.json`. How to use it: [Registry](registry.md).",
+        "",
+        _cell(info.get("description", "")),
+        "",
+        "## Authentication",
+        "",
+        "| scheme | how | who |",
+        "|---|---|---|",
+    ]
+    for name, scheme in schemes.items():
+        how = scheme.get("scheme", scheme.get("type", ""))
+        lines.append(f"| `{name}` | HTTP {how} | {_cell(scheme.get('description'))} |")
+    lines += ["", "## Endpoints", "", "| method | path | summary | auth |", "|---|---|---|---|"]
+    ops = []
+    for path, methods in spec.get("paths", {}).items():
+        for method, op in methods.items():
+            if method in ("get", "post", "put", "patch", "delete"):
+                ops.append((path, method, op))
+    for path, method, op in ops:
+        auth = ", ".join(f"`{k}`" for sec in op.get("security", spec.get("security", [])) for k in sec) or "none"
+        lines.append(f"| {method.upper()} | `{base}{path}` | {_cell(op.get('summary'))} | {auth} |")
+    for path, method, op in ops:
+        lines += ["", f"### {method.upper()} {base}{path}", "", _cell(op.get("summary")), ""]
+        if op.get("description"):
+            lines += [_cell(op["description"]), ""]
+        params = op.get("parameters", []) + methods_params(spec, path)
+        if params:
+            lines += ["| parameter | in | type | description |", "|---|---|---|---|"]
+            for p in params:
+                lines.append(f"| `{p.get('name')}` | {p.get('in')} | {_schema_brief(p.get('schema', {}))} | "
+                             f"{_cell(p.get('description'))} |")
+            lines.append("")
+        body = op.get("requestBody", {}).get("content", {})
+        for ctype, content in body.items():
+            lines += [f"Request body ({ctype}): {_schema_brief(content.get('schema', {}))}", ""]
+        lines += ["| status | meaning | body |", "|---|---|---|"]
+        for status, resp in op.get("responses", {}).items():
+            schema = next(iter(resp.get("content", {}).values()), {}).get("schema", {})
+            lines.append(f"| {status} | {_cell(resp.get('description'))} | {_schema_brief(schema)} |")
+    lines += ["", "## Schemas"]
+    for name, schema in spec.get("components", {}).get("schemas", {}).items():
+        lines += ["", f'<h3 id="schema-{name.lower()}">{name}</h3>', ""]
+        if schema.get("description"):
+            lines += [_cell(schema["description"]), ""]
+        props = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        if props:
+            lines += ["| field | type | required | description |", "|---|---|---|---|"]
+            for field, sub in props.items():
+                lines.append(f"| `{field}` | {_schema_brief(sub)} | {'yes' if field in required else ''} | "
+                             f"{_cell(sub.get('description'))} |")
+        else:
+            lines.append(f"Type: {_schema_brief(schema)}")
+    return "\n".join(lines) + "\n"
+
+
+def methods_params(spec, path):
+    """Path-level parameters (shared by every method of ``path``)."""
+    return list(spec.get("paths", {}).get(path, {}).get("parameters", []))
+
+
+# --------------------------------------------------------------------------- mkdocs hooks
+
+
+def _nav_pages(nav):
+    for item in nav or []:
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            for value in item.values():
+                if isinstance(value, str):
+                    yield value
+                else:
+                    yield from _nav_pages(value)
+
+
+def unlisted_pages(docs_dir, nav):
+    """Markdown pages under docs_dir that the nav does not list (generated pages count as listed)."""
+    listed = set(_nav_pages(nav)) | GENERATED
+    found = sorted(p.relative_to(docs_dir).as_posix() for p in Path(docs_dir).rglob("*.md"))
+    return [p for p in found if p not in listed]
+
+
+def on_config(config, **kwargs):
+    extra = unlisted_pages(config["docs_dir"], config["nav"])
+    if extra and config["nav"] is not None:
+        config["nav"].append({"More": extra})
+    return config
+
+
+def on_files(files, config, **kwargs):
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, "reference/cli.md", content=cli_reference_markdown()))
+    files.append(File.generated(config, "rest-reference.md", content=rest_reference_markdown()))
+    return files
