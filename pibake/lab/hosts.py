@@ -44,7 +44,10 @@ HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 # Directories bind-mounted per host (created empty unless listed in COPIED_DIRS).
 HOST_DIRS = ("/etc/slurm", "/etc/munge", "/etc/default", "/etc/pibake", "/etc/ssh", "/var/lib/munge",
              "/var/lib/slurm", "/var/log", "/var/spool")
-HOST_FILES = ("/etc/hosts", "/etc/hostname")
+HOST_FILES = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
+# No DNS in the lab: lookups of names missing from /etc/hosts fail at once (127.0.0.1:53 is closed in
+# the host) instead of timing out towards the machine's resolver, which the lab must never contact.
+LAB_RESOLV_CONF = "# pibake lab host: no DNS; names are in /etc/hosts\nnameserver 127.0.0.1\n"
 # Copied from the machine so packaged tools keep working (their defaults, ssh client config);
 # secrets are never copied (no munge key, no ssh host keys).
 COPIED_DIRS = {"/etc/default": (), "/etc/ssh": ("ssh_host_",), "/etc/slurm": ("slurm.conf",)}
@@ -368,6 +371,7 @@ class LabHost:
         hosts = ["127.0.0.1 localhost", f"{ip} {name}"] + [f"{i} {n}" for i, n in extra_hosts]
         (root / "etc/hosts").write_text("\n".join(hosts) + "\n")
         (root / "etc/hostname").write_text(name + "\n")
+        (root / "etc/resolv.conf").write_text(LAB_RESOLV_CONF)
         (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)
 
@@ -377,7 +381,9 @@ class LabHost:
             if not os.path.exists(d):  # a mount point is needed (e.g. /etc/pibake): an empty directory
                 os.makedirs(d, mode=0o755)
                 LOG.info("created the mount point %s (empty) on this machine", d)
-        binds = [f"{root / p.lstrip('/')}={p}" for p in HOST_DIRS + HOST_FILES]
+        # a file bind mount follows a symlink (e.g. /etc/resolv.conf -> /run/...): skip those
+        binds = [f"{root / p.lstrip('/')}={p}" for p in HOST_DIRS + HOST_FILES
+                 if p in HOST_DIRS or (os.path.isfile(p) and not os.path.islink(p))]
         argv = [which("nsenter") or "nsenter", f"--net=/run/netns/{netns}", "--",
                 which("unshare") or "unshare", "--pid", "--fork", "--mount", "--uts", "--mount-proc",
                 "--propagation", "private", "--",

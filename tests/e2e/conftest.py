@@ -38,7 +38,7 @@ def skip_reason():
 def pytest_collection_modifyitems(config, items):
     reason = skip_reason()
     for item in items:
-        if "tests/e2e/" in str(item.fspath):
+        if str(item.fspath).endswith("tests/e2e/test_enrol.py"):
             item.add_marker(pytest.mark.e2e)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))

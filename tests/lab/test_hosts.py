@@ -86,6 +86,11 @@ def test_per_host_run_and_config_dirs(lab):
     assert modes.split("\n")[:4] == ["/run/lock 1777 root", "/run/munge 755 munge", "/run/slurm 755 slurm",
                                      "/run/sshd 755 root"]
     assert a.run(["stat", "-c", "%U %a", "/etc/munge"]).stdout.strip() == "munge 700"
+    # no DNS: the machine's resolver is never asked; unknown names fail at once
+    assert "nameserver 127.0.0.1" in a.run(["cat", "/etc/resolv.conf"]).stdout
+    assert a.run(["getent", "hosts", "beta"], check=False).returncode == 2
+    a.path("/etc/hosts").write_text(a.path("/etc/hosts").read_text() + f"{b.ip} beta\n")
+    assert a.run(["getent", "hosts", "beta"]).stdout.split() == [b.ip, "beta"]
     assert a.run(["test", "-e", "/etc/munge/munge.key"], check=False).returncode == 1  # never the machine's key
     assert a.run(["test", "-e", "/etc/default/munge"]).returncode == 0  # packaged defaults are there
     with pytest.raises(LabError, match="shared with the machine"):
