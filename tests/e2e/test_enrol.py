@@ -6,8 +6,6 @@ import datetime as dt
 import json
 import subprocess
 
-import pytest
-
 from pibake import secrets
 from tests.e2e.conftest import wait_for
 
