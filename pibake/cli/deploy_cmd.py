@@ -1,16 +1,53 @@
-"""Commands not built yet: they say so plainly and exit 2."""
+"""``pibake deploy``: set up Slurm workers on running machines over ssh (pibake.deploy)."""
+
+import sys
 
 import click
 
 from pibake.cli import cli
-from pibake.cli.options import not_built
+from pibake.cli.options import json_option, pass_state
+from pibake.deploy import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_PARALLEL
 
 
-@cli.command('deploy', context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
-             add_help_option=True, short_help='Set up Slurm on running machines over ssh')
-@click.argument('args', nargs=-1, type=click.UNPROCESSED)
-def deploy_cmd(args):
-    """Set up Slurm on running machines over ssh, in parallel, with a result per host.
+@cli.command("deploy", short_help="Set up Slurm on running machines over ssh")
+@click.option("--hosts", "hosts", required=True, metavar="HOSTLIST",
+              help="Hosts to deploy onto, by name or IP, e.g. 'red[01-04]' or '10.1.1.[11-14]'.")
+@click.option("--manager", default=None, metavar="NAME|IP",
+              help="The cluster's manager (default: cluster.yaml's); its registry must be running.")
+@click.option("--user", default=None, help="ssh login user (default: ssh's, e.g. from ~/.ssh/config); "
+                                           "a non-root user needs passwordless sudo.")
+@click.option("--parallel", default=DEFAULT_PARALLEL, show_default=True, type=click.IntRange(min=1),
+              help="At most this many ssh sessions at once.")
+@click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT, show_default=True, type=click.IntRange(min=1),
+              metavar="S", help="ssh ConnectTimeout in seconds.")
+@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True, type=click.IntRange(min=1),
+              metavar="S", help="How long to wait for the nodes to become idle in Slurm.")
+@click.option("--ssh-option", "ssh_options", multiple=True, metavar="ARG",
+              help="Extra ssh argument (repeatable), e.g. --ssh-option=-F --ssh-option=lab_ssh_config "
+                   "or --ssh-option=-oProxyJump=bastion.")
+@json_option
+@pass_state
+def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_timeout, ssh_options, as_json):
+    """Make running machines Slurm workers over ssh, in parallel, with a result per host.
 
-    Not built yet in this version of pibake."""
-    not_built('pibake deploy')
+    \b
+    Per host: connect, facts, packages (only missing ones), files (only changed ones), agent (enrols,
+    configures munge + slurmd), idle (sinfo on the manager, through the registry). Re-running changes
+    nothing on hosts that are already right. Exit 0 when every host is idle, 1 when any failed.
+    """
+    from pibake.deploy import deploy, format_table
+
+    def progress(result):
+        if state.verbosity >= 0 and result["status"] in ("failed", "changed", "unchanged"):
+            detail = result["error"] if result["status"] == "failed" else result["step"]
+            click.echo(f"pibake: {result['host']}: {result['status']} ({detail}) "
+                       f"after {result['duration_s']:.1f}s", err=True)
+
+    report = deploy(state.cluster_path, hosts, manager=manager, user=user, parallel=parallel,
+                    connect_timeout=connect_timeout, ssh_options=ssh_options, idle_timeout=idle_timeout,
+                    progress=progress)
+    if state.verbosity >= 0 or not report.ok:
+        click.echo(format_table(report.hosts), err=True, nl=False)
+    if as_json:
+        sys.stdout.write(report.to_json())
+    sys.exit(report.exit_code)
