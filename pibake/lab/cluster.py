@@ -392,6 +392,11 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(group)) as pool:
             list(pool.map(lambda r: _boot(r, by_name[r["name"]]["seed"], started), group))
         _save_state(state, state_dir)
+        if i == 0 and len(groups) > 1 and not manager_delay and all(r["boot"]["ok"] for r in group):
+            # as a person would: power the workers on once the manager is up (its registry answers);
+            # not waiting is safe too (the agents retry), only slower
+            note("waiting for the manager's registry to answer")
+            timings["registry_s"] = _wait_registry(state, started, timeout=120)
     failed = [r for r in state["hosts"] if not r["boot"]["ok"]]
     if failed:
         raise LabClusterError("; ".join(f"{r['name']}: cloud-init did not finish cleanly: "
@@ -447,6 +452,17 @@ def _boot(record, seed, started):
     record["timings"]["boot_done_s"] = round(time.monotonic() - started, 2)
     LOG.info("%s booted: %s", record["name"], record["boot"])
     return record
+
+
+def _wait_registry(state, started, timeout):
+    """Seconds since ``started`` when the registry answered /health (None when it did not in time)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _registry_get(state, "/health", auth=False)[0] == 200:
+            return round(time.monotonic() - started, 2)
+        time.sleep(0.25)
+    LOG.warning("the registry did not answer within %s s; booting the workers anyway (their agents retry)", timeout)
+    return None
 
 
 def _start_sshd(record):
@@ -522,32 +538,46 @@ def shell_argv(name, argv=None, *, prefix=DEFAULT_PREFIX, state_dir=None, term=N
     return host_argv(host, list(argv) if argv else ["/bin/bash", "--norc", "-i"], env=env)
 
 
-def registry_nodes(state, timeout=30):
-    """The registry's node list (GET /api/v1/nodes with the admin credential, TLS verified against the
-    cluster's CA), asked from inside the manager's network namespace. None when it does not answer."""
+_REQUEST = (
+    "import json, sys, requests\n"
+    "url, ca, user, pw = json.loads(sys.stdin.read())\n"
+    "try:\n"
+    "    r = requests.get(url, verify=ca, timeout=10, auth=(user, pw) if user else None)\n"
+    "    try:\n"
+    "        body = r.json()\n"
+    "    except ValueError:\n"
+    "        body = None\n"
+    "    print(json.dumps([r.status_code, body]))\n"
+    "except requests.exceptions.RequestException as exc:\n"
+    "    print(json.dumps([0, type(exc).__name__]))\n"
+)
+
+
+def _registry_get(state, path, *, auth=True, timeout=30):
+    """(HTTP status, JSON body) of GET /api/v1<path> on the lab's registry, TLS verified against the
+    cluster's CA, asked from inside the manager's network namespace (0 when it does not answer).
+    The admin password goes through stdin, never an argv."""
     from pibake.secrets import admin_password, secrets_dir
 
     manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
     if manager is None or not _alive(manager):
-        return None
+        return 0, None
     cluster_dir = Path(state["cluster_dir"])
-    code = (
-        "import json, sys, requests\n"
-        "url, ca, user, pw = json.loads(sys.stdin.read())\n"
-        "try:\n"
-        "    r = requests.get(url, verify=ca, timeout=10, auth=(user, pw))\n"
-        "    print(json.dumps([r.status_code, r.json() if r.content else None]))\n"
-        "except requests.exceptions.RequestException as exc:\n"
-        "    print(json.dumps([0, type(exc).__name__]))\n"
-    )
-    url = f"https://{state['manager_ip']}:{state['registry_port']}/api/v1/nodes"
-    creds = [url, str(secrets_dir(cluster_dir) / "ca.crt"), "admin", admin_password(cluster_dir)]
-    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--", sys.executable, "-c", code]
+    url = f"https://{state['manager_ip']}:{state['registry_port']}/api/v1{path}"
+    creds = [url, str(secrets_dir(cluster_dir) / "ca.crt"), "admin" if auth else None,
+             admin_password(cluster_dir) if auth else None]
+    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--", sys.executable, "-c", _REQUEST]
     proc = run(argv, input=json.dumps(creds), check=False, timeout=timeout)
     try:
         status, data = json.loads(proc.stdout)
     except ValueError:
-        return None
+        return 0, None
+    return status, data
+
+
+def registry_nodes(state, timeout=30):
+    """The registry's node list (GET /api/v1/nodes with the admin credential), None when it does not answer."""
+    status, data = _registry_get(state, "/nodes", timeout=timeout)
     return data if status == 200 and isinstance(data, list) else None
 
 

@@ -178,3 +178,43 @@ def test_not_root_is_refused(monkeypatch, red):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(PibakeError, match="the lab needs root"):
         labc.lab_up(red[0], images_dir="x", prefix="pz9x")
+
+
+def _doc_commands():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "lab.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    return [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()
+            if line.startswith("pibake ")]
+
+
+def test_docs_commands_parse_with_the_real_cli():
+    """Every `pibake ...` line of docs/lab.md names real commands and options (tests/e2e/test_lab.py runs
+    the same commands on a real lab)."""
+    import shlex
+
+    import click
+
+    from pibake.cli import cli
+
+    def rest_of(ctx):
+        import warnings
+
+        with warnings.catch_warnings():  # click 8.2 deprecates protected_args (merged into args in 9.0)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return [*ctx.protected_args, *ctx.args]
+
+    commands = _doc_commands()
+    assert len(commands) == 8
+    assert {c.split(" lab ", 1)[1].split()[0] for c in commands if " lab " in c} == {"up", "status", "shell", "down"}
+    for line in commands:
+        args = shlex.split(line)[1:]
+        command, ctx = cli, cli.make_context("pibake", list(args), resilient_parsing=False)
+        rest = rest_of(ctx)
+        while isinstance(command, click.Group) and rest:
+            name, command, rest = command.resolve_command(ctx, rest)
+            ctx = command.make_context(name, list(rest), parent=ctx)
+            rest = rest_of(ctx) if isinstance(command, click.Group) else []
+        assert not isinstance(command, click.Group), line
