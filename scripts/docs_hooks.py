@@ -3,7 +3,7 @@
 Two pages are generated at build time, so they cannot drift from the code:
 
 * ``reference/cli.md``: the ``--help`` text of every pibake command, taken from click itself
-  (``pibake [CMD...] --help`` through click's test runner, 80 columns);
+  (``pibake [CMD...] --help`` through click's test runner, as on an 80-column terminal);
 * ``rest-reference.md``: the REST API, rendered from ``registry/openapi.json``.
 
 Pages under docs/ that the nav in mkdocs.yml does not list are appended under "More", so a page a
@@ -50,7 +50,8 @@ def help_text(path):
 
     from pibake.cli import cli
 
-    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="pibake", terminal_width=80)
+    # terminal_width=78: what an 80-column terminal gets (click formats to columns - 2)
+    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="pibake", terminal_width=78)
     if result.exit_code != 0:
         raise RuntimeError(f"pibake {' '.join(path)} --help exited {result.exit_code}: {result.output}")
     return result.output
