@@ -131,10 +131,12 @@ class HostResult:
     changes: list = field(default_factory=list)  # what was changed, e.g. "installed slurmd", "/etc/hosts"
     error: str | None = None
     slurm_state: str | None = None
+    timings: dict = field(default_factory=dict)  # seconds spent in each step that ran
 
     def to_dict(self):
         d = asdict(self)
         d["duration_s"] = round(self.duration_s, 3)
+        d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return d
 
 
@@ -375,6 +377,7 @@ class _Host:
         self.result = HostResult(host=target)
         self.role = role
         self.started = None
+        self.step_started = None
         self.facts = None
         self.out = []
         self.err = []
@@ -441,6 +444,7 @@ class _Pipeline:
     def _launch(self, host, step, command, *, stdin=None, timeout=120):
         host.out, host.err, host.rc = [], [], None
         host.step = step
+        host.step_started = time.monotonic()
         self._note(host, step=step, status="running")
         worker = self.task.shell(self._remote(command), nodes=host.result.host, handler=self.handler,
                                  timeout=timeout, stdin=stdin is not None, stderr=True)
@@ -465,6 +469,7 @@ class _Pipeline:
 
     def _done(self, host, timedout):
         step = host.step
+        host.result.timings[step] = time.monotonic() - host.step_started
         out = b"\n".join(host.out).decode("utf-8", "replace")
         err = b"\n".join(host.err).decode("utf-8", "replace")
         if timedout or host.rc is None:
@@ -519,6 +524,7 @@ class _Pipeline:
                 return
             host.result.changes += agent_changes(result)
             host.result.step = "idle"
+            host.step_started = time.monotonic()
             self._note(host, step="idle", status="running")
 
     def _packages(self, host):
@@ -679,6 +685,7 @@ def _wait_idle(registry, host_runs, timeout, progress):
             h.result.slurm_state = state
             if state == "idle":
                 waiting.remove(h)
+                h.result.timings["idle"] = time.monotonic() - h.step_started
                 h.result.status = final_status(h.result)
                 h.result.duration_s = time.monotonic() - h.started
                 if progress:

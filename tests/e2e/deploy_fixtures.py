@@ -1,0 +1,150 @@
+"""Lab for `pibake deploy`: a manager host (munge + registry under gunicorn/TLS, slurmctld once a node
+enrols; tests/e2e/conftest.py's LabCluster) and worker hosts that run nothing but sshd, reachable by ssh
+from this machine (the bridge gets an address of the lab subnet).
+
+Per worker: an ed25519 host key, AuthorizedKeysFile and a drop-in with ``ListenAddress <host ip>``, all
+under the host's bind-mounted /etc/ssh (not /tmp: sshd's StrictModes); /usr/local/lib/pibake is a per-host
+directory bind-mounted inside the host's own mount namespace, so what deploy installs there stays on that
+host (as on a real Pi) and never touches this machine's /usr/local. The ssh client side is a temp
+ssh_config (test key, test known_hosts, ``StrictHostKeyChecking=accept-new``, ``Host w1`` -> its IP) given
+to deploy as ``ssh_options=("-F", path)``.
+
+    lab = DeployLab(tmp_path, octet=61)       # manager "mgr" at 10.77.61.10, registry running
+    lab.add_ssh_worker("w1", 11)              # sshd only
+    report = deploy(lab.cluster_dir, "w1", ssh_options=lab.ssh_options)
+    lab.destroy()
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pibake.lab import LabNetwork, cleanup_stale, run_prefix
+from tests.e2e.conftest import LabCluster, wait_for
+
+FAMILY = "pd"
+LIB_DIR = "/usr/local/lib/pibake"
+SSHD_DROPIN = """\
+# pibake deploy lab: this host's sshd
+ListenAddress {ip}
+HostKey /etc/ssh/ssh_host_ed25519_key
+AuthorizedKeysFile /etc/ssh/pibake_lab_authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PidFile /run/sshd.pid
+"""
+
+
+class DeployLab(LabCluster):
+    """LabCluster under its own name family ``pd<pid>`` with a bridge address, plus sshd-only workers."""
+
+    def __init__(self, tmp, octet, family=FAMILY):  # pylint: disable=super-init-not-called
+        from pibake.cluster import init_cluster
+
+        cleanup_stale(family)
+        self.tmp = Path(tmp)
+        self.octet = octet
+        self.prefix = run_prefix(family)
+        self.net = LabNetwork.create(self.prefix, f"10.77.{octet}.0/24", bridge_ip="auto")
+        self.hosts = {}
+        self.registry = None
+        try:
+            self.manager_ip = self.ip(10)
+            self.cluster_dir = self.tmp / "cluster"
+            init_cluster(self.cluster_dir, manager="mgr", manager_ip=self.manager_ip,
+                         network=f"10.77.{octet}.0/24", name="deploy")
+            self.sdir = self.cluster_dir / "secrets"
+            self.registry_log = self.tmp / "registry.log"
+            self.mgr = self.add_host("mgr", 10)
+            self._client_files()
+        except BaseException:
+            self.destroy()
+            raise
+
+    # ---------------------------------------------------------------- ssh client side
+    def _client_files(self):
+        self.ssh_dir = self.tmp / "ssh"
+        self.ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        self.key = self.ssh_dir / "id_ed25519"
+        if not self.key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pibake-deploy-test",
+                            "-f", str(self.key)], check=True, timeout=30)
+        self.ssh_config = self.ssh_dir / "config"
+        self._names = {}
+        self._write_ssh_config()
+
+    def _write_ssh_config(self):
+        lines = []
+        for name, ip in sorted(self._names.items()):
+            lines += [f"Host {name}", f"    HostName {ip}", ""]
+        lines += [
+            "Host *",
+            "    User root",
+            f"    IdentityFile {self.key}",
+            "    IdentitiesOnly yes",
+            "    IdentityAgent none",
+            f"    UserKnownHostsFile {self.ssh_dir / 'known_hosts'}",
+            "    StrictHostKeyChecking accept-new",
+            "    LogLevel ERROR",
+            "",
+        ]
+        self.ssh_config.write_text("\n".join(lines))
+
+    @property
+    def ssh_options(self):
+        return ("-F", str(self.ssh_config))
+
+    # ---------------------------------------------------------------- workers
+    def add_ssh_worker(self, name, last):
+        """A host running only sshd (root login with the test key), reachable as ``name`` or its IP."""
+        host = self.add_host(name, last)
+        lib = host.root / LIB_DIR.lstrip("/")
+        lib.mkdir(parents=True, exist_ok=True)
+        if not os.path.isdir(LIB_DIR):
+            os.makedirs(LIB_DIR, mode=0o755)  # the mount point only (empty), as LabHost does for /etc/pibake
+        host.run(["mount", "--bind", str(lib), LIB_DIR])
+        etc_ssh = host.path("/etc/ssh")
+        hostkey = etc_ssh / "ssh_host_ed25519_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(hostkey)],
+                       check=True, timeout=30)
+        auth = etc_ssh / "pibake_lab_authorized_keys"
+        auth.write_text(Path(str(self.key) + ".pub").read_text())
+        auth.chmod(0o600)
+        dropin = etc_ssh / "sshd_config.d"
+        dropin.mkdir(exist_ok=True)
+        (dropin / "pibake-lab.conf").write_text(SSHD_DROPIN.format(ip=host.ip))
+        host.run(["/usr/sbin/sshd"], timeout=30)
+        self._names[name] = host.ip
+        self._write_ssh_config()
+        wait_for(f"ssh to {name}", lambda: self.ssh(name, "true", check=False).returncode == 0, timeout=30)
+        return host
+
+    def ssh(self, target, command, check=True):
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), target, command], capture_output=True,
+                              text=True, timeout=60, check=check)
+
+    def stop_host(self, name):
+        """Power a worker off: its namespace, processes and address are gone."""
+        host = self.hosts.pop(name)
+        host.destroy()
+        return host
+
+
+def deploy_lab(tmp, octet, workers=(), family=FAMILY):
+    """A started DeployLab (manager with munge + registry) with sshd-only ``workers`` ((name, last octet),
+    ...). The caller destroys it."""
+    tmp = Path(tmp)
+    tmp.chmod(0o755)  # munged and slurm insist on searchable parents
+    lab = DeployLab(tmp, octet, family=family)
+    try:
+        lab.start_manager()
+        for name, last in workers:
+            lab.add_ssh_worker(name, last)
+    except BaseException:
+        print(lab.diagnostics(), file=sys.stderr)
+        lab.destroy()
+        raise
+    return lab

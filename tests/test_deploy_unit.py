@@ -1,0 +1,197 @@
+"""The pure parts of pibake.deploy: host lists, facts parsing, what changes, result folding, the table.
+The ssh side is tested on lab hosts in tests/e2e/test_deploy.py."""
+
+import hashlib
+import json
+
+import pytest
+
+from pibake import deploy as d
+from pibake.errors import PlanError
+from pibake.model import Cluster
+
+# Recorded from a lab host (Debian 12, packages installed, nothing deployed yet) ...
+FACTS_FRESH = """\
+@@pibake os-release
+PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
+NAME="Debian GNU/Linux"
+VERSION_ID="12"
+ID=debian
+@@pibake pid1
+pibake-lab-init
+@@pibake hostname
+w1
+@@pibake uid
+0
+@@pibake packages
+munge installed
+python3-psutil installed
+python3-requests installed
+slurmd installed
+@@pibake sha256
+@@pibake credential
+@@pibake end
+"""
+# ... and from a Raspberry Pi OS card before deploy: systemd, slurmd not installed, an old agent.
+FACTS_PI = """\
+@@pibake os-release
+PRETTY_NAME="Debian GNU/Linux 13 (trixie)"
+ID=debian
+@@pibake pid1
+systemd
+@@pibake hostname
+red01
+@@pibake uid
+0
+@@pibake packages
+munge not-installed
+python3-requests installed
+@@pibake sha256
+0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef  /usr/local/lib/pibake/agent.py
+@@pibake credential
+present
+@@pibake end
+"""
+
+
+@pytest.mark.parametrize("hosts, expected", [
+    ("red[01-04]", ["red01", "red02", "red03", "red04"]),
+    ("10.1.1.[11-13]", ["10.1.1.11", "10.1.1.12", "10.1.1.13"]),
+    ("red03,red[01-02]", ["red03", "red01", "red02"]),  # the order given
+    ("red01,red01,red[01-02]", ["red01", "red02"]),  # no duplicates
+    (["red01", "10.1.1.[11-12]"], ["red01", "10.1.1.11", "10.1.1.12"]),
+    ("pi-a.lab.example", ["pi-a.lab.example"]),
+])
+def test_parse_hosts(hosts, expected):
+    assert d.parse_hosts(hosts) == expected
+
+
+@pytest.mark.parametrize("hosts, message", [
+    ("", "--hosts: no host given"),
+    ("red[04-01", "--hosts 'red[04-01'"),
+    ("red[a-b]", "--hosts 'red[a-b]'"),
+    ("red_01", "not a host name or IP address: red_01"),
+    ("-oProxyCommand=x", "not a host name or IP address"),
+])
+def test_parse_hosts_errors(hosts, message):
+    with pytest.raises(PlanError) as err:
+        d.parse_hosts(hosts)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_parse_facts_fresh_host():
+    f = d.parse_facts(FACTS_FRESH)
+    assert f["os_release"]["ID"] == "debian" and f["os_release"]["VERSION_ID"] == "12"
+    assert f["pid1"] == "pibake-lab-init" and f["systemd"] is False
+    assert f["hostname"] == "w1" and f["uid"] == "0"
+    assert f["sha256"] == {} and f["credential"] is False
+    assert d.missing_packages("worker", f["packages"]) == []
+
+
+def test_parse_facts_pi():
+    f = d.parse_facts(FACTS_PI)
+    assert f["systemd"] is True and f["credential"] is True
+    assert f["sha256"] == {"/usr/local/lib/pibake/agent.py": "0123456789abcdef" * 4}
+    # not-installed and absent packages are both missing, in the role's order
+    assert d.missing_packages("worker", f["packages"]) == ["slurmd", "munge", "python3-psutil"]
+
+
+def test_parse_facts_cut_short():
+    with pytest.raises(ValueError, match="did not finish"):
+        d.parse_facts(FACTS_FRESH.replace("@@pibake end\n", ""))
+
+
+def test_files_to_ship_compares_checksums():
+    agent, conf = b"print('agent')\n", b"{}\n"
+    wanted = {d.AGENT_PATH: (agent, 0o755), d.AGENT_CONFIG: (conf, 0o600)}
+    assert d.files_to_ship(wanted, {}) == [d.AGENT_PATH, d.AGENT_CONFIG]
+    same = {d.AGENT_PATH: hashlib.sha256(agent).hexdigest(), d.AGENT_CONFIG: hashlib.sha256(conf).hexdigest()}
+    assert d.files_to_ship(wanted, same) == []
+    assert d.files_to_ship(wanted, {**same, d.AGENT_CONFIG: "0" * 64}) == [d.AGENT_CONFIG]
+
+
+def test_agent_changes():
+    first = {"status": "ready", "enrolment": "new", "changed": ["/etc/hosts", "/etc/munge/munge.key"],
+             "services": {"munge": "started", "slurmd": "started"}}
+    assert d.agent_changes(first) == ["enrolment new", "/etc/hosts", "/etc/munge/munge.key", "munge started",
+                                      "slurmd started"]
+    again = {"status": "ready", "enrolment": "credential", "changed": [],
+             "services": {"munge": "running", "slurmd": "running"}}
+    assert d.agent_changes(again) == []
+    restarted = {**again, "services": {"munge": "running", "slurmd": "restarted"}}
+    assert d.agent_changes(restarted) == ["slurmd restarted"]
+
+
+def test_parse_agent_output():
+    assert d.parse_agent_output('{\n  "status": "ready"\n}\n') == {"status": "ready"}
+    assert d.parse_agent_output("") is None
+    assert d.parse_agent_output("Traceback (most recent call last):\n  boom\n") is None
+    assert d.parse_agent_output("[1, 2]") is None
+
+
+@pytest.mark.parametrize("stderr, rc, expected", [
+    ("ssh: connect to host 10.1.1.13 port 22: Connection refused\n", 255,
+     "ssh: connect to host 10.1.1.13 port 22: Connection refused"),
+    ("Warning: Permanently added '10.1.1.11' (ED25519) to the list of known hosts.\n"
+     "root@10.1.1.11: Permission denied (publickey).\n", 255, "root@10.1.1.11: Permission denied (publickey)."),
+    ("", 255, "ssh exited with 255 without a message"),
+    ("", 3, "exited with 3"),
+])
+def test_ssh_error(stderr, rc, expected):
+    assert d.ssh_error(stderr, rc) == expected
+
+
+def _results():
+    return [
+        d.HostResult(host="red01", hostname="red01", step="idle", status="changed", duration_s=21.04,
+                     changes=["enrolment new", "slurmd started"], slurm_state="idle"),
+        d.HostResult(host="10.1.1.12", hostname="red02", step="idle", status="unchanged", duration_s=0.91,
+                     slurm_state="idle"),
+        d.HostResult(host="red03", step="connect", status="failed", duration_s=10.0,
+                     error="ssh: connect to host red03 port 22: Connection timed out"),
+    ]
+
+
+def test_final_status():
+    assert d.final_status(d.HostResult(host="a", changes=["x"])) == "changed"
+    assert d.final_status(d.HostResult(host="a")) == "unchanged"
+
+
+def test_table_one_line_per_host():
+    text = d.format_table(_results())
+    lines = text.splitlines()
+    assert lines[0].split() == ["HOST", "HOSTNAME", "STEP", "STATUS", "TIME", "DETAIL"]
+    assert lines[1].split()[:5] == ["red01", "red01", "idle", "changed", "21.0s"]
+    assert lines[1].endswith("enrolment new, slurmd started")
+    assert lines[2].split() == ["10.1.1.12", "red02", "idle", "unchanged", "0.9s", "-"]
+    assert lines[3].split()[:5] == ["red03", "-", "connect", "failed", "10.0s"]
+    assert lines[3].endswith("ssh: connect to host red03 port 22: Connection timed out")
+    assert lines[4] == "3 host(s): 1 changed, 1 unchanged, 1 failed"
+    # columns line up: every row's STATUS cell starts where the header's does
+    col = lines[0].index("STATUS")
+    assert [line[col:].split()[0] for line in lines[:4]] == ["STATUS", "changed", "unchanged", "failed"]
+
+
+def test_report_json_and_exit_code():
+    report = d.DeployReport(hosts=_results(), manager="red00", registry="https://10.1.1.10:8443", parallel=32,
+                            started_at="2026-11-25T15:00:00Z", duration_s=21.5)
+    assert not report.ok and report.exit_code == 1
+    assert [h.host for h in report.failed] == ["red03"]
+    data = json.loads(report.to_json())
+    assert data["summary"] == {"hosts": 3, "changed": 1, "unchanged": 1, "failed": 1}
+    assert data["ok"] is False and data["manager"] == "red00"
+    assert [h["status"] for h in data["hosts"]] == ["changed", "unchanged", "failed"]
+    assert data["hosts"][2]["error"].endswith("Connection timed out") and data["hosts"][2]["step"] == "connect"
+    good = d.DeployReport(hosts=_results()[:2], manager="red00", registry="r", parallel=1, started_at="t",
+                          duration_s=1)
+    assert good.ok and good.exit_code == 0
+
+
+def test_agent_config_carries_no_secret_and_is_stable():
+    cluster = Cluster(name="c", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    conf = d.agent_config(cluster, "red01")
+    assert "join_token" not in conf and conf["join_token_file"] == d.TOKEN_FILE
+    assert conf["registry_url"] == "https://red00:8443" and conf["manager_ip"] == "10.1.1.10"
+    assert conf["hostname"] == "red01" and conf["role"] == "worker" and conf["scrub_paths"] == []
+    assert d.agent_config(cluster, "red01") == conf  # same input, same bytes shipped: re-runs change nothing
