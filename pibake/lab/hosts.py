@@ -382,12 +382,14 @@ class LabHost:
                 os.makedirs(d, mode=0o755)
                 LOG.info("created the mount point %s (empty) on this machine", d)
         # a file bind mount follows a symlink (e.g. /etc/resolv.conf -> /run/...): skip those
+        init_script = root / "pibake-lab-init.py"  # a file, so `ps` shows a short command line
+        init_script.write_text(_INIT)
         binds = [f"{root / p.lstrip('/')}={p}" for p in HOST_DIRS + HOST_FILES
                  if p in HOST_DIRS or (os.path.isfile(p) and not os.path.islink(p))]
         argv = [which("nsenter") or "nsenter", f"--net=/run/netns/{netns}", "--",
                 which("unshare") or "unshare", "--pid", "--fork", "--mount", "--uts", "--mount-proc",
                 "--propagation", "private", "--",
-                sys.executable, "-c", _INIT, name, f"pibake-lab-init:{netns}", *binds]
+                sys.executable, str(init_script), name, f"pibake-lab-init:{netns}", *binds]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=CLEAN_ENV, start_new_session=True)
         line = proc.stdout.readline()
