@@ -274,3 +274,45 @@ def test_workers_booted_20s_before_the_manager_still_enrol(cluster, tmp_path):
         assert leftovers(prefix) == []
     finally:
         pibake(cdir, "lab", "down", "--prefix", prefix, check=False)
+
+
+def test_lab_up_without_images_burns_its_own_and_a_crash_mid_boot_is_cleaned_by_name(cluster):
+    """`lab up` without --from-images burns the plan's manager and workers onto a synthetic Pi-like image;
+    killed (SIGKILL) while its hosts boot, it leaves namespaces and processes that `lab down` finds by name."""
+    import signal
+    import time
+
+    tmp, cdir, images = cluster
+    prefix = lab_prefix("pv")
+    proc = subprocess.Popen([sys.executable, "-m", "pibake", "--cluster", str(cdir), "lab", "up", "--workers", "1",
+                             "--prefix", prefix], stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("lab: booting red01"):
+                break
+        assert any("burning red00 (manager) and red01" in line for line in seen), seen
+        time.sleep(1)  # red01's cloud-init is running
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        state = json.loads(open(f"/run/pibake-lab/{prefix}.json").read())
+        pids = [h["pid"] for h in state["hosts"]]
+        assert [h["name"] for h in state["hosts"]] == ["red00", "red01"]
+        assert leftovers(prefix) and all(_running(pid) for pid in pids)
+    finally:
+        proc.kill()
+        down = pibake(cdir, "lab", "down", "--prefix", prefix)
+    assert "removed 2 hosts" in down.stderr
+    assert leftovers(prefix) == []
+    assert not any(_running(pid) for pid in pids)
+    assert not os.path.exists(f"/tmp/pibake-lab-{prefix}")
+
+
+def _running(pid):
+    """True while ``pid`` runs (a killed process may stay a zombie until this machine's PID 1 reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
