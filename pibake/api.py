@@ -44,3 +44,4 @@ from pibake.bake.burn import burn, reseed  # noqa: F401,E402
 from pibake.bake.manifest import entries as manifest_entries  # noqa: F401,E402
 from pibake.bake.manifest import latest_by_hostname as manifest_latest_by_hostname  # noqa: F401,E402
 from pibake.bake.synthetic import build_pi_image  # noqa: F401,E402
+from pibake.lab.cluster import lab_down, lab_run, lab_status, lab_up  # noqa: F401,E402
