@@ -555,6 +555,14 @@ def config_without_token(config):
 # =========================================================================== file I/O
 
 
+def _user_exists(user):
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
 def _owner_ids(user):
     try:
         pw = pwd.getpwnam(user)
@@ -1025,6 +1033,13 @@ class Agent:
             self._changed(c["hosts_file"], write_file(c["hosts_file"], ensure_hosts_entry(
                 _read(c["hosts_file"]) or "", state["manager"], state["manager_ip"]), mode=0o644))
         try:
+            if c["role"] != "worker" and not _user_exists("munge"):
+                # a sensor or the manager's own seed without munge: nothing to install, nothing to start
+                message = f"enrolled; munge is not installed on this {c['role']}"
+                LOG.info("%s", message)
+                self._report(hostname, credential, "ready", message)
+                self.result["status"], self.result["message"] = "ready", message
+                return
             key_changed = self._changed(c["munge_key_file"], write_file(c["munge_key_file"], key, 0o400, "munge"))
             if conf_server and c["role"] == "worker":  # only workers are Slurm compute nodes
                 options = f"--conf-server {conf_server}"

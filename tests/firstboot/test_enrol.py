@@ -275,3 +275,18 @@ def test_a_token_put_back_next_to_a_working_credential_is_removed(node, cluster,
     result = agent.run_agent(str(cfg))
     assert result["enrolment"] == "credential" and result["token_removed_from"] == [str(cfg)]
     assert "join_token" not in json.loads(cfg.read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_sensor_without_munge_enrols_and_reports_ready(node, cluster, registry_url, monkeypatch):
+    """Sensors run no slurmd and their seed installs no munge: the agent enrols and reports ready."""
+    nd, cfg, _token = node
+    config = json.loads(cfg.read_text())
+    config["role"] = "sensor"
+    cfg.write_text(json.dumps(config))
+    monkeypatch.setattr(agent, "_user_exists", lambda user: False)  # as on a sensor: no munge package
+    result = agent.run_agent(str(cfg))
+    assert result["status"] == "ready" and result["message"] == "enrolled; munge is not installed on this sensor"
+    assert not (nd / "munge.key").exists() and not (nd / "default-slurmd").exists()
+    rec = admin(cluster, registry_url, "GET", f"/nodes/{result['hostname']}").json()
+    assert rec["role"] == "sensor" and rec["status"] == "ready"
