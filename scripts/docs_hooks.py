@@ -14,6 +14,7 @@ updated in the same commit).
 """
 
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +184,27 @@ def methods_params(spec, path):
     return list(spec.get("paths", {}).get(path, {}).get("parameters", []))
 
 
+# --------------------------------------------------------------------------- the report's index
+
+REPORTS_MARKER = "<!-- generated-reports -->"
+
+
+def report_pages_markdown(docs_dir):
+    """A table of the report pages bench/ scripts wrote under docs/report/ (all but index.md)."""
+    rows = ["| report | produced by | run |", "|---|---|---|"]
+    pages = sorted(p for p in (Path(docs_dir) / "report").glob("*.md") if p.name != "index.md")
+    for page in pages:
+        text = page.read_text()
+        title = next((ln[2:].strip() for ln in text.splitlines() if ln.startswith("# ")), page.stem)
+        script = re.search(r"`(bench/[\w.-]+)", text)
+        when = re.search(r"(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2})", text)
+        rows.append(f"| [{title}]({page.name}) | {'`' + script.group(1) + '`' if script else 'not stated'} | "
+                    f"{when.group(1) + ' ' + when.group(2) + ' UTC' if when else 'not stated'} |")
+    if not pages:
+        return "No report page has been generated yet: run the scripts above."
+    return "\n".join(rows)
+
+
 # --------------------------------------------------------------------------- mkdocs hooks
 
 
@@ -210,6 +232,12 @@ def on_config(config, **kwargs):
     if extra and config["nav"] is not None:
         config["nav"].append({"More": extra})
     return config
+
+
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    if page.file.src_uri == "report/index.md" and REPORTS_MARKER in markdown:
+        return markdown.replace(REPORTS_MARKER, report_pages_markdown(config["docs_dir"]))
+    return markdown
 
 
 def on_files(files, config, **kwargs):

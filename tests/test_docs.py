@@ -36,8 +36,8 @@ OWN_PAGES = {
     "quickstart-pi.md": {
         "qs-pi-init": "run",
         "qs-pi-burn": "parse: writes real SD cards (tests/test_cli_burn.py runs burn on loop devices)",
-        "qs-pi-check": "parse: needs a running manager",
-        "qs-pi-verify": "run",
+        "qs-pi-verify": "parse: contacts the Pis (tests/e2e/test_verify.py runs verify in the lab)",
+        "qs-pi-check": "parse: runs on a real manager over ssh",
     },
     "quickstart-lab.md": {
         "qs-lab-demo": "parse: scripts/demo needs root and builds a lab (tests/e2e/test_lab.py runs the same steps)",
@@ -65,15 +65,15 @@ OWN_PAGES = {
         "cmd-agent": "parse: needs a registry to enrol with (tests/firstboot/, tests/e2e/)",
         "cmd-lab": "parse: needs root and a lab (tests/e2e/test_lab.py)",
         "cmd-deploy": "parse: needs machines reachable over ssh",
-        "cmd-not-built": "run",
+        "cmd-verify": "parse: contacts the cluster's machines (tests/e2e/test_verify.py runs it in the lab)",
     },
     "security.md": {
         "sec-perms": "run",
         "sec-rotate": "run",
     },
     "troubleshooting.md": {
+        "ts-nodes": "parse: runs on a real manager over ssh",
         "ts-token": "run",
-        "ts-nodes": "run",
         "ts-reseed": "parse: rewrites a real SD card",
         "ts-lab": "parse: needs a running lab",
     },
@@ -254,8 +254,22 @@ def synthetic_image(path):
     build_pi_image(str(path), size="160M", boot_size="64M")
 
 
+# Commands that talk to other machines or the internet: never run by this test, whatever a page says
+# (the network rule: tests contact only loopback and their own namespaces; 10.1.1.x is an example).
+NEVER_RUN = {("verify",), ("deploy",), ("agent",), ("registry", "serve"), ("image", "get"), ("lab",), ("burn",)}
+
+
+def touches_network(args):
+    if "--help" in args or "--version" in args:
+        return False
+    words = [a for a in args if not a.startswith("-")]
+    return any(tuple(words[:len(cmd)]) == cmd for cmd in NEVER_RUN) and not (
+        words[:1] == ["burn"] and "--output" in args)
+
+
 def run_line(argv, code, cwd, env):
     assert argv[0] == "pibake", f"run blocks hold only pibake commands: {argv}"
+    assert not touches_network(argv[1:]), f"{shlex.join(argv)} would contact other machines: mark its block parse"
     argv = [a.replace("~/", env["HOME"] + "/") if a.startswith("~/") else a for a in argv[1:]]
     proc = subprocess.run([sys.executable, "-m", "pibake", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=300)
@@ -278,6 +292,11 @@ def test_page_commands(page, sandbox):
         synthetic_image(home / "pi.img")
     for match in re.finditer(r"```yaml\n# file: ([\w./-]+)\n(.*?)```", text, re.S):
         (home / match.group(1)).write_text(match.group(2))
+    run_lines = [ln for name, lines, _ in doc_blocks(text) if OWN_PAGES[page][name] == "run" for ln in lines]
+    if run_lines and not any(ln.startswith("pibake init") for ln in run_lines):
+        # a page that shows no init of its own works on a cluster made the way the quick start makes it
+        run_line(["pibake", "init", "--manager", "red00", "--manager-ip", "10.1.1.10", "--network", "10.1.1.0/24"],
+                 0, home, env)
     ran = 0
     for name, lines, json_text in doc_blocks(text):
         mode = OWN_PAGES[page][name]
@@ -286,8 +305,10 @@ def test_page_commands(page, sandbox):
             if mode == "run":
                 out = run_line(argv, code, home, env)
                 ran += 1
-            elif argv and argv[0] == "pibake":
-                env_argv = [a.replace("~/", str(home) + "/") if a.startswith("~/") else a for a in argv[1:]]
+            elif any(os.path.basename(a) == "pibake" for a in argv):
+                # the pibake part of `pibake ...`, `sudo pibake ...`, `ssh HOST sudo /opt/pibake/bin/pibake ...`
+                start = next(i for i, a in enumerate(argv) if os.path.basename(a) == "pibake") + 1
+                env_argv = [a.replace("~/", str(home) + "/") if a.startswith("~/") else a for a in argv[start:]]
                 for arg in env_argv:  # files the options require to exist
                     if re.search(r"\.(yaml|whl|json)$", arg) and not os.path.isabs(arg):
                         (home / arg).parent.mkdir(parents=True, exist_ok=True)
@@ -298,12 +319,34 @@ def test_page_commands(page, sandbox):
                     pass
                 except click.ClickException as exc:
                     pytest.fail(f"{page} {name}: `{line}` does not parse: {exc.format_message()}")
+            elif argv and argv[0].startswith("scripts/"):
+                assert os.access(REPO / argv[0], os.X_OK), f"{page} {name}: {argv[0]} is not an executable script"
+                proc = subprocess.run([str(REPO / argv[0]), "--help"], capture_output=True, text=True, timeout=60)
+                assert proc.returncode == 0, f"{argv[0]} --help: {proc.stderr}"
+                for option in (a for a in argv[1:] if a.startswith("--")):
+                    assert option in proc.stdout, f"{page} {name}: {argv[0]} --help does not offer {option}"
         if json_text is not None:
             assert mode == "run", f"{page} {name}: a JSON sample after a block that is not run"
             assert isinstance(out, (dict, list)), f"{page} {name}: the last command printed no JSON"
             assert keys_of(json.loads(json_text)) == keys_of(out), \
                 f"{page} {name}: the JSON shown differs in shape from what the command prints now"
     assert ran or all(m != "run" for m in OWN_PAGES[page].values())
+    if page == "security.md":
+        check_security_page_modes(text, home)
+
+
+def check_security_page_modes(text, home):
+    """The modes the security page's table states are the modes `pibake init` and `render` produce."""
+    rows = re.findall(r"^\| `(secrets/[\w.-]+)` \| (0[0-7]{3}) \|", text, re.M)
+    assert len(rows) == 7, rows
+    cluster = home / "cluster"
+    assert oct(os.stat(cluster / "secrets").st_mode & 0o777) == "0o700"
+    for rel, mode in rows:
+        assert oct(os.stat(cluster / rel).st_mode & 0o777) == "0o" + mode[1:], rel
+    seeds = home / "seeds"
+    assert oct(os.stat(seeds / "red01").st_mode & 0o777) == "0o700"
+    for seed_file in (seeds / "red01").iterdir():
+        assert oct(os.stat(seed_file).st_mode & 0o777) == "0o600", seed_file
 
 
 def test_parse_only_refuses_what_the_cli_refuses(tmp_path):
@@ -314,6 +357,13 @@ def test_parse_only_refuses_what_the_cli_refuses(tmp_path):
         parse_only(["render", "--role", "king", "--out", "x"], tmp_path)
     with pytest.raises(click.UsageError):
         parse_only(["no-such-command"], tmp_path)
+
+
+def test_commands_that_reach_other_machines_are_never_run():
+    assert touches_network(["verify"]) and touches_network(["deploy", "--hosts", "red01"])
+    assert touches_network(["image", "get", "x"]) and touches_network(["burn", "--device", "/dev/sdb"])
+    assert not touches_network(["burn", "--image", "pi.img", "--output", "out/{hostname}.img"])
+    assert not touches_network(["image", "list"]) and not touches_network(["token", "show"])
 
 
 def test_a_json_sample_of_another_shape_is_caught():
