@@ -108,8 +108,11 @@ def validate_enrolment(payload, peer_ip=None, network=None):
             problems.append(f"{key}: must be a positive whole number")
     facts = None
     raw = payload.get("slurmd_c")
-    if not isinstance(raw, str) or len(raw) > 10000:
-        problems.append("slurmd_c: must be the text printed by `slurmd -C`")
+    if raw is None and role != "worker":
+        pass  # sensors and the manager run no slurmd: nothing to parse
+    elif not isinstance(raw, str) or len(raw) > 10000:
+        problems.append("slurmd_c: must be the text printed by `slurmd -C`"
+                        + (" (required for workers)" if raw is None else ""))
     else:
         try:
             facts = slurmconf.parse_slurmd_c(raw)
@@ -126,7 +129,7 @@ def validate_enrolment(payload, peer_ip=None, network=None):
     return {
         "hostname": hostname, "mac": mac, "ips": good_ips, "ip": choose_ip(good_ips, peer_ip, network),
         "role": role, "model": model.strip(), "cpus": payload["cpus"], "memory_mb": payload["memory_mb"],
-        "slurmd_c_raw": raw, "slurmd_c": facts, "os_release": {str(k): str(v)[:200] for k, v in os_release.items()},
+        "slurmd_c_raw": raw or "", "slurmd_c": facts, "os_release": {str(k): str(v)[:200] for k, v in os_release.items()},
         "agent_version": agent_version,
     }
 

@@ -189,6 +189,7 @@ BAD_ENROLMENTS = [
     ({"slurmd_c": "NodeName=x CPUs=4"}, "lacks CoresPerSocket"),
     ({"slurmd_c": "NodeName=x CPUs=four CoresPerSocket=4 ThreadsPerCore=1 RealMemory=1"}, "CPUs=four"),
     ({"os_release": "debian"}, "os_release:"),
+    ({"slurmd_c": None}, "slurmd_c: must be the text printed by `slurmd -C` (required for workers)"),
 ]
 
 
@@ -199,6 +200,14 @@ def test_bad_enrolment_names_the_problem(client, creds, change, message):
     assert r.status_code == 400
     assert message in r.json["error"]
     assert client.get("/api/v1/health").json["nodes"] == 0
+
+
+def test_a_sensor_without_slurmd_enrols_and_stays_out_of_slurm_conf(client, creds):
+    body = {**enrolment("red09"), "role": "sensor", "slurmd_c": None}
+    r = client.post("/api/v1/enrol", json=body, headers=creds.join)
+    assert r.status_code == 201, r.json
+    assert client.get("/api/v1/health").json["nodes"] == 1
+    assert "red09" not in client.get("/api/v1/slurm.conf", auth=creds.admin).get_data(as_text=True)
 
 
 def test_every_problem_is_reported_at_once(client, creds):
