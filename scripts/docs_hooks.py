@@ -109,7 +109,11 @@ def _schema_brief(schema):
 
 
 def _cell(text):
-    return str(text or "").replace("|", "\\|").replace("\n", " ")
+    """Text from the OpenAPI file as one Markdown table cell (no raw HTML: `<id>` must stay visible)."""
+    parts = str(text or "").split("`")
+    for i in range(0, len(parts), 2):  # outside `code spans` only; inside them Markdown shows < as it is
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts).replace("|", "\\|").replace("\n", " ")
 
 
 def rest_reference_markdown(spec=None):
