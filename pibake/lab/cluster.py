@@ -4,8 +4,9 @@
 into running lab hosts:
 
 1. one lab bridge and, per image, a namespace host (``pibake.lab.hosts.LabHost``) with the IP from
-   the image's own ``network-config``, inside the lab's namespaces only (the bridge has no address
-   on this machine, there is no gateway and no NAT: nothing the hosts send leaves the bridge);
+   the image's own ``network-config``, inside the lab's namespaces only (the bridge and the veth ends
+   have no address on this machine, not even IPv6 link-local ones; there is no gateway and no NAT:
+   nothing the hosts send leaves the bridge);
 2. per host a real root: an overlay of the cached Debian rootfs, with the image's whole FAT boot
    partition copied to /boot/firmware (``rootfs.make_host_root``);
 3. every seed, read back from its image (``bake.bootpart.read_seed``), checked against the host's
@@ -290,6 +291,7 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     """
     from pibake.bake.bootpart import read_seed
     from pibake.cluster import load_cluster
+    from pibake.lab.boot import validate_seed
     from pibake.lab.hosts import LabNetwork, _check_prefix, cleanup_leftovers
     from pibake.lab.rootfs import ensure_rootfs
 
@@ -350,6 +352,7 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     lab_hosts = []
     try:
         network = LabNetwork.create(prefix, cluster.network)
+        no_machine_address(network.bridge)
         t0 = time.monotonic()
         note(f"creating {len(hosts)} hosts on {cluster.network} (bridge {network.bridge}, no address on this machine)")
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
@@ -365,8 +368,6 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
         problems = []
         for host, record in zip(hosts, state["hosts"]):
             try:
-                from pibake.lab.boot import validate_seed
-
                 validate_seed(record["root"], host["seed"], enter=enter_argv(record["pid"]), host=host["name"])
             except SeedError as err:
                 problems.append(str(err))
@@ -389,9 +390,14 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
             note(f"waiting {manager_delay:g} s before booting the manager (--manager-delay)")
             time.sleep(manager_delay)
         note("booting " + ", ".join(f"{r['name']} ({r['role']})" for r in group) + " (cloud-init)")
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(group)) as pool:
-            list(pool.map(lambda r: _boot(r, by_name[r["name"]]["seed"], started), group))
-        _save_state(state, state_dir)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(group)) as pool:
+                list(pool.map(lambda r: _boot(r, by_name[r["name"]]["seed"], started), group))
+        except PibakeError as err:
+            raise LabClusterError(f"booting failed: {err} (the lab stays up for inspection: "
+                                  f"pibake lab status; pibake lab down)") from err
+        finally:
+            _save_state(state, state_dir)
         if i == 0 and len(groups) > 1 and not manager_delay and all(r["boot"]["ok"] for r in group):
             # as a person would: power the workers on once the manager is up (its registry answers);
             # not waiting is safe too (the agents retry), only slower
@@ -422,6 +428,7 @@ def _make_host(host, network, rootfs, base, started):
     t0 = time.monotonic()
     lab_host = LabHost.create(host["name"], host["ip"], network=network, base_dir=base)
     try:
+        no_machine_address(lab_host.veth)
         record = {
             "name": host["name"], "ip": host["ip"], "role": host["role"], "image": host["image"],
             "pid": lab_host.pid, "netns": lab_host.netns, "netns_id": os.readlink(f"/proc/{lab_host.pid}/ns/net"),
@@ -463,6 +470,15 @@ def _wait_registry(state, started, timeout):
         time.sleep(0.25)
     LOG.warning("the registry did not answer within %s s; booting the workers anyway (their agents retry)", timeout)
     return None
+
+
+def no_machine_address(link):
+    """Take IPv6 off a lab link on this machine's side (the bridge, a host's veth end): the kernel gives
+    every link a link-local fe80:: address, through which lab hosts could reach this machine's services.
+    The hosts keep theirs (they reach each other only)."""
+    path = Path("/proc/sys/net/ipv6/conf") / link / "disable_ipv6"
+    if path.exists():
+        path.write_text("1\n")
 
 
 def _start_sshd(record):

@@ -226,6 +226,9 @@ def test_nothing_leaves_the_lab(lab):
     bridge = subprocess.run(["ip", "-o", "addr", "show", "dev", f"{prefix}-br"], capture_output=True, text=True,
                             check=True).stdout
     assert " inet " not in bridge  # this machine has no address on the lab's subnet: no route in or out
+    links = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    mine = [line for line in links.splitlines() if line.split(":")[1].strip().startswith(f"{prefix}-")]
+    assert mine == []  # no IPv6 link-local address either (hosts cannot reach this machine through fe80::)
     routes = shell(lab, "red01", "ip", "-4", "route").stdout.splitlines()
     assert all(" via " not in r for r in routes), routes  # no gateway: only the on-link lab subnet
     machine = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
