@@ -338,6 +338,11 @@ def parse_agent_output(text):
     return result if isinstance(result, dict) else None
 
 
+def credential_rejected(message):
+    """True when the agent's error says the registry no longer accepts the node's stored credential."""
+    return "rejected this node's credential" in (message or "")
+
+
 def agent_config(cluster, hostname, role="worker"):
     """The agent config deploy ships (no secret in it: the join token goes to its own file)."""
     return {
@@ -378,6 +383,7 @@ class _Host:
         self.role = role
         self.started = None
         self.step_started = None
+        self.token_sent = False
         self.facts = None
         self.out = []
         self.err = []
@@ -520,7 +526,15 @@ class _Pipeline:
             if result.get("hostname"):
                 host.result.hostname = result["hostname"]
             if host.rc != 0 or result.get("status") != "ready":
-                self._fail(host, f"agent: {result.get('message') or ssh_error(err, host.rc)}")
+                message = result.get("message") or ssh_error(err, host.rc)
+                if credential_rejected(message) and not host.token_sent:
+                    # removed in the registry (or a re-installed registry): enrol again with the join token
+                    LOG.info("deploy: %s: stored credential rejected; re-enrolling with the join token",
+                             host.result.host)
+                    host.facts["credential"] = False
+                    self._files(host)
+                    return
+                self._fail(host, f"agent: {message}")
                 return
             host.result.changes += agent_changes(result)
             host.result.step = "idle"
@@ -549,7 +563,8 @@ class _Pipeline:
     def _files(self, host):
         wanted = self._wanted_files(host)
         ship = files_to_ship(wanted, host.facts["sha256"])
-        need_token = not host.facts["credential"]
+        need_token = not host.facts["credential"] and not host.token_sent
+        host.token_sent = host.token_sent or need_token
         if not ship and not need_token:
             self._agent(host)
             return

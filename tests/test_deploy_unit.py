@@ -195,3 +195,10 @@ def test_agent_config_carries_no_secret_and_is_stable():
     assert conf["registry_url"] == "https://red00:8443" and conf["manager_ip"] == "10.1.1.10"
     assert conf["hostname"] == "red01" and conf["role"] == "worker" and conf["scrub_paths"] == []
     assert d.agent_config(cluster, "red01") == conf  # same input, same bytes shipped: re-runs change nothing
+
+
+def test_credential_rejected():
+    assert d.credential_rejected("the registry rejected this node's credential (HTTP 401: unknown node); the "
+                                 "node was probably removed by an admin. Re-enrol it ...")
+    assert not d.credential_rejected("enrolment refused by the registry (HTTP 401): join token rejected")
+    assert not d.credential_rejected(None)
