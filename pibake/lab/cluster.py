@@ -247,7 +247,7 @@ def burn_lab_images(cluster_dir, out_dir, *, workers=3, progress=None):
     base = out_dir.parent / "synthetic-raspios.img"
     note("building a synthetic Pi-like base image (nothing is downloaded)")
     build_pi_image(base, size="160M", boot_size="64M", family="raspios")
-    planned = [n for n in recorded_plan(cluster_dir) if n.role != "manager"]
+    planned = [n for n in recorded_plan(cluster_dir) if n.role == "worker"]
     if len(planned) >= workers:
         names, ips = [n.hostname for n in planned[:workers]], [n.ip for n in planned[:workers]]
     else:
