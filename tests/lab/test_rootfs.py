@@ -1,12 +1,10 @@
 """The lab's cached rootfs and per-host overlays: real debootstrap, real overlayfs, real namespaces."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
