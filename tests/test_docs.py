@@ -137,8 +137,10 @@ def test_nav_lists_pages_that_exist_and_more_collects_the_rest(tmp_path):
     hooks = load_hooks()
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
     listed = list(hooks._nav_pages(config["nav"]))
-    missing = [p for p in listed if p not in hooks.GENERATED and not (DOCS / p).is_file()]
+    missing = [p for p in listed if p not in hooks.GENERATED | hooks.PENDING_PAGES and not (DOCS / p).is_file()]
     assert not missing, f"mkdocs.yml nav names pages that do not exist: {missing}"
+    nav = [{"A": "a.md"}, {"S": [{"P": "deploy.md"}]}, {"T": [{"Q": "rest.md"}, {"B": "sub/b.md"}]}]
+    assert hooks.drop_pending(nav, tmp_path) == [{"A": "a.md"}, {"T": [{"B": "sub/b.md"}]}]
     (tmp_path / "a.md").write_text("# a\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("# b\n")
