@@ -161,6 +161,14 @@ def test_command_reference_is_what_pibake_help_prints():
         assert proc.stdout.rstrip("\n") in page, f"reference/cli.md differs from `pibake {' '.join(path)} --help`"
 
 
+def test_commands_page_shows_every_command():
+    """Each command and subcommand of the CLI appears in a tested block of docs/commands.md."""
+    lines = [ln for _, block, _ in doc_blocks((DOCS / "commands.md").read_text()) for ln in block]
+    missing = [" ".join(path) for path in load_hooks().command_paths()
+               if not any(re.search(rf"pibake {re.escape(' '.join(path))}(\s|$)", ln) for ln in lines)]
+    assert not missing, f"docs/commands.md has no example of: {missing}"
+
+
 def test_rest_reference_covers_every_operation_of_the_openapi_file():
     hooks = load_hooks()
     spec = json.loads((REPO / "registry" / "openapi.json").read_text())
