@@ -169,6 +169,16 @@ def test_commands_page_shows_every_command():
     assert not missing, f"docs/commands.md has no example of: {missing}"
 
 
+def test_the_lab_quick_start_offers_only_what_pibake_lab_help_offers():
+    hooks = load_hooks()
+    rows = re.findall(r"^\| `lab (\w+)([^`]*)` \|", (DOCS / "quickstart-lab.md").read_text(), re.M)
+    assert {sub for sub, _ in rows} == {p[1] for p in hooks.command_paths() if p[0] == "lab" and len(p) == 2}
+    for sub, usage in rows:
+        help_text = hooks.help_text(("lab", sub))
+        for option in re.findall(r"--[a-z][a-z-]*", usage):
+            assert re.search(rf"{option}\b", help_text), f"quickstart-lab.md: `lab {sub}` has no {option}"
+
+
 def test_rest_reference_covers_every_operation_of_the_openapi_file():
     hooks = load_hooks()
     spec = json.loads((REPO / "registry" / "openapi.json").read_text())
