@@ -7,6 +7,7 @@ from importlib import resources
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from pibake.jobs import JobError
 from pibake.registry.auth import basic_auth, join_auth, registry
 from pibake.registry.service import RegistryError
 from pibake.registry.slurmctl import ApplyError
@@ -122,3 +123,50 @@ def delete_node(hostname):
 @basic_auth.login_required(role="admin")
 def accept_node(hostname):
     return jsonify(registry().accept(hostname))
+
+
+# ---------------------------------------------------------------------- background jobs (deploy, verify)
+
+def _jobs():
+    from flask import current_app  # pylint: disable=import-outside-toplevel
+
+    return current_app.extensions["pibake_jobs"]
+
+
+@bp.errorhandler(JobError)
+def _job_error(err):
+    return jsonify(error=err.message), err.status
+
+
+def _start_job(kind):
+    job = _jobs().submit(kind, _json_body())
+    response = jsonify(job)
+    response.status_code = 202
+    response.headers["Location"] = f"{bp.url_prefix}/jobs/{job['id']}"
+    return response
+
+
+@bp.post("/deploy")
+@basic_auth.login_required(role="admin")
+def start_deploy():
+    """Start `pibake deploy` on the hosts of the body ({hosts, options}); 202 with the job."""
+    return _start_job("deploy")
+
+
+@bp.post("/verify")
+@basic_auth.login_required(role="admin")
+def start_verify():
+    """Start `pibake verify [--bench]` ({bench, options}); 202 with the job."""
+    return _start_job("verify")
+
+
+@bp.get("/jobs")
+@basic_auth.login_required(role="admin")
+def list_jobs():
+    return jsonify(_jobs().list())
+
+
+@bp.get("/jobs/<job_id>")
+@basic_auth.login_required(role="admin")
+def get_job(job_id):
+    return jsonify(_jobs().get(job_id))

@@ -21,8 +21,12 @@ LOG = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
 
 
-def create_app(cluster_dir, *, test_config=None, **options):
-    """A Flask app for the cluster in ``cluster_dir``. ``test_config`` updates ``app.config``."""
+def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers=None, **options):
+    """A Flask app for the cluster in ``cluster_dir``. ``test_config`` updates ``app.config``.
+
+    ``job_functions``/``job_workers``: what the REST jobs run ({kind: function(cluster_dir, params,
+    progress)}, default ``pibake.jobs.FUNCTIONS``: verify and deploy) and how many at once (default 2).
+    """
     app = Flask(__name__, static_folder=None)
     reg = Registry(cluster_dir, **options)
     # The session key derives from the admin password: stable across gunicorn workers and restarts,
@@ -39,6 +43,10 @@ def create_app(cluster_dir, *, test_config=None, **options):
     if test_config:
         app.config.update(test_config)
     app.extensions["pibake_registry"] = reg
+    from pibake.jobs import DEFAULT_WORKERS, JobRunner  # pylint: disable=import-outside-toplevel
+
+    app.extensions["pibake_jobs"] = JobRunner(cluster_dir, functions=job_functions,
+                                              workers=job_workers or DEFAULT_WORKERS)
 
     from pibake.registry import api, web  # pylint: disable=import-outside-toplevel
 

@@ -5,12 +5,17 @@ signed cookie (HttpOnly, SameSite=Strict). State-changing forms carry a per-sess
 """
 
 import hmac
+import json
 import logging
+import re
 import secrets
 from functools import wraps
+from pathlib import Path
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask import (Blueprint, abort, flash, redirect, render_template, request, send_from_directory, session,
+                   url_for)
 
+from pibake.benchmarks import summary_rows
 from pibake.errors import PibakeError
 from pibake.registry.auth import admin_matches, registry
 from pibake.registry.service import RegistryError
@@ -81,7 +86,35 @@ def index():
     return render_template(
         "nodes.html", nodes=nodes, cluster=reg.cluster, require_approval=reg.require_approval,
         pending=sum(1 for n in nodes if n["status"] == "pending"),
-        slurm_known=any(s is not None for s in states), csrf=session.get("csrf", ""))
+        slurm_known=any(s is not None for s in states), csrf=session.get("csrf", ""),
+        report=latest_report(reg.cluster_dir))
+
+
+REPORT_FILE_RE = re.compile(r"^[a-z0-9_]{1,64}\.png$")
+
+
+def latest_report(cluster_dir):
+    """The report of the latest `pibake verify --report/--bench` (``<cluster>/reports/latest/report.json``)
+    with the rows of its summary table, or None."""
+    path = Path(cluster_dir) / "reports" / "latest" / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("checks"), list):
+        return None
+    bench = data.get("bench") or {}
+    plots = [p for p in bench.get("plots", []) if isinstance(p, str) and REPORT_FILE_RE.match(p)]
+    return {"ok": data.get("ok"), "started": data.get("started"), "checks": data["checks"],
+            "bench_rows": summary_rows(bench) if bench else [], "bench_error": bench.get("error"), "plots": plots}
+
+
+@bp.get("/reports/latest/<name>")
+@login_required
+def report_file(name):
+    if not REPORT_FILE_RE.match(name):
+        abort(404)
+    return send_from_directory(Path(registry().cluster_dir) / "reports" / "latest", name, mimetype="image/png")
 
 
 def _admin_post(action, hostname):

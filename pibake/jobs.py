@@ -1,0 +1,343 @@
+"""Background jobs for the registry's REST API: ``POST /api/v1/deploy`` and ``POST /api/v1/verify``.
+
+    runner = JobRunner(cluster_dir)                   # one per registry process
+    job = runner.submit("verify", {"bench": False})   # {id, kind, state: queued, ...}
+    runner.get(job["id"])                             # {..., state: done, result: <the CLI's --json>}
+
+A job runs the same function the CLI runs (``pibake.verify.verify``, ``pibake.deploy.deploy``) in a small
+bounded pool of daemon threads; its ``result`` is exactly what ``pibake verify --json`` / ``pibake deploy
+--json`` print. Jobs are rows of a ``jobs`` table in the registry's SQLite file (``registry.db``, next to the
+nodes), so every gunicorn worker answers ``GET /jobs/<id>`` and a restart shows an unfinished job as
+``failed`` ("interrupted") instead of losing it: each row names the process running it, and a job whose
+process is gone is marked failed by the next process that opens the table.
+
+States: ``queued`` -> ``running`` -> ``done`` | ``failed``. ``progress`` is 0..1 with a ``message``.
+"""
+
+import datetime as dt
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+
+from pibake.errors import PibakeError
+
+LOG = logging.getLogger(__name__)
+
+DB_FILE = "registry.db"
+STATES = ("queued", "running", "done", "failed")
+KINDS = ("verify", "deploy")
+DEFAULT_WORKERS = 2
+DEFAULT_MAX_PENDING = 8
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    progress    REAL NOT NULL DEFAULT 0,
+    message     TEXT NOT NULL DEFAULT '',
+    params      TEXT NOT NULL DEFAULT '{}',
+    result      TEXT,
+    error       TEXT,
+    created     TEXT NOT NULL,
+    started     TEXT,
+    finished    TEXT,
+    owner       TEXT NOT NULL
+)
+"""
+
+
+class JobError(PibakeError):
+    """A job request that cannot be accepted; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _boot_id():
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _process_start(pid):
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_id(pid=None):
+    """This process as a string that a later process can check: boot id, pid, start time."""
+    pid = pid or os.getpid()
+    return f"{_boot_id()}:{pid}:{_process_start(pid)}"
+
+
+def owner_alive(owner):
+    try:
+        boot, pid, start = owner.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return False
+    return boot == _boot_id() and _process_start(pid) == start
+
+
+# ------------------------------------------------------------------ what a job runs
+
+def _check_options(options, allowed, where):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise JobError(400, f"{where}: must be an object")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise JobError(400, f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    for key, kind in allowed.items():
+        if key in options and options[key] is not None and not _is(options[key], kind):
+            raise JobError(400, f"{where}.{key}: must be {kind}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _is(value, kind):
+    if kind == "a string":
+        return isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value
+    if kind == "a positive number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600
+    if kind == "a positive whole number":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1024
+    if kind == "a list of strings":
+        return isinstance(value, list) and len(value) <= 32 and all(_is(v, "a string") for v in value)
+    return False
+
+
+VERIFY_OPTIONS = {"user": "a string", "identity": "a string", "known_hosts": "a string",
+                  "connect_timeout": "a positive number"}
+DEPLOY_OPTIONS = {"manager": "a string", "user": "a string", "parallel": "a positive whole number",
+                  "connect_timeout": "a positive whole number", "idle_timeout": "a positive number",
+                  "ssh_options": "a list of strings"}
+# ssh arguments a REST caller may pass to deploy: files and host key handling, never commands.
+SSH_OPTION_KEYS = ("userknownhostsfile", "stricthostkeychecking", "identityfile", "identitiesonly", "user", "port",
+                   "connecttimeout", "batchmode", "loglevel", "globalknownhostsfile")
+
+
+def validate(kind, body):
+    """The parameters of a job from a request body; JobError(400) naming what to fix."""
+    if kind not in KINDS:
+        raise JobError(404, f"no job kind {kind!r}; known: {', '.join(KINDS)}")
+    if not isinstance(body, dict):
+        raise JobError(400, "the request body must be a JSON object")
+    if kind == "verify":
+        unknown = sorted(set(body) - {"bench", "options"})
+        if unknown:
+            raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: bench, options")
+        bench = body.get("bench", False)
+        if not isinstance(bench, bool):
+            raise JobError(400, "bench: must be true or false")
+        return {"bench": bench, "options": _check_options(body.get("options"), VERIFY_OPTIONS, "options")}
+    unknown = sorted(set(body) - {"hosts", "options"})
+    if unknown:
+        raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: hosts, options")
+    hosts = body.get("hosts")
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if not isinstance(hosts, list) or not hosts or not all(_is(h, "a string") for h in hosts) or len(hosts) > 256:
+        raise JobError(400, "hosts: must be a host list like \"red[01-04]\" or a list of names/IPs")
+    from pibake.deploy import parse_hosts  # pylint: disable=import-outside-toplevel
+
+    try:
+        parse_hosts(hosts)
+    except PibakeError as err:
+        raise JobError(400, f"hosts: {err}") from None
+    options = _check_options(body.get("options"), DEPLOY_OPTIONS, "options")
+    _check_ssh_options(options.get("ssh_options", []))
+    return {"hosts": hosts, "options": options}
+
+
+def _check_ssh_options(args):
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-i", "-F", "-o", "-l", "-p") and i + 1 < len(args):
+            value = args[i + 1]
+            if arg == "-o" and value.split("=", 1)[0].strip().lower() not in SSH_OPTION_KEYS:
+                raise JobError(400, f"options.ssh_options: -o {value.split('=', 1)[0]} is not allowed through "
+                                    f"the REST API; allowed: {', '.join(SSH_OPTION_KEYS)}")
+            i += 2
+            continue
+        raise JobError(400, f"options.ssh_options: {arg!r} is not allowed; use pairs -i FILE, -F FILE, -o KEY=VALUE, "
+                            "-l USER, -p PORT")
+
+
+def run_verify(cluster_dir, params, progress):
+    from pibake.verify import verify  # pylint: disable=import-outside-toplevel
+
+    return verify(cluster_dir, bench=params["bench"], progress=progress, **params["options"]).to_json()
+
+
+def run_deploy(cluster_dir, params, progress):
+    from pibake.deploy import deploy  # pylint: disable=import-outside-toplevel
+
+    hosts = params["hosts"]
+    done = set()
+
+    def host_progress(result):
+        if result.get("status") in ("changed", "unchanged", "failed"):
+            done.add(result.get("host"))
+        progress(len(done) / max(len(hosts), 1), f"{result.get('host')}: {result.get('step')} "
+                                                 f"({result.get('status')})")
+    options = dict(params["options"])
+    if "ssh_options" in options:
+        options["ssh_options"] = tuple(options["ssh_options"])
+    return deploy(cluster_dir, hosts if len(hosts) > 1 else hosts[0], progress=host_progress, **options).to_dict()
+
+
+FUNCTIONS = {"verify": run_verify, "deploy": run_deploy}
+
+
+# ------------------------------------------------------------------ the runner
+
+class JobRunner:
+    """Jobs of one cluster: persisted in ``<cluster>/registry.db``, run by up to ``workers`` threads."""
+
+    def __init__(self, cluster_dir, *, workers=DEFAULT_WORKERS, max_pending=DEFAULT_MAX_PENDING, functions=None):
+        self.cluster_dir = Path(cluster_dir)
+        self.path = self.cluster_dir / DB_FILE
+        self.workers = workers
+        self.max_pending = max_pending
+        self.functions = dict(FUNCTIONS if functions is None else functions)
+        self.owner = owner_id()
+        self._queue = queue.Queue()
+        self._threads = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        with self._db() as db:
+            db.execute(SCHEMA)
+        self.recover()
+
+    def _db(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 30000")
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def recover(self):
+        """Mark queued/running jobs of processes that are gone as failed (interrupted). Returns their ids."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, owner FROM jobs WHERE state IN ('queued', 'running')").fetchall()
+            lost = [r["id"] for r in rows if r["owner"] != self.owner and not owner_alive(r["owner"])]
+            for job_id in lost:
+                db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
+                           (_now(), "interrupted: the registry stopped or restarted while the job was queued or "
+                                    "running; start it again", job_id))
+        if lost:
+            LOG.warning("%d job(s) of a stopped registry process marked failed (interrupted)", len(lost))
+        return lost
+
+    def submit(self, kind, body):
+        """Validate ``body`` and queue a job; returns the job. JobError(400/404/429) when refused."""
+        params = validate(kind, body)
+        if kind not in self.functions:
+            raise JobError(404, f"no job kind {kind!r}")
+        job_id = uuid.uuid4().hex[:16]
+        with self._lock:
+            with self._db() as db:
+                pending = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running') AND owner = ?",
+                                     (self.owner,)).fetchone()[0]
+                if pending >= self.max_pending:
+                    raise JobError(429, f"{pending} jobs are queued or running; wait for one to finish "
+                                        "(GET /api/v1/jobs/<id>) and try again")
+                db.execute("INSERT INTO jobs (id, kind, state, message, params, created, owner) "
+                           "VALUES (?, ?, 'queued', 'queued', ?, ?, ?)",
+                           (job_id, kind, json.dumps(params), _now(), self.owner))
+            self._queue.put(job_id)
+            if len(self._threads) < self.workers:
+                t = threading.Thread(target=self._work, name=f"pibake-job-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+        LOG.info("job %s (%s) queued", job_id, kind)
+        return self.get(job_id)
+
+    def get(self, job_id):
+        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (str(job_id)[:64],)).fetchone()
+        if row is None:
+            raise JobError(404, f"no job {str(job_id)[:64]}")
+        return _public(row)
+
+    def list(self, limit=50):
+        rows = self._db().execute("SELECT * FROM jobs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
+        return [_public(r, with_result=False) for r in rows]
+
+    def wait(self, job_id, timeout=600):
+        """Block until the job is done or failed (tests and the CLI-side waiter); returns it."""
+        import time  # pylint: disable=import-outside-toplevel
+
+        end = time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job["state"] in ("done", "failed") or time.monotonic() > end:
+                return job
+            time.sleep(0.1)
+
+    def _update(self, job_id, **fields):
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._db() as db:
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+
+    def _work(self):
+        while True:
+            job_id = self._queue.get()
+            try:
+                self._run(job_id)
+            except Exception:  # noqa: BLE001  never let a worker thread die
+                LOG.exception("job %s: internal error", job_id)
+            finally:
+                self._queue.task_done()
+
+    def _run(self, job_id):
+        row = self._db().execute("SELECT kind, params FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        kind, params = row["kind"], json.loads(row["params"])
+        self._update(job_id, state="running", started=_now(), message="started")
+        LOG.info("job %s (%s) running", job_id, kind)
+
+        def progress(fraction, message):
+            self._update(job_id, progress=round(max(0.0, min(float(fraction), 1.0)), 3), message=str(message)[:500])
+        try:
+            result = self.functions[kind](self.cluster_dir, params, progress)
+        except PibakeError as err:
+            self._update(job_id, state="failed", finished=_now(), error=str(err), message="failed")
+            LOG.warning("job %s (%s) failed: %s", job_id, kind, err)
+            return
+        except Exception:  # noqa: BLE001  a bug: say so without details
+            LOG.exception("job %s (%s): internal error", job_id, kind)
+            self._update(job_id, state="failed", finished=_now(), message="failed",
+                         error="internal error; see the registry's log")
+            return
+        self._update(job_id, state="done", finished=_now(), progress=1.0, message="done",
+                     result=json.dumps(result, sort_keys=True, default=str))
+        LOG.info("job %s (%s) done", job_id, kind)
+
+
+def _public(row, with_result=True):
+    job = {"id": row["id"], "kind": row["kind"], "state": row["state"],
+           "progress": {"fraction": row["progress"], "message": row["message"]},
+           "created": row["created"], "started": row["started"], "finished": row["finished"],
+           "error": row["error"]}
+    if with_result:
+        job["result"] = json.loads(row["result"]) if row["result"] else None
+    return job
