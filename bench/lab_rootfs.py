@@ -80,7 +80,7 @@ def main():
 def bench_lab_up(workers, reps):
     """init + burn (synthetic base image) once, then ``reps`` x (lab up to all idle, lab down).
 
-    Subnet 10.77.97.0/24, names ``pb<pid>-*``: everything stays inside the lab's namespaces."""
+    Subnet 10.77.97.0/24, names ``pq<pid>-*``: everything stays inside the lab's namespaces."""
     import os
     import statistics
 
@@ -91,7 +91,7 @@ def bench_lab_up(workers, reps):
     ensure_rootfs()
     work = Path(tempfile.mkdtemp(prefix="pibake-bench-labup-"))
     work.chmod(0o755)
-    prefix = f"pb{os.getpid()}"
+    prefix = f"pq{os.getpid()}"
     runs = []
     try:
         cdir = work / "cluster"

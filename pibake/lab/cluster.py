@@ -289,7 +289,6 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     the host and the key) and the lab is removed again. A lab that boots but does not become idle is
     left running for inspection (``LabClusterError`` says how to look and how to remove it).
     """
-    from pibake.bake.bootpart import read_seed
     from pibake.cluster import load_cluster
     from pibake.lab.boot import validate_seed
     from pibake.lab.hosts import LabNetwork, _check_prefix, cleanup_leftovers
@@ -314,33 +313,21 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     started = time.monotonic()
     timings = {}
     base = _base_dir(prefix)
+    if images_dir is not None:
+        lab_images(images_dir, cluster.manager)  # refuse a bad folder before anything is made
     base.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if images_dir is None:
+    try:
+        if images_dir is None:
+            t0 = time.monotonic()
+            images_dir = burn_lab_images(cluster_dir, base / IMAGES_DIR, workers=workers, progress=note)
+            timings["burn_s"] = round(time.monotonic() - t0, 2)
+        hosts = _hosts_from_images(lab_images(images_dir, cluster.manager), cluster)
         t0 = time.monotonic()
-        images_dir = burn_lab_images(cluster_dir, base / IMAGES_DIR, workers=workers, progress=note)
-        timings["burn_s"] = round(time.monotonic() - t0, 2)
-    images = lab_images(images_dir, cluster.manager)
-
-    hosts = []
-    for name, image in images:
-        seed = read_seed(image)
-        if seed is None:
-            raise SeedError(f"{name}: {image} has no cloud-init seed on its boot partition (burn it with pibake)")
-        entry = seed_host(name, seed, cluster.manager)
-        if not entry["ip"]:
-            raise SeedError(f"{name}: the seed's network-config on {image} gives no address")
-        if ipaddress.ip_address(entry["ip"]) not in ipaddress.ip_network(cluster.network):
-            raise LabClusterError(f"{name}: {entry['ip']} is outside the cluster's network {cluster.network}")
-        entry.update(image=str(Path(image).resolve()), seed=seed)
-        hosts.append(entry)
-    ips = [h["ip"] for h in hosts]
-    dup = sorted({ip for ip in ips if ips.count(ip) > 1})
-    if dup:
-        raise LabClusterError(f"two images use the same address {dup[0]}: burn them again with distinct IPs")
-
-    t0 = time.monotonic()
-    rootfs = Path(rootfs) if rootfs else ensure_rootfs(progress=note)
-    timings["rootfs_s"] = round(time.monotonic() - t0, 2)
+        rootfs = Path(rootfs) if rootfs else ensure_rootfs(progress=note)
+        timings["rootfs_s"] = round(time.monotonic() - t0, 2)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
 
     state = {
         "prefix": prefix, "cluster_dir": str(cluster_dir), "cluster": cluster.name, "network": cluster.network,
@@ -419,6 +406,30 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     state["timings"] = timings
     _save_state(state, state_dir)
     return _up_report(state)
+
+
+def _hosts_from_images(images, cluster):
+    """[{name, ip, role, image, seed}] from the seeds read back from the images; refuses missing seeds,
+    addresses outside the cluster's network and two images with one address."""
+    from pibake.bake.bootpart import read_seed
+
+    hosts = []
+    for name, image in images:
+        seed = read_seed(image)
+        if seed is None:
+            raise SeedError(f"{name}: {image} has no cloud-init seed on its boot partition (burn it with pibake)")
+        entry = seed_host(name, seed, cluster.manager)
+        if not entry["ip"]:
+            raise SeedError(f"{name}: the seed's network-config on {image} gives no address")
+        if ipaddress.ip_address(entry["ip"]) not in ipaddress.ip_network(cluster.network):
+            raise LabClusterError(f"{name}: {entry['ip']} is outside the cluster's network {cluster.network}")
+        entry.update(image=str(Path(image).resolve()), seed=seed)
+        hosts.append(entry)
+    ips = [h["ip"] for h in hosts]
+    dup = sorted({ip for ip in ips if ips.count(ip) > 1})
+    if dup:
+        raise LabClusterError(f"two images use the same address {dup[0]}: burn them again with distinct IPs")
+    return hosts
 
 
 def _make_host(host, network, rootfs, base, started):

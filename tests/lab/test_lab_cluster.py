@@ -138,6 +138,19 @@ def test_burn_lab_images_burns_manager_and_workers_from_the_plan(red, tmp_path):
                      {"name": "red02", "ip": "10.77.7.12", "role": "worker"}]
     assert "ds=nocloud" not in read_cmdline(images[1][1])
     assert not (tmp_path / "synthetic-raspios.img").exists()
+    assert [h["ip"] for h in labc._hosts_from_images(images, cluster)] == ["10.77.7.10", "10.77.7.11", "10.77.7.12"]
+
+    import shutil
+
+    from pibake.bake.synthetic import build_pi_image
+
+    shutil.copy(out / "red01.img", out / "red09.img")
+    with pytest.raises(labc.LabClusterError, match="two images use the same address 10.77.7.11"):
+        labc._hosts_from_images(labc.lab_images(out, "red00"), cluster)
+    (out / "red09.img").unlink()
+    build_pi_image(out / "red08.img", size="96M", boot_size="40M")
+    with pytest.raises(PibakeError, match="red08: .*red08.img has no cloud-init seed on its boot partition"):
+        labc._hosts_from_images(labc.lab_images(out, "red00"), cluster)
 
 
 def _pibake(*args):
@@ -165,6 +178,7 @@ def test_cli_up_refuses_missing_images_folder(red, tmp_path):
     else:
         assert "the lab needs root" in proc.stderr
     assert not os.path.exists("/run/pibake-lab/pz9up.json")
+    assert not os.path.exists("/tmp/pibake-lab-pz9up")
 
 
 def test_cli_down_with_nothing_running():
