@@ -2,6 +2,8 @@
 on a healthy 3-worker cluster; a node whose clock is 10 minutes off is named (clock-skew and munge); a
 stopped host and a burned card that never enrolled are named. Tests run in file order on one cluster."""
 
+import json
+
 from tests.e2e.verify_fixtures import verify_lab  # noqa: F401  (fixture)
 from tests.e2e.verify_fixtures import WORKERS
 
@@ -37,6 +39,32 @@ def test_human_output_and_report_files(verify_lab, tmp_path):
     assert (out_dir / "report.json").exists() and "All checks passed" in (out_dir / "report.md").read_text()
     latest = verify_lab.c.cluster_dir / "reports" / "latest"
     assert latest.resolve() == out_dir.resolve()
+
+
+def test_bench_writes_the_report_the_registry_page_shows(verify_lab):
+    code, report, err = verify_lab.verify("--bench")
+    assert code == 0, f"{err}\n{report.get('bench')}"
+    bench = report["bench"]
+    assert bench["ok"] is True and bench["nodes"] == list(WORKERS)
+    one, every = bench["srun_latency"]
+    assert (one["nodes"], every["nodes"]) == (1, 3) and one["runs"] == every["runs"] == 10
+    assert one["failures"] == every["failures"] == 0 and 0 < one["p50_s"] <= one["p95_s"]
+    assert bench["sbatch"]["jobs"] == 20 and bench["sbatch"]["jobs_per_s"] > 0
+    for node in WORKERS:
+        assert bench["cpu_sha256"][node]["mb_per_s"] > 0 and bench["disk_write"][node]["mb_per_s"] > 0
+    assert bench["network"]["status"] == "ok"  # iperf3 is installed in the lab (shared root)
+    assert [(p["from"], p["to"]) for p in bench["network"]["pairs"]] == [("w2", "w1"), ("w3", "w2"), ("w1", "w3")]
+    assert all(p["mbit_per_s"] > 0 for p in bench["network"]["pairs"])
+    out = verify_lab.c.cluster_dir / "reports" / "latest"
+    assert report["report_dir"] and out.resolve() == type(out)(report["report_dir"])
+    assert sorted(p.name for p in out.iterdir()) == ["cpu.png", "disk.png", "network.png", "report.json",
+                                                     "report.md", "srun_latency.png"]
+    assert json.loads((out / "report.json").read_text())["bench"]["plots"] == bench["plots"]
+    md = (out / "report.md").read_text()
+    assert "## Benchmarks" in md and "jobs/s" in md
+    from pibake.registry.web import latest_report
+    page = latest_report(verify_lab.c.cluster_dir)
+    assert page["ok"] is True and page["plots"] == bench["plots"] and page["bench_rows"]
 
 
 def test_a_clock_ten_minutes_off_is_named(verify_lab):
