@@ -62,6 +62,8 @@ AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy
 DEFAULT_PARALLEL = 32
 DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 180
+IDLE_POLL_S = 0.5  # each poll makes the registry run sinfo on the manager
+AGENT_RETRY_AFTER_S = 20  # a node not idle this long after its agent ran gets one more agent run
 
 _MARK = "@@pibake "
 FACTS_SCRIPT = """\
@@ -384,6 +386,7 @@ class _Host:
         self.started = None
         self.step_started = None
         self.token_sent = False
+        self.agent_runs = 1
         self.facts = None
         self.out = []
         self.err = []
@@ -475,7 +478,7 @@ class _Pipeline:
 
     def _done(self, host, timedout):
         step = host.step
-        host.result.timings[step] = time.monotonic() - host.step_started
+        host.result.timings[step] = host.result.timings.get(step, 0.0) + time.monotonic() - host.step_started
         out = b"\n".join(host.out).decode("utf-8", "replace")
         err = b"\n".join(host.err).decode("utf-8", "replace")
         if timedout or host.rc is None:
@@ -575,6 +578,13 @@ class _Pipeline:
         spec = {"dirs": [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]], "files": files}
         self._launch(host, "files", f"{REMOTE_PYTHON} -c {shlex.quote(INSTALL_SCRIPT)}",
                      stdin=json.dumps(spec).encode(), timeout=120)
+
+    def rerun_agent(self, hosts):
+        """Run the agent step again on ``hosts`` (each already through it once) and wait for them."""
+        for host in hosts:
+            host.agent_runs += 1
+            self._agent(host)
+        self.task.resume()
 
     def _agent(self, host):
         self._launch(host, "agent", f"{REMOTE_PYTHON} {AGENT_PATH} --config {AGENT_CONFIG} --json",
@@ -681,15 +691,25 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     host_runs = [_Host(t) for t in targets]
     LOG.info("deploy: %d host(s), up to %d ssh sessions at once, registry %s", len(targets), parallel,
              registry.base)
-    _Pipeline(cluster, host_runs, secrets=secrets, user=user, parallel=parallel,
-              connect_timeout=connect_timeout, ssh_options=tuple(ssh_options), progress=progress).run()
-    _wait_idle(registry, host_runs, idle_timeout, progress)
+    pipeline = _Pipeline(cluster, host_runs, secrets=secrets, user=user, parallel=parallel,
+                         connect_timeout=connect_timeout, ssh_options=tuple(ssh_options), progress=progress)
+    pipeline.run()
+    # A node whose slurmd did not stay up (e.g. it started while slurmctld restarted for other nodes) is
+    # not idle after a short while: run its agent once more (it starts what is not running), then wait.
+    idle_end = time.monotonic() + idle_timeout
+    _wait_idle(registry, host_runs, min(idle_timeout, AGENT_RETRY_AFTER_S), progress, final=False)
+    stragglers = [h for h in host_runs if h.result.status == "running" and h.result.step == "idle"]
+    if stragglers:
+        LOG.info("deploy: %s not idle after %d s; running the agent there again",
+                 ", ".join(h.result.host for h in stragglers), AGENT_RETRY_AFTER_S)
+        pipeline.rerun_agent(stragglers)
+    _wait_idle(registry, host_runs, max(0.0, idle_end - time.monotonic()), progress, budget=idle_timeout)
     return DeployReport(hosts=[h.result for h in host_runs], manager=cluster.manager,
                         registry=registry.base.rsplit("/api/v1", 1)[0], parallel=parallel,
                         started_at=started_wall, duration_s=time.monotonic() - t0)
 
 
-def _wait_idle(registry, host_runs, timeout, progress):
+def _wait_idle(registry, host_runs, timeout, progress, final=True, budget=None):
     waiting = [h for h in host_runs if h.result.status == "running" and h.result.step == "idle"]
     end = time.monotonic() + timeout
     states = {}
@@ -700,18 +720,20 @@ def _wait_idle(registry, host_runs, timeout, progress):
             h.result.slurm_state = state
             if state == "idle":
                 waiting.remove(h)
-                h.result.timings["idle"] = time.monotonic() - h.step_started
+                h.result.timings["idle"] = h.result.timings.get("idle", 0.0) + time.monotonic() - h.step_started
                 h.result.status = final_status(h.result)
                 h.result.duration_s = time.monotonic() - h.started
                 if progress:
                     progress(h.result.to_dict())
         if not waiting or time.monotonic() > end:
             break
-        time.sleep(0.25)
+        time.sleep(IDLE_POLL_S)
+    if not final:
+        return
     for h in waiting:
         state = states.get(h.result.hostname)
         h.result.status = "failed"
-        h.result.error = (f"idle: the node is {state or 'not in sinfo'} after {timeout} s "
+        h.result.error = (f"idle: the node is {state or 'not in sinfo'} after {round(budget or timeout)} s "
                           "(see slurmd's log on the node and slurmctld's on the manager)")
         h.result.duration_s = time.monotonic() - h.started
         if progress:

@@ -9,7 +9,7 @@ host (as on a real Pi) and never touches this machine's /usr/local. The ssh clie
 ssh_config (test key, test known_hosts, ``StrictHostKeyChecking=accept-new``, ``Host w1`` -> its IP) given
 to deploy as ``ssh_options=("-F", path)``.
 
-    lab = DeployLab(tmp_path, octet=61)       # manager "mgr" at 10.77.61.10, registry running
+    lab = deploy_lab(tmp_path, octet=61)      # manager "mgr" at 10.77.61.10, registry running
     lab.add_ssh_worker("w1", 11)              # sshd only
     report = deploy(lab.cluster_dir, "w1", ssh_options=lab.ssh_options)
     lab.destroy()
@@ -41,7 +41,7 @@ PidFile /run/sshd.pid
 class DeployLab(LabCluster):
     """LabCluster under its own name family ``pd<pid>`` with a bridge address, plus sshd-only workers."""
 
-    def __init__(self, tmp, octet, family=FAMILY):  # pylint: disable=super-init-not-called
+    def __init__(self, tmp, octet, family=FAMILY, manager="mgr"):  # pylint: disable=super-init-not-called
         from pibake.cluster import init_cluster
 
         cleanup_stale(family)
@@ -54,11 +54,12 @@ class DeployLab(LabCluster):
         try:
             self.manager_ip = self.ip(10)
             self.cluster_dir = self.tmp / "cluster"
-            init_cluster(self.cluster_dir, manager="mgr", manager_ip=self.manager_ip,
+            self.manager_name = manager
+            init_cluster(self.cluster_dir, manager=manager, manager_ip=self.manager_ip,
                          network=f"10.77.{octet}.0/24", name="deploy")
             self.sdir = self.cluster_dir / "secrets"
             self.registry_log = self.tmp / "registry.log"
-            self.mgr = self.add_host("mgr", 10)
+            self.mgr = self.add_host(manager, 10)
             self._client_files()
         except BaseException:
             self.destroy()
@@ -133,12 +134,12 @@ class DeployLab(LabCluster):
         return host
 
 
-def deploy_lab(tmp, octet, workers=(), family=FAMILY):
-    """A started DeployLab (manager with munge + registry) with sshd-only ``workers`` ((name, last octet),
-    ...). The caller destroys it."""
+def deploy_lab(tmp, octet, workers=(), family=FAMILY, manager="mgr"):
+    """A started DeployLab (manager ``manager`` at .10 with munge + registry) with sshd-only ``workers``
+    ((name, last octet), ...). The caller destroys it."""
     tmp = Path(tmp)
     tmp.chmod(0o755)  # munged and slurm insist on searchable parents
-    lab = DeployLab(tmp, octet, family=family)
+    lab = DeployLab(tmp, octet, family=family, manager=manager)
     try:
         lab.start_manager()
         for name, last in workers:

@@ -1,18 +1,23 @@
 """Must show (issue 6), with real OpenSSH, munge, Slurm and the registry: `pibake deploy --hosts` over ssh
 makes three lab hosts that run only sshd idle Slurm workers; a re-run changes nothing; a stopped host is
-reported alone with ssh's reason (exit 1) while the others succeed. Tests run in file order on one lab."""
+reported alone with ssh's reason (exit 1) while the others succeed; every command of docs/deploy.md runs.
+Tests run in file order on one lab: manager red00 (registry), workers red01-red03 with sshd only."""
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import skip_reason
 from tests.e2e.deploy_fixtures import deploy_lab
 
-WORKERS = (("w1", 11), ("w2", 12), ("w3", 13))
+WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
+DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 NAMES = [n for n, _ in WORKERS]
 
 
@@ -21,7 +26,7 @@ def lab(tmp_path_factory, request):
     reason = skip_reason() or (None if os.path.exists("/usr/sbin/sshd") else "openssh-server is not installed")
     if reason:
         pytest.skip(reason)
-    lab = deploy_lab(tmp_path_factory.mktemp("deploy"), 60 + os.getpid() % 40, WORKERS)
+    lab = deploy_lab(tmp_path_factory.mktemp("deploy"), 60 + os.getpid() % 40, WORKERS, manager="red00")
     try:
         yield lab
     finally:
@@ -30,15 +35,61 @@ def lab(tmp_path_factory, request):
         lab.destroy()
 
 
+def run_pibake(lab, args):
+    """``pibake ARGS`` against the lab: its cluster directory and its ssh config (own key, known_hosts)."""
+    argv = [sys.executable, "-m", "pibake", "--cluster", str(lab.cluster_dir), *args,
+            "--ssh-option=-F", f"--ssh-option={lab.ssh_config}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
 def pibake_deploy(lab, hosts, *extra):
-    argv = [sys.executable, "-m", "pibake", "--cluster", str(lab.cluster_dir), "deploy", "--hosts", hosts,
-            f"--ssh-option=-F", f"--ssh-option={lab.ssh_config}", "--json", *extra]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    proc = run_pibake(lab, ["deploy", "--hosts", hosts, "--json", *extra])
     try:
         report = json.loads(proc.stdout)
     except ValueError:
         report = None
     return proc, report
+
+
+BLOCK_RE = re.compile(r"```sh\n# doc-test: ([a-z0-9-]+)\n(.*?)```(?:\s*```json\n(.*?)```)?", re.S)
+EXITS_RE = re.compile(r"\s+#\s*exits (\d+)\s*$")
+DOC_BLOCKS = ("deploy-first", "deploy-again", "deploy-json", "deploy-failure", "deploy-options")
+
+
+def doc_blocks():
+    """{name: ([(argv, expected exit code)], json sample or None)} of docs/deploy.md's sh blocks."""
+    blocks = {}
+    for name, body, sample in BLOCK_RE.findall(DOC.read_text()):
+        commands = []
+        for line in body.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            m = EXITS_RE.search(line)
+            commands.append((shlex.split(line[:m.start()] if m else line), int(m.group(1)) if m else 0))
+        blocks[name] = (commands, json.loads(sample) if sample else None)
+    return blocks
+
+
+def run_doc_block(lab, name):
+    """Run each command of block ``name`` as written, on the lab subnet instead of 10.1.1.0/24."""
+    commands, sample = doc_blocks()[name]
+    assert commands, f"docs/deploy.md: block {name} has no command"
+    for argv, code in commands:
+        assert argv[0] == "pibake"
+        args = [a.replace("10.1.1.", f"10.77.{lab.octet}.") for a in argv[1:]]
+        proc = run_pibake(lab, args)
+        assert proc.returncode == code, f"{name}: {' '.join(argv)} exited {proc.returncode}\n{proc.stderr}"
+    return proc, sample
+
+
+def same_keys(sample, real, where="$"):
+    """The keys a documented JSON sample shows are the keys the command prints (recursively)."""
+    if isinstance(sample, dict):
+        assert isinstance(real, dict) and set(sample) == set(real), f"{where}: {sorted(sample)} vs {sorted(real)}"
+        for key in sample:
+            same_keys(sample[key], real[key], f"{where}.{key}")
+    elif isinstance(sample, list) and sample and real:
+        same_keys(sample[0], real[0], f"{where}[0]")
 
 
 def daemons(lab, name):
@@ -50,10 +101,10 @@ def test_three_sshd_only_hosts_become_idle(lab):
     for name in NAMES:  # nothing but sshd runs there, nothing of pibake is installed
         assert daemons(lab, name) == {"munged": [], "slurmd": []}
         assert not lab.hosts[name].path("/etc/pibake/agent.json").exists()
-    proc, report = pibake_deploy(lab, "w[1-3]")
+    proc, report = pibake_deploy(lab, "red[01-03]")
     assert proc.returncode == 0, f"{proc.stderr}\n{lab.diagnostics()}"
     assert report["ok"] is True and report["summary"] == {"hosts": 3, "changed": 3, "unchanged": 0, "failed": 0}
-    assert report["manager"] == "mgr" and report["registry"] == f"https://{lab.manager_ip}:8443"
+    assert report["manager"] == "red00" and report["registry"] == f"https://{lab.manager_ip}:8443"
     for host, name in zip(report["hosts"], NAMES):
         assert host["host"] == name and host["hostname"] == name
         assert (host["step"], host["status"], host["slurm_state"], host["error"]) == ("idle", "changed", "idle", None)
@@ -69,13 +120,13 @@ def test_three_sshd_only_hosts_become_idle(lab):
     out = lab.mgr.run(["srun", "-N3", "hostname"], timeout=60).stdout
     assert sorted(out.split()) == NAMES
     # files on a node: config without the token, token file gone (the agent removed it), modes
-    h = lab.hosts["w1"]
+    h = lab.hosts["red01"]
     config = json.loads(h.path("/etc/pibake/agent.json").read_text())
-    assert "join_token" not in config and config["registry_url"] == "https://mgr:8443"
+    assert "join_token" not in config and config["registry_url"] == "https://red00:8443"
     assert not h.path("/etc/pibake/join-token").exists()
     assert h.run(["stat", "-c", "%a", "/etc/pibake", "/etc/pibake/agent.json", "/usr/local/lib/pibake/agent.py",
                   "/etc/munge/munge.key"]).stdout.split() == ["700", "600", "755", "400"]
-    assert h.path("/etc/hosts").read_text().count(f"{lab.manager_ip} mgr") == 1
+    assert h.path("/etc/hosts").read_text().count(f"{lab.manager_ip} red00") == 1
     # what deploy installed stays on the host: the machine's own /usr/local/lib/pibake is untouched
     assert not os.path.exists("/usr/local/lib/pibake/agent.py")
     # secrets never in the output
@@ -100,26 +151,54 @@ def test_rerun_by_ip_changes_nothing(lab):
     assert {n: lab.hosts[n].run(["stat", "-c", "%i %Y", *files]).stdout for n in NAMES} == stat_before
 
 
+def test_the_manual_page_commands(lab):
+    assert tuple(doc_blocks()) == DOC_BLOCKS
+    for name in ("deploy-first", "deploy-again", "deploy-options"):
+        proc, _ = run_doc_block(lab, name)
+        assert "failed" not in proc.stderr.splitlines()[-1].replace("0 failed", ""), proc.stderr
+    proc, sample = run_doc_block(lab, "deploy-json")
+    report = json.loads(proc.stdout)
+    assert sample is not None, "docs/deploy.md: the deploy-json block must be followed by its JSON output"
+    same_keys(sample, report)
+    timings = sample["hosts"][0]["timings"]
+    assert set(timings) == set(report["hosts"][0]["timings"]) == {"connect", "agent", "idle"}
+    assert report["summary"] == {"hosts": 3, "changed": 0, "unchanged": 3, "failed": 0}
+
+
+def test_a_node_removed_in_the_registry_is_enrolled_again(lab):
+    status, _ = lab.api("DELETE", "/nodes/red01")
+    assert status == 200
+    proc, report = pibake_deploy(lab, "red01")
+    assert proc.returncode == 0, f"{proc.stderr}\n{lab.diagnostics()}"
+    (host,) = report["hosts"]
+    assert (host["step"], host["status"], host["slurm_state"]) == ("idle", "changed", "idle")
+    assert "enrolment new" in host["changes"]
+    assert not lab.hosts["red01"].path("/etc/pibake/join-token").exists()
+    assert lab.wait_idle(NAMES)["red01"] == "idle"
+
+
 def test_stopped_host_is_reported_alone(lab):
-    stopped = lab.stop_host("w3")
-    proc, report = pibake_deploy(lab, "w[1-3]", "--connect-timeout", "3")
+    stopped = lab.stop_host("red03")
+    proc, report = pibake_deploy(lab, "red[01-03]", "--connect-timeout", "3")
     assert proc.returncode == 1, proc.stderr
     assert report["ok"] is False
     assert report["summary"] == {"hosts": 3, "changed": 0, "unchanged": 2, "failed": 1}
     w1, w2, w3 = report["hosts"]
     assert (w1["status"], w2["status"]) == ("unchanged", "unchanged")
-    assert w3["host"] == "w3" and w3["status"] == "failed" and w3["step"] == "connect"
+    assert w3["host"] == "red03" and w3["status"] == "failed" and w3["step"] == "connect"
     # ssh's own reason: the address is gone (no ARP answer) -> "No route to host" or a connect timeout
     assert w3["error"].startswith(f"ssh: connect to host {stopped.ip} port 22: "), w3["error"]
     assert w3["error"].split(": ")[-1] in ("No route to host", "Connection timed out"), w3["error"]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("w3 ")]
-    assert lines and lines[-1].split()[:4] == ["w3", "-", "connect", "failed"]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("red03 ")]
+    assert lines and lines[-1].split()[:4] == ["red03", "-", "connect", "failed"]
     assert "1 failed" in proc.stderr
+    proc, _ = run_doc_block(lab, "deploy-failure")  # the manual's command: exits 1
+    assert proc.stderr.splitlines()[-1] == "3 host(s): 0 changed, 2 unchanged, 1 failed"
 
 
 def test_stopped_sshd_says_connection_refused(lab):
-    lab.hosts["w2"].run(["pkill", "-x", "sshd"])
-    proc, report = pibake_deploy(lab, "w[1-2]")
+    lab.hosts["red02"].run(["pkill", "-x", "sshd"])
+    proc, report = pibake_deploy(lab, "red[01-02]")
     assert proc.returncode == 1
     w1, w2 = report["hosts"]
     assert w1["status"] == "unchanged"
@@ -128,7 +207,7 @@ def test_stopped_sshd_says_connection_refused(lab):
 
 def test_manager_without_registry_is_not_built_yet(lab):
     lab.stop_registry()
-    proc, report = pibake_deploy(lab, "w1")
+    proc, report = pibake_deploy(lab, "red01")
     assert proc.returncode == 2 and report is None
     assert proc.stderr.strip() == (
         f"pibake: error: the registry at https://{lab.manager_ip}:8443/api/v1 does not answer (connection "
