@@ -48,3 +48,4 @@ from pibake.lab.cluster import lab_down, lab_run, lab_status, lab_up  # noqa: F4
 from pibake.firstboot.agent import collect_facts as agent_facts  # noqa: F401,E402
 from pibake.firstboot.agent import run_agent  # noqa: F401,E402
 from pibake.lab.hosts import LabHost, LabNetwork, cleanup_leftovers  # noqa: F401,E402
+from pibake.deploy import DeployReport, HostResult, deploy  # noqa: F401,E402
