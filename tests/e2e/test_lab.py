@@ -235,6 +235,16 @@ def test_nothing_leaves_the_lab(lab):
     assert NET + "." not in machine
 
 
+def test_a_second_lab_up_with_the_same_prefix_is_refused(lab):
+    cdir, prefix, _, _ = lab
+    images = cdir.parent / "images"
+    proc = pibake(cdir, "lab", "up", "--from-images", images, "--prefix", prefix, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"pibake: error: a lab is already running (prefix {prefix}: red00, red01, red02, "
+                                   "red03): run `pibake lab down` first")
+    assert shell(lab, "red01", "hostname").stdout.strip() == "red01"  # untouched
+
+
 def test_lab_down_removes_the_lab(lab):
     cdir, prefix, _, _ = lab
     assert leftovers(prefix)
