@@ -539,8 +539,12 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     if sinfo_error:
         checks.append(CheckResult("srun", SKIP, "skipped: sinfo failed on the manager"))
     elif runnable:
-        srun_out = target.manager_run(["srun", "--immediate=20", f"-N{len(runnable)}", "-w", ",".join(runnable),
-                                       "hostname"], timeout=60)
+        argv = ["srun", "--immediate=20", f"-N{len(runnable)}", "-w", ",".join(runnable), "hostname"]
+        srun_out = target.manager_run(argv, timeout=60)
+        if not srun_out.ok:  # one retry: a step launched while slurmds re-read their config can abort
+            LOG.info("srun failed (%s); trying once more", srun_out.reason())
+            time.sleep(2)
+            srun_out = target.manager_run(argv, timeout=60)
         checks.append(check_srun(runnable, srun_out, excluded))
     else:
         checks.append(check_srun([], None, excluded))

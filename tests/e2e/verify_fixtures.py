@@ -13,6 +13,8 @@ session (``SetEnv``), so every command verify runs there (``date`` included) see
 """
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from tests.e2e.conftest import skip_reason
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 WORKERS = ("w1", "w2", "w3")
 SSHD_CONF = "/etc/ssh/sshd_config.d/pibake-lab.conf"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def sshd_config(host, extra=""):
@@ -67,11 +70,15 @@ class VerifyLab:
     def ssh_options(self):
         return {"user": "root", "identity": str(self.key), "known_hosts": str(self.known_hosts)}
 
-    def cli(self, *args, timeout=400):
+    def cli(self, *args, timeout=400, cwd="/"):
         """``pibake --cluster DIR *args`` run on the manager host: (exit code, stdout, stderr)."""
         proc = self.c.mgr.run([sys.executable, "-m", "pibake", "--cluster", str(self.c.cluster_dir), *args],
-                              check=False, timeout=timeout)
+                              check=False, timeout=timeout, cwd=cwd)
         return proc.returncode, proc.stdout, proc.stderr
+
+    @property
+    def ssh_args(self):
+        return ["--user", "root", "-i", str(self.key), "--known-hosts", str(self.known_hosts)]
 
     def verify(self, *args):
         """``pibake verify --json`` over ssh as root with the test key: (exit code, JSON, stderr)."""
@@ -137,3 +144,30 @@ def normalized(report):
             return [walk(v) for v in x]
         return x
     return walk(report)
+
+
+def keys_of(value):
+    """The shape of a JSON value: dict keys recursively, a list by its first element."""
+    if isinstance(value, dict):
+        return {k: keys_of(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [keys_of(value[0])] if value else []
+    return None
+
+
+DOC_BLOCK_RE = re.compile(r"```sh\n# doc-test: ([a-z0-9-]+)\n(.*?)```(?:\s*```json\n(.*?)```)?", re.S)
+EXITS_RE = re.compile(r"\s+#\s*exits (\d+)\s*$")
+
+
+def doc_blocks(page):
+    """{name: (script text, [(argv, expected exit code)], json sample or None)} of a page's doc-test blocks."""
+    blocks = {}
+    for name, body, sample in DOC_BLOCK_RE.findall((DOCS / page).read_text()):
+        commands = []
+        for line in body.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            m = EXITS_RE.search(line)
+            commands.append((shlex.split(line[:m.start()] if m else line), int(m.group(1)) if m else 0))
+        blocks[name] = (body, commands, json.loads(sample) if sample else None)
+    return blocks
