@@ -13,9 +13,9 @@ import pytest
 
 from tests.e2e.conftest import skip_reason
 from tests.e2e.deploy_fixtures import deploy_lab
-from tests.e2e.verify_fixtures import normalized
+from tests.e2e.verify_fixtures import doc_blocks, keys_of, normalized
 
-WORKERS = (("red01", 11), ("red02", 12))
+WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
 NAMES = [n for n, _ in WORKERS]
 
 
@@ -79,9 +79,9 @@ def deploy_normalized(report):
 
 def test_rest_deploy_gives_the_same_json_as_the_cli(lab):
     first = cli_deploy(lab)
-    assert first["ok"] and first["summary"]["changed"] == 2
+    assert first["ok"] and first["summary"]["changed"] == 3
     again = cli_deploy(lab)  # converged: nothing changes, so a REST run must say exactly the same
-    assert again["summary"] == {"hosts": 2, "changed": 0, "unchanged": 2, "failed": 0}
+    assert again["summary"] == {"hosts": 3, "changed": 0, "unchanged": 3, "failed": 0}
     body = {"hosts": ",".join(NAMES), "options": {"ssh_options": ["-F", str(lab.ssh_config)]}}
     started, job, seen = rest_job(lab, "deploy", body)
     assert started["kind"] == "deploy" and started["state"] in ("queued", "running")
@@ -102,6 +102,29 @@ def test_rest_verify_gives_the_same_json_as_the_cli(lab):
     assert rest["ok"] is True and [n["hostname"] for n in rest["nodes"]] == NAMES
     assert normalized(rest) == normalized(cli)
     assert set(rest) == set(cli)  # the same document, not a subset
+
+
+def run_doc_block(lab, name, options):
+    """docs/rest.md's block ``name`` as one sh script in the cluster directory on the manager host, with the
+    example's ssh options replaced by ``options``; returns its stdout."""
+    script, _commands, _sample = doc_blocks("rest.md", parse=False)[name]
+    script = script.replace('"options": {"user": "pi"}', f'"options": {json.dumps(options)}')
+    proc = lab.mgr.run(["sh", "-e", "-c", script], cwd=str(lab.cluster_dir), check=False, timeout=600)
+    assert proc.returncode == 0, f"{name}: exit {proc.returncode}: {proc.stderr}"
+    return proc.stdout
+
+
+def test_every_command_of_docs_rest_md_runs(lab):
+    assert list(doc_blocks("rest.md", parse=False)) == ["rest-health", "rest-verify", "rest-deploy", "rest-jobs"]
+    _script, _commands, sample = doc_blocks("rest.md", parse=False)["rest-health"]
+    health = json.loads(run_doc_block(lab, "rest-health", {}))
+    assert health["status"] == "ok" and keys_of(health) == keys_of(sample)
+    assert run_doc_block(lab, "rest-verify", {"user": "root", "identity": str(lab.key),
+                                              "known_hosts": str(lab.ssh_dir / "known_hosts")}) == "true\n"
+    out = run_doc_block(lab, "rest-deploy", {"ssh_options": ["-F", str(lab.ssh_config)]})
+    assert json.loads(out) == {"changed": 0, "failed": 0, "hosts": 3, "unchanged": 3}
+    lines = run_doc_block(lab, "rest-jobs", {}).splitlines()
+    assert [ln.split()[1:] for ln in lines[:2]] == [["deploy", "done"], ["verify", "done"]]
 
 
 def test_rest_deploy_of_a_stopped_host_reports_it_like_the_cli(lab):

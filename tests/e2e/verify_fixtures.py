@@ -159,12 +159,13 @@ DOC_BLOCK_RE = re.compile(r"```sh\n# doc-test: ([a-z0-9-]+)\n(.*?)```(?:\s*```js
 EXITS_RE = re.compile(r"\s+#\s*exits (\d+)\s*$")
 
 
-def doc_blocks(page):
-    """{name: (script text, [(argv, expected exit code)], json sample or None)} of a page's doc-test blocks."""
+def doc_blocks(page, parse=True):
+    """{name: (script text, [(argv, expected exit code)], json sample or None)} of a page's doc-test blocks
+    (``parse=False``: scripts only, for pages whose blocks are shell scripts rather than one command a line)."""
     blocks = {}
     for name, body, sample in DOC_BLOCK_RE.findall((DOCS / page).read_text()):
         commands = []
-        for line in body.splitlines():
+        for line in body.splitlines() if parse else ():
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             m = EXITS_RE.search(line)
