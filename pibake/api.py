@@ -49,3 +49,5 @@ from pibake.firstboot.agent import collect_facts as agent_facts  # noqa: F401,E4
 from pibake.firstboot.agent import run_agent  # noqa: F401,E402
 from pibake.lab.hosts import LabHost, LabNetwork, cleanup_leftovers  # noqa: F401,E402
 from pibake.deploy import DeployReport, HostResult, deploy  # noqa: F401,E402
+from pibake.verify import verify  # noqa: F401,E402
+from pibake.jobs import JobRunner  # noqa: F401,E402
