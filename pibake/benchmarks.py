@@ -182,6 +182,8 @@ def bench_markdown(bench):
         else:
             lines += ["| from | to | iperf3 (Mbit/s) |", "|---|---|---|"]
             lines += [f"| {p['from']} | {p['to']} | {p['mbit_per_s']} |" for p in net["pairs"]]
+    if bench.get("plots_error"):
+        lines += ["", bench["plots_error"]]
     for name in bench.get("plots", []):
         lines += ["", f"![{name}]({name})"]
     return lines
@@ -191,7 +193,12 @@ def write_plots(bench, out_dir):
     """PNG plots of the measurements into ``out_dir``; returns their file names."""
     if "srun_latency" not in bench:
         return []
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        LOG.warning("matplotlib is not installed: the report has no plots (pip install matplotlib)")
+        bench["plots_error"] = "no plots: matplotlib is not installed on the machine that ran verify"
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
