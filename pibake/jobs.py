@@ -218,14 +218,22 @@ class JobRunner:
         self.workers = workers
         self.max_pending = max_pending
         self.functions = dict(FUNCTIONS if functions is None else functions)
-        self.owner = owner_id()
-        self._queue = queue.Queue()
-        self._threads = []
         self._lock = threading.Lock()
+        self._pid = None
+        self._after_fork()
         self._local = threading.local()
         with self._db() as db:
             db.execute(SCHEMA)
         self.recover()
+
+    def _after_fork(self):
+        """gunicorn builds the app in its master and forks the workers: each process owns its own jobs,
+        queue and threads."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self.owner = owner_id()
+            self._queue = queue.Queue()
+            self._threads = []
 
     def _db(self):
         conn = getattr(self._local, "conn", None)
@@ -252,6 +260,7 @@ class JobRunner:
     def submit(self, kind, body):
         """Validate ``body`` and queue a job; returns the job. JobError(400/404/429) when refused."""
         params = validate(kind, body)
+        self._after_fork()
         if kind not in self.functions:
             raise JobError(404, f"no job kind {kind!r}")
         job_id = uuid.uuid4().hex[:16]
@@ -274,9 +283,13 @@ class JobRunner:
         return self.get(job_id)
 
     def get(self, job_id):
+        self._after_fork()
         row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (str(job_id)[:64],)).fetchone()
         if row is None:
             raise JobError(404, f"no job {str(job_id)[:64]}")
+        if row["state"] in ("queued", "running") and row["owner"] != self.owner and not owner_alive(row["owner"]):
+            self.recover()  # its process died (a gunicorn worker restarted): say so now
+            row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return _public(row)
 
     def list(self, limit=50):

@@ -156,7 +156,9 @@ def test_jobs_of_a_killed_registry_show_as_interrupted(cluster_dir, app_options,
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-    client = create_app(cluster_dir, **app_options).test_client()  # the registry restarts
+    # the other process notices at once (a gunicorn worker that died), and so does a restarted registry
+    assert other.get(f"/api/v1/jobs/{running_id}", auth=creds.admin).json["state"] == "failed"
+    client = create_app(cluster_dir, **app_options).test_client()
     for job_id in (running_id, queued_id):
         job = client.get(f"/api/v1/jobs/{job_id}", auth=creds.admin).json
         assert job["state"] == "failed" and job["finished"]
@@ -212,3 +214,25 @@ def test_the_page_without_a_report_says_how_to_make_one(cluster_dir, app_options
     client = create_app(cluster_dir, **app_options).test_client()
     client.post("/login", data={"password": creds.admin[1]})
     assert "No report yet: run <code>pibake verify --bench</code>" in client.get("/").get_data(as_text=True)
+
+
+FORKED = r"""
+import json, os, sys, time
+from pibake.jobs import JobRunner
+runner = JobRunner(sys.argv[1], workers=1, functions={"verify": lambda d, p, progress: {"pid": os.getpid()}})
+pid = os.fork()  # as gunicorn forks its workers after building the app
+if pid == 0:
+    job = runner.submit("verify", {})
+    print(json.dumps(runner.wait(job["id"], timeout=30)), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print(os.getpid(), pid, flush=True)
+"""
+
+
+def test_a_forked_worker_runs_its_own_jobs(cluster_dir):
+    out = subprocess.run([sys.executable, "-c", FORKED, str(cluster_dir)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.splitlines()
+    job = json.loads(out[0])
+    parent, child = map(int, out[1].split())
+    assert job["state"] == "done" and job["result"] == {"pid": child} and child != parent
