@@ -177,3 +177,68 @@ def test_bench_parsers():
     assert percentile(list(range(101)), 95) == 95
     assert parse_iperf3(json.dumps({"end": {"sum_received": {"bits_per_second": 9.4e8}}})) == 940.0
     assert parse_iperf3("iperf3: error - unable to connect") is None
+
+
+class RecordedConnectors:
+    """Answers from recorded outputs (a dead manager here): verify's orchestration without a cluster."""
+
+    kind = "ssh"
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls = []
+
+    def describe(self, host):
+        return "ssh"
+
+    def run(self, host, argv, *, input=None, timeout=60):
+        self.calls.append((host, argv[0]))
+        return self.answers(host, argv)
+
+    def run_many(self, hosts, argv, *, input=None, timeout=60, fanout=32):
+        return {h: self.run(h, argv, input=input, timeout=timeout) for h in hosts}
+
+
+def test_verify_with_nothing_running_fails_each_check_with_a_reason(tmp_path):
+    """A cluster whose registry is down (a closed port on loopback) and whose manager does not answer ssh."""
+    import socket
+
+    from pibake.cluster import init_cluster
+
+    with socket.socket() as s:  # a free port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tmp_path / "cluster"
+    init_cluster(d, manager="red00", manager_ip="127.0.0.1", network="127.0.0.0/8", name="down")
+    text = (d / "cluster.yaml").read_text()
+    (d / "cluster.yaml").write_text(text.replace("registry_port: 8443", f"registry_port: {port}"))
+    conns = RecordedConnectors(lambda host, argv: Output(host, 255, "", "ssh: connect to host 127.0.0.1 port 22: "
+                                                                          "Connection refused\n"))
+    seen = []
+    report = v.verify(d, connectors=conns, progress=lambda f, m: seen.append((f, m)))
+    checks = {c.name: c for c in report.checks}
+    assert not report.ok and list(checks) == list(v.CHECKS)
+    assert checks["registry"].status == "fail"
+    assert checks["registry"].summary == (f"the registry does not answer: https://127.0.0.1:{port}: connection "
+                                          "refused or host unreachable")
+    assert checks["expected-nodes"].status == "skip"
+    assert checks["sinfo-idle"].status == "fail" and "Connection refused" in checks["sinfo-idle"].summary
+    assert checks["srun"].status == "skip" and checks["munge"].status == "fail"
+    assert checks["munge"].summary.startswith("the manager red00 does not answer: ssh: connect to host")
+    assert checks["clock-skew"].status == "skip" and checks["slurm-conf"].status == "fail"
+    assert all(c.action for c in report.checks if c.status == "fail")
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][1] == "done"
+    assert {h for h, _ in conns.calls} == {"red00"}  # no node known, none contacted
+    data = report.to_json()
+    assert data["ok"] is False and data["nodes"] == [] and data["bench"] is None
+
+
+def test_cli_without_a_cluster_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(tmp_path / "none"), "verify", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("pibake: error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
