@@ -212,3 +212,20 @@ def test_manager_without_registry_is_not_built_yet(lab):
     assert proc.stderr.strip() == (
         f"pibake: error: the registry at https://{lab.manager_ip}:8443/api/v1 does not answer (connection "
         "refused); setting up the manager over ssh is not built yet in this version of pibake")
+
+
+def test_bench_deploy_smoke(tmp_path):
+    """bench/deploy runs (N=1, no sequential loop) and writes its report; the figures are not checked."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    bench = Path(__file__).resolve().parents[2] / "bench" / "deploy"
+    proc = subprocess.run([sys.executable, str(bench), "--sizes", "1", "--no-sequential", "--report-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "deploy.json").read_text())
+    assert [r["n"] for r in data["results"]] == [1]
+    (host,) = data["results"][0]["hosts"]
+    assert host["status"] == "changed" and host["step"] == "idle"
+    assert data["results"][0]["rerun_hosts"][0]["status"] == "unchanged"
+    assert "| 1 |" in (tmp_path / "deploy.md").read_text()
