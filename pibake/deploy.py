@@ -18,7 +18,8 @@ How it works (pyinfra-like: facts first, then only the steps whose facts say som
    ``packages``           ``apt-get install -y --no-install-recommends`` of the missing ones (skipped when
                           none is missing);
    ``files``              the agent (0755), its config (JSON, 0600, in /etc/pibake 0700), the CA
-                          certificate, and, for a node without credential, the join token in its own file
+                          certificate, on a systemd node the timesyncd drop-in (time from the manager,
+                          as the seed writes it), and, for a node without credential, the join token in its own file
                           (0600; the agent deletes it after enrolment, so the config stays byte-identical and
                           a re-run rewrites nothing). Written atomically (temp file + rename) and only when
                           the checksum differs (skipped when all match);
@@ -58,6 +59,7 @@ AGENT_CONFIG = "/etc/pibake/agent.json"
 CA_PATH = "/etc/pibake/ca.crt"
 TOKEN_FILE = "/etc/pibake/join-token"
 CREDENTIAL_FILE = "/etc/pibake/node-credential"
+TIMESYNCD_DROPIN = "/etc/systemd/timesyncd.conf.d/pibake.conf"  # time from the manager, as the seed does
 REMOTE_PYTHON = "/usr/bin/python3"
 AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy manager restarts slurmctld)
 
@@ -83,7 +85,7 @@ exit 0
 
 # Runs on the node (python3, stdlib only): reads {"files": [{path, mode, b64}], "dirs": [[path, mode]]} on
 # stdin, writes each file whose content or mode differs (temp file in the same directory + rename), prints
-# the JSON list of paths it wrote.
+# the JSON list of paths it wrote; a file's "then" command runs after it was written (e.g. a service restart).
 INSTALL_SCRIPT = r"""
 import base64, hashlib, json, os, sys
 spec = json.load(sys.stdin)
@@ -93,6 +95,7 @@ for path, mode in spec["dirs"]:
         os.chmod(path, mode)
 written = []
 for f in spec["files"]:
+    os.makedirs(os.path.dirname(f["path"]), mode=0o755, exist_ok=True)
     data = base64.b64decode(f["b64"])
     try:
         with open(f["path"], "rb") as fh:
@@ -113,6 +116,9 @@ for f in spec["files"]:
         os.close(fd)
     os.replace(tmp, f["path"])
     written.append(f["path"])
+    if f.get("then"):
+        import subprocess
+        subprocess.call(f["then"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(json.dumps(written))
 """
 
@@ -343,6 +349,30 @@ def parse_agent_output(text):
     return result if isinstance(result, dict) else None
 
 
+AFTER_WRITE = {TIMESYNCD_DROPIN: ["systemctl", "try-restart", "systemd-timesyncd"]}
+
+
+def timesyncd_dropin(cluster):
+    """systemd-timesyncd drop-in: time from the manager (the same file a worker's seed writes)."""
+    from pibake.bake.seed import _render  # the seed's template renderer: one template for both paths
+
+    return _render("timesyncd.conf.j2", servers=[cluster.manager_ip], fallback=list(cluster.ntp_servers or ()))
+
+
+def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
+    """{path: (bytes, mode)} of what a node must have (pure): the agent, its config, the CA certificate,
+    and on a systemd node the timesyncd drop-in (time from the manager)."""
+    config = agent_config(cluster, hostname, role)
+    wanted = {
+        AGENT_PATH: (agent_bytes, 0o755),
+        AGENT_CONFIG: ((json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o600),
+        CA_PATH: (ca_bytes, 0o644),
+    }
+    if facts.get("systemd"):
+        wanted[TIMESYNCD_DROPIN] = (timesyncd_dropin(cluster).encode(), 0o644)
+    return wanted
+
+
 def credential_rejected(message):
     """True when the agent's error says the registry no longer accepts the node's stored credential."""
     return "rejected this node's credential" in (message or "")
@@ -482,7 +512,8 @@ class _Pipeline:
             host.started = time.monotonic()
             self._launch(host, "connect", FACTS_SCRIPT.format(
                 m=_MARK, packages=" ".join(ROLE_PACKAGES[host.role]),
-                files=" ".join((AGENT_PATH, AGENT_CONFIG, CA_PATH)), credential=CREDENTIAL_FILE), timeout=60)
+                files=" ".join((AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN)), credential=CREDENTIAL_FILE),
+                timeout=60)
         self.task.resume()
 
     def _done(self, host, timedout):
@@ -565,12 +596,8 @@ class _Pipeline:
                      f"{{ apt-get update -q >/dev/null && {install} >/dev/null; }}", timeout=900)
 
     def _wanted_files(self, host):
-        config = agent_config(self.cluster, host.result.hostname or host.result.host, host.role)
-        return {
-            AGENT_PATH: (self.secrets["agent"], 0o755),
-            AGENT_CONFIG: ((json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o600),
-            CA_PATH: (self.secrets["ca"], 0o644),
-        }
+        return wanted_files(self.cluster, host.result.hostname or host.result.host, host.role, host.facts,
+                            self.secrets["agent"], self.secrets["ca"])
 
     def _files(self, host):
         wanted = self._wanted_files(host)
@@ -580,7 +607,8 @@ class _Pipeline:
         if not ship and not need_token:
             self._to_agent(host)
             return
-        files = [{"path": p, "mode": wanted[p][1], "b64": base64.b64encode(wanted[p][0]).decode()} for p in ship]
+        files = [{"path": p, "mode": wanted[p][1], "b64": base64.b64encode(wanted[p][0]).decode(),
+                  "then": AFTER_WRITE.get(p)} for p in ship]
         if need_token:
             files.append({"path": TOKEN_FILE, "mode": 0o600,
                           "b64": base64.b64encode(self.secrets["token"].encode() + b"\n").decode()})

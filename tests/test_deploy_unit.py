@@ -1,8 +1,12 @@
 """The pure parts of pibake.deploy: host lists, facts parsing, what changes, result folding, the table.
 The ssh side is tested on lab hosts in tests/e2e/test_deploy.py."""
 
+import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -202,3 +206,47 @@ def test_credential_rejected():
                                  "node was probably removed by an admin. Re-enrol it ...")
     assert not d.credential_rejected("enrolment refused by the registry (HTTP 401): join token rejected")
     assert not d.credential_rejected(None)
+
+
+def test_wanted_files_by_init_system():
+    cluster = Cluster(name="c", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    lab = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_FRESH), b"agent", b"ca")
+    assert sorted(lab) == sorted([d.AGENT_PATH, d.AGENT_CONFIG, d.CA_PATH])  # no systemd: no timesyncd
+    assert lab[d.AGENT_PATH] == (b"agent", 0o755) and lab[d.CA_PATH] == (b"ca", 0o644)
+    assert json.loads(lab[d.AGENT_CONFIG][0])["hostname"] == "red01" and lab[d.AGENT_CONFIG][1] == 0o600
+    pi = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_PI), b"agent", b"ca")
+    text, mode = pi[d.TIMESYNCD_DROPIN]
+    assert mode == 0o644 and "NTP=10.1.1.10\n" in text.decode()
+    assert d.AFTER_WRITE[d.TIMESYNCD_DROPIN] == ["systemctl", "try-restart", "systemd-timesyncd"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the installer gives files to root (runs as root on a node)")
+def test_installer_writes_only_what_differs(tmp_path):
+    """The script deploy runs on a node (with Debian's python3 when present), on files under tmp_path."""
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    marker = tmp_path / "restarted"
+    conf = tmp_path / "etc" / "conf.d" / "x.conf"  # parent directory missing: created
+    agent = tmp_path / "lib" / "agent.py"
+    agent.parent.mkdir()
+    agent.write_bytes(b"old")
+    spec = {"dirs": [[str(tmp_path / "private"), 0o700]], "files": [
+        {"path": str(conf), "mode": 0o644, "b64": base64.b64encode(b"[Time]\n").decode(),
+         "then": ["touch", str(marker)]},
+        {"path": str(agent), "mode": 0o755, "b64": base64.b64encode(b"new").decode()}]}
+
+    def install():
+        proc = subprocess.run([python, "-c", d.INSTALL_SCRIPT], input=json.dumps(spec), capture_output=True,
+                              text=True, timeout=30, check=True)
+        return json.loads(proc.stdout)
+
+    assert install() == [str(conf), str(agent)]
+    assert conf.read_bytes() == b"[Time]\n" and agent.read_bytes() == b"new" and marker.exists()
+    assert (conf.stat().st_mode & 0o7777, agent.stat().st_mode & 0o7777) == (0o644, 0o755)
+    assert (tmp_path / "private").stat().st_mode & 0o7777 == 0o700
+    assert sorted(p.name for p in agent.parent.iterdir()) == ["agent.py"]  # no temp file left
+    marker.unlink()
+    inode = agent.stat().st_ino
+    assert install() == []  # same content and mode: nothing written, nothing restarted
+    assert agent.stat().st_ino == inode and not marker.exists()
+    agent.chmod(0o644)
+    assert install() == [str(agent)]  # a wrong mode alone is fixed
