@@ -146,7 +146,10 @@ def validate(kind, body):
         bench = body.get("bench", False)
         if not isinstance(bench, bool):
             raise JobError(400, "bench: must be true or false")
-        return {"bench": bench, "options": _check_options(body.get("options"), VERIFY_OPTIONS, "options")}
+        options = _check_options(body.get("options"), VERIFY_OPTIONS, "options")
+        if "known_hosts" in options:
+            _check_known_hosts(options["known_hosts"], "options.known_hosts")
+        return {"bench": bench, "options": options}
     unknown = sorted(set(body) - {"hosts", "options"})
     if unknown:
         raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: hosts, options")
@@ -172,13 +175,23 @@ def _check_ssh_options(args):
         arg = args[i]
         if arg in ("-i", "-F", "-o", "-l", "-p") and i + 1 < len(args):
             value = args[i + 1]
-            if arg == "-o" and value.split("=", 1)[0].strip().lower() not in SSH_OPTION_KEYS:
+            key = value.split("=", 1)[0].strip().lower()
+            if arg == "-o" and key not in SSH_OPTION_KEYS:
                 raise JobError(400, f"options.ssh_options: -o {value.split('=', 1)[0]} is not allowed through "
                                     f"the REST API; allowed: {', '.join(SSH_OPTION_KEYS)}")
+            if arg == "-o" and key.endswith("knownhostsfile"):
+                _check_known_hosts(value.split("=", 1)[-1].strip(), f"options.ssh_options: -o {key}")
             i += 2
             continue
         raise JobError(400, f"options.ssh_options: {arg!r} is not allowed; use pairs -i FILE, -F FILE, -o KEY=VALUE, "
                             "-l USER, -p PORT")
+
+
+def _check_known_hosts(path, where):
+    """ssh appends new host keys to a known_hosts file: through the API only to a file named like one."""
+    if not os.path.basename(path).endswith("known_hosts"):
+        raise JobError(400, f"{where}: {os.path.basename(path)[:64]!r} is not a known_hosts file (ssh appends "
+                            "host keys to it; its name must end in known_hosts)")
 
 
 def run_verify(cluster_dir, params, progress):

@@ -100,6 +100,10 @@ def test_a_failing_job_says_why(jobs_app, creds):
     ("/api/v1/verify", {"options": {"proxy": "x"}}, "options: unknown option(s) proxy; known: connect_timeout, "
                                                     "identity, known_hosts, user"),
     ("/api/v1/verify", {"options": {"connect_timeout": -1}}, "options.connect_timeout: must be a positive number"),
+    ("/api/v1/verify", {"options": {"known_hosts": "/etc/passwd"}},
+     "options.known_hosts: 'passwd' is not a known_hosts file"),
+    ("/api/v1/deploy", {"hosts": "red01", "options": {"ssh_options": ["-o", "UserKnownHostsFile=/etc/shadow"]}},
+     "options.ssh_options: -o userknownhostsfile: 'shadow' is not a known_hosts file"),
     ("/api/v1/deploy", {}, "hosts: must be a host list like \"red[01-04]\" or a list of names/IPs"),
     ("/api/v1/deploy", {"hosts": "red[01-"}, "hosts: --hosts 'red[01-'"),
     ("/api/v1/deploy", {"hosts": ["red01"], "options": {"ssh_options": ["-o", "ProxyCommand=sh -c x"]}},
