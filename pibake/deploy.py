@@ -27,8 +27,6 @@ How it works (pyinfra-like: facts first, then only the steps whose facts say som
                           enrols (or authenticates with the stored credential), writes the /etc/hosts entry
                           of the manager, the munge key and slurmd's conf server, starts munge and slurmd.
                           It changes nothing on a node that is already right;
-                          Hosts about to enrol start the agent together (at most 30 s apart), so
-                          that their enrolments share the registry's slurmctld restarts;
    ``idle``               the registry's ``GET /nodes`` (admin credential; it asks sinfo on the manager)
                           reports the node ``idle``.
 
@@ -445,7 +443,6 @@ class _Pipeline:
         self.task.set_info("ssh_options", " ".join(shlex.quote(o) for o in ssh_options) or None)
         self.task.set_default("stderr", True)
         self.workers = {}
-        self.gate, self.gate_open, self.gate_timer = [], False, None
         pipeline = self
 
         class Handler(EventHandler):
@@ -463,11 +460,6 @@ class _Pipeline:
                 except Exception as exc:  # noqa: BLE001  a bug must not hang the other hosts
                     LOG.exception("deploy: %s: internal error", host.result.host)
                     pipeline._fail(host, f"internal error: {exc}")
-                pipeline._check_gate()
-
-            def ev_timer(self, timer):
-                LOG.info("deploy: enrolment gate opened after %d s", ENROL_GATE_MAX_S)
-                pipeline._open_gate()
 
         self.handler = Handler()
 
@@ -560,7 +552,7 @@ class _Pipeline:
                 self._fail(host, f"files: unexpected answer from the node: {ssh_error(err, host.rc)}")
                 return
             host.result.changes += [p for p in written if p != TOKEN_FILE]
-            self._to_agent(host)
+            self._agent(host)
         elif step == "agent":
             result = parse_agent_output(out)
             if not isinstance(result, dict):
@@ -605,7 +597,7 @@ class _Pipeline:
         need_token = not host.facts["credential"] and not host.token_sent
         host.token_sent = host.token_sent or need_token
         if not ship and not need_token:
-            self._to_agent(host)
+            self._agent(host)
             return
         files = [{"path": p, "mode": wanted[p][1], "b64": base64.b64encode(wanted[p][0]).decode(),
                   "then": AFTER_WRITE.get(p)} for p in ship]
@@ -615,38 +607,6 @@ class _Pipeline:
         spec = {"dirs": [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]], "files": files}
         self._launch(host, "files", f"{REMOTE_PYTHON} -c {shlex.quote(INSTALL_SCRIPT)}",
                      stdin=json.dumps(spec).encode(), timeout=120)
-
-    # -------------------------------------------------------------- the enrolment gate
-    # Each enrolment makes the registry put a new slurm.conf in force (a slurmctld restart); enrolments
-    # that reach it together share one restart. So hosts that will enrol wait here until every host still
-    # on its way (connect/packages/files) has caught up, or at most ENROL_GATE_MAX_S, then start together.
-    # Hosts that already have their credential do not enrol and go on at once.
-    def _to_agent(self, host):
-        if self.gate_open or (host.facts["credential"] and not host.token_sent):
-            self._agent(host)
-            return
-        self.gate.append(host)
-        if self.gate_timer is None:
-            self.gate_timer = self.task.timer(ENROL_GATE_MAX_S, handler=self.handler, autoclose=True)
-        self._check_gate()
-
-    def _check_gate(self):
-        if self.gate_open:
-            return
-        on_the_way = [h for h in self.hosts if h.result.status == "running" and h not in self.gate
-                      and h.result.step in ("connect", "facts", "packages", "files")]
-        if not on_the_way:
-            self._open_gate()
-
-    def _open_gate(self):
-        if self.gate_open:
-            return
-        self.gate_open = True
-        if self.gate_timer is not None:
-            self.gate_timer.invalidate()
-        gated, self.gate = self.gate, []
-        for host in gated:
-            self._agent(host)
 
     def rerun_agent(self, hosts):
         """Run the agent step again on ``hosts`` (each already through it once) and wait for them."""
