@@ -393,6 +393,9 @@ def _registry_session(cluster_dir):
     import requests  # pylint: disable=import-outside-toplevel
 
     session = requests.Session()
+    # Only the cluster CA, never a proxy: with trust_env (the default) REQUESTS_CA_BUNDLE or
+    # CURL_CA_BUNDLE in the environment silently replace session.verify.
+    session.trust_env = False
     session.verify = str(Path(cluster_dir) / "secrets" / "ca.crt")
     return session
 

@@ -94,6 +94,19 @@ def test_management_commands_act_like_the_running_server(server, creds):
     assert "NodeName=" not in conf.read_text()
 
 
+def test_verify_trusts_the_cluster_ca_whatever_the_environment_says(server, creds, monkeypatch):
+    """REQUESTS_CA_BUNDLE (set on many machines) must not replace the cluster CA in verify's session."""
+    from types import SimpleNamespace
+
+    from pibake.verify import fetch_registry
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    cluster = SimpleNamespace(manager_ip="127.0.0.1", registry_port=server.port)
+    health, nodes, error = fetch_registry(server.cluster_dir, cluster)
+    assert error is None and health["status"] == "ok" and nodes == []
+
+
 def test_another_ca_is_rejected_by_the_client(server, tmp_path):
     other = tmp_path / "other"
     ensure_secrets(other, "other", "localhost", "127.0.0.1")
