@@ -274,6 +274,9 @@ def check_munge(manager, manager_facts, to_nodes, from_nodes, nodes):
         return CheckResult("munge", FAIL, f"munge -n failed on the manager {manager}: "
                            f"{manager_facts.get('munge_error', 'no answer')}", [],
                            f"start munged on {manager} (`systemctl start munge`) and check /etc/munge/munge.key")
+    if not nodes:
+        return CheckResult("munge", SKIP, f"munge works on the manager {manager}, but no node could be reached "
+                           "to check credentials across hosts", [], "see the reachable check")
     problems = []
     for n in nodes:
         ok, msg = to_nodes.get(n, (False, "not tried (node unreachable)"))

@@ -123,6 +123,8 @@ def test_munge_check_both_directions_and_what_to_do():
     dead = v.check_munge("mgr", mf, {"w1": (True, "Success")}, {}, ["w1"])
     assert dead.details == ["w1: cannot make a credential there (munged not running?)"]
     assert v.check_munge("mgr", {"munge_error": "munge: Error: x"}, {}, {}, ["w1"]).status == "fail"
+    # no node reached: the cross-host check did not happen, so it must not read as passed
+    assert v.check_munge("mgr", mf, {}, {}, []).status == "skip"
 
 
 def test_conf_check_compares_hashes():
