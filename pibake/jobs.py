@@ -201,15 +201,16 @@ def run_verify(cluster_dir, params, progress):
 
 
 def run_deploy(cluster_dir, params, progress):
-    from pibake.deploy import deploy  # pylint: disable=import-outside-toplevel
+    from pibake.deploy import deploy, parse_hosts  # pylint: disable=import-outside-toplevel
 
     hosts = params["hosts"]
+    total = len(parse_hosts(hosts))  # patterns such as red[01-32] count as the hosts they name
     done = set()
 
     def host_progress(result):
         if result.get("status") in ("changed", "unchanged", "failed"):
             done.add(result.get("host"))
-        progress(len(done) / max(len(hosts), 1), f"{result.get('host')}: {result.get('step')} "
+        progress(len(done) / max(total, 1), f"{result.get('host')}: {result.get('step')} "
                                                  f"({result.get('status')})")
     options = dict(params["options"])
     if "ssh_options" in options:
