@@ -9,14 +9,19 @@ to start with "no nodes configured").
 
 How slurmctld is (re)started, ``mode``:
 
-* ``auto``: ``systemd`` when systemd is PID 1 (``/run/systemd/system`` exists), else ``service`` when
-  ``/etc/init.d/slurmctld`` exists, else ``direct``;
+* ``auto``: ``systemd`` when systemd is PID 1 (``/run/systemd/system`` exists), else ``direct``
+  (Debian's init script sleeps 1+2+3+4 s waiting for the old daemon, ~10 s a restart; direct takes ~1 s);
 * ``systemd``: ``systemctl restart slurmctld``;
-* ``service``: ``service slurmctld restart`` (init.d; needs /run/lock);
-* ``direct``: stop the pid in SlurmctldPidFile (SIGTERM, wait), start ``slurmctld -f <conf>`` (it daemonizes);
+* ``service``: ``service slurmctld restart`` (init.d; needs /run/lock), only when asked for by name;
+* ``direct``: SIGTERM the pid in SlurmctldPidFile, poll /proc until it is gone (a zombie counts as gone),
+  start ``slurmctld -f <conf>`` (it daemonizes), poll ``scontrol ping`` until it answers;
 * ``none``: only write the file (tests, or a manager whose Slurm is managed by hand).
 
 Applies are serialized: a thread lock plus an flock on ``<conf>.lock`` (gunicorn runs several processes).
+Coalescing: the text is generated under the lock, so every change made before an apply starts is in it;
+when the node set is about to change (a restart), the applier first waits ``coalesce_window`` seconds
+(default 0.3) under the lock so that a burst of enrolments shares one restart. ``counters`` counts what
+this process did (``restarted``, ``reconfigured``, ...).
 """
 
 import contextlib
@@ -80,12 +85,14 @@ _THREAD_LOCK = threading.Lock()
 class SlurmApplier:
     """Writes slurm.conf at ``conf_path`` and makes slurmctld take it (see module docstring)."""
 
-    def __init__(self, conf_path=DEFAULT_CONF, mode="auto", *, timeout=60):
+    def __init__(self, conf_path=DEFAULT_CONF, mode="auto", *, timeout=60, coalesce_window=0.3):
         if mode not in MODES:
             raise PibakeError(f"unknown slurm apply mode {mode!r}; choose one of {', '.join(MODES)}")
         self.conf_path = Path(conf_path)
         self.mode = mode
         self.timeout = timeout
+        self.coalesce_window = float(coalesce_window)
+        self.counters = {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -100,8 +107,6 @@ class SlurmApplier:
             return self.mode
         if Path("/run/systemd/system").is_dir() and which("systemctl"):
             return "systemd"
-        if Path("/etc/init.d/slurmctld").exists() and which("service") and self.conf_path == Path(DEFAULT_CONF):
-            return "service"
         return "direct"
 
     @contextlib.contextmanager
@@ -136,13 +141,29 @@ class SlurmApplier:
         """
         with self.locked():
             if callable(text):  # generated under the lock, so concurrent callers coalesce
-                text = text()
+                make, text = text, text()
                 if text is None:
+                    self._count("coalesced")
                     return {"action": "coalesced", "conf": str(self.conf_path)}
+                if self.coalesce_window > 0 and self.mode != "none" and self._needs_restart(text):
+                    # a restart is coming: let the rest of a burst of enrolments join it
+                    time.sleep(self.coalesce_window)
+                    text = make()
+                    if text is None:  # cannot happen for one caller's change, kept for safety
+                        self._count("coalesced")
+                        return {"action": "coalesced", "conf": str(self.conf_path)}
             result = self._apply_locked(text)
+            self._count(result["action"])
             if on_applied:
                 on_applied()
             return result
+
+    def _count(self, action):
+        self.counters[action] = self.counters.get(action, 0) + 1
+
+    def _needs_restart(self, text):
+        old = self.current_text()
+        return bool(nodes_section(text)) and (old is None or nodes_section(old) != nodes_section(text))
 
     def _apply_locked(self, text):
         old = self.current_text()
@@ -187,10 +208,9 @@ class SlurmApplier:
         pid_file = conf_settings(self.current_text()).get("SlurmctldPidFile", "/run/slurmctld.pid")
         try:
             pid = int(Path(pid_file).read_text().strip())
-            os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        return pid if pid > 0 and pid_alive(pid) else None
 
     def _prepare_dirs(self, text):
         """StateSaveLocation and log dirs must exist and belong to SlurmUser (Debian does not create them)."""
@@ -239,14 +259,15 @@ class SlurmApplier:
         pid = self._pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not pid_alive(pid):
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise ApplyError(f"slurmctld (pid {pid}) did not stop within {self.timeout} s")
 
     def _wait_up(self):
@@ -254,7 +275,7 @@ class SlurmApplier:
         while time.monotonic() < deadline:
             if self.slurmctld_up():
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
         log = conf_settings(self.current_text()).get("SlurmctldLogFile", "its log")
         raise ApplyError(f"slurmctld did not come up within {self.timeout} s with the new slurm.conf; see {log}")
 
@@ -263,6 +284,18 @@ class SlurmApplier:
             run(["scontrol", "reconfigure"], timeout=self.timeout, env=self.env)
         except CommandError as exc:
             raise ApplyError(f"scontrol reconfigure failed: {exc}") from None
+
+
+def pid_alive(pid):
+    """True while /proc/<pid> exists and is not a zombie (an exited daemon nobody has reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    state = stat.rsplit(")", 1)[-1].split()[:1]
+    return state not in (["Z"], ["X"])
 
 
 def slurm_states(conf_path=DEFAULT_CONF, *, timeout=5):

@@ -141,3 +141,42 @@ def test_enrolled_node_becomes_idle_when_its_slurmd_starts(slurm_app, creds):
     job = subprocess.run(["srun", "-N1", "-w", "red01", "echo", "ran"], capture_output=True, text=True,
                          env=box.env, timeout=60)
     assert job.returncode == 0 and job.stdout.strip() == "ran", job.stderr
+
+
+def test_concurrent_enrolments_share_few_restarts(cluster_dir, slurm_sandbox):
+    """A burst of enrolments (as `pibake deploy` onto many hosts makes) shares few slurmctld restarts, and each
+    enrolment returns only once slurmctld knows that node."""
+    import threading
+
+    box = slurm_sandbox
+    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+                   apply_timeout=30)
+    reg.enrol(enrolment("red01", 1, kind="vm"))  # slurmctld starts with the first node
+    assert reg.applier.counters.get("restarted") == 1
+    first_pid = box.slurmctld_pid()
+    assert first_pid
+
+    names = [f"red{i:02d}" for i in range(2, 14)]
+    barrier = threading.Barrier(len(names))
+    known, errors = {}, []
+
+    def enrol(i, name):
+        try:
+            barrier.wait(timeout=30)
+            reg.enrol(enrolment(name, i, kind="vm"))
+            out = box.scontrol("show", "node", name)  # right when the answer came back
+            known[name] = out.returncode == 0 and f"NodeName={name} " in out.stdout
+        except Exception as exc:  # reported below with the node's name
+            errors.append(f"{name}: {exc!r}")
+
+    threads = [threading.Thread(target=enrol, args=(i, name)) for i, name in enumerate(names, start=2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert known == {name: True for name in names}, box.log()[-2000:]
+    restarts = reg.applier.counters.get("restarted", 0) - 1
+    assert 1 <= restarts <= len(names) // 4, reg.applier.counters  # 12 enrolments, at most 3 restarts
+    assert box.slurmctld_pid() != first_pid
+    assert box.scontrol("show", "node", "red01").returncode == 0
