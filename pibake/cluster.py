@@ -746,6 +746,10 @@ def _apply_defaults(data, manager, network, home, result, key_sources):
             key_sources.append(str(key_file))
         data["ssh_keys"] = list(dict.fromkeys(found))
         result["ssh_keys_default"] = True
+        if not found:
+            result["warnings"].append(
+                "no ssh public key found (~/.ssh/*.pub): nodes will boot and enrol, but nobody can log in "
+                "over ssh (password login is off); add one with --ssh-key FILE --force or in cluster.yaml")
     data.setdefault("timezone", host_timezone())
     data.setdefault("locale", DEFAULT_LOCALE)
     data.setdefault("image", DEFAULT_IMAGE)

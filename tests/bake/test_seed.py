@@ -385,3 +385,17 @@ def test_install_without_wheel_fails_clearly(tmp_path):
                           text=True, timeout=30, env=dict(os.environ, PIBAKE_VENV=str(tmp_path / "venv")))
     assert proc.returncode == 1 and "no wheel matches" in proc.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_no_ssh_keys_renders_a_valid_seed_with_a_warning():
+    """A cluster without ssh keys still boots and enrols; lint says nobody can log in, it does not refuse."""
+    import yaml
+
+    from pibake.bake.lint import lint_seed
+
+    seed = render(cluster=cluster_for(ssh_keys=()))
+    user = yaml.safe_load(seed.user_data)["users"][0]
+    assert "ssh_authorized_keys" not in user and user["lock_passwd"] is True
+    report = lint_seed(seed, hostname="red01")
+    assert report.ok, [str(e) for e in report.errors]
+    assert any("nobody can log in" in str(w) for w in report.warnings)
