@@ -10,11 +10,9 @@ Plans are remembered in ``<cluster>/plan.yaml`` (``record_plan`` / ``recorded_pl
 hostname keeps its IP across burns: re-planning ``red01`` with another address is an error.
 """
 
-import fcntl
 import ipaddress
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -23,6 +21,7 @@ from ClusterShell.RangeSet import RangeSetException
 
 from pibake.cluster import read_yaml, valid_hostname
 from pibake.errors import PlanError
+from pibake.locks import file_lock
 from pibake.model import ROLES, PlannedNode
 
 LOG = logging.getLogger(__name__)
@@ -318,16 +317,8 @@ def resolve_plan(cluster, *, hostnames=None, ips=None, role=None, inventory=None
 # --------------------------------------------------------------------------- plan.yaml
 
 
-@contextmanager
 def _plan_lock(cluster_dir):
-    lock_path = Path(cluster_dir) / ".plan.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return file_lock(Path(cluster_dir) / ".plan.lock", mode=0o644)
 
 
 def recorded_plan(cluster_dir):

@@ -8,7 +8,6 @@ Only a hash of each node credential is stored.
 """
 
 import contextlib
-import fcntl
 import os
 import threading
 import datetime as dt
@@ -19,6 +18,8 @@ import logging
 import secrets
 import sqlite3
 from pathlib import Path
+
+from pibake.locks import file_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -110,14 +111,8 @@ class Store:
     def _write_lock(self):
         """Writers queue on a thread lock and an flock instead of SQLite's busy handler, whose sleeps
         (up to 100 ms a try) make the slowest enrolments under load wait for seconds."""
-        with self._thread_lock:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        with file_lock(self.lock_path, thread_lock=self._thread_lock):
+            yield
 
     @contextlib.contextmanager
     def connect(self, immediate=False):
