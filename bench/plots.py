@@ -1,0 +1,134 @@
+"""PNG figures for the bench/ reports, drawn from the reports' JSON (matplotlib, Agg backend).
+
+Used by bench/burn, bench/deploy and bench/lab_rootfs.py at the end of a run and by their ``--replot``
+option (figures and page again from docs/report/<name>.json, without measuring anything).
+Every function returns the file names it wrote into ``out_dir`` ([] when matplotlib is missing).
+"""
+
+import sys
+from pathlib import Path
+
+MIB = 1024 * 1024
+BLUE, ORANGE, GREY, RED = "#4a7ab5", "#e08a2c", "#9a9a9a", "#c0392b"
+
+
+def _plt():
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        print("bench: matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    return plt
+
+
+def _save(plt, fig, out_dir, name, names):
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / name)
+    plt.close(fig)
+    names.append(name)
+
+
+def burn_plots(report, out_dir):
+    """burn-time.png: median seconds per tool, min-max whiskers, every run as a dot;
+    burn-bytes.png: bytes written vs skipped (pibake measured; dd writes every byte by design)."""
+    plt = _plt()
+    if plt is None:
+        return []
+    names = []
+    tools = list(report["seconds"])
+    med = [report["median_seconds"][t] for t in tools]
+    lo = [m - min(report["seconds"][t]) for t, m in zip(tools, med)]
+    hi = [max(report["seconds"][t]) - m for t, m in zip(tools, med)]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    ax.bar(range(len(tools)), med, yerr=[lo, hi], capsize=6, color=BLUE, alpha=0.8, label="median (min-max)")
+    for i, t in enumerate(tools):
+        ax.scatter([i] * len(report["seconds"][t]), report["seconds"][t], color="black", s=10, zorder=3,
+                   label="each run" if i == 0 else None)
+    ax.set_xticks(range(len(tools)), tools)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{report['image']['size'] // MIB} MiB image to a fresh file, {report['reps']} runs per tool")
+    ax.legend(fontsize=8)
+    _save(plt, fig, out_dir, "burn-time.png", names)
+
+    p = report["pibake"]
+    labels = ["pibake (sparse + verify)", "dd bs=4M conv=fsync"]
+    written = [p["bytes_written"] / MIB, p["bytes_total"] / MIB]
+    skipped = [p["bytes_skipped"] / MIB, 0]
+    fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
+    ax.barh(labels, written, color=BLUE, label="written")
+    ax.barh(labels, skipped, left=written, color=GREY, label="skipped (unused blocks)")
+    for y, (w, s) in enumerate(zip(written, skipped)):
+        ax.text(w / 2, y, f"{w:.0f} MiB", va="center", ha="center", color="white", fontsize=9)
+        if s:
+            ax.text(w + s / 2, y, f"{s:.0f} MiB", va="center", ha="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB")
+    ax.set_title("bytes written to the target")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
+    _save(plt, fig, out_dir, "burn-bytes.png", names)
+    return names
+
+
+def deploy_plots(data, out_dir):
+    """deploy-tn.png: T(N) of one parallel deploy and of the sequential loop over N (log-log),
+    with the goal line 1.5 x T(1)."""
+    plt = _plt()
+    rows = data["results"]
+    if plt is None or not rows:
+        return []
+    names = []
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(ns, [r["t_s"] for r in rows], "o-", color=BLUE, label="T(N): one parallel deploy")
+    ax.plot(ns, [r["rerun_s"] for r in rows], "s:", color=GREY, label="re-run (nothing to change)")
+    seq = data.get("sequential")
+    if seq and seq.get("cumulative_s"):
+        cum = seq["cumulative_s"]
+        ax.plot(range(1, len(cum) + 1), cum, "-", color=ORANGE, label="T_seq(N): one host after another")
+    goal = data.get("goal") or {}
+    if rows[0]["n"] == 1:
+        limit = goal.get("limit", 1.5)
+        ax.axhline(limit * rows[0]["t_s"], color=RED, ls="--", label=f"goal: {limit} x T(1)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N hosts")
+    ax.set_ylabel("seconds until all idle (log)")
+    ax.set_title("pibake deploy onto N lab hosts")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(plt, fig, out_dir, "deploy-tn.png", names)
+    return names
+
+
+LAB_COLORS = {"create": GREY, "mount": ORANGE, "cloud-init": BLUE, "to idle": "#5aa469"}
+
+
+def lab_plots(data, out_dir):
+    """lab-timeline.png: per host of the median rep, its phases (create, mount, cloud-init, to idle) as
+    bars on one time axis (seconds since lab up started; ``phases`` = [[name, start_s, end_s], ...])."""
+    plt = _plt()
+    if plt is None or not data.get("runs"):
+        return []
+    names = []
+    rep = data.get("median_rep", 0)
+    run = data["runs"][rep]
+    hosts = list(run["phases"])
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(hosts) + 1.8), dpi=100)
+    seen = set()
+    for y, host in enumerate(hosts):
+        for name, start, end in run["phases"][host]:
+            ax.barh(y, end - start, left=start, color=LAB_COLORS.get(name, RED),
+                    label=None if name in seen else name)
+            seen.add(name)
+    ax.set_yticks(range(len(hosts)), hosts)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since lab up started")
+    ax.set_title(f"pibake lab up, rep {rep + 1} of {len(data['runs'])} (the median one): "
+                 f"all idle at {run['total_s']:.1f} s")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
+    ax.grid(True, axis="x", alpha=0.3)
+    _save(plt, fig, out_dir, "lab-timeline.png", names)
+    return names
