@@ -3,13 +3,18 @@
     python3 bench/lab_rootfs.py            # cold build into a temporary cache (downloads ~70 MB)
     python3 bench/lab_rootfs.py --warm     # use the machine's cache (/var/cache/pibake/lab)
     python3 bench/lab_rootfs.py --lab-up   # `lab up` from the cached rootfs to all workers idle (x --reps)
+    python3 bench/lab_rootfs.py --replot   # lab-timeline.png + lab.md again from docs/report/lab.json (no run)
 
-Prints one JSON object. Needs root, debootstrap and namespaces; reaches only the Debian mirror
+Prints one JSON object; --lab-up also writes <report-dir>/lab.md, lab.json and lab-timeline.png.
+Needs root, debootstrap and namespaces; reaches only the Debian mirror
 (for the build) and nothing else: the booted host has its own empty network namespace.
 """
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from plots import lab_plots  # noqa: E402
 
 from pibake.lab.boot import boot_host  # noqa: E402
 from pibake.lab.rootfs import ensure_rootfs, make_host_root, remove_host_root, rootfs_stamp  # noqa: E402
@@ -37,9 +46,25 @@ def main():
                         help="time pibake lab up (manager + --workers) from the cached rootfs to all idle")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--report-dir", type=Path, default=REPO / "docs/report",
+                        help="where --lab-up writes lab.md, lab.json and lab-timeline.png")
+    parser.add_argument("--replot", action="store_true",
+                        help="no run: draw the figure and write lab.md again from <report-dir>/lab.json")
     args = parser.parse_args()
+    if args.replot:
+        source = args.report_dir / "lab.json"
+        if not source.exists():
+            sys.exit(f"bench/lab_rootfs.py: {source} does not exist: run it with --lab-up first")
+        write_lab_report(json.loads(source.read_text()), args.report_dir)
+        return
     if args.lab_up:
-        print(json.dumps(bench_lab_up(args.workers, args.reps), indent=2))
+        load_at_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        data = bench_lab_up(args.workers, args.reps)
+        data["command"] = " ".join(["python3 bench/lab_rootfs.py"] + sys.argv[1:])
+        data["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        data["machine"] = machine() | {"loadavg_at_start": load_at_start}
+        write_lab_report(data, args.report_dir)
+        print(json.dumps(data, indent=2))
         return
     work = Path(tempfile.mkdtemp(prefix="pibake-bench-lab-"))
     report = {}
@@ -106,16 +131,111 @@ def bench_lab_up(workers, reps):
             finally:
                 lab_down(prefix=prefix)
             runs.append({"total_s": report["timings"]["total_s"], "timings": report["timings"],
-                         "hosts": {h["name"]: h["timings"] for h in report["hosts"]}})
+                         "hosts": {h["name"]: h["timings"] for h in report["hosts"]},
+                         "phases": {h["name"]: phases(report["timings"], h["timings"]) for h in report["hosts"]}})
     finally:
         lab_down(prefix=prefix)
         shutil.rmtree(work, ignore_errors=True)
+    totals = [r["total_s"] for r in runs]
     return {
         "command": f"python3 bench/lab_rootfs.py --lab-up --workers {workers} --reps {reps}",
         "workers": workers, "burn_s": burn_s,
-        "median_total_to_all_idle_s": statistics.median(r["total_s"] for r in runs),
+        "median_total_to_all_idle_s": statistics.median(totals),
+        "median_rep": sorted(range(len(runs)), key=lambda i: totals[i])[len(runs) // 2],
         "runs": runs,
     }
+
+
+def phases(lab, host):
+    """[[phase, start_s, end_s]] of one host, seconds since lab up started, from lab up's timings.
+
+    create (namespaces, veth) and mount (the host root) run in a pool that starts after the rootfs
+    lookup (``rootfs_s``); cloud-init runs from ``boot_start_s`` for ``cloud_init_s``; a worker is
+    "to idle" from the end of its boot (sshd started) until sinfo shows it idle (``idle_s``)."""
+    out = []
+    t = lab.get("rootfs_s", 0.0)
+    for name, key in (("create", "host_s"), ("mount", "root_s")):
+        if key in host:
+            out.append([name, round(t, 2), round(t + host[key], 2)])
+            t += host[key]
+    if "boot_start_s" in host and "cloud_init_s" in host:
+        out.append(["cloud-init", host["boot_start_s"], round(host["boot_start_s"] + host["cloud_init_s"], 2)])
+    if "boot_done_s" in host and "idle_s" in host:
+        out.append(["to idle", host["boot_done_s"], host["idle_s"]])
+    return out
+
+
+def machine():
+    mem = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(int(mem) / 1024 / 1024, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_at_end": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+
+
+def write_lab_report(data, directory):
+    """lab.json, lab-timeline.png and lab.md (the same path for a run and for --replot)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "lab.json").write_text(json.dumps(data, indent=2) + "\n")
+    pngs = lab_plots(data, directory)
+    m = data["machine"]
+    rows = []
+    for i, run in enumerate(data["runs"]):
+        t = run["timings"]
+        rows.append(f"| {i + 1} | {t.get('rootfs_s', 0):.2f} | {t.get('hosts_s', 0):.2f} | {t.get('validate_s', 0):.2f}"
+                    f" | {t.get('registry_s', '-')} | {t.get('booted_s', 0):.2f} | {run['total_s']:.2f} |")
+    rep = data["median_rep"]
+    run = data["runs"][rep]
+    host_rows = []
+    for host, ph in run["phases"].items():
+        cells = {name: f"{end - start:.2f}" for name, start, end in ph}
+        host_rows.append(f"| {host} | " + " | ".join(cells.get(n, "-") for n in ("create", "mount", "cloud-init",
+                                                                                  "to idle"))
+                         + f" | {run['hosts'][host].get('idle_s', '-')} |")
+    figures = "\n\n".join(f"![{name[:-4]}]({name})" for name in pngs) or "(no figure: matplotlib is missing)"
+    text = f"""# Lab boot-to-idle benchmark
+
+Generated by `bench/lab_rootfs.py --lab-up` (do not edit by hand; run it again). Raw numbers:
+[lab.json](lab.json).
+
+Command: `{data['command']}` (as root), run on {data['date']}.
+
+What is timed: `pibake lab up` of a manager and {data['workers']} worker(s) from images burnt once before
+(`burn_lab_images`, {data['burn_s']:.1f} s, not counted) and the cached lab rootfs, until every worker is
+idle in sinfo; then `lab down`. {len(data['runs'])} repetitions; median total
+**{data['median_total_to_all_idle_s']:.1f} s**. No goal is set for this figure.
+
+| rep | rootfs lookup s | hosts (create + mount) s | seed validation s | registry answers at s | all booted at s | all idle at s |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Per host, rep {rep + 1} (the median one), phase durations in seconds:
+
+| host | create | mount | cloud-init | to idle | idle at s |
+|---|---|---|---|---|---|
+{chr(10).join(host_rows)}
+
+{figures}
+
+The timeline is drawn from lab up's own timings (`bench/lab_rootfs.py --replot`): create (network
+namespace, veth, UTS/mount/PID namespaces) and mount (the host's root over the shared rootfs) run in a pool
+of up to 8 threads that starts after the rootfs lookup, so their start is that of the pool; cloud-init is
+the host's first boot (`pibake.lab.boot.boot_host`: cloud-init's stages inside the host); "to idle" is
+from the end of the boot (sshd started) until sinfo on the manager shows the worker idle (enrolment,
+slurm.conf, slurmctld restart, slurmd start).
+The gaps: before the first boot every host's seed is validated (the "seed validation" column); the
+manager boots first and the workers when its registry answers, as a person powering on Pis would.
+Real Pis boot far slower (firmware, kernel, SD card): this is the lab's floor, not a Pi's.
+
+## Machine
+
+- CPU: {m['cpu']}, {m['nproc']} cores; memory {m['memory_gib']} GiB; load average {m['loadavg_at_start']} at the
+  start, {m['loadavg_at_end']} at the end
+- kernel {m['kernel']}, Python {m['python']}
+"""
+    (directory / "lab.md").write_text(text)
 
 
 if __name__ == "__main__":
