@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pibake
 from pibake.bake import bootpart, devices, images, manifest
-from pibake.errors import PibakeError, PlanError, SeedError
+from pibake.errors import PibakeError, PlanError
 from pibake.run import run
 
 LOG = logging.getLogger(__name__)
@@ -269,23 +269,9 @@ def _image_family(cluster, image_name):
 
 def render_checked_seeds(cluster, cluster_dir, nodes, family):
     """{hostname: Seed}, every seed linted; SeedError naming each failing host, nothing written."""
-    from pibake.bake.lint import lint_seed
-    from pibake.bake.seed import render_seed
-    from pibake.secrets import manager_bundle, seed_secrets
+    from pibake.bake.seed import render_checked
 
-    secrets = seed_secrets(cluster_dir)
-    bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
-    seeds, failures = {}, []
-    for node in nodes:
-        seed = render_seed(cluster, node, secrets, manager_bundle=bundle if node.role == "manager" else None)
-        report = lint_seed(seed, hostname=node.hostname, family=family)
-        if report.errors:
-            more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
-            failures.append(f"{node.hostname}: {report.errors[0]}{more}")
-        seeds[node.hostname] = seed
-    if failures:
-        raise SeedError("seed lint failed, nothing written: " + "; ".join(failures))
-    return seeds
+    return {node.hostname: seed for node, seed, _ in render_checked(cluster, cluster_dir, nodes, family=family)}
 
 
 def prepare(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, image=None, wheel=None):
@@ -655,7 +641,6 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
 
     if bool(device) == bool(image_file):
         raise BurnError("say what to reseed: --device /dev/sdX or --image FILE.img (one of them)")
-    path = device or image_file
     cluster = load_cluster(cluster_dir)
     nodes = resolve_plan(cluster, hostnames=hostname, ips=ip, role=role)
     if len(nodes) != 1:

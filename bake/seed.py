@@ -522,6 +522,32 @@ def _write_atomic(path, text, mode=0o600):
         raise
 
 
+def render_checked(cluster, cluster_dir, nodes, *, family, instance_ids=None):
+    """Render and lint the seed of every node in ``nodes`` with the cluster's secrets.
+
+    Returns [(node, seed, LintReport)]. Raises SeedError naming each failing host when any seed has lint
+    errors: callers write nothing unless every seed passed. Used by ``render_seeds`` and by burn/reseed.
+    """
+    from pibake.bake.lint import lint_seed
+    from pibake.secrets import manager_bundle, seed_secrets
+
+    secrets = seed_secrets(cluster_dir)
+    bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
+    rendered, failures = [], []
+    for i, node in enumerate(nodes):
+        iid = instance_ids[i] if instance_ids else None
+        seed = render_seed(cluster, node, secrets, instance_id=iid,
+                           manager_bundle=bundle if node.role == "manager" else None)
+        report = lint_seed(seed, hostname=node.hostname, family=family)
+        if report.errors:
+            more = len(report.errors) - 1
+            failures.append(f"{node.hostname}: {report.errors[0]}" + (f" (and {more} more)" if more else ""))
+        rendered.append((node, seed, report))
+    if failures:
+        raise SeedError("seed lint failed, nothing written: " + "; ".join(failures))
+    return rendered
+
+
 def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, inventory=None,
                  instance_ids=None, record=True):
     """Plan, render and lint the seeds of one or more nodes, then write them to ``out_dir/<hostname>/``.
@@ -534,10 +560,8 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
     atomically. Returns a JSON-able list, one dict per node: hostname, ip, role, instance_id, paths,
     warnings. Nothing secret is in it.
     """
-    from pibake.bake.lint import lint_seed
     from pibake.cluster import load_cluster
     from pibake.plan import record_plan, resolve_plan
-    from pibake.secrets import manager_bundle, seed_secrets
 
     cluster = load_cluster(cluster_dir)
     if inventory is None and not hostnames and not ips:
@@ -545,22 +569,7 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
     nodes = resolve_plan(cluster, hostnames=hostnames, ips=ips, role=role, inventory=inventory)
     if instance_ids is not None and len(instance_ids) != len(nodes):
         raise SeedError(f"{len(instance_ids)} instance ids given for {len(nodes)} nodes")
-    secrets = seed_secrets(cluster_dir)
-    bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
-
-    rendered = []
-    failures = []
-    for i, node in enumerate(nodes):
-        iid = instance_ids[i] if instance_ids else None
-        seed = render_seed(cluster, node, secrets, instance_id=iid,
-                           manager_bundle=bundle if node.role == "manager" else None)
-        report = lint_seed(seed, hostname=node.hostname, family=cluster.family)
-        if report.errors:
-            more = len(report.errors) - 1
-            failures.append(f"{node.hostname}: {report.errors[0]}" + (f" (and {more} more)" if more else ""))
-        rendered.append((node, seed, report))
-    if failures:
-        raise SeedError("seed lint failed, nothing written: " + "; ".join(failures))
+    rendered = render_checked(cluster, cluster_dir, nodes, family=cluster.family, instance_ids=instance_ids)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
