@@ -25,7 +25,6 @@ this process did (``restarted``, ``reconfigured``, ...).
 """
 
 import contextlib
-import fcntl
 import logging
 import os
 import pwd
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 from pibake.errors import CommandError, PibakeError
+from pibake.locks import file_lock
 from pibake.registry.slurmconf import nodes_section
 from pibake.run import run, which
 
@@ -114,14 +114,8 @@ class SlurmApplier:
         """Serialize applies across threads and processes."""
         lock_path = self.conf_path.with_name(self.conf_path.name + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with _THREAD_LOCK:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        with file_lock(lock_path, thread_lock=_THREAD_LOCK):
+            yield
 
     def current_text(self):
         try:
