@@ -443,43 +443,12 @@ def fat_used_ranges(reader, offset, length):
     return "vfat", normalise(ranges)
 
 
-def _fat32_runs(fat, last):
-    """Runs (first, end) of cluster numbers >= 2 whose FAT32 entry (low 28 bits) is non-zero."""
-    words = array.array("I")
-    words.frombytes(fat[: last * 4])
-    if sys.byteorder != "little":
-        words.byteswap()
-    runs, run_start, page = [], None, 4096
-    zero_page = bytes(page)
-    for base in range(0, last * 4, page):
-        chunk = fat[base: min(base + page, last * 4)]
-        first_n = base // 4
-        if chunk == zero_page[: len(chunk)]:  # 1024 free clusters at once
-            if run_start is not None:
-                runs.append((run_start, first_n))
-                run_start = None
-            continue
-        for n in range(max(first_n, 2), first_n + len(chunk) // 4):
-            if words[n] & 0x0FFFFFFF:
-                if run_start is None:
-                    run_start = n
-            elif run_start is not None:
-                runs.append((run_start, n))
-                run_start = None
-    if run_start is not None:
-        runs.append((run_start, last))
-    return runs
-
-
-def _fat12_16_runs(fat, last, kind):
+def _runs(entries, last):
+    """Runs (first, end) of the cluster numbers that ``entries`` ((n, used) in increasing n) marks used;
+    a run still open at the end closes at ``last``."""
     runs, run_start = [], None
-    for n in range(2, last):
-        if kind == 16:
-            entry = fat[2 * n] | fat[2 * n + 1] << 8
-        else:
-            pair = fat[n * 3 // 2] | fat[n * 3 // 2 + 1] << 8
-            entry = pair >> 4 if n & 1 else pair & 0xFFF
-        if entry:
+    for n, used in entries:
+        if used:
             if run_start is None:
                 run_start = n
         elif run_start is not None:
@@ -488,6 +457,41 @@ def _fat12_16_runs(fat, last, kind):
     if run_start is not None:
         runs.append((run_start, last))
     return runs
+
+
+def _fat32_runs(fat, last):
+    """Runs (first, end) of cluster numbers >= 2 whose FAT32 entry (low 28 bits) is non-zero."""
+    words = array.array("I")
+    words.frombytes(fat[: last * 4])
+    if sys.byteorder != "little":
+        words.byteswap()
+    page = 4096
+    zero_page = bytes(page)
+
+    def entries():
+        for base in range(0, last * 4, page):
+            chunk = fat[base: min(base + page, last * 4)]
+            first_n = base // 4
+            if chunk == zero_page[: len(chunk)]:  # 1024 free clusters at once
+                yield first_n, False
+                continue
+            for n in range(max(first_n, 2), first_n + len(chunk) // 4):
+                yield n, words[n] & 0x0FFFFFFF
+
+    return _runs(entries(), last)
+
+
+def _fat12_16_runs(fat, last, kind):
+    def entries():
+        for n in range(2, last):
+            if kind == 16:
+                entry = fat[2 * n] | fat[2 * n + 1] << 8
+            else:
+                pair = fat[n * 3 // 2] | fat[n * 3 // 2 + 1] << 8
+                entry = pair >> 4 if n & 1 else pair & 0xFFF
+            yield n, entry
+
+    return _runs(entries(), last)
 
 
 def filesystem_map(reader, partition):
