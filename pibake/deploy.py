@@ -7,8 +7,10 @@
 How it works (pyinfra-like: facts first, then only the steps whose facts say something is missing):
 
 1. The manager: its registry must answer ``GET /health`` at the manager's IP (TLS, checked with the
-   cluster CA). Bootstrapping a manager over ssh is not built: deploy refuses (``NotBuiltError``, exit 2)
-   and says to start ``pibake registry serve`` there first (a burned manager card does that at boot).
+   cluster CA). When it does, the manager is left alone (its row, if it is among ``hosts``, says
+   ``unchanged``). When it does not, deploy sets the manager up over ssh first (role ``manager``, see
+   "The manager" below); the workers start only once its registry answers and its agent is done. A manager
+   that cannot be reached or set up fails with the reason, and every worker row says "manager not ready".
 2. Per host, over ssh (ClusterShell ``Task`` on OpenSSH, so ~/.ssh/config, agents and ProxyJump work;
    ``BatchMode=yes``, ``ConnectTimeout``; at most ``parallel`` ssh sessions at once; each host moves on
    to its next step as soon as its previous one is done):
@@ -30,6 +32,29 @@ How it works (pyinfra-like: facts first, then only the steps whose facts say som
    ``idle``               the registry's ``GET /nodes`` (admin credential; it asks sinfo on the manager)
                           reports the node ``idle``.
 
+The manager (over ssh, when its registry does not answer): the SAME steps a burned manager card runs at
+first boot, taken from the SAME data: deploy renders the manager's user-data (``pibake.bake.seed
+.render_checked``, cluster.yaml + the cluster bundle ``pibake.secrets.manager_bundle``) and takes its
+``packages``, ``bootcmd``, ``write_files`` and ``runcmd`` (``manager_plan``), skipping only the runcmd step
+that scrubs the seed file from the boot partition (there is none) and pointing ``pibake-install`` at the
+wheel deploy ships (``pibake.bake.burn.manager_wheel``, ``--wheel``) instead of the boot partition's:
+
+   ``connect``/``facts``  as for a worker, with the manager's packages and files, and whether /opt/pibake has
+                          pibake installed;
+   ``packages``           the seed's packages that are missing (``apt-get``, as above);
+   ``files``              the seed's ``bootcmd`` (the 0700 cluster directory), then its ``write_files`` (agent,
+                          config, CA, helper scripts, systemd units, chrony drop-in, the registry's cluster
+                          bundle with its secrets 0400) plus the wheel, over stdin, only those that differ;
+   ``install``            the seed's runcmd up to the registry: /etc/hosts entry, chrony, sshd, and
+                          ``pibake-install`` of the wheel into /opt/pibake (skipped when the wheel is unchanged
+                          and /opt/pibake has pibake);
+   ``registry``           the seed's ``pibake-start pibake-registry.service -- ...`` (a systemd unit, or a
+                          detached process without systemd), then deploy waits for ``/health``;
+   ``agent``              the agent, as on a worker (enrols the manager, installs the munge key, starts munge;
+                          slurmctld is run by the registry once workers enrol); with systemd, the seed's
+                          ``pibake-start pibake-agent.service`` then enables it for later boots;
+   ``ready``              the manager is done.
+
 A host's ``status`` is ``changed`` when any step changed something on it, ``unchanged`` when nothing was
 needed, ``failed`` otherwise; ``step`` is the last step reached (the failing one, or ``idle``). ``error``
 is one line: ssh's own message for a host that cannot be reached ("Connection refused", "Connection
@@ -45,11 +70,12 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 
-from pibake.errors import ConfigError, NotBuiltError, PibakeError, PlanError
+from pibake.errors import ConfigError, PibakeError, PlanError
 
 LOG = logging.getLogger(__name__)
 
 STEPS = ("connect", "facts", "packages", "files", "agent", "idle")
+MANAGER_STEPS = ("connect", "facts", "packages", "files", "install", "registry", "agent", "ready")
 ROLE_PACKAGES = {"worker": ("slurmd", "munge", "python3-requests", "python3-psutil")}
 
 AGENT_PATH = "/usr/local/lib/pibake/agent.py"
@@ -60,6 +86,11 @@ CREDENTIAL_FILE = "/etc/pibake/node-credential"
 TIMESYNCD_DROPIN = "/etc/systemd/timesyncd.conf.d/pibake.conf"  # time from the manager, as the seed does
 REMOTE_PYTHON = "/usr/bin/python3"
 AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy manager restarts slurmctld)
+
+VENV_PIBAKE = "/opt/pibake/bin/pibake"  # what the manager seed's pibake-install puts there
+MANAGER_WHEEL_DIR = "/var/lib/pibake/wheel"  # where deploy ships the wheel (a burned card has it on /boot/firmware)
+MANAGER_REGISTRY_TIMEOUT = 90  # seconds from starting the manager's registry until /health must answer
+REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # as cloud-init's runcmd has
 
 DEFAULT_PARALLEL = 32
 DEFAULT_CONNECT_TIMEOUT = 10
@@ -77,6 +108,7 @@ echo '{m}uid'; id -u
 echo '{m}packages'; dpkg-query -W -f='${{Package}} ${{db:Status-Status}}\\n' {packages} 2>/dev/null
 echo '{m}sha256'; sha256sum {files} 2>/dev/null
 echo '{m}credential'; test -s {credential} && echo present
+echo '{m}venv'; test -x {venv} && echo present
 echo '{m}end'
 exit 0
 """
@@ -130,11 +162,12 @@ class DeployError(PibakeError):
 
 @dataclass
 class HostResult:
-    """What happened on one host."""
+    """What happened on one host (the manager too: role "manager", last step "ready")."""
 
     host: str  # as given in --hosts (name or IP): what ssh connects to
     hostname: str | None = None  # the machine's hostname (what it enrolled as)
-    step: str = "connect"  # the last step reached: one of STEPS
+    role: str = "worker"  # worker, or manager (set up first when its registry does not answer)
+    step: str = "connect"  # the last step reached: one of STEPS (MANAGER_STEPS for the manager)
     status: str = "pending"  # changed | unchanged | failed (pending/running while deploy runs)
     duration_s: float = 0.0
     changes: list = field(default_factory=list)  # what was changed, e.g. "installed slurmd", "/etc/hosts"
@@ -303,20 +336,156 @@ def parse_facts(text):
         "packages": packages,
         "sha256": sha,
         "credential": first("credential") == "present",
+        "venv": first("venv") == "present",
     }
 
 
-def missing_packages(role, installed):
-    """The role's packages that ``installed`` ({name: dpkg status}) does not list as installed."""
-    return [p for p in ROLE_PACKAGES[role] if installed.get(p) != "installed"]
+def missing_packages(role, installed, packages=None):
+    """The role's packages (or ``packages``) that ``installed`` ({name: dpkg status}) does not list as
+    installed."""
+    return [p for p in (ROLE_PACKAGES[role] if packages is None else packages) if installed.get(p) != "installed"]
 
 
-def files_to_ship(wanted, remote_sha256):
+def files_to_ship(wanted, remote_sha256, equivalent=None):
     """Paths of ``wanted`` ({path: (bytes, mode)}) whose sha256 differs from the node's (pure).
 
+    ``equivalent``: {path: set of other sha256 hex digests that count as right}, e.g. the manager's agent
+    config as the agent rewrites it once it has enrolled (without the join token).
     A mode change alone is not visible in the facts' checksums: the installer on the node checks modes too
     whenever it runs; a file with the right content is left alone."""
-    return [p for p, (data, _mode) in wanted.items() if remote_sha256.get(p) != hashlib.sha256(data).hexdigest()]
+    equivalent = equivalent or {}
+    out = []
+    for path, (data, _mode) in wanted.items():
+        remote = remote_sha256.get(path)
+        if remote != hashlib.sha256(data).hexdigest() and remote not in equivalent.get(path, ()):
+            out.append(path)
+    return out
+
+
+# --------------------------------------------------------------------------- the manager's steps
+
+
+@dataclass
+class ManagerPlan:
+    """What deploy does on a manager whose registry does not answer: the manager seed's own steps (pure data).
+
+    ``packages``: the seed's package list; ``bootcmd``: argv lists run before the files (the 0700 cluster
+    directory); ``files``: {path: (bytes, mode)} from the seed's write_files plus the wheel; ``setup``: the
+    runcmd entries (argv lists, or shell strings) before the registry's start (hosts entry, chrony, sshd, pibake-install); ``install``: the
+    pibake-install line among them; ``registry``/``agent``: the runcmd lines that start the registry and the
+    agent; ``wheel``: where the wheel goes on the manager."""
+
+    packages: list
+    bootcmd: list
+    files: dict
+    setup: list
+    install: list
+    registry: list
+    agent: list
+    wheel: str
+
+
+def _seed_file_bytes(entry):
+    if entry.get("encoding") in ("b64", "base64"):
+        return base64.b64decode(entry["content"])
+    if entry.get("encoding") not in (None, "text/plain"):
+        raise ValueError(f"write_files {entry['path']}: encoding {entry['encoding']} is not handled")
+    return str(entry.get("content", "")).encode("utf-8")
+
+
+def manager_plan(user_data, wheel_name, wheel_bytes):
+    """The manager's ManagerPlan from its rendered user-data (``#cloud-config`` text) and the wheel (pure).
+
+    Every step comes from the seed: its ``packages``, ``bootcmd``, ``write_files`` and ``runcmd``. Left out:
+    the runcmd line that scrubs the seed file on the boot partition (deploy puts no seed there). Changed:
+    ``pibake-install`` gets the wheel deploy ships (``MANAGER_WHEEL_DIR/<wheel_name>``) instead of the boot
+    partition's glob. Raises ValueError when the seed does not have the shape this relies on."""
+    import yaml
+
+    from pibake.bake.seed import SCRIPTS, WHEEL_GLOB
+
+    config = yaml.safe_load(user_data)
+    if not isinstance(config, dict):
+        raise ValueError("the manager's user-data is not a cloud-config mapping")
+    wheel = f"{MANAGER_WHEEL_DIR}/{wheel_name}"
+    files = {}
+    for entry in config.get("write_files") or ():
+        if entry.get("owner", "root:root") != "root:root":
+            raise ValueError(f"write_files {entry['path']}: owner {entry['owner']} is not handled")
+        files[entry["path"]] = (_seed_file_bytes(entry), int(str(entry.get("permissions", "0644")), 8))
+    files[wheel] = (wheel_bytes, 0o644)
+    start, scrub, install_script = SCRIPTS["start"][0], SCRIPTS["scrub"][0], SCRIPTS["install_pibake"][0]
+    setup, install, registry, agent = [], None, None, None
+    for line in config.get("runcmd") or ():
+        entry = line if isinstance(line, str) else [str(a) for a in line]  # a string runs as a shell line
+        argv = shlex.split(entry) if isinstance(entry, str) else entry
+        if not argv or argv[0] == scrub:
+            continue
+        if argv[0] == start and argv[1:2] == ["pibake-registry.service"]:
+            registry = entry
+        elif argv[0] == start and argv[1:2] == ["pibake-agent.service"]:
+            agent = entry
+        elif registry is not None:
+            raise ValueError(f"runcmd: {argv[0]} after the registry's start is not handled")
+        else:
+            if argv[0] == install_script and not isinstance(entry, str):
+                entry = [wheel if a == WHEEL_GLOB else a for a in entry]
+                install = entry
+            setup.append(entry)
+    if install is None or registry is None or agent is None:
+        raise ValueError("the manager's runcmd lacks pibake-install, the registry's start or the agent's start")
+    bootcmd = [c if isinstance(c, str) else [str(a) for a in c] for c in config.get("bootcmd") or ()]
+    return ManagerPlan(packages=[str(p) for p in config.get("packages") or ()], bootcmd=bootcmd, files=files,
+                       setup=setup, install=install, registry=registry, agent=agent, wheel=wheel)
+
+
+def shell_line(entry):
+    """One runcmd/bootcmd entry as a shell command: a list is quoted word by word, a string is run by the
+    shell as written (as cloud-init does)."""
+    return entry if isinstance(entry, str) else shlex.join(entry)
+
+
+def manager_config_equivalents(files):
+    """{AGENT_CONFIG: {sha256}}: the manager's agent config as the agent leaves it after enrolling (the
+    join_token key removed, rewritten with sorted keys), which counts as right (pure)."""
+    from pibake.firstboot.agent import config_without_token
+
+    if AGENT_CONFIG not in files:
+        return {}
+    try:
+        config = json.loads(files[AGENT_CONFIG][0])
+    except ValueError:
+        return {}
+    scrubbed = json.dumps(config_without_token(config), indent=2, sort_keys=True) + "\n"
+    return {AGENT_CONFIG: {hashlib.sha256(scrubbed.encode()).hexdigest()}}
+
+
+def setup_script(plan, *, reinstall):
+    """The shell text of the ``install`` step: the seed's runcmd lines before the registry, stopping at the
+    first failure; the pibake-install line only when ``reinstall`` (pure)."""
+    lines = ["set -e", f"export PATH={REMOTE_PATH}"]
+    for argv in plan.setup:
+        if argv == plan.install and not reinstall:
+            continue
+        lines.append(shell_line(argv) + " >/dev/null")
+    return "\n".join(lines) + "\n"
+
+
+def agent_script(agent_line):
+    """The manager's ``agent`` step from the seed's ``pibake-start pibake-agent.service -- COMMAND`` line: COMMAND
+    in the foreground with --json (as deploy runs the agent on a worker), then, when systemd is PID 1, the
+    seed's line itself, so that the unit runs on every boot (pure)."""
+    if isinstance(agent_line, str) or "--" not in agent_line:
+        raise ValueError("the seed's agent line must be a list: pibake-start UNIT -- COMMAND...")
+    command = agent_line[agent_line.index("--") + 1:] + ["--json"]
+    return (f"export PATH={REMOTE_PATH}\n{shlex.join(command)}\nrc=$?\n"
+            f"if [ $rc -eq 0 ] && [ -d /run/systemd/system ]; then {shell_line(agent_line)} >/dev/null 2>&1; fi\n"
+            "exit $rc\n")
+
+
+def manager_not_ready(manager_result):
+    """The one-line error of a worker that was not started because the manager failed (pure)."""
+    return f"manager not ready: {manager_result.host} failed at {manager_result.step}"
 
 
 def agent_changes(result):
@@ -411,17 +580,31 @@ def final_status(result):
 
 
 class _Host:
-    def __init__(self, target, role="worker"):
-        self.result = HostResult(host=target)
+    def __init__(self, target, role="worker", plan=None):
+        self.result = HostResult(host=target, role=role)
         self.role = role
+        self.plan = plan  # ManagerPlan for the manager
         self.started = None
         self.step_started = None
         self.token_sent = False
         self.agent_runs = 1
         self.facts = None
+        self.written = []
+        self.installed = False  # the manager went through install + registry in this run
+        self.force_ship = set()
         self.out = []
         self.err = []
         self.rc = None
+
+    @property
+    def packages(self):
+        return self.plan.packages if self.plan else ROLE_PACKAGES[self.role]
+
+    @property
+    def fact_files(self):
+        if self.plan:
+            return tuple(self.plan.files)
+        return (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN)
 
 
 class _Pipeline:
@@ -499,13 +682,15 @@ class _Pipeline:
         self._note(host, status="failed")
 
     # -------------------------------------------------------------- steps
-    def run(self):
-        for host in self.hosts:
+    def run(self, hosts=None):
+        """Take ``hosts`` (default: all) through their steps; returns when none has an ssh session left
+        (workers wait in ``idle``, the manager in ``registry`` or ``ready``)."""
+        for host in self.hosts if hosts is None else hosts:
             host.started = time.monotonic()
             self._launch(host, "connect", FACTS_SCRIPT.format(
-                m=_MARK, packages=" ".join(ROLE_PACKAGES[host.role]),
-                files=" ".join((AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN)), credential=CREDENTIAL_FILE),
-                timeout=60)
+                m=_MARK, packages=" ".join(shlex.quote(p) for p in host.packages),
+                files=" ".join(shlex.quote(f) for f in host.fact_files), credential=CREDENTIAL_FILE,
+                venv=VENV_PIBAKE), timeout=60)
         self.task.resume()
 
     def _done(self, host, timedout):
@@ -539,7 +724,7 @@ class _Pipeline:
             if host.rc != 0:
                 self._fail(host, f"packages: apt-get exited with {host.rc}: {ssh_error(err, host.rc)}")
                 return
-            missing = missing_packages(host.role, host.facts["packages"])
+            missing = missing_packages(host.role, host.facts["packages"], host.packages)
             host.result.changes += [f"installed {p}" for p in missing]
             self._files(host)
         elif step == "files":
@@ -551,8 +736,21 @@ class _Pipeline:
             except (ValueError, IndexError):
                 self._fail(host, f"files: unexpected answer from the node: {ssh_error(err, host.rc)}")
                 return
-            host.result.changes += [p for p in written if p != TOKEN_FILE]
-            self._agent(host)
+            host.written = written
+            host.result.changes += [p for p in written if p != TOKEN_FILE and p not in host.result.changes]
+            self._after_files(host)
+        elif step == "install":
+            if host.rc != 0:
+                self._fail(host, f"install: {ssh_error(err, host.rc)}")
+                return
+            host.installed = True
+            self._registry(host)
+        elif step == "registry":
+            if host.rc != 0:
+                self._fail(host, f"registry: {ssh_error(err, host.rc)}")
+                return
+            host.result.changes.append("pibake-registry started")
+            host.step_started = time.monotonic()  # deploy() now waits for /health (timed as "registry")
         elif step == "agent":
             result = parse_agent_output(out)
             if not isinstance(result, dict):
@@ -567,17 +765,23 @@ class _Pipeline:
                     LOG.info("deploy: %s: stored credential rejected; re-enrolling with the join token",
                              host.result.host)
                     host.facts["credential"] = False
+                    if host.plan:  # the manager's token is in its seed's agent config: send that again
+                        host.token_sent = True
+                        host.force_ship.add(AGENT_CONFIG)
                     self._files(host)
                     return
                 self._fail(host, f"agent: {message}")
                 return
             host.result.changes += agent_changes(result)
+            if host.role == "manager":
+                self._note(host, step="ready", status=final_status(host.result))
+                return
             host.result.step = "idle"
             host.step_started = time.monotonic()
             self._note(host, step="idle", status="running")
 
     def _packages(self, host):
-        missing = missing_packages(host.role, host.facts["packages"])
+        missing = missing_packages(host.role, host.facts["packages"], host.packages)
         if not missing:
             self._files(host)
             return
@@ -588,16 +792,23 @@ class _Pipeline:
                      f"{{ apt-get update -q >/dev/null && {install} >/dev/null; }}", timeout=900)
 
     def _wanted_files(self, host):
+        if host.plan:
+            return host.plan.files
         return wanted_files(self.cluster, host.result.hostname or host.result.host, host.role, host.facts,
                             self.secrets["agent"], self.secrets["ca"])
 
     def _files(self, host):
         wanted = self._wanted_files(host)
-        ship = files_to_ship(wanted, host.facts["sha256"])
-        need_token = not host.facts["credential"] and not host.token_sent
+        manager = host.plan is not None
+        ship = files_to_ship(wanted, host.facts["sha256"], manager_config_equivalents(wanted) if manager else None)
+        ship += sorted(p for p in host.force_ship if p in wanted and p not in ship)
+        host.force_ship = set()
+        # a manager's join token is in its seed's agent config (as on a burned card); a worker's has its own file
+        need_token = not manager and not host.facts["credential"] and not host.token_sent
         host.token_sent = host.token_sent or need_token
         if not ship and not need_token:
-            self._agent(host)
+            host.written = []
+            self._after_files(host)
             return
         files = [{"path": p, "mode": wanted[p][1], "b64": base64.b64encode(wanted[p][0]).decode(),
                   "then": AFTER_WRITE.get(p)} for p in ship]
@@ -605,8 +816,33 @@ class _Pipeline:
             files.append({"path": TOKEN_FILE, "mode": 0o600,
                           "b64": base64.b64encode(self.secrets["token"].encode() + b"\n").decode()})
         spec = {"dirs": [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]], "files": files}
-        self._launch(host, "files", f"{REMOTE_PYTHON} -c {shlex.quote(INSTALL_SCRIPT)}",
-                     stdin=json.dumps(spec).encode(), timeout=120)
+        command = f"{REMOTE_PYTHON} -c {shlex.quote(INSTALL_SCRIPT)}"
+        if manager:  # the seed's bootcmd first: the registry's cluster directory exists 0700 before its secrets
+            command = " && ".join([f"export PATH={REMOTE_PATH}"] + [shell_line(c) for c in host.plan.bootcmd]
+                                  + [command])
+        # secrets (join token, the manager's cluster bundle) travel on stdin, never on a command line
+        self._launch(host, "files", command, stdin=json.dumps(spec).encode(), timeout=300)
+
+    def _after_files(self, host):
+        if host.plan and not host.installed:
+            self._install(host)
+        else:
+            self._agent(host)
+
+    def _install(self, host):
+        reinstall = host.plan.wheel in host.written or not host.facts.get("venv")
+        if reinstall:
+            host.result.changes.append(f"pibake installed into {VENV_PIBAKE.rsplit('/bin/', 1)[0]}")
+        self._launch(host, "install", setup_script(host.plan, reinstall=reinstall), timeout=900)
+
+    def _registry(self, host):
+        self._launch(host, "registry", f"export PATH={REMOTE_PATH}; {shell_line(host.plan.registry)} >/dev/null",
+                     timeout=120)
+
+    def manager_agent(self, host):
+        """The manager's agent step (after deploy() saw its registry answer); returns when it is done."""
+        self._agent(host)
+        self.task.resume()
 
     def rerun_agent(self, hosts):
         """Run the agent step again on ``hosts`` (each already through it once) and wait for them."""
@@ -616,6 +852,9 @@ class _Pipeline:
         self.task.resume()
 
     def _agent(self, host):
+        if host.plan:
+            self._launch(host, "agent", agent_script(host.plan.agent), timeout=AGENT_DEADLINE_S + 60)
+            return
         self._launch(host, "agent", f"{REMOTE_PYTHON} {AGENT_PATH} --config {AGENT_CONFIG} --json",
                      timeout=AGENT_DEADLINE_S + 60)
 
@@ -676,16 +915,21 @@ def _now_iso():
 
 def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARALLEL,
            connect_timeout=DEFAULT_CONNECT_TIMEOUT, ssh_options=(), idle_timeout=DEFAULT_IDLE_TIMEOUT,
-           progress=None):
-    """Make ``hosts`` (names or IPs, NodeSet syntax, or a list) Slurm workers of the cluster in ``cluster_dir``.
+           wheel=None, progress=None):
+    """Make ``hosts`` (names or IPs, NodeSet syntax, or a list) Slurm workers of the cluster in ``cluster_dir``;
+    set up the manager over ssh first when its registry does not answer.
 
-    ``manager``: the cluster's manager (name or IP; default cluster.yaml's); its registry must be running.
+    ``manager``: how to reach the cluster's manager over ssh (its name or IP in cluster.yaml; default: the
+    entry of ``hosts`` that is the manager, else cluster.yaml's manager name). ``hosts`` may contain the
+    manager: its row then says what was done there (``unchanged`` when its registry answers).
     ``user``: ssh login (default: ssh's own choice, e.g. from ~/.ssh/config); a non-root user needs
     passwordless sudo. ``parallel``: at most this many ssh sessions at once. ``connect_timeout``: seconds
     (ssh's ConnectTimeout). ``ssh_options``: extra ssh arguments, e.g. ("-F", "lab_ssh_config").
+    ``wheel``: the pibake wheel the manager installs (default: built from this checkout,
+    ``pibake.bake.burn.manager_wheel``; only needed when the manager is set up).
     ``progress``: called with a host's result dict (``HostResult.to_dict()``) whenever its step or status
     changes. Returns a ``DeployReport``; raises PibakeError only when nothing could be tried (bad host list,
-    no cluster, expired join token) and NotBuiltError when the manager's registry is not running.
+    no cluster, expired join token, no wheel for a manager that needs one).
     """
     from pibake.bake.seed import agent_source
     from pibake.cluster import load_cluster
@@ -698,9 +942,6 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
         raise ConfigError(f"--manager {manager}: this cluster's manager is {cluster.manager} "
                           f"({cluster.manager_ip}) in cluster.yaml; its registry certificate and join token "
                           "belong to it")
-    on_manager = [t for t in targets if t in (cluster.manager, cluster.manager_ip)]
-    if on_manager:
-        raise NotBuiltError(f"deploying the manager ({on_manager[0]}) over ssh")
     try:
         parallel = int(parallel)
         connect_timeout = int(connect_timeout)
@@ -708,34 +949,100 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
         raise DeployError("--parallel and --connect-timeout take whole numbers") from None
     if parallel < 1 or connect_timeout < 1:
         raise DeployError("--parallel and --connect-timeout must be at least 1")
+    manager_target = manager_ssh_target(cluster, targets, manager)
+    in_hosts = manager_target in targets
 
-    registry = RegistryClient(cluster, cluster_dir)
-    why = registry.health()
-    if why:
-        raise NotBuiltError(
-            f"the registry at {registry.base} does not answer ({why}); setting up the manager over ssh") from None
     sec = seed_secrets(cluster_dir)
     secrets = {"agent": agent_source().encode(), "ca": sec.ca_cert_pem.encode(), "token": sec.join_token}
+    registry = RegistryClient(cluster, cluster_dir)
+    t_health = time.monotonic()
+    why = registry.health()
+    plan = None if why is None else manager_plan_for(cluster, cluster_dir, wheel)
 
-    host_runs = [_Host(t) for t in targets]
+    mgr = _Host(manager_target, role="manager", plan=plan)
+    mgr.result.hostname = cluster.manager
+    workers = [_Host(t) for t in targets if t != manager_target]
+    host_runs = [mgr if t == manager_target else next(w for w in workers if w.result.host == t) for t in targets]
+    if not in_hosts and plan is not None:
+        host_runs.insert(0, mgr)  # deploy sets the manager up: it gets its row, first
     LOG.info("deploy: %d host(s), up to %d ssh sessions at once, registry %s", len(targets), parallel,
              registry.base)
     pipeline = _Pipeline(cluster, host_runs, secrets=secrets, user=user, parallel=parallel,
                          connect_timeout=connect_timeout, ssh_options=tuple(ssh_options), progress=progress)
-    pipeline.run()
-    # A node whose slurmd did not stay up (e.g. it started while slurmctld restarted for other nodes) is
-    # not idle after a short while: run its agent once more (it starts what is not running), then wait.
-    idle_end = time.monotonic() + idle_timeout
-    _wait_idle(registry, host_runs, min(idle_timeout, AGENT_RETRY_AFTER_S), progress, final=False)
-    stragglers = [h for h in host_runs if h.result.status == "running" and h.result.step == "idle"]
-    if stragglers:
-        LOG.info("deploy: %s not idle after %d s; running the agent there again",
-                 ", ".join(h.result.host for h in stragglers), AGENT_RETRY_AFTER_S)
-        pipeline.rerun_agent(stragglers)
-    _wait_idle(registry, host_runs, max(0.0, idle_end - time.monotonic()), progress, budget=idle_timeout)
+    if plan is None:  # the registry answers: the manager is left alone
+        mgr.started = t_health
+        mgr.result.timings["registry"] = time.monotonic() - t_health
+        if in_hosts:
+            pipeline._note(mgr, step="ready", status="unchanged")  # pylint: disable=protected-access
+    else:
+        LOG.info("deploy: the registry at %s does not answer (%s); setting up the manager %s over ssh",
+                 registry.base, why, manager_target)
+        _setup_manager(pipeline, mgr, registry)
+    if mgr.result.status == "failed":
+        for w in workers:
+            w.started = w.started or time.monotonic()
+            w.result.error = manager_not_ready(mgr.result)
+            pipeline._note(w, status="failed")  # pylint: disable=protected-access
+    elif workers:
+        pipeline.run(workers)
+        # A node whose slurmd did not stay up (e.g. it started while slurmctld restarted for other nodes) is
+        # not idle after a short while: run its agent once more (it starts what is not running), then wait.
+        idle_end = time.monotonic() + idle_timeout
+        _wait_idle(registry, workers, min(idle_timeout, AGENT_RETRY_AFTER_S), progress, final=False)
+        stragglers = [h for h in workers if h.result.status == "running" and h.result.step == "idle"]
+        if stragglers:
+            LOG.info("deploy: %s not idle after %d s; running the agent there again",
+                     ", ".join(h.result.host for h in stragglers), AGENT_RETRY_AFTER_S)
+            pipeline.rerun_agent(stragglers)
+        _wait_idle(registry, workers, max(0.0, idle_end - time.monotonic()), progress, budget=idle_timeout)
     return DeployReport(hosts=[h.result for h in host_runs], manager=cluster.manager,
                         registry=registry.base.rsplit("/api/v1", 1)[0], parallel=parallel,
                         started_at=started_wall, duration_s=time.monotonic() - t0)
+
+
+def manager_ssh_target(cluster, targets, manager=None):
+    """How deploy reaches the manager over ssh (pure): the entry of ``targets`` that names it (cluster.yaml's
+    name or IP), else ``manager`` (--manager), else cluster.yaml's manager name."""
+    for t in targets:
+        if t in (cluster.manager, cluster.manager_ip):
+            return t
+    return manager or cluster.manager
+
+
+def manager_plan_for(cluster, cluster_dir, wheel=None):
+    """The ManagerPlan of this cluster's manager: its seed rendered and linted exactly as `pibake burn` does
+    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or one built from this checkout)."""
+    from pibake.bake.burn import manager_wheel
+    from pibake.bake.seed import render_checked
+    from pibake.model import PlannedNode
+
+    node = PlannedNode(hostname=cluster.manager, ip=cluster.manager_ip, role="manager")
+    ((_node, seed, _report),) = render_checked(cluster, cluster_dir, [node], family=cluster.family)
+    path = manager_wheel(wheel)
+    try:
+        return manager_plan(seed.user_data, path.name, path.read_bytes())
+    except (ValueError, KeyError) as exc:  # a seed template this version of deploy cannot follow: a bug
+        raise DeployError(f"cannot take the manager's steps from its seed: {exc}") from None
+
+
+def _setup_manager(pipeline, mgr, registry):
+    """The manager's steps up to the registry's start, the wait for /health, then its agent."""
+    pipeline.run([mgr])
+    if mgr.result.status == "failed":
+        return
+    end = time.monotonic() + MANAGER_REGISTRY_TIMEOUT
+    why = registry.health()
+    while why is not None and time.monotonic() < end:
+        time.sleep(0.5)
+        why = registry.health()
+    mgr.result.timings["registry"] = mgr.result.timings.get("registry", 0.0) + time.monotonic() - mgr.step_started
+    if why is not None:
+        pipeline._fail(mgr, f"registry: no answer from {registry.base}/health after "  # pylint: disable=protected-access
+                            f"{MANAGER_REGISTRY_TIMEOUT} s ({why}); see /var/log/pibake/pibake-registry.log on "
+                            "the manager (journalctl -u pibake-registry with systemd)")
+        return
+    LOG.info("deploy: the manager's registry answers; running its agent")
+    pipeline.manager_agent(mgr)
 
 
 def _wait_idle(registry, host_runs, timeout, progress, final=True, budget=None):

@@ -13,7 +13,9 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT
 @click.option("--hosts", "hosts", required=True, metavar="HOSTLIST",
               help="Hosts to deploy onto, by name or IP, e.g. 'red[01-04]' or '10.1.1.[11-14]'.")
 @click.option("--manager", default=None, metavar="NAME|IP",
-              help="The cluster's manager (default: cluster.yaml's); its registry must be running.")
+              help="How to reach the cluster's manager over ssh, by its name or IP in cluster.yaml (default: "
+                   "the manager's entry in --hosts, else cluster.yaml's name). It is set up first when its "
+                   "registry does not answer.")
 @click.option("--user", default=None, help="ssh login user (default: ssh's, e.g. from ~/.ssh/config); "
                                            "a non-root user needs passwordless sudo.")
 @click.option("--parallel", default=DEFAULT_PARALLEL, show_default=True, type=click.IntRange(min=1),
@@ -25,15 +27,22 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT
 @click.option("--ssh-option", "ssh_options", multiple=True, metavar="ARG",
               help="Extra ssh argument (repeatable), e.g. --ssh-option=-F --ssh-option=lab_ssh_config "
                    "or --ssh-option=-oProxyJump=bastion.")
+@click.option("--wheel", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The pibake-*.whl a manager being set up installs (default: built from this checkout; "
+                   "needed when pibake itself was installed from a wheel).")
 @json_option
 @pass_state
-def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_timeout, ssh_options, as_json):
+def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_timeout, ssh_options, wheel,
+               as_json):
     """Make running machines Slurm workers over ssh, in parallel, with a result per host.
 
     \b
-    Per host: connect, facts, packages (only missing ones), files (only changed ones), agent (enrols,
+    First the manager: left alone when its registry answers, else set up over ssh with the steps of a
+    burned manager card (packages, files, pibake from the wheel, registry, agent).
+    Per worker: connect, facts, packages (only missing ones), files (only changed ones), agent (enrols,
     configures munge + slurmd), idle (sinfo on the manager, through the registry). Re-running changes
-    nothing on hosts that are already right. Exit 0 when every host is idle, 1 when any failed.
+    nothing on hosts that are already right. Exit 0 when every host is idle (and the manager ready),
+    1 when any failed.
     """
     from pibake.deploy import deploy, format_table
 
@@ -45,7 +54,7 @@ def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_time
 
     report = deploy(state.cluster_path, hosts, manager=manager, user=user, parallel=parallel,
                     connect_timeout=connect_timeout, ssh_options=ssh_options, idle_timeout=idle_timeout,
-                    progress=progress)
+                    wheel=wheel, progress=progress)
     if state.verbosity >= 0 or not report.ok:
         click.echo(format_table(report.hosts), err=True, nl=False)
     if as_json:

@@ -13,6 +13,14 @@ to deploy as ``ssh_options=("-F", path)``.
     lab.add_ssh_worker("w1", 11)              # sshd only
     report = deploy(lab.cluster_dir, "w1", ssh_options=lab.ssh_options)
     lab.destroy()
+
+With ``manager_sshd=True`` the manager runs nothing but sshd either (no munge, no registry): `pibake deploy`
+sets it up. Besides /usr/local/lib/pibake, per-host directories are then bind-mounted over /opt/pibake (the
+venv pibake-install makes), /var/lib/pibake (the registry's cluster directory and the wheel),
+/etc/systemd/system and /etc/chrony/conf.d (the seed's units and chrony drop-in) inside the manager's own
+mount namespace, so nothing deploy installs there lands on this machine (only the empty mount points are
+created). Its Python libraries are this machine's Debian packages (python3-flask, gunicorn, ...: the manager
+seed's package list, installed by scripts/setup), as on a manager Pi: the lab has no internet.
 """
 
 import os
@@ -25,6 +33,8 @@ from tests.e2e.conftest import LabCluster, wait_for
 
 FAMILY = "pd"
 LIB_DIR = "/usr/local/lib/pibake"
+WORKER_PRIVATE_DIRS = (LIB_DIR,)
+MANAGER_PRIVATE_DIRS = (LIB_DIR, "/opt/pibake", "/var/lib/pibake")
 SSHD_DROPIN = """\
 # pibake deploy lab: this host's sshd
 ListenAddress {ip}
@@ -61,6 +71,8 @@ class DeployLab(LabCluster):
             self.registry_log = self.tmp / "registry.log"
             self.mgr = self.add_host(manager, 10)
             self._client_files()
+            self._names[manager] = self.manager_ip  # ssh reaches the manager by name too (never by DNS)
+            self._write_ssh_config()
         except BaseException:
             self.destroy()
             raise
@@ -102,11 +114,50 @@ class DeployLab(LabCluster):
     def add_ssh_worker(self, name, last):
         """A host running only sshd (root login with the test key), reachable as ``name`` or its IP."""
         host = self.add_host(name, last)
-        lib = host.root / LIB_DIR.lstrip("/")
-        lib.mkdir(parents=True, exist_ok=True)
-        if not os.path.isdir(LIB_DIR):
-            os.makedirs(LIB_DIR, mode=0o755)  # the mount point only (empty), as LabHost does for /etc/pibake
-        host.run(["mount", "--bind", str(lib), LIB_DIR])
+        self.make_ssh_host(host, WORKER_PRIVATE_DIRS)
+        return host
+
+    def make_manager_sshd(self):
+        """The manager as a host running only sshd, with its own /opt/pibake, /var/lib/pibake, ... and /etc."""
+        self.private_etc(self.mgr)
+        self.make_ssh_host(self.mgr, MANAGER_PRIVATE_DIRS)
+        self.registry_log = self.private_path(self.mgr, "/var/log/pibake/pibake-registry.log")
+
+    @staticmethod
+    def private_etc(host):
+        """An overlay over /etc inside ``host`` (lower: this machine's /etc, upper: a per-host directory), with
+        the host's own /etc/slurm, /etc/ssh, ... bound on top again. What the manager's seed writes to /etc
+        (systemd units, chrony drop-in, /etc/hosts through a temp file + rename, which a bind-mounted file
+        refuses with EBUSY) stays in the host; /etc/hosts becomes a plain file of the overlay."""
+        from pibake.lab.hosts import HOST_DIRS, HOST_FILES
+
+        upper, work = host.root / "etc-overlay" / "upper", host.root / "etc-overlay" / "work"
+        upper.mkdir(parents=True)
+        work.mkdir()
+        hosts_text = host.path("/etc/hosts").read_text()
+        host.run(["mount", "-t", "overlay", "pibake-lab-etc", "-o",
+                  f"lowerdir=/etc,upperdir={upper},workdir={work}", "/etc"])
+        for path in HOST_DIRS + HOST_FILES:  # as LabHost bound them (a symlinked file, e.g. resolv.conf, is not)
+            if path.startswith("/etc/") and path != "/etc/hosts" and (
+                    path in HOST_DIRS or (os.path.isfile(path) and not os.path.islink(path))):
+                host.run(["mount", "--bind", str(host.root / path.lstrip("/")), path])
+        (upper / "hosts").write_text(hosts_text)
+        host.etc_upper = upper
+
+    @staticmethod
+    def private_path(host, inside):
+        """Where ``inside`` (a path in one of the host's per-host directories) is on this machine."""
+        return host.root / inside.lstrip("/")
+
+    def make_ssh_host(self, host, private_dirs):
+        """Bind-mount per-host directories over ``private_dirs`` inside ``host`` and start its sshd."""
+        for path in private_dirs:
+            own = self.private_path(host, path)
+            own.mkdir(parents=True, exist_ok=True)
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o755)  # the mount point only (empty), as LabHost does for /etc/pibake
+            host.run(["mount", "--bind", str(own), path])
+        name = host.name
         etc_ssh = host.path("/etc/ssh")
         hostkey = etc_ssh / "ssh_host_ed25519_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(hostkey)],
@@ -123,6 +174,33 @@ class DeployLab(LabCluster):
         wait_for(f"ssh to {name}", lambda: self.ssh(name, "true", check=False).returncode == 0, timeout=30)
         return host
 
+    def wait_registry_down(self):
+        wait_for("the registry port to close", lambda: self.api("GET", "/health", auth=None)[0] == 0, timeout=30)
+
+    def stop_sshd(self, host):
+        """Stop the host's sshd (the pid in its /run/sshd.pid), and wait until it refuses connections."""
+        pid = host.run(["cat", "/run/sshd.pid"]).stdout.strip()
+        host.run(["kill", pid])
+        wait_for(f"sshd of {host.name} to stop", lambda: self.ssh(host.name, "true", check=False).returncode == 255,
+                 timeout=30)
+
+    def kill_in_host(self, host, pattern, sig="TERM"):
+        """Signal the processes of ``host`` (its own PID namespace) whose command line matches ``pattern``,
+        by their pids; returns the pids."""
+        pids = host.run(["pgrep", "-f", pattern], check=False).stdout.split()
+        if pids:
+            host.run(["kill", f"-{sig}", *pids], check=False)
+        return pids
+
+    def diagnostics(self):
+        parts = [super().diagnostics()]
+        for name, host in self.hosts.items():
+            for log in ("pibake-registry.log", "pibake-agent.log"):
+                path = host.root / "var/log/pibake" / log
+                if path.exists() and path != self.registry_log:
+                    parts.append(f"--- {name}:/var/log/pibake/{log}\n{path.read_text(errors='replace')[-4000:]}")
+        return "\n".join(parts)
+
     def ssh(self, target, command, check=True):
         return subprocess.run(["ssh", "-F", str(self.ssh_config), target, command], capture_output=True,
                               text=True, timeout=60, check=check)
@@ -134,14 +212,17 @@ class DeployLab(LabCluster):
         return host
 
 
-def deploy_lab(tmp, octet, workers=(), family=FAMILY, manager="mgr"):
-    """A started DeployLab (manager ``manager`` at .10 with munge + registry) with sshd-only ``workers``
-    ((name, last octet), ...). The caller destroys it."""
+def deploy_lab(tmp, octet, workers=(), family=FAMILY, manager="mgr", manager_sshd=False):
+    """A started DeployLab (manager ``manager`` at .10 with munge + registry; with ``manager_sshd`` only
+    sshd, for deploy to set up) with sshd-only ``workers`` ((name, last octet), ...). The caller destroys it."""
     tmp = Path(tmp)
     tmp.chmod(0o755)  # munged and slurm insist on searchable parents
     lab = DeployLab(tmp, octet, family=family, manager=manager)
     try:
-        lab.start_manager()
+        if manager_sshd:
+            lab.make_manager_sshd()
+        else:
+            lab.start_manager()
         for name, last in workers:
             lab.add_ssh_worker(name, last)
     except BaseException:
