@@ -107,6 +107,10 @@ SLURMD_DROPIN = (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_TEMPFAIL = 0, 1, 2, 75
+# After starting slurmd the agent waits until slurmctld lists this node as registered by that very slurmd
+# (``scontrol show node``; see ``Services.confirm_slurmd``), at most this long (and never past the deadline).
+SLURMD_REGISTER_TIMEOUT_S = 120
+SLURMD_REGISTER_POLL_S = 0.2
 
 
 class AgentError(Exception):
@@ -691,6 +695,36 @@ def _load_state(path):
     return state if isinstance(state, dict) else {}
 
 
+# =========================================================================== slurmd registration (pure)
+
+
+def parse_scontrol_node(text):
+    """``scontrol show node NAME -o`` (one line of Key=Value words) -> {key: value}."""
+    fields = {}
+    for word in (text or "").split():
+        key, sep, value = word.partition("=")
+        if sep and key and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def slurm_time(value):
+    """A Slurm timestamp (``2026-11-25T17:29:13``, local time) as epoch seconds; 0 for None/Unknown."""
+    try:
+        return time.mktime(time.strptime(value or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
+def slurmd_registered(fields, since=0.0):
+    """True when slurmctld has this node responding (no ``*``, e.g. ``IDLE``, ``MIXED``, ``DOWN``) and its
+    registration came from a slurmd started at ``since`` (epoch s) or later (Slurm keeps whole seconds)."""
+    state = fields.get("State", "")
+    if not state or "*" in state or "NOT_RESPONDING" in state:
+        return False
+    return slurm_time(fields.get("SlurmdStartTime")) >= int(since) - 1
+
+
 # =========================================================================== services
 
 
@@ -823,6 +857,50 @@ class Services:
             delay = min(remaining, self.rand() * min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
             LOG.warning("%s; attempt %d, retrying in %.1f s", problem, attempt, delay)
             self.sleep(delay)
+
+    def confirm_slurmd(self, hostname, options="", since=None, timeout=SLURMD_REGISTER_TIMEOUT_S):
+        """After slurmd was (re)started at ``since`` (epoch s): wait until slurmctld lists ``hostname`` as
+        registered by it; without systemd, start slurmd again when it died first. Returns how many times it
+        had to be started again.
+
+        Why: a slurmd that starts while slurmctld restarts (the manager adding other nodes) can die before it
+        registers (Slurm 22.05.8: SIGSEGV when a reconfigure RPC arrives first; see registry/slurmctl.py).
+        Under systemd the unit's Restart=on-failure brings it back; here nothing would. So "ready" means
+        "registered", not "a process was spawned". Needs ``scontrol`` (slurm-client) on the node, which reads
+        the configless copy in /run/slurm/conf; without it only "still running" is checked."""
+        if self.mode == "none":
+            return 0
+        since = time.time() if since is None else since
+        scontrol = _which("scontrol")
+        end = self.clock() + timeout
+        if self.deadline is not None:
+            end = min(end, max(self.deadline, self.clock() + 10))
+        restarts = 0
+        while True:
+            alive = self._slurmd_alive()
+            if alive and not scontrol:
+                return restarts
+            if alive:
+                proc = _run([scontrol, "show", "node", hostname, "-o"], timeout=60)
+                if proc.returncode == 0 and slurmd_registered(parse_scontrol_node(proc.stdout), since):
+                    return restarts
+            elif self.mode == "sysv":
+                restarts += 1
+                LOG.warning("slurmd exited before it registered with slurmctld (see /var/log/slurm/slurmd.log); "
+                            "starting it again (%d)", restarts)
+                since = time.time()
+                self._start_slurmd([_which("slurmd") or "/usr/sbin/slurmd"] + options.split())
+                continue
+            if self.clock() >= end or self.once:
+                state = "is not running" if not alive else "has not registered with slurmctld"
+                raise AgentError(f"slurmd {state} {timeout if self.clock() >= end else 0:.0f} s after it was "
+                                 "started: see /var/log/slurm/slurmd.log here and slurmctld's log on the manager")
+            self.sleep(SLURMD_REGISTER_POLL_S)
+
+    def _slurmd_alive(self):
+        if self.mode == "systemd":
+            return _run(["systemctl", "is-active", "--quiet", "slurmd"]).returncode == 0
+        return bool(find_processes("slurmd"))
 
     @staticmethod
     def _stop(daemon, procs):
@@ -1053,8 +1131,14 @@ class Agent:
                         slurm_changed = True
                 hosts_changed = c["hosts_file"] in self.result["changed"]
                 self.result["services"]["munge"] = self.services.ensure("munge", restart=key_changed)
+                since = time.time()
                 self.result["services"]["slurmd"] = self.services.ensure(
                     "slurmd", restart=key_changed or slurm_changed or hosts_changed, options=options)
+                if self.result["services"]["slurmd"] in ("started", "restarted"):
+                    again = self.services.confirm_slurmd(hostname, options, since=since)
+                    if again:
+                        self.result["warnings"].append(
+                            f"slurmd exited before it registered and was started again ({again}x)")
                 message = f"munge {self.result['services']['munge']}, slurmd {self.result['services']['slurmd']} " \
                           f"(conf server {conf_server})"
             else:

@@ -231,6 +231,11 @@ case "$1" in
   *) exit 1 ;;
 esac
 """
+# ... and for scontrol: slurmctld lists the node as registered by a slurmd started just now
+FAKE_SCONTROL = """#!/bin/sh
+echo "scontrol $*" >> "$FAKE_SYSTEMD/calls"
+echo "NodeName=$3 Arch=x86_64 State=IDLE SlurmdStartTime=$(date +%Y-%m-%dT%H:%M:%S) Reason=(null)"
+"""
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -242,6 +247,8 @@ def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
     (fake / "bin").mkdir(parents=True)
     (fake / "bin" / "systemctl").write_text(FAKE_SYSTEMCTL)
     (fake / "bin" / "systemctl").chmod(0o755)
+    (fake / "bin" / "scontrol").write_text(FAKE_SCONTROL)
+    (fake / "bin" / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SYSTEMD", str(fake))
     config = json.loads(cfg.read_text())
@@ -257,7 +264,9 @@ def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
                      "is-enabled --quiet munge", "enable munge", "is-active --quiet munge", "start munge",
                      "is-active --quiet munge",
                      "is-enabled --quiet slurmd", "enable slurmd", "is-active --quiet slurmd", "start slurmd",
-                     "is-active --quiet slurmd"]
+                     "is-active --quiet slurmd",
+                     # ready only once slurmctld lists the node as registered by the slurmd just started
+                     "is-active --quiet slurmd", "scontrol show node vm -o"]
 
     (fake / "calls").unlink()
     again = agent.run_agent(str(cfg))
