@@ -228,6 +228,8 @@ class SlurmApplier:
         then ``scontrol reconfigure`` once, unless another process did it since that restart."""
         try:
             while True:
+                if not self.conf_path.exists():
+                    return  # the conf went away (a test's sandbox, an uninstall): nothing to reconfigure
                 wait = _mtime(self._marker("restarted")) + self.reconfigure_grace - time.time()
                 if wait > 0:
                     time.sleep(min(wait, self.reconfigure_grace))
