@@ -250,3 +250,136 @@ def test_installer_writes_only_what_differs(tmp_path):
     assert agent.stat().st_ino == inode and not marker.exists()
     agent.chmod(0o644)
     assert install() == [str(agent)]  # a wrong mode alone is fixed
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+@pytest.fixture(scope="module")
+def manager_seed(tmp_path_factory):
+    """A cluster directory (pibake init), the manager's rendered seed (as burn renders it), a stand-in wheel
+    and the ManagerPlan deploy takes from them."""
+    from pibake.bake.seed import render_checked
+    from pibake.cluster import init_cluster, load_cluster
+    from pibake.model import PlannedNode
+
+    tmp = tmp_path_factory.mktemp("manager-plan")
+    init_cluster(tmp / "cluster", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="unit")
+    cluster = load_cluster(tmp / "cluster")
+    wheel = tmp / "pibake-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK\x03\x04 not really a wheel")
+    plan = d.manager_plan_for(cluster, tmp / "cluster", wheel)
+    node = PlannedNode(hostname="red00", ip="10.1.1.10", role="manager")
+    ((_n, seed, _r),) = render_checked(cluster, tmp / "cluster", [node], family=cluster.family)
+    import yaml
+
+    return {"dir": tmp / "cluster", "cluster": cluster, "plan": plan, "seed": yaml.safe_load(seed.user_data),
+            "wheel": wheel}
+
+
+def test_manager_plan_takes_the_seeds_own_steps(manager_seed):
+    from pibake.bake.seed import SCRIPTS, WHEEL_GLOB, agent_source
+
+    plan, seed = manager_seed["plan"], manager_seed["seed"]
+    assert plan.packages == seed["packages"] and "slurmctld" in plan.packages and "gunicorn" in plan.packages
+    assert plan.bootcmd == seed["bootcmd"]
+    # every write_files entry, same bytes and mode; the wheel besides
+    assert set(plan.files) == {f["path"] for f in seed["write_files"]} | {plan.wheel}
+    assert plan.wheel == "/var/lib/pibake/wheel/pibake-0.1.0-py3-none-any.whl"
+    assert plan.files[plan.wheel] == (manager_seed["wheel"].read_bytes(), 0o644)
+    sdir = manager_seed["dir"] / "secrets"
+    assert plan.files["/var/lib/pibake/cluster/secrets/munge.key"] == ((sdir / "munge.key").read_bytes(), 0o400)
+    assert plan.files["/var/lib/pibake/cluster/cluster.yaml"][1] == 0o600
+    assert plan.files["/var/lib/pibake/cluster/secrets/ca.crt"][1] == 0o444
+    assert not any(p.endswith("ca.key") for p in plan.files)  # the CA key never leaves this machine
+    assert plan.files[d.AGENT_PATH] == (agent_source().encode(), 0o755)
+    # runcmd: all of it but the boot partition scrub, in order; only pibake-install's argument changed
+    runcmd = [line for line in seed["runcmd"] if line[0] != SCRIPTS["scrub"][0]]
+    assert len(runcmd) == len(seed["runcmd"]) - 1
+    assert plan.setup + [plan.registry, plan.agent] == [
+        [plan.wheel if a == WHEEL_GLOB else a for a in line] for line in runcmd]
+    assert plan.install == [SCRIPTS["install_pibake"][0], plan.wheel] and plan.install in plan.setup
+    assert plan.registry[:4] == [SCRIPTS["start"][0], "pibake-registry.service", "--", "/opt/pibake/bin/pibake"]
+    assert plan.agent[:3] == [SCRIPTS["start"][0], "pibake-agent.service", "--"]
+
+
+def test_manager_plan_needs_the_seed_shape():
+    text = "#cloud-config\nruncmd:\n  - [/usr/local/lib/pibake/pibake-install, x]\n"
+    with pytest.raises(ValueError, match="lacks pibake-install, the registry's start or the agent's start"):
+        d.manager_plan(text, "pibake-0.1.0-py3-none-any.whl", b"")
+    late = ("#cloud-config\nruncmd:\n  - [/usr/local/lib/pibake/pibake-start, pibake-registry.service]\n"
+            "  - [reboot]\n")
+    with pytest.raises(ValueError, match="reboot after the registry's start"):
+        d.manager_plan(late, "w.whl", b"")
+    with pytest.raises(ValueError, match="owner pi:pi"):
+        d.manager_plan("#cloud-config\nwrite_files:\n  - {path: /x, owner: 'pi:pi', content: x}\n", "w", b"")
+
+
+def test_setup_and_agent_scripts(manager_seed):
+    plan = manager_seed["plan"]
+    full = d.setup_script(plan, reinstall=True)
+    lines = full.splitlines()
+    assert lines[:2] == ["set -e", f"export PATH={d.REMOTE_PATH}"]  # stops at the first failing step
+    assert "/usr/local/lib/pibake/pibake-hosts-entry 10.1.1.10 red00 >/dev/null" in lines
+    assert f"/usr/local/lib/pibake/pibake-install {plan.wheel} >/dev/null" in lines
+    assert "scrub" not in full and "registry" not in full
+    again = d.setup_script(plan, reinstall=False)
+    assert "pibake-install" not in again and "pibake-hosts-entry" in again
+    agent = d.agent_script(plan.agent)
+    assert "\n/usr/bin/python3 /usr/local/lib/pibake/agent.py --config /etc/pibake/agent.json --json\n" in agent
+    assert "[ -d /run/systemd/system ]; then /usr/local/lib/pibake/pibake-start pibake-agent.service -- " in agent
+    with pytest.raises(ValueError):
+        d.agent_script("pibake-start pibake-agent.service")
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/sh"), reason="needs a POSIX shell")
+def test_setup_script_runs_with_a_shell_and_stops_at_a_failure(tmp_path):
+    plan = d.ManagerPlan(packages=[], bootcmd=[], files={}, wheel="w",
+                         setup=[["touch", str(tmp_path / "one")], ["false"], ["touch", str(tmp_path / "two")]],
+                         install=["false"], registry=[], agent=[])
+    assert subprocess.run(["/bin/sh", "-c", d.setup_script(plan, reinstall=True)], timeout=30).returncode != 0
+    assert (tmp_path / "one").exists() and not (tmp_path / "two").exists()
+    # the install step left out: the rest runs through
+    assert subprocess.run(["/bin/sh", "-c", d.setup_script(plan, reinstall=False)], timeout=30).returncode == 0
+    assert (tmp_path / "two").exists()
+
+
+def test_the_manager_config_after_enrolment_counts_as_right(manager_seed):
+    from pibake.firstboot.agent import config_without_token
+
+    plan = manager_seed["plan"]
+    seed_config = plan.files[d.AGENT_CONFIG][0]
+    assert b"join_token" in seed_config  # the manager's seed carries it, as on a burned card
+    # what the agent writes after enrolling: the token removed, keys sorted
+    scrubbed = (json.dumps(config_without_token(json.loads(seed_config)), indent=2, sort_keys=True) + "\n").encode()
+    eq = d.manager_config_equivalents(plan.files)
+    remote = {d.AGENT_CONFIG: hashlib.sha256(scrubbed).hexdigest()}
+    assert d.AGENT_CONFIG not in d.files_to_ship(plan.files, remote, eq)
+    assert d.AGENT_CONFIG in d.files_to_ship(plan.files, remote)  # without the equivalence it would be rewritten
+    remote[d.AGENT_CONFIG] = hashlib.sha256(b"{}\n").hexdigest()
+    assert d.AGENT_CONFIG in d.files_to_ship(plan.files, remote, eq)  # anything else is rewritten
+
+
+def test_manager_ssh_target():
+    cluster = Cluster(name="c", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    assert d.manager_ssh_target(cluster, ["red01", "10.1.1.10"]) == "10.1.1.10"  # as given in --hosts
+    assert d.manager_ssh_target(cluster, ["red01", "red00"], manager="10.1.1.10") == "red00"
+    assert d.manager_ssh_target(cluster, ["red01"], manager="10.1.1.10") == "10.1.1.10"  # --manager
+    assert d.manager_ssh_target(cluster, ["red01"]) == "red00"  # cluster.yaml's name
+
+
+def test_manager_row_and_workers_held_back():
+    m = d.HostResult(host="red00", hostname="red00", role="manager", step="connect", status="failed",
+                     error="ssh: connect to host 10.1.1.10 port 22: Connection refused")
+    assert m.to_dict()["role"] == "manager" and d.HostResult(host="red01").to_dict()["role"] == "worker"
+    assert d.manager_not_ready(m) == "manager not ready: red00 failed at connect"
+    table = d.format_table([m, d.HostResult(host="red01", status="failed", error=d.manager_not_ready(m))])
+    assert table.splitlines()[1].split()[:4] == ["red00", "red00", "connect", "failed"]
+    assert table.splitlines()[2].endswith("manager not ready: red00 failed at connect")
+    assert set(d.MANAGER_STEPS) - set(d.STEPS) == {"install", "registry", "ready"}
+
+
+def test_parse_facts_venv():
+    assert d.parse_facts(FACTS_FRESH)["venv"] is False
+    text = FACTS_FRESH.replace("@@pibake end\n", "@@pibake venv\npresent\n@@pibake end\n")
+    assert d.parse_facts(text)["venv"] is True

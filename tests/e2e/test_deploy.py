@@ -1,7 +1,9 @@
 """Must show (issue 6), with real OpenSSH, munge, Slurm and the registry: `pibake deploy --hosts` over ssh
-makes three lab hosts that run only sshd idle Slurm workers; a re-run changes nothing; a stopped host is
-reported alone with ssh's reason (exit 1) while the others succeed; every command of docs/deploy.md runs.
-Tests run in file order on one lab: manager red00 (registry), workers red01-red03 with sshd only."""
+makes three lab hosts that run only sshd idle Slurm workers; a re-run changes nothing; a manager whose
+registry answers is left alone; a stopped host is reported alone with ssh's reason (exit 1) while the others
+succeed; a manager without registry that cannot be reached over ssh fails and holds the workers back; every
+command of docs/deploy.md runs (deploy-manager in test_deploy_manager.py). Tests run in file order on one
+lab: manager red00 (registry, no sshd), workers red01-red03 with sshd only."""
 
 import json
 import os
@@ -53,7 +55,8 @@ def pibake_deploy(lab, hosts, *extra):
 
 BLOCK_RE = re.compile(r"```sh\n# doc-test: ([a-z0-9-]+)\n(.*?)```(?:\s*```json\n(.*?)```)?", re.S)
 EXITS_RE = re.compile(r"\s+#\s*exits (\d+)\s*$")
-DOC_BLOCKS = ("deploy-first", "deploy-again", "deploy-json", "deploy-failure", "deploy-options")
+# deploy-manager is run by tests/e2e/test_deploy_manager.py (its manager runs only sshd until deploy sets it up)
+DOC_BLOCKS = ("deploy-first", "deploy-manager", "deploy-again", "deploy-json", "deploy-failure", "deploy-options")
 
 
 def doc_blocks():
@@ -151,6 +154,19 @@ def test_rerun_by_ip_changes_nothing(lab):
     assert {n: lab.hosts[n].run(["stat", "-c", "%i %Y", *files]).stdout for n in NAMES} == stat_before
 
 
+def test_manager_in_hosts_with_its_registry_answering_is_left_alone(lab):
+    proc, report = pibake_deploy(lab, "red00,red01")
+    assert proc.returncode == 0, proc.stderr
+    assert report["summary"] == {"hosts": 2, "changed": 0, "unchanged": 2, "failed": 0}
+    m, w = report["hosts"]
+    # no ssh session to the manager (it runs no sshd here): /health answered, so nothing to do there
+    assert (m["host"], m["hostname"], m["role"], m["step"], m["status"], m["changes"], m["error"]) == (
+        "red00", "red00", "manager", "ready", "unchanged", [], None)
+    assert list(m["timings"]) == ["registry"]
+    assert (w["host"], w["role"], w["step"], w["status"]) == ("red01", "worker", "idle", "unchanged")
+    assert proc.stderr.splitlines()[-1] == "2 host(s): 0 changed, 2 unchanged, 0 failed"
+
+
 def test_the_manual_page_commands(lab):
     assert tuple(doc_blocks()) == DOC_BLOCKS
     for name in ("deploy-first", "deploy-again", "deploy-options"):
@@ -182,7 +198,7 @@ def test_stopped_host_is_reported_alone(lab):
     proc, report = pibake_deploy(lab, "red[01-03]", "--connect-timeout", "3")
     assert proc.returncode == 1, proc.stderr
     assert report["ok"] is False
-    assert report["summary"] == {"hosts": 3, "changed": 0, "unchanged": 2, "failed": 1}
+    assert report["summary"] == {"hosts": 3, "changed": 0, "unchanged": 2, "failed": 1}, report["hosts"]
     w1, w2, w3 = report["hosts"]
     assert (w1["status"], w2["status"]) == ("unchanged", "unchanged")
     assert w3["host"] == "red03" and w3["status"] == "failed" and w3["step"] == "connect"
@@ -205,13 +221,25 @@ def test_stopped_sshd_says_connection_refused(lab):
     assert w2["error"] == f"ssh: connect to host {lab.ip(12)} port 22: Connection refused"
 
 
-def test_manager_without_registry_is_not_built_yet(lab):
+def test_manager_without_registry_and_unreachable_holds_the_workers_back(lab):
     lab.stop_registry()
-    proc, report = pibake_deploy(lab, "red01")
-    assert proc.returncode == 2 and report is None
-    assert proc.stderr.strip() == (
-        f"pibake: error: the registry at https://{lab.manager_ip}:8443/api/v1 does not answer (connection "
-        "refused); setting up the manager over ssh is not built yet in this version of pibake")
+    before = daemons(lab, "red01")
+    proc, report = pibake_deploy(lab, "red01", "--connect-timeout", "3")
+    assert proc.returncode == 1, proc.stderr
+    assert report["summary"] == {"hosts": 2, "changed": 0, "unchanged": 0, "failed": 2}
+    m, w = report["hosts"]  # the manager was not in --hosts: deploy tried to set it up, so it has a row, first
+    assert (m["host"], m["role"], m["step"], m["status"]) == ("red00", "manager", "connect", "failed")
+    assert m["error"] == f"ssh: connect to host {lab.manager_ip} port 22: Connection refused"
+    assert (w["host"], w["role"], w["step"], w["status"], w["error"]) == (
+        "red01", "worker", "connect", "failed", "manager not ready: red00 failed at connect")
+    assert daemons(lab, "red01") == before  # the worker was not touched
+    # --manager by IP: the row names what ssh was given
+    proc, report = pibake_deploy(lab, "red01", "--manager", lab.manager_ip)
+    assert proc.returncode == 1
+    assert report["hosts"][0]["host"] == lab.manager_ip
+    assert report["hosts"][1]["error"] == f"manager not ready: {lab.manager_ip} failed at connect"
+    for secret in (lab.token(), (lab.sdir / "admin-password").read_text().strip()):
+        assert secret not in proc.stdout and secret not in proc.stderr
 
 
 def test_bench_deploy_smoke(tmp_path):
