@@ -957,7 +957,7 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     registry = RegistryClient(cluster, cluster_dir)
     t_health = time.monotonic()
     why = registry.health()
-    plan = None if why is None else manager_plan_for(cluster, cluster_dir, wheel)
+    plan = manager_plan_for(cluster, cluster_dir, wheel) if registry_down(why) else None
 
     mgr = _Host(manager_target, role="manager", plan=plan)
     mgr.result.hostname = cluster.manager
@@ -969,7 +969,16 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
              registry.base)
     pipeline = _Pipeline(cluster, host_runs, secrets=secrets, user=user, parallel=parallel,
                          connect_timeout=connect_timeout, ssh_options=tuple(ssh_options), progress=progress)
-    if plan is None:  # the registry answers: the manager is left alone
+    if why is not None and plan is None:
+        # something answers at the registry's address, but not this cluster's healthy registry: never
+        # overwrite what runs there
+        mgr.started = t_health
+        if not in_hosts:
+            host_runs.insert(0, mgr)
+        mgr.result.step = "registry"
+        pipeline._fail(mgr, f"registry: {registry.base}/health: {why}; deploy sets up only a manager "  # pylint: disable=protected-access
+                            "whose registry is not running (is it this cluster's manager?)")
+    elif plan is None:  # the registry answers: the manager is left alone
         mgr.started = t_health
         mgr.result.timings["registry"] = time.monotonic() - t_health
         if in_hosts:
@@ -998,6 +1007,16 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     return DeployReport(hosts=[h.result for h in host_runs], manager=cluster.manager,
                         registry=registry.base.rsplit("/api/v1", 1)[0], parallel=parallel,
                         started_at=started_wall, duration_s=time.monotonic() - t0)
+
+
+REGISTRY_DOWN = ("connection refused", "timed out", "cannot connect")
+
+
+def registry_down(why):
+    """True when ``RegistryClient.health()``'s answer means nothing listens at the registry's address (pure):
+    then deploy sets the manager up. A TLS failure or an HTTP error means something runs there that is not
+    this cluster's healthy registry: deploy does not touch it."""
+    return why in REGISTRY_DOWN
 
 
 def manager_ssh_target(cluster, targets, manager=None):

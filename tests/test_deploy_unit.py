@@ -383,3 +383,13 @@ def test_parse_facts_venv():
     assert d.parse_facts(FACTS_FRESH)["venv"] is False
     text = FACTS_FRESH.replace("@@pibake end\n", "@@pibake venv\npresent\n@@pibake end\n")
     assert d.parse_facts(text)["venv"] is True
+
+
+@pytest.mark.parametrize("why, down", [
+    ("connection refused", True), ("timed out", True), ("cannot connect", True),
+    (None, False),  # healthy: left alone
+    ("TLS check against the cluster CA failed (SSLError)", False),  # another cluster's registry: never touched
+    ("HTTP 500", False),
+])
+def test_registry_down_decides_whether_the_manager_is_set_up(why, down):
+    assert d.registry_down(why) is down

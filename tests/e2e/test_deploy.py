@@ -221,6 +221,26 @@ def test_stopped_sshd_says_connection_refused(lab):
     assert w2["error"] == f"ssh: connect to host {lab.ip(12)} port 22: Connection refused"
 
 
+def test_another_clusters_registry_is_never_taken_over(lab, tmp_path):
+    """A registry answers at the manager's address, but with another CA: deploy must not set up (overwrite)
+    that manager; it says why, and holds the workers back."""
+    from pibake.cluster import init_cluster
+
+    other = tmp_path / "other"
+    init_cluster(other, manager="red00", manager_ip=lab.manager_ip, network=f"10.77.{lab.octet}.0/24", name="other")
+    proc = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(other), "deploy", "--hosts", "red01",
+                           "--json", "--ssh-option=-F", f"--ssh-option={lab.ssh_config}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    m, w = json.loads(proc.stdout)["hosts"]
+    assert (m["host"], m["role"], m["step"], m["status"]) == ("red00", "manager", "registry", "failed")
+    assert m["error"] == (f"registry: https://{lab.manager_ip}:8443/api/v1/health: TLS check against the cluster "
+                          "CA failed (SSLError); deploy sets up only a manager whose registry is not running (is it "
+                          "this cluster's manager?)")
+    assert w["error"] == "manager not ready: red00 failed at registry"
+    assert lab.api("GET", "/health", auth=None)[0] == 200  # the running registry is untouched
+
+
 def test_manager_without_registry_and_unreachable_holds_the_workers_back(lab):
     lab.stop_registry()
     before = daemons(lab, "red01")
