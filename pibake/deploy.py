@@ -719,6 +719,10 @@ class _Pipeline:
                 self._fail(host, f"facts: logged in as uid {host.facts['uid']}, not root: give --user root "
                                  "or a user with passwordless sudo")
                 return
+            if host.role == "worker" and host.facts["hostname"] == self.cluster.manager:
+                self._fail(host, f"facts: this machine is the cluster's manager ({self.cluster.manager}); "
+                                 f"name it {self.cluster.manager} or {self.cluster.manager_ip} in --hosts")
+                return
             self._packages(host)
         elif step == "packages":
             if host.rc != 0:

@@ -134,6 +134,17 @@ def test_rerun_changes_nothing_and_restarts_nothing(lab):
     assert after == before
 
 
+def test_the_manager_under_another_name_is_not_made_a_worker(lab):
+    lab._names["boss"] = lab.manager_ip  # an ssh alias deploy cannot tell is the manager before it logs in
+    lab._write_ssh_config()
+    proc, report = deploy(lab, "--hosts", "boss")
+    assert proc.returncode == 1
+    (host,) = report["hosts"]
+    assert (host["host"], host["hostname"], host["step"], host["status"]) == ("boss", MANAGER, "facts", "failed")
+    assert host["error"] == (f"facts: this machine is the cluster's manager ({MANAGER}); name it {MANAGER} or "
+                             f"{lab.manager_ip} in --hosts")
+
+
 def test_a_dead_registry_is_started_again_and_nothing_else(lab):
     assert lab.kill_in_host(lab.mgr, "/opt/pibake/bin/pibake")
     lab.wait_registry_down()
