@@ -105,6 +105,7 @@ class Store:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._thread_lock = threading.Lock()
         self._local = threading.local()
+        self._facts_cache = {}  # hostname -> (slurmd_c JSON text, parsed facts), see slurm_rows()
         self.migrate()
 
     @contextlib.contextmanager
@@ -202,27 +203,23 @@ class Store:
             "agent_version": record.get("agent_version") or "",
             "credential_hash": hash_credential(credential), "last_seen": now,
         }
+        insert = dict(values, status="pending" if require_approval else "enrolled", message="", enrolled_at=now,
+                      enrol_count=1)
+        # One statement inserts or updates (same MAC) and returns the row; with another MAC the update's
+        # WHERE is false and nothing comes back. Little runs under the write lock: every statement
+        # releases and retakes the GIL, and under load each retake can wait for another thread.
+        updates = ", ".join(f"{k} = excluded.{k}" for k in values if k != "hostname")
+        sql = (f"INSERT INTO nodes ({', '.join(insert)}) VALUES ({', '.join('?' * len(insert))}) "
+               f"ON CONFLICT(hostname) DO UPDATE SET {updates}, message = '', "
+               "status = CASE WHEN nodes.status = 'pending' THEN 'pending' ELSE 'enrolled' END, "
+               "enrol_count = nodes.enrol_count + 1 WHERE nodes.mac = excluded.mac RETURNING *")
         with self.connect(immediate=True) as conn:
-            row = conn.execute("SELECT mac, status FROM nodes WHERE hostname = ?", (record["hostname"],)).fetchone()
-            if row is None:
-                values.update(status="pending" if require_approval else "enrolled", message="",
-                              enrolled_at=now, enrol_count=1)
-                cols = ", ".join(values)
-                conn.execute(f"INSERT INTO nodes ({cols}) VALUES ({', '.join('?' * len(values))})",
-                             tuple(values.values()))
-                created = True
-            else:
-                if row["mac"] != record["mac"]:
-                    raise ConflictError(record["hostname"])
-                values["status"] = "pending" if row["status"] == "pending" else "enrolled"
-                values["message"] = ""
-                sets = ", ".join(f"{k} = ?" for k in values if k != "hostname")
-                conn.execute(f"UPDATE nodes SET {sets}, enrol_count = enrol_count + 1 WHERE hostname = ?",
-                             tuple(v for k, v in values.items() if k != "hostname") + (record["hostname"],))
-                created = False
+            rows = conn.execute(sql, tuple(insert.values())).fetchall()
+            if not rows:
+                raise ConflictError(record["hostname"])
             self._bump(conn)
-            node = _row_to_node(conn.execute("SELECT * FROM nodes WHERE hostname = ?",
-                                             (record["hostname"],)).fetchone())
+        created = rows[0]["enrol_count"] == 1
+        node = _row_to_node(rows[0])
         return node, credential, created
 
     def get(self, hostname):
@@ -236,11 +233,23 @@ class Store:
         return [_row_to_node(r) for r in rows]
 
     def slurm_rows(self):
-        """What slurm.conf needs of accepted workers, lean (called on every enrolment)."""
+        """What slurm.conf needs of accepted workers, lean (called on every slurm.conf apply).
+
+        The parsed ``slurmd -C`` facts are kept per hostname with the JSON text they came from, so an
+        apply parses only the nodes that are new or changed since the last one (parsing all of them was
+        ~2.5 ms of every apply at 1000 nodes). Each call returns fresh dicts: callers may change them.
+        """
         with self.connect() as conn:
             rows = conn.execute("SELECT hostname, ip, model, slurmd_c FROM nodes WHERE role = 'worker' "
                                 "AND status != 'pending' ORDER BY hostname").fetchall()
-        return [{"hostname": r[0], "ip": r[1], "model": r[2], "facts": json.loads(r[3])} for r in rows]
+        cache, fresh, out = self._facts_cache, {}, []
+        for hostname, ip, model, text in rows:
+            hit = cache.get(hostname)
+            facts = hit[1] if hit is not None and hit[0] == text else json.loads(text)
+            fresh[hostname] = (text, facts)
+            out.append({"hostname": hostname, "ip": ip, "model": model, "facts": dict(facts)})
+        self._facts_cache = fresh  # one assignment: concurrent callers each leave a complete cache
+        return out
 
     def count(self):
         with self.connect() as conn:
