@@ -719,6 +719,13 @@ class _Pipeline:
                 self._fail(host, f"facts: logged in as uid {host.facts['uid']}, not root: give --user root "
                                  "or a user with passwordless sudo")
                 return
+            if host.role == "manager" and host.facts["hostname"] != self.cluster.manager:
+                # slurmctld runs only on the host named SlurmctldHost (cluster.yaml's manager); a seed sets the
+                # hostname at first boot, deploy does not rename a running machine
+                self._fail(host, f"facts: this machine is named {host.facts['hostname'] or '?'}, but cluster.yaml's "
+                                 f"manager is {self.cluster.manager}: rename it (hostnamectl set-hostname "
+                                 f"{self.cluster.manager}) and deploy again")
+                return
             if host.role == "worker" and host.facts["hostname"] == self.cluster.manager:
                 self._fail(host, f"facts: this machine is the cluster's manager ({self.cluster.manager}); "
                                  f"name it {self.cluster.manager} or {self.cluster.manager_ip} in --hosts")

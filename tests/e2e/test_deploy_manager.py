@@ -145,9 +145,24 @@ def test_the_manager_under_another_name_is_not_made_a_worker(lab):
                              f"{lab.manager_ip} in --hosts")
 
 
-def test_a_dead_registry_is_started_again_and_nothing_else(lab):
+def test_a_manager_with_another_hostname_is_not_set_up(lab):
     assert lab.kill_in_host(lab.mgr, "/opt/pibake/bin/pibake")
     lab.wait_registry_down()
+    lab.mgr.run(["hostname", "raspberrypi"])
+    try:
+        proc, report = deploy(lab, "--hosts", "red00")
+    finally:
+        lab.mgr.run(["hostname", MANAGER])
+    assert proc.returncode == 1
+    (m,) = report["hosts"]
+    assert (m["host"], m["hostname"], m["role"], m["step"], m["status"]) == (
+        MANAGER, "raspberrypi", "manager", "facts", "failed")
+    assert m["error"] == (f"facts: this machine is named raspberrypi, but cluster.yaml's manager is {MANAGER}: "
+                          f"rename it (hostnamectl set-hostname {MANAGER}) and deploy again")
+    assert not pids(lab, MANAGER, "/opt/pibake/bin/pibake")["/opt/pibake/bin/pibake"]  # nothing was started
+
+
+def test_a_dead_registry_is_started_again_and_nothing_else(lab):
     files = ("/var/lib/pibake/cluster/cluster.yaml", "/var/lib/pibake/cluster/secrets/munge.key",
              "/etc/pibake/agent.json", "/usr/local/lib/pibake/agent.py", "/opt/pibake/bin/pibake")
     stat_before = lab.mgr.run(["stat", "-c", "%i %Y", *files]).stdout
