@@ -163,6 +163,7 @@ BLOCKS = {
     },
     "verify.md": {
         "verify-run": "test: tests/e2e/test_verify.py",
+        "verify-text-sample": "lab",
         "verify-json": "test: tests/e2e/test_verify.py",
         "verify-json-sample": "lab",
         "verify-report": "test: tests/e2e/test_verify.py",

@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,8 @@ import pytest
 import yaml
 
 from tests.e2e.test_lab import _lab_missing
-from tests.test_docs import BLOCKS, DOCS, doc_blocks, keys_of, page_block, split_line, synthetic_image
+from tests.test_docs import (BLOCKS, DOCS, doc_blocks, keys_of, page_block, split_line, synthetic_image,
+                              touches_network)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -114,7 +116,7 @@ class DocsLab:
     # ---------------------------------------------------------------- lines of the manual
     def line(self, page, name, raw, *, client=False, cwd=None, env=None):
         """Run one line of a block as written (after ``substitute``); (code, stdout, stderr)."""
-        _argv, expected = split_line(raw)
+        _, expected = split_line(raw)
         text = substitute(re.sub(r"\s+#\s*exits \d+\s*$", "", raw), self.prefix)
         text = re.sub(r"\s+# .*$", "", text)
         assert not addresses_outside_the_lab(text), f"{page} {name}: {text} names an address outside the lab"
@@ -124,8 +126,11 @@ class DocsLab:
         if lab and lab.group(2) == "down":
             self.downs.append((page, name, normalise(text)))
             return 0, "", ""
-        if not lab and not re.match(r"pibake (init|burn|lab) ", text):
+        if lab is None and not re.match(r"pibake (--cluster \S+ )?(init|burn) ", text):
             client = True  # verify, deploy, ssh, curl, registry serve/accept: only inside the lab's network
+        if not client:  # here: init, burn to files, `lab`; nothing that contacts a machine
+            argv = shlex.split(text)
+            assert argv[0] == "pibake" and (lab or not touches_network(argv[1:])), f"{page} {name}: {text}"
         key = (text, client, str(cwd), json.dumps(env and {k: env[k] for k in env if k.startswith("PIBAKE_")}))
         if key in self.done:
             return self.done[key]
@@ -205,7 +210,7 @@ def test_every_line_stays_inside_the_lab_and_this_module_runs_every_lab_block():
     names = set()
     for page, name in sorted(lab_blocks()):
         lines = [ln for block, lns, _ in doc_blocks((DOCS / page).read_text()) if block == name for ln in lns]
-        assert lines or page_block(page, name)[0] in ("json", "python"), f"{page} {name}: no lines"
+        assert lines or page_block(page, name)[0] in ("json", "python", "text"), f"{page} {name}: no lines"
         for raw in lines:
             text = substitute(raw, "pk1")
             assert not addresses_outside_the_lab(text), f"{page} {name}: {text}"
@@ -313,6 +318,13 @@ def test_verify_as_the_manual_shows_it(lab):
     assert "verify: all checks passed" in out["pibake verify"][1]
     report = json.loads(out["pibake verify --json"][0])
     assert report["ok"] is True and [n["hostname"] for n in report["nodes"]] == WORKERS
+    # the human output shown: the same checks in the same order, each line `STATUS NAME summary`
+    _, text = page_block("verify.md", "verify-text-sample")
+    shown = re.findall(r"^(?:ok|FAIL|skip) +(\S+) ", text, re.M)
+    assert shown == [c["name"] for c in report["checks"]]
+    assert re.findall(r"^ok +(\S+) ", out["pibake verify"][1], re.M) == shown
+    assert text.rstrip().splitlines()[-1] == "verify: 3 check(s) failed"
+    RAN.append(("verify.md", "verify-text-sample"))
     _, sample = page_block("verify.md", "verify-json-sample")
     assert keys_of(json.loads(sample)) == keys_of(report)
     RAN.append(("verify.md", "verify-json-sample"))
