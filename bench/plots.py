@@ -1,6 +1,6 @@
 """PNG figures for the bench/ reports, drawn from the reports' JSON (matplotlib, Agg backend).
 
-Used by bench/burn, bench/deploy and bench/lab_rootfs.py at the end of a run and by their ``--replot``
+Used by bench/burn, bench/deploy, bench/registry and bench/lab_rootfs.py at the end of a run and by their ``--replot``
 option (figures and page again from docs/report/<name>.json, without measuring anything).
 Every function returns the file names it wrote into ``out_dir`` ([] when matplotlib is missing).
 """
@@ -131,4 +131,99 @@ def lab_plots(data, out_dir):
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
     ax.grid(True, axis="x", alpha=0.3)
     _save(plt, fig, out_dir, "lab-timeline.png", names)
+    return names
+
+
+REGISTRY_COLORS = (BLUE, ORANGE, "#5aa469", GREY, "#8e6bbf")
+
+
+def _enrol_runs(data):
+    return [r for r in data.get("runs", []) if r["kind"] == "enrol" and r.get("latencies_ms")]
+
+
+def _run_label(data, run):
+    """``50 concurrent`` for the main server settings, ``50 concurrent, 2x8 threads`` for another."""
+    label = f"{run['concurrency']} concurrent"
+    if run.get("threads", data["server"]["threads"]) != data["server"]["threads"]:
+        label += f", {run['workers']}x{run['threads']} threads"
+    return label
+
+
+def registry_plots(data, out_dir):
+    """registry-latency.png: enrolment latency CDF per concurrency (log x), p50/p95/p99 of the goal run
+    marked, the p99 target as a dashed line; registry-timeline.png: completions per 100 ms and each
+    request's latency at its start time for the two highest concurrencies; registry-generation.png:
+    slurm.conf generation time against the node count with the 100 ms goal."""
+    plt = _plt()
+    runs = _enrol_runs(data)
+    if plt is None or not runs:
+        return []
+    names = []
+    goal_ms = data["goals"]["p99_ms"]
+    goal_c = runs[0]["concurrency"]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=100)
+    for color, run in zip(REGISTRY_COLORS, runs):
+        lat = sorted(run["latencies_ms"])
+        n = len(lat)
+        ax.step(lat, [(i + 1) / n for i in range(n)], where="post", color=color,
+                ls="-" if run is runs[0] or run.get("threads") == runs[0].get("threads") else ":",
+                label=f"{_run_label(data, run)}: p50 {run['p50_ms']:.0f}, p99 {run['p99_ms']:.0f} ms")
+        if run is runs[0]:
+            for q, marker in ((50, "o"), (95, "s"), (99, "D")):
+                ax.plot([run[f"p{q}_ms"]], [q / 100], marker, color=color, ms=6)
+            ax.text(0.98, 0.04, f"{goal_c} concurrent (markers): p50 {run['p50_ms']:.0f} ms (o), "
+                    f"p95 {run['p95_ms']:.0f} ms (s), p99 {run['p99_ms']:.0f} ms (D)", transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=8, color=color,
+                    bbox={"facecolor": "white", "edgecolor": GREY, "alpha": 0.9})
+    ax.axvline(goal_ms, color=RED, ls="--", label=f"target p99 < {goal_ms:.0f} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("enrolment latency, ms (log)")
+    ax.set_ylabel("fraction of enrolments")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{runs[0]['requests']} enrolments over TLS, fresh registry per run")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    _save(plt, fig, out_dir, "registry-latency.png", names)
+
+    main = [r for r in runs if r.get("threads", data["server"]["threads"]) == data["server"]["threads"]]
+    shown = sorted(main, key=lambda r: -r["concurrency"])[:2]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.2), dpi=100, sharex=True)
+    for color, run in zip(REGISTRY_COLORS, shown):
+        ends = sorted(s + lat / 1000 for s, lat in zip(run["starts_s"], run["latencies_ms"]))
+        bins = int(ends[-1] / 0.1) + 1
+        counts = [0] * bins
+        for end in ends:
+            counts[int(end / 0.1)] += 1
+        top.step([i * 0.1 for i in range(bins)], [c * 10 for c in counts], where="post", color=color,
+                 label=f"{run['concurrency']} concurrent ({run['throughput_per_s']:.0f}/s overall)")
+        bottom.scatter(run["starts_s"], run["latencies_ms"], s=3, color=color, alpha=0.6,
+                       label=f"{run['concurrency']} concurrent")
+    bottom.axhline(goal_ms, color=RED, ls="--", label=f"{goal_ms:.0f} ms")
+    top.set_ylabel("enrolments/s (per 100 ms)")
+    top.legend(fontsize=8)
+    top.grid(True, alpha=0.3)
+    bottom.set_ylabel("latency, ms")
+    bottom.set_xlabel("seconds since the run started")
+    bottom.legend(fontsize=8, markerscale=3)
+    bottom.grid(True, alpha=0.3)
+    top.set_title("throughput and latency over the run (nodes enrolled grows from 0 to "
+                  f"{shown[0]['requests']})")
+    _save(plt, fig, out_dir, "registry-timeline.png", names)
+
+    gen = data.get("generation") or []
+    if gen:
+        fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+        ax.plot([g["nodes"] for g in gen], [g["median_ms"] for g in gen], "o-", color=BLUE,
+                label="generate_slurm_conf, median of 5")
+        ax.axhline(data["goals"]["generation_ms"], color=RED, ls="--",
+                   label=f"goal < {data['goals']['generation_ms']:.0f} ms at 1000 nodes")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("enrolled nodes (log)")
+        ax.set_ylabel("ms (log)")
+        ax.set_title("slurm.conf generation time against the node count (Pi 3/4/5 mix)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        _save(plt, fig, out_dir, "registry-generation.png", names)
     return names
