@@ -438,7 +438,7 @@ class Registry:
             attempt += 1
             try:
                 resp = self.http.request(method, path, body, headers, timeout or self.timeout)
-            except ssl.SSLError as exc:
+            except ssl.SSLCertVerificationError as exc:
                 raise AgentError(
                     f"TLS check of {self.url} failed: its certificate does not chain to the pinned CA "
                     f"({self.ca_file}) or does not name this address ({_ssl_reason(exc)}); "
@@ -494,7 +494,7 @@ class _Https:
             try:
                 self.context = ssl.create_default_context(cafile=self.ca_file)  # that file only
             except (OSError, ValueError) as exc:
-                raise ssl.SSLError(f"cannot load the pinned CA {self.ca_file}: {exc}") from None
+                raise AgentError(f"{self.ca_file}: cannot load the pinned CA certificate ({exc})") from None
         return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout)
 
     def request(self, method, path, body, headers, timeout):
@@ -508,14 +508,18 @@ class _Https:
                 self.close()
                 self.conn = self._connect(timeout)
             self.conn.timeout = timeout
+            fresh = self.conn.sock is None  # connects (TLS handshake) in request()
             try:
                 self.conn.request(method, self.prefix + path, body=data, headers=headers)
                 resp = self.conn.getresponse()
                 content = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except ssl.SSLCertVerificationError:
                 self.close()
-                if reuse and self.conn is None:
-                    continue  # a kept-alive connection the server had closed: once more on a new one
+                raise
+            except (OSError, http.client.HTTPException):  # ssl.SSLError is an OSError
+                self.close()
+                if reuse and not fresh:
+                    continue  # a kept-alive connection the server had closed meanwhile: once more, new one
                 raise
             except BaseException:
                 self.close()

@@ -54,6 +54,32 @@ def test_tls_to_the_pinned_ca(cluster_a):
     assert srv.requests == [("GET", "/api/v1/health", None, None)]
 
 
+def test_a_kept_alive_connection_the_registry_closed_is_replaced(cluster_a):
+    """The agent keeps its TLS connection between requests; when the registry has closed it meanwhile (its
+    keep-alive ran out while the node started munge and slurmd), the request goes out again on a new
+    connection instead of failing as a TLS error (found at N=32: "TLS check ... failed" on 5 hosts)."""
+    s = sdir(cluster_a)
+    with ScriptedServer(s / "registry.crt", s / "registry.key", [(200, {"n": 1}), (200, {"n": 2})],
+                        keepalive_then_drop=True) as srv:
+        reg = registry(srv.url, s / "ca.crt")
+        assert reg.call("GET", "/health", "health").json() == {"n": 1}
+        assert reg.call("GET", "/munge-key", "munge key download", auth=("red01", "x")).json() == {"n": 2}
+    assert [r[1] for r in srv.requests] == ["/api/v1/health", "/api/v1/munge-key"]
+    assert srv.connections == 2
+
+
+def test_a_dropped_handshake_is_retried_not_a_pin_failure(cluster_a):
+    """A registry too busy to finish a TLS handshake (connection closed mid-handshake) is a connection
+    problem: retried with backoff. Only a certificate that fails verification is the fatal pin error
+    (found at N=32: five agents gave up with "TLS check ... failed (TLS handshake failed)")."""
+    s = sdir(cluster_a)
+    sleeps = []
+    with ScriptedServer(s / "registry.crt", s / "registry.key", [(200, {"ok": True})], drop_handshakes=2) as srv:
+        reg = registry(srv.url, s / "ca.crt", deadline=float("inf"), sleep=sleeps.append)
+        assert reg.call("GET", "/health", "health").json() == {"ok": True}
+    assert srv.connections == 3 and len(sleeps) == 2
+
+
 def test_server_of_another_ca_gets_no_request(cluster_a, cluster_b):
     """The pinned CA is A's; a server with B's certificate fails the handshake: no request, no token sent."""
     sb = sdir(cluster_b)

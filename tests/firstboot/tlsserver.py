@@ -14,13 +14,18 @@ class ScriptedServer:
     counts accepted TCP connections, including those whose TLS handshake failed.
     """
 
-    def __init__(self, certfile, keyfile, script):
+    def __init__(self, certfile, keyfile, script, keepalive_then_drop=False, drop_handshakes=0):
+        """``keepalive_then_drop``: answer as HTTP/1.1 without "Connection: close" (the client may keep the
+        connection) but close it right after each answer, as a server whose keep-alive timed out does.
+        ``drop_handshakes``: close the first n connections before the TLS handshake (an overloaded server)."""
         self.script = list(script)
         self.requests = []
         self.connections = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keepalive_then_drop else "HTTP/1.0"
+
             def log_message(self, *args):
                 pass
 
@@ -37,6 +42,8 @@ class ScriptedServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                if keepalive_then_drop:
+                    self.close_connection = True
 
             do_GET = do_POST = do_DELETE = _answer
 
@@ -49,6 +56,9 @@ class ScriptedServer:
                 return sock, addr
 
             def finish_request(self, request, client_address):
+                if outer.connections <= drop_handshakes:
+                    request.close()
+                    return
                 try:
                     request = ctx.wrap_socket(request, server_side=True)
                 except (ssl.SSLError, OSError):
