@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import skip_reason
+from tests.e2e.conftest import skip_reason, wait_for
 from tests.e2e.deploy_fixtures import deploy_lab
 
 WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
@@ -181,6 +181,14 @@ def test_the_manual_page_commands(lab):
     assert report["summary"] == {"hosts": 3, "changed": 0, "unchanged": 3, "failed": 0}
 
 
+def reconfigured_since_restart(lab):
+    """True when slurmctld's log shows a `scontrol reconfigure` processed after its latest start."""
+    lines = lab.mgr.path("/var/log/slurm/slurmctld.log").read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if "slurmctld version" in line and "started on cluster" in line]
+    reconf = [i for i, line in enumerate(lines) if "Processing Reconfiguration Request" in line]
+    return bool(starts and reconf and reconf[-1] > starts[-1])
+
+
 def test_a_node_removed_in_the_registry_is_enrolled_again(lab):
     status, _ = lab.api("DELETE", "/nodes/red01")
     assert status == 200
@@ -191,6 +199,14 @@ def test_a_node_removed_in_the_registry_is_enrolled_again(lab):
     assert "enrolment new" in host["changes"]
     assert not lab.hosts["red01"].path("/etc/pibake/join-token").exists()
     assert lab.wait_idle(NAMES)["red01"] == "idle"
+    # the registry sends its reconfigure a moment after the restart that added red01 back: red01's slurmd must
+    # survive it (deploy said idle), or the next deploy finds it dead
+    wait_for("slurmctld to process the registry's deferred reconfigure", lambda: reconfigured_since_restart(lab),
+             timeout=30)
+    before = daemons(lab, "red01")["slurmd"]
+    assert before, ("red01's slurmd is gone after the registry's reconfigure that followed its re-enrolment (deploy "
+                    f"had seen it idle)\n{lab.diagnostics()}")
+    assert lab.wait_idle(NAMES)["red01"] == "idle" and daemons(lab, "red01")["slurmd"] == before
 
 
 def test_stopped_host_is_reported_alone(lab):
