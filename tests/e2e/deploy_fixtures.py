@@ -142,7 +142,6 @@ class DeployLab(LabCluster):
                     path in HOST_DIRS or (os.path.isfile(path) and not os.path.islink(path))):
                 host.run(["mount", "--bind", str(host.root / path.lstrip("/")), path])
         (upper / "hosts").write_text(hosts_text)
-        host.etc_upper = upper
 
     @staticmethod
     def private_path(host, inside):
@@ -173,6 +172,11 @@ class DeployLab(LabCluster):
         self._write_ssh_config()
         wait_for(f"ssh to {name}", lambda: self.ssh(name, "true", check=False).returncode == 0, timeout=30)
         return host
+
+    def add_ssh_alias(self, alias, ip):
+        """An extra ``Host alias`` entry (HostName ``ip``) in the test's ssh config."""
+        self._names[alias] = ip
+        self._write_ssh_config()
 
     def wait_registry_down(self):
         wait_for("the registry port to close", lambda: self.api("GET", "/health", auth=None)[0] == 0, timeout=30)

@@ -8,6 +8,7 @@ ready. Tests run in file order on one lab."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,9 +33,15 @@ def lab(tmp_path_factory, request):
     if subprocess.run(["/usr/bin/python3", "-c", imports], capture_output=True, timeout=60).returncode != 0:
         pytest.skip("the manager's Debian python3 packages (python3-flask, gunicorn, ...) are missing: "
                     "run scripts/setup")
-    lab = deploy_lab(tmp_path_factory.mktemp("deploy-manager"), 140 + os.getpid() % 20, WORKERS, family="pm",
-                     manager=MANAGER, manager_sshd=True)
+    from pibake.bake.burn import manager_wheel
+
+    tmp = tmp_path_factory.mktemp("deploy-manager")
+    lab = deploy_lab(tmp, 140 + os.getpid() % 20, WORKERS, family="pm", manager=MANAGER, manager_sshd=True)
     try:
+        # one wheel for the whole module (--wheel): the re-runs must not see a new build of a changed checkout
+        built = manager_wheel()
+        lab.wheel = tmp / built.name
+        shutil.copyfile(built, lab.wheel)
         yield lab
     finally:
         if getattr(request.session, "testsfailed", 0):
@@ -43,7 +50,7 @@ def lab(tmp_path_factory, request):
 
 
 def deploy(lab, *args):
-    proc = run_pibake(lab, ["deploy", *args, "--json"])
+    proc = run_pibake(lab, ["deploy", *args, "--json", "--wheel", str(lab.wheel)])
     try:
         report = json.loads(proc.stdout)
     except ValueError:
@@ -67,7 +74,7 @@ def test_one_deploy_sets_up_the_manager_and_three_workers(lab):
     (commands, _), = [doc_blocks()["deploy-manager"]]
     (argv, code), = commands
     assert argv[:3] == ["pibake", "deploy", "--hosts"] and argv[3] == HOSTS and code == 0
-    proc, report = deploy(lab, *argv[2:])  # the manual's command, as written (plus --json)
+    proc, report = deploy(lab, *argv[2:])  # the manual's command, as written (plus --json and --wheel)
     assert proc.returncode == 0, f"{proc.stderr}\n{lab.diagnostics()}"
     assert report["summary"] == {"hosts": 4, "changed": 4, "unchanged": 0, "failed": 0}
     m, *workers = report["hosts"]
@@ -135,8 +142,7 @@ def test_rerun_changes_nothing_and_restarts_nothing(lab):
 
 
 def test_the_manager_under_another_name_is_not_made_a_worker(lab):
-    lab._names["boss"] = lab.manager_ip  # an ssh alias deploy cannot tell is the manager before it logs in
-    lab._write_ssh_config()
+    lab.add_ssh_alias("boss", lab.manager_ip)  # an ssh alias deploy cannot tell is the manager before it logs in
     proc, report = deploy(lab, "--hosts", "boss")
     assert proc.returncode == 1
     (host,) = report["hosts"]
@@ -172,7 +178,7 @@ def test_a_dead_registry_is_started_again_and_nothing_else(lab):
     assert report["summary"] == {"hosts": 4, "changed": 1, "unchanged": 3, "failed": 0}
     m = report["hosts"][0]
     assert (m["host"], m["role"], m["step"], m["status"]) == (MANAGER, "manager", "ready", "changed")
-    assert m["changes"] == ["pibake-registry started"]  # no file written, no reinstall, the agent changed nothing
+    assert m["changes"] == ["pibake-registry started"], m["changes"]  # no file written, no reinstall, the agent changed nothing
     assert lab.mgr.run(["stat", "-c", "%i %Y", *files]).stdout == stat_before
     assert pids(lab, MANAGER, "munged", "slurmctld") == munged
     assert pids(lab, MANAGER, "/opt/pibake/bin/pibake")["/opt/pibake/bin/pibake"]
