@@ -4,6 +4,8 @@ The schema is versioned with ``PRAGMA user_version`` and a ``migrations`` table 
 Each call opens its own short-lived connection (cheap with SQLite) so threads and gunicorn worker
 processes never share one. Enrolment runs in a ``BEGIN IMMEDIATE`` transaction: two concurrent
 enrolments of one hostname serialize, and the hostname primary key makes duplicates impossible.
+Enrolments that arrive while another commits are written together in the next transaction (group
+commit: one write-lock turn and one fsync for the batch; each returns only once its row is committed).
 Only a hash of each node credential is stored.
 """
 
@@ -97,6 +99,17 @@ def _row_to_node(row):
     return node
 
 
+class _Pending:
+    """One enrolment waiting for a group commit: its statement, then its row (None: MAC conflict)."""
+
+    __slots__ = ("sql", "params", "row", "error", "done")
+
+    def __init__(self, sql, params):
+        self.sql, self.params = sql, params
+        self.row = self.error = None
+        self.done = False
+
+
 class Store:
     """Nodes in ``<cluster_dir>/registry.db``."""
 
@@ -106,6 +119,9 @@ class Store:
         self._thread_lock = threading.Lock()
         self._local = threading.local()
         self._facts_cache = {}  # hostname -> (slurmd_c JSON text, parsed facts), see slurm_rows()
+        self._commit_cond = threading.Condition()  # group commit of enrolments, see _group_commit()
+        self._commit_queue = []
+        self._commit_leading = False
         self.migrate()
 
     @contextlib.contextmanager
@@ -206,21 +222,57 @@ class Store:
         insert = dict(values, status="pending" if require_approval else "enrolled", message="", enrolled_at=now,
                       enrol_count=1)
         # One statement inserts or updates (same MAC) and returns the row; with another MAC the update's
-        # WHERE is false and nothing comes back. Little runs under the write lock: every statement
-        # releases and retakes the GIL, and under load each retake can wait for another thread.
+        # WHERE is false and nothing comes back.
         updates = ", ".join(f"{k} = excluded.{k}" for k in values if k != "hostname")
         sql = (f"INSERT INTO nodes ({', '.join(insert)}) VALUES ({', '.join('?' * len(insert))}) "
                f"ON CONFLICT(hostname) DO UPDATE SET {updates}, message = '', "
                "status = CASE WHEN nodes.status = 'pending' THEN 'pending' ELSE 'enrolled' END, "
                "enrol_count = nodes.enrol_count + 1 WHERE nodes.mac = excluded.mac RETURNING *")
+        item = _Pending(sql, tuple(insert.values()))
+        self._group_commit(item)
+        if item.error is not None:
+            raise item.error
+        if item.row is None:
+            raise ConflictError(record["hostname"])
+        return _row_to_node(item.row), credential, item.row["enrol_count"] == 1
+
+    def _group_commit(self, item):
+        """Write ``item`` together with the enrolments other threads of this process queued meanwhile:
+        one thread leads, writes the whole queue in one transaction (one write-lock turn, one fsync) and
+        wakes the others. Every item is committed (or failed) before its thread returns. One transaction
+        per enrolment made the write lock the bottleneck under load: every statement releases and retakes
+        the GIL, and a holder that waits for it holds every other writer up (bench/registry)."""
+        cond = self._commit_cond
+        with cond:
+            self._commit_queue.append(item)
+            while not item.done and self._commit_leading:
+                cond.wait()
+            if item.done:
+                return
+            self._commit_leading = True
+            batch, self._commit_queue = self._commit_queue, []
+        try:
+            self._write_batch(batch)
+        except BaseException as exc:  # the transaction was rolled back: nothing of the batch is stored
+            for other in batch:
+                other.error = exc
+            raise
+        finally:
+            with cond:
+                for other in batch:
+                    other.done = True
+                self._commit_leading = False
+                cond.notify_all()
+
+    def _write_batch(self, batch):
         with self.connect(immediate=True) as conn:
-            rows = conn.execute(sql, tuple(insert.values())).fetchall()
-            if not rows:
-                raise ConflictError(record["hostname"])
-            self._bump(conn)
-        created = rows[0]["enrol_count"] == 1
-        node = _row_to_node(rows[0])
-        return node, credential, created
+            changed = False
+            for item in batch:
+                rows = conn.execute(item.sql, item.params).fetchall()
+                item.row = rows[0] if rows else None
+                changed = changed or bool(rows)
+            if changed:
+                self._bump(conn)
 
     def get(self, hostname):
         with self.connect() as conn:

@@ -220,3 +220,97 @@ def test_apply_without_a_counter_always_applies(cluster_dir, tmp_path):
     reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     reg.enrol(enrolment("red01", 1))
     assert reg.apply_slurm()["action"] == "unchanged"  # generated and compared, not skipped
+
+
+# ---------------------------------------------------------------------- Store group commit
+
+class HeldBatches:
+    """Wraps a store's _write_batch: the first batch waits for ``release``; records every batch's size."""
+
+    def __init__(self, store, fail_batch=None):
+        self.store = store
+        self.real = store._write_batch
+        self.sizes = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_batch = fail_batch
+        store._write_batch = self
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch))
+        if len(self.sizes) == 1:
+            self.entered.set()
+            if not self.release.wait(WAIT_S):
+                raise AssertionError("the test never released the first batch")
+        if len(self.sizes) == self.fail_batch:  # the rows are written, then the transaction fails
+            def fail(_conn):
+                raise RuntimeError("disk full (test)")
+            self.store._bump = fail
+            try:
+                return self.real(batch)
+            finally:
+                del self.store._bump
+        return self.real(batch)
+
+
+def store_enrol_in_threads(store, records, results):
+    threads = []
+    for rec in records:
+        def run(rec=rec):
+            try:
+                results[rec["hostname"]] = ("ok",) + store.enrol(rec)
+            except Exception as exc:  # pylint: disable=broad-except
+                results[rec["hostname"]] = ("error", exc)
+        threads.append(threading.Thread(target=run, daemon=True))
+    for t in threads:
+        t.start()
+    return threads
+
+
+def queued(store, n):
+    with store._commit_cond:
+        return len(store._commit_queue) == n
+
+
+def test_enrolments_queued_behind_a_commit_share_the_next_transaction(cluster_dir):
+    store = Store(cluster_dir)
+    store.enrol(record("red09", 9))  # red09 exists: another MAC for it below is a conflict
+    seq = store.node_set_seq()
+    held = HeldBatches(store)
+    results = {}
+    first = store_enrol_in_threads(store, [record("red01", 1)], results)
+    assert held.entered.wait(WAIT_S)
+    rest = [record(f"red{i:02d}", i) for i in range(2, 9)] + [record("red09", 9, mac="dc:a6:32:99:99:99")]
+    others = store_enrol_in_threads(store, rest, results)
+    wait_until(lambda: queued(store, 8), "8 enrolments queued behind the first commit")
+    held.release.set()
+    for t in first + others:
+        t.join(WAIT_S)
+    assert held.sizes == [1, 8]  # the eight waiting enrolments were written in one transaction
+    assert isinstance(results.pop("red09")[1], ConflictError)  # only the conflicting one failed
+    assert all(r[0] == "ok" and r[3] is True for r in results.values())
+    assert {r[1]["hostname"] for r in results.values()} == {f"red{i:02d}" for i in range(1, 9)}
+    for name, (_, _, credential, _) in results.items():
+        assert store.check_credential(name, credential) is not None
+    assert store.count() == 9
+    assert store.node_set_seq() == seq + 2  # one bump per transaction that changed something
+
+
+def test_a_failed_group_commit_fails_every_enrolment_in_it_and_stores_none(cluster_dir):
+    store = Store(cluster_dir)
+    held = HeldBatches(store, fail_batch=2)
+    results = {}
+    first = store_enrol_in_threads(store, [record("red01", 1)], results)
+    assert held.entered.wait(WAIT_S)
+    others = store_enrol_in_threads(store, [record("red02", 2), record("red03", 3)], results)
+    wait_until(lambda: queued(store, 2), "2 enrolments queued")
+    held.release.set()
+    for t in first + others:
+        t.join(WAIT_S)
+    assert held.sizes == [1, 2]
+    assert results["red01"][0] == "ok"
+    assert results["red02"][0] == "error" and results["red03"][0] == "error"
+    assert str(results["red02"][1]) == "disk full (test)"
+    assert [n["hostname"] for n in store.list()] == ["red01"]  # the failed batch left nothing behind
+    store.enrol(record("red02", 2))  # and the store works on
+    assert store.count() == 2
