@@ -1201,10 +1201,14 @@ class Agent:
                         self.services.daemon_reload()
                         slurm_changed = True
                 hosts_changed = c["hosts_file"] in self.result["changed"]
+                # A slurmd left running across a new enrolment (the node had been removed in the registry) is
+                # unknown to the slurmctld that re-added the node and dies at the registry's next reconfigure
+                # like one that started during a restart (see Services.confirm_slurmd): start it afresh.
+                enrolled_now = self.result["enrolment"] in ("new", "re-enrolled")
                 self.result["services"]["munge"] = self.services.ensure("munge", restart=key_changed)
                 since = time.time()
                 self.result["services"]["slurmd"] = self.services.ensure(
-                    "slurmd", restart=key_changed or slurm_changed or hosts_changed, options=options)
+                    "slurmd", restart=key_changed or slurm_changed or hosts_changed or enrolled_now, options=options)
                 if self.result["services"]["slurmd"] in ("started", "restarted"):
                     again = self.services.confirm_slurmd(hostname, options, since=since)
                     if again:
