@@ -137,7 +137,7 @@ def test_worker_content():
     assert user["name"] == "pi" and user["lock_passwd"] is True
     assert user["ssh_authorized_keys"] == [ssh_key()]
     assert config["ssh_pwauth"] is False
-    assert config["packages"] == ["slurmd", "munge", "python3-requests", "python3-psutil"]
+    assert config["packages"] == ["slurmd", "munge", "slurm-client", "python3-psutil"]
     assert config["timezone"] == "Europe/Berlin"
     files = files_of(seed)
     agent_cfg = json.loads(files["/etc/pibake/agent.json"]["content"])
