@@ -40,7 +40,7 @@ RESERVED_HOSTNAMES = {"admin"}
 STATUS_STATES = ("ready", "error")
 OPTION_KEYS = ("require_approval", "slurm_conf", "slurm_apply", "slurm_settings", "slurm_state",
                "apply_timeout")
-SINFO_CACHE_SECONDS = 3
+SINFO_CACHE_SECONDS = 0.5  # deploy polls GET /nodes every 0.5 s while it waits for idle nodes
 
 
 class RegistryError(Exception):

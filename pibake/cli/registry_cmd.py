@@ -54,7 +54,7 @@ def registry_group():
               help="New nodes wait as pending until `pibake registry accept HOST` (or the page).")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="gunicorn worker processes.")
-@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True,
+@click.option("--threads", type=click.IntRange(1, 256), default=32, show_default=True,
               help="Threads per worker (enrolments wait for slurmctld, so several per worker).")
 @_serve_slurm_options
 @pass_state
