@@ -12,6 +12,7 @@ test_agent_source_shipped_verbatim checks the real one.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -344,6 +345,23 @@ def test_hosts_entry_is_idempotent_and_replaces(tmp_path):
         subprocess.run(["sh", str(script), ip, "red00"], env=env, check=True, timeout=30)
     assert hosts.read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1\tred00\n# red00 comment\n10.1.1.99 old # was\n"
                                  "10.1.1.20 other  red000\n10.1.1.50\tred00\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (mount namespace)")
+def test_hosts_entry_on_a_bind_mounted_hosts_file(tmp_path):
+    """A container's /etc/hosts is a bind mount: rename onto it fails (EBUSY), so the script rewrites it in place
+    and leaves no temp file."""
+    script = _script(render("worker"), "pibake-hosts-entry", tmp_path)
+    outside, hosts = tmp_path / "outside", tmp_path / "etc" / "hosts"
+    hosts.parent.mkdir()
+    outside.write_text("127.0.0.1\tlocalhost\n")
+    hosts.write_text("")
+    inner = f"mount --bind {outside} {hosts} && PIBAKE_HOSTS_FILE={hosts} sh {script} 10.1.1.10 red00"
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", inner], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert outside.read_text() == "127.0.0.1\tlocalhost\n10.1.1.10\tred00\n"
+    assert sorted(p.name for p in hosts.parent.iterdir()) == ["hosts"]
 
 
 @pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd is PID 1 here: would start real units")
