@@ -67,8 +67,11 @@ import hashlib
 import json
 import logging
 import shlex
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from pibake.errors import ConfigError, PibakeError, PlanError
 
@@ -76,7 +79,7 @@ LOG = logging.getLogger(__name__)
 
 STEPS = ("connect", "facts", "packages", "files", "agent", "idle")
 MANAGER_STEPS = ("connect", "facts", "packages", "files", "install", "registry", "agent", "ready")
-ROLE_PACKAGES = {"worker": ("slurmd", "munge", "python3-requests", "python3-psutil")}
+ROLE_PACKAGES = {"worker": ("slurmd", "munge", "slurm-client", "python3-psutil")}  # as the worker seed
 
 AGENT_PATH = "/usr/local/lib/pibake/agent.py"
 AGENT_CONFIG = "/etc/pibake/agent.json"
@@ -97,6 +100,7 @@ DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 180
 IDLE_POLL_S = 0.5  # each poll makes the registry run sinfo on the manager
 AGENT_RETRY_AFTER_S = 20
+CONTROL_PERSIST_S = 120  # an ssh master outlives its host's last session this long; deploy stops them at the end
 ENROL_GATE_MAX_S = 30  # the longest a host ready to enrol waits for slower hosts (see _Pipeline._to_agent)  # a node not idle this long after its agent ran gets one more agent run
 
 _MARK = "@@pibake "
@@ -978,46 +982,57 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
         host_runs.insert(0, mgr)  # deploy sets the manager up: it gets its row, first
     LOG.info("deploy: %d host(s), up to %d ssh sessions at once, registry %s", len(targets), parallel,
              registry.base)
-    pipeline = _Pipeline(cluster, host_runs, secrets=secrets, user=user, parallel=parallel,
-                         connect_timeout=connect_timeout, ssh_options=tuple(ssh_options), progress=progress)
-    if why is not None and plan is None:
-        # something answers at the registry's address, but not this cluster's healthy registry: never
-        # overwrite what runs there
-        mgr.started = t_health
-        if not in_hosts:
-            host_runs.insert(0, mgr)
-        mgr.result.step = "registry"
-        pipeline._fail(mgr, f"registry: {registry.base}/health: {why}; deploy sets up only a manager "  # pylint: disable=protected-access
-                            "whose registry is not running (is it this cluster's manager?)")
-    elif plan is None:  # the registry answers: the manager is left alone
-        mgr.started = t_health
-        mgr.result.timings["registry"] = time.monotonic() - t_health
-        if in_hosts:
-            pipeline._note(mgr, step="ready", status="unchanged")  # pylint: disable=protected-access
-    else:
-        LOG.info("deploy: the registry at %s does not answer (%s); setting up the manager %s over ssh",
-                 registry.base, why, manager_target)
-        _setup_manager(pipeline, mgr, registry)
-    if mgr.result.status == "failed":
-        for w in workers:
-            w.started = w.started or time.monotonic()
-            w.result.error = manager_not_ready(mgr.result)
-            pipeline._note(w, status="failed")  # pylint: disable=protected-access
-    elif workers:
-        pipeline.run(workers)
-        # A node whose slurmd did not stay up (e.g. it started while slurmctld restarted for other nodes) is
-        # not idle after a short while: run its agent once more (it starts what is not running), then wait.
-        idle_end = time.monotonic() + idle_timeout
-        _wait_idle(registry, workers, min(idle_timeout, AGENT_RETRY_AFTER_S), progress, final=False)
-        stragglers = [h for h in workers if h.result.status == "running" and h.result.step == "idle"]
-        if stragglers:
-            LOG.info("deploy: %s not idle after %d s; running the agent there again",
-                     ", ".join(h.result.host for h in stragglers), AGENT_RETRY_AFTER_S)
-            pipeline.rerun_agent(stragglers)
-        _wait_idle(registry, workers, max(0.0, idle_end - time.monotonic()), progress, budget=idle_timeout)
-    return DeployReport(hosts=[h.result for h in host_runs], manager=cluster.manager,
-                        registry=registry.base.rsplit("/api/v1", 1)[0], parallel=parallel,
-                        started_at=started_wall, duration_s=time.monotonic() - t0)
+    # One ssh connection per host for all its steps (OpenSSH ControlMaster): the key exchange is most of what
+    # an ssh session costs (OpenSSH 9.2, default sntrup761x25519 KEX: ~60 ms CPU for `ssh host true`, ~5 ms
+    # through an open master), so a host's sessions cost one handshake plus cheap multiplexed ones.
+    control_dir = tempfile.mkdtemp(prefix="pibake-ssh-")  # 0700; one socket per host, named by ssh's %C hash
+    mux = ("-oControlMaster=auto", f"-oControlPath={control_dir}/%C", f"-oControlPersist={CONTROL_PERSIST_S}")
+    try:
+        ssh_options = with_planned_addresses([h.result.host for h in host_runs], planned_addresses(cluster, cluster_dir),
+                                             tuple(ssh_options), control_dir)
+        pipeline = _Pipeline(cluster, host_runs, secrets=secrets, user=user, parallel=parallel,
+                             connect_timeout=connect_timeout, ssh_options=tuple(ssh_options) + mux, progress=progress)
+        if why is not None and plan is None:
+            # something answers at the registry's address, but not this cluster's healthy registry: never
+            # overwrite what runs there
+            mgr.started = t_health
+            if not in_hosts:
+                host_runs.insert(0, mgr)
+            mgr.result.step = "registry"
+            pipeline._fail(mgr, f"registry: {registry.base}/health: {why}; deploy sets up only a manager "  # pylint: disable=protected-access
+                                "whose registry is not running (is it this cluster's manager?)")
+        elif plan is None:  # the registry answers: the manager is left alone
+            mgr.started = t_health
+            mgr.result.timings["registry"] = time.monotonic() - t_health
+            if in_hosts:
+                pipeline._note(mgr, step="ready", status="unchanged")  # pylint: disable=protected-access
+        else:
+            LOG.info("deploy: the registry at %s does not answer (%s); setting up the manager %s over ssh",
+                     registry.base, why, manager_target)
+            _setup_manager(pipeline, mgr, registry)
+        if mgr.result.status == "failed":
+            for w in workers:
+                w.started = w.started or time.monotonic()
+                w.result.error = manager_not_ready(mgr.result)
+                pipeline._note(w, status="failed")  # pylint: disable=protected-access
+        elif workers:
+            pipeline.run(workers)
+            # A node whose slurmd did not stay up (e.g. it started while slurmctld restarted for other nodes) is
+            # not idle after a short while: run its agent once more (it starts what is not running), then wait.
+            idle_end = time.monotonic() + idle_timeout
+            _wait_idle(registry, workers, min(idle_timeout, AGENT_RETRY_AFTER_S), progress, final=False)
+            stragglers = [h for h in workers if h.result.status == "running" and h.result.step == "idle"]
+            if stragglers:
+                LOG.info("deploy: %s not idle after %d s; running the agent there again",
+                         ", ".join(h.result.host for h in stragglers), AGENT_RETRY_AFTER_S)
+                pipeline.rerun_agent(stragglers)
+            _wait_idle(registry, workers, max(0.0, idle_end - time.monotonic()), progress, budget=idle_timeout)
+        return DeployReport(hosts=[h.result for h in host_runs], manager=cluster.manager,
+                            registry=registry.base.rsplit("/api/v1", 1)[0], parallel=parallel,
+                            started_at=started_wall, duration_s=time.monotonic() - t0)
+    finally:
+        _close_masters(host_runs, tuple(ssh_options) + mux, user)
+        shutil.rmtree(control_dir, ignore_errors=True)
 
 
 REGISTRY_DOWN = ("connection refused", "timed out", "cannot connect")
@@ -1028,6 +1043,91 @@ def registry_down(why):
     then deploy sets the manager up. A TLS failure or an HTTP error means something runs there that is not
     this cluster's healthy registry: deploy does not touch it."""
     return why in REGISTRY_DOWN
+
+
+def planned_addresses(cluster, cluster_dir):
+    """{hostname: IP} of the machines this cluster planned: plan.yaml's nodes and cluster.yaml's manager."""
+    from pibake.plan import recorded_plan
+
+    out = {n.hostname: n.ip for n in recorded_plan(cluster_dir)}
+    out[cluster.manager] = cluster.manager_ip
+    return out
+
+
+def split_config_option(ssh_options):
+    """(the ssh config file given with ``-F`` or None, the other options) (pure)."""
+    opts, config, i = list(ssh_options), None, 0
+    rest = []
+    while i < len(opts):
+        if opts[i] == "-F" and i + 1 < len(opts):
+            config, i = opts[i + 1], i + 2
+            continue
+        if opts[i].startswith("-F") and len(opts[i]) > 2:
+            config, i = opts[i][2:], i + 1
+            continue
+        rest.append(opts[i])
+        i += 1
+    return config, tuple(rest)
+
+
+def address_config(names, planned, user_config=None, home=None):
+    """The text of an ssh config that reaches ``names`` at their planned addresses (pure).
+
+    The user's own config comes first (``user_config`` given with -F, else ~/.ssh/config and
+    /etc/ssh/ssh_config, as ssh reads them), so whatever it says wins; the blocks after it only add
+    ``HostName <planned IP>`` and ``HostKeyAlias <name>`` (host keys stay filed under the name the user gave)."""
+    import os
+
+    if user_config == "none":
+        includes = []
+    elif user_config:
+        includes = [os.path.abspath(os.path.expanduser(user_config))]
+    else:
+        includes = [os.path.join(home or os.path.expanduser("~"), ".ssh", "config"), "/etc/ssh/ssh_config"]
+    lines = ["# pibake deploy: the planned addresses of this cluster's machines (plan.yaml, cluster.yaml);",
+             "# your own ssh configuration is read first and wins"]
+    lines += ['Include "%s"' % path.replace('"', "") for path in includes]
+    for name in names:
+        lines += [f"Host {name}", f"    HostName {planned[name]}", f"    HostKeyAlias {name}"]
+    return "\n".join(lines) + "\n"
+
+
+def _ssh_hostname(target, ssh_options):
+    """What ssh would connect to for ``target`` with these options (``ssh -G``; no connection is made)."""
+    from pibake.errors import CommandError
+    from pibake.run import run
+
+    try:
+        proc = run(["ssh", *ssh_options, "-G", target], timeout=10, check=False)
+    except CommandError:
+        return target
+    for line in proc.stdout.splitlines():
+        if line.startswith("hostname "):
+            return line.split(None, 1)[1].strip()
+    return target
+
+
+def with_planned_addresses(targets, planned, ssh_options, directory):
+    """``ssh_options`` extended so that names of ``targets`` that ssh cannot map by itself (its config gives no
+    HostName for them) and that the cluster planned reach their planned address: a config file written to
+    ``directory`` that includes the user's own. Names nobody planned, and IPs, are left to ssh (and DNS)."""
+    import ipaddress
+
+    def is_ip(value):
+        try:
+            ipaddress.ip_address(value)
+            return True
+        except ValueError:
+            return False
+
+    names = [t for t in targets if t in planned and not is_ip(t) and _ssh_hostname(t, ssh_options) == t]
+    if not names:
+        return tuple(ssh_options)
+    user_config, rest = split_config_option(ssh_options)
+    path = Path(directory) / "ssh_config"
+    path.write_text(address_config(names, planned, user_config))
+    LOG.info("deploy: %s reached at their planned addresses (%s)", ", ".join(names), path)
+    return ("-F", str(path), *rest)
 
 
 def manager_ssh_target(cluster, targets, manager=None):
@@ -1073,6 +1173,19 @@ def _setup_manager(pipeline, mgr, registry):
         return
     LOG.info("deploy: the manager's registry answers; running its agent")
     pipeline.manager_agent(mgr)
+
+
+def _close_masters(host_runs, ssh_options, user):
+    """Stop this deploy's ssh master connections (``ssh -O exit``; a host never reached has none)."""
+    from pibake.errors import CommandError
+    from pibake.run import run
+
+    for h in host_runs:
+        try:
+            run(["ssh", *ssh_options, *(["-l", user] if user else []), "-O", "exit", h.result.host], timeout=10,
+                check=False)
+        except CommandError:
+            LOG.debug("deploy: %s: no ssh master to stop", h.result.host)
 
 
 def _wait_idle(registry, host_runs, timeout, progress, final=True, budget=None):

@@ -30,7 +30,7 @@ w1
 @@pibake packages
 munge installed
 python3-psutil installed
-python3-requests installed
+slurm-client installed
 slurmd installed
 @@pibake sha256
 @@pibake credential
@@ -49,7 +49,7 @@ red01
 0
 @@pibake packages
 munge not-installed
-python3-requests installed
+slurm-client not-installed
 @@pibake sha256
 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef  /usr/local/lib/pibake/agent.py
 @@pibake credential
@@ -98,7 +98,7 @@ def test_parse_facts_pi():
     assert f["systemd"] is True and f["credential"] is True
     assert f["sha256"] == {"/usr/local/lib/pibake/agent.py": "0123456789abcdef" * 4}
     # not-installed and absent packages are both missing, in the role's order
-    assert d.missing_packages("worker", f["packages"]) == ["slurmd", "munge", "python3-psutil"]
+    assert d.missing_packages("worker", f["packages"]) == ["slurmd", "munge", "slurm-client", "python3-psutil"]
 
 
 def test_parse_facts_cut_short():
@@ -393,3 +393,45 @@ def test_parse_facts_venv():
 ])
 def test_registry_down_decides_whether_the_manager_is_set_up(why, down):
     assert d.registry_down(why) is down
+
+
+# --------------------------------------------------------------------------- planned names over ssh
+
+
+def test_split_config_option_takes_out_only_the_config_file():
+    assert d.split_config_option(("-F", "/x/cfg", "-oBatchMode=yes")) == ("/x/cfg", ("-oBatchMode=yes",))
+    assert d.split_config_option(("-F/x/cfg",)) == ("/x/cfg", ())
+    assert d.split_config_option(("-v",)) == (None, ("-v",))
+
+
+def test_address_config_reads_the_users_config_first(tmp_path):
+    text = d.address_config(["red01"], {"red01": "10.1.1.11"}, None, home=str(tmp_path))
+    lines = text.splitlines()
+    first_host = next(i for i, ln in enumerate(lines) if ln.startswith("Host "))
+    assert f'Include "{tmp_path}/.ssh/config"' in lines[:first_host]
+    assert 'Include "/etc/ssh/ssh_config"' in lines[:first_host]
+    assert lines[first_host:] == ["Host red01", "    HostName 10.1.1.11", "    HostKeyAlias red01"]
+    assert 'Include' not in d.address_config(["a"], {"a": "10.1.1.2"}, "none")
+
+
+def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
+    """Real `ssh -G` (no connection): a planned name ssh cannot map goes to its planned IP; a name the
+    user's config maps keeps the user's HostName; an unplanned name and an IP are left alone."""
+    user = tmp_path / "user_config"
+    user.write_text("Host red02\n    HostName 10.99.0.2\n    Port 2202\nHost *\n    User pi\n")
+    planned = {"red01": "10.1.1.11", "red02": "10.1.1.12", "red00": "10.1.1.10"}
+    opts = d.with_planned_addresses(["red01", "red02", "blue01", "10.1.1.13"], planned,
+                                    ("-F", str(user), "-oBatchMode=yes"), tmp_path)
+    assert opts[0] == "-F" and opts[1] == str(tmp_path / "ssh_config") and opts[2:] == ("-oBatchMode=yes",)
+
+    def resolved(name):
+        out = subprocess.run(["ssh", *opts, "-G", name], capture_output=True, text=True, check=True).stdout
+        return {ln.split(None, 1)[0]: ln.split(None, 1)[1] for ln in out.splitlines() if " " in ln}
+
+    r1 = resolved("red01")
+    assert (r1["hostname"], r1["hostkeyalias"], r1["user"]) == ("10.1.1.11", "red01", "pi")
+    r2 = resolved("red02")
+    assert (r2["hostname"], r2["port"]) == ("10.99.0.2", "2202")
+    assert resolved("blue01")["hostname"] == "blue01"
+    # nothing to map: the options come back as given, and no file is written
+    assert d.with_planned_addresses(["10.1.1.13"], planned, ("-v",), tmp_path / "none") == ("-v",)
