@@ -171,3 +171,100 @@ def _name(comm, side):
     if comm in ("sh", "bash", "dash"):
         return f"shells ({side})"
     return f"other ({side})"
+
+
+# --------------------------------------------------------------------------- exact CPU per side (cgroup v1)
+
+CPUACCT = "/sys/fs/cgroup/cpuacct"
+SIDES = ("node", "manager", "deployer")
+
+
+def pid_namespace(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+class SideCgroups:
+    """Exact CPU per side with cgroup v1 cpuacct: every process of a lab host (found by its PID namespace)
+    goes to that host's side, this process to ``deployer``; children inherit their parent's group, so every
+    ssh client, sshd session, agent, shell, munged, slurmd, registry thread and slurmctld is counted, short
+    processes included (BSD accounting rounds those down to 0), with the kernel time charged to them.
+
+        groups = SideCgroups.create("pibake-bench-123")   # None when cgroup v1 cpuacct is not writable
+        groups.assign({"node": [pid1_of_each_worker], "manager": [pid1_of_the_manager]})
+        before = groups.usage(); ...; after = groups.usage()
+        groups.close()                                      # everything back to the root group
+    """
+
+    def __init__(self, root):
+        self.root = root
+
+    @classmethod
+    def create(cls, name):
+        root = os.path.join(CPUACCT, name)
+        try:
+            os.makedirs(root, exist_ok=True)
+            for side in SIDES:
+                os.makedirs(os.path.join(root, side), exist_ok=True)
+        except OSError:
+            return None
+        return cls(root)
+
+    def _move(self, pid, side):
+        try:
+            with open(os.path.join(self.root, side, "cgroup.procs"), "w") as fh:
+                fh.write(str(pid))
+        except OSError:
+            pass  # exited meanwhile
+
+    def assign(self, inits):
+        """``inits``: {side: [PID 1 of each lab host on that side]}; this process goes to ``deployer``."""
+        ns_side = {}
+        for side, pids in inits.items():
+            for pid in pids:
+                ns = pid_namespace(pid)
+                if ns:
+                    ns_side[ns] = side
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                side = ns_side.get(pid_namespace(int(entry)))
+                if side:
+                    self._move(int(entry), side)
+        self._move(os.getpid(), "deployer")
+
+    def usage(self):
+        out = {}
+        for side in SIDES:
+            with open(os.path.join(self.root, side, "cpuacct.usage")) as fh:
+                out[side] = int(fh.read()) / 1e9
+        return out
+
+    def close(self):
+        for _ in range(5):
+            left = False
+            for side in SIDES:
+                try:
+                    with open(os.path.join(self.root, side, "cgroup.procs")) as fh:
+                        pids = fh.read().split()
+                except OSError:
+                    continue
+                for pid in pids:
+                    left = True
+                    try:
+                        with open(os.path.join(CPUACCT, "cgroup.procs"), "w") as fh:
+                            fh.write(pid)
+                    except OSError:
+                        pass
+            if not left:
+                break
+        for side in SIDES:
+            try:
+                os.rmdir(os.path.join(self.root, side))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.root)
+        except OSError:
+            pass
