@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from pibake.errors import PibakeError, SeedError
+from pibake.registry.slurmctl import parse_sinfo
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -128,16 +129,6 @@ def boot_order(hosts, manager_delay):
     others = [h for h in hosts if h["role"] != "manager"]
     groups = [managers, others] if not manager_delay else [others, managers]
     return [g for g in groups if g]
-
-
-def parse_sinfo(text):
-    """{node: state} from ``sinfo -N -h -o '%N %T'`` (a node in several partitions: its first line)."""
-    states = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            states.setdefault(parts[0], parts[1])
-    return states
 
 
 def enter_argv(pid):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import skip_reason
+from tests.test_docs import keys_of  # noqa: F401  (the manual's JSON samples are compared by shape)
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 WORKERS = ("w1", "w2", "w3")
@@ -144,15 +145,6 @@ def normalized(report):
             return [walk(v) for v in x]
         return x
     return walk(report)
-
-
-def keys_of(value):
-    """The shape of a JSON value: dict keys recursively, a list by its first element."""
-    if isinstance(value, dict):
-        return {k: keys_of(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [keys_of(value[0])] if value else []
-    return None
 
 
 DOC_BLOCK_RE = re.compile(r"```sh\n# doc-test: ([a-z0-9-]+)\n(.*?)```(?:\s*```json\n(.*?)```)?", re.S)

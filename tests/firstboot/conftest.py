@@ -42,3 +42,18 @@ def write_agent_config(node_dir, registry_url, ca_crt, token, **extra):
     path.write_text(json.dumps(config))
     path.chmod(0o600)
     return path
+
+
+class FakeTime:
+    """Injected clock and sleep: retries are tested without waiting."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds

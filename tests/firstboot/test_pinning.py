@@ -5,7 +5,7 @@ import pytest
 
 from pibake import secrets
 from pibake.firstboot import agent
-from tests.firstboot.conftest import write_agent_config
+from tests.firstboot.conftest import FakeTime, write_agent_config
 from tests.firstboot.tlsserver import ScriptedServer, free_port
 
 
@@ -100,21 +100,6 @@ def test_system_trust_store_and_env_are_not_used(cluster_a, cluster_b, monkeypat
         with pytest.raises(agent.AgentError, match="pinned CA"):
             registry(srv.url, sdir(cluster_a) / "ca.crt").call("GET", "/health", "health")
     assert srv.requests == []
-
-
-class FakeTime:
-    """Injected clock and sleep: retries are tested without waiting."""
-
-    def __init__(self):
-        self.now = 0.0
-        self.sleeps = []
-
-    def clock(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def test_retries_5xx_with_capped_full_jitter(cluster_a):

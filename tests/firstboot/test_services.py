@@ -4,22 +4,10 @@ retries with backoff until the deadline (a real child process each time; an inje
 import pytest
 
 from pibake.firstboot import agent
+from tests.firstboot.conftest import FakeTime
 
 FLAKY = ("n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}; "
          "[ $n -ge {ok} ] || {{ echo 'slurmd: error: slurmd initialization failed' >&2; exit 1; }}")
-
-
-class FakeTime:
-    def __init__(self):
-        self.now = 0.0
-        self.sleeps = []
-
-    def clock(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def services(t, deadline, **kw):
