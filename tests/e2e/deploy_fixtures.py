@@ -23,13 +23,14 @@ created). Its Python libraries are this machine's Debian packages (python3-flask
 seed's package list, installed by scripts/setup), as on a manager Pi: the lab has no internet.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from pibake.lab import LabNetwork, cleanup_stale, run_prefix
-from tests.e2e.conftest import LabCluster, wait_for
+from tests.e2e.conftest import LabCluster, skip_reason, wait_for
 
 FAMILY = "pd"
 LIB_DIR = "/usr/local/lib/pibake"
@@ -234,3 +235,19 @@ def deploy_lab(tmp, octet, workers=(), family=FAMILY, manager="mgr", manager_ssh
         lab.destroy()
         raise
     return lab
+
+
+def deploy_lab_missing():
+    """Why a deploy lab cannot run here (None when it can): root, namespaces, Slurm, munge, and sshd."""
+    return skip_reason() or (None if os.path.exists("/usr/sbin/sshd") else "openssh-server is not installed")
+
+
+@contextlib.contextmanager
+def module_lab(request, lab):
+    """A test module's lab: yields it, prints its diagnostics when a test of the session failed, destroys it."""
+    try:
+        yield lab
+    finally:
+        if getattr(request.session, "testsfailed", 0):
+            print(lab.diagnostics(), file=sys.stderr)
+        lab.destroy()

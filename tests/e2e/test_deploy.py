@@ -7,34 +7,28 @@ lab: manager red00 (registry, no sshd), workers red01-red03 with sshd only."""
 
 import json
 import os
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import skip_reason, wait_for
-from tests.e2e.deploy_fixtures import deploy_lab
+from tests.e2e.conftest import wait_for
+from tests.e2e.deploy_fixtures import deploy_lab, deploy_lab_missing, module_lab
+from tests.e2e.verify_fixtures import doc_blocks as page_blocks
 
 WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
-DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 NAMES = [n for n, _ in WORKERS]
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    reason = skip_reason() or (None if os.path.exists("/usr/sbin/sshd") else "openssh-server is not installed")
+    reason = deploy_lab_missing()
     if reason:
         pytest.skip(reason)
-    lab = deploy_lab(tmp_path_factory.mktemp("deploy"), 60 + os.getpid() % 40, WORKERS, manager="red00")
-    try:
+    with module_lab(request, deploy_lab(tmp_path_factory.mktemp("deploy"), 60 + os.getpid() % 40, WORKERS,
+                                        manager="red00")) as lab:
         yield lab
-    finally:
-        if getattr(request.session, "testsfailed", 0):
-            print(lab.diagnostics(), file=sys.stderr)
-        lab.destroy()
 
 
 def run_pibake(lab, args):
@@ -53,24 +47,13 @@ def pibake_deploy(lab, hosts, *extra):
     return proc, report
 
 
-BLOCK_RE = re.compile(r"```sh\n# doc-test: ([a-z0-9-]+)\n(.*?)```(?:\s*```json\n(.*?)```)?", re.S)
-EXITS_RE = re.compile(r"\s+#\s*exits (\d+)\s*$")
 # deploy-manager is run by tests/e2e/test_deploy_manager.py (its manager runs only sshd until deploy sets it up)
 DOC_BLOCKS = ("deploy-first", "deploy-manager", "deploy-again", "deploy-json", "deploy-failure", "deploy-options")
 
 
 def doc_blocks():
     """{name: ([(argv, expected exit code)], json sample or None)} of docs/deploy.md's sh blocks."""
-    blocks = {}
-    for name, body, sample in BLOCK_RE.findall(DOC.read_text()):
-        commands = []
-        for line in body.splitlines():
-            if not line.strip() or line.startswith("#"):
-                continue
-            m = EXITS_RE.search(line)
-            commands.append((shlex.split(line[:m.start()] if m else line), int(m.group(1)) if m else 0))
-        blocks[name] = (commands, json.loads(sample) if sample else None)
-    return blocks
+    return {name: (commands, sample) for name, (_body, commands, sample) in page_blocks("deploy.md").items()}
 
 
 def run_doc_block(lab, name):
@@ -280,7 +263,7 @@ def test_manager_without_registry_and_unreachable_holds_the_workers_back(lab):
 
 def test_bench_deploy_smoke(tmp_path):
     """bench/deploy runs (N=1, no sequential loop) and writes its report; the figures are not checked."""
-    reason = skip_reason()
+    reason = deploy_lab_missing()
     if reason:
         pytest.skip(reason)
     bench = Path(__file__).resolve().parents[2] / "bench" / "deploy"

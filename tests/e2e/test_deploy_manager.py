@@ -10,12 +10,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.e2e.conftest import skip_reason
-from tests.e2e.deploy_fixtures import deploy_lab
+from tests.e2e.deploy_fixtures import deploy_lab, deploy_lab_missing, module_lab
 from tests.e2e.test_deploy import doc_blocks, run_pibake
 
 WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
@@ -26,7 +24,7 @@ HOSTS = "red00,red[01-03]"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    reason = skip_reason() or (None if os.path.exists("/usr/sbin/sshd") else "openssh-server is not installed")
+    reason = deploy_lab_missing()
     if reason:
         pytest.skip(reason)
     imports = "import flask, flask_httpauth, gunicorn, click, ClusterShell, rich, cryptography, jsonschema"
@@ -37,16 +35,12 @@ def lab(tmp_path_factory, request):
 
     tmp = tmp_path_factory.mktemp("deploy-manager")
     lab = deploy_lab(tmp, 140 + os.getpid() % 20, WORKERS, family="pm", manager=MANAGER, manager_sshd=True)
-    try:
+    with module_lab(request, lab):
         # one wheel for the whole module (--wheel): the re-runs must not see a new build of a changed checkout
         built = manager_wheel()
         lab.wheel = tmp / built.name
         shutil.copyfile(built, lab.wheel)
         yield lab
-    finally:
-        if getattr(request.session, "testsfailed", 0):
-            print(lab.diagnostics(), file=sys.stderr)
-        lab.destroy()
 
 
 def deploy(lab, *args):

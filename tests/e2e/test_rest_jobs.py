@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import skip_reason
-from tests.e2e.deploy_fixtures import deploy_lab
+from tests.e2e.deploy_fixtures import deploy_lab, deploy_lab_missing, module_lab
 from tests.e2e.verify_fixtures import doc_blocks, keys_of, normalized
 
 WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
@@ -21,17 +20,12 @@ NAMES = [n for n, _ in WORKERS]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    reason = skip_reason() or (None if os.path.exists("/usr/sbin/sshd") else "openssh-server is not installed")
+    reason = deploy_lab_missing()
     if reason:
         pytest.skip(reason)
-    lab = deploy_lab(tmp_path_factory.mktemp("rest"), 100 + os.getpid() % 40, WORKERS, family="pj",
-                     manager="red00")
-    try:
+    with module_lab(request, deploy_lab(tmp_path_factory.mktemp("rest"), 100 + os.getpid() % 40, WORKERS,
+                                        family="pj", manager="red00")) as lab:
         yield lab
-    finally:
-        if getattr(request.session, "testsfailed", 0):
-            print(lab.diagnostics(), file=sys.stderr)
-        lab.destroy()
 
 
 def cli_deploy(lab):

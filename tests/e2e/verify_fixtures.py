@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import skip_reason
-from tests.test_docs import keys_of  # noqa: F401  (the manual's JSON samples are compared by shape)
+from tests.test_docs import keys_of  # noqa: F401  (re-exported for the e2e modules)
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 WORKERS = ("w1", "w2", "w3")
