@@ -99,9 +99,8 @@ DEFAULT_PARALLEL = 32
 DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 180
 IDLE_POLL_S = 0.5  # each poll makes the registry run sinfo on the manager
-AGENT_RETRY_AFTER_S = 20
+AGENT_RETRY_AFTER_S = 20  # a node not idle this long after its agent ran gets one more agent run
 CONTROL_PERSIST_S = 120  # an ssh master outlives its host's last session this long; deploy stops them at the end
-ENROL_GATE_MAX_S = 30  # the longest a host ready to enrol waits for slower hosts (see _Pipeline._to_agent)  # a node not idle this long after its agent ran gets one more agent run
 
 _MARK = "@@pibake "
 FACTS_SCRIPT = """\
