@@ -26,7 +26,7 @@ import yaml
 
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
-from pibake.model import FAMILIES, Cluster, Wifi
+from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, SwitchConfig, Wifi
 
 LOG = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ _KEY_DOCS = {
         "slurm_apply (auto|systemd|service|direct|none), slurm_settings (slurm.conf overrides),\n"
         "slurm_state (ask sinfo), apply_timeout (seconds). See docs/registry.md."
     ),
+    "switches": (
+        "Optional smart plugs/relays pibake may switch: name, driver (kasa|shelly|tasmota), address,\n"
+        "node or thing (what it powers), auto_cycle. Credentials live in secrets/. See docs/switches.md."
+    ),
 }
 _WIFI_EXAMPLE = """\
 # wifi:
@@ -158,6 +162,27 @@ CLUSTER_SCHEMA = {
                 },
                 "slurm_state": {"type": "boolean"},
                 "apply_timeout": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "switches": {
+            "type": ["array", "null"],
+            "maxItems": 64,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "driver", "address"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1, "maxLength": 63},
+                    "driver": {"enum": list(SWITCH_DRIVERS)},
+                    "address": {"type": "string", "minLength": 1, "maxLength": 259},
+                    "channel": {"type": "integer", "minimum": 0, "maximum": 31},
+                    "node": {"type": "string", "minLength": 1, "maxLength": 63},
+                    "thing": {"type": "string", "minLength": 1, "maxLength": 80},
+                    "auto_cycle": {"type": "boolean"},
+                    "mqtt_broker": {"type": "string", "minLength": 1, "maxLength": 259},
+                    "mqtt_topic": {"type": "string", "minLength": 1, "maxLength": 100},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 120},
+                },
             },
         },
     },
@@ -416,11 +441,88 @@ def validate_cluster_data(data):
             sem.append(f"family: {image} is a {catalog[image]} image, not {family}")
     elif "image" not in data and data.get("family") not in (None, "raspios"):
         sem.append(f"family: the default image {DEFAULT_IMAGE} is raspios, not {data.get('family')}")
+    if isinstance(data.get("switches"), list) and not any(p == "switches" for p in bad):
+        broken = {i for i in range(len(data["switches"])) if any(p.startswith(f"switches[{i}]") for p in bad)}
+        sem.extend(switch_problems(data["switches"], data.get("manager"), skip=broken))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
     if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)
         out = [p.replace(repr(psk), "<hidden>").replace(str(psk), "<hidden>") for p in out]
     return out
+
+
+MQTT_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def address_problem(address):
+    """None if ``address`` is host or host:port (IPv4 or a DNS name, port 1-65535); else why not."""
+    if "@" in address or "/" in address:
+        return "give host or host:port only (credentials belong in secrets/, see `pibake switch credentials`)"
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        host, port = address, None
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"{port!r} is not a TCP port (1-65535)"
+    if _ipv4(host) is None and not _valid_dns_name(host):
+        return f"{host!r} is neither an IPv4 address nor a host name"
+    return None
+
+
+def switch_problems(switches, manager=None, skip=()):
+    """The checks on ``switches:`` a schema cannot express, as 'switches[i].key: ...' strings.
+
+    Entries in ``skip`` (indexes the schema already rejected) are not looked at again."""
+    out = []
+    seen = {}
+    for i, entry in enumerate(switches):
+        if i in skip:
+            continue
+        where = f"switches[{i}]"
+        name = entry["name"]
+        if not valid_hostname(name):
+            out.append(f"{where}.name: {name!r} is not a valid switch name (lower case letters, digits and '-')")
+        elif name in seen:
+            out.append(f"{where}.name: {name!r} is already the name of switches[{seen[name]}]")
+        else:
+            seen[name] = i
+        for key in ("address", "mqtt_broker"):
+            why = address_problem(entry[key]) if key in entry else None
+            if why:
+                out.append(f"{where}.{key}: {why}")
+        node, thing = entry.get("node"), entry.get("thing")
+        if node is not None and thing is not None:
+            out.append(f"{where}: give node or thing (what the switch powers), not both")
+        elif node is None and thing is None:
+            out.append(f"{where}: say what the switch powers: node (a hostname) or thing (e.g. 'network switch')")
+        if node is not None and not valid_hostname(node):
+            out.append(f"{where}.node: {node!r} is not a valid hostname")
+        if entry.get("auto_cycle"):
+            if node is None:
+                out.append(f"{where}.auto_cycle: only a switch that powers a node may be cycled automatically")
+            elif node == manager:
+                out.append(f"{where}.auto_cycle: {node} is the manager, which pibake never cycles by itself")
+        mqtt = [k for k in ("mqtt_broker", "mqtt_topic") if k in entry]
+        if mqtt and entry["driver"] != "tasmota":
+            out.append(f"{where}.{mqtt[0]}: MQTT is for the tasmota driver only")
+        elif len(mqtt) == 1:
+            other = "mqtt_topic" if mqtt[0] == "mqtt_broker" else "mqtt_broker"
+            out.append(f"{where}.{other}: missing (MQTT needs both mqtt_broker and mqtt_topic)")
+        topic = entry.get("mqtt_topic")
+        if topic is not None and not MQTT_TOPIC_RE.match(topic):
+            out.append(f"{where}.mqtt_topic: {topic!r} must be the device's topic alone (letters, digits, _ . -)")
+    return out
+
+
+def switches_from_data(data):
+    """``SwitchConfig`` for each entry of a *validated* ``switches:`` list."""
+    return tuple(
+        SwitchConfig(
+            name=e["name"], driver=e["driver"], address=e["address"], channel=e.get("channel", 0),
+            node=e.get("node"), thing=e.get("thing"), auto_cycle=bool(e.get("auto_cycle", False)),
+            mqtt_broker=e.get("mqtt_broker"), mqtt_topic=e.get("mqtt_topic"), timeout=e.get("timeout"),
+        )
+        for e in data.get("switches") or ()
+    )
 
 
 _OPTION_OF_KEY = {
@@ -481,6 +583,7 @@ def cluster_from_data(data, directory=None):
         ntp_servers=tuple(data.get("ntp_servers") or ()),
         registry_port=data.get("registry_port", DEFAULT_REGISTRY_PORT),
         directory=Path(directory) if directory is not None else None,
+        switches=switches_from_data(data),
     )
 
 

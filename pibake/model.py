@@ -40,6 +40,7 @@ class Cluster:
     ntp_servers: tuple[str, ...] = ()
     registry_port: int = 8443
     directory: Path | None = field(default=None, compare=False)
+    switches: tuple["SwitchConfig", ...] = ()  # smart plugs/relays, see docs/switches.md
 
     @property
     def registry_url(self):
@@ -79,3 +80,34 @@ class Seed:
             "meta-data": self.meta_data,
             "network-config": self.network_config,
         }
+
+
+SWITCH_DRIVERS = ("kasa", "shelly", "tasmota")
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """One entry of ``switches:`` in cluster.yaml: a smart plug or relay and what it powers."""
+
+    name: str
+    driver: str  # one of SWITCH_DRIVERS
+    address: str  # host or host:port of the device's local API
+    channel: int = 0  # outlet/relay number on multi-channel devices (Shelly switch id, Tasmota POWER<n>)
+    node: str | None = None  # the node it powers, or
+    thing: str | None = None  # what else it powers ("network switch", "fan")
+    auto_cycle: bool = False  # the manager may power-cycle it by itself to recover `node`
+    mqtt_broker: str | None = None  # Tasmota over MQTT: broker host:port, and
+    mqtt_topic: str | None = None  # the device's topic (cmnd/<topic>/POWER)
+    timeout: float | None = None  # seconds per request to the device
+
+    @property
+    def host(self):
+        return self.address.rsplit(":", 1)[0] if self.address.count(":") == 1 else self.address
+
+    @property
+    def port(self):
+        return int(self.address.rsplit(":", 1)[1]) if self.address.count(":") == 1 else None
+
+    @property
+    def powers(self):
+        return f"node {self.node}" if self.node else (self.thing or "")

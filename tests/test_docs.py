@@ -170,6 +170,9 @@ BLOCKS = {
         "verify-bench": "test: tests/e2e/test_verify.py",
         "verify-python": "lab",
     },
+    "switches.md": {
+        "sw-config": "test: tests/switches/test_config.py::test_docs_example_loads",
+    },
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used

@@ -1,0 +1,134 @@
+"""Devices for the switch tests, all on loopback: the npm TP-Link simulator, a real Mosquitto with a password
+file, the Shelly/Tasmota fakes of fakes.py, and a cluster directory declaring them."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pibake.run import which
+from tests.switches.fakes import FakeShelly, FakeTasmota
+
+HERE = Path(__file__).resolve().parent
+KASA_SIMULATOR = "tplink-smarthome-simulator@5.0.1"
+MQTT_USER, MQTT_PASSWORD = "pibake", "broker-secret-42"
+
+
+def npm_cache():
+    """Where the npm simulator is installed once per machine (never into the checkout)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pibake-test" / "npm"
+
+
+def install_kasa_simulator():
+    prefix = npm_cache()
+    package = prefix / "node_modules" / "tplink-smarthome-simulator" / "package.json"
+    if not package.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run([which("npm"), "install", "--no-audit", "--no-fund", "--prefix", str(prefix),
+                        KASA_SIMULATOR], check=True, capture_output=True, timeout=300)
+    return prefix / "node_modules"
+
+
+class KasaSimulator:
+    """One HS110 plug of tplink-smarthome-simulator, run by node on 127.0.0.1:<free port>."""
+
+    def __init__(self, model="hs110"):
+        node_modules = install_kasa_simulator()
+        self.proc = subprocess.Popen([which("node"), str(HERE / "kasa_simulator.js"), model],
+                                     stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "NODE_PATH": str(node_modules)})
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the Kasa simulator did not start")
+        self.port = json.loads(line)["port"]
+        self.address = f"127.0.0.1:{self.port}"
+
+    def pause(self):  # the plug keeps its socket but stops answering (a hung device)
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def kasa_plug():
+    if not (which("node") and which("npm")):
+        pytest.skip("not installed: node, npm (the TP-Link plug simulator runs on node)")
+    sim = KasaSimulator()
+    yield sim
+    sim.stop()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory):
+    """A real Mosquitto on 127.0.0.1 that only lets MQTT_USER in (password file made by mosquitto_passwd)."""
+    broker, passwd = which("mosquitto"), which("mosquitto_passwd")
+    if not (broker and passwd):
+        pytest.skip("not installed: mosquitto (Debian package mosquitto)")
+    where = tmp_path_factory.mktemp("mosquitto")
+    subprocess.run([passwd, "-b", "-c", str(where / "passwd"), MQTT_USER, MQTT_PASSWORD], check=True,
+                   capture_output=True)
+    port = free_port()
+    conf = where / "mosquitto.conf"
+    conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
+                    f"password_file {where / 'passwd'}\npersistence false\nlog_dest stderr\n")
+    proc = subprocess.Popen([broker, "-c", str(conf)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {proc.stderr.read()}")
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture
+def shelly():
+    device = FakeShelly(password="shelly-pass-1").start()
+    yield device
+    device.stop()
+
+
+@pytest.fixture
+def tasmota():
+    device = FakeTasmota(password="tasmota-pass-1").start()
+    yield device
+    device.stop()
+
+
+BASE = {"name": "red", "manager": "red00", "manager_ip": "10.1.1.10", "network": "10.1.1.0/24"}
+
+
+def write_cluster(cluster_dir, switches):
+    cluster_dir = Path(cluster_dir)
+    cluster_dir.mkdir(parents=True, exist_ok=True)
+    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump({**BASE, "switches": switches}, sort_keys=False))
+    return cluster_dir
