@@ -51,3 +51,14 @@ from pibake.lab.hosts import LabHost, LabNetwork, cleanup_leftovers  # noqa: F40
 from pibake.deploy import DeployReport, HostResult, deploy  # noqa: F401,E402
 from pibake.verify import verify  # noqa: F401,E402
 from pibake.jobs import JobRunner  # noqa: F401,E402
+from pibake.switches import (  # noqa: F401,E402
+    all_status as switches_status,
+    cycle_switch,
+    list_switches,
+    set_credentials as set_switch_credentials,
+    switch_command,
+    switch_info,
+    switch_log,
+    switch_status,
+)
+from pibake.switches.recover import recover_node  # noqa: F401,E402

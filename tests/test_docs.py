@@ -100,6 +100,9 @@ BLOCKS = {
         "cmd-lab": "lab",
         "cmd-deploy": "lab",
         "cmd-verify": "lab",
+        "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
+        "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
+                        "with the Kasa simulator as the plug)"),
     },
     "security.md": {
         "sec-perms": "run",

@@ -1,0 +1,277 @@
+"""``pibake switch ...`` and ``pibake recover``: smart plugs, a thin shell over ``pibake.api``."""
+
+import sys
+
+import click
+
+from pibake.cli import cli
+from pibake.cli.options import emit_json, json_option, not_built, pass_state
+
+yes_option = click.option("--yes", "-y", is_flag=True,
+                          help="Do not ask before cutting the power of a node (needed without a terminal).")
+
+
+def _state_text(state):
+    if state is None:
+        return "-"
+    text = "on" if state["on"] else "off"
+    if state.get("power_w") is not None:
+        text += f" {state['power_w']:g} W"
+    if state.get("energy_kwh") is not None:
+        text += f" {state['energy_kwh']:g} kWh"
+    return text
+
+
+def _table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        click.echo("  ".join(str(col).ljust(w) for col, w in zip(row, widths)).rstrip(), err=True)
+
+
+def _powers(item):
+    return f"node {item['node']}" if item.get("node") else (item.get("thing") or "-")
+
+
+def _confirm_power_cut(state, name, what, yes):
+    """A node loses power: ask on a terminal, insist on --yes without one."""
+    from pibake import api
+    from pibake.errors import PibakeError
+
+    item = next((s for s in api.list_switches(state.cluster_dir) if s["name"] == name), None)
+    if item is None or not item["node"] or yes:
+        return
+    if not sys.stdin.isatty():
+        raise PibakeError(f"switch {name} powers node {item['node']}: {what} cuts its power; "
+                          "add --yes to confirm")
+    click.confirm(f"{what.capitalize()} cuts the power of node {item['node']}. Go on?", abort=True, err=True)
+
+
+@cli.group("switch", short_help="Smart plugs: list, status, on, off, toggle, cycle")
+def switch_group():
+    """Smart plugs and relays declared under switches: in cluster.yaml (Kasa, Shelly Gen2+, Tasmota).
+
+    Every command reads the state back from the device and reports it. See docs/switches.md."""
+
+
+@switch_group.command("list")
+@json_option
+@pass_state
+def list_cmd(state, as_json):
+    """List the switches of cluster.yaml (no device is contacted)."""
+    from pibake import api
+
+    items = api.list_switches(state.cluster_dir)
+    if as_json:
+        emit_json(items)
+        return
+    if not items:
+        click.echo("no switches in cluster.yaml (see docs/switches.md)", err=True)
+        return
+    _table([(s["name"], s["driver"], s["address"], s["transport"], _powers(s), "yes" if s["auto_cycle"] else "no")
+            for s in items], ("NAME", "DRIVER", "ADDRESS", "VIA", "POWERS", "AUTO-CYCLE"))
+
+
+@switch_group.command("status")
+@click.argument("name", required=False)
+@json_option
+@pass_state
+def status_cmd(state, name, as_json):
+    """Read the state (and power, energy where metered) of NAME, or of every switch.
+
+    With every switch, one that cannot be reached is reported with its error and the exit code is 1."""
+    from pibake import api
+
+    items = [api.switch_status(state.cluster_dir, name)] if name else api.switches_status(state.cluster_dir)
+    if as_json:
+        emit_json(items[0] if name else items)
+    else:
+        _table([(s["name"], _powers(s), _state_text(s["state"]) if s["state"] else f"error: {s['error']}")
+                for s in items], ("NAME", "POWERS", "STATE"))
+    if any(s.get("error") for s in items):
+        sys.exit(1)
+
+
+def _action(state, name, action, as_json):
+    from pibake import api
+
+    result = api.switch_command(state.cluster_dir, name, action)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"{name}: {_state_text(result['state'])}", err=True)
+
+
+@switch_group.command("on")
+@click.argument("name")
+@json_option
+@pass_state
+def on_cmd(state, name, as_json):
+    """Turn NAME on; prints the state read back."""
+    _action(state, name, "on", as_json)
+
+
+@switch_group.command("off")
+@click.argument("name")
+@json_option
+@yes_option
+@pass_state
+def off_cmd(state, name, as_json, yes):
+    """Turn NAME off; prints the state read back. Asks first when it powers a node."""
+    _confirm_power_cut(state, name, "turning it off", yes)
+    _action(state, name, "off", as_json)
+
+
+@switch_group.command("toggle")
+@click.argument("name")
+@json_option
+@yes_option
+@pass_state
+def toggle_cmd(state, name, as_json, yes):
+    """Flip NAME; prints the state read back. Asks first when it powers a node."""
+    _confirm_power_cut(state, name, "toggling it", yes)
+    _action(state, name, "toggle", as_json)
+
+
+@switch_group.command("info")
+@click.argument("name")
+@json_option
+@pass_state
+def info_cmd(state, name, as_json):
+    """What the device says it is (model, firmware, MAC, ...)."""
+    from pibake import api
+
+    result = api.switch_info(state.cluster_dir, name)
+    if as_json:
+        emit_json(result)
+        return
+    for key, value in result["info"].items():
+        click.echo(f"{key}: {value}", err=True)
+
+
+def _print_recovery(result, as_json):
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"{result['node']}: recovered through switch {result['switch']}", err=True)
+
+
+@switch_group.command("cycle")
+@click.argument("name")
+@click.option("--off-seconds", type=click.FloatRange(0, 600), default=None,
+              help="How long the power stays off (default 10).")
+@click.option("--wait", "wait_s", type=click.FloatRange(1, 7200), default=600, show_default=True,
+              help="For a node: seconds to wait until it answers ssh and Slurm lists it idle.")
+@click.option("--force", is_flag=True, help="For a node: cycle it even if ssh or Slurm says it is up.")
+@json_option
+@yes_option
+@pass_state
+def cycle_cmd(state, name, off_seconds, wait_s, force, as_json, yes):
+    """Power-cycle NAME: off, wait, on, each step read back.
+
+    \b
+    For a switch that powers a node this recovers a hung node: it first checks that the node
+    really is down (no ssh answer and Slurm marks it down or not responding; nothing is switched
+    otherwise), then cycles the plug and waits until the node answers ssh and is idle in Slurm."""
+    from pibake import api
+
+    item = next((s for s in api.list_switches(state.cluster_dir) if s["name"] == name), None)
+    if item is not None and item["node"]:
+        _confirm_power_cut(state, name, "cycling it", yes)
+        result = api.recover_node(state.cluster_dir, item["node"], off_s=off_seconds, wait_s=wait_s, force=force,
+                                  progress=lambda m: click.echo(m, err=True))
+        _print_recovery(result, as_json)
+        return
+    kwargs = {} if off_seconds is None else {"off_s": off_seconds}
+    result = api.cycle_switch(state.cluster_dir, name, progress=lambda m: click.echo(m, err=True), **kwargs)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"{name}: {_state_text(result['state'])} after the cycle", err=True)
+
+
+@switch_group.command("credentials")
+@click.argument("name")
+@click.option("--username", default=None, help="Device user name (Kasa: the TP-Link account; Shelly/Tasmota: admin).")
+@click.option("--mqtt-username", default=None, help="MQTT broker user name (Tasmota over MQTT).")
+@click.option("--password-file", type=click.Path(dir_okay=False, allow_dash=True), default=None, metavar="FILE",
+              help="Read the password (device, or broker with --mqtt-username) from the first line of FILE "
+                   "('-' for standard input) instead of asking.")
+@pass_state
+def credentials_cmd(state, name, username, mqtt_username, password_file):
+    """Store NAME's password in secrets/switch-NAME.json (mode 0400); never in cluster.yaml.
+
+    The password is asked for (hidden) on a terminal, or read with --password-file."""
+    from pibake import api
+    from pibake.errors import PibakeError
+
+    if password_file == "-":
+        password = sys.stdin.readline().rstrip("\n")
+    elif password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                password = handle.readline().rstrip("\n")
+        except OSError as exc:
+            raise PibakeError(f"cannot read the password from {password_file}: {exc.strerror}") from None
+    else:
+        password = click.prompt("Password", hide_input=True, err=True)
+    if mqtt_username:
+        path = api.set_switch_credentials(state.cluster_dir, name, username=username, mqtt_username=mqtt_username,
+                                          mqtt_password=password)
+    else:
+        path = api.set_switch_credentials(state.cluster_dir, name, username=username, password=password)
+    click.echo(f"stored the credentials of {name} in {path}", err=True)
+
+
+@switch_group.command("log")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@json_option
+@pass_state
+def log_cmd(state, limit, as_json):
+    """The last switch actions (who, what, whether it worked), oldest first."""
+    from pibake import api
+
+    entries = api.switch_log(state.cluster_dir, limit)
+    if as_json:
+        emit_json(entries)
+        return
+    for e in entries:
+        what = e["action"] + (f" {e['node']}" if e.get("node") else "")
+        result = "ok" if e.get("ok") else f"FAILED: {e.get('error', '')}"
+        click.echo(f"{e['time']}  {e['switch']}  {what}  by {e.get('by', '-')}  {result}", err=True)
+
+
+@switch_group.command("auto")
+def auto_cmd():
+    """Not built yet: the manager's automatic recovery policy (auto_cycle: true switches)."""
+    not_built("the automatic recovery policy (`pibake switch auto`; auto_cycle in cluster.yaml is only "
+              "validated for now)")
+
+
+@switch_group.command("rules")
+def rules_cmd():
+    """Not built yet: rules from a sensor reading to a switch (e.g. a fan on above 30 °C)."""
+    not_built("sensor-to-switch rules (`pibake switch rules`)")
+
+
+@cli.command("recover")
+@click.argument("node")
+@click.option("--off-seconds", type=click.FloatRange(0, 600), default=None,
+              help="How long the power stays off (default 10).")
+@click.option("--wait", "wait_s", type=click.FloatRange(1, 7200), default=600, show_default=True,
+              help="Seconds to wait until the node answers ssh and Slurm lists it idle.")
+@click.option("--force", is_flag=True, help="Cycle it even if ssh or Slurm says it is up.")
+@json_option
+@yes_option
+@pass_state
+def recover_cmd(state, node, off_seconds, wait_s, force, as_json, yes):
+    """Recover hung NODE through the switch that powers it (see `pibake switch cycle`)."""
+    from pibake import api
+    from pibake.errors import PibakeError
+
+    item = next((s for s in api.list_switches(state.cluster_dir) if s["node"] == node), None)
+    if item is None:
+        raise PibakeError(f"no switch in cluster.yaml powers {node} (see docs/switches.md)")
+    _confirm_power_cut(state, item["name"], "recovering it", yes)
+    result = api.recover_node(state.cluster_dir, node, off_s=off_seconds, wait_s=wait_s, force=force,
+                              progress=lambda m: click.echo(m, err=True))
+    _print_recovery(result, as_json)
