@@ -481,6 +481,8 @@ def switch_problems(switches, manager=None, skip=()):
         name = entry["name"]
         if not valid_hostname(name):
             out.append(f"{where}.name: {name!r} is not a valid switch name (lower case letters, digits and '-')")
+        elif name == "log":  # /api/v1/switches/log is the action log
+            out.append(f"{where}.name: 'log' is reserved; choose another name")
         elif name in seen:
             out.append(f"{where}.name: {name!r} is already the name of switches[{seen[name]}]")
         else:

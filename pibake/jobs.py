@@ -30,7 +30,7 @@ LOG = logging.getLogger(__name__)
 
 DB_FILE = "registry.db"
 STATES = ("queued", "running", "done", "failed")
-KINDS = ("verify", "deploy")
+KINDS = ("verify", "deploy", "recover")
 DEFAULT_WORKERS = 2
 DEFAULT_MAX_PENDING = 8
 
@@ -139,6 +139,8 @@ def validate(kind, body):
         raise JobError(404, f"no job kind {kind!r}; known: {', '.join(KINDS)}")
     if not isinstance(body, dict):
         raise JobError(400, "the request body must be a JSON object")
+    if kind == "recover":
+        return _recover_params(body)
     if kind == "verify":
         unknown = sorted(set(body) - {"bench", "options"})
         if unknown:
@@ -167,6 +169,22 @@ def validate(kind, body):
     options = _check_options(body.get("options"), DEPLOY_OPTIONS, "options")
     _check_ssh_options(options.get("ssh_options", []))
     return {"hosts": hosts, "options": options}
+
+
+RECOVER_FIELDS = {"node": "a string", "off_s": "a positive number", "wait_s": "a positive number"}
+
+
+def _recover_params(body):
+    unknown = sorted(set(body) - set(RECOVER_FIELDS) - {"force"})
+    if unknown:
+        raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: node, off_s, wait_s, force")
+    params = _check_options({k: v for k, v in body.items() if k != "force"}, RECOVER_FIELDS, "body")
+    if not params.get("node"):
+        raise JobError(400, "node: required (the hostname of the hung node)")
+    if not isinstance(body.get("force", False), bool):
+        raise JobError(400, "force: must be true or false")
+    params["force"] = body.get("force", False)
+    return params
 
 
 def _check_ssh_options(args):
@@ -218,7 +236,14 @@ def run_deploy(cluster_dir, params, progress):
     return deploy(cluster_dir, hosts if len(hosts) > 1 else hosts[0], progress=host_progress, **options).to_dict()
 
 
-FUNCTIONS = {"verify": run_verify, "deploy": run_deploy}
+def run_recover(cluster_dir, params, progress):
+    from pibake.switches.recover import recover_node  # pylint: disable=import-outside-toplevel
+
+    return recover_node(cluster_dir, params["node"], off_s=params.get("off_s"), wait_s=params.get("wait_s", 600),
+                        force=params["force"], by="rest", progress=lambda message: progress(0.5, message))
+
+
+FUNCTIONS = {"verify": run_verify, "deploy": run_deploy, "recover": run_recover}
 
 
 # ------------------------------------------------------------------ the runner

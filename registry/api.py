@@ -170,3 +170,79 @@ def list_jobs():
 @basic_auth.login_required(role="admin")
 def get_job(job_id):
     return jsonify(_jobs().get(job_id))
+
+
+# ---------------------------------------------------------------------- switches (smart plugs)
+
+def _switch_call(function, *args, **kwargs):
+    """Run a pibake.api switch function; its user errors become JSON errors with a fitting status."""
+    from pibake.errors import ConfigError, PibakeError, SecretsError  # pylint: disable=import-outside-toplevel
+    from pibake.switches import SwitchError  # pylint: disable=import-outside-toplevel
+
+    try:
+        return function(*args, **kwargs)
+    except SwitchError as err:  # the plug: unreachable, refused credentials, timed out, garbage
+        raise RegistryError(502, str(err)) from None
+    except ConfigError as err:
+        raise RegistryError(404 if "no switch named" in str(err) else 500, str(err)) from None
+    except (SecretsError, PibakeError) as err:
+        raise RegistryError(500, str(err)) from None
+
+
+def _switch_item(name):
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    item = next((s for s in _switch_call(api.list_switches, registry().cluster_dir) if s["name"] == name), None)
+    if item is None:
+        raise RegistryError(404, f"no switch named {name[:64]!r} in cluster.yaml")
+    return item
+
+
+@bp.get("/switches")
+@basic_auth.login_required(role="admin")
+def list_switches():
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    return jsonify(_switch_call(api.list_switches, registry().cluster_dir))
+
+
+@bp.get("/switches/log")
+@basic_auth.login_required(role="admin")
+def switch_log():
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    return jsonify(api.switch_log(registry().cluster_dir))
+
+
+@bp.get("/switches/<name>")
+@basic_auth.login_required(role="admin")
+def switch_status(name):
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    _switch_item(name)
+    return jsonify(_switch_call(api.switch_status, registry().cluster_dir, name))
+
+
+@bp.post("/switches/<name>/<action>")
+@basic_auth.login_required(role="admin")
+def switch_action(name, action):
+    """on, off, toggle, cycle; the state read back. Cycling a node's plug is a recovery: POST /recover."""
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    if action not in ("on", "off", "toggle", "cycle"):
+        raise RegistryError(404, f"no switch action {action[:32]!r} (on, off, toggle, cycle)")
+    item = _switch_item(name)
+    if action == "cycle":
+        if item["node"]:
+            raise RegistryError(409, f"switch {name} powers node {item['node']}: recover it with POST "
+                                     f"{bp.url_prefix}/recover {{\"node\": \"{item['node']}\"}}, which checks "
+                                     "that it is down first")
+        return jsonify(_switch_call(api.cycle_switch, registry().cluster_dir, name, by="rest"))
+    return jsonify(_switch_call(api.switch_command, registry().cluster_dir, name, action, by="rest"))
+
+
+@bp.post("/recover")
+@basic_auth.login_required(role="admin")
+def start_recover():
+    """Start `pibake recover NODE` ({node, off_s, wait_s, force}); 202 with the job."""
+    return _start_job("recover")

@@ -17,6 +17,7 @@ CASES = [
     ([dict(OK, colour="red")], "switches[0]: unknown key 'colour'"),
     ([{"name": "rack", "driver": "kasa", "node": "red01"}], "switches[0].address: missing"),
     ([OK, dict(OK, address="10.1.1.51")], "switches[1].name: 'rack' is already the name of switches[0]"),
+    ([dict(OK, name="log")], "switches[0].name: 'log' is reserved"),
     ([dict(OK, name="Rack")], "switches[0].name: 'Rack' is not a valid switch name"),
     ([dict(OK, address="10.1.1.50:99999")], "switches[0].address: '99999' is not a TCP port"),
     ([dict(OK, address="admin:pw@10.1.1.50")], "credentials belong in secrets/"),
