@@ -87,7 +87,8 @@ def index():
         "nodes.html", nodes=nodes, cluster=reg.cluster, require_approval=reg.require_approval,
         pending=sum(1 for n in nodes if n["status"] == "pending"),
         slurm_known=any(s is not None for s in states), csrf=session.get("csrf", ""),
-        report=latest_report(reg.cluster_dir))
+        report=latest_report(reg.cluster_dir), switches=switch_rows(reg.cluster_dir),
+        switch_log=_switch_log(reg.cluster_dir))
 
 
 REPORT_FILE_RE = re.compile(r"^[a-z0-9_]{1,64}\.png$")
@@ -141,3 +142,77 @@ def accept(hostname):
 @login_required
 def remove(hostname):
     return _admin_post("remove", hostname)
+
+
+# ---------------------------------------------------------------------- switches (smart plugs)
+
+SWITCH_ACTIONS = ("on", "off", "toggle", "cycle")
+
+
+def switch_rows(cluster_dir):
+    """Every switch of cluster.yaml with its state read now (in parallel; a failing plug shows its error)."""
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    try:
+        items = api.list_switches(cluster_dir)
+    except PibakeError as err:
+        return [{"name": "-", "error": str(err)}]
+
+    def read(item):
+        try:
+            return {**item, "state": api.switch_status(cluster_dir, item["name"])["state"], "error": None}
+        except PibakeError as err:
+            return {**item, "state": None, "error": str(err)}
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(read, items))
+
+
+def _switch_log(cluster_dir):
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    return list(reversed(api.switch_log(cluster_dir, 10)))
+
+
+def _needs_confirmation(item, action):
+    """Off and cycle always; toggle when the switch powers a node (it may be on)."""
+    return action in ("off", "cycle") or (action == "toggle" and item["node"])
+
+
+@bp.post("/switches/<name>/<action>")
+@login_required
+def switch_action(name, action):
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    if not _check_csrf():
+        flash("The form expired; please try again.", "error")
+        return redirect(url_for("web.index"))
+    item = next((s for s in api.list_switches(registry().cluster_dir) if s["name"] == name), None)
+    if item is None or action not in SWITCH_ACTIONS:
+        abort(404)
+    if _needs_confirmation(item, action) and request.form.get("confirm") != "yes":
+        return render_template("confirm_switch.html", item=item, action=action, csrf=session.get("csrf", ""))
+    cluster_dir = registry().cluster_dir
+    try:
+        if action == "cycle" and item["node"]:
+            job = _start_recover(item["node"])
+            flash(f"Recovering {item['node']} through {name} (job {job['id']}): it is cycled only if ssh and "
+                  "Slurm both find it down.", "ok")
+        elif action == "cycle":
+            result = api.cycle_switch(cluster_dir, name, by="web")
+            flash(f"{name}: cycled, {'on' if result['state']['on'] else 'off'} now.", "ok")
+        else:
+            result = api.switch_command(cluster_dir, name, action, by="web")
+            flash(f"{name}: {'on' if result['state']['on'] else 'off'} now.", "ok")
+    except PibakeError as err:
+        flash(str(err), "error")
+    return redirect(url_for("web.index"))
+
+
+def _start_recover(node):
+    from flask import current_app  # pylint: disable=import-outside-toplevel
+
+    return current_app.extensions["pibake_jobs"].submit("recover", {"node": node})

@@ -19,7 +19,20 @@ class KasaSwitch(Switch):
     driver = "kasa"
 
     def _run(self, operation):
-        """Connect, run ``operation(device)`` and disconnect, all within one deadline."""
+        """Connect, run ``operation(device)`` and disconnect, all within one deadline.
+
+        From a thread that already runs an event loop (a notebook, an async caller) the work goes to a
+        helper thread: asyncio.run cannot nest."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._run_here(operation)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(self._run_here, operation).result()
+
+    def _run_here(self, operation):
         try:
             return asyncio.run(self._with_device(operation))
         except (TimeoutError, asyncio.TimeoutError) as exc:
