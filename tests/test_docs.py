@@ -175,6 +175,12 @@ BLOCKS = {
     },
     "switches.md": {
         "sw-config": "test: tests/switches/test_config.py::test_docs_example_loads",
+        "sw-credentials": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
+        "sw-commands": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
+        "sw-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
+                       "with the Kasa simulator as the plug)"),
+        "sw-rest": "test: tests/registry/test_switches_api.py::test_switches_page_rest_block",
+        "sw-python": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
     },
     "report/index.md": {},
 }

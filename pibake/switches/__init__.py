@@ -99,14 +99,18 @@ def credentials_path(cluster_dir, name):
 
 
 def set_credentials(cluster_dir, name, *, username=None, password=None, mqtt_username=None, mqtt_password=None):
-    """Store a switch's credentials in secrets/switch-NAME.json (0400, directory 0700); returns the path."""
+    """Store a switch's credentials in secrets/switch-NAME.json (0400, directory 0700); returns the path.
+
+    Values not given are kept from the stored record (device and MQTT credentials are set separately)."""
     from pibake.secrets import _write_private, secrets_dir
 
     switch_config(cluster_dir, name)  # an unknown name is an error before anything is written
-    record = {k: v for k, v in (("username", username), ("password", password),
-                                ("mqtt_username", mqtt_username), ("mqtt_password", mqtt_password)) if v}
-    if not record:
+    given = {k: v for k, v in (("username", username), ("password", password),
+                               ("mqtt_username", mqtt_username), ("mqtt_password", mqtt_password)) if v}
+    if not given:
         raise SecretsError("no credentials given (a password, or an MQTT user name and password)")
+    # the device's and the broker's credentials are set one at a time: keep the other pair
+    record = {**(load_credentials(cluster_dir, name) or {}), **given}
     sdir = secrets_dir(cluster_dir)
     sdir.mkdir(parents=True, exist_ok=True)
     os.chmod(sdir, 0o700)

@@ -61,3 +61,25 @@ def test_a_recover_job_fails_saying_why(app, client, creds):
     assert job.status_code == 202 and job.json["kind"] == "recover"
     done = app.extensions["pibake_jobs"].wait(job.json["id"], timeout=60)
     assert done["state"] == "failed" and "no switch in cluster.yaml powers red01" in done["error"]
+
+
+def test_switches_page_rest_block(client, creds, cluster_dir, kasa_plug):  # noqa: F811
+    """docs/switches.md, block sw-rest: each curl line's method and path, sent to the real app with the admin
+    credential (the test client stands in for TLS to red00:8443)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "switches.md").read_text()
+    lines = re.search(r"```sh\n# doc-test: sw-rest\n(.*?)```", page, re.S).group(1).strip().splitlines()
+    add_switches(cluster_dir, [{"name": "fan", "driver": "kasa", "address": kasa_plug.address, "thing": "fan"}])
+    answers = []
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:3] == ["curl", "--cacert", "secrets/ca.crt"] and words[3] == "-u"
+        method = words[words.index("-X") + 1] if "-X" in words else "GET"
+        path = words[-1].split(":8443", 1)[1]
+        answers.append(client.open(path, method=method, auth=creds.admin))
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].json[0]["name"] == "fan" and answers[1].json["state"]["on"] is True
+    assert answers[2].json[-1]["action"] == "on"

@@ -67,7 +67,9 @@ def test_credentials_are_private_and_never_in_cluster_yaml(tmp_path):
     assert switches.load_credentials(tmp_path, "rack")["password"] == "s3cret-pw"
     assert "s3cret-pw" not in (tmp_path / "cluster.yaml").read_text()
     switches.set_credentials(tmp_path, "rack", password="second")  # replacing a 0400 file works
-    assert switches.load_credentials(tmp_path, "rack") == {"password": "second"}
+    switches.set_credentials(tmp_path, "rack", mqtt_username="b", mqtt_password="c")  # the other pair is kept
+    assert switches.load_credentials(tmp_path, "rack") == {"username": "me@example.org", "password": "second",
+                                                            "mqtt_username": "b", "mqtt_password": "c"}
     os.chmod(path, 0o644)
     with pytest.raises(SecretsError, match="readable by others"):
         switches.load_credentials(tmp_path, "rack")
