@@ -181,6 +181,8 @@ BLOCKS = {
                        "with the Kasa simulator as the plug)"),
         "sw-rest": "test: tests/registry/test_switches_api.py::test_switches_page_rest_block",
         "sw-python": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
+        "sw-auto": ("parse: needs hung nodes on plugs (tests/switches/test_auto.py runs the rounds with the Kasa "
+                    "simulator as the plug)"),
     },
     "report/index.md": {},
 }

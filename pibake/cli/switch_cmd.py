@@ -241,10 +241,37 @@ def log_cmd(state, limit, as_json):
 
 
 @switch_group.command("auto")
-def auto_cmd():
-    """Not built yet: the manager's automatic recovery policy (auto_cycle: true switches)."""
-    not_built("the automatic recovery policy (`pibake switch auto`; auto_cycle in cluster.yaml is only "
-              "validated for now)")
+@click.option("--once", is_flag=True, help="One round, then exit (for a timer or cron); else every --interval.")
+@click.option("--interval", type=click.FloatRange(5, 86400), default=60, show_default=True,
+              help="Seconds between rounds.")
+@click.option("--max-per-hour", type=click.IntRange(1, 60), default=2, show_default=True,
+              help="Recoveries of one node within any hour.")
+@click.option("--backoff", type=click.FloatRange(0, 86400), default=600, show_default=True,
+              help="Seconds to wait after a node's first recovery before another; doubles each time in the hour.")
+@json_option
+@pass_state
+def auto_cmd(state, once, interval, max_per_hour, backoff, as_json):
+    """Recover hung nodes by themselves: run on the manager.
+
+    \b
+    Each round looks at every switch with auto_cycle: true (never the manager, never a
+    switch that powers a thing) and recovers its node when ssh and Slurm both find it down,
+    like `pibake recover`, within --max-per-hour and with --backoff between attempts. Every
+    attempt and every skip for the limit is recorded in `pibake switch log`."""
+    import time
+
+    from pibake import api
+
+    policy = api.AutoPolicy(max_per_hour=max_per_hour, backoff_s=backoff)
+    while True:
+        report = api.auto_pass(state.cluster_dir, policy=policy, progress=lambda m: click.echo(m, err=True))
+        if once:
+            if as_json:
+                emit_json(report)
+            elif not report:
+                click.echo("no switch has auto_cycle: true", err=True)
+            return
+        time.sleep(interval)
 
 
 @switch_group.command("rules")
