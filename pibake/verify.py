@@ -225,7 +225,9 @@ def check_reachable(nodes, outputs, via):
     return CheckResult("reachable", OK, f"all {len(nodes)} node(s) answer", data={"via": via})
 
 
-def check_idle(nodes, sinfo, sinfo_error):
+def check_idle(nodes, sinfo, sinfo_error, plugs=None):
+    """``plugs``: {node: switch name} from cluster.yaml; a down node on a switch names it and `pibake recover`."""
+    plugs = plugs or {}
     if sinfo_error:
         return CheckResult("sinfo-idle", FAIL, f"sinfo failed on the manager: {sinfo_error}", [],
                            "check slurmctld on the manager (`scontrol ping`, /var/log/slurm/slurmctld.log)")
@@ -235,7 +237,10 @@ def check_idle(nodes, sinfo, sinfo_error):
             problems.append(f"{n}: not in sinfo (slurm.conf does not list it)")
         elif sinfo[n][0] not in HEALTHY_STATES:
             state, reason = sinfo[n]
-            problems.append(f"{n}: {state}" + (f" ({reason})" if reason else ""))
+            problem = f"{n}: {state}" + (f" ({reason})" if reason else "")
+            if n in plugs and (state.endswith("*") or state.startswith("down")):
+                problem += f"; switch {plugs[n]} powers it: `pibake recover {n}` power-cycles it if it hangs"
+            problems.append(problem)
     states = {n: sinfo[n][0] for n in sinfo}
     if problems:
         action = ("for a down or not responding (*) node check that it runs and slurmd is started there "
@@ -535,7 +540,7 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     checks.append(check_reachable(workers, node_outs, {n: connectors.describe(n) for n in workers}))
     reachable = [n for n in workers if node_outs[n].ok]
     node_facts = {n: parse_facts(node_outs[n].stdout) for n in reachable}
-    checks.append(check_idle(workers, sinfo, sinfo_error))
+    checks.append(check_idle(workers, sinfo, sinfo_error, {s.node: s.name for s in cluster.switches if s.node}))
 
     step("srun on every node")
     excluded = {n: "unreachable" for n in workers if n not in reachable}

@@ -68,6 +68,12 @@ def test_idle_check_names_the_others_with_state_and_reason():
     assert r.status == "fail" and "slurmctld" in r.action
 
 
+def test_idle_check_names_the_switch_that_can_recover_a_down_node():
+    r = v.check_idle(["w1", "w3"], v.parse_sinfo(SINFO), None, plugs={"w3": "pi3", "w1": "pi1"})
+    assert r.details == ["w3: down* (Not responding); switch pi3 powers it: `pibake recover w3` power-cycles it "
+                         "if it hangs"]
+
+
 def test_expected_nodes_names_burned_cards_that_never_enrolled_and_incomplete_burns():
     burned = {
         "red00": {"role": "manager", "status": "complete"},
