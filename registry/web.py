@@ -162,7 +162,8 @@ def switch_rows(cluster_dir):
 
     def read(item):
         try:
-            return {**item, "state": api.switch_status(cluster_dir, item["name"])["state"], "error": None}
+            return {**item, "state": api.switch_status(cluster_dir, item["name"], wait=False)["state"],
+                    "error": None}
         except PibakeError as err:
             return {**item, "state": None, "error": str(err)}
     if not items:

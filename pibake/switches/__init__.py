@@ -13,7 +13,9 @@ Credentials live in ``<cluster>/secrets/switch-<name>.json`` (0400), never in cl
 This package is orchestration: it is never shipped to the nodes (the first-boot agent does not import it).
 """
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -149,10 +151,39 @@ def _state_dir(cluster_dir):
     return path
 
 
-def _plug_lock(cluster_dir, name):
+class SwitchBusy(SwitchError):
+    """Another command holds the plug (a cycle takes seconds); raised only when asked not to wait."""
+
+
+def _plug_lock(cluster_dir, name, wait=True):
     with _THREAD_LOCKS_GUARD:
         thread_lock = _THREAD_LOCKS.setdefault(name, threading.Lock())
-    return file_lock(_state_dir(cluster_dir) / f"{name}.lock", thread_lock=thread_lock)
+    path = _state_dir(cluster_dir) / f"{name}.lock"
+    if wait:
+        return file_lock(path, thread_lock=thread_lock)
+    return _try_lock(path, thread_lock, name)
+
+
+@contextlib.contextmanager
+def _try_lock(path, thread_lock, name):
+    busy = SwitchBusy(f"switch {name}: busy (another command is switching it right now)")
+    if not thread_lock.acquire(blocking=False):
+        raise busy
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    finally:
+        thread_lock.release()
 
 
 def record(cluster_dir, entry):
@@ -192,10 +223,11 @@ def _result(config, action, state, **extra):
     return {**describe(config), "action": action, "state": state.as_dict(), **extra}
 
 
-def switch_status(cluster_dir, name):
-    """The state read from the device now."""
+def switch_status(cluster_dir, name, *, wait=True):
+    """The state read from the device now. ``wait=False``: SwitchBusy instead of waiting for a command
+    that holds the plug (the registry page must not hang for a cycle)."""
     switch = open_switch(cluster_dir, name)
-    with _plug_lock(cluster_dir, name):
+    with _plug_lock(cluster_dir, name, wait=wait):
         state = switch.state()
     return _result(switch.config, "status", state)
 

@@ -41,12 +41,19 @@ class KasaSimulator:
 
     def __init__(self, model="hs110"):
         node_modules = install_kasa_simulator()
-        self.proc = subprocess.Popen([which("node"), str(HERE / "kasa_simulator.js"), model],
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "NODE_PATH": str(node_modules)})
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the Kasa simulator did not start")
+        # The simulator binds UDP to a free port, then TCP to the same number, which another program may
+        # hold: then it exits, and a new try picks another port.
+        for _ in range(5):
+            self.proc = subprocess.Popen([which("node"), str(HERE / "kasa_simulator.js"), model],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, "NODE_PATH": str(node_modules)})
+            line = self.proc.stdout.readline()
+            if line:
+                break
+            error = self.proc.stderr.read()
+            self.proc.wait()
+        else:
+            raise RuntimeError(f"the Kasa simulator did not start: {error[-500:]}")
         self.port = json.loads(line)["port"]
         self.address = f"127.0.0.1:{self.port}"
 

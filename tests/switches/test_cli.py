@@ -134,3 +134,28 @@ def test_unknown_and_unreachable_for_a_cluster_without_the_switch(tmp_path):
     cluster = write_cluster(tmp_path / "c", [{"name": "x", "driver": "shelly", "address": f"127.0.0.1:{free_port()}",
                                               "thing": "lamp", "timeout": 1}])
     one_line_error(pibake(cluster, "switch", "info", "x"), "connection refused")
+
+
+def test_no_password_in_verbose_output_or_errors(cluster, shelly, tasmota):
+    """With -vv (debug logs) neither the Tasmota password (it travels in the query string) nor the Shelly
+    password appears anywhere, also when the device refuses it."""
+    pibake(cluster, "switch", "credentials", "fan", "--password-file", "-", stdin="tasmota-pass-1\n")
+    pibake(cluster, "switch", "credentials", "pi1", "--password-file", "-", stdin="wrong-shelly-pw\n")
+    outs = [pibake(cluster, "-vv", "switch", "on", "fan"), pibake(cluster, "-vv", "switch", "status", "pi1"),
+            pibake(cluster, "-vv", "switch", "status", "--json")]
+    assert outs[0].returncode == 0 and outs[1].returncode == 1
+    text = "".join(o.stdout + o.stderr for o in outs) + (cluster / "switches" / "log.jsonl").read_text()
+    assert "DEBUG" in text  # the debug logs were on
+    assert "tasmota-pass-1" not in text and "wrong-shelly-pw" not in text
+
+
+def test_the_page_does_not_wait_for_a_busy_plug(tmp_path, shelly):
+    from pibake.registry.web import switch_rows
+
+    cluster = write_cluster(tmp_path / "c", [{"name": "p", "driver": "shelly", "address": shelly.address,
+                                              "thing": "lamp"}])
+    switches.set_credentials(cluster, "p", password="shelly-pass-1")
+    with switches._plug_lock(cluster, "p"):  # a cycle in progress
+        rows = switch_rows(cluster)
+    assert rows[0]["state"] is None and "busy" in rows[0]["error"]
+    assert switch_rows(cluster)[0]["state"]["on"] is False
