@@ -181,6 +181,7 @@ CLUSTER_SCHEMA = {
                     "auto_cycle": {"type": "boolean"},
                     "mqtt_broker": {"type": "string", "minLength": 1, "maxLength": 259},
                     "mqtt_topic": {"type": "string", "minLength": 1, "maxLength": 100},
+                    "mqtt_tls": {"type": "boolean"},
                     "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 120},
                 },
             },
@@ -503,12 +504,13 @@ def switch_problems(switches, manager=None, skip=()):
                 out.append(f"{where}.auto_cycle: only a switch that powers a node may be cycled automatically")
             elif node == manager:
                 out.append(f"{where}.auto_cycle: {node} is the manager, which pibake never cycles by itself")
-        mqtt = [k for k in ("mqtt_broker", "mqtt_topic") if k in entry]
+        mqtt = [k for k in ("mqtt_broker", "mqtt_topic", "mqtt_tls") if entry.get(k)]
         if mqtt and entry["driver"] != "tasmota":
             out.append(f"{where}.{mqtt[0]}: MQTT is for the tasmota driver only")
-        elif len(mqtt) == 1:
-            other = "mqtt_topic" if mqtt[0] == "mqtt_broker" else "mqtt_broker"
-            out.append(f"{where}.{other}: missing (MQTT needs both mqtt_broker and mqtt_topic)")
+        else:
+            for key in ("mqtt_broker", "mqtt_topic"):
+                if mqtt and key not in entry:
+                    out.append(f"{where}.{key}: missing (MQTT needs both mqtt_broker and mqtt_topic)")
         topic = entry.get("mqtt_topic")
         if topic is not None and not MQTT_TOPIC_RE.match(topic):
             out.append(f"{where}.mqtt_topic: {topic!r} must be the device's topic alone (letters, digits, _ . -)")
@@ -521,7 +523,8 @@ def switches_from_data(data):
         SwitchConfig(
             name=e["name"], driver=e["driver"], address=e["address"], channel=e.get("channel", 0),
             node=e.get("node"), thing=e.get("thing"), auto_cycle=bool(e.get("auto_cycle", False)),
-            mqtt_broker=e.get("mqtt_broker"), mqtt_topic=e.get("mqtt_topic"), timeout=e.get("timeout"),
+            mqtt_broker=e.get("mqtt_broker"), mqtt_topic=e.get("mqtt_topic"), mqtt_tls=bool(e.get("mqtt_tls")),
+            timeout=e.get("timeout"),
         )
         for e in data.get("switches") or ()
     )

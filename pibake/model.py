@@ -98,6 +98,7 @@ class SwitchConfig:
     auto_cycle: bool = False  # the manager may power-cycle it by itself to recover `node`
     mqtt_broker: str | None = None  # Tasmota over MQTT: broker host:port, and
     mqtt_topic: str | None = None  # the device's topic (cmnd/<topic>/POWER)
+    mqtt_tls: bool = False  # TLS to the broker, its certificate checked against the cluster CA
     timeout: float | None = None  # seconds per request to the device
 
     @property

@@ -80,7 +80,7 @@ def describe(config):
         "node": config.node,
         "thing": config.thing,
         "auto_cycle": config.auto_cycle,
-        "transport": "mqtt" if config.mqtt_topic else ("http" if config.driver != "kasa" else "kasa-local"),
+        "transport": ("mqtts" if config.mqtt_tls else "mqtt") if config.mqtt_topic else ("http" if config.driver != "kasa" else "kasa-local"),
     }
 
 
@@ -215,8 +215,11 @@ def switch_log(cluster_dir, limit=50):
 
 def open_switch(cluster_dir, name):
     """The driver object for switch ``name`` (configuration and credentials loaded)."""
+    from pibake.secrets import secrets_dir
+
     config = switch_config(cluster_dir, name)
-    return _driver_class(config.driver)(config, load_credentials(cluster_dir, name))
+    return _driver_class(config.driver)(config, load_credentials(cluster_dir, name),
+                                        ca_file=secrets_dir(cluster_dir) / "ca.crt")
 
 
 def _result(config, action, state, **extra):

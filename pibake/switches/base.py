@@ -32,9 +32,10 @@ class Switch:
 
     driver = None
 
-    def __init__(self, config, credentials=None):
+    def __init__(self, config, credentials=None, ca_file=None):
         self.config = config
         self.credentials = credentials
+        self.ca_file = ca_file  # the cluster CA (secrets/ca.crt), for TLS where the device or broker has it
         self.timeout = config.timeout or DEFAULT_TIMEOUT_S
 
     def state(self):

@@ -9,7 +9,9 @@ query, as Tasmota wants it); the URL is therefore never logged. MQTT credentials
 import json
 import logging
 import queue
+import ssl
 import uuid
+from pathlib import Path
 
 import requests
 
@@ -88,10 +90,19 @@ class TasmotaSwitch(Switch):
             client.username_pw_set(self.credentials["mqtt_username"], self.credentials.get("mqtt_password"))
         client.on_connect = lambda c, u, flags, reason, props: connected.put(reason)
         client.on_subscribe = lambda c, u, mid, reasons, props: connected.put("subscribed")
+        if self.config.mqtt_tls:
+            if not self.ca_file or not Path(self.ca_file).exists():
+                raise self._error(f"mqtt_tls needs the cluster CA {self.ca_file}; run `pibake init` first")
+            client.tls_set(ca_certs=str(self.ca_file))  # verifies the chain and the broker's name
         client.on_message = lambda c, u, msg: (answers.put(msg.payload)
                                                if msg.topic.rsplit("/", 1)[-1] in wanted else None)
         try:
             client.connect(host, int(port), keepalive=30)
+        except ssl.SSLError as exc:
+            raise self._error(f"TLS to the MQTT broker {self.config.mqtt_broker} failed: "
+                              f"{getattr(exc, 'verify_message', None) or exc.reason or exc} (its certificate must "
+                              "be signed by the cluster CA, secrets/ca.crt, for the name or IP in mqtt_broker)") \
+                from exc
         except OSError as exc:
             raise self.unreachable(f"MQTT broker {self.config.mqtt_broker}: {exc.strerror or exc}") from exc
         client.loop_start()

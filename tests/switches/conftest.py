@@ -117,6 +117,46 @@ def mosquitto(tmp_path_factory):
     proc.wait(5)
 
 
+@pytest.fixture(scope="module")
+def mosquitto_tls(tmp_path_factory):
+    """Mosquitto with TLS only, its certificate from a pibake cluster CA (the registry certificate of a
+    cluster whose manager is 127.0.0.1): yields (port, cluster directory)."""
+    from pibake.cluster import init_cluster
+
+    broker, passwd = which("mosquitto"), which("mosquitto_passwd")
+    if not (broker and passwd):
+        pytest.skip("not installed: mosquitto (Debian package mosquitto)")
+    where = tmp_path_factory.mktemp("mosquitto-tls")
+    cluster = where / "cluster"
+    init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="tls")
+    subprocess.run([passwd, "-b", "-c", str(where / "passwd"), MQTT_USER, MQTT_PASSWORD], check=True,
+                   capture_output=True)
+    port = free_port()
+    secrets = cluster / "secrets"
+    (where / "mosquitto.conf").write_text(
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {where / 'passwd'}\n"
+        f"cafile {secrets / 'ca.crt'}\ncertfile {secrets / 'registry.crt'}\nkeyfile {secrets / 'registry.key'}\n"
+        "persistence false\nlog_dest stderr\n")
+    proc = subprocess.Popen([broker, "-c", str(where / "mosquitto.conf")], stderr=subprocess.PIPE, text=True)
+    _wait_port(proc, port)
+    yield port, cluster
+    proc.terminate()
+    proc.wait(5)
+
+
+def _wait_port(proc, port):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {proc.stderr.read()}")
+            time.sleep(0.05)
+    pytest.fail("mosquitto did not listen within 10 s")
+
+
 @pytest.fixture
 def shelly():
     device = FakeShelly(password="shelly-pass-1").start()

@@ -197,12 +197,14 @@ class FakeTasmota(FakeDevice):
             return 401, {"WARNING": "Need user=<username>&password=<password>"}, []
         return 200, self.command(query.get("cmnd", ""))[1], []
 
-    def connect_mqtt(self, port, username, password):
-        """Join the broker as the device: answer cmnd/<topic>/# on stat/<topic>/..."""
+    def connect_mqtt(self, port, username, password, ca_file=None):
+        """Join the broker as the device (over TLS with ``ca_file``): answer cmnd/<topic>/# on stat/<topic>/..."""
         import paho.mqtt.client as mqtt
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"DVES_{self.topic}")
         client.username_pw_set(username, password)
+        if ca_file:
+            client.tls_set(ca_certs=str(ca_file))
         ready = threading.Event()
 
         def on_connect(c, userdata, flags, reason, props):

@@ -29,6 +29,8 @@ CASES = [
     ([dict(OK, mqtt_topic="t")], "switches[0].mqtt_topic: MQTT is for the tasmota driver only"),
     ([dict(OK, driver="tasmota", mqtt_topic="t")], "switches[0].mqtt_broker: missing"),
     ([dict(OK, driver="tasmota", mqtt_topic="a/#", mqtt_broker="10.1.1.10:1883")], "must be the device's topic"),
+    ([dict(OK, driver="tasmota", mqtt_tls=True)], "switches[0].mqtt_broker: missing"),
+    ([dict(OK, mqtt_tls=True)], "switches[0].mqtt_tls: MQTT is for the tasmota driver only"),
     ([dict(OK, timeout=0)], "switches[0].timeout"),
     ([dict(OK, auto_cycle="yes")], "switches[0].auto_cycle"),
 ]

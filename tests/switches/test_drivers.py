@@ -195,3 +195,23 @@ def test_tasmota_mqtt_faults(tasmota, mosquitto):
         mqtt_plug(tasmota, mosquitto).state()
     with pytest.raises(SwitchError, match="cannot reach the device: MQTT broker"):
         mqtt_plug(tasmota, free_port()).state()
+
+
+def test_tasmota_mqtt_over_tls_checked_against_the_cluster_ca(tasmota, mosquitto_tls, tmp_path):
+    from pibake.cluster import init_cluster
+
+    port, cluster = mosquitto_tls
+    ca = cluster / "secrets" / "ca.crt"
+    tasmota.connect_mqtt(port, MQTT_USER, MQTT_PASSWORD, ca_file=ca)
+    cfg = config("tasmota", "127.0.0.1:1", mqtt_broker=f"127.0.0.1:{port}", mqtt_topic=tasmota.topic,
+                 mqtt_tls=True)
+    creds = {"mqtt_username": MQTT_USER, "mqtt_password": MQTT_PASSWORD}
+    assert TasmotaSwitch(cfg, creds, ca_file=ca).on().on is True
+    assert tasmota.power is True
+
+    other = tmp_path / "other"  # another cluster's CA does not vouch for this broker
+    init_cluster(other, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="other")
+    with pytest.raises(SwitchError, match="TLS to the MQTT broker .* failed: self-signed certificate in certificate chain"):
+        TasmotaSwitch(cfg, creds, ca_file=other / "secrets" / "ca.crt").state()
+    with pytest.raises(SwitchError, match="mqtt_tls needs the cluster CA"):
+        TasmotaSwitch(cfg, creds, ca_file=tmp_path / "missing.crt").state()
