@@ -4,7 +4,7 @@
 import yaml
 
 from pibake import switches
-from tests.switches.conftest import kasa_plug, shelly  # noqa: F401  (fixtures)
+from tests.switches.conftest import kasa_plug, needs_kasa_simulator, shelly  # noqa: F401  (fixtures)
 
 
 def add_switches(cluster_dir, entries):
@@ -14,6 +14,7 @@ def add_switches(cluster_dir, entries):
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+@needs_kasa_simulator
 def test_switches_over_rest(client, creds, cluster_dir, kasa_plug, shelly):  # noqa: F811
     add_switches(cluster_dir, [
         {"name": "lamp", "driver": "kasa", "address": kasa_plug.address, "thing": "lamp", "timeout": 2},
@@ -63,6 +64,7 @@ def test_a_recover_job_fails_saying_why(app, client, creds):
     assert done["state"] == "failed" and "no switch in cluster.yaml powers red01" in done["error"]
 
 
+@needs_kasa_simulator
 def test_switches_page_rest_block(client, creds, cluster_dir, kasa_plug):  # noqa: F811
     """docs/switches.md, block sw-rest: each curl line's method and path, sent to the real app with the admin
     credential (the test client stands in for TLS to red00:8443)."""

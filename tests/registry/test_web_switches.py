@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 
 from pibake import switches
 from pibake.registry.app import create_app
-from tests.switches.conftest import kasa_plug, shelly  # noqa: F401  (fixtures)
+from tests.switches.conftest import kasa_plug, needs_kasa_simulator, shelly  # noqa: F401  (fixtures)
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -52,6 +52,7 @@ def page():
         browser.close()
 
 
+@needs_kasa_simulator
 def test_switch_buttons(live, page, creds, cluster_dir, kasa_plug, shelly):  # noqa: F811
     page.goto(live + "/login")
     page.fill("#password", creds.admin[1])
@@ -86,6 +87,7 @@ def test_switch_buttons(live, page, creds, cluster_dir, kasa_plug, shelly):  # n
     assert "cannot reach the device" in page.get_attribute("#switch-lamp .state small", "title")
 
 
+@needs_kasa_simulator
 def test_no_switching_without_the_csrf_token(live, creds, cluster_dir, kasa_plug):  # noqa: F811
     session = requests.Session()
     session.post(live + "/login", data={"password": creds.admin[1]}, timeout=10)

@@ -13,7 +13,12 @@ import pytest
 import yaml
 
 from pibake.run import which
+from tests.conftest import needs_program
 from tests.switches.fakes import FakeShelly, FakeTasmota
+
+# Marks for the tests that use the npm plug simulator or Mosquitto (the one place that says what they need).
+needs_kasa_simulator = needs_program("node", "npm")
+needs_mosquitto = needs_program("mosquitto", "mosquitto_passwd")
 
 HERE = Path(__file__).resolve().parent
 KASA_SIMULATOR = "tplink-smarthome-simulator@5.0.1"

@@ -7,7 +7,7 @@ import pytest
 from pibake import switches
 from pibake.model import Cluster, SwitchConfig
 from pibake.switches.auto import Policy, auto_pass, candidates, decide
-from tests.switches.conftest import write_cluster
+from tests.switches.conftest import needs_kasa_simulator, write_cluster
 from tests.switches.test_recover import SINFO_DOWN, SSH_DOWN, ScriptedNode
 
 POLICY = Policy(max_per_hour=2, backoff_s=600)
@@ -54,6 +54,7 @@ class HangsAgain(ScriptedNode):
         return super().run(host, argv, input=input, timeout=timeout)
 
 
+@needs_kasa_simulator
 def test_rounds_recover_once_then_respect_backoff_and_limit(tmp_path, kasa_plug):
     cluster = write_cluster(tmp_path / "c", [
         {"name": "pi1", "driver": "kasa", "address": kasa_plug.address, "node": "red01", "auto_cycle": True,

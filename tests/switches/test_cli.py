@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from pibake import switches
-from tests.switches.conftest import write_cluster, free_port
+from tests.switches.conftest import free_port, needs_kasa_simulator, write_cluster
 
 PIBAKE = [sys.executable, "-m", "pibake"]
 
@@ -35,6 +35,7 @@ def cluster(tmp_path, kasa_plug, shelly, tasmota):
     ])
 
 
+@needs_kasa_simulator
 def test_list_status_on_off_toggle_with_json(cluster, shelly, tasmota):
     assert pibake(cluster, "switch", "credentials", "pi1", "--password-file", "-", stdin="shelly-pass-1\n").returncode == 0
     assert pibake(cluster, "switch", "credentials", "fan", "--password-file", "-", stdin="tasmota-pass-1\n").returncode == 0
@@ -62,6 +63,7 @@ def test_list_status_on_off_toggle_with_json(cluster, shelly, tasmota):
     assert "shelly-pass-1" not in (cluster / "switches" / "log.jsonl").read_text()
 
 
+@needs_kasa_simulator
 def test_cycle_of_a_thing_reports_each_step(cluster):
     out = pibake(cluster, "switch", "cycle", "rack", "--off-seconds", "0.2", "--json")
     result = json.loads(out.stdout)
@@ -70,6 +72,7 @@ def test_cycle_of_a_thing_reports_each_step(cluster):
     assert "rack: off; waiting 0.2 s" in out.stderr and "rack: on again" in out.stderr
 
 
+@needs_kasa_simulator
 def test_faults_are_one_line_errors(cluster, kasa_plug, shelly, tasmota):
     one_line_error(pibake(cluster, "switch", "on", "nope"), "no switch named 'nope' in cluster.yaml")
     one_line_error(pibake(cluster, "switch", "status", "pi1"), "refused the credentials")
@@ -86,6 +89,7 @@ def test_faults_are_one_line_errors(cluster, kasa_plug, shelly, tasmota):
     assert out.returncode == 1 and "Traceback" not in out.stderr and out.stderr.count("error:") == 3
 
 
+@needs_kasa_simulator
 def test_a_cycle_that_cannot_turn_the_plug_back_on_says_so_loudly(tmp_path, kasa_plug):
     cluster = write_cluster(tmp_path / "c", [{"name": "lamp", "driver": "kasa", "address": kasa_plug.address,
                                               "thing": "lamp", "timeout": 1}])
@@ -136,6 +140,7 @@ def test_unknown_and_unreachable_for_a_cluster_without_the_switch(tmp_path):
     one_line_error(pibake(cluster, "switch", "info", "x"), "connection refused")
 
 
+@needs_kasa_simulator
 def test_no_password_in_verbose_output_or_errors(cluster, shelly, tasmota):
     """With -vv (debug logs) neither the Tasmota password (it travels in the query string) nor the Shelly
     password appears anywhere, also when the device refuses it."""

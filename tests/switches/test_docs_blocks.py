@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.switches.conftest import write_cluster
+from tests.switches.conftest import needs_kasa_simulator, needs_mosquitto, write_cluster
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXITS_RE = re.compile(r"\s+#\s*exits (\d+)\s*$")
@@ -36,6 +36,7 @@ def run_block(text, cwd):
     return outputs
 
 
+@needs_kasa_simulator
 def test_commands_page_switch_block(tmp_path, kasa_plug, shelly, tasmota):
     """docs/commands.md, block cmd-switch."""
     tasmota.password = "tasmota-pass-1"
@@ -75,6 +76,8 @@ def json_keys(value):
     return None
 
 
+@needs_kasa_simulator
+@needs_mosquitto
 def test_switches_page_blocks(tmp_path, kasa_plug, shelly, tasmota, mosquitto, monkeypatch):
     """docs/switches.md, blocks sw-credentials, sw-commands (and its JSON sample) and sw-python, as written,
     against the devices of sw-config: the Kasa simulator, the Shelly fake and the Tasmota fake on Mosquitto."""

@@ -13,7 +13,9 @@ from pibake.switches.base import SwitchError
 from pibake.switches.kasa import KasaSwitch
 from pibake.switches.shelly import ShellySwitch
 from pibake.switches.tasmota import TasmotaSwitch
-from tests.switches.conftest import MQTT_PASSWORD, MQTT_USER, free_port
+from tests.switches.conftest import (
+    MQTT_PASSWORD, MQTT_USER, free_port, needs_kasa_simulator, needs_mosquitto,
+)
 
 
 def config(driver, address, **kw):
@@ -34,6 +36,7 @@ def exercise(switch):
 # --------------------------------------------------------------------------- Kasa (npm simulator)
 
 
+@needs_kasa_simulator
 def test_kasa_against_simulator(kasa_plug):
     plug = KasaSwitch(config("kasa", kasa_plug.address))
     state = exercise(plug)
@@ -45,6 +48,7 @@ def test_kasa_against_simulator(kasa_plug):
     assert info["model"] == "HS110" and info["alias"] == "Rack plug" and info["has_energy_meter"] is True
 
 
+@needs_kasa_simulator
 def test_kasa_plug_that_stops_answering_times_out(kasa_plug):
     plug = KasaSwitch(config("kasa", kasa_plug.address, timeout=1))
     kasa_plug.pause()
@@ -54,6 +58,7 @@ def test_kasa_plug_that_stops_answering_times_out(kasa_plug):
     assert time.monotonic() - t0 < 10
 
 
+@needs_kasa_simulator
 def test_kasa_unreachable(kasa_plug):
     address = kasa_plug.address
     kasa_plug.stop()
@@ -154,6 +159,7 @@ def mqtt_plug(tasmota, port, user=MQTT_USER, password=MQTT_PASSWORD, timeout=2):
     return TasmotaSwitch(cfg, {"mqtt_username": user, "mqtt_password": password})
 
 
+@needs_mosquitto
 def test_tasmota_mqtt(tasmota, mosquitto):
     tasmota.connect_mqtt(mosquitto, MQTT_USER, MQTT_PASSWORD)
     plug = mqtt_plug(tasmota, mosquitto)
@@ -164,6 +170,7 @@ def test_tasmota_mqtt(tasmota, mosquitto):
     assert ("cmnd/tasmota_5A1B2C/Power1", "ON") in commands and ("cmnd/tasmota_5A1B2C/Power1", "TOGGLE") in commands
 
 
+@needs_mosquitto
 def test_tasmota_mqtt_commands_are_never_retained(tasmota, mosquitto):
     """A late subscriber to cmnd/<topic>/# must receive nothing: a retained OFF would switch the plug off
     again each time it reconnects."""
@@ -184,6 +191,7 @@ def test_tasmota_mqtt_commands_are_never_retained(tasmota, mosquitto):
     assert tasmota.mqtt_seen and late == []
 
 
+@needs_mosquitto
 def test_tasmota_mqtt_faults(tasmota, mosquitto):
     with pytest.raises(SwitchError, match="MQTT broker .* refused the credentials"):
         mqtt_plug(tasmota, mosquitto, password="wrong").state()
@@ -197,6 +205,7 @@ def test_tasmota_mqtt_faults(tasmota, mosquitto):
         mqtt_plug(tasmota, free_port()).state()
 
 
+@needs_mosquitto
 def test_tasmota_mqtt_over_tls_checked_against_the_cluster_ca(tasmota, mosquitto_tls, tmp_path):
     from pibake.cluster import init_cluster
 

@@ -8,7 +8,7 @@ import pytest
 from pibake import switches
 from pibake.connect import Output
 from pibake.switches.recover import RecoverError, judge_back, judge_down, recover_node, slurm_is_down
-from tests.switches.conftest import write_cluster
+from tests.switches.conftest import needs_kasa_simulator, write_cluster
 
 SSH_DOWN = Output("red01", 255, "", "ssh: connect to host 10.1.1.11 port 22: No route to host\n")
 SSH_OK = Output("red01", 0, "", "")
@@ -72,6 +72,7 @@ def cluster(tmp_path, kasa_plug):
                                            "node": "red01", "timeout": 2}])
 
 
+@needs_kasa_simulator
 def test_recover_a_hung_node(cluster, kasa_plug):
     switches.switch_command(cluster, "pi1", "on")
     node = ScriptedNode(cluster, kasa_plug)
@@ -86,6 +87,7 @@ def test_recover_a_hung_node(cluster, kasa_plug):
     assert switches.switch_log(cluster)[-1] == {**switches.switch_log(cluster)[-1], "action": "recover", "ok": True}
 
 
+@needs_kasa_simulator
 def test_a_node_that_is_up_is_not_cycled(cluster, kasa_plug):
     switches.switch_command(cluster, "pi1", "on")
 
@@ -98,6 +100,7 @@ def test_a_node_that_is_up_is_not_cycled(cluster, kasa_plug):
     assert [e["action"] for e in switches.switch_log(cluster)] == ["on", "recover"]
 
 
+@needs_kasa_simulator
 def test_a_node_that_does_not_come_back_is_reported(cluster, kasa_plug):
     clock = iter(range(0, 10000, 30))
     node = ScriptedNode(cluster, kasa_plug, comes_back=False)
@@ -107,6 +110,7 @@ def test_a_node_that_does_not_come_back_is_reported(cluster, kasa_plug):
     assert switches.switch_status(cluster, "pi1")["state"]["on"] is True
 
 
+@needs_kasa_simulator
 def test_refusals(tmp_path, kasa_plug):
     cluster = write_cluster(tmp_path / "c", [{"name": "m", "driver": "kasa", "address": kasa_plug.address,
                                               "node": "red00"}])
