@@ -129,3 +129,35 @@ def down_cmd(prefix, as_json):
     removed = report["netns"] + report["links"]
     _say(f"lab {prefix} down: removed {len(report['netns'])} hosts, {len(report['links'])} links, "
          f"{report['processes']} processes" if removed else f"lab {prefix}: nothing was running")
+
+
+@lab_cmd.command("target-image")
+@click.option("--cached", is_flag=True, help="Only report the cached image; never build (exit 1 when absent).")
+@json_option
+@pass_state
+def target_image_cmd(state, cached, as_json):
+    """Build (once) the arm64 target image: Debian trixie arm64 shaped like Raspberry Pi OS trixie Lite.
+
+    \b
+    Example:
+      pibake lab target-image
+      pibake burn --hostname red01 --ip 10.77.7.11 --image "$(pibake lab target-image --json | jq -r .path)" \\
+          --output red01.img
+
+    The image's root is built with mmdebstrap under qemu-user emulation and cached under
+    /var/cache/pibake/target by a hash of its recipe: the first build takes a long while (docs/lab.md), later
+    calls return at once. Needs root, qemu-user-static, mmdebstrap and the Debian mirror.
+    """
+    from pibake import api
+
+    if cached:
+        image = api.cached_target_image()
+        if image is None:
+            raise api.TargetError("no target image is cached for this recipe: run `pibake lab target-image`")
+    else:
+        progress = (lambda message: _say(f"target image: {message}")) if state.verbosity >= 0 else None
+        image = api.ensure_target_image(progress=progress)
+    if as_json:
+        emit_json({"path": str(image.path), **image.stamp})
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(image.versions.items()))
+    _say(f"{image.path} ({image.stamp.get('size_bytes', 0) // 2**20} MiB): {versions}")
