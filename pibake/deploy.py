@@ -939,7 +939,7 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     ``user``: ssh login (default: ssh's own choice, e.g. from ~/.ssh/config); a non-root user needs
     passwordless sudo. ``parallel``: at most this many ssh sessions at once. ``connect_timeout``: seconds
     (ssh's ConnectTimeout). ``ssh_options``: extra ssh arguments, e.g. ("-F", "lab_ssh_config").
-    ``wheel``: the pibake wheel the manager installs (default: built from this checkout,
+    ``wheel``: the pibake wheel the manager installs (default: the running pibake's own,
     ``pibake.bake.burn.manager_wheel``; only needed when the manager is set up).
     ``progress``: called with a host's result dict (``HostResult.to_dict()``) whenever its step or status
     changes. Returns a ``DeployReport``; raises PibakeError only when nothing could be tried (bad host list,
@@ -1140,7 +1140,7 @@ def manager_ssh_target(cluster, targets, manager=None):
 
 def manager_plan_for(cluster, cluster_dir, wheel=None):
     """The ManagerPlan of this cluster's manager: its seed rendered and linted exactly as `pibake burn` does
-    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or one built from this checkout)."""
+    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or the running pibake's own)."""
     from pibake.bake.burn import manager_wheel
     from pibake.bake.seed import render_checked
     from pibake.model import PlannedNode
