@@ -288,6 +288,7 @@ def parse_hosts(hosts):
     """``"red[01-04]"``, ``"10.1.1.[11-14]"``, ``"red01,red02"`` or a list of such: the expanded list of ssh
     targets, in order, without duplicates. Raises PlanError naming what to fix."""
     from ClusterShell.NodeSet import NodeSet, NodeSetParseError, RangeSetParseError
+    from ClusterShell.NodeUtils import GroupResolverError
 
     items = [hosts] if isinstance(hosts, str) else list(hosts or ())
     out = []
@@ -303,6 +304,9 @@ def parse_hosts(hosts):
                         out.append(name)
         except (NodeSetParseError, RangeSetParseError) as exc:
             raise PlanError(f"--hosts {text!r}: {exc}; write e.g. red[01-04] or 10.1.1.[11-14]") from None
+        except GroupResolverError:  # "@source:group" names a ClusterShell group; deploy resolves none
+            raise PlanError(f"--hosts {text!r}: node groups (@...) are not supported; write e.g. red[01-04] or "
+                            "10.1.1.[11-14]") from None
     if not out:
         raise PlanError("--hosts: no host given; write e.g. red[01-04] or 10.1.1.[11-14]")
     bad = [h for h in out if not _valid_target(h)]

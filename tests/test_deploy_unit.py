@@ -78,6 +78,8 @@ def test_parse_hosts(hosts, expected):
     ("red[a-b]", "--hosts 'red[a-b]'"),
     ("red_01", "not a host name or IP address: red_01"),
     ("-oProxyCommand=x", "not a host name or IP address"),
+    ("@@0", "node groups (@...) are not supported"),  # found by the REST API's schemathesis run: was a 500
+    ("@pibake:x", "node groups (@...) are not supported"),
 ])
 def test_parse_hosts_errors(hosts, message):
     with pytest.raises(PlanError) as err:
