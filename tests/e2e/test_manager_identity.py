@@ -159,6 +159,16 @@ def test_without_the_identity_the_same_job_fails_its_reachable_check(lab):
     assert checks(rest_job(lab, "verify", {}))["reachable"]["status"] == "ok"  # key back: reachable again
 
 
+
+def test_nothing_secret_in_the_registrys_log(lab):
+    cdir, _prefix = lab
+    log = shell(lab, "red00", "cat", "/var/log/pibake/pibake-registry.log").stdout
+    assert "job" in log  # the jobs above were logged ...
+    private = (cdir / "secrets" / "manager-ssh.key").read_text()
+    body = "".join(private.splitlines()[1:-1])
+    assert "PRIVATE KEY" not in log and body[:40] not in log and body[-40:] not in log  # ... the key never
+
+
 def test_the_identity_works_from_the_manager_only(lab):
     cdir, prefix = lab
     key = cdir.parent / "manager-key"  # a copy readable by ssh here, as if it were stolen off the manager
