@@ -12,6 +12,12 @@ nodes), so every gunicorn worker answers ``GET /jobs/<id>`` and a restart shows 
 process is gone is marked failed by the next process that opens the table.
 
 States: ``queued`` -> ``running`` -> ``done`` | ``failed``. ``progress`` is 0..1 with a ``message``.
+
+How a job logs in to the nodes: with the cluster's manager ssh identity (``secrets/manager-ssh.key`` in the
+registry's cluster directory, from the manager's seed; every node's seed authorizes it for the cluster user,
+from the manager's IP only) as the cluster user, unless the request names its own: a verify job's ``identity``
+or ``user``, a deploy job's ``user`` or an ``ssh_options`` entry that names an identity, a user or a config file
+(``manager_identity_options``).
 """
 
 import datetime as dt
@@ -194,10 +200,55 @@ def _check_known_hosts(path, where):
                             "host keys to it; its name must end in known_hosts)")
 
 
+def _manager_key(cluster_dir):
+    """The manager's ssh identity in this cluster directory, or None (a cluster made before it existed)."""
+    from pibake.secrets import manager_ssh_key_path  # pylint: disable=import-outside-toplevel
+
+    path = manager_ssh_key_path(cluster_dir)
+    return path if path.is_file() else None
+
+
+def _names_own_login(ssh_options):
+    """True when deploy's ``ssh_options`` choose an identity, a login user or a config file themselves."""
+    args = list(ssh_options)
+    for i, arg in enumerate(args):
+        if arg in ("-i", "-l", "-F") or arg.startswith(("-i", "-l", "-F")):
+            return True
+        if arg.startswith("-o"):
+            value = arg[2:] or (args[i + 1] if i + 1 < len(args) else "")
+            if value.split("=", 1)[0].strip().lower() in ("identityfile", "user"):
+                return True
+    return False
+
+
+def manager_identity_options(kind, cluster_dir, options, cluster_user):
+    """``options`` of a job, with the manager's identity and the cluster user filled in where the request left
+    the login open (pure but for looking at whether the key file exists)."""
+    key = _manager_key(cluster_dir)
+    options = dict(options)
+    if key is None:
+        return options
+    if kind == "verify":
+        if "identity" not in options and "user" not in options:
+            options["identity"] = str(key)
+        return options
+    if "user" not in options and not _names_own_login(options.get("ssh_options", ())):
+        options["user"] = cluster_user
+        options["ssh_options"] = [*options.get("ssh_options", ()), "-i", str(key), "-o", "IdentitiesOnly=yes"]
+    return options
+
+
+def _cluster_user(cluster_dir):
+    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
+
+    return load_cluster(cluster_dir).user
+
+
 def run_verify(cluster_dir, params, progress):
     from pibake.verify import verify  # pylint: disable=import-outside-toplevel
 
-    return verify(cluster_dir, bench=params["bench"], progress=progress, **params["options"]).to_json()
+    options = manager_identity_options("verify", cluster_dir, params["options"], None)
+    return verify(cluster_dir, bench=params["bench"], progress=progress, **options).to_json()
 
 
 def run_deploy(cluster_dir, params, progress):
@@ -212,7 +263,7 @@ def run_deploy(cluster_dir, params, progress):
             done.add(result.get("host"))
         progress(len(done) / max(total, 1), f"{result.get('host')}: {result.get('step')} "
                                                  f"({result.get('status')})")
-    options = dict(params["options"])
+    options = manager_identity_options("deploy", cluster_dir, params["options"], _cluster_user(cluster_dir))
     if "ssh_options" in options:
         options["ssh_options"] = tuple(options["ssh_options"])
     return deploy(cluster_dir, hosts if len(hosts) > 1 else hosts[0], progress=host_progress, **options).to_dict()

@@ -441,14 +441,15 @@ def test_secrets_are_only_replaced_when_rotated(tmp_path, home):
     first = _secret_bytes(cdir)
     result = init_cluster(cdir, home=home, rotate=["munge-key"], **BASE)
     assert result["secrets"]["munge-key"] == "rotated"
-    assert [v for k, v in result["secrets"].items() if k != "munge-key"] == ["kept"] * 4
+    assert [v for k, v in result["secrets"].items() if k != "munge-key"] == ["kept"] * 5
     second = _secret_bytes(cdir)
     assert second["munge.key"] != first["munge.key"]
     assert {k: v for k, v in second.items() if k != "munge.key"} == {k: v for k, v in first.items() if k != "munge.key"}
     result = init_cluster(cdir, home=home, rotate=["all"], **BASE)
     assert set(result["secrets"].values()) == {"rotated"}
     third = _secret_bytes(cdir)
-    assert all(third[k] != second[k] for k in ("ca.key", "munge.key", "admin-password", "join-token.json"))
+    assert all(third[k] != second[k]
+               for k in ("ca.key", "munge.key", "admin-password", "join-token.json", "manager-ssh.key"))
 
 
 def test_changing_the_manager_reissues_the_registry_certificate(tmp_path, home):

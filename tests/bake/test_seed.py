@@ -136,7 +136,8 @@ def test_worker_content():
     assert config["hostname"] == "red01"
     (user,) = config["users"]
     assert user["name"] == "pi" and user["lock_passwd"] is True
-    assert user["ssh_authorized_keys"] == [ssh_key()]
+    # the cluster's keys, then the manager's (the registry's jobs log in with it), from the manager's IP only
+    assert user["ssh_authorized_keys"] == [ssh_key(), f'from="10.1.1.10",restrict {SECRETS.manager_ssh_key}']
     assert config["ssh_pwauth"] is False
     assert config["packages"] == ["slurmd", "munge", "slurm-client", "python3-psutil"]
     assert config["timezone"] == "Europe/Berlin"
@@ -413,7 +414,9 @@ def test_no_ssh_keys_renders_a_valid_seed_with_a_warning():
 
     seed = render(cluster=cluster_for(ssh_keys=()))
     user = yaml.safe_load(seed.user_data)["users"][0]
-    assert "ssh_authorized_keys" not in user and user["lock_passwd"] is True
+    # only the manager's key, which works from the manager's IP only: no person can log in
+    assert user["ssh_authorized_keys"] == [f'from="10.1.1.10",restrict {SECRETS.manager_ssh_key}']
+    assert user["lock_passwd"] is True
     report = lint_seed(seed, hostname="red01")
     assert report.ok, [str(e) for e in report.errors]
     assert any("nobody can log in" in str(w) for w in report.warnings)
