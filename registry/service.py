@@ -191,7 +191,8 @@ class Registry:
     def slurm_conf(self):
         return slurmconf.generate_slurm_conf(
             self.slurm_nodes(), cluster_name=self.cluster["name"], manager=self.manager,
-            manager_ip=self.manager_ip, settings=self.slurm_settings)
+            manager_ip=self.manager_ip, settings=self.slurm_settings,
+            slurm_version=self.applier.slurm_version())
 
     def apply_slurm(self, after_seq=None):
         """Make slurmctld run with a slurm.conf matching the store. Raises ApplyError.

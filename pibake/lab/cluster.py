@@ -271,13 +271,15 @@ def _running_hosts(state):
 
 
 def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix=DEFAULT_PREFIX, wait=True,
-           timeout=600.0, rootfs=None, state_dir=None, progress=None, manager_outside=False):
+           timeout=600.0, rootfs=None, release=None, state_dir=None, progress=None, manager_outside=False):
     """Bring a lab cluster up from burned images and return its report (a dict, see ``lab up --json``).
 
     ``images_dir``: ``DIR/<hostname>.img`` from ``pibake burn --output``; None: burn the manager and
     ``workers`` workers onto a synthetic Pi-like image first. ``manager_delay`` (seconds): boot the
     workers first and the manager that long after them. ``wait``: wait (up to ``timeout`` s) until
-    every worker is idle in sinfo. ``progress(message)`` gets one-line progress notes.
+    every worker is idle in sinfo. ``progress(message)`` gets one-line progress notes. ``release``: the
+    Debian release of the hosts' root (``trixie`` by default, or ``bookworm``; see ``rootfs.RELEASES``),
+    ignored when ``rootfs`` names a built root.
     ``manager_outside``: boot only the workers' images; the manager is elsewhere on the lab bridge (an
     emulated Pi, ``pibake.lab.targetrun``), so nothing waits for its registry or its sinfo.
 
@@ -288,10 +290,11 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     from pibake.cluster import load_cluster
     from pibake.lab.boot import validate_seed
     from pibake.lab.hosts import LabNetwork, _check_prefix, cleanup_leftovers
-    from pibake.lab.rootfs import ensure_rootfs
+    from pibake.lab.rootfs import DEFAULT_RELEASE, check_release, ensure_rootfs, rootfs_stamp
 
     note = progress or (lambda message: None)
     _check_prefix(prefix)
+    release = check_release(release or DEFAULT_RELEASE)
     if os.geteuid() != 0:
         raise LabClusterError("the lab needs root (network, mount, UTS and PID namespaces)")
     cluster_dir = Path(cluster_dir).resolve()
@@ -322,7 +325,7 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
         hosts = _hosts_from_images(lab_images(images_dir, cluster.manager, manager_outside=manager_outside),
                                    cluster)
         t0 = time.monotonic()
-        rootfs = Path(rootfs) if rootfs else ensure_rootfs(progress=note)
+        rootfs = Path(rootfs) if rootfs else ensure_rootfs(release=release, progress=note)
         timings["rootfs_s"] = round(time.monotonic() - t0, 2)
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
@@ -331,7 +334,8 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     state = {
         "prefix": prefix, "cluster_dir": str(cluster_dir), "cluster": cluster.name, "network": cluster.network,
         "manager": cluster.manager, "manager_ip": cluster.manager_ip, "registry_port": cluster.registry_port,
-        "rootfs": str(rootfs), "images_dir": str(Path(images_dir).resolve()),
+        "rootfs": str(rootfs), "release": (rootfs_stamp(rootfs) or {}).get("release", release),
+        "images_dir": str(Path(images_dir).resolve()),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "hosts": [],
     }
     network = None
@@ -537,7 +541,7 @@ def slurm_states(manager):
 def _up_report(state):
     return {
         "prefix": state["prefix"], "cluster": state["cluster"], "network": state["network"],
-        "timings": state.get("timings", {}),
+        "release": state.get("release"), "timings": state.get("timings", {}),
         "hosts": [{k: h.get(k) for k in ("name", "ip", "role", "image", "boot", "sshd", "timings")}
                   for h in state["hosts"]],
     }
