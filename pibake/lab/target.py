@@ -34,15 +34,19 @@ from pathlib import Path
 
 from pibake.bake.synthetic import CONFIG_TXT, build_pi_image, cmdline_for, parse_size
 from pibake.errors import CommandError, PibakeError
-from pibake.lab.rootfs import _locked, _remove_tree, _tail, _tree_size, _write_atomic, debian_mirror
+from pibake.lab.rootfs import (_in_private_mounts, _locked, _remove_tree, _tail, _tree_size, _write_atomic,
+                               debian_mirror)
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("/var/cache/pibake/target")
+# PIBAKE_TARGET_CACHE: another place for the (multi-GB) cache, e.g. a bigger disk
+DEFAULT_CACHE_DIR = Path(os.environ.get("PIBAKE_TARGET_CACHE") or "/var/cache/pibake/target")
 RELEASE = "trixie"
 ARCH = "arm64"
-# Bump when the recipe below changes in a way that changes the result.
+# Bump when the recipe below changes in a way that changes the result: ROOT_RECIPE_VERSION for what
+# mmdebstrap builds (slow), RECIPE_VERSION for how the root is shaped and the image assembled (fast).
+ROOT_RECIPE_VERSION = 1
 RECIPE_VERSION = 1
 
 # Raspberry Pi OS Lite's base as far as pibake's seeds and the boot depend on it, plus what the seeds of
@@ -121,10 +125,17 @@ class TargetImage:
 # ----------------------------------------------------------------------------- pure helpers
 
 
+def root_key(*, release=RELEASE, arch=ARCH, packages=BASE_PACKAGES + ROLE_PACKAGES):
+    """Short hash naming the cached root file system (mmdebstrap's part: release, architecture, packages)."""
+    blob = json.dumps({"release": release, "arch": arch, "packages": sorted(set(packages)),
+                       "recipe": ROOT_RECIPE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def recipe_key(*, release=RELEASE, arch=ARCH, packages=BASE_PACKAGES + ROLE_PACKAGES,
                repo_packages=LOCAL_REPO_PACKAGES):
-    """Short hash naming a cache entry: everything that decides what the image contains."""
-    blob = json.dumps({"release": release, "arch": arch, "packages": sorted(set(packages)),
+    """Short hash naming the cached image: its root, and how it is shaped and assembled."""
+    blob = json.dumps({"root": root_key(release=release, arch=arch, packages=packages),
                        "repo": sorted(set(repo_packages)), "recipe": RECIPE_VERSION,
                        "files": [RPI_CLOUD_CFG, RPI_FIRMWARE_MOUNT_DROPIN, NETPLAN_NETWORK_MANAGER]},
                       sort_keys=True)
@@ -200,11 +211,11 @@ def ensure_binfmt(arch=ARCH, binfmt_dir="/proc/sys/fs/binfmt_misc", conf_dir="/u
 # ----------------------------------------------------------------------------- build
 
 
-def target_paths(cache_dir=None, key=None):
-    """(rootfs dir, image file) of the cache entry for ``key`` (default: the current recipe)."""
+def target_paths(cache_dir=None):
+    """(root file system dir, image file) of the current recipe's cache entries."""
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
-    key = key or recipe_key()
-    return cache / f"rootfs-{RELEASE}-{ARCH}-{key}", cache / f"raspios-like-{RELEASE}-{ARCH}-{key}.img"
+    return (cache / f"rootfs-{RELEASE}-{ARCH}-{root_key()}",
+            cache / f"raspios-like-{RELEASE}-{ARCH}-{recipe_key()}.img")
 
 
 def cached_target_image(cache_dir=None):
@@ -223,12 +234,12 @@ def ensure_target_image(cache_dir=None, *, mirror=None, progress=None):
     """
     note = progress or (lambda message: None)
     key = recipe_key()
-    root, image = target_paths(cache_dir, key)
+    root, image = target_paths(cache_dir)
     root.parent.mkdir(parents=True, exist_ok=True)
     found = cached_target_image(cache_dir)
     if found:
         return found
-    with _locked(root.parent / f"target-{key}.lock"):
+    with _locked(root.parent / f"target-{root_key()}.lock"):  # one build of a root at a time
         found = cached_target_image(cache_dir)
         if found:
             return found
@@ -239,6 +250,13 @@ def ensure_target_image(cache_dir=None, *, mirror=None, progress=None):
         timings = {}
         if not _read_stamp(root):
             _build_root(root, mirror, note, timings)
+        timings.update((_read_stamp(root) or {}).get("timings", {}))
+        t0 = time.monotonic()
+        note("local apt repository for first boot: " + " ".join(LOCAL_REPO_PACKAGES))
+        _local_repo(root, mirror)
+        note("shaping it like Raspberry Pi OS (cloud-init NoCloud on /boot/firmware, NetworkManager)")
+        _shape_like_raspios(root)
+        timings["shape_s"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         note("assembling the image (DOS label, FAT32 bootfs, ext4 rootfs)")
         versions = _assemble_image(root, image, disk_id_for(key))
@@ -291,23 +309,12 @@ def _build_root(root, mirror, note, timings):
          "(maintainer scripts under emulation: the slow part)")
     try:
         _mmdebstrap(partial, mirror)
-        timings["mmdebstrap_s"] = round(time.monotonic() - t0, 1)
-        t0 = time.monotonic()
-        note("local apt repository for first boot: " + " ".join(LOCAL_REPO_PACKAGES))
-        _local_repo(partial, root.parent / "debs")
-        note("shaping it like Raspberry Pi OS (cloud-init NoCloud on /boot/firmware, NetworkManager)")
-        _shape_like_raspios(partial)
-        timings["shape_s"] = round(time.monotonic() - t0, 1)
     except PibakeError:
         _remove_tree(partial)
         raise
+    timings["mmdebstrap_s"] = round(time.monotonic() - t0, 1)
     partial.rename(root)
     _write_atomic(_stamp_path(root), json.dumps({"name": root.name, "timings": timings}) + "\n")
-
-
-def _in_private_mounts(argv):
-    return [which("unshare"), "--mount", "--propagation", "private", "--uts", "--ipc", "--pid", "--fork",
-            "--kill-child", "--", *argv]
 
 
 def _mmdebstrap(target, mirror):
@@ -328,32 +335,45 @@ def _mmdebstrap(target, mirror):
                           "check that the Debian mirror is reachable and qemu-user-static is installed") from exc
 
 
-# $1 root  $2 archive cache  $3 repo dir inside the root  $4.. packages
+# $1 root  $2 repo dir inside the root  $3 sources file naming the mirror  $4 keyring  $5.. packages
+# The packages (and whatever of their dependencies the root lacks) are fetched from the mirror with the
+# root's own apt, in a private sources/lists state, so the root's sources (only the local repository once
+# shaped) are never touched and a rebuild gives the same result.
 _REPO_SCRIPT = r"""
-root=$1 debs=$2 repo=$3
-shift 3
+root=$1 repo=$2 sources=$3 keyring=$4
+shift 4
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+work=/tmp/pibake-repo-build
+mkdir -p "$root$work/lists/partial"
+cp "$sources" "$root$work/sources.list"
+cp "$keyring" "$root$work/keyring.gpg"
+opts="-o Dir::Etc::SourceList=$work/sources.list -o Dir::Etc::SourceParts=/nonexistent \
+      -o Dir::State::Lists=$work/lists -o APT::Sandbox::User=root -o Debug::NoLocking=1"
 mount -t proc proc "$root/proc"
-mkdir -p "$root/$repo" "$debs/partial"
-mount --bind "$debs" "$root/var/cache/apt/archives"
-chroot "$root" apt-get -q update
-chroot "$root" apt-get -q -y --no-install-recommends --download-only install "$@"
-for name in $(chroot "$root" apt-get -q -y --no-install-recommends --print-uris install "$@" \
-              | sed -n "s/^'[^']*' \([^ ]*\.deb\) .*/\1/p"); do
-    cp "$debs/$name" "$root/$repo/"
-done
-umount "$root/var/cache/apt/archives"
+chroot "$root" apt-get -q $opts update
+names=$(chroot "$root" apt-get -q -s $opts --no-install-recommends install "$@" | awk '/^Inst /{print $2}')
+rm -rf "${root:?}/$repo"
+mkdir -p "$root/$repo"
+chroot "$root" sh -c "cd /$repo && apt-get -q $opts download $names"
 umount "$root/proc"
+rm -rf "${root:?}$work"
 cd "$root/$repo" && dpkg-scanpackages --multiversion . > Packages 2>/dev/null
 """
 
 
-def _local_repo(root, debs):
+def _local_repo(root, mirror):
+    keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+    if not keyring.exists():
+        raise TargetError(f"{keyring} is missing: apt-get install debian-archive-keyring")
+    sources = root.parent / f"{root.name}.mirror.list"
+    sources.write_text(f"deb [signed-by=/tmp/pibake-repo-build/keyring.gpg] {mirror} {RELEASE} main\n")
     try:
-        run(_in_private_mounts(["sh", "-eu", "-c", _REPO_SCRIPT, "target-repo", root, debs, LOCAL_REPO_DIR,
-                                *LOCAL_REPO_PACKAGES]), timeout=1200)
+        run(_in_private_mounts(["sh", "-eu", "-c", _REPO_SCRIPT, "target-repo", root, LOCAL_REPO_DIR, sources,
+                                keyring, *LOCAL_REPO_PACKAGES]), timeout=1200)
     except CommandError as exc:
         raise TargetError(f"building the image's local apt repository failed ({_tail(exc)})") from exc
+    finally:
+        sources.unlink(missing_ok=True)
     if not list((root / LOCAL_REPO_DIR).glob("*.deb")):
         raise TargetError("the image's local apt repository is empty: " + " ".join(LOCAL_REPO_PACKAGES))
 

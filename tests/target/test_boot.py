@@ -190,3 +190,22 @@ def test_a_lab_worker_joins_the_emulated_manager(manager_boot):
     assert ctld.stdout.splitlines()[1].startswith("slurm 24."), ctld.stdout
     status, nodes = _registry(manager_boot, "GET", "/nodes")
     assert status == 200 and {n["hostname"] for n in nodes} >= {"red00", "red01"}, nodes
+
+
+def test_rest_verify_on_the_emulated_manager_reaches_its_nodes(manager_boot):
+    """The booted manager's registry runs `verify` as a REST job; its ssh checks log in to the lab worker
+    with the manager's own ssh identity (from its seed; every node's seed authorizes it)."""
+    import time
+
+    manager_boot["pi"].wait_console(timeout=BOOT_TIMEOUT)
+    status, job = _registry(manager_boot, "POST", "/verify", {"bench": False})
+    assert status == 202, job
+    deadline = time.monotonic() + 600
+    while job.get("state") not in ("done", "failed") and time.monotonic() < deadline:
+        time.sleep(3)
+        status, job = _registry(manager_boot, "GET", f"/jobs/{job['id']}")
+    assert job.get("state") == "done", job
+    checks = {c["name"]: c for c in job["result"]["checks"]}
+    assert checks["reachable"]["status"] == "ok", checks["reachable"]
+    assert checks["munge"]["status"] == "ok", checks["munge"]
+    assert checks["srun"]["status"] == "ok", checks["srun"]
