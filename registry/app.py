@@ -56,7 +56,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     @app.errorhandler(HTTPException)
     def _http_error(err):
         if request.path.startswith("/api/"):
-            return jsonify(error=f"{err.name}: {err.description}"), err.code
+            return api.http_error_response(err)
         return err
 
     @app.errorhandler(Exception)
