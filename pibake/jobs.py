@@ -21,10 +21,11 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import JobError, PibakeError
 from pibake.registry import schema
 
 LOG = logging.getLogger(__name__)
@@ -51,15 +52,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner       TEXT NOT NULL
 )
 """
-
-
-class JobError(PibakeError):
-    """A job request that cannot be accepted; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _now():
@@ -270,8 +262,6 @@ class JobRunner:
 
     def wait(self, job_id, timeout=600):
         """Block until the job is done or failed (tests and the CLI-side waiter); returns it."""
-        import time  # pylint: disable=import-outside-toplevel
-
         end = time.monotonic() + timeout
         while True:
             job = self.get(job_id)

@@ -2,13 +2,12 @@
 
 import logging
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.jobs import JobError
+from pibake.errors import RegistryError
 from pibake.registry.auth import basic_auth, join_auth, registry
 from pibake.registry.schema import openapi_document
-from pibake.registry.service import RegistryError
 from pibake.registry.slurmctl import ApplyError
 from pibake.secrets import munge_key_b64
 
@@ -131,14 +130,7 @@ def accept_node(hostname):
 # ---------------------------------------------------------------------- background jobs (deploy, verify)
 
 def _jobs():
-    from flask import current_app  # pylint: disable=import-outside-toplevel
-
     return current_app.extensions["pibake_jobs"]
-
-
-@bp.errorhandler(JobError)
-def _job_error(err):
-    return jsonify(error=err.message), err.status
 
 
 def _start_job(kind):

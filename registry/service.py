@@ -25,26 +25,16 @@ from pathlib import Path
 import yaml
 
 from pibake import __version__
-from pibake.errors import ConfigError
+from pibake.errors import ConfigError, RegistryError
 from pibake.registry import schema, slurmconf
 from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
-from pibake.registry.store import ConflictError, Store
+from pibake.registry.store import Store
 
 LOG = logging.getLogger(__name__)
 
 OPTION_KEYS = ("require_approval", "slurm_conf", "slurm_apply", "slurm_settings", "slurm_state",
                "apply_timeout")
 SINFO_CACHE_SECONDS = 0.5  # deploy polls GET /nodes every 0.5 s while it waits for idle nodes
-
-
-class RegistryError(Exception):
-    """A client mistake or refusal: carries the HTTP status and a one-line message (no secrets)."""
-
-    def __init__(self, status, message, problems=None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.problems = problems or []
 
 
 def cluster_settings(cluster_dir):
@@ -241,13 +231,7 @@ class Registry:
         """Enrol (or re-enrol) a node. Returns ``(response body, created)``; the slurm.conf that includes
         the node is in force when this returns (for an accepted worker)."""
         record = validate_enrolment(payload, peer_ip, self.cluster.get("network"))
-        try:
-            node, credential, created = self.store.enrol(record, require_approval=self.require_approval)
-        except ConflictError:
-            raise RegistryError(
-                409, f"{record['hostname']} is already enrolled with another MAC address; if the board was "
-                     f"replaced, remove the old record first (`pibake registry remove {record['hostname']}`)"
-            ) from None
+        node, credential, created = self.store.enrol(record, require_approval=self.require_approval)
         LOG.info("%s %s (%s, %s, status %s)", "enrolled" if created else "re-enrolled", node["hostname"],
                  node["ip"], node["model"] or "unknown model", node["status"])
         if node["status"] != "pending" and node["role"] == "worker":
