@@ -79,21 +79,27 @@ def record_job(cluster_dir, params, progress):
 
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory):
-    """A real app over a real cluster directory (slurm apply mode none: no slurmctld here), with one
-    enrolled node; ``FUZZ_AUTH`` holds an Authorization header per security scheme."""
+    """A real app over a real cluster directory (slurm apply mode none: no slurmctld here)."""
     d = tmp_path_factory.mktemp("fuzz") / "cluster"
     init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="fuzz")
-    app = create_app(d, slurm_conf=str(d / "slurm.conf"), slurm_apply="none", slurm_state=False,
-                     job_functions={"deploy": record_job, "verify": record_job})
-    token = load_join_token(d).token
-    cred = app.test_client().post("/api/v1/enrol", json=enrolment("red01"),
-                                  headers={"Authorization": f"Bearer {token}"}).json["credential"]
+    return create_app(d, slurm_conf=str(d / "slurm.conf"), slurm_apply="none", slurm_state=False,
+                      job_functions={"deploy": record_job, "verify": record_job})
+
+
+@pytest.fixture
+def fuzz_auth(fuzz_app):
+    """An Authorization header per security scheme, for a node red01 enrolled afresh by each test (what
+    an earlier test's requests did to red01 does not matter)."""
+    d = fuzz_app.extensions["pibake_registry"].cluster_dir
 
     def basic(user, password):
         return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-    app.config["FUZZ_AUTH"] = {"joinToken": f"Bearer {token}", "nodeBasic": basic("red01", cred),
-                               "adminBasic": basic("admin", admin_password(d))}
-    return app
+    auth = {"joinToken": f"Bearer {load_join_token(d).token}", "adminBasic": basic("admin", admin_password(d))}
+    client = fuzz_app.test_client()
+    client.delete("/api/v1/nodes/red01", headers={"Authorization": auth["adminBasic"]})
+    r = client.post("/api/v1/enrol", json=enrolment("red01"), headers={"Authorization": auth["joinToken"]})
+    assert r.status_code == 201, r.json
+    return {**auth, "nodeBasic": basic("red01", r.json["credential"])}
 
 
 def _schemes(operation):
@@ -135,23 +141,23 @@ def refused_only_for_what_the_schema_cannot_say(ctx, response, case):
 @SCHEMA.parametrize()
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck),
           derandomize=True)
-def test_schemathesis_finds_nothing(case, fuzz_app):
+def test_schemathesis_finds_nothing(case, fuzz_app, fuzz_auth):
     """Every phase (examples, coverage incl. undeclared methods, fuzzing; positive and negative data), all
     checks, with the credential the operation asks for."""
     TARGET.app = fuzz_app
     schemes = _schemes(case.operation.definition.raw)
-    headers = {"Authorization": fuzz_app.config["FUZZ_AUTH"][schemes[0]]} if schemes else {}
+    headers = {"Authorization": fuzz_auth[schemes[0]]} if schemes else {}
     case.call_and_validate(headers=headers, base_url="http://localhost/api/v1",
                            excluded_checks=[schemathesis.checks.positive_data_acceptance],
                            additional_checks=[refused_only_for_what_the_schema_cannot_say])
 
 
 @pytest.mark.parametrize("path,method", OPERATIONS, ids=[f"{m} {p}" for p, m in OPERATIONS])
-def test_generated_requests_reach_the_app_only_with_credentials(fuzz_app, path, method):
+def test_generated_requests_reach_the_app_only_with_credentials(fuzz_app, fuzz_auth, path, method):
     """Schema-valid requests for one operation: without credentials always 401 (where it asks for one);
     with each credential it accepts, some pass authentication (the fuzzing above is not all 401s)."""
     op = SCHEMA[path][method.upper()]
-    auth = fuzz_app.config["FUZZ_AUTH"]
+    auth = fuzz_auth
     schemes = _schemes(DOC["paths"][path][method])
     with_credentials = {scheme: set() for scheme in schemes}
     TARGET.app = fuzz_app
@@ -171,11 +177,11 @@ def test_generated_requests_reach_the_app_only_with_credentials(fuzz_app, path, 
         assert codes - {401}, (scheme, codes)  # authenticated: answered 2xx, or 4xx on what was asked
 
 
-def test_jobs_run_the_recording_function_with_the_validated_parameters(fuzz_app):
+def test_jobs_run_the_recording_function_with_the_validated_parameters(fuzz_app, fuzz_auth):
     """A job the REST API accepts runs its kind's function with the validated parameters (here
     ``record_job``: the fuzzer's hosts never get an ssh connection)."""
     client = fuzz_app.test_client()
-    admin = {"Authorization": fuzz_app.config["FUZZ_AUTH"]["adminBasic"]}
+    admin = {"Authorization": fuzz_auth["adminBasic"]}
     r = client.post("/api/v1/deploy", json={"hosts": "10.1.1.[11-12]", "options": {"parallel": 2}}, headers=admin)
     assert r.status_code == 202, r.json
     job = fuzz_app.extensions["pibake_jobs"].wait(r.json["id"], timeout=30)
