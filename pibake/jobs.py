@@ -27,10 +27,12 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import JobError, PibakeError
+from pibake.registry import schema
 
 LOG = logging.getLogger(__name__)
 
@@ -56,15 +58,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner       TEXT NOT NULL
 )
 """
-
-
-class JobError(PibakeError):
-    """A job request that cannot be accepted; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _now():
@@ -103,74 +96,31 @@ def owner_alive(owner):
 
 # ------------------------------------------------------------------ what a job runs
 
-def _check_options(options, allowed, where):
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise JobError(400, f"{where}: must be an object")
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise JobError(400, f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    for key, kind in allowed.items():
-        if key in options and options[key] is not None and not _is(options[key], kind):
-            raise JobError(400, f"{where}.{key}: must be {kind}")
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _is(value, kind):
-    if kind == "a string":
-        return isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value
-    if kind == "a positive number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600
-    if kind == "a positive whole number":
-        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1024
-    if kind == "a list of strings":
-        return isinstance(value, list) and len(value) <= 32 and all(_is(v, "a string") for v in value)
-    return False
-
-
-VERIFY_OPTIONS = {"user": "a string", "identity": "a string", "known_hosts": "a string",
-                  "connect_timeout": "a positive number"}
-DEPLOY_OPTIONS = {"manager": "a string", "user": "a string", "parallel": "a positive whole number",
-                  "connect_timeout": "a positive whole number", "idle_timeout": "a positive number",
-                  "ssh_options": "a list of strings"}
 # ssh arguments a REST caller may pass to deploy: files and host key handling, never commands.
 SSH_OPTION_KEYS = ("userknownhostsfile", "stricthostkeychecking", "identityfile", "identitiesonly", "user", "port",
                    "connecttimeout", "batchmode", "loglevel", "globalknownhostsfile")
+REQUEST_SCHEMAS = {"verify": "VerifyRequest", "deploy": "DeployRequest"}  # in the registry's openapi.json
 
 
 def validate(kind, body):
-    """The parameters of a job from a request body; JobError(400) naming what to fix."""
+    """The parameters of a job from a request body: checked against the request schema the registry
+    publishes, then what a schema cannot say (the host list expands; ssh options come in allowed pairs).
+    JobError(400) naming what to fix."""
     if kind not in KINDS:
         raise JobError(404, f"no job kind {kind!r}; known: {', '.join(KINDS)}")
-    if not isinstance(body, dict):
-        raise JobError(400, "the request body must be a JSON object")
+    problems = schema.problems(REQUEST_SCHEMAS[kind], body)
+    if problems:
+        raise JobError(400, "; ".join(problems))
+    options = dict(body.get("options") or {})
     if kind == "verify":
-        unknown = sorted(set(body) - {"bench", "options"})
-        if unknown:
-            raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: bench, options")
-        bench = body.get("bench", False)
-        if not isinstance(bench, bool):
-            raise JobError(400, "bench: must be true or false")
-        options = _check_options(body.get("options"), VERIFY_OPTIONS, "options")
-        if "known_hosts" in options:
-            _check_known_hosts(options["known_hosts"], "options.known_hosts")
-        return {"bench": bench, "options": options}
-    unknown = sorted(set(body) - {"hosts", "options"})
-    if unknown:
-        raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: hosts, options")
-    hosts = body.get("hosts")
-    if isinstance(hosts, str):
-        hosts = [hosts]
-    if not isinstance(hosts, list) or not hosts or not all(_is(h, "a string") for h in hosts) or len(hosts) > 256:
-        raise JobError(400, "hosts: must be a host list like \"red[01-04]\" or a list of names/IPs")
+        return {"bench": body.get("bench", False), "options": options}
+    hosts = [body["hosts"]] if isinstance(body["hosts"], str) else body["hosts"]
     from pibake.deploy import parse_hosts  # pylint: disable=import-outside-toplevel
 
     try:
         parse_hosts(hosts)
     except PibakeError as err:
         raise JobError(400, f"hosts: {err}") from None
-    options = _check_options(body.get("options"), DEPLOY_OPTIONS, "options")
     _check_ssh_options(options.get("ssh_options", []))
     return {"hosts": hosts, "options": options}
 
@@ -363,8 +313,6 @@ class JobRunner:
 
     def wait(self, job_id, timeout=600):
         """Block until the job is done or failed (tests and the CLI-side waiter); returns it."""
-        import time  # pylint: disable=import-outside-toplevel
-
         end = time.monotonic() + timeout
         while True:
             job = self.get(job_id)

@@ -25,6 +25,7 @@ from pibake.cluster import (
 )
 from pibake.errors import ConfigError
 from pibake.model import Cluster, Wifi
+from tests.conftest import needs_root
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cluster-yaml.md"
 BASE = dict(manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
@@ -468,13 +469,12 @@ def test_local_image_and_ubuntu_catalog_image(tmp_path, home):
     assert load_cluster(tmp_path / "b").family == "ubuntu"
 
 
+@needs_root("SUDO_USER only matters when running as root")
 def test_sudo_user_home_is_used_for_default_keys(tmp_path, monkeypatch):
     import pwd
 
     from pibake import cluster as cluster_mod
 
-    if os.geteuid() != 0:
-        pytest.skip("SUDO_USER only matters when running as root")
     someone = next((p for p in pwd.getpwall() if p.pw_uid >= 1000 and Path(p.pw_dir).is_dir()), None)
     if someone is None:
         monkeypatch.setenv("SUDO_USER", "root")

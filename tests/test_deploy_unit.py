@@ -15,6 +15,7 @@ import pytest
 from pibake import deploy as d
 from pibake.errors import PlanError
 from pibake.model import Cluster
+from tests.conftest import needs_program, needs_root
 
 # Recorded from a lab host (Debian 12, packages installed, nothing deployed yet) ...
 FACTS_FRESH = """\
@@ -224,7 +225,7 @@ def test_wanted_files_by_init_system():
     assert d.AFTER_WRITE[d.TIMESYNCD_DROPIN] == ["systemctl", "try-restart", "systemd-timesyncd"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the installer gives files to root (runs as root on a node)")
+@needs_root("the installer gives files to root (runs as root on a node)")
 def test_installer_writes_only_what_differs(tmp_path):
     """The script deploy runs on a node (with Debian's python3 when present), on files under tmp_path."""
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -336,7 +337,7 @@ def test_setup_and_agent_scripts(manager_seed):
         d.agent_script("pibake-start pibake-agent.service")
 
 
-@pytest.mark.skipif(not os.path.exists("/bin/sh"), reason="needs a POSIX shell")
+@needs_program("sh")
 def test_setup_script_runs_with_a_shell_and_stops_at_a_failure(tmp_path):
     plan = d.ManagerPlan(packages=[], bootcmd=[], files={}, wheel="w",
                          setup=[["touch", str(tmp_path / "one")], ["false"], ["touch", str(tmp_path / "two")]],

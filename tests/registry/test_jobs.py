@@ -97,11 +97,11 @@ def test_a_failing_job_says_why(jobs_app, creds):
 @pytest.mark.parametrize("path,body,message", [
     ("/api/v1/verify", {"bench": "yes"}, "bench: must be true or false"),
     ("/api/v1/verify", {"bench": False, "color": 1}, "unknown field(s) color; known: bench, options"),
-    ("/api/v1/verify", {"options": {"proxy": "x"}}, "options: unknown option(s) proxy; known: connect_timeout, "
+    ("/api/v1/verify", {"options": {"proxy": "x"}}, "options: unknown field(s) proxy; known: connect_timeout, "
                                                     "identity, known_hosts, user"),
     ("/api/v1/verify", {"options": {"connect_timeout": -1}}, "options.connect_timeout: must be a positive number"),
     ("/api/v1/verify", {"options": {"known_hosts": "/etc/passwd"}},
-     "options.known_hosts: 'passwd' is not a known_hosts file"),
+     "options.known_hosts: must be the path of a file whose name ends in known_hosts"),
     ("/api/v1/deploy", {"hosts": "red01", "options": {"ssh_options": ["-o", "UserKnownHostsFile=/etc/shadow"]}},
      "options.ssh_options: -o userknownhostsfile: 'shadow' is not a known_hosts file"),
     ("/api/v1/deploy", {}, "hosts: must be a host list like \"red[01-04]\" or a list of names/IPs"),
