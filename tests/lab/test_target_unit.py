@@ -1,6 +1,5 @@
 """Pure parts of the arm64 target: the firmware's view of a card, qemu's command line, the image recipe."""
 
-from pathlib import Path
 
 import pytest
 
