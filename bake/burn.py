@@ -28,8 +28,12 @@ every progress step of the writer sleep that long. Tests use it to kill a burn m
 it has no other effect and is never set by pibake itself.
 """
 
+import base64
+import csv
 import dataclasses
 import hashlib
+import importlib.metadata
+import io
 import logging
 import os
 import re
@@ -38,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,11 +176,13 @@ def wheel_cache_dir():
 
 
 def manager_wheel(wheel=None, *, cache_dir=None, source=None):
-    """Path of a pibake wheel for the manager's boot partition.
+    """Path of a pibake wheel for the manager's boot partition: the running pibake itself, however it was installed.
 
-    ``wheel``: a given ``pibake-*-py3-none-any.whl``. Otherwise one is built from the checkout pibake
-    runs from (``pip wheel --no-deps``, in a copy so the checkout stays clean) and cached by the
-    checksum of the sources, so it is built once per change. ``source``: another checkout (tests).
+    ``wheel``: a given ``pibake-*-py3-none-any.whl``. Otherwise, when pibake runs from a source checkout (an
+    editable install, or the checkout on sys.path), one is built from it (``pip wheel --no-deps``, in a copy so
+    the checkout stays clean); when it runs from an installed distribution (``pip install .``, a wheel), the
+    wheel is put together again from that installation (``wheel_from_installed``). Either is cached by a
+    checksum of what goes into it, so it is made once per change. ``source``: another checkout (tests).
     """
     if wheel is not None:
         path = Path(wheel)
@@ -186,9 +193,107 @@ def manager_wheel(wheel=None, *, cache_dir=None, source=None):
         return path
     root = Path(source) if source else _source_tree()
     if root is None:
-        raise BurnError("cannot build the pibake wheel the manager installs: pibake is not running from a source "
-                        "checkout; build one in a checkout (python3 -m pip wheel --no-deps . -w dist) and pass "
-                        "--wheel dist/pibake-*.whl")
+        return wheel_from_installed(cache_dir=cache_dir)
+    return _wheel_from_checkout(root, cache_dir)
+
+
+# Files of an installed distribution that describe the installation, not the package: never in a wheel.
+_INSTALLER_FILES = frozenset({"RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "RECORD.jws", "RECORD.p7s"})
+_ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed: the same installation always gives the same wheel, byte for byte
+
+
+def _running_distribution():
+    """The installed distribution ``pibake`` whose files are the modules running now, or None (e.g. an editable
+    install, whose RECORD lists a path hook instead of the package files)."""
+    try:
+        dist = importlib.metadata.distribution("pibake")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    running = Path(pibake.__file__).resolve()
+    for entry in dist.files or ():
+        if str(entry) == "pibake/__init__.py" and Path(dist.locate_file(entry)).resolve() == running:
+            return dist
+    return None
+
+
+def _record_hash(data):
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def installed_wheel_files(dist):
+    """[(path in the wheel, bytes)] of an installed pure-Python distribution: the files its RECORD lists inside
+    site-packages (no byte code, no console scripts: pip makes those from entry_points.txt on install), its
+    .dist-info without the installer's own files. BurnError when it is not a pure wheel."""
+    files, info_dir = [], None
+    for entry in dist.files or ():
+        rel = str(entry)  # PackagePath: always "/"-separated
+        parts = rel.split("/")
+        if parts[0] == ".." or "__pycache__" in parts or rel.endswith((".pyc", ".pyo")):
+            continue
+        if parts[0].endswith(".dist-info"):
+            info_dir = parts[0]
+            if len(parts) == 2 and parts[1] in _INSTALLER_FILES:
+                continue
+        try:
+            data = Path(dist.locate_file(entry)).read_bytes()
+        except OSError as exc:
+            raise BurnError(f"cannot read {rel} of the installed pibake ({exc.strerror}); reinstall pibake or "
+                            "pass --wheel FILE") from None
+        files.append((rel, data))
+    wheel_meta = dict(files).get(f"{info_dir}/WHEEL", b"").decode("utf-8", "replace")
+    if info_dir is None or "Root-Is-Purelib: true" not in wheel_meta or "Tag: py3-none-any" not in wheel_meta:
+        raise BurnError("the installed pibake is not a pure-Python py3-none-any installation with a .dist-info "
+                        "(RECORD, WHEEL); install it with pip, or pass --wheel FILE")
+    return info_dir, files
+
+
+def build_wheel_bytes(info_dir, files):
+    """A wheel (zip bytes) of ``files`` [(path, bytes)] with a fresh ``info_dir/RECORD`` (sha256 + size of
+    every file, as the wheel format asks); dist-info files last, RECORD the very last."""
+    ordered = sorted(files, key=lambda f: (f[0].startswith(info_dir + "/"), f[0]))
+    record = io.StringIO()
+    writer = csv.writer(record, lineterminator="\n")
+    for rel, data in ordered:
+        writer.writerow([rel, _record_hash(data), len(data)])
+    writer.writerow([f"{info_dir}/RECORD", "", ""])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel, data in ordered + [(f"{info_dir}/RECORD", record.getvalue().encode())]:
+            info = zipfile.ZipInfo(rel, date_time=_ZIP_TIME)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def wheel_from_installed(dist=None, *, cache_dir=None):
+    """The wheel of the installed pibake that is running (``pip install .`` or from a wheel), put together again
+    from its installed files and metadata (no build tools, no network), cached by its contents."""
+    dist = dist or _running_distribution()
+    if dist is None:
+        raise BurnError("cannot make the pibake wheel the manager installs: this pibake runs neither from a source "
+                        "checkout nor from a pip-installed distribution; pass --wheel FILE (in a checkout: "
+                        "python3 -m pip wheel --no-deps . -w dist)")
+    info_dir, files = installed_wheel_files(dist)
+    data = build_wheel_bytes(info_dir, files)
+    version = dist.metadata["Version"]
+    name = f"pibake-{version}-py3-none-any.whl"
+    if not _WHEEL_RE.match(name):
+        raise BurnError(f"the installed pibake has an unusable version {version!r}; pass --wheel FILE")
+    cache = Path(cache_dir) if cache_dir else wheel_cache_dir()
+    key_dir = cache / f"installed-{hashlib.sha256(data).hexdigest()[:16]}"
+    target = key_dir / name
+    if not target.is_file():
+        key_dir.mkdir(parents=True, exist_ok=True)
+        part = key_dir / f".{name}.part-{os.getpid()}"
+        part.write_bytes(data)
+        os.replace(part, target)
+        LOG.info("made %s from the installed pibake (%d files) into the cache %s", name, len(files), key_dir)
+        _prune_wheel_cache(cache, keep=key_dir)
+    return target
+
+
+def _wheel_from_checkout(root, cache_dir):
     cache = Path(cache_dir) if cache_dir else wheel_cache_dir()
     key_dir = cache / _source_digest(root)
     name = f"pibake-{pibake.__version__}-py3-none-any.whl"

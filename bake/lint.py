@@ -256,6 +256,13 @@ def _load(report, file, text):
         return None
 
 
+def _login_keys(user):
+    """The user's ssh keys a person can log in with: not those restricted to one source address (``from=``, as
+    the manager's key is: only the registry's jobs use it)."""
+    keys = user.get("ssh_authorized_keys") or []
+    return [k for k in keys if not (isinstance(k, str) and k.startswith("from="))]
+
+
 def _check_user_data(seed, report):
     text = seed.user_data
     if not text.startswith("#cloud-config\n"):
@@ -267,7 +274,7 @@ def _check_user_data(seed, report):
         report.error("user-data", "", "must be a YAML mapping")
         return None
     for i, user in enumerate(config.get("users") or []):
-        if isinstance(user, dict) and user.get("lock_passwd", True) and not user.get("ssh_authorized_keys"):
+        if isinstance(user, dict) and user.get("lock_passwd", True) and not _login_keys(user):
             report.warn("user-data", f"users.{i}",
                         "password locked and no ssh key: nobody can log in (add ssh_keys to cluster.yaml)")
     return config

@@ -24,6 +24,8 @@ How a seed is built
   cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``
   and ``pibake-registry.service``, and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
   On Raspberry Pi OS (sshd ships disabled) runcmd also enables ``ssh.service``; Ubuntu runs it already.
+  Every node but the manager authorizes the manager's ssh key for the cluster user (``authorized_keys``):
+  ``from="<manager IP>",restrict``, so the registry's verify and deploy jobs log in from the manager only.
 
 How runcmd starts the agent (and the registry)
 ----------------------------------------------
@@ -38,7 +40,8 @@ In both cases the agent is ``/usr/bin/python3 /usr/local/lib/pibake/agent.py --c
 The manager's card carries secrets
 ----------------------------------
 The manager's user-data carries the registry's cluster bundle (``pibake.secrets.manager_bundle``: cluster.yaml,
-CA certificate, registry key and certificate, join token record, munge key, admin password; never the CA key)
+CA certificate, registry key and certificate, join token record, munge key, admin password, the manager's ssh
+key pair; never the CA key)
 as base64 ``write_files`` into ``/var/lib/pibake/cluster`` (secrets 0400; the directories are created 0700 by
 ``bootcmd`` before write_files runs). Every node's user-data carries the join token in the agent config. The
 boot partition is FAT: anyone holding the card can read it. So the first runcmd step of every role runs
@@ -116,9 +119,10 @@ BUNDLE_MODES = {
     "cluster.yaml": "0600",
     "secrets/ca.crt": "0444",
     "secrets/registry.crt": "0444",
+    "secrets/manager-ssh.key.pub": "0444",
 }
 BUNDLE_DEFAULT_MODE = "0400"
-PUBLIC_BUNDLE_FILES = ("secrets/ca.crt", "secrets/registry.crt")
+PUBLIC_BUNDLE_FILES = ("secrets/ca.crt", "secrets/registry.crt", "secrets/manager-ssh.key.pub")
 
 RENDERERS = {"raspios": "NetworkManager", "ubuntu": "networkd"}
 # Raspberry Pi OS ships sshd disabled; Ubuntu 24.04 runs it through ssh.socket (starting ssh.service next to
@@ -267,6 +271,9 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     token = getattr(seed_secrets, "join_token", None)
     if not isinstance(token, str) or not token.startswith("K10") or not token.isprintable() or " " in token:
         bad("join_token", "is missing or malformed (run `pibake token rotate`)")
+    manager_key = getattr(seed_secrets, "manager_ssh_key", None)
+    if manager_key is not None and ssh_key_problem(manager_key):
+        bad("manager_ssh_key", "is not one ssh public key line (check secrets/manager-ssh.key.pub)")
     pem = getattr(seed_secrets, "ca_cert_pem", None)
     if not isinstance(pem, str) or "-----BEGIN CERTIFICATE-----" not in pem:
         bad("ca_cert_pem", "is not a PEM certificate (check secrets/ca.crt)")
@@ -375,6 +382,23 @@ def secret_paths(role, bundle_paths=()):
     return paths
 
 
+def manager_key_line(cluster, public_key):
+    """The authorized_keys line of the manager's ssh key on a node: usable only from the manager's IP, and
+    ``restrict`` (no port, agent or X11 forwarding, no pty, no ~/.ssh/rc): the registry's verify and deploy jobs
+    run commands over plain sessions and need nothing else."""
+    return f'from="{cluster.manager_ip}",restrict {public_key}'
+
+
+def authorized_keys(cluster, node, seed_secrets):
+    """The cluster user's ssh keys on ``node``: cluster.yaml's ``ssh_keys``, and on every node but the manager
+    itself the manager's key (``manager_key_line``), so the registry's jobs reach the nodes."""
+    keys = list(cluster.ssh_keys or ())
+    manager_key = getattr(seed_secrets, "manager_ssh_key", None)
+    if manager_key and node.role != "manager":
+        keys.append(manager_key_line(cluster, manager_key))
+    return keys
+
+
 def _write_files(cluster, node, seed_secrets, bundle):
     config = agent_config(cluster, node)
     config["join_token"] = seed_secrets.join_token
@@ -411,6 +435,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "cluster": cluster,
         "node": node,
         "user_groups": ROLE_GROUPS[node.role],
+        "authorized_keys": authorized_keys(cluster, node, seed_secrets),
         "login_units": LOGIN_UNITS[cluster.family],
         "scripts": {name: path for name, (path, _) in SCRIPTS.items()},
         "seed_file": SEED_FILE,

@@ -227,3 +227,37 @@ def registry_plots(data, out_dir):
         ax.legend(fontsize=8)
         _save(plt, fig, out_dir, "registry-generation.png", names)
     return names
+
+
+TARGET_PHASES = (("power-on to kernel", "kernel", GREY), ("kernel to systemd", "systemd", "#8e6bbf"),
+                 ("systemd to login prompt", "login_prompt", BLUE), ("to cloud-init done", "cloud_init_done",
+                                                                      ORANGE),
+                 ("to enrolled", "enrolled", "#5aa469"), ("to idle in sinfo", "idle", RED))
+
+
+def target_plots(data, out_dir):
+    """target-timeline.png: per rep, the emulated worker's phases as consecutive bars (seconds since power-on)."""
+    plt = _plt()
+    if plt is None or not data.get("runs"):
+        return []
+    names = []
+    runs = data["runs"]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 1.9), dpi=100)
+    seen = set()
+    for y, run in enumerate(runs):
+        start = 0.0
+        for label, key, color in TARGET_PHASES:
+            end = run["phases"].get(key)
+            if end is None:
+                continue
+            ax.barh(y, end - start, left=start, color=color, label=None if label in seen else label)
+            seen.add(label)
+            start = end
+    ax.set_yticks(range(len(runs)), [f"rep {i + 1}" for i in range(len(runs))])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since power-on (qemu-system-aarch64, TCG: emulated, not a Pi's speed)")
+    ax.set_title("emulated arm64 worker: power-on to idle in sinfo")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3)
+    ax.grid(True, axis="x", alpha=0.3)
+    _save(plt, fig, out_dir, "target-timeline.png", names)
+    return names

@@ -51,6 +51,7 @@ from pibake.lab.hosts import LabHost, LabNetwork, cleanup_leftovers  # noqa: F40
 from pibake.deploy import DeployReport, HostResult, deploy  # noqa: F401,E402
 from pibake.verify import verify  # noqa: F401,E402
 from pibake.jobs import JobRunner  # noqa: F401,E402
+from pibake.lab.target import TargetError, cached_target_image, ensure_target_image  # noqa: F401,E402
 from pibake.switches import (  # noqa: F401,E402
     all_status as switches_status,
     cycle_switch,

@@ -23,8 +23,10 @@ How it works (pyinfra-like: facts first, then only the steps whose facts say som
                           certificate, on a systemd node the timesyncd drop-in (time from the manager,
                           as the seed writes it), and, for a node without credential, the join token in its own file
                           (0600; the agent deletes it after enrolment, so the config stays byte-identical and
-                          a re-run rewrites nothing). Written atomically (temp file + rename) and only when
-                          the checksum differs (skipped when all match);
+                          a re-run rewrites nothing), and the manager's ssh key in the cluster user's
+                          authorized_keys (as the seeds write it: the registry's verify/deploy jobs log in
+                          with it). Written atomically (temp file + rename) and only when the checksum
+                          differs (skipped when all match);
    ``agent``              ``python3 /usr/local/lib/pibake/agent.py --config /etc/pibake/agent.json --json``:
                           enrols (or authenticates with the stored credential), writes the /etc/hosts entry
                           of the manager, the munge key and slurmd's conf server, starts munge and slurmd.
@@ -112,6 +114,9 @@ echo '{m}packages'; dpkg-query -W -f='${{Package}} ${{db:Status-Status}}\\n' {pa
 echo '{m}sha256'; sha256sum {files} 2>/dev/null
 echo '{m}credential'; test -s {credential} && echo present
 echo '{m}venv'; test -x {venv} && echo present
+echo '{m}authorized'; home=$(getent passwd {auth_user} | cut -d: -f6)
+if [ -z "$home" ]; then echo no-user; elif grep -qsxF {auth_line} "$home/.ssh/authorized_keys"; then echo present
+else echo absent; fi
 echo '{m}end'
 exit 0
 """
@@ -152,6 +157,32 @@ for f in spec["files"]:
     if f.get("then"):
         import subprocess
         subprocess.call(f["then"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+auth = spec.get("authorize")
+if auth:  # one line in the user's authorized_keys: replaces an older line of the same key or key name
+    import pwd
+    pw = pwd.getpwnam(auth["user"])
+    ssh_dir = os.path.join(pw.pw_dir, ".ssh")
+    if not os.path.isdir(ssh_dir):
+        os.makedirs(ssh_dir, mode=0o700)
+        os.chown(ssh_dir, pw.pw_uid, pw.pw_gid)
+    path = os.path.join(ssh_dir, "authorized_keys")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    lines = [ln for ln in lines if auth["blob"] not in ln and not ln.endswith(" " + auth["name"])] + [auth["line"]]
+    tmp = "%s.pibake-%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, ("\n".join(lines) + "\n").encode())
+        os.fchown(fd, pw.pw_uid, pw.pw_gid)
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    written.append(path)
 print(json.dumps(written))
 """
 
@@ -257,6 +288,7 @@ def parse_hosts(hosts):
     """``"red[01-04]"``, ``"10.1.1.[11-14]"``, ``"red01,red02"`` or a list of such: the expanded list of ssh
     targets, in order, without duplicates. Raises PlanError naming what to fix."""
     from ClusterShell.NodeSet import NodeSet, NodeSetParseError, RangeSetParseError
+    from ClusterShell.NodeUtils import GroupResolverError
 
     items = [hosts] if isinstance(hosts, str) else list(hosts or ())
     out = []
@@ -272,6 +304,9 @@ def parse_hosts(hosts):
                         out.append(name)
         except (NodeSetParseError, RangeSetParseError) as exc:
             raise PlanError(f"--hosts {text!r}: {exc}; write e.g. red[01-04] or 10.1.1.[11-14]") from None
+        except GroupResolverError:  # "@source:group" names a ClusterShell group; deploy resolves none
+            raise PlanError(f"--hosts {text!r}: node groups (@...) are not supported; write e.g. red[01-04] or "
+                            "10.1.1.[11-14]") from None
     if not out:
         raise PlanError("--hosts: no host given; write e.g. red[01-04] or 10.1.1.[11-14]")
     bad = [h for h in out if not _valid_target(h)]
@@ -340,6 +375,7 @@ def parse_facts(text):
         "sha256": sha,
         "credential": first("credential") == "present",
         "venv": first("venv") == "present",
+        "authorized": first("authorized"),  # the manager's key for the cluster user: present, absent, no-user
     }
 
 
@@ -566,6 +602,16 @@ def agent_config(cluster, hostname, role="worker"):
     }
 
 
+def manager_key_authorization(cluster, public_key):
+    """The ``authorize`` entry of the files step (pure): the manager's ssh key for the cluster user, as the seeds
+    write it (``pibake.bake.seed.manager_key_line``); an older line of the same key or key name is replaced."""
+    from pibake.bake.seed import manager_key_line
+
+    _kind, blob, *comment = public_key.split()
+    return {"user": cluster.user, "line": manager_key_line(cluster, public_key), "blob": blob,
+            "name": comment[-1] if comment else blob}
+
+
 def ssh_error(stderr, rc):
     """One line for a failed ssh session: ssh's own last message (exit 255), else the command's."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently")]
@@ -693,7 +739,8 @@ class _Pipeline:
             self._launch(host, "connect", FACTS_SCRIPT.format(
                 m=_MARK, packages=" ".join(shlex.quote(p) for p in host.packages),
                 files=" ".join(shlex.quote(f) for f in host.fact_files), credential=CREDENTIAL_FILE,
-                venv=VENV_PIBAKE), timeout=60)
+                venv=VENV_PIBAKE, auth_user=shlex.quote(self.secrets["authorize"]["user"]),
+                auth_line=shlex.quote(self.secrets["authorize"]["line"])), timeout=60)
         self.task.resume()
 
     def _done(self, host, timedout):
@@ -820,7 +867,13 @@ class _Pipeline:
         # a manager's join token is in its seed's agent config (as on a burned card); a worker's has its own file
         need_token = not manager and not host.facts["credential"] and not host.token_sent
         host.token_sent = host.token_sent or need_token
-        if not ship and not need_token:
+        # the manager's ssh key, for its verify/deploy jobs: on every node but the manager (as the seeds do)
+        need_auth = not manager and host.facts["authorized"] == "absent"
+        if not manager and host.facts["authorized"] == "no-user":
+            LOG.warning("deploy: %s has no user %s (cluster.yaml's user): the manager's ssh key is not authorized "
+                        "there, so the registry's verify and deploy jobs cannot log in to it", host.result.host,
+                        self.cluster.user)
+        if not ship and not need_token and not need_auth:
             host.written = []
             self._after_files(host)
             return
@@ -830,6 +883,8 @@ class _Pipeline:
             files.append({"path": TOKEN_FILE, "mode": 0o600,
                           "b64": base64.b64encode(self.secrets["token"].encode() + b"\n").decode()})
         spec = {"dirs": [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]], "files": files}
+        if need_auth:
+            spec["authorize"] = self.secrets["authorize"]
         command = f"{REMOTE_PYTHON} -c {shlex.quote(INSTALL_SCRIPT)}"
         if manager:  # the seed's bootcmd first: the registry's cluster directory exists 0700 before its secrets
             command = " && ".join([f"export PATH={REMOTE_PATH}"] + [shell_line(c) for c in host.plan.bootcmd]
@@ -939,7 +994,7 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     ``user``: ssh login (default: ssh's own choice, e.g. from ~/.ssh/config); a non-root user needs
     passwordless sudo. ``parallel``: at most this many ssh sessions at once. ``connect_timeout``: seconds
     (ssh's ConnectTimeout). ``ssh_options``: extra ssh arguments, e.g. ("-F", "lab_ssh_config").
-    ``wheel``: the pibake wheel the manager installs (default: built from this checkout,
+    ``wheel``: the pibake wheel the manager installs (default: the running pibake's own,
     ``pibake.bake.burn.manager_wheel``; only needed when the manager is set up).
     ``progress``: called with a host's result dict (``HostResult.to_dict()``) whenever its step or status
     changes. Returns a ``DeployReport``; raises PibakeError only when nothing could be tried (bad host list,
@@ -967,7 +1022,8 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     in_hosts = manager_target in targets
 
     sec = seed_secrets(cluster_dir)
-    secrets = {"agent": agent_source().encode(), "ca": sec.ca_cert_pem.encode(), "token": sec.join_token}
+    secrets = {"agent": agent_source().encode(), "ca": sec.ca_cert_pem.encode(), "token": sec.join_token,
+               "authorize": manager_key_authorization(cluster, sec.manager_ssh_key)}
     registry = RegistryClient(cluster, cluster_dir)
     t_health = time.monotonic()
     why = registry.health()
@@ -1140,7 +1196,7 @@ def manager_ssh_target(cluster, targets, manager=None):
 
 def manager_plan_for(cluster, cluster_dir, wheel=None):
     """The ManagerPlan of this cluster's manager: its seed rendered and linted exactly as `pibake burn` does
-    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or one built from this checkout)."""
+    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or the running pibake's own)."""
     from pibake.bake.burn import manager_wheel
     from pibake.bake.seed import render_checked
     from pibake.model import PlannedNode

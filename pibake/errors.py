@@ -50,3 +50,27 @@ class NotBuiltError(PibakeError):
 
     def __init__(self, what):
         super().__init__(f"{what} is not built yet in this version of pibake")
+
+
+class RegistryError(PibakeError):
+    """A request the registry refuses: ``status`` is the HTTP status it answers with, ``problems`` one
+    line per thing to fix (the message joins them). No secret in either."""
+
+    def __init__(self, status, message, problems=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.problems = problems or []
+
+
+class ConflictError(RegistryError):
+    """The hostname is enrolled with another MAC address (409)."""
+
+    def __init__(self, hostname):
+        super().__init__(409, f"{hostname} is already enrolled with another MAC address; if the board was "
+                              f"replaced, remove the old record first (`pibake registry remove {hostname}`)")
+        self.hostname = hostname
+
+
+class JobError(RegistryError):
+    """A REST job request that cannot be accepted (400 invalid, 404 unknown, 429 queue full)."""

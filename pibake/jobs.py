@@ -12,6 +12,12 @@ nodes), so every gunicorn worker answers ``GET /jobs/<id>`` and a restart shows 
 process is gone is marked failed by the next process that opens the table.
 
 States: ``queued`` -> ``running`` -> ``done`` | ``failed``. ``progress`` is 0..1 with a ``message``.
+
+How a job logs in to the nodes: with the cluster's manager ssh identity (``secrets/manager-ssh.key`` in the
+registry's cluster directory, from the manager's seed; every node's seed authorizes it for the cluster user,
+from the manager's IP only) as the cluster user, unless the request names its own: a verify job's ``identity``
+or ``user``, a deploy job's ``user`` or an ``ssh_options`` entry that names an identity, a user or a config file
+(``manager_identity_options``).
 """
 
 import datetime as dt
@@ -21,10 +27,12 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import JobError, PibakeError
+from pibake.registry import schema
 
 LOG = logging.getLogger(__name__)
 
@@ -50,15 +58,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner       TEXT NOT NULL
 )
 """
-
-
-class JobError(PibakeError):
-    """A job request that cannot be accepted; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _now():
@@ -97,94 +96,37 @@ def owner_alive(owner):
 
 # ------------------------------------------------------------------ what a job runs
 
-def _check_options(options, allowed, where):
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise JobError(400, f"{where}: must be an object")
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise JobError(400, f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    for key, kind in allowed.items():
-        if key in options and options[key] is not None and not _is(options[key], kind):
-            raise JobError(400, f"{where}.{key}: must be {kind}")
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _is(value, kind):
-    if kind == "a string":
-        return isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value
-    if kind == "a positive number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600
-    if kind == "a positive whole number":
-        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1024
-    if kind == "a list of strings":
-        return isinstance(value, list) and len(value) <= 32 and all(_is(v, "a string") for v in value)
-    return False
-
-
-VERIFY_OPTIONS = {"user": "a string", "identity": "a string", "known_hosts": "a string",
-                  "connect_timeout": "a positive number"}
-DEPLOY_OPTIONS = {"manager": "a string", "user": "a string", "parallel": "a positive whole number",
-                  "connect_timeout": "a positive whole number", "idle_timeout": "a positive number",
-                  "ssh_options": "a list of strings"}
 # ssh arguments a REST caller may pass to deploy: files and host key handling, never commands.
 SSH_OPTION_KEYS = ("userknownhostsfile", "stricthostkeychecking", "identityfile", "identitiesonly", "user", "port",
                    "connecttimeout", "batchmode", "loglevel", "globalknownhostsfile")
+# in the registry's openapi.json
+REQUEST_SCHEMAS = {"verify": "VerifyRequest", "deploy": "DeployRequest", "recover": "RecoverRequest"}
 
 
 def validate(kind, body):
-    """The parameters of a job from a request body; JobError(400) naming what to fix."""
+    """The parameters of a job from a request body: checked against the request schema the registry
+    publishes, then what a schema cannot say (the host list expands; ssh options come in allowed pairs).
+    JobError(400) naming what to fix."""
     if kind not in KINDS:
         raise JobError(404, f"no job kind {kind!r}; known: {', '.join(KINDS)}")
-    if not isinstance(body, dict):
-        raise JobError(400, "the request body must be a JSON object")
+    problems = schema.problems(REQUEST_SCHEMAS[kind], body)
+    if problems:
+        raise JobError(400, "; ".join(problems))
+    options = dict(body.get("options") or {})
     if kind == "recover":
-        return _recover_params(body)
+        return {"node": body["node"], "off_s": body.get("off_s"), "wait_s": body.get("wait_s", 600),
+                "force": body.get("force", False)}
     if kind == "verify":
-        unknown = sorted(set(body) - {"bench", "options"})
-        if unknown:
-            raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: bench, options")
-        bench = body.get("bench", False)
-        if not isinstance(bench, bool):
-            raise JobError(400, "bench: must be true or false")
-        options = _check_options(body.get("options"), VERIFY_OPTIONS, "options")
-        if "known_hosts" in options:
-            _check_known_hosts(options["known_hosts"], "options.known_hosts")
-        return {"bench": bench, "options": options}
-    unknown = sorted(set(body) - {"hosts", "options"})
-    if unknown:
-        raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: hosts, options")
-    hosts = body.get("hosts")
-    if isinstance(hosts, str):
-        hosts = [hosts]
-    if not isinstance(hosts, list) or not hosts or not all(_is(h, "a string") for h in hosts) or len(hosts) > 256:
-        raise JobError(400, "hosts: must be a host list like \"red[01-04]\" or a list of names/IPs")
+        return {"bench": body.get("bench", False), "options": options}
+    hosts = [body["hosts"]] if isinstance(body["hosts"], str) else body["hosts"]
     from pibake.deploy import parse_hosts  # pylint: disable=import-outside-toplevel
 
     try:
         parse_hosts(hosts)
     except PibakeError as err:
         raise JobError(400, f"hosts: {err}") from None
-    options = _check_options(body.get("options"), DEPLOY_OPTIONS, "options")
     _check_ssh_options(options.get("ssh_options", []))
     return {"hosts": hosts, "options": options}
-
-
-RECOVER_FIELDS = {"node": "a string", "off_s": "a positive number", "wait_s": "a positive number"}
-
-
-def _recover_params(body):
-    unknown = sorted(set(body) - set(RECOVER_FIELDS) - {"force"})
-    if unknown:
-        raise JobError(400, f"unknown field(s) {', '.join(unknown)}; known: node, off_s, wait_s, force")
-    params = _check_options({k: v for k, v in body.items() if k != "force"}, RECOVER_FIELDS, "body")
-    if not params.get("node"):
-        raise JobError(400, "node: required (the hostname of the hung node)")
-    if not isinstance(body.get("force", False), bool):
-        raise JobError(400, "force: must be true or false")
-    params["force"] = body.get("force", False)
-    return params
 
 
 def _check_ssh_options(args):
@@ -212,10 +154,55 @@ def _check_known_hosts(path, where):
                             "host keys to it; its name must end in known_hosts)")
 
 
+def _manager_key(cluster_dir):
+    """The manager's ssh identity in this cluster directory, or None (a cluster made before it existed)."""
+    from pibake.secrets import manager_ssh_key_path  # pylint: disable=import-outside-toplevel
+
+    path = manager_ssh_key_path(cluster_dir)
+    return path if path.is_file() else None
+
+
+def _names_own_login(ssh_options):
+    """True when deploy's ``ssh_options`` choose an identity, a login user or a config file themselves."""
+    args = list(ssh_options)
+    for i, arg in enumerate(args):
+        if arg in ("-i", "-l", "-F") or arg.startswith(("-i", "-l", "-F")):
+            return True
+        if arg.startswith("-o"):
+            value = arg[2:] or (args[i + 1] if i + 1 < len(args) else "")
+            if value.split("=", 1)[0].strip().lower() in ("identityfile", "user"):
+                return True
+    return False
+
+
+def manager_identity_options(kind, cluster_dir, options, cluster_user):
+    """``options`` of a job, with the manager's identity and the cluster user filled in where the request left
+    the login open (pure but for looking at whether the key file exists)."""
+    key = _manager_key(cluster_dir)
+    options = dict(options)
+    if key is None:
+        return options
+    if kind == "verify":
+        if "identity" not in options and "user" not in options:
+            options["identity"] = str(key)
+        return options
+    if "user" not in options and not _names_own_login(options.get("ssh_options", ())):
+        options["user"] = cluster_user
+        options["ssh_options"] = [*options.get("ssh_options", ()), "-i", str(key), "-o", "IdentitiesOnly=yes"]
+    return options
+
+
+def _cluster_user(cluster_dir):
+    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
+
+    return load_cluster(cluster_dir).user
+
+
 def run_verify(cluster_dir, params, progress):
     from pibake.verify import verify  # pylint: disable=import-outside-toplevel
 
-    return verify(cluster_dir, bench=params["bench"], progress=progress, **params["options"]).to_json()
+    options = manager_identity_options("verify", cluster_dir, params["options"], None)
+    return verify(cluster_dir, bench=params["bench"], progress=progress, **options).to_json()
 
 
 def run_deploy(cluster_dir, params, progress):
@@ -230,7 +217,7 @@ def run_deploy(cluster_dir, params, progress):
             done.add(result.get("host"))
         progress(len(done) / max(total, 1), f"{result.get('host')}: {result.get('step')} "
                                                  f"({result.get('status')})")
-    options = dict(params["options"])
+    options = manager_identity_options("deploy", cluster_dir, params["options"], _cluster_user(cluster_dir))
     if "ssh_options" in options:
         options["ssh_options"] = tuple(options["ssh_options"])
     return deploy(cluster_dir, hosts if len(hosts) > 1 else hosts[0], progress=host_progress, **options).to_dict()
@@ -337,8 +324,6 @@ class JobRunner:
 
     def wait(self, job_id, timeout=600):
         """Block until the job is done or failed (tests and the CLI-side waiter); returns it."""
-        import time  # pylint: disable=import-outside-toplevel
-
         end = time.monotonic() + timeout
         while True:
             job = self.get(job_id)

@@ -58,10 +58,12 @@ class PlannedNode:
 
 @dataclass(frozen=True)
 class SeedSecrets:
-    """What a node's seed carries so it can enrol. The join token only enrols and expires."""
+    """What a node's seed carries so it can enrol (the join token only enrols and expires), and the manager's
+    public ssh key, which the seed authorizes for the cluster user (from the manager's IP only)."""
 
     join_token: str
     ca_cert_pem: str
+    manager_ssh_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Cluster secrets: CA, registry server certificate, join token, munge key, admin credential.
+"""Cluster secrets: CA, registry server certificate, join token, munge key, admin credential, manager ssh key.
 
 Layout under ``<cluster>/secrets/`` (directory 0700)::
 
@@ -9,6 +9,10 @@ Layout under ``<cluster>/secrets/`` (directory 0700)::
     join-token.json   0400  {"token", "created", "expires"}
     munge.key         0400  1024 random bytes
     admin-password    0400  the registry admin password (user "admin")
+    manager-ssh.key   0400  the manager's ssh identity (ed25519, OpenSSH format): the registry's verify and
+                            deploy jobs log in to the nodes with it
+    manager-ssh.key.pub 0444  its public key; every node's seed (and `pibake deploy`) authorizes it for the
+                            cluster user, only from the manager's IP (``bake.seed.manager_key_line``)
 
 The join token has the k3s-like form ``K10<sha256 of the CA cert DER>::<id>.<secret>``:
 a node can check the registry's CA against the hash *before* it sends anything.
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pibake.errors import SecretsError
@@ -39,7 +43,8 @@ from pibake.model import SeedSecrets
 
 LOG = logging.getLogger(__name__)
 
-SECRET_NAMES = ("ca", "registry-cert", "join-token", "munge-key", "admin")
+SECRET_NAMES = ("ca", "registry-cert", "join-token", "munge-key", "admin", "manager-ssh-key")
+MANAGER_SSH_KEY = "manager-ssh.key"
 ADMIN_USER = "admin"
 DEFAULT_TOKEN_TTL = dt.timedelta(days=7)
 MUNGE_KEY_BYTES = 1024
@@ -244,6 +249,33 @@ def wpa_psk(ssid, passphrase):
     return hashlib.pbkdf2_hmac("sha1", passphrase.encode(), ssid.encode(), 4096, 32).hex()
 
 
+# --------------------------------------------------------------------------- the manager's ssh identity
+
+
+def _make_manager_ssh_key(cluster_name):
+    """(private key in OpenSSH format, public key line) of a new ed25519 key named pibake-manager@<cluster>."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode() + f" pibake-manager@{cluster_name}\n"
+
+
+def manager_ssh_key_path(cluster_dir):
+    """The manager's private ssh key (on the manager: what the registry's jobs log in to nodes with)."""
+    return secrets_dir(cluster_dir) / MANAGER_SSH_KEY
+
+
+def manager_ssh_public_key(cluster_dir):
+    """The manager's public ssh key line (``ssh-ed25519 AAAA... pibake-manager@<cluster>``)."""
+    path = secrets_dir(cluster_dir) / f"{MANAGER_SSH_KEY}.pub"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise SecretsError(f"{path} is missing: run `pibake init` again with this cluster's options (it adds "
+                           "missing secrets and keeps the others)") from None
+
+
 # --------------------------------------------------------------------------- all of them
 
 
@@ -310,6 +342,14 @@ def ensure_secrets(cluster_dir, cluster_name, manager, manager_ip, *, rotate=(),
     if result["admin"] != "kept":
         _write_private(admin_path, _random.token_urlsafe(24) + "\n")
 
+    # the manager's ssh identity (a cluster made before it existed gets it on its next `pibake init`)
+    key_path, pub_path = sdir / MANAGER_SSH_KEY, sdir / f"{MANAGER_SSH_KEY}.pub"
+    result["manager-ssh-key"] = status("manager-ssh-key", key_path.exists() and pub_path.exists())
+    if result["manager-ssh-key"] != "kept":
+        private, public = _make_manager_ssh_key(cluster_name)
+        _write_private(key_path, private)
+        _write_private(pub_path, public, 0o444)
+
     for name, what in result.items():
         LOG.info("secret %s: %s", name, what)
     return result
@@ -355,7 +395,7 @@ def ca_cert_pem(cluster_dir):
 
 
 def seed_secrets(cluster_dir, now=None):
-    """What a seed carries: the current join token and the CA certificate.
+    """What a seed carries: the current join token, the CA certificate, the manager's public ssh key.
 
     Refuses an expired token: a card burned with it could never enrol.
     """
@@ -365,7 +405,8 @@ def seed_secrets(cluster_dir, now=None):
             f"the join token expired at {token.expires.isoformat()}; "
             "run `pibake token rotate` before burning or deploying"
         )
-    return SeedSecrets(join_token=token.token, ca_cert_pem=ca_cert_pem(cluster_dir))
+    return SeedSecrets(join_token=token.token, ca_cert_pem=ca_cert_pem(cluster_dir),
+                       manager_ssh_key=manager_ssh_public_key(cluster_dir))
 
 
 def check_permissions(cluster_dir):
@@ -374,7 +415,7 @@ def check_permissions(cluster_dir):
     problems = []
     if sdir.exists() and sdir.stat().st_mode & 0o077:
         problems.append(f"{sdir} is {oct(sdir.stat().st_mode & 0o777)}, must be 0700")
-    for name in ("ca.key", "registry.key", "join-token.json", "munge.key", "admin-password"):
+    for name in ("ca.key", "registry.key", "join-token.json", "munge.key", "admin-password", MANAGER_SSH_KEY):
         path = sdir / name
         if path.exists() and path.stat().st_mode & 0o077:
             problems.append(f"{path} is {oct(path.stat().st_mode & 0o777)}, must be 0400")
@@ -392,6 +433,8 @@ MANAGER_BUNDLE_FILES = (
     "secrets/join-token.json",
     "secrets/munge.key",
     "secrets/admin-password",
+    f"secrets/{MANAGER_SSH_KEY}",  # the registry's jobs ssh to the nodes with it
+    f"secrets/{MANAGER_SSH_KEY}.pub",  # deploy jobs authorize it on the nodes they set up
 )
 
 
@@ -403,5 +446,6 @@ def manager_bundle(cluster_dir):
         try:
             bundle[rel] = path.read_bytes()
         except FileNotFoundError:
-            raise SecretsError(f"{path} is missing: run `pibake init` first") from None
+            raise SecretsError(f"{path} is missing: run `pibake init` (again, with this cluster's options: it adds "
+                               "missing secrets and keeps the others)") from None
     return bundle

@@ -1,25 +1,19 @@
 """REST blueprint ``/api/v1`` (contract: docs and ``openapi.json`` next to this module)."""
 
-import json
 import logging
-from importlib import resources
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.jobs import JobError
+from pibake.errors import RegistryError
 from pibake.registry.auth import basic_auth, join_auth, registry
-from pibake.registry.service import RegistryError
+from pibake.registry.schema import openapi_document
 from pibake.registry.slurmctl import ApplyError
 from pibake.secrets import munge_key_b64
 
 LOG = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-
-
-def openapi_document():
-    return json.loads(resources.files("pibake.registry").joinpath("openapi.json").read_text(encoding="utf-8"))
 
 
 def _json_body():
@@ -49,9 +43,17 @@ def _apply_error(err):
                          "retry later"), 503
 
 
-@bp.errorhandler(HTTPException)
-def _http_error(err):
-    return jsonify(error=f"{err.name}: {err.description}"), err.code
+def http_error_response(err):
+    """An HTTPException as the API's JSON error, keeping the headers it carries (405: ``Allow``, RFC 9110)."""
+    response = jsonify(error=f"{err.name}: {err.description}")
+    response.status_code = err.code
+    for name, value in err.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+bp.register_error_handler(HTTPException, http_error_response)
 
 
 @bp.get("/health")
@@ -128,14 +130,7 @@ def accept_node(hostname):
 # ---------------------------------------------------------------------- background jobs (deploy, verify)
 
 def _jobs():
-    from flask import current_app  # pylint: disable=import-outside-toplevel
-
     return current_app.extensions["pibake_jobs"]
-
-
-@bp.errorhandler(JobError)
-def _job_error(err):
-    return jsonify(error=err.message), err.status
 
 
 def _start_job(kind):

@@ -13,6 +13,8 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from pibake.jobs import DEFAULT_WORKERS, JobRunner
+from pibake.registry import api, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
 
@@ -43,12 +45,8 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     if test_config:
         app.config.update(test_config)
     app.extensions["pibake_registry"] = reg
-    from pibake.jobs import DEFAULT_WORKERS, JobRunner  # pylint: disable=import-outside-toplevel
-
     app.extensions["pibake_jobs"] = JobRunner(cluster_dir, functions=job_functions,
                                               workers=job_workers or DEFAULT_WORKERS)
-
-    from pibake.registry import api, web  # pylint: disable=import-outside-toplevel
 
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
@@ -56,7 +54,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     @app.errorhandler(HTTPException)
     def _http_error(err):
         if request.path.startswith("/api/"):
-            return jsonify(error=f"{err.name}: {err.description}"), err.code
+            return api.http_error_response(err)
         return err
 
     @app.errorhandler(Exception)

@@ -13,13 +13,12 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import KNOWN_SETTINGS
 
-_SETTINGS = {s.name for s in KNOWN_SETTINGS}
-
 from pibake.errors import ConfigError, PibakeError
 from pibake.registry.app import create_app
 from pibake.secrets import secrets_dir
 
 LOG = logging.getLogger(__name__)
+_SETTINGS = {s.name for s in KNOWN_SETTINGS}
 
 
 LOGCONFIG = {

@@ -18,7 +18,6 @@ apply_timeout       apply_timeout               seconds to wait for slurmctld (d
 
 import ipaddress
 import logging
-import re
 import threading
 import time
 from pathlib import Path
@@ -26,31 +25,16 @@ from pathlib import Path
 import yaml
 
 from pibake import __version__
-from pibake.errors import ConfigError
-from pibake.model import ROLES
-from pibake.registry import slurmconf
+from pibake.errors import ConfigError, RegistryError
+from pibake.registry import schema, slurmconf
 from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
-from pibake.registry.store import ConflictError, Store
+from pibake.registry.store import Store
 
 LOG = logging.getLogger(__name__)
 
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-RESERVED_HOSTNAMES = {"admin"}
-STATUS_STATES = ("ready", "error")
 OPTION_KEYS = ("require_approval", "slurm_conf", "slurm_apply", "slurm_settings", "slurm_state",
                "apply_timeout")
 SINFO_CACHE_SECONDS = 0.5  # deploy polls GET /nodes every 0.5 s while it waits for idle nodes
-
-
-class RegistryError(Exception):
-    """A client mistake or refusal: carries the HTTP status and a one-line message (no secrets)."""
-
-    def __init__(self, status, message, problems=None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.problems = problems or []
 
 
 def cluster_settings(cluster_dir):
@@ -73,65 +57,25 @@ def cluster_settings(cluster_dir):
 
 
 def validate_enrolment(payload, peer_ip=None, network=None):
-    """Check an enrolment body; return the record to store. Raises RegistryError(400) naming every problem."""
-    if not isinstance(payload, dict):
-        raise RegistryError(400, "the request body must be a JSON object")
-    problems = []
-    hostname = payload.get("hostname")
-    if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
-        problems.append("hostname: must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1-63 chars)")
-    elif hostname in RESERVED_HOSTNAMES:
-        problems.append(f"hostname: {hostname} is reserved")
-    mac = payload.get("mac")
-    if isinstance(mac, str):
-        mac = mac.strip().lower().replace("-", ":")
-    if not isinstance(mac, str) or not MAC_RE.match(mac):
-        problems.append("mac: must be a MAC address like dc:a6:32:01:02:03")
-    ips = payload.get("ips")
-    good_ips = []
-    if not isinstance(ips, list) or not ips:
-        problems.append("ips: must be a non-empty list of IP addresses")
-    else:
-        for i, ip in enumerate(ips):
-            try:
-                good_ips.append(str(ipaddress.ip_address(ip)))
-            except (ValueError, TypeError):
-                problems.append(f"ips[{i}]: {str(ip)[:50]!r} is not an IP address")
-    role = payload.get("role", "worker")
-    if role not in ROLES:
-        problems.append(f"role: must be one of {', '.join(ROLES)}")
-    model = payload.get("model", "")
-    if not isinstance(model, str) or len(model) > 200:
-        problems.append("model: must be a string of at most 200 characters")
-    for key in ("cpus", "memory_mb"):
-        value = payload.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > 10**7:
-            problems.append(f"{key}: must be a positive whole number")
-    facts = None
-    raw = payload.get("slurmd_c")
-    if raw is None and role != "worker":
-        pass  # sensors and the manager run no slurmd: nothing to parse
-    elif not isinstance(raw, str) or len(raw) > 10000:
-        problems.append("slurmd_c: must be the text printed by `slurmd -C`"
-                        + (" (required for workers)" if raw is None else ""))
-    else:
-        try:
-            facts = slurmconf.parse_slurmd_c(raw)
+    """Check an enrolment body against the published schema (``Enrolment`` in openapi.json); return the
+    record to store. Raises RegistryError(400) naming every problem."""
+    problems = schema.problems("Enrolment", payload)
+    raw = payload.get("slurmd_c") if isinstance(payload, dict) else None
+    if any(p.startswith("slurmd_c:") for p in problems) and isinstance(raw, str):
+        try:  # the parser says more precisely what is missing than the schema's pattern
+            slurmconf.parse_slurmd_c(raw)
         except slurmconf.SlurmdCError as exc:
-            problems.append(str(exc))
-    os_release = payload.get("os_release", {})
-    if not isinstance(os_release, dict) or len(str(os_release)) > 5000:
-        problems.append("os_release: must be an object (the fields of /etc/os-release)")
-    agent_version = payload.get("agent_version", "")
-    if not isinstance(agent_version, str) or len(agent_version) > 50:
-        problems.append("agent_version: must be a short string")
+            problems = [str(exc) if p.startswith("slurmd_c:") else p for p in problems]
     if problems:
         raise RegistryError(400, "invalid enrolment: " + "; ".join(problems), problems)
+    ips = [str(ipaddress.ip_address(ip)) for ip in payload["ips"]]
+    model, os_release = payload.get("model", ""), payload.get("os_release", {})
     return {
-        "hostname": hostname, "mac": mac, "ips": good_ips, "ip": choose_ip(good_ips, peer_ip, network),
-        "role": role, "model": model.strip(), "cpus": payload["cpus"], "memory_mb": payload["memory_mb"],
-        "slurmd_c_raw": raw or "", "slurmd_c": facts, "os_release": {str(k): str(v)[:200] for k, v in os_release.items()},
-        "agent_version": agent_version,
+        "hostname": payload["hostname"], "mac": payload["mac"].lower().replace("-", ":"), "ips": ips,
+        "ip": choose_ip(ips, peer_ip, network), "role": payload.get("role", "worker"), "model": model.strip(),
+        "cpus": payload["cpus"], "memory_mb": payload["memory_mb"], "slurmd_c_raw": raw or "",
+        "slurmd_c": slurmconf.parse_slurmd_c(raw) if raw else None,
+        "os_release": {k: v[:200] for k, v in os_release.items()}, "agent_version": payload.get("agent_version", ""),
     }
 
 
@@ -191,7 +135,8 @@ class Registry:
     def slurm_conf(self):
         return slurmconf.generate_slurm_conf(
             self.slurm_nodes(), cluster_name=self.cluster["name"], manager=self.manager,
-            manager_ip=self.manager_ip, settings=self.slurm_settings)
+            manager_ip=self.manager_ip, settings=self.slurm_settings,
+            slurm_version=self.applier.slurm_version())
 
     def apply_slurm(self, after_seq=None):
         """Make slurmctld run with a slurm.conf matching the store. Raises ApplyError.
@@ -287,13 +232,7 @@ class Registry:
         """Enrol (or re-enrol) a node. Returns ``(response body, created)``; the slurm.conf that includes
         the node is in force when this returns (for an accepted worker)."""
         record = validate_enrolment(payload, peer_ip, self.cluster.get("network"))
-        try:
-            node, credential, created = self.store.enrol(record, require_approval=self.require_approval)
-        except ConflictError:
-            raise RegistryError(
-                409, f"{record['hostname']} is already enrolled with another MAC address; if the board was "
-                     f"replaced, remove the old record first (`pibake registry remove {record['hostname']}`)"
-            ) from None
+        node, credential, created = self.store.enrol(record, require_approval=self.require_approval)
         LOG.info("%s %s (%s, %s, status %s)", "enrolled" if created else "re-enrolled", node["hostname"],
                  node["ip"], node["model"] or "unknown model", node["status"])
         if node["status"] != "pending" and node["role"] == "worker":
@@ -325,17 +264,10 @@ class Registry:
         return node
 
     def report_status(self, hostname, payload):
-        if not isinstance(payload, dict):
-            raise RegistryError(400, "the request body must be a JSON object")
-        problems = []
-        state = payload.get("state")
-        if state not in STATUS_STATES:
-            problems.append(f"state: must be one of {', '.join(STATUS_STATES)}")
-        message = payload.get("message", "")
-        if not isinstance(message, str) or len(message) > 2000:
-            problems.append("message: must be a string of at most 2000 characters")
+        problems = schema.problems("StatusReport", payload)
         if problems:
             raise RegistryError(400, "invalid status report: " + "; ".join(problems), problems)
+        state, message = payload["state"], payload.get("message", "")
         node = self.store.get(hostname)
         if node is None:
             raise RegistryError(404, f"no node named {hostname[:64]} is enrolled")

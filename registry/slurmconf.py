@@ -25,6 +25,13 @@ Decisions (documented in docs/ as well):
 * **Settings that work on Raspberry Pi OS with systemd and in the lab without it:** proctrack/linuxproc and
   task/none (no cgroup v2 requirements), MailProg=/bin/true, select/cons_tres with CR_Core (memory is not
   a consumable resource, so a job without ``--mem`` does not take a whole node's memory).
+* **The running Slurm's version** (``parse_slurm_version`` of ``slurmctld -V``; ``VERSION_CHANGES``): the
+  file names the credential plugin ``CredType=cred/munge`` (its name since Slurm 19.05; ``CryptoType`` is an
+  old alias), which Slurm 22.05 (bookworm) and 24.11 (trixie) both read. From 23.11 the ``*/none`` plugins
+  no longer exist (an unset key means none), so their keys are left out; from 23.11.4 ``DebugFlags=
+  GLOB_SILENCE`` silences the error that Debian's ``plugstack.conf`` (``include plugstack.conf.d/*.conf``,
+  a glob Slurm cannot expand) logs at every start and reconfigure; 22.05 refuses that flag. An unknown
+  version gets the 22.05 file, which 24.11 reads too.
 """
 
 import ipaddress
@@ -50,7 +57,7 @@ DEFAULT_SETTINGS = {
     "SlurmctldPort": str(SLURMCTLD_PORT),
     "SlurmdPort": str(SLURMD_PORT),
     "AuthType": "auth/munge",
-    "CryptoType": "crypto/munge",
+    "CredType": "cred/munge",
     "SlurmctldParameters": "enable_configless",
     "StateSaveLocation": "/var/spool/slurmctld",
     "SlurmdSpoolDir": "/var/spool/slurmd",
@@ -78,6 +85,43 @@ DEFAULT_SETTINGS = {
     "SlurmctldDebug": "info",
     "SlurmdDebug": "info",
 }
+
+# What changes in the generated file from a Slurm version on: (version, {key: value, or None to drop it}).
+# Applied in order over DEFAULT_SETTINGS; a caller's own settings still win. Sources: Slurm's RELEASE_NOTES
+# and read_config.c of each release (see the module docstring).
+VERSION_CHANGES = (
+    # 23.11 removed the 'none' plugins (except auth/cred): an unset key is the same thing
+    ((23, 11, 0), {"TaskPlugin": None, "JobAcctGatherType": None, "AccountingStorageType": None,
+                   "JobCompType": None}),
+    # 23.11.4 added DebugFlags=GLOB_SILENCE; earlier releases reject the unknown flag
+    ((23, 11, 4), {"DebugFlags": "GLOB_SILENCE"}),
+)
+
+_VERSION_RE = re.compile(r"^\s*slurm(?:-wlm)?\s+(\d+)\.(\d+)\.(\d+)", re.M)
+
+
+def parse_slurm_version(text):
+    """``(major, minor, micro)`` from what ``slurmctld -V`` (or ``slurmd -V``) prints, else None.
+
+    >>> parse_slurm_version("slurm-wlm 24.11.5\n")
+    (24, 11, 5)
+    """
+    match = _VERSION_RE.search(text or "")
+    return tuple(int(g) for g in match.groups()) if match else None
+
+
+def version_settings(version):
+    """DEFAULT_SETTINGS as the Slurm ``version`` (a tuple, or None when unknown) wants them."""
+    merged = dict(DEFAULT_SETTINGS)
+    for since, changes in VERSION_CHANGES:
+        if version is not None and tuple(version) >= since:
+            for key, value in changes.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+    return merged
+
 
 _KV_RE = re.compile(r"(\w+)=(\S+)")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -283,8 +327,9 @@ def validate_nodes(nodes):
 
 
 def generate_slurm_conf(nodes, *, cluster_name, manager, manager_ip, settings=None,
-                        partition=DEFAULT_PARTITION):
-    """Full slurm.conf text.
+                        partition=DEFAULT_PARTITION, slurm_version=None):
+    """Full slurm.conf text, for the Slurm ``slurm_version`` (a tuple from ``parse_slurm_version``; None:
+    unknown, the file every supported version reads).
 
     ``nodes``: iterable of ``{"hostname", "ip", "facts", "model" (optional)}`` where ``facts`` is
     ``parse_slurmd_c`` output and ``model`` the board model (different models never share a line).
@@ -294,7 +339,7 @@ def generate_slurm_conf(nodes, *, cluster_name, manager, manager_ip, settings=No
     """
     nodes = list(nodes)
     validate_nodes(nodes)
-    merged = dict(DEFAULT_SETTINGS)
+    merged = version_settings(slurm_version)
     for key, value in (settings or {}).items():
         if value is None:
             merged.pop(key, None)

@@ -7,6 +7,12 @@ jobs survive: slurmctld saves them in StateSaveLocation and slurmd keeps running
 ``scontrol reconfigure`` is enough. slurmctld is not started while no node is configured (22.05 refuses
 to start with "no nodes configured").
 
+From Slurm 23.11 (Raspberry Pi OS trixie has 24.11) ``scontrol reconfigure`` starts a new slurmctld process
+that reads the whole file, NodeName lines included, and hands over to it only when it started cleanly (else
+the old one keeps running and the command fails). There a running slurmctld takes added and removed nodes
+by ``scontrol reconfigure`` alone: no stop, no start, and the configless slurmds get the new file from the
+same RPC. The version comes from ``slurmctld -V`` (``slurm_version``), read once per applier.
+
 How slurmctld is (re)started, ``mode``:
 
 * ``auto``: ``systemd`` when systemd is PID 1 (``/run/systemd/system`` exists), else ``direct``
@@ -46,7 +52,7 @@ from pathlib import Path
 
 from pibake.errors import CommandError, PibakeError
 from pibake.locks import file_lock
-from pibake.registry.slurmconf import nodes_section
+from pibake.registry.slurmconf import nodes_section, parse_slurm_version
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -56,6 +62,8 @@ DEFAULT_CONF = "/etc/slurm/slurm.conf"
 # slurmd retries a registration that did not reach slurmctld once a second: after this long with slurmctld up,
 # every slurmd started during a restart has registered and a reconfigure cannot crash it (see module docstring)
 RECONFIGURE_GRACE_S = 1.5
+# From this Slurm version on, `scontrol reconfigure` restarts slurmctld in place and so adds/removes nodes
+RECONFIGURE_ADDS_NODES = (23, 11, 0)
 
 
 class ApplyError(PibakeError):
@@ -110,6 +118,7 @@ class SlurmApplier:
         self.coalesce_window = float(coalesce_window)
         self.reconfigure_grace = float(reconfigure_grace)
         self.counters = {}
+        self._version = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -118,6 +127,25 @@ class SlurmApplier:
         env = dict(os.environ)
         env["SLURM_CONF"] = str(self.conf_path)
         return env
+
+    def slurm_version(self):
+        """The installed slurmctld's version, ``(major, minor, micro)``, from ``slurmctld -V`` (read once);
+        None when slurmctld is not installed or says something else."""
+        if self._version is None:
+            version = None
+            if which("slurmctld"):
+                try:
+                    proc = run(["slurmctld", "-V"], timeout=15, check=False)
+                    version = parse_slurm_version(proc.stdout + proc.stderr)
+                except CommandError:
+                    version = None
+            self._version = version or ()
+        return self._version or None
+
+    def reconfigure_adds_nodes(self):
+        """True when this Slurm takes NodeName changes by ``scontrol reconfigure`` (23.11 on)."""
+        version = self.slurm_version()
+        return version is not None and version >= RECONFIGURE_ADDS_NODES
 
     def resolved_mode(self):
         if self.mode != "auto":
@@ -157,7 +185,8 @@ class SlurmApplier:
                     self._count("coalesced")
                     return {"action": "coalesced", "conf": str(self.conf_path)}
                 if self.coalesce_window > 0 and self.mode != "none" and self._needs_restart(text):
-                    # a restart is coming: let the rest of a burst of enrolments join it
+                    # a restart (or, from 23.11, a reconfigure, which restarts slurmctld in place) is
+                    # coming: let the rest of a burst of enrolments join it
                     time.sleep(self.coalesce_window)
                     text = make()
                     if text is None:  # cannot happen for one caller's change, kept for safety
@@ -197,6 +226,11 @@ class SlurmApplier:
         if running and old is not None and nodes_section(old) == nodes_section(text):
             self._reconfigure()
             LOG.info("slurm.conf changed (settings only): scontrol reconfigure done")
+            return {"action": "reconfigured", "conf": str(self.conf_path)}
+        if running and old is not None and self.reconfigure_adds_nodes():
+            self._reconfigure()
+            self._wait_up()
+            LOG.info("slurm.conf with %d node line(s) in force (scontrol reconfigure)", len(nodes_section(text)))
             return {"action": "reconfigured", "conf": str(self.conf_path)}
         self._restart(running)
         self._wait_up()

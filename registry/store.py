@@ -21,6 +21,7 @@ import secrets
 import sqlite3
 from pathlib import Path
 
+from pibake.errors import ConflictError
 from pibake.locks import file_lock
 
 LOG = logging.getLogger(__name__)
@@ -63,10 +64,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 PUBLIC_FIELDS = ("hostname", "ip", "ips", "mac", "role", "model", "cpus", "memory_mb", "slurmd_c",
                  "os_release", "agent_version", "status", "message", "enrol_count", "enrolled_at",
                  "last_seen")
-
-
-class ConflictError(Exception):
-    """The hostname is enrolled with another MAC address."""
 
 
 def utcnow():

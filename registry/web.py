@@ -16,9 +16,8 @@ from flask import (Blueprint, abort, flash, redirect, render_template, request, 
                    url_for)
 
 from pibake.benchmarks import summary_rows
-from pibake.errors import PibakeError
+from pibake.errors import PibakeError, RegistryError
 from pibake.registry.auth import admin_matches, registry
-from pibake.registry.service import RegistryError
 
 LOG = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from pibake.cluster import (
 )
 from pibake.errors import ConfigError
 from pibake.model import Cluster, Wifi
+from tests.conftest import needs_root
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cluster-yaml.md"
 BASE = dict(manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
@@ -441,14 +442,15 @@ def test_secrets_are_only_replaced_when_rotated(tmp_path, home):
     first = _secret_bytes(cdir)
     result = init_cluster(cdir, home=home, rotate=["munge-key"], **BASE)
     assert result["secrets"]["munge-key"] == "rotated"
-    assert [v for k, v in result["secrets"].items() if k != "munge-key"] == ["kept"] * 4
+    assert [v for k, v in result["secrets"].items() if k != "munge-key"] == ["kept"] * 5
     second = _secret_bytes(cdir)
     assert second["munge.key"] != first["munge.key"]
     assert {k: v for k, v in second.items() if k != "munge.key"} == {k: v for k, v in first.items() if k != "munge.key"}
     result = init_cluster(cdir, home=home, rotate=["all"], **BASE)
     assert set(result["secrets"].values()) == {"rotated"}
     third = _secret_bytes(cdir)
-    assert all(third[k] != second[k] for k in ("ca.key", "munge.key", "admin-password", "join-token.json"))
+    assert all(third[k] != second[k]
+               for k in ("ca.key", "munge.key", "admin-password", "join-token.json", "manager-ssh.key"))
 
 
 def test_changing_the_manager_reissues_the_registry_certificate(tmp_path, home):
@@ -467,13 +469,12 @@ def test_local_image_and_ubuntu_catalog_image(tmp_path, home):
     assert load_cluster(tmp_path / "b").family == "ubuntu"
 
 
+@needs_root("SUDO_USER only matters when running as root")
 def test_sudo_user_home_is_used_for_default_keys(tmp_path, monkeypatch):
     import pwd
 
     from pibake import cluster as cluster_mod
 
-    if os.geteuid() != 0:
-        pytest.skip("SUDO_USER only matters when running as root")
     someone = next((p for p in pwd.getpwall() if p.pw_uid >= 1000 and Path(p.pw_dir).is_dir()), None)
     if someone is None:
         monkeypatch.setenv("SUDO_USER", "root")

@@ -2,9 +2,11 @@
 The ssh side is tested on lab hosts in tests/e2e/test_deploy.py."""
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 from pibake import deploy as d
 from pibake.errors import PlanError
 from pibake.model import Cluster
+from tests.conftest import needs_program, needs_root
 
 # Recorded from a lab host (Debian 12, packages installed, nothing deployed yet) ...
 FACTS_FRESH = """\
@@ -76,6 +79,8 @@ def test_parse_hosts(hosts, expected):
     ("red[a-b]", "--hosts 'red[a-b]'"),
     ("red_01", "not a host name or IP address: red_01"),
     ("-oProxyCommand=x", "not a host name or IP address"),
+    ("@@0", "node groups (@...) are not supported"),  # found by the REST API's schemathesis run: was a 500
+    ("@pibake:x", "node groups (@...) are not supported"),
 ])
 def test_parse_hosts_errors(hosts, message):
     with pytest.raises(PlanError) as err:
@@ -220,7 +225,7 @@ def test_wanted_files_by_init_system():
     assert d.AFTER_WRITE[d.TIMESYNCD_DROPIN] == ["systemctl", "try-restart", "systemd-timesyncd"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the installer gives files to root (runs as root on a node)")
+@needs_root("the installer gives files to root (runs as root on a node)")
 def test_installer_writes_only_what_differs(tmp_path):
     """The script deploy runs on a node (with Debian's python3 when present), on files under tmp_path."""
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -332,7 +337,7 @@ def test_setup_and_agent_scripts(manager_seed):
         d.agent_script("pibake-start pibake-agent.service")
 
 
-@pytest.mark.skipif(not os.path.exists("/bin/sh"), reason="needs a POSIX shell")
+@needs_program("sh")
 def test_setup_script_runs_with_a_shell_and_stops_at_a_failure(tmp_path):
     plan = d.ManagerPlan(packages=[], bootcmd=[], files={}, wheel="w",
                          setup=[["touch", str(tmp_path / "one")], ["false"], ["touch", str(tmp_path / "two")]],
@@ -435,3 +440,58 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     assert resolved("blue01")["hostname"] == "blue01"
     # nothing to map: the options come back as given, and no file is written
     assert d.with_planned_addresses(["10.1.1.13"], planned, ("-v",), tmp_path / "none") == ("-v",)
+
+
+# --------------------------------------------------------------------------- the manager's ssh key on a node
+
+
+def _as_node_with_user(tmp_path, argv, stdin):
+    """Run ``argv`` as root in a private mount namespace whose /etc/passwd also has the user ``pibaketest``
+    (uid 4242, home under tmp_path): the real getent/pwd lookups, nothing of this machine touched."""
+    passwd = tmp_path / "passwd"
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    passwd.write_text(open("/etc/passwd").read() + f"pibaketest:x:4242:4242::{home}:/bin/sh\n")
+    script = f'mount --bind {passwd} /etc/passwd && exec "$@"'
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *argv], input=stdin,
+                          capture_output=True, text=True, timeout=30, check=True).stdout, home
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
+                    reason="needs root (a private mount namespace with its own /etc/passwd)")
+def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
+    cluster = Cluster(name="red", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", user="pibaketest")
+    blob = base64.b64encode(b"\0\0\0\x0bssh-ed25519\0\0\0\x20" + b"n" * 32).decode()
+    auth = d.manager_key_authorization(cluster, f"ssh-ed25519 {blob} pibake-manager@red")
+    assert auth == {"user": "pibaketest", "name": "pibake-manager@red", "blob": blob,
+                    "line": f'from="10.1.1.10",restrict ssh-ed25519 {blob} pibake-manager@red'}
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+    def facts():
+        script = d.FACTS_SCRIPT.format(m=d._MARK, packages="slurmd", files="/nonexistent", credential="/nonexistent",
+                                       venv="/nonexistent", auth_user="pibaketest", auth_line=shlex.quote(auth["line"]))
+        return d.parse_facts(_as_node_with_user(tmp_path, ["sh", "-c", script], "")[0])["authorized"]
+
+    def install():
+        spec = {"dirs": [], "files": [], "authorize": auth}
+        out, home = _as_node_with_user(tmp_path, [python, "-c", d.INSTALL_SCRIPT], json.dumps(spec))
+        return json.loads(out), home / ".ssh" / "authorized_keys"
+
+    assert facts() == "absent"  # no ~/.ssh yet
+    written, keys = install()
+    assert written == [str(keys)] and keys.read_text() == auth["line"] + "\n"
+    assert (keys.stat().st_uid, keys.stat().st_mode & 0o777) == (4242, 0o600)
+    assert (keys.parent.stat().st_uid, keys.parent.stat().st_mode & 0o777) == (4242, 0o700)
+    assert facts() == "present"
+    # a person's key stays; an older manager key (rotated: same name, other key) is replaced, not added to
+    person = "ssh-ed25519 " + base64.b64encode(b"\0\0\0\x0bssh-ed25519\0\0\0\x20" + b"p" * 32).decode() + " me@laptop"
+    keys.write_text(f"{person}\nfrom=\"10.1.1.10\",restrict ssh-ed25519 AAAAold pibake-manager@red\n")
+    assert facts() == "absent"
+    install()
+    assert keys.read_text() == f"{person}\n{auth['line']}\n"
+    assert facts() == "present"
+    other = dataclasses.replace(cluster, user="nosuchuser")
+    script = d.FACTS_SCRIPT.format(m=d._MARK, packages="x", files="/nonexistent", credential="/nonexistent",
+                                   venv="/nonexistent", auth_user=other.user, auth_line=shlex.quote(auth["line"]))
+    assert d.parse_facts(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                                        timeout=30).stdout)["authorized"] == "no-user"

@@ -620,7 +620,7 @@ def test_page_commands(page, sandbox):
 def check_security_page_modes(text, home):
     """The modes the security page's table states are the modes `pibake init` and `render` produce."""
     rows = re.findall(r"^\| `(secrets/[\w.-]+)` \| (0[0-7]{3}) \|", text, re.M)
-    assert len(rows) == 7, rows
+    assert len(rows) == 9, rows
     cluster = home / "cluster"
     assert oct(os.stat(cluster / "secrets").st_mode & 0o777) == "0o700"
     for rel, mode in rows:

@@ -114,3 +114,40 @@ def test_loose_permissions_are_reported(cdir):
     os.chmod(cdir / "secrets/munge.key", 0o644)
     with pytest.raises(SecretsError, match="munge.key is 0o644, must be 0400"):
         secrets.check_permissions(cdir)
+
+
+def test_manager_ssh_key_is_an_ed25519_pair_ssh_accepts(cdir, tmp_path):
+    import subprocess
+
+    key, pub = cdir / "secrets/manager-ssh.key", cdir / "secrets/manager-ssh.key.pub"
+    assert mode(key) == 0o400 and mode(pub) == 0o444
+    private = serialization.load_ssh_private_key(key.read_bytes(), password=None)
+    assert type(private).__name__.startswith("Ed25519PrivateKey")
+    line = secrets.manager_ssh_public_key(cdir)
+    assert line.startswith("ssh-ed25519 ") and line.endswith(" pibake-manager@red")
+    if os.path.exists("/usr/bin/ssh-keygen"):  # OpenSSH itself derives the same public key from the private one
+        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True, check=True)
+        assert derived.stdout.split()[:2] == line.split()[:2]
+    assert secrets.seed_secrets(cdir).manager_ssh_key == line
+    (cdir / "cluster.yaml").write_text("name: red\n")  # the bundle reads it; content does not matter here
+    bundle = secrets.manager_bundle(cdir)
+    assert bundle["secrets/manager-ssh.key"] == key.read_bytes() and "secrets/ca.key" not in bundle
+    os.chmod(key, 0o444)
+    with pytest.raises(SecretsError, match="manager-ssh.key is 0o444, must be 0400"):
+        secrets.check_permissions(cdir)
+
+
+def test_a_cluster_made_before_the_manager_key_gets_it_and_keeps_the_rest(cdir):
+    for name in ("manager-ssh.key", "manager-ssh.key.pub"):
+        (cdir / "secrets" / name).unlink()
+    with pytest.raises(SecretsError, match=r"manager-ssh.key.pub is missing: run `pibake init` again"):
+        secrets.seed_secrets(cdir)
+    before = {p.name: p.read_bytes() for p in (cdir / "secrets").iterdir()}
+    result = secrets.ensure_secrets(cdir, "red", "red00", "10.1.1.10")
+    assert result.pop("manager-ssh-key") == "created" and set(result.values()) == {"kept"}
+    after = {p.name: p.read_bytes() for p in (cdir / "secrets").iterdir()}
+    assert {k: after[k] for k in before} == before
+    old = after["manager-ssh.key"]
+    result = secrets.ensure_secrets(cdir, "red", "red00", "10.1.1.10", rotate={"manager-ssh-key"})
+    assert result["manager-ssh-key"] == "rotated" and result["munge-key"] == "kept"
+    assert (cdir / "secrets/manager-ssh.key").read_bytes() != old

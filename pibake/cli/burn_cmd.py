@@ -23,7 +23,7 @@ _GUARD_OPTIONS = [
     click.option("--max-size", default="256G", show_default=True, metavar="SIZE",
                  help="Refuse disks larger than this (e.g. 512G; 'none' for no cap)."),
     click.option("--wheel", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
-                 help="pibake wheel for a manager's boot partition (default: built from this checkout, cached)."),
+                 help="pibake wheel for a manager's boot partition (default: the pibake you run, built from its checkout or its pip installation; cached)."),
 ]
 
 

@@ -28,8 +28,8 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT
               help="Extra ssh argument (repeatable), e.g. --ssh-option=-F --ssh-option=lab_ssh_config "
                    "or --ssh-option=-oProxyJump=bastion.")
 @click.option("--wheel", default=None, type=click.Path(dir_okay=False), metavar="FILE",
-              help="The pibake-*.whl a manager being set up installs (default: built from this checkout; "
-                   "needed when pibake itself was installed from a wheel).")
+              help="The pibake-*.whl a manager being set up installs (default: the pibake you run, built from "
+                   "its checkout or its pip installation; cached).")
 @json_option
 @pass_state
 def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_timeout, ssh_options, wheel,

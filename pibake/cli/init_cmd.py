@@ -69,8 +69,9 @@ Examples:
 Re-running init with the same values changes nothing. Different values are refused unless you
 edit cluster.yaml yourself or pass --force (the old file is kept as cluster.yaml.bak).
 Secrets are never replaced unless named with --rotate.
-Secret names: ca, registry-cert, join-token, munge-key, admin (ca also renews the registry
-certificate and the join token)."""
+Secret names: ca, registry-cert, join-token, munge-key, admin, manager-ssh-key (ca also renews
+the registry certificate and the join token). A re-run adds the secrets a cluster made by an
+older pibake lacks (e.g. manager-ssh-key) and keeps the others."""
 
 
 @cli.command("init", short_help="Create a cluster directory: cluster.yaml and secrets.", epilog=INIT_EPILOG)
@@ -102,7 +103,7 @@ certificate and the join token)."""
 def init_cmd(state, manager, manager_ip, network, name, gateway, dns, user, ssh_key_files, timezone, locale,
              wifi_country, wifi_ssid, wifi_password_file, image, family, rotate, force, as_json):
     """Create a cluster directory: a documented cluster.yaml and secrets/ (CA, registry
-    certificate, join token, munge key, admin password).
+    certificate, join token, munge key, admin password, the manager's ssh key).
 
     The directory is --cluster (default ./cluster or $PIBAKE_CLUSTER)."""
     from pibake import api  # pylint: disable=import-outside-toplevel

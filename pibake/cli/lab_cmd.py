@@ -8,6 +8,7 @@ import click
 
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
+from pibake.lab.rootfs import DEFAULT_RELEASE, RELEASES
 
 prefix_option = click.option(
     "--prefix", default="pblab", show_default=True, metavar="NAME",
@@ -47,16 +48,19 @@ def lab_cmd():
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1), metavar="SECONDS",
               help="How long to wait for every worker to be idle in sinfo.")
 @click.option("--no-wait", is_flag=True, help="Return after booting, without waiting for idle workers.")
+@click.option("--release", type=click.Choice(RELEASES), default=DEFAULT_RELEASE, show_default=True,
+              help="Debian release of the hosts' root: trixie (as Raspberry Pi OS trixie: cloud-init 25, Slurm "
+                   "24.11, Python 3.13) or bookworm (cloud-init 22.4, Slurm 22.05, Python 3.11).")
 @prefix_option
 @json_option
 @pass_state
-def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, prefix, as_json):
+def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, release, prefix, as_json):
     """Boot a lab cluster from burned images: manager first, then the workers, until all are idle."""
     from pibake.lab.cluster import lab_up
 
     progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
     report = lab_up(state.cluster_path, images_dir=images_dir, workers=workers, manager_delay=manager_delay,
-                    prefix=prefix, wait=not no_wait, timeout=timeout, progress=progress)
+                    prefix=prefix, wait=not no_wait, timeout=timeout, release=release, progress=progress)
     if as_json:
         emit_json(report)
     t = report["timings"]
@@ -67,7 +71,7 @@ def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, prefix, 
              f"root {ht.get('root_s', 0):.1f} s, cloud-init {ht.get('cloud_init_s', 0):.1f} s "
              f"(done at {ht.get('boot_done_s', 0):.1f} s){idle}; sshd {h.get('sshd')}")
     what = "all workers idle" if "all_idle_s" in t else "booted"
-    _say(f"lab {report['prefix']} up on {report['network']}: {what} after {t.get('total_s', 0):.1f} s")
+    _say(f"lab {report['prefix']} ({report['release']}) up on {report['network']}: {what} after {t.get('total_s', 0):.1f} s")
     _say(f"  pibake lab status | pibake lab shell {report['hosts'][0]['name']} | pibake lab down"
          + (f" (--prefix {prefix})" if prefix != "pblab" else ""))
 
@@ -129,3 +133,35 @@ def down_cmd(prefix, as_json):
     removed = report["netns"] + report["links"]
     _say(f"lab {prefix} down: removed {len(report['netns'])} hosts, {len(report['links'])} links, "
          f"{report['processes']} processes" if removed else f"lab {prefix}: nothing was running")
+
+
+@lab_cmd.command("target-image")
+@click.option("--cached", is_flag=True, help="Only report the cached image; never build (exit 1 when absent).")
+@json_option
+@pass_state
+def target_image_cmd(state, cached, as_json):
+    """Build (once) the arm64 target image: Debian trixie arm64 shaped like Raspberry Pi OS trixie Lite.
+
+    \b
+    Example:
+      pibake lab target-image
+      pibake burn --hostname red01 --ip 10.77.7.11 --image "$(pibake lab target-image --json | jq -r .path)" \\
+          --output red01.img
+
+    The image's root is built with mmdebstrap under qemu-user emulation and cached under
+    /var/cache/pibake/target by a hash of its recipe: the first build takes a long while (docs/lab.md), later
+    calls return at once. Needs root, qemu-user-static, mmdebstrap and the Debian mirror.
+    """
+    from pibake import api
+
+    if cached:
+        image = api.cached_target_image()
+        if image is None:
+            raise api.TargetError("no target image is cached for this recipe: run `pibake lab target-image`")
+    else:
+        progress = (lambda message: _say(f"target image: {message}")) if state.verbosity >= 0 else None
+        image = api.ensure_target_image(progress=progress)
+    if as_json:
+        emit_json({"path": str(image.path), **image.stamp})
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(image.versions.items()))
+    _say(f"{image.path} ({image.stamp.get('size_bytes', 0) // 2**20} MiB): {versions}")

@@ -95,14 +95,7 @@ def nodes_cmd(state, as_json):
 
 
 def _admin_action(state, action, hostname, as_json, slurm_conf, slurm_apply):
-    from pibake.registry.service import RegistryError  # pylint: disable=import-outside-toplevel
-    from pibake.errors import PibakeError  # pylint: disable=import-outside-toplevel
-
-    reg = _registry(state, slurm_conf=slurm_conf, slurm_apply=slurm_apply)
-    try:
-        node = getattr(reg, action)(hostname)
-    except RegistryError as err:
-        raise PibakeError(err.message) from None
+    node = getattr(_registry(state, slurm_conf=slurm_conf, slurm_apply=slurm_apply), action)(hostname)
     if as_json:
         emit_json(node)
     else:

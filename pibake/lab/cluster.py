@@ -201,8 +201,11 @@ def _alive(host):
 # --------------------------------------------------------------------------- images
 
 
-def lab_images(images_dir, manager):
-    """[(hostname, image path)] of ``DIR/<hostname>.img``, the manager first, then by name."""
+def lab_images(images_dir, manager, *, manager_outside=False):
+    """[(hostname, image path)] of ``DIR/<hostname>.img``, the manager first, then by name.
+
+    ``manager_outside``: the manager is not a lab host (an emulated Pi on the lab bridge), so its image
+    is not needed here."""
     folder = Path(images_dir)
     if not folder.is_dir():
         raise LabClusterError(f"--from-images {images_dir}: no such folder (make images with "
@@ -217,7 +220,7 @@ def lab_images(images_dir, manager):
         found.append((name, path))
     if not found:
         raise LabClusterError(f"--from-images {images_dir}: no <hostname>.img files in it")
-    if manager not in [n for n, _ in found]:
+    if manager not in [n for n, _ in found] and not manager_outside:
         raise LabClusterError(f"--from-images {images_dir}: no image for the manager {manager} ({manager}.img)")
     found.sort(key=lambda item: (item[0] != manager, item[0]))
     return found
@@ -268,13 +271,17 @@ def _running_hosts(state):
 
 
 def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix=DEFAULT_PREFIX, wait=True,
-           timeout=600.0, rootfs=None, state_dir=None, progress=None):
+           timeout=600.0, rootfs=None, release=None, state_dir=None, progress=None, manager_outside=False):
     """Bring a lab cluster up from burned images and return its report (a dict, see ``lab up --json``).
 
     ``images_dir``: ``DIR/<hostname>.img`` from ``pibake burn --output``; None: burn the manager and
     ``workers`` workers onto a synthetic Pi-like image first. ``manager_delay`` (seconds): boot the
     workers first and the manager that long after them. ``wait``: wait (up to ``timeout`` s) until
-    every worker is idle in sinfo. ``progress(message)`` gets one-line progress notes.
+    every worker is idle in sinfo. ``progress(message)`` gets one-line progress notes. ``release``: the
+    Debian release of the hosts' root (``trixie`` by default, or ``bookworm``; see ``rootfs.RELEASES``),
+    ignored when ``rootfs`` names a built root.
+    ``manager_outside``: boot only the workers' images; the manager is elsewhere on the lab bridge (an
+    emulated Pi, ``pibake.lab.targetrun``), so nothing waits for its registry or its sinfo.
 
     A seed that fails cloud-init's schema stops everything before any host boots (``SeedError`` naming
     the host and the key) and the lab is removed again. A lab that boots but does not become idle is
@@ -283,10 +290,11 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     from pibake.cluster import load_cluster
     from pibake.lab.boot import validate_seed
     from pibake.lab.hosts import LabNetwork, _check_prefix, cleanup_leftovers
-    from pibake.lab.rootfs import ensure_rootfs
+    from pibake.lab.rootfs import DEFAULT_RELEASE, check_release, ensure_rootfs, rootfs_stamp
 
     note = progress or (lambda message: None)
     _check_prefix(prefix)
+    release = check_release(release or DEFAULT_RELEASE)
     if os.geteuid() != 0:
         raise LabClusterError("the lab needs root (network, mount, UTS and PID namespaces)")
     cluster_dir = Path(cluster_dir).resolve()
@@ -304,17 +312,20 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     started = time.monotonic()
     timings = {}
     base = _base_dir(prefix)
+    if manager_outside and images_dir is None:
+        raise LabClusterError("a lab whose manager is outside it boots only images it is given: pass images_dir")
     if images_dir is not None:
-        lab_images(images_dir, cluster.manager)  # refuse a bad folder before anything is made
+        lab_images(images_dir, cluster.manager, manager_outside=manager_outside)  # refuse a bad folder before anything is made
     base.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
         if images_dir is None:
             t0 = time.monotonic()
             images_dir = burn_lab_images(cluster_dir, base / IMAGES_DIR, workers=workers, progress=note)
             timings["burn_s"] = round(time.monotonic() - t0, 2)
-        hosts = _hosts_from_images(lab_images(images_dir, cluster.manager), cluster)
+        hosts = _hosts_from_images(lab_images(images_dir, cluster.manager, manager_outside=manager_outside),
+                                   cluster)
         t0 = time.monotonic()
-        rootfs = Path(rootfs) if rootfs else ensure_rootfs(progress=note)
+        rootfs = Path(rootfs) if rootfs else ensure_rootfs(release=release, progress=note)
         timings["rootfs_s"] = round(time.monotonic() - t0, 2)
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
@@ -323,7 +334,8 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     state = {
         "prefix": prefix, "cluster_dir": str(cluster_dir), "cluster": cluster.name, "network": cluster.network,
         "manager": cluster.manager, "manager_ip": cluster.manager_ip, "registry_port": cluster.registry_port,
-        "rootfs": str(rootfs), "images_dir": str(Path(images_dir).resolve()),
+        "rootfs": str(rootfs), "release": (rootfs_stamp(rootfs) or {}).get("release", release),
+        "images_dir": str(Path(images_dir).resolve()),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "hosts": [],
     }
     network = None
@@ -529,7 +541,7 @@ def slurm_states(manager):
 def _up_report(state):
     return {
         "prefix": state["prefix"], "cluster": state["cluster"], "network": state["network"],
-        "timings": state.get("timings", {}),
+        "release": state.get("release"), "timings": state.get("timings", {}),
         "hosts": [{k: h.get(k) for k in ("name", "ip", "role", "image", "boot", "sshd", "timings")}
                   for h in state["hosts"]],
     }

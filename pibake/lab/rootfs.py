@@ -34,12 +34,18 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("/var/cache/pibake/lab")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# The lab's hosts run what Raspberry Pi OS trixie runs (cloud-init 25.1, Slurm 24.11, munge 0.5.16,
+# Python 3.13). bookworm (cloud-init 22.4, Slurm 22.05, Python 3.11) stays available for users of older
+# Raspberry Pi OS images and of distributions with a Slurm of that age.
+DEFAULT_RELEASE = "trixie"
+RELEASES = ("trixie", "bookworm")
 
 # Bump when the build recipe below changes in a way that changes the result.
 RECIPE_VERSION = 3
 
 # What the seeds would install from the internet on a real Pi, plus what cloud-init's
-# modules call (locale, timezone, users/sudo, ssh keys, ntp). Names are bookworm's.
+# modules call (locale, timezone, users/sudo, ssh keys, ntp). Every name exists in both RELEASES
+# (checked with apt-cache policy against each release's Packages index).
 LAB_PACKAGES = (
     # first boot
     "cloud-init",
@@ -102,10 +108,17 @@ def rootfs_key(release, packages):
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def rootfs_path(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES):
+def rootfs_path(cache_dir=None, *, release=DEFAULT_RELEASE, packages=LAB_PACKAGES):
     """Where ``ensure_rootfs`` keeps (or would keep) this rootfs. Does not build anything."""
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
     return cache_dir / f"rootfs-{release}-{rootfs_key(release, packages)}"
+
+
+def check_release(release):
+    """Refuse a release the lab has no package list for (the names in LAB_PACKAGES are checked per release)."""
+    if release not in RELEASES:
+        raise RootfsError(f"unknown lab release {release!r}: choose one of {', '.join(RELEASES)}")
+    return release
 
 
 def rootfs_stamp(root):
@@ -121,7 +134,7 @@ def rootfs_stamp(root):
     return data
 
 
-def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, mirror=None, progress=None,
+def ensure_rootfs(cache_dir=None, *, release=DEFAULT_RELEASE, packages=LAB_PACKAGES, mirror=None, progress=None,
                   download_dir=None):
     """Return the path of a complete cached rootfs, building it first when needed.
 
@@ -133,6 +146,7 @@ def ensure_rootfs(cache_dir=None, *, release="bookworm", packages=LAB_PACKAGES, 
     rebuild does not download again; ``mirror`` defaults to this machine's Debian mirror.
     """
     note = progress or (lambda message: None)
+    check_release(release)
     packages = tuple(dict.fromkeys(packages))
     root = rootfs_path(cache_dir, release=release, packages=packages)
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ def ssh_key(kind="ssh-ed25519", comment="pi@laptop", body=b"k" * 32):
 
 FAKE_TOKEN = "K10" + "ab" * 32 + "::abc123." + "s3cr3t" * 5 + "xy"
 FAKE_CA = "-----BEGIN CERTIFICATE-----\nMIIBfakeCAcertificateForTests\n-----END CERTIFICATE-----\n"
-SECRETS = SeedSecrets(join_token=FAKE_TOKEN, ca_cert_pem=FAKE_CA)
+FAKE_MANAGER_KEY = ssh_key(comment="pibake-manager@lab", body=b"m" * 32)
+SECRETS = SeedSecrets(join_token=FAKE_TOKEN, ca_cert_pem=FAKE_CA, manager_ssh_key=FAKE_MANAGER_KEY)
 FAKE_MUNGE = bytes(range(256)) * 4  # binary, like a real munge key
 FAKE_ADMIN = "adm1n-passw0rd-for-tests"
 BUNDLE = {
@@ -28,6 +29,9 @@ BUNDLE = {
     "secrets/join-token.json": ('{"token": "%s"}\n' % FAKE_TOKEN).encode(),
     "secrets/munge.key": FAKE_MUNGE,
     "secrets/admin-password": (FAKE_ADMIN + "\n").encode(),
+    "secrets/manager-ssh.key": b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEfake\n"
+                               b"-----END OPENSSH PRIVATE KEY-----\n",
+    "secrets/manager-ssh.key.pub": (FAKE_MANAGER_KEY + "\n").encode(),
 }
 PSK = "0123456789abcdef" * 4
 

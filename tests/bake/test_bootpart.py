@@ -1,8 +1,6 @@
 """Seed on the boot partition: partition tables parsed in Python, FAT written with mtools, read back."""
 
 import hashlib
-import os
-import struct
 import uuid
 
 import pytest

@@ -508,8 +508,9 @@ def test_batch_on_one_reader_needs_a_person(cluster, pi, tmp_path):
 
 
 def test_manager_wheel_cannot_be_built_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(burn, "_source_tree", lambda: None)  # e.g. pibake installed from a wheel
-    with pytest.raises(BurnError, match=r"not running from a source checkout.*--wheel dist/pibake-\*\.whl"):
+    monkeypatch.setattr(burn, "_source_tree", lambda: None)  # neither a checkout ...
+    monkeypatch.setattr(burn, "_running_distribution", lambda: None)  # ... nor a pip-installed distribution
+    with pytest.raises(BurnError, match=r"neither from a source checkout nor from a pip-installed .*--wheel FILE"):
         burn.manager_wheel()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from pibake.bake import devices
 from pibake.bake.devices import GuardError, SystemFacts, check_target, open_target
-from tests.conftest import needs_program, needs_root
+from tests.conftest import needs_program, needs_root, not_applicable
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "devices"
 
@@ -237,7 +237,7 @@ def test_this_machines_system_disk_is_refused():
     live = devices.gather_facts()
     disk = next((d for d in devices.build_devices(live) if "/" in d.holds), None)
     if disk is None:
-        pytest.skip(f"/ is not on a block device lsblk lists here (dev {majmin})")
+        pytest.skip(not_applicable(f"/ is not on a block device lsblk lists here (dev {majmin}), as in a container"))
     with pytest.raises(GuardError, match="holds .*/"):
         check_target(disk.path, allow_non_removable=True, max_bytes=None)
 

@@ -24,6 +24,7 @@ from pibake.bake.lint import lint_seed
 from pibake.bake.seed import TOP_LEVEL_KEYS, render_seed
 from pibake.errors import SeedError
 from pibake.model import SeedSecrets, Wifi
+from tests.conftest import needs_program, needs_root, not_applicable
 from tests.bake.seed_fixtures import (
     BUNDLE, CLUSTER, FAKE_ADMIN, FAKE_MUNGE, FAKE_TOKEN, FAMILIES, NODES, PSK, SECRETS, cloud_init_network,
     cloud_init_schema, cluster_for, has_cloud_init, render, ssh_key,
@@ -136,7 +137,8 @@ def test_worker_content():
     assert config["hostname"] == "red01"
     (user,) = config["users"]
     assert user["name"] == "pi" and user["lock_passwd"] is True
-    assert user["ssh_authorized_keys"] == [ssh_key()]
+    # the cluster's keys, then the manager's (the registry's jobs log in with it), from the manager's IP only
+    assert user["ssh_authorized_keys"] == [ssh_key(), f'from="10.1.1.10",restrict {SECRETS.manager_ssh_key}']
     assert config["ssh_pwauth"] is False
     assert config["packages"] == ["slurmd", "munge", "slurm-client", "python3-psutil"]
     assert config["timezone"] == "Europe/Berlin"
@@ -207,8 +209,6 @@ def test_sensor_content():
 
 def test_systemd_units_verify(tmp_path):
     """systemd's own parser accepts the units (no systemd as PID 1 is needed for `systemd-analyze verify`)."""
-    import shutil
-
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
     files = files_of(render("manager"))
@@ -347,7 +347,8 @@ def test_hosts_entry_is_idempotent_and_replaces(tmp_path):
                                  "10.1.1.20 other  red000\n10.1.1.50\tred00\n")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (mount namespace)")
+@needs_root("needs root (mount namespace)")
+@needs_program("unshare")
 def test_hosts_entry_on_a_bind_mounted_hosts_file(tmp_path):
     """A container's /etc/hosts is a bind mount: rename onto it fails (EBUSY), so the script rewrites it in place
     and leaves no temp file."""
@@ -364,7 +365,8 @@ def test_hosts_entry_on_a_bind_mounted_hosts_file(tmp_path):
     assert sorted(p.name for p in hosts.parent.iterdir()) == ["hosts"]
 
 
-@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd is PID 1 here: would start real units")
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"),
+                    reason=not_applicable("systemd is PID 1 here: would start real units"))
 def test_start_without_systemd_runs_command_in_background(tmp_path):
     script = _script(render("worker"), "pibake-start", tmp_path)
     marker = tmp_path / "ran"
@@ -392,7 +394,7 @@ def test_enable_i2c_does_nothing_off_a_pi(tmp_path):
     script = _script(render("sensor"), "pibake-enable-i2c", tmp_path)
     model = Path("/proc/device-tree/model")
     if model.exists() and b"Raspberry Pi" in model.read_bytes():
-        pytest.skip("this machine is a Raspberry Pi")
+        pytest.skip(not_applicable("this machine is a Raspberry Pi"))
     proc = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "not a Raspberry Pi" in proc.stdout
 
@@ -413,7 +415,9 @@ def test_no_ssh_keys_renders_a_valid_seed_with_a_warning():
 
     seed = render(cluster=cluster_for(ssh_keys=()))
     user = yaml.safe_load(seed.user_data)["users"][0]
-    assert "ssh_authorized_keys" not in user and user["lock_passwd"] is True
+    # only the manager's key, which works from the manager's IP only: no person can log in
+    assert user["ssh_authorized_keys"] == [f'from="10.1.1.10",restrict {SECRETS.manager_ssh_key}']
+    assert user["lock_passwd"] is True
     report = lint_seed(seed, hostname="red01")
     assert report.ok, [str(e) for e in report.errors]
     assert any("nobody can log in" in str(w) for w in report.warnings)

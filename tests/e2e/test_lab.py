@@ -245,6 +245,35 @@ def test_a_second_lab_up_with_the_same_prefix_is_refused(lab):
     assert shell(lab, "red01", "hostname").stdout.strip() == "red01"  # untouched
 
 
+def test_the_lab_runs_trixie_and_its_slurmctld_24_11_takes_node_changes_by_reconfigure(lab):
+    """The default lab root is Debian trixie, as Raspberry Pi OS trixie: cloud-init 25.1, Slurm 24.11, munge
+    0.5.16, Python 3.13. The registry on the manager reads slurmctld's version and writes the file for 24.11;
+    slurmctld starts once (the first worker) and takes every later NodeName change by `scontrol reconfigure`
+    (23.11 on: a new slurmctld process hands over), never stopped (tests/registry covers 22.05's restarts)."""
+    assert lab[2]["release"] == "trixie"
+    versions = shell(lab, "red00", "sh", "-c", "slurmctld -V; munged -V; python3 -V; cloud-init --version").stdout
+    assert "slurm-wlm 24.11." in versions and "munge-0.5.16" in versions and "Python 3.13." in versions, versions
+    assert "cloud-init 25.1" in versions, versions
+    conf = shell(lab, "red00", "cat", "/etc/slurm/slurm.conf").stdout
+    assert "\nCredType=cred/munge\n" in conf and "\nDebugFlags=GLOB_SILENCE\n" in conf
+    assert "CryptoType" not in conf and "/none" not in conf  # 23.11 removed the none plugins
+
+    registry_log = shell(lab, "red00", "cat", "/var/log/pibake/pibake-registry.log").stdout
+    assert registry_log.count("(slurmctld restarted)") == 1, registry_log  # the start, for the first worker
+
+    handovers = "Relinquishing control to new slurmctld process"
+    before = shell(lab, "red00", "cat", "/var/log/slurm/slurmctld.log").stdout.count(handovers)
+    proc = shell(lab, "red00", "/opt/pibake/bin/pibake", "--cluster", "/var/lib/pibake/cluster", "registry", "remove",
+                 "red03")
+    assert "removed red03" in proc.stderr
+    states = dict(line.split() for line in shell(lab, "red00", "sinfo", "-N", "-h", "-o", "%N %T").stdout.splitlines())
+    assert states == {"red01": "idle", "red02": "idle"}  # gone from Slurm when `registry remove` returned
+    log = shell(lab, "red00", "cat", "/var/log/slurm/slurmctld.log").stdout
+    assert log.count(handovers) == before + 1, log  # the removal was one reconfigure...
+    assert "Terminate signal" not in log, log  # ...and slurmctld was never stopped
+    assert "Slurm does not support glob parsing" not in log  # silenced by DebugFlags=GLOB_SILENCE
+
+
 def test_lab_down_removes_the_lab(lab):
     cdir, prefix, _, _ = lab
     assert leftovers(prefix)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pibake.firstboot import agent
+from tests.conftest import needs_root
 
 TOKEN = "K10" + "ab" * 32 + "::abc123." + "s3cr3t" * 5 + "xy"
 
@@ -101,9 +102,8 @@ def test_write_file_reports_change_only_once(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["f"]  # no temp file left
 
 
+@needs_root("needs root to chown")
 def test_write_file_owner(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to chown")
     path = tmp_path / "munge.key"
     assert agent.write_file(str(path), b"k" * 1024, 0o400, "munge") is True
     import pwd

@@ -14,6 +14,7 @@ from werkzeug.serving import make_server
 
 from pibake import secrets
 from pibake.firstboot import agent
+from tests.conftest import needs_root
 from tests.firstboot.conftest import write_agent_config
 
 pytest.importorskip("pibake.registry.app")
@@ -78,7 +79,7 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the munge key is chowned to munge)")
+@needs_root("needs root (the munge key is chowned to munge)")
 def test_enrol_then_every_later_boot_uses_the_credential(node, cluster, registry_url):
     nd, cfg, token = node
     result = agent.run_agent(str(cfg))
@@ -118,7 +119,7 @@ def result_cpus():
     return agent.fact_cpus()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_removed_node_is_refused_and_told_why(node, cluster, registry_url):
     nd, cfg, _token = node
     hostname = agent.run_agent(str(cfg))["hostname"]
@@ -127,7 +128,7 @@ def test_removed_node_is_refused_and_told_why(node, cluster, registry_url):
         agent.run_agent(str(cfg))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_rejected_credential_with_a_token_still_present_re_enrols(node, cluster, registry_url):
     nd, cfg, token = node
     hostname = agent.run_agent(str(cfg))["hostname"]
@@ -174,7 +175,7 @@ def pibake(*args):
                           check=False)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_pibake_agent_run_cli(node, cluster, registry_url):
     nd, cfg, _token = node
     proc = pibake("agent", "run", "--config", str(cfg), "--json")
@@ -200,7 +201,7 @@ def test_pibake_agent_run_cli_pin_mismatch(tmp_path, cluster, cluster_b, registr
     assert json.loads(proc.stdout)["status"] == "error"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_pending_node_waits_for_approval(tmp_path, cluster, approval_registry_url):
     """Approval mode: the node enrols as pending, keeps its credential, and finishes once accepted."""
     url = approval_registry_url
@@ -238,7 +239,7 @@ echo "NodeName=$3 Arch=x86_64 State=IDLE SlurmdStartTime=$(date +%Y-%m-%dT%H:%M:
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
     """Under systemd: enable + start munge and slurmd, a drop-in lifting the packaged unit's
     ConditionPathExists=/etc/slurm/slurm.conf (configless), and no restart when nothing changed."""
@@ -274,7 +275,7 @@ def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
     assert "restart" not in (fake / "calls").read_text() and "start" not in (fake / "calls").read_text()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_a_token_put_back_next_to_a_working_credential_is_removed(node, cluster, registry_url):
     nd, cfg, token = node
     agent.run_agent(str(cfg))
@@ -286,7 +287,7 @@ def test_a_token_put_back_next_to_a_working_credential_is_removed(node, cluster,
     assert "join_token" not in json.loads(cfg.read_text())
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@needs_root()
 def test_a_sensor_without_munge_enrols_and_reports_ready(node, cluster, registry_url, monkeypatch):
     """Sensors run no slurmd and their seed installs no munge: the agent enrols and reports ready."""
     nd, cfg, _token = node

@@ -11,6 +11,7 @@ import pytest
 from pibake.lab.rootfs import (
     DEFAULT_CACHE_DIR,
     LAB_PACKAGES,
+    RootfsError,
     debian_mirror,
     ensure_rootfs,
     make_host_root,
@@ -43,7 +44,15 @@ def test_rootfs_key_depends_on_release_and_package_set_not_order():
     assert rootfs_key("bookworm", ["a", "b"]) == rootfs_key("bookworm", ["b", "a", "a"])
     assert rootfs_key("bookworm", ["a"]) != rootfs_key("bookworm", ["a", "b"])
     assert rootfs_key("bookworm", ["a"]) != rootfs_key("trixie", ["a"])
-    assert rootfs_path("/c", packages=["a"]).name == f"rootfs-bookworm-{rootfs_key('bookworm', ['a'])}"
+    assert rootfs_path("/c", packages=["a"]).name == f"rootfs-trixie-{rootfs_key('trixie', ['a'])}"
+    assert (rootfs_path("/c", release="bookworm", packages=["a"]).name
+            == f"rootfs-bookworm-{rootfs_key('bookworm', ['a'])}")
+
+
+def test_unknown_release_is_refused_before_anything_is_built(tmp_path):
+    with pytest.raises(RootfsError, match=r"^unknown lab release 'sid': choose one of trixie, bookworm$"):
+        ensure_rootfs(tmp_path, release="sid")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -192,7 +201,7 @@ def test_failed_build_says_what_failed_and_leaves_nothing_behind(tmp_path):
     from pibake.lab.rootfs import RootfsError
 
     # Nothing listens on the discard port of loopback: debootstrap cannot fetch the Release file.
-    with pytest.raises(RootfsError, match=r"^debootstrap bookworm from http://127.0.0.1:9/debian failed .*"
+    with pytest.raises(RootfsError, match=r"^debootstrap trixie from http://127.0.0.1:9/debian failed .*"
                                           r"check that the Debian mirror is reachable"):
         ensure_rootfs(tmp_path, packages=("procps",), mirror="http://127.0.0.1:9/debian")
     root = rootfs_path(tmp_path, packages=("procps",))

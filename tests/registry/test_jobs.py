@@ -97,11 +97,11 @@ def test_a_failing_job_says_why(jobs_app, creds):
 @pytest.mark.parametrize("path,body,message", [
     ("/api/v1/verify", {"bench": "yes"}, "bench: must be true or false"),
     ("/api/v1/verify", {"bench": False, "color": 1}, "unknown field(s) color; known: bench, options"),
-    ("/api/v1/verify", {"options": {"proxy": "x"}}, "options: unknown option(s) proxy; known: connect_timeout, "
+    ("/api/v1/verify", {"options": {"proxy": "x"}}, "options: unknown field(s) proxy; known: connect_timeout, "
                                                     "identity, known_hosts, user"),
     ("/api/v1/verify", {"options": {"connect_timeout": -1}}, "options.connect_timeout: must be a positive number"),
     ("/api/v1/verify", {"options": {"known_hosts": "/etc/passwd"}},
-     "options.known_hosts: 'passwd' is not a known_hosts file"),
+     "options.known_hosts: must be the path of a file whose name ends in known_hosts"),
     ("/api/v1/deploy", {"hosts": "red01", "options": {"ssh_options": ["-o", "UserKnownHostsFile=/etc/shadow"]}},
      "options.ssh_options: -o userknownhostsfile: 'shadow' is not a known_hosts file"),
     ("/api/v1/deploy", {}, "hosts: must be a host list like \"red[01-04]\" or a list of names/IPs"),
@@ -240,3 +240,27 @@ def test_a_forked_worker_runs_its_own_jobs(cluster_dir):
     job = json.loads(out[0])
     parent, child = map(int, out[1].split())
     assert job["state"] == "done" and job["result"] == {"pid": child} and child != parent
+
+
+def test_jobs_log_in_with_the_manager_key_unless_the_request_names_its_own(tmp_path):
+    """What run_verify/run_deploy pass on: the manager's identity and the cluster user fill only what the
+    request left open (a caller's own identity, user or ssh config is never mixed with it)."""
+    from pibake.jobs import manager_identity_options
+    from pibake.secrets import ensure_secrets
+
+    assert manager_identity_options("verify", tmp_path, {}, None) == {}  # no key in this cluster (yet)
+    ensure_secrets(tmp_path, "red", "red00", "10.1.1.10")
+    key = str(tmp_path / "secrets" / "manager-ssh.key")
+    assert manager_identity_options("verify", tmp_path, {}, None) == {"identity": key}
+    assert manager_identity_options("verify", tmp_path, {"bench": 1, "connect_timeout": 3}, None) == \
+        {"bench": 1, "connect_timeout": 3, "identity": key}
+    for own in ({"identity": "/root/k"}, {"user": "root"}):
+        assert manager_identity_options("verify", tmp_path, own, None) == own
+    assert manager_identity_options("deploy", tmp_path, {"parallel": 4}, "pi") == \
+        {"parallel": 4, "user": "pi", "ssh_options": ["-i", key, "-o", "IdentitiesOnly=yes"]}
+    assert manager_identity_options("deploy", tmp_path, {"ssh_options": ["-o", "Port=2222"]}, "pi") == \
+        {"user": "pi", "ssh_options": ["-o", "Port=2222", "-i", key, "-o", "IdentitiesOnly=yes"]}
+    for own in ({"user": "root"}, {"ssh_options": ["-F", "/x/ssh_config"]}, {"ssh_options": ["-i", "/k"]},
+                {"ssh_options": ["-o", "IdentityFile=/k"]}, {"ssh_options": ["-o", "User=admin"]},
+                {"ssh_options": ["-l", "admin"]}, {"ssh_options": ["-oUser=admin"]}):
+        assert manager_identity_options("deploy", tmp_path, own, "pi") == own, own

@@ -1,5 +1,7 @@
 """slurm.conf generation: pure, table-driven, on `slurmd -C` output from Pi 3/4/5 and this machine."""
 
+from pathlib import Path
+
 import pytest
 
 from pibake.registry.slurmconf import (
@@ -8,11 +10,14 @@ from pibake.registry.slurmconf import (
     generate_slurm_conf,
     node_lines,
     nodes_section,
+    parse_slurm_version,
     parse_slurmd_c,
     slurm_cluster_name,
 )
 from pibake.registry.slurmctl import conf_settings, parse_sinfo
 from tests.registry.conftest import SLURMD_C
+
+RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "slurm"
 
 
 def node(name, ip, kind):
@@ -164,6 +169,62 @@ def test_full_conf_has_the_required_settings():
         assert settings[key] == value, key
     assert text.rstrip().splitlines()[-1] == "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     assert len(nodes_section(text)) == 4
+
+
+@pytest.mark.parametrize("name, version", [
+    ("slurmctld-V.bookworm.txt", (22, 5, 8)),
+    ("slurmd-V.bookworm.txt", (22, 5, 8)),
+    ("slurmctld-V.trixie.txt", (24, 11, 5)),
+    ("slurmd-V.trixie.txt", (24, 11, 5)),
+])
+def test_parse_slurm_version_of_recorded_outputs(name, version):
+    assert parse_slurm_version((RECORDED / name).read_text()) == version
+
+
+@pytest.mark.parametrize("text, version", [
+    ("slurm 23.11.4\n", (23, 11, 4)),  # an upstream build says slurm, Debian's slurm-wlm
+    ("slurm 24.11.0-0rc1\n", (24, 11, 0)),
+    ("scontrol: fatal: Could not establish a configuration source\n", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_slurm_version_other_texts(text, version):
+    assert parse_slurm_version(text) == version
+
+
+def _settings_for(version):
+    return conf_settings(generate_slurm_conf(MIXED[:1], cluster_name="x", manager="m", manager_ip="10.0.0.1",
+                                             slurm_version=version))
+
+
+NONE_PLUGINS = {"TaskPlugin": "task/none", "JobAcctGatherType": "jobacct_gather/none",
+                "AccountingStorageType": "accounting_storage/none", "JobCompType": "jobcomp/none"}
+
+
+@pytest.mark.parametrize("version", [None, (22, 5, 8), (23, 2, 7)])
+def test_conf_for_slurm_before_23_11(version):
+    settings = _settings_for(version)
+    assert settings["CredType"] == "cred/munge" and "CryptoType" not in settings  # CredType since 19.05
+    assert {k: settings[k] for k in NONE_PLUGINS} == NONE_PLUGINS
+    assert "DebugFlags" not in settings  # 22.05 refuses GLOB_SILENCE
+
+
+@pytest.mark.parametrize("version, glob_silence", [((23, 11, 0), False), ((23, 11, 4), True), ((24, 11, 5), True)])
+def test_conf_for_slurm_23_11_and_later(version, glob_silence):
+    settings = _settings_for(version)
+    assert settings["CredType"] == "cred/munge" and "CryptoType" not in settings
+    assert not set(NONE_PLUGINS) & set(settings)  # the none plugins were removed in 23.11
+    assert ("DebugFlags" in settings) is glob_silence
+    if glob_silence:
+        assert settings["DebugFlags"] == "GLOB_SILENCE"
+    assert settings["ProctrackType"] == "proctrack/linuxproc" and settings["SelectType"] == "select/cons_tres"
+
+
+def test_callers_settings_win_over_the_versions():
+    text = generate_slurm_conf(MIXED[:1], cluster_name="x", manager="m", manager_ip="10.0.0.1",
+                               slurm_version=(24, 11, 5), settings={"DebugFlags": None, "TaskPlugin": "task/affinity"})
+    settings = conf_settings(text)
+    assert "DebugFlags" not in settings and settings["TaskPlugin"] == "task/affinity"
 
 
 def test_settings_override_and_drop():

@@ -180,3 +180,28 @@ def test_concurrent_enrolments_share_few_restarts(cluster_dir, slurm_sandbox):
     assert 1 <= restarts <= len(names) // 4, reg.applier.counters  # 12 enrolments, at most 3 restarts
     assert box.slurmctld_pid() != first_pid
     assert box.scontrol("show", "node", "red01").returncode == 0
+
+
+def test_the_conf_follows_this_machines_slurm_22_05(cluster_dir, slurm_sandbox):
+    """The shared-root tests run the build machine's own Slurm (22.05 on Debian 12; the lab's trixie root runs
+    24.11, tests/e2e/test_lab.py): the registry reads its version from `slurmctld -V` and slurmctld 22.05
+    runs on the file generated for it, CredType included; adding a node needs a restart there."""
+    import subprocess
+
+    from pibake.registry.slurmconf import parse_slurm_version
+
+    box = slurm_sandbox
+    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+                   apply_timeout=30)
+    reg.applier.reconfigure_grace = 0
+    version = reg.applier.slurm_version()
+    assert version == parse_slurm_version(subprocess.run(["slurmctld", "-V"], capture_output=True, text=True).stdout)
+    assert version[:2] == (22, 5), f"this test covers the build machine's Slurm 22.05, found {version}"
+    assert not reg.applier.reconfigure_adds_nodes()
+    reg.enrol(enrolment("red01", 1, kind="vm"))
+    config = box.scontrol("show", "config").stdout
+    assert "CredType                = cred/munge" in config and "TaskPlugin              = task/none" in config
+    assert "CredType=cred/munge" in box.conf.read_text() and "DebugFlags" not in box.conf.read_text()
+    pid = box.slurmctld_pid()
+    reg.enrol(enrolment("red02", 2, kind="vm"))
+    assert box.slurmctld_pid() != pid and reg.applier.counters["restarted"] == 2

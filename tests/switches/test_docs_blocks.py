@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.switches.conftest import needs_kasa_simulator, needs_mosquitto, write_cluster
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -1,0 +1,211 @@
+"""The real target (issue 11): the very image `pibake burn` writes boots as an arm64 Raspberry Pi OS trixie-like
+system under systemd (qemu-system-aarch64, TCG) and becomes an idle Slurm node; the manager image boots too.
+
+What is checked from outside, as a person at the cluster would: the console reaches a login prompt and
+"cloud-init ... finished"; over ssh with the seed's key: systemd is PID 1, the hostname and the planned static
+address (configured by NetworkManager from the seed's network-config through netplan), cloud-init done without
+errors, the agent started by its systemd unit, the munge key 0400; then the node is enrolled, idle in sinfo and
+`srun uname -m` on it prints aarch64.
+
+Slow (the first run builds and caches the arm64 image under /var/cache/pibake/target; each boot is a minute or
+two of emulation): deselect with `-m "not target"` on a developer machine. Networks: lab bridges this test
+creates (10.77.9x.0/24, no address on this machine); the VMs have no other network.
+"""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import needs_program, needs_root
+from tests.lab.sandbox import namespaces_missing
+
+pytestmark = [
+    pytest.mark.target,
+    pytest.mark.e2e,
+    needs_root("booting the emulated Pi needs root (taps, namespaces, binfmt_misc)"),
+    needs_program("qemu-system-aarch64", "mmdebstrap", "arch-test", "debootstrap", "mcopy", "ssh"),
+    pytest.mark.skipif(bool(namespaces_missing()), reason=namespaces_missing() or "ok"),
+]
+
+BOOT_TIMEOUT = 1200  # s from power-on to cloud-init finished, under TCG on a busy 2-CPU machine
+JOIN_TIMEOUT = 600  # s from cloud-init finished to idle in sinfo
+
+
+@pytest.fixture(scope="session")
+def target_image():
+    from pibake.lab.target import ensure_target_image
+
+    return ensure_target_image(progress=lambda line: print(f"target image: {line}", flush=True))
+
+
+def _prefix(family):
+    from pibake.lab import cleanup_stale, run_prefix
+
+    cleanup_stale(family)
+    return run_prefix(family)
+
+
+def _key(tmp):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "target@test", "-f", tmp / "key"],
+                   check=True)
+    return tmp / "key"
+
+
+@pytest.fixture(scope="module")
+def worker_join(tmp_path_factory, target_image):
+    """A lab manager host (netns, the lab's Debian root) and red01 as an emulated Pi from the target image."""
+    from pibake.lab.targetrun import worker_join
+
+    tmp = tmp_path_factory.mktemp("target-join")
+    tmp.chmod(0o755)
+    key = _key(tmp)
+    with worker_join(tmp, net="10.77.91", prefix=_prefix("tj"), target_image=target_image, ssh_key_file=f"{key}.pub",
+                     progress=print) as ctx:
+        try:
+            yield {**ctx, "key": key, "image": target_image}
+        finally:
+            print(f"--- red01 console (last lines) ---\n{ctx['pi'].vm.tail(40)}")
+
+
+def _ssh(ctx, command):
+    from pibake.lab.targetrun import pi_ssh
+
+    return pi_ssh(ctx["prefix"], ctx["key"], "pi", ctx["pi"].ip, command)
+
+
+def test_worker_image_boots_under_systemd_with_the_seed_applied(worker_join):
+    pi = worker_join["pi"]
+    phases = pi.wait_console(timeout=BOOT_TIMEOUT)
+    assert phases["kernel"] <= phases["systemd"] <= phases["login_prompt"]
+    console = pi.console()
+    assert "Cloud-init" in console and "finished" in console
+
+    facts = _ssh(worker_join, "ps -p 1 -o comm=; hostname; uname -m; ip -4 -o addr show dev eth0; "
+                              "nmcli -t -f NAME,DEVICE connection show --active; "
+                              "cloud-init status --long; systemctl is-enabled pibake-agent.service; "
+                              "sudo stat -c '%a %U' /etc/munge/munge.key")
+    assert facts.returncode == 0, facts.stderr
+    out = facts.stdout
+    lines = out.splitlines()
+    assert lines[0] == "systemd", out
+    assert lines[1] == "red01" and lines[2] == "aarch64", out
+    assert f"inet {pi.ip}/24" in out, out
+    assert any(line.endswith(":eth0") for line in lines), f"NetworkManager has no active connection on eth0: {out}"
+    assert "status: done" in out and "errors: []" in out, out
+    assert "enabled" in lines
+    assert "400 munge" in out, out
+
+
+def test_worker_enrols_and_runs_jobs_as_aarch64(worker_join):
+    from pibake.lab.targetrun import manager_run, wait_joined
+
+    pi = worker_join["pi"]
+    pi.wait_console(timeout=BOOT_TIMEOUT)
+    phases = wait_joined(pi, worker_join["prefix"], timeout=JOIN_TIMEOUT)
+    assert phases["enrolled"] <= phases["idle"]
+    job = manager_run(worker_join["prefix"], ["srun", "-N1", "-w", "red01", "uname", "-m"], timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.strip() == "aarch64"
+    agent = _ssh(worker_join, "systemctl is-active pibake-agent.service; systemctl is-active slurmd munge")
+    assert agent.stdout.split() == ["active", "active", "active"], agent.stdout + agent.stderr
+    version = manager_run(worker_join["prefix"], ["scontrol", "show", "node", "red01"]).stdout
+    assert "Arch=aarch64" in version, version
+
+
+@pytest.fixture(scope="module")
+def manager_boot(tmp_path_factory, target_image):
+    """red00 (the manager) as an emulated Pi from the target image, and red01 as a lab host (netns) that
+    enrols with it. The manager's pibake comes from the running pibake (no --wheel)."""
+    from pibake.lab.targetrun import manager_boot
+
+    tmp = tmp_path_factory.mktemp("target-manager")
+    tmp.chmod(0o755)
+    key = _key(tmp)
+    with manager_boot(tmp, net="10.77.92", prefix=_prefix("tm"), target_image=target_image,
+                      ssh_key_file=f"{key}.pub", progress=print) as ctx:
+        try:
+            yield {**ctx, "key": key}
+        finally:
+            print(f"--- red00 console (last lines) ---\n{ctx['pi'].vm.tail(40)}")
+
+
+def _manager_ssh(ctx, command):
+    from pibake.lab.targetrun import pi_ssh
+
+    return pi_ssh(ctx["prefix"], ctx["key"], "pi", ctx["pi"].ip, command, via=ctx["worker"])
+
+
+def _registry(ctx, method, path, body=None):
+    """(status, JSON) of a registry request from inside the lab worker's network namespace: TLS verified
+    against the cluster CA, the admin credential through curl's stdin config (never an argv)."""
+    secrets = ctx["cluster_dir"] / "secrets"
+    password = (secrets / "admin-password").read_text().strip()
+    config = f'user = "admin:{password}"\n'
+    argv = ["nsenter", "-t", str(ctx["worker"]["pid"]), "--net", "--", "curl", "-sS", "-K", "-",
+            "--cacert", str(secrets / "ca.crt"), "-X", method, "-w", "\n%{http_code}",
+            f"https://{ctx['pi'].ip}:8443/api/v1{path}"]
+    if body is not None:
+        argv[-1:-1] = ["-H", "Content-Type: application/json", "--data", json.dumps(body)]
+    proc = subprocess.run(argv, input=config, capture_output=True, text=True, timeout=60)
+    text, _, code = proc.stdout.rpartition("\n")
+    try:
+        return int(code), json.loads(text) if text.strip() else None
+    except ValueError:
+        return 0, proc.stderr
+
+
+def test_manager_image_boots_registry_and_slurmctld_under_systemd(manager_boot):
+    pi = manager_boot["pi"]
+    pi.wait_console(timeout=BOOT_TIMEOUT)
+    facts = _manager_ssh(manager_boot, "ps -p 1 -o comm=; hostname; cloud-init status --long; "
+                                       "systemctl is-active pibake-registry.service munge.service; "
+                                       "sudo stat -c '%a %U' /etc/munge/munge.key; dpkg-query -W chrony")
+    assert facts.returncode == 0, facts.stderr + facts.stdout
+    out = facts.stdout
+    assert out.splitlines()[:2] == ["systemd", "red00"], out
+    assert "status: done" in out and "errors: []" in out, out
+    assert out.count("\nactive") >= 2 or out.splitlines().count("active") == 2, out
+    assert "400 munge" in out, out
+    assert "chrony\t" in out, f"the seed's packages: chrony was not installed at first boot: {out}"
+    status, health = _registry(manager_boot, "GET", "/health")
+    assert status == 200, health
+
+
+def test_a_lab_worker_joins_the_emulated_manager(manager_boot):
+    import time
+
+    pi = manager_boot["pi"]
+    pi.wait_console(timeout=BOOT_TIMEOUT)
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    states = ""
+    while time.monotonic() < deadline:
+        states = _manager_ssh(manager_boot, "sinfo -N -h -o '%N %T'").stdout
+        if "red01 idle" in states:
+            break
+        time.sleep(3)
+    assert "red01 idle" in states, f"red01 not idle on the emulated manager: {states!r}"
+    ctld = _manager_ssh(manager_boot, "systemctl is-active slurmctld.service; scontrol -V")
+    assert ctld.stdout.splitlines()[0] == "active", ctld.stdout
+    assert ctld.stdout.splitlines()[1].startswith("slurm 24."), ctld.stdout
+    status, nodes = _registry(manager_boot, "GET", "/nodes")
+    assert status == 200 and {n["hostname"] for n in nodes} >= {"red00", "red01"}, nodes
+
+
+def test_rest_verify_on_the_emulated_manager_reaches_its_nodes(manager_boot):
+    """The booted manager's registry runs `verify` as a REST job; its ssh checks log in to the lab worker
+    with the manager's own ssh identity (from its seed; every node's seed authorizes it)."""
+    import time
+
+    manager_boot["pi"].wait_console(timeout=BOOT_TIMEOUT)
+    status, job = _registry(manager_boot, "POST", "/verify", {"bench": False})
+    assert status == 202, job
+    deadline = time.monotonic() + 600
+    while job.get("state") not in ("done", "failed") and time.monotonic() < deadline:
+        time.sleep(3)
+        status, job = _registry(manager_boot, "GET", f"/jobs/{job['id']}")
+    assert job.get("state") == "done", job
+    checks = {c["name"]: c for c in job["result"]["checks"]}
+    assert checks["reachable"]["status"] == "ok", checks["reachable"]
+    assert checks["munge"]["status"] == "ok", checks["munge"]
+    assert checks["srun"]["status"] == "ok", checks["srun"]
