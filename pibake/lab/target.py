@@ -47,7 +47,7 @@ ARCH = "arm64"
 # Bump when the recipe below changes in a way that changes the result: ROOT_RECIPE_VERSION for what
 # mmdebstrap builds (slow), RECIPE_VERSION for how the root is shaped and the image assembled (fast).
 ROOT_RECIPE_VERSION = 1
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # Raspberry Pi OS Lite's base as far as pibake's seeds and the boot depend on it, plus what the seeds of
 # every role install at first boot (pre-installed: the emulated Pi has no internet). Names are trixie's.
@@ -415,6 +415,10 @@ def _strip_identity(root):
     for key in (etc / "ssh").glob("ssh_host_*"):
         key.unlink()
     (etc / "munge/munge.key").unlink(missing_ok=True)
+    # Without its key munged cannot start: not at boot (a failed unit on every card), but once the agent has
+    # installed the cluster's key and enabled it. On a Pi, apt installs munge at first boot with a new key.
+    for unit in ("munge.service", "slurmd.service", "slurmctld.service"):
+        (etc / "systemd/system/multi-user.target.wants" / unit).unlink(missing_ok=True)
     shutil.rmtree(root / "var/lib/cloud", ignore_errors=True)
     for lists in (root / "var/lib/apt/lists").glob("*"):
         if lists.is_file():
