@@ -350,6 +350,9 @@ cp "$keyring" "$root$work/keyring.gpg"
 opts="-o Dir::Etc::SourceList=$work/sources.list -o Dir::Etc::SourceParts=/nonexistent \
       -o Dir::State::Lists=$work/lists -o APT::Sandbox::User=root -o Debug::NoLocking=1"
 mount -t proc proc "$root/proc"
+# this machine's resolver while apt fetches (the image itself keeps an empty resolv.conf)
+rm -f "$root/etc/resolv.conf"
+cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 chroot "$root" apt-get -q $opts update
 names=$(chroot "$root" apt-get -q -s $opts --no-install-recommends install "$@" | awk '/^Inst /{print $2}')
 rm -rf "${root:?}/$repo"
@@ -357,6 +360,7 @@ mkdir -p "$root/$repo"
 chroot "$root" sh -c "cd /$repo && apt-get -q $opts download $names"
 umount "$root/proc"
 rm -rf "${root:?}$work"
+: > "$root/etc/resolv.conf"
 cd "$root/$repo" && dpkg-scanpackages --multiversion . > Packages 2>/dev/null
 """
 
