@@ -1,6 +1,6 @@
 """How long the lab's foundation takes: a cold rootfs build, a cached lookup, a host root, a boot.
 
-    python3 bench/lab_rootfs.py            # cold build into a temporary cache (downloads ~70 MB)
+    python3 bench/lab_rootfs.py            # cold build into a temporary cache (trixie: downloads 86 MiB)
     python3 bench/lab_rootfs.py --warm     # use the machine's cache (/var/cache/pibake/lab)
     python3 bench/lab_rootfs.py --lab-up   # `lab up` from the cached rootfs to all workers idle (x --reps)
     python3 bench/lab_rootfs.py --replot   # lab-timeline.png + lab.md again from docs/report/lab.json (no run)

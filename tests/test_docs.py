@@ -98,6 +98,7 @@ BLOCKS = {
         "cmd-registry-accept": "lab",
         "cmd-agent": "lab",
         "cmd-lab": "lab",
+        "cmd-lab-target": "test: tests/target/test_boot.py",
         "cmd-deploy": "lab",
         "cmd-verify": "lab",
         "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
@@ -299,7 +300,7 @@ def test_commands_page_shows_every_command():
 
 def test_the_lab_quick_start_offers_only_what_pibake_lab_help_offers():
     hooks = load_hooks()
-    rows = re.findall(r"^\| `lab (\w+)([^`]*)` \|", (DOCS / "quickstart-lab.md").read_text(), re.M)
+    rows = re.findall(r"^\| `lab ([\w-]+)([^`]*)` \|", (DOCS / "quickstart-lab.md").read_text(), re.M)
     assert {sub for sub, _ in rows} == {p[1] for p in hooks.command_paths() if p[0] == "lab" and len(p) == 2}
     for sub, usage in rows:
         help_text = hooks.help_text(("lab", sub))

@@ -71,7 +71,8 @@ def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, release,
              f"root {ht.get('root_s', 0):.1f} s, cloud-init {ht.get('cloud_init_s', 0):.1f} s "
              f"(done at {ht.get('boot_done_s', 0):.1f} s){idle}; sshd {h.get('sshd')}")
     what = "all workers idle" if "all_idle_s" in t else "booted"
-    _say(f"lab {report['prefix']} ({report['release']}) up on {report['network']}: {what} after {t.get('total_s', 0):.1f} s")
+    _say(f"lab {report['prefix']} ({report['release']}) up on {report['network']}: {what} after "
+         f"{t.get('total_s', 0):.1f} s")
     _say(f"  pibake lab status | pibake lab shell {report['hosts'][0]['name']} | pibake lab down"
          + (f" (--prefix {prefix})" if prefix != "pblab" else ""))
 

@@ -409,6 +409,10 @@ def _strip_host_state(target):
             lists.unlink()
     for path in (target / "var/cache/apt").glob("*.bin"):
         path.unlink()
+    # debootstrap leaves its .debs in the target (~32 MB for trixie); the build keeps its own copies in
+    # <cache>/debs, and the hosts never install from here.
+    for path in (target / "var/cache/apt/archives").glob("*.deb"):
+        path.unlink()
     # Identity: machine-id empty (first boot fills it), no ssh host keys (cloud-init makes
     # them), no munge key (the cluster's key comes with enrolment), no cloud-init state.
     (etc / "machine-id").write_text("")

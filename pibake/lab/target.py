@@ -47,7 +47,7 @@ ARCH = "arm64"
 # Bump when the recipe below changes in a way that changes the result: ROOT_RECIPE_VERSION for what
 # mmdebstrap builds (slow), RECIPE_VERSION for how the root is shaped and the image assembled (fast).
 ROOT_RECIPE_VERSION = 1
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # Raspberry Pi OS Lite's base as far as pibake's seeds and the boot depend on it, plus what the seeds of
 # every role install at first boot (pre-installed: the emulated Pi has no internet). Names are trixie's.
@@ -350,6 +350,9 @@ cp "$keyring" "$root$work/keyring.gpg"
 opts="-o Dir::Etc::SourceList=$work/sources.list -o Dir::Etc::SourceParts=/nonexistent \
       -o Dir::State::Lists=$work/lists -o APT::Sandbox::User=root -o Debug::NoLocking=1"
 mount -t proc proc "$root/proc"
+# this machine's resolver while apt fetches (the image itself keeps an empty resolv.conf)
+rm -f "$root/etc/resolv.conf"
+cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 chroot "$root" apt-get -q $opts update
 names=$(chroot "$root" apt-get -q -s $opts --no-install-recommends install "$@" | awk '/^Inst /{print $2}')
 rm -rf "${root:?}/$repo"
@@ -357,6 +360,7 @@ mkdir -p "$root/$repo"
 chroot "$root" sh -c "cd /$repo && apt-get -q $opts download $names"
 umount "$root/proc"
 rm -rf "${root:?}$work"
+: > "$root/etc/resolv.conf"
 cd "$root/$repo" && dpkg-scanpackages --multiversion . > Packages 2>/dev/null
 """
 
@@ -415,6 +419,10 @@ def _strip_identity(root):
     for key in (etc / "ssh").glob("ssh_host_*"):
         key.unlink()
     (etc / "munge/munge.key").unlink(missing_ok=True)
+    # Without its key munged cannot start: not at boot (a failed unit on every card), but once the agent has
+    # installed the cluster's key and enabled it. On a Pi, apt installs munge at first boot with a new key.
+    for unit in ("munge.service", "slurmd.service", "slurmctld.service"):
+        (etc / "systemd/system/multi-user.target.wants" / unit).unlink(missing_ok=True)
     shutil.rmtree(root / "var/lib/cloud", ignore_errors=True)
     for lists in (root / "var/lib/apt/lists").glob("*"):
         if lists.is_file():

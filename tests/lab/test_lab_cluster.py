@@ -194,6 +194,12 @@ def test_not_root_is_refused(monkeypatch, red):
         labc.lab_up(red[0], images_dir="x", prefix="pz9x")
 
 
+def test_an_unknown_release_is_refused_before_anything_is_made(red):
+    with pytest.raises(PibakeError, match=r"^unknown lab release 'sid': choose one of trixie, bookworm$"):
+        labc.lab_up(red[0], images_dir="x", prefix="pz9x", release="sid")
+    assert labc.load_state("pz9x") is None
+
+
 def _doc_commands():
     import re
     from pathlib import Path

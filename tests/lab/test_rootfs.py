@@ -133,6 +133,7 @@ def test_half_built_cache_is_rebuilt_not_used(tmp_path):
     assert not (root / "planted-by-test").exists()
     assert not partial.exists()
     assert (root / "usr/bin/ps").exists()
+    assert not list((root / "var/cache/apt/archives").glob("*.deb"))  # debootstrap's copies: the cache has them
     assert not mounted_under(tmp_path)
 
 

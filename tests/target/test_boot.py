@@ -7,6 +7,9 @@ address (configured by NetworkManager from the seed's network-config through net
 errors, the agent started by its systemd unit, the munge key 0400; then the node is enrolled, idle in sinfo and
 `srun uname -m` on it prints aarch64.
 
+docs/commands.md's cmd-lab-target block is this path: the session's image comes from `pibake lab target-image`
+(run in the background by tests/target/conftest.py) and each card from `pibake burn --image` of it.
+
 Slow (the first run builds and caches the arm64 image under /var/cache/pibake/target; each boot is a minute or
 two of emulation): deselect with `-m "not target"` on a developer machine. Networks: lab bridges this test
 creates (10.77.9x.0/24, no address on this machine); the VMs have no other network.
