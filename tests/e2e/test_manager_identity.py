@@ -10,16 +10,16 @@ Subnet 10.77.66.0/24, names ``pk<pid>-*``: traffic stays inside namespaces this 
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.e2e.test_lab import _lab_missing, pibake
 import yaml
 
-from tests.lab.sandbox import namespaces_missing
 
 NET = "10.77.66"
 WORKERS = ["red01", "red02"]
@@ -33,23 +33,7 @@ print(json.dumps([r.status_code, r.json()]))
 """
 
 
-def _lab_missing():
-    if os.geteuid() != 0:
-        return "the lab needs root"
-    if not shutil.which("debootstrap") and not os.path.exists("/usr/sbin/debootstrap"):
-        return "not installed: debootstrap"
-    return namespaces_missing()
-
-
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok")]
-
-
-def pibake(cluster_dir, *args, check=True, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(cluster_dir), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"pibake {' '.join(map(str, args))}: exit {proc.returncode}\n{proc.stderr}"
-    return proc
 
 
 @pytest.fixture(scope="module")
