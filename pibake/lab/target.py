@@ -100,6 +100,8 @@ Suites: ./
 Trusted: yes
 """
 STAMP_SUFFIX = ".done"
+# The root's build: ~36 CPU-minutes of emulated maintainer scripts, 70 min wall on a 2-CPU machine at load 5-6.
+MMDEBSTRAP_TIMEOUT = 3 * 3600
 IMAGE_HEADROOM = 768 * 1024 * 1024  # free space in the root file system for first boot (logs, apt, venv)
 BOOT_SIZE = "512M"  # as Raspberry Pi OS trixie
 VERSIONED_PACKAGES = ("cloud-init", "slurmd", "munge", "python3", "systemd", "network-manager",
@@ -329,8 +331,11 @@ def _mmdebstrap(target, mirror):
         RELEASE, str(target), mirror,
     ]
     try:
-        run(_in_private_mounts(argv), timeout=3600)
+        run(_in_private_mounts(argv), timeout=MMDEBSTRAP_TIMEOUT)
     except CommandError as exc:
+        if exc.returncode == -1:
+            raise TargetError(f"mmdebstrap --arch={ARCH} {RELEASE} did not finish within {MMDEBSTRAP_TIMEOUT} s "
+                              "(emulated maintainer scripts on a busy machine): run it again on a quieter one") from exc
         raise TargetError(f"mmdebstrap --arch={ARCH} {RELEASE} from {mirror} failed ({_tail(exc)}); "
                           "check that the Debian mirror is reachable and qemu-user-static is installed") from exc
 
