@@ -242,7 +242,7 @@ def target_plots(data, out_dir):
         return []
     names = []
     runs = data["runs"]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 1.9), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 2.4), dpi=100)
     seen = set()
     for y, run in enumerate(runs):
         start = 0.0
@@ -257,7 +257,7 @@ def target_plots(data, out_dir):
     ax.invert_yaxis()
     ax.set_xlabel("seconds since power-on (qemu-system-aarch64, TCG: emulated, not a Pi's speed)")
     ax.set_title("emulated arm64 worker: power-on to idle in sinfo")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
     ax.grid(True, axis="x", alpha=0.3)
     _save(plt, fig, out_dir, "target-timeline.png", names)
     return names
