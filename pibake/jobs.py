@@ -13,14 +13,16 @@ process is gone is marked failed by the next process that opens the table.
 
 States: ``queued`` -> ``running`` -> ``done`` | ``failed``. ``progress`` is 0..1 with a ``message``.
 
-How a job logs in to the nodes: with the cluster's manager ssh identity (``secrets/manager-ssh.key`` in the
+How a job of the registry (``MANAGER_FUNCTIONS``) logs in to the nodes: with the cluster's manager ssh identity (``secrets/manager-ssh.key`` in the
 registry's cluster directory, from the manager's seed; every node's seed authorizes it for the cluster user,
 from the manager's IP only) as the cluster user, unless the request names its own: a verify job's ``identity``
 or ``user``, a deploy job's ``user`` or an ``ssh_options`` entry that names an identity, a user or a config file
-(``manager_identity_options``).
+(``manager_identity_options``). A JobRunner made on another machine (``FUNCTIONS``) uses that machine's own
+ssh login: the nodes accept the manager's key only from the manager's address.
 """
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -198,14 +200,16 @@ def _cluster_user(cluster_dir):
     return load_cluster(cluster_dir).user
 
 
-def run_verify(cluster_dir, params, progress):
+def run_verify(cluster_dir, params, progress, *, as_manager=False):
     from pibake.verify import verify  # pylint: disable=import-outside-toplevel
 
-    options = manager_identity_options("verify", cluster_dir, params["options"], None)
+    options = dict(params["options"])
+    if as_manager:
+        options = manager_identity_options("verify", cluster_dir, options, None)
     return verify(cluster_dir, bench=params["bench"], progress=progress, **options).to_json()
 
 
-def run_deploy(cluster_dir, params, progress):
+def run_deploy(cluster_dir, params, progress, *, as_manager=False):
     from pibake.deploy import deploy, parse_hosts  # pylint: disable=import-outside-toplevel
 
     hosts = params["hosts"]
@@ -217,7 +221,9 @@ def run_deploy(cluster_dir, params, progress):
             done.add(result.get("host"))
         progress(len(done) / max(total, 1), f"{result.get('host')}: {result.get('step')} "
                                                  f"({result.get('status')})")
-    options = manager_identity_options("deploy", cluster_dir, params["options"], _cluster_user(cluster_dir))
+    options = dict(params["options"])
+    if as_manager:
+        options = manager_identity_options("deploy", cluster_dir, options, _cluster_user(cluster_dir))
     if "ssh_options" in options:
         options["ssh_options"] = tuple(options["ssh_options"])
     return deploy(cluster_dir, hosts if len(hosts) > 1 else hosts[0], progress=host_progress, **options).to_dict()
@@ -231,6 +237,11 @@ def run_recover(cluster_dir, params, progress):
 
 
 FUNCTIONS = {"verify": run_verify, "deploy": run_deploy, "recover": run_recover}
+# The registry's jobs run on the manager: they log in to the nodes with the manager's ssh identity, which the
+# nodes accept only from the manager's address. A JobRunner made elsewhere (a person's machine) keeps the
+# person's own ssh login.
+MANAGER_FUNCTIONS = {"verify": functools.partial(run_verify, as_manager=True),
+                     "deploy": functools.partial(run_deploy, as_manager=True), "recover": run_recover}
 
 
 # ------------------------------------------------------------------ the runner

@@ -13,7 +13,7 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.jobs import DEFAULT_WORKERS, JobRunner
+from pibake.jobs import DEFAULT_WORKERS, MANAGER_FUNCTIONS, JobRunner
 from pibake.registry import api, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
@@ -45,7 +45,8 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     if test_config:
         app.config.update(test_config)
     app.extensions["pibake_registry"] = reg
-    app.extensions["pibake_jobs"] = JobRunner(cluster_dir, functions=job_functions,
+    app.extensions["pibake_jobs"] = JobRunner(cluster_dir, functions=MANAGER_FUNCTIONS if job_functions is None
+                                              else job_functions,
                                               workers=job_workers or DEFAULT_WORKERS)
 
     app.register_blueprint(api.bp)

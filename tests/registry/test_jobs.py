@@ -264,3 +264,29 @@ def test_jobs_log_in_with_the_manager_key_unless_the_request_names_its_own(tmp_p
                 {"ssh_options": ["-o", "IdentityFile=/k"]}, {"ssh_options": ["-o", "User=admin"]},
                 {"ssh_options": ["-l", "admin"]}, {"ssh_options": ["-oUser=admin"]}):
         assert manager_identity_options("deploy", tmp_path, own, "pi") == own, own
+
+
+def test_only_the_registrys_jobs_log_in_as_the_manager(tmp_path, monkeypatch):
+    """The nodes accept the manager's key only from the manager's address: a JobRunner made on a person's
+    machine (pibake.jobs.FUNCTIONS, the REST page's Python example) keeps that person's ssh login; the
+    registry's (MANAGER_FUNCTIONS, the default of create_app) uses the manager's key."""
+    import pibake.verify
+    from pibake import jobs
+    from pibake.registry.app import create_app
+    from pibake.cluster import init_cluster
+
+    init_cluster(tmp_path, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    seen = []
+
+    class Report:
+        def to_json(self):
+            return {}
+
+    monkeypatch.setattr(pibake.verify, "verify", lambda cluster_dir, bench, progress, **options: seen.append(options)
+                        or Report())
+    params = {"bench": False, "options": {}}
+    jobs.FUNCTIONS["verify"](tmp_path, params, lambda *a: None)
+    jobs.MANAGER_FUNCTIONS["verify"](tmp_path, params, lambda *a: None)
+    assert seen == [{}, {"identity": str(tmp_path / "secrets" / "manager-ssh.key")}]
+    app = create_app(tmp_path)
+    assert app.extensions["pibake_jobs"].functions == jobs.MANAGER_FUNCTIONS

@@ -159,20 +159,29 @@ def _registry(ctx, method, path, body=None):
 
 
 def test_manager_image_boots_registry_and_slurmctld_under_systemd(manager_boot):
+    import time
+
     pi = manager_boot["pi"]
     pi.wait_console(timeout=BOOT_TIMEOUT)
     facts = _manager_ssh(manager_boot, "ps -p 1 -o comm=; hostname; cloud-init status --long; "
-                                       "systemctl is-active pibake-registry.service munge.service; "
-                                       "sudo stat -c '%a %U' /etc/munge/munge.key; dpkg-query -W chrony")
+                                       "systemctl is-active pibake-registry.service; dpkg-query -W chrony")
     assert facts.returncode == 0, facts.stderr + facts.stdout
     out = facts.stdout
     assert out.splitlines()[:2] == ["systemd", "red00"], out
     assert "status: done" in out and "errors: []" in out, out
-    assert out.count("\nactive") >= 2 or out.splitlines().count("active") == 2, out
-    assert "400 munge" in out, out
+    assert "\nactive\n" in out, f"the registry's unit is not active: {out}"
     assert "chrony\t" in out, f"the seed's packages: chrony was not installed at first boot: {out}"
     status, health = _registry(manager_boot, "GET", "/health")
     assert status == 200, health
+    # munge is the agent's to start (after cloud-init's runcmd started it), with the cluster's key
+    deadline, munge = time.monotonic() + JOIN_TIMEOUT, ""
+    while time.monotonic() < deadline:
+        munge = _manager_ssh(manager_boot, "systemctl is-active munge.service; "
+                                           "sudo stat -c '%a %U' /etc/munge/munge.key").stdout
+        if munge.startswith("active\n"):
+            break
+        time.sleep(5)
+    assert munge.splitlines() == ["active", "400 munge"], munge
 
 
 def test_a_lab_worker_joins_the_emulated_manager(manager_boot):
@@ -190,7 +199,7 @@ def test_a_lab_worker_joins_the_emulated_manager(manager_boot):
     assert "red01 idle" in states, f"red01 not idle on the emulated manager: {states!r}"
     ctld = _manager_ssh(manager_boot, "systemctl is-active slurmctld.service; scontrol -V")
     assert ctld.stdout.splitlines()[0] == "active", ctld.stdout
-    assert ctld.stdout.splitlines()[1].startswith("slurm 24."), ctld.stdout
+    assert " 24.11." in ctld.stdout.splitlines()[1], ctld.stdout  # Debian prints "slurm-wlm 24.11.5"
     status, nodes = _registry(manager_boot, "GET", "/nodes")
     assert status == 200 and {n["hostname"] for n in nodes} >= {"red00", "red01"}, nodes
 
