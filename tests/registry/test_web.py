@@ -2,17 +2,14 @@
 log in, see the enrolled nodes, accept a pending node, wrong password shows an error."""
 
 import os
-import threading
 
 import pytest
-from werkzeug.serving import make_server
 
 from pibake.registry.app import create_app
+from tests.registry.browser import chromium_page, needs_chromium, served
 from tests.registry.conftest import enrolment
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Debian chromium not installed (apt-get install chromium)")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 
 SCREENSHOT = os.environ.get("PIBAKE_SCREENSHOT")  # e.g. /tmp/registry.png to look at the page
@@ -27,25 +24,14 @@ def live_registry(cluster_dir, app_options, creds):
         assert r.status_code == 201
     for name in ("red01", "red02"):
         assert client.post(f"/api/v1/nodes/{name}/accept", auth=creds.admin).status_code == 200
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture
 def page():
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
-        context = browser.new_context(java_script_enabled=False, viewport={"width": 1400, "height": 700})
-        yield context.new_page()
-        context.close()
-        browser.close()
+    with chromium_page(sync_api, height=700) as browser_page:
+        yield browser_page
 
 
 def test_login_see_nodes_accept_pending(live_registry, page, creds):

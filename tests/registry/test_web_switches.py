@@ -2,21 +2,17 @@
 (the npm Kasa simulator) and the Shelly fake, On without a question, Off only after a confirmation page,
 Recover for a node's plug explained before anything happens, and no action without the CSRF token."""
 
-import os
-import threading
 
 import pytest
 import requests
 import yaml
-from werkzeug.serving import make_server
 
 from pibake import switches
 from pibake.registry.app import create_app
+from tests.registry.browser import chromium_page, needs_chromium, served
 from tests.switches.conftest import kasa_plug, needs_kasa_simulator, shelly  # noqa: F401  (fixtures)
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Debian chromium not installed (apt-get install chromium)")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 
 
@@ -31,25 +27,14 @@ def live(cluster_dir, app_options, kasa_plug, shelly):  # noqa: F811
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     switches.set_credentials(cluster_dir, "pi1", password="shelly-pass-1")
     app = create_app(cluster_dir, **app_options)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture
 def page():
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
-        context = browser.new_context(java_script_enabled=False, viewport={"width": 1400, "height": 900})
-        yield context.new_page()
-        context.close()
-        browser.close()
+    with chromium_page(sync_api, height=900) as browser_page:
+        yield browser_page
 
 
 @needs_kasa_simulator
