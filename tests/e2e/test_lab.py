@@ -56,25 +56,31 @@ def leftovers(prefix):
     return lab_exists(prefix)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """`pibake init` on 10.77.77.0/24 and `pibake burn --output` of red00 (manager) and red[01-03]."""
+def burned_cluster(tmp, net, *, workers, comment):
+    """`pibake init` on <net>.0/24 (an ssh key made here) and `pibake burn --output` of red00 (manager) and
+    ``workers`` workers from red01 onto a synthetic Pi image: (tmp, cluster dir, images dir)."""
     from pibake.bake.synthetic import build_pi_image
     from pibake.lab.rootfs import ensure_rootfs
 
     ensure_rootfs()  # cold build once (~1-2 min); a no-op when cached
-    tmp = tmp_path_factory.mktemp("lab")
     tmp.chmod(0o755)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab@e2e", "-f", tmp / "key"], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", tmp / "key"], check=True)
     cdir = tmp / "cluster"
-    pibake(cdir, "init", "--manager", "red00", "--manager-ip", f"{NET}.10", "--network", f"{NET}.0/24",
+    pibake(cdir, "init", "--manager", "red00", "--manager-ip", f"{net}.10", "--network", f"{net}.0/24",
            "--ssh-key", tmp / "key.pub", "--timezone", "Etc/UTC")
     build_pi_image(tmp / "raspios.img", size="160M", boot_size="64M", family="raspios")
     images = tmp / "images"
-    pibake(cdir, "burn", "--hostname", "red00", "--ip", f"{NET}.10", "--role", "manager",
+    pibake(cdir, "burn", "--hostname", "red00", "--ip", f"{net}.10", "--role", "manager",
            "--output", f"{images}/{{hostname}}.img", "--image", tmp / "raspios.img")
-    pibake(cdir, "burn", "--hostname", "red[01-03]", "--ip", f"{NET}.[11-13]",
+    pibake(cdir, "burn", "--hostname", f"red[01-{workers:02d}]", "--ip", f"{net}.[11-{10 + workers}]",
            "--output", f"{images}/{{hostname}}.img", "--image", tmp / "raspios.img")
+    return tmp, cdir, images
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`pibake init` on 10.77.77.0/24 and `pibake burn --output` of red00 (manager) and red[01-03]."""
+    tmp, cdir, images = burned_cluster(tmp_path_factory.mktemp("lab"), NET, workers=3, comment="lab@e2e")
     assert sorted(p.name for p in images.iterdir()) == ["red00.img", "red01.img", "red02.img", "red03.img"]
     return tmp, cdir, images
 

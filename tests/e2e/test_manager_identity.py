@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_lab import _lab_missing, pibake
+from tests.e2e.test_lab import _lab_missing, burned_cluster, pibake
 import yaml
 
 
@@ -38,23 +38,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from pibake.bake.synthetic import build_pi_image
     from pibake.lab import cleanup_stale, run_prefix
-    from pibake.lab.rootfs import ensure_rootfs
 
-    ensure_rootfs()
-    tmp = tmp_path_factory.mktemp("ident")
-    tmp.chmod(0o755)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "person@e2e", "-f", tmp / "key"], check=True)
-    cdir = tmp / "cluster"
-    pibake(cdir, "init", "--manager", "red00", "--manager-ip", f"{NET}.10", "--network", f"{NET}.0/24",
-           "--ssh-key", tmp / "key.pub", "--timezone", "Etc/UTC")
-    build_pi_image(tmp / "raspios.img", size="160M", boot_size="64M", family="raspios")
-    images = tmp / "images"
-    pibake(cdir, "burn", "--hostname", "red00", "--ip", f"{NET}.10", "--role", "manager",
-           "--output", f"{images}/{{hostname}}.img", "--image", tmp / "raspios.img")
-    pibake(cdir, "burn", "--hostname", "red[01-02]", "--ip", f"{NET}.[11-12]",
-           "--output", f"{images}/{{hostname}}.img", "--image", tmp / "raspios.img")
+    _, cdir, images = burned_cluster(tmp_path_factory.mktemp("ident"), NET, workers=2, comment="person@e2e")
     cleanup_stale("pk")
     prefix = run_prefix("pk")
     try:
