@@ -33,6 +33,13 @@ core dump backtrace in docs/report/deploy.md) when the reconfigure RPC arrives b
 Sending the reconfigure right after the restart hit 7-8 of 32 such slurmds per deploy; after the grace every
 slurmd that was started has registered. ``flush()`` waits for a pending reconfigure.
 
+slurmctld cannot start without munged (it dies in its auth plugin), and on a freshly burned manager the
+registry can get a worker's enrolment before the manager's own agent has installed the munge key and
+started munge (seen on the emulated manager's console: one failed slurmctld start per first boot). So before
+starting slurmctld the applier waits up to ``munge_wait`` seconds for munged's socket (``AuthInfo=socket=``
+in slurm.conf, else Debian's default) to accept a connection, and otherwise refuses with an ApplyError
+(the enrolment gets 503 and the node's agent retries) instead of starting a slurmctld that must fail.
+
 Applies are serialized: a thread lock plus an flock on ``<conf>.lock`` (gunicorn runs several processes).
 Coalescing: the text is generated under the lock, so every change made before an apply starts is in it;
 when the node set is about to change (a restart), the applier first waits ``coalesce_window`` seconds
@@ -62,6 +69,9 @@ DEFAULT_CONF = "/etc/slurm/slurm.conf"
 # slurmd retries a registration that did not reach slurmctld once a second: after this long with slurmctld up,
 # every slurmd started during a restart has registered and a reconfigure cannot crash it (see module docstring)
 RECONFIGURE_GRACE_S = 1.5
+DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
+# how long a slurmctld start waits for munged (the manager's agent starts it right after its own enrolment)
+MUNGE_WAIT_S = 30.0
 # From this Slurm version on, `scontrol reconfigure` restarts slurmctld in place and so adds/removes nodes
 RECONFIGURE_ADDS_NODES = (23, 11, 0)
 
@@ -109,7 +119,7 @@ class SlurmApplier:
     """Writes slurm.conf at ``conf_path`` and makes slurmctld take it (see module docstring)."""
 
     def __init__(self, conf_path=DEFAULT_CONF, mode="auto", *, timeout=60, coalesce_window=0.3,
-                 reconfigure_grace=RECONFIGURE_GRACE_S):
+                 reconfigure_grace=RECONFIGURE_GRACE_S, munge_wait=MUNGE_WAIT_S):
         if mode not in MODES:
             raise PibakeError(f"unknown slurm apply mode {mode!r}; choose one of {', '.join(MODES)}")
         self.conf_path = Path(conf_path)
@@ -117,6 +127,7 @@ class SlurmApplier:
         self.timeout = timeout
         self.coalesce_window = float(coalesce_window)
         self.reconfigure_grace = float(reconfigure_grace)
+        self.munge_wait = float(munge_wait)
         self.counters = {}
         self._version = None
 
@@ -232,6 +243,8 @@ class SlurmApplier:
             self._wait_up()
             LOG.info("slurm.conf with %d node line(s) in force (scontrol reconfigure)", len(nodes_section(text)))
             return {"action": "reconfigured", "conf": str(self.conf_path)}
+        if not running:
+            self._wait_for_munge(text)
         self._restart(running)
         self._wait_up()
         _touch(self._marker("restarted"))
@@ -329,6 +342,18 @@ class SlurmApplier:
         if state.stat().st_uid != pw.pw_uid:
             os.chown(state, pw.pw_uid, pw.pw_gid)
 
+    def _wait_for_munge(self, text):
+        """Wait until munged answers on the socket slurmctld will use; ApplyError when it does not in time."""
+        socket_path = munge_socket(text)
+        deadline = time.monotonic() + self.munge_wait
+        while not munge_listening(socket_path):
+            if time.monotonic() >= deadline:
+                self._count("munge_not_ready")
+                raise ApplyError(f"munge is not running on the manager (nothing answers on {socket_path}); "
+                                 "slurmctld cannot start without it. The manager's agent starts munge once "
+                                 "it has the munge key: retry in a moment, or check `systemctl status munge`")
+            time.sleep(0.2)
+
     def _restart(self, running):
         mode = self.resolved_mode()
         LOG.info("restarting slurmctld (%s)", mode)
@@ -395,6 +420,26 @@ def _mtime(path):
         return os.stat(path).st_mtime
     except OSError:
         return 0.0
+
+
+def munge_socket(conf_text):
+    """The munged socket slurm.conf's ``AuthInfo=socket=PATH`` names, else Debian's default."""
+    for part in conf_settings(conf_text).get("AuthInfo", "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "socket" and value:
+            return value
+    return DEFAULT_MUNGE_SOCKET
+
+
+def munge_listening(path):
+    """True when something accepts connections on the unix socket ``path`` (munged, once it is ready)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def pid_alive(pid):

@@ -112,3 +112,15 @@ def slurm_sandbox():
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture
+def slurm_sandbox_without_munge():
+    """A slurm_sandbox whose munged the test starts itself (``box.start_munge()``), or never."""
+    from tests.registry.slurm_fixture import SlurmSandbox
+
+    box = SlurmSandbox()
+    try:
+        yield box
+    finally:
+        box.stop()

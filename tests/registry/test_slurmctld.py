@@ -205,3 +205,55 @@ def test_the_conf_follows_this_machines_slurm_22_05(cluster_dir, slurm_sandbox):
     pid = box.slurmctld_pid()
     reg.enrol(enrolment("red02", 2, kind="vm"))
     assert box.slurmctld_pid() != pid and reg.applier.counters["restarted"] == 2
+
+
+def test_slurmctld_start_waits_for_munge(cluster_dir, slurm_sandbox_without_munge, creds):
+    """A worker that enrols before the manager's munged runs (a burned manager's first boot): the registry
+    waits for munged instead of starting a slurmctld that must fail (24.11 under systemd does; this
+    machine's 22.05 started directly waits, so the test checks the order: slurmctld starts after munged)."""
+    import threading
+
+    box = slurm_sandbox_without_munge
+    app = create_app(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+                     apply_timeout=30)
+    late = threading.Timer(1.5, box.start_munge)
+    late.start()
+    try:
+        r = app.test_client().post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
+    finally:
+        late.join()
+    assert r.status_code == 201, r.get_data(as_text=True) + box.log()[-2000:]
+    assert _node_field(box, "red01", "NodeAddr") == "127.0.77.1"
+    counters = app.extensions["pibake_registry"].applier.counters
+    assert counters.get("restarted") == 1 and "munge_not_ready" not in counters
+    munged_pid = int((box.root / "munge" / "munged.pid").read_text())
+    assert _process_start_time(box.slurmctld_pid()) >= _process_start_time(munged_pid)
+
+
+def _process_start_time(pid):
+    """Unix time a process started, from /proc/<pid>/stat (clock ticks after boot) and /proc/stat's btime."""
+    import os
+
+    ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+    btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_no_munge_no_slurmctld_start_and_a_503(cluster_dir, slurm_sandbox_without_munge, creds):
+    box = slurm_sandbox_without_munge
+    app = create_app(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+                     apply_timeout=30)
+    app.extensions["pibake_registry"].applier.munge_wait = 0.5
+    r = app.test_client().post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
+    assert r.status_code == 503
+    assert "munge is not running" in r.json["error"] and str(box.socket) in r.json["error"]
+    assert box.slurmctld_pid() is None and box.log() == ""  # slurmctld was never started
+
+
+def test_munge_socket_from_authinfo():
+    from pibake.registry.slurmctl import DEFAULT_MUNGE_SOCKET, munge_socket
+
+    assert munge_socket("AuthType=auth/munge\nAuthInfo=socket=/tmp/x/munge.socket\n") == "/tmp/x/munge.socket"
+    assert munge_socket("AuthInfo=cred_expire=120,socket=/s\n") == "/s"
+    assert munge_socket("ClusterName=red\n") == DEFAULT_MUNGE_SOCKET
+    assert munge_socket(None) == DEFAULT_MUNGE_SOCKET

@@ -197,9 +197,12 @@ def test_a_lab_worker_joins_the_emulated_manager(manager_boot):
             break
         time.sleep(3)
     assert "red01 idle" in states, f"red01 not idle on the emulated manager: {states!r}"
-    ctld = _manager_ssh(manager_boot, "systemctl is-active slurmctld.service; scontrol -V")
+    ctld = _manager_ssh(manager_boot, "systemctl is-active slurmctld.service; scontrol -V; "
+                                      "sudo journalctl -b --no-pager -o cat -u slurmctld.service")
     assert ctld.stdout.splitlines()[0] == "active", ctld.stdout
     assert " 24.11." in ctld.stdout.splitlines()[1], ctld.stdout  # Debian prints "slurm-wlm 24.11.5"
+    # the registry waits for the manager's munged before it starts slurmctld: no failed start this boot
+    assert "Failed" not in ctld.stdout and "failed" not in ctld.stdout, ctld.stdout
     status, nodes = _registry(manager_boot, "GET", "/nodes")
     assert status == 200 and {n["hostname"] for n in nodes} >= {"red00", "red01"}, nodes
 
