@@ -55,12 +55,19 @@ class FirmwareBoot:
 # ----------------------------------------------------------------------------- pure helpers
 
 
+# systemd's wait for a disk's partitions under TCG on a busy machine (a Pi's own boot needs none of this)
+DEVICE_TIMEOUT_S = 900
+
+
 def vm_cmdline(cmdline_txt):
     """The kernel command line for the emulated board from a card's ``cmdline.txt`` (one line).
 
     ``console=serial0[,baud]`` becomes ``console=ttyAMA0[,baud]`` (the firmware maps the alias to the
     board's UART); ``console=tty1`` goes (no screen, and the last console= would take /dev/console);
-    ``net.ifnames=0`` keeps the NIC's name ``eth0``. Everything else, root=PARTUUID included, stays.
+    ``net.ifnames=0`` keeps the NIC's name ``eth0``; ``systemd.default_device_timeout_sec`` gives udev
+    under emulation time to announce the disk's partitions (at load 7-8 on this 2-CPU machine the FAT
+    partition's by-partuuid link took longer than systemd's 90 s default and the boot fell into emergency
+    mode). Everything else, root=PARTUUID included, stays.
     """
     words = cmdline_txt.split()
     out = []
@@ -75,6 +82,8 @@ def vm_cmdline(cmdline_txt):
         out.append(f"console={SERIAL_CONSOLE},115200")
     if not any(w.startswith("net.ifnames=") for w in out):
         out.append("net.ifnames=0")
+    if not any(w.startswith("systemd.default_device_timeout_sec=") for w in out):
+        out.append(f"systemd.default_device_timeout_sec={DEVICE_TIMEOUT_S}")
     return " ".join(out)
 
 

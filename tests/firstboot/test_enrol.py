@@ -222,11 +222,12 @@ def test_pending_node_waits_for_approval(tmp_path, cluster, approval_registry_ur
 
 FAKE_SYSTEMCTL = """#!/bin/sh
 # a stand-in for systemctl (systemd is not PID 1 here): logs its arguments, keeps unit state in files
-echo "$*" >> "$FAKE_SYSTEMD/calls"
+echo "$*${SYSTEMCTL_SKIP_SYSV:+ (SYSTEMCTL_SKIP_SYSV=$SYSTEMCTL_SKIP_SYSV)}" >> "$FAKE_SYSTEMD/calls"
+for unit; do :; done  # the last argument
 case "$1" in
   is-enabled) test -e "$FAKE_SYSTEMD/enabled-$3" ;;
   is-active) test -e "$FAKE_SYSTEMD/active-$3" ;;
-  enable) touch "$FAKE_SYSTEMD/enabled-$2" ;;
+  enable) touch "$FAKE_SYSTEMD/enabled-$unit" ;;
   start|restart) touch "$FAKE_SYSTEMD/active-$2" ;;
   daemon-reload) true ;;
   *) exit 1 ;;
@@ -241,7 +242,7 @@ echo "NodeName=$3 Arch=x86_64 State=IDLE SlurmdStartTime=$(date +%Y-%m-%dT%H:%M:
 
 @needs_root()
 def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
-    """Under systemd: enable + start munge and slurmd, a drop-in lifting the packaged unit's
+    """Under systemd: enable (symlinks only: no reload, no SysV sync) + start munge and slurmd, a drop-in lifting the packaged unit's
     ConditionPathExists=/etc/slurm/slurm.conf (configless), and no restart when nothing changed."""
     nd, cfg, _token = node
     fake = tmp_path / "fake-systemd"
@@ -262,9 +263,9 @@ def test_systemd_units_and_configless_dropin(node, tmp_path, monkeypatch):
     assert "ConditionPathExists=\n" in dropin.read_text() and "Restart=on-failure" in dropin.read_text()
     calls = (fake / "calls").read_text().splitlines()
     assert calls == ["daemon-reload",
-                     "is-enabled --quiet munge", "enable munge", "is-active --quiet munge", "start munge",
+                     "is-enabled --quiet munge", "enable --no-reload munge (SYSTEMCTL_SKIP_SYSV=1)", "is-active --quiet munge", "start munge",
                      "is-active --quiet munge",
-                     "is-enabled --quiet slurmd", "enable slurmd", "is-active --quiet slurmd", "start slurmd",
+                     "is-enabled --quiet slurmd", "enable --no-reload slurmd (SYSTEMCTL_SKIP_SYSV=1)", "is-active --quiet slurmd", "start slurmd",
                      "is-active --quiet slurmd",
                      # ready only once slurmctld lists the node as registered by the slurmd just started
                      "is-active --quiet slurmd", "scontrol show node vm -o"]

@@ -15,13 +15,14 @@ def test_vm_cmdline_maps_the_firmware_aliases_and_keeps_the_root():
     assert "console=ttyAMA0,115200" in words
     assert not any(w.startswith("console=tty1") or "serial0" in w for w in words)
     assert "root=PARTUUID=1a2b3c4d-02" in words and "rootwait" in words
-    assert words[-1] == "net.ifnames=0"
+    assert words[-2:] == ["net.ifnames=0", f"systemd.default_device_timeout_sec={vm.DEVICE_TIMEOUT_S}"]
 
 
 @pytest.mark.parametrize("cmdline, expected", [
-    ("root=/dev/vda2 rootwait", ["root=/dev/vda2", "rootwait", "console=ttyAMA0,115200", "net.ifnames=0"]),
-    ("console=tty1 root=LABEL=writable net.ifnames=1", ["root=LABEL=writable", "net.ifnames=1",
-                                                         "console=ttyAMA0,115200"]),
+    ("root=/dev/vda2 rootwait", ["root=/dev/vda2", "rootwait", "console=ttyAMA0,115200", "net.ifnames=0",
+                                 "systemd.default_device_timeout_sec=900"]),
+    ("console=tty1 root=LABEL=writable net.ifnames=1 systemd.default_device_timeout_sec=60",
+     ["root=LABEL=writable", "net.ifnames=1", "systemd.default_device_timeout_sec=60", "console=ttyAMA0,115200"]),
 ])
 def test_vm_cmdline_adds_a_serial_console_and_keeps_a_given_ifnames(cmdline, expected):
     assert vm.vm_cmdline(cmdline).split() == expected
