@@ -19,6 +19,7 @@ import pwd
 import re
 import shutil
 import zoneinfo
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -326,11 +327,11 @@ def _valid_dns_name(name):
 
 
 def image_catalog():
-    """{catalog image name: family}, from the shipped catalog when it can be read."""
+    """{catalog image name: family}, from the shipped catalog when it can be read: the data file itself
+    (package data of pibake.bake; pibake.bake.images, which checks every field, is a layer above this one)."""
     try:
-        from pibake.bake.images import load_catalog  # pylint: disable=import-outside-toplevel
-
-        return {name: entry.family for name, entry in load_catalog().items()}
+        text = resources.files("pibake.bake").joinpath("catalog.yaml").read_text(encoding="utf-8")
+        return {name: entry["family"] for name, entry in yaml.safe_load(text)["images"].items()}
     except Exception as exc:  # noqa: BLE001  the catalog is another module's; fall back, say why
         LOG.debug("image catalog not readable (%s); using the built-in names", exc)
         return dict(IMAGE_CATALOG)

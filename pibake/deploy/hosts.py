@@ -7,9 +7,6 @@ import os
 import re
 from pathlib import Path
 
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError, RangeSetParseError
-from ClusterShell.NodeUtils import GroupResolverError
-
 from pibake.errors import CommandError, PlanError
 from pibake.plan import recorded_plan
 from pibake.run import run
@@ -20,6 +17,9 @@ LOG = logging.getLogger(__name__)
 def parse_hosts(hosts):
     """``"red[01-04]"``, ``"10.1.1.[11-14]"``, ``"red01,red02"`` or a list of such: the expanded list of ssh
     targets, in order, without duplicates. Raises PlanError naming what to fix."""
+    from ClusterShell.NodeSet import NodeSet, NodeSetParseError, RangeSetParseError  # start-up: deploy only
+    from ClusterShell.NodeUtils import GroupResolverError  # start-up: loaded only when a host list is read
+
     items = [hosts] if isinstance(hosts, str) else list(hosts or ())
     out = []
     for item in items:

@@ -1,7 +1,5 @@
 """The manager's registry as deploy sees it from the machine it runs on: /health, and the nodes' Slurm states."""
 
-import requests
-
 from pibake.errors import DeployError
 from pibake.secrets import secrets_dir
 
@@ -26,6 +24,8 @@ class RegistryClient:
 
     def health(self):
         """None when healthy, else one line saying why not."""
+        import requests  # start-up: requests loads only when a deploy talks to the registry
+
         try:
             r = requests.get(f"{self.base}/health", verify=self.ca, timeout=self.timeout)
         except requests.exceptions.SSLError as exc:
@@ -43,6 +43,8 @@ class RegistryClient:
 
     def slurm_states(self):
         """{hostname: slurm_state} from ``GET /nodes`` (admin)."""
+        import requests  # start-up: requests loads only when a deploy talks to the registry
+
         try:
             password = self.admin_file.read_text().strip()
         except OSError as exc:

@@ -12,7 +12,6 @@ from pibake.deploy.manager import manager_plan_for
 from pibake.deploy.node import agent_source, manager_key_authorization
 from pibake.deploy.registry_client import RegistryClient, registry_down
 from pibake.deploy.results import DeployReport, final_status, manager_not_ready
-from pibake.deploy.runner import Runner
 from pibake.deploy.steps import HostState, Inputs
 from pibake.errors import CommandError, ConfigError, DeployError
 from pibake.run import run
@@ -51,6 +50,8 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     changes. Returns a ``DeployReport``; raises PibakeError only when nothing could be tried (bad host list,
     no cluster, expired join token, no wheel for a manager that needs one).
     """
+    from pibake.deploy.runner import Runner  # start-up: ClusterShell's task engine loads only when a deploy runs
+
     started_wall, t0 = _now_iso(), time.monotonic()
     cluster = load_cluster(cluster_dir)
     targets = parse_hosts(hosts)
