@@ -62,6 +62,7 @@ from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTION
 from pibake.lab.cluster import shell_argv as lab_shell_argv  # noqa: F401,E402
 from pibake.lab.rootfs import DEFAULT_RELEASE as LAB_DEFAULT_RELEASE, RELEASES as LAB_RELEASES  # noqa: F401,E402
 from pibake.secrets import secrets_dir  # noqa: F401,E402
+from pibake.tables import text_table  # noqa: F401,E402
 from pibake.switches import SwitchError  # noqa: F401,E402
 from pibake.verify import verify  # noqa: F401,E402
 from pibake.jobs import JobRunner  # noqa: F401,E402

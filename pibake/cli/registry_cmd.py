@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from pibake.api import Registry, serve_registry as serve, served_registry_options
+from pibake.api import Registry, serve_registry as serve, served_registry_options, text_table
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
 
@@ -85,9 +85,8 @@ def nodes_cmd(state, as_json):
     header = ("HOSTNAME", "IP", "ROLE", "MODEL", "CPUS", "MEMORY", "STATUS", "SLURM", "LAST SEEN")
     rows = [(n["hostname"], n["ip"], n["role"], n["model"] or "-", str(n["cpus"]), _fmt_mem(n["memory_mb"]),
              n["status"], n["slurm_state"] or "-", n["last_seen"]) for n in nodes]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(col.ljust(w) for col, w in zip(row, widths)).rstrip(), err=True)
+    for line in text_table([header, *rows]):
+        click.echo(line, err=True)
 
 
 def _admin_action(state, action, hostname, as_json, slurm_conf, slurm_apply):

@@ -25,9 +25,8 @@ def _state_text(state):
 
 
 def _table(rows, header):
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(str(col).ljust(w) for col, w in zip(row, widths)).rstrip(), err=True)
+    for line in api.text_table([header, *rows]):
+        click.echo(line, err=True)
 
 
 def _powers(item):

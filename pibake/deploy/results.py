@@ -3,6 +3,8 @@
 import json
 from dataclasses import asdict, dataclass, field
 
+from pibake.tables import text_table
+
 STEPS = ("connect", "facts", "packages", "files", "agent", "idle")
 MANAGER_STEPS = ("connect", "facts", "packages", "files", "install", "registry", "agent", "ready")
 
@@ -87,11 +89,9 @@ def format_table(results):
     for r in results:
         detail = r.error if r.status == "failed" else (", ".join(r.changes) if r.changes else "-")
         rows.append((r.host, r.hostname or "-", r.step, r.status, f"{r.duration_s:.1f}s", detail or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
     s = summarize(results)
-    lines.append(f"{s['hosts']} host(s): {s['changed']} changed, {s['unchanged']} unchanged, {s['failed']} failed")
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    summary = f"{s['hosts']} host(s): {s['changed']} changed, {s['unchanged']} unchanged, {s['failed']} failed"
+    return "\n".join([*text_table(rows), summary]) + "\n"
 
 
 def final_status(result):
