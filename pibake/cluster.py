@@ -27,6 +27,7 @@ import yaml
 
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
+from pibake.files import atomic_write
 from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, SwitchConfig, Wifi
 
 LOG = logging.getLogger(__name__)
@@ -707,16 +708,7 @@ def update_cluster_yaml(text, data):
 
 
 def _atomic_write(path, text, mode=0o644):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode)
 
 
 def _home_of_invoking_user():

@@ -27,6 +27,7 @@ from pibake.bake.manifest import latest_by_hostname
 from pibake.benchmarks import bench_markdown, run_bench, write_plots
 from pibake.cluster import load_cluster
 from pibake.connect import Connectors, LocalConnector, SshConnector, is_local_address
+from pibake.files import atomic_write
 from pibake.plan import recorded_plan
 from pibake.registry.service import cluster_settings
 from pibake.secrets import admin_password
@@ -644,9 +645,7 @@ def write_report(report, report_dir, cluster_dir):
     if report.bench:
         data["bench"]["plots"] = write_plots(report.bench, report_dir)
         report.bench["plots"] = data["bench"]["plots"]
-    tmp = report_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(report_dir / "report.json")
+    atomic_write(report_dir / "report.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
     (report_dir / "report.md").write_text(render_markdown(data))
     latest = Path(cluster_dir) / "reports" / "latest"
     latest.parent.mkdir(parents=True, exist_ok=True)

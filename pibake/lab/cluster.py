@@ -46,6 +46,7 @@ from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
 from pibake.cluster import load_cluster, valid_hostname
 from pibake.errors import PibakeError, SeedError
+from pibake.files import atomic_write
 from pibake.lab.boot import boot_host, validate_seed
 from pibake.lab.hosts import (
     LabHost,
@@ -181,11 +182,7 @@ def load_state(prefix=DEFAULT_PREFIX, state_dir=None):
 def _save_state(state, state_dir=None):
     path = state_path(state["prefix"], state_dir)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(state, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(state, indent=2, sort_keys=True), 0o600)
 
 
 def _require_state(prefix, state_dir):
