@@ -47,7 +47,7 @@ from pibake.bake.synthetic import build_pi_image
 from pibake.cluster import load_cluster, valid_hostname
 from pibake.errors import PibakeError, SeedError
 from pibake.files import atomic_write
-from pibake.lab.boot import boot_host, validate_seed
+from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
 from pibake.lab.hosts import (
     LabHost,
     LabNetwork,
@@ -67,12 +67,6 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pblab"
 STATE_DIR = Path("/run/pibake-lab")
-HOST_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-    "HOME": "/root",
-    "TERM": "dumb",
-}
 AGENT_CONFIG = "/etc/pibake/agent.json"
 IMAGE_SUFFIX = ".img"
 # Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
