@@ -49,6 +49,21 @@ from pibake.firstboot.agent import collect_facts as agent_facts  # noqa: F401,E4
 from pibake.firstboot.agent import run_agent  # noqa: F401,E402
 from pibake.lab.hosts import LabHost, LabNetwork, cleanup_leftovers  # noqa: F401,E402
 from pibake.deploy import DeployReport, HostResult, deploy  # noqa: F401,E402
+# What the CLI (which imports nothing else of pibake) and the registry's handlers use; names say which part.
+from pibake.benchmarks import bench_markdown, summary_rows as bench_summary_rows  # noqa: F401,E402
+from pibake.bake import burn as bake_burn, images as bake_images  # noqa: F401,E402
+from pibake.bake.devices import DEFAULT_MAX_BYTES, SystemFacts, gather_facts, human_size, parse_size  # noqa: F401,E402
+from pibake.deploy import DEFAULT_CONNECT_TIMEOUT as DEPLOY_CONNECT_TIMEOUT  # noqa: F401,E402
+from pibake.deploy import DEFAULT_IDLE_TIMEOUT as DEPLOY_IDLE_TIMEOUT  # noqa: F401,E402
+from pibake.deploy import DEFAULT_PARALLEL as DEPLOY_PARALLEL, format_table as format_deploy_table  # noqa: F401,E402
+from pibake.errors import ConfigError, NotBuiltError, PibakeError, SecretsError  # noqa: F401,E402
+from pibake.firstboot import agent as firstboot_agent  # noqa: F401,E402
+from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTIONS as MANAGER_JOB_FUNCTIONS  # noqa: F401,E402
+from pibake.lab.cluster import shell_argv as lab_shell_argv  # noqa: F401,E402
+from pibake.lab.rootfs import DEFAULT_RELEASE as LAB_DEFAULT_RELEASE, RELEASES as LAB_RELEASES  # noqa: F401,E402
+from pibake.secrets import secrets_dir  # noqa: F401,E402
+from pibake.tables import text_table  # noqa: F401,E402
+from pibake.switches import SwitchError  # noqa: F401,E402
 from pibake.verify import verify  # noqa: F401,E402
 from pibake.jobs import JobRunner  # noqa: F401,E402
 from pibake.lab.target import TargetError, cached_target_image, ensure_target_image  # noqa: F401,E402
@@ -64,3 +79,17 @@ from pibake.switches import (  # noqa: F401,E402
 )
 from pibake.switches.recover import recover_node  # noqa: F401,E402
 from pibake.switches.auto import Policy as AutoPolicy, auto_pass  # noqa: F401,E402
+
+
+def served_registry_options(cluster_dir):
+    """The options ``pibake registry serve`` runs the registry with (pibake.registry.server)."""
+    from pibake.registry.server import served_options  # start-up: gunicorn loads only for the registry commands
+
+    return served_options(cluster_dir)
+
+
+def serve_registry(cluster_dir, **options):
+    """Serve the registry under gunicorn with TLS (``pibake registry serve``); returns when it stops."""
+    from pibake.registry.server import serve  # start-up: gunicorn loads only for the registry commands
+
+    return serve(cluster_dir, **options)

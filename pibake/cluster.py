@@ -19,6 +19,7 @@ import pwd
 import re
 import shutil
 import zoneinfo
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -26,6 +27,7 @@ import yaml
 
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
+from pibake.files import atomic_write
 from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, SwitchConfig, Wifi
 
 LOG = logging.getLogger(__name__)
@@ -326,11 +328,11 @@ def _valid_dns_name(name):
 
 
 def image_catalog():
-    """{catalog image name: family}, from the shipped catalog when it can be read."""
+    """{catalog image name: family}, from the shipped catalog when it can be read: the data file itself
+    (package data of pibake.bake; pibake.bake.images, which checks every field, is a layer above this one)."""
     try:
-        from pibake.bake.images import load_catalog  # pylint: disable=import-outside-toplevel
-
-        return {name: entry.family for name, entry in load_catalog().items()}
+        text = resources.files("pibake.bake").joinpath("catalog.yaml").read_text(encoding="utf-8")
+        return {name: entry["family"] for name, entry in yaml.safe_load(text)["images"].items()}
     except Exception as exc:  # noqa: BLE001  the catalog is another module's; fall back, say why
         LOG.debug("image catalog not readable (%s); using the built-in names", exc)
         return dict(IMAGE_CATALOG)
@@ -706,16 +708,7 @@ def update_cluster_yaml(text, data):
 
 
 def _atomic_write(path, text, mode=0o644):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode)
 
 
 def _home_of_invoking_user():

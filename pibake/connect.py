@@ -14,11 +14,11 @@ The check logic (``pibake.verify``) is pure over the outputs, so it is tested on
 import logging
 import shlex
 import socket
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pibake.run import which
+from pibake.errors import CommandError
+from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
@@ -42,12 +42,13 @@ class Output:
 
 
 def _run(argv, host, input, timeout, env=None):
+    """``argv``'s Output through pibake.run (the one subprocess seam); a missing program or a timeout is an
+    Output too (127, 124), as a connector reports a host and does not raise."""
     try:
-        proc = subprocess.run([str(a) for a in argv], input=input, capture_output=True, text=True,
-                              timeout=timeout, env=env, check=False)
-    except FileNotFoundError:
-        return Output(host, 127, "", f"{argv[0]}: command not found")
-    except subprocess.TimeoutExpired:
+        proc = run(argv, timeout=timeout, check=False, input=input, env=env)
+    except CommandError as exc:
+        if exc.returncode == 127:
+            return Output(host, 127, "", f"{argv[0]}: command not found")
         return Output(host, 124, "", f"no answer within {timeout:g} s")
     return Output(host, proc.returncode, proc.stdout, proc.stderr)
 

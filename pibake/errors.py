@@ -43,6 +43,10 @@ class CommandError(PibakeError):
         super().__init__(message)
 
 
+class DeployError(PibakeError):
+    """deploy cannot start (bad host list, registry refuses the admin credential, ...)."""
+
+
 class NotBuiltError(PibakeError):
     """A command or feature that is planned but not built yet. The CLI exits 2."""
 

@@ -33,8 +33,13 @@ import time
 import uuid
 from pathlib import Path
 
+from pibake import verify as verification  # verify() looked up per call (a test replaces it)
+from pibake.cluster import load_cluster
+from pibake.deploy import deploy, parse_hosts
 from pibake.errors import JobError, PibakeError
 from pibake.registry import schema
+from pibake.secrets import manager_ssh_key_path
+from pibake.switches.recover import recover_node
 
 LOG = logging.getLogger(__name__)
 
@@ -121,7 +126,6 @@ def validate(kind, body):
     if kind == "verify":
         return {"bench": body.get("bench", False), "options": options}
     hosts = [body["hosts"]] if isinstance(body["hosts"], str) else body["hosts"]
-    from pibake.deploy import parse_hosts  # pylint: disable=import-outside-toplevel
 
     try:
         parse_hosts(hosts)
@@ -158,8 +162,6 @@ def _check_known_hosts(path, where):
 
 def _manager_key(cluster_dir):
     """The manager's ssh identity in this cluster directory, or None (a cluster made before it existed)."""
-    from pibake.secrets import manager_ssh_key_path  # pylint: disable=import-outside-toplevel
-
     path = manager_ssh_key_path(cluster_dir)
     return path if path.is_file() else None
 
@@ -195,23 +197,17 @@ def manager_identity_options(kind, cluster_dir, options, cluster_user):
 
 
 def _cluster_user(cluster_dir):
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     return load_cluster(cluster_dir).user
 
 
 def run_verify(cluster_dir, params, progress, *, as_manager=False):
-    from pibake.verify import verify  # pylint: disable=import-outside-toplevel
-
     options = dict(params["options"])
     if as_manager:
         options = manager_identity_options("verify", cluster_dir, options, None)
-    return verify(cluster_dir, bench=params["bench"], progress=progress, **options).to_json()
+    return verification.verify(cluster_dir, bench=params["bench"], progress=progress, **options).to_json()
 
 
 def run_deploy(cluster_dir, params, progress, *, as_manager=False):
-    from pibake.deploy import deploy, parse_hosts  # pylint: disable=import-outside-toplevel
-
     hosts = params["hosts"]
     total = len(parse_hosts(hosts))  # patterns such as red[01-32] count as the hosts they name
     done = set()
@@ -230,8 +226,6 @@ def run_deploy(cluster_dir, params, progress, *, as_manager=False):
 
 
 def run_recover(cluster_dir, params, progress):
-    from pibake.switches.recover import recover_node  # pylint: disable=import-outside-toplevel
-
     return recover_node(cluster_dir, params["node"], off_s=params.get("off_s"), wait_s=params.get("wait_s", 600),
                         force=params["force"], by="rest", progress=lambda message: progress(0.5, message))
 

@@ -12,7 +12,6 @@ hostname keeps its IP across burns: re-planning ``red01`` with another address i
 
 import ipaddress
 import logging
-import os
 from pathlib import Path
 
 import yaml
@@ -21,6 +20,7 @@ from ClusterShell.RangeSet import RangeSetException
 
 from pibake.cluster import read_yaml, valid_hostname
 from pibake.errors import PlanError
+from pibake.files import atomic_write
 from pibake.locks import file_lock
 from pibake.model import ROLES, PlannedNode
 
@@ -401,11 +401,6 @@ def record_plan(cluster_dir, nodes):
         if problems:
             raise _plan_error(problems)
         if changed:
-            tmp = path.with_name(f".{PLAN_FILE}.tmp-{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(_render_plan(current))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, _render_plan(current))
             LOG.info("plan.yaml: %d node(s) recorded", len(current))
     return tuple(current)

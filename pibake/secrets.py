@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pibake.errors import SecretsError
+from pibake.files import atomic_write
 from pibake.model import SeedSecrets
 
 LOG = logging.getLogger(__name__)
@@ -76,18 +77,7 @@ class JoinToken:
 
 def _write_private(path, data, mode=0o400):
     """Write ``data`` atomically with ``mode``; the file never exists with looser permissions."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, str):
-        data = data.encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode)
 
 
 def _ensure_dir(cluster_dir):

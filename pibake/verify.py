@@ -23,7 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pibake.bake.manifest import latest_by_hostname
+from pibake.benchmarks import bench_markdown, run_bench, write_plots
+from pibake.cluster import load_cluster
 from pibake.connect import Connectors, LocalConnector, SshConnector, is_local_address
+from pibake.files import atomic_write
+from pibake.plan import recorded_plan
+from pibake.registry.service import cluster_settings
+from pibake.secrets import admin_password
 
 LOG = logging.getLogger(__name__)
 
@@ -416,8 +423,6 @@ def fetch_registry(cluster_dir, cluster, timeout=10):
     """(health, nodes, error): GET /health and /nodes over TLS verified with the cluster CA."""
     import requests  # pylint: disable=import-outside-toplevel
 
-    from pibake.secrets import admin_password  # pylint: disable=import-outside-toplevel
-
     url = registry_url(cluster)
     try:
         session = _registry_session(cluster_dir)
@@ -450,8 +455,6 @@ def served_slurm_conf(cluster_dir):
     except Exception:  # noqa: BLE001  best effort: fall back to cluster.yaml
         LOG.debug("no recorded serve options", exc_info=True)
     try:
-        from pibake.registry.service import cluster_settings  # pylint: disable=import-outside-toplevel
-
         return cluster_settings(cluster_dir)["registry"].get("slurm_conf") or DEFAULT_SLURM_CONF
     except Exception:  # noqa: BLE001
         return DEFAULT_SLURM_CONF
@@ -490,10 +493,6 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     ``<cluster>/reports/latest`` (what the registry page shows). ``progress(fraction, message)`` is called as
     checks finish. ``connectors``: a ``pibake.connect.Connectors`` (default: local/ssh, see make_connectors).
     """
-    from pibake.bake.manifest import latest_by_hostname  # pylint: disable=import-outside-toplevel
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-    from pibake.plan import recorded_plan  # pylint: disable=import-outside-toplevel
-
     cluster_dir = Path(cluster_dir)
     cluster = load_cluster(cluster_dir)
     started, t_start = utcnow(), time.monotonic()
@@ -589,8 +588,6 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
 
     bench_result = None
     if bench:
-        from pibake.benchmarks import run_bench  # pylint: disable=import-outside-toplevel
-
         step("benchmarks")
         bench_result = run_bench(target, reachable, progress=step.sub, **(bench_options or {}))
     step("done")
@@ -635,8 +632,6 @@ def render_markdown(report_json):
         if c["status"] == FAIL:
             lines += ["", f"**{c['name']}**: what to do: {c['action']}"]
     if r.get("bench"):
-        from pibake.benchmarks import bench_markdown  # pylint: disable=import-outside-toplevel
-
         lines += ["", *bench_markdown(r["bench"])]
     return "\n".join(lines) + "\n"
 
@@ -648,13 +643,9 @@ def write_report(report, report_dir, cluster_dir):
     report_dir.mkdir(parents=True, exist_ok=True)
     data = report.to_json()
     if report.bench:
-        from pibake.benchmarks import write_plots  # pylint: disable=import-outside-toplevel
-
         data["bench"]["plots"] = write_plots(report.bench, report_dir)
         report.bench["plots"] = data["bench"]["plots"]
-    tmp = report_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(report_dir / "report.json")
+    atomic_write(report_dir / "report.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
     (report_dir / "report.md").write_text(render_markdown(data))
     latest = Path(cluster_dir) / "reports" / "latest"
     latest.parent.mkdir(parents=True, exist_ok=True)

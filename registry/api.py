@@ -172,7 +172,7 @@ def get_job(job_id):
 def _switch_call(function, *args, **kwargs):
     """Run a pibake.api switch function; its user errors become JSON errors with a fitting status."""
     from pibake.errors import ConfigError, PibakeError, SecretsError  # pylint: disable=import-outside-toplevel
-    from pibake.switches import SwitchError  # pylint: disable=import-outside-toplevel
+    from pibake.api import SwitchError  # pylint: disable=import-outside-toplevel
 
     try:
         return function(*args, **kwargs)

@@ -13,7 +13,6 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.jobs import DEFAULT_WORKERS, MANAGER_FUNCTIONS, JobRunner
 from pibake.registry import api, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
@@ -29,6 +28,11 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     ``job_functions``/``job_workers``: what the REST jobs run ({kind: function(cluster_dir, params,
     progress)}, default ``pibake.jobs.FUNCTIONS``: verify and deploy) and how many at once (default 2).
     """
+    # the jobs run orchestration (verify, deploy, recover), reached only through pibake.api and only when an app
+    # is made: importing the registry loads none of it (tests/test_layers.py)
+    from pibake.api import DEFAULT_JOB_WORKERS as DEFAULT_WORKERS, JobRunner
+    from pibake.api import MANAGER_JOB_FUNCTIONS as MANAGER_FUNCTIONS
+
     app = Flask(__name__, static_folder=None)
     reg = Registry(cluster_dir, **options)
     # The session key derives from the admin password: stable across gunicorn workers and restarts,

@@ -7,13 +7,13 @@ must still be answered meanwhile.
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import KNOWN_SETTINGS
 
 from pibake.errors import ConfigError, PibakeError
+from pibake.files import atomic_write
 from pibake.registry.app import create_app
 from pibake.secrets import secrets_dir
 
@@ -106,9 +106,7 @@ def remember_serve_options(cluster_dir, reg):
     path = Path(cluster_dir) / SERVE_OPTIONS_FILE
     options = {"slurm_conf": str(reg.applier.conf_path), "slurm_apply": reg.applier.mode,
                "slurm_settings": reg.slurm_settings}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(options, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(options, indent=2, sort_keys=True) + "\n")
 
 
 def served_options(cluster_dir):

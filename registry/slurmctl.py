@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 from pibake.errors import CommandError, PibakeError
+from pibake.files import atomic_write
 from pibake.locks import file_lock
 from pibake.registry.slurmconf import nodes_section, parse_slurm_version
 from pibake.run import run, which
@@ -94,20 +95,7 @@ def conf_settings(conf_text):
 
 def write_atomic(path, text, mode=0o644):
     """Write ``text`` to ``path`` through a temp file + fsync + rename; readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, text, mode, make_parents=True)
 
 
 _THREAD_LOCK = threading.Lock()

@@ -15,7 +15,6 @@ from pathlib import Path
 from flask import (Blueprint, abort, flash, redirect, render_template, request, send_from_directory, session,
                    url_for)
 
-from pibake.benchmarks import summary_rows
 from pibake.errors import PibakeError, RegistryError
 from pibake.registry.auth import admin_matches, registry
 
@@ -103,6 +102,7 @@ def latest_report(cluster_dir):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("checks"), list):
         return None
+    from pibake.api import bench_summary_rows as summary_rows  # orchestration only through pibake.api, when used
     bench = data.get("bench") or {}
     plots = [p for p in bench.get("plots", []) if isinstance(p, str) and REPORT_FILE_RE.match(p)]
     return {"ok": data.get("ok"), "started": data.get("started"), "checks": data["checks"],

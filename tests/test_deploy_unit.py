@@ -6,9 +6,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,48 +17,11 @@ from pibake.errors import PlanError
 from pibake.model import Cluster
 from tests.conftest import needs_program, needs_root
 
+FIXTURES = Path(__file__).parent / "fixtures" / "deploy"
 # Recorded from a lab host (Debian 12, packages installed, nothing deployed yet) ...
-FACTS_FRESH = """\
-@@pibake os-release
-PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
-NAME="Debian GNU/Linux"
-VERSION_ID="12"
-ID=debian
-@@pibake pid1
-pibake-lab-init
-@@pibake hostname
-w1
-@@pibake uid
-0
-@@pibake packages
-munge installed
-python3-psutil installed
-slurm-client installed
-slurmd installed
-@@pibake sha256
-@@pibake credential
-@@pibake end
-"""
+FACTS_FRESH = (FIXTURES / "facts-lab-bookworm.txt").read_text()
 # ... and from a Raspberry Pi OS card before deploy: systemd, slurmd not installed, an old agent.
-FACTS_PI = """\
-@@pibake os-release
-PRETTY_NAME="Debian GNU/Linux 13 (trixie)"
-ID=debian
-@@pibake pid1
-systemd
-@@pibake hostname
-red01
-@@pibake uid
-0
-@@pibake packages
-munge not-installed
-slurm-client not-installed
-@@pibake sha256
-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef  /usr/local/lib/pibake/agent.py
-@@pibake credential
-present
-@@pibake end
-"""
+FACTS_PI = (FIXTURES / "facts-pi-trixie-old-agent.txt").read_text()
 
 
 @pytest.mark.parametrize("hosts, expected", [
@@ -240,7 +203,7 @@ def test_installer_writes_only_what_differs(tmp_path):
         {"path": str(agent), "mode": 0o755, "b64": base64.b64encode(b"new").decode()}]}
 
     def install():
-        proc = subprocess.run([python, "-c", d.INSTALL_SCRIPT], input=json.dumps(spec), capture_output=True,
+        proc = subprocess.run([python, "-c", d.remote_program("install_files.py")], input=json.dumps(spec), capture_output=True,
                               text=True, timeout=30, check=True)
         return json.loads(proc.stdout)
 
@@ -468,13 +431,12 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
     def facts():
-        script = d.FACTS_SCRIPT.format(m=d._MARK, packages="slurmd", files="/nonexistent", credential="/nonexistent",
-                                       venv="/nonexistent", auth_user="pibaketest", auth_line=shlex.quote(auth["line"]))
+        script = d.facts_command(["slurmd"], ["/nonexistent"], auth)
         return d.parse_facts(_as_node_with_user(tmp_path, ["sh", "-c", script], "")[0])["authorized"]
 
     def install():
         spec = {"dirs": [], "files": [], "authorize": auth}
-        out, home = _as_node_with_user(tmp_path, [python, "-c", d.INSTALL_SCRIPT], json.dumps(spec))
+        out, home = _as_node_with_user(tmp_path, [python, "-c", d.remote_program("install_files.py")], json.dumps(spec))
         return json.loads(out), home / ".ssh" / "authorized_keys"
 
     assert facts() == "absent"  # no ~/.ssh yet
@@ -491,7 +453,6 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     assert keys.read_text() == f"{person}\n{auth['line']}\n"
     assert facts() == "present"
     other = dataclasses.replace(cluster, user="nosuchuser")
-    script = d.FACTS_SCRIPT.format(m=d._MARK, packages="x", files="/nonexistent", credential="/nonexistent",
-                                   venv="/nonexistent", auth_user=other.user, auth_line=shlex.quote(auth["line"]))
+    script = d.facts_command(["x"], ["/nonexistent"], {**auth, "user": other.user})
     assert d.parse_facts(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
                                         timeout=30).stdout)["authorized"] == "no-user"

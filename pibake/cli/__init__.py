@@ -12,7 +12,7 @@ import click
 
 from pibake import __version__
 from pibake.cli.options import CliState
-from pibake.errors import PibakeError
+from pibake.api import PibakeError
 
 LOG = logging.getLogger("pibake")
 

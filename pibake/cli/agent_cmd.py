@@ -10,7 +10,7 @@ import click
 
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
-from pibake.errors import PibakeError
+from pibake.api import PibakeError, firstboot_agent as agent
 
 
 class AgentFailed(PibakeError):
@@ -35,8 +35,6 @@ def agent_group():
 def run_cmd(state, config_path, once, as_json):
     """Enrol (or authenticate with the stored node credential), install the munge key, configure and
     start munge + slurmd, and report ready to the registry. Safe to run again."""
-    from pibake.firstboot import agent  # pylint: disable=import-outside-toplevel
-
     if state.verbosity >= 0:  # the agent says what it does unless -q
         logging.getLogger(agent.__name__).setLevel(logging.DEBUG if state.verbosity >= 2 else logging.INFO)
     try:

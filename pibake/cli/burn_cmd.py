@@ -14,7 +14,7 @@ from pibake.cli.options import (
     pass_state,
     role_option,
 )
-from pibake.errors import PibakeError
+from pibake.api import PibakeError, bake_burn as burning, human_size, parse_size
 
 _GUARD_OPTIONS = [
     click.option("--yes", "-y", is_flag=True, help="Do not ask before erasing a card (the checks still run)."),
@@ -72,14 +72,10 @@ class _Progress:
 
 
 def _size(value):
-    from pibake.bake.devices import parse_size
-
     return parse_size(value)
 
 
 def _human(n):
-    from pibake.bake.devices import human_size
-
     return human_size(n)
 
 
@@ -133,8 +129,6 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
     Every check (plan, seed lint, image checksum, the wrong-disk guard) runs before anything is
     written. Between cards of a batch pibake waits for the next card and checks it is a different one.
     """
-    from pibake.bake import burn as burning
-
     progress = _Progress(enabled=sys.stderr.isatty() and state.verbosity >= 0)
 
     def confirm(question):
@@ -178,8 +172,6 @@ def reseed_cmd(state, device, image_file, hostnames, ips, role, yes, allow_non_r
     The new seed has a new instance-id, so cloud-init runs again at the next boot. Only
     user-data, meta-data, network-config (and a stale ds=nocloud in cmdline.txt) change.
     """
-    from pibake.bake import burn as burning
-
     if not hostnames or not ips:
         raise PibakeError("say which node the card is for: --hostname NAME --ip ADDRESS")
 

@@ -4,9 +4,9 @@ import sys
 
 import click
 
+from pibake.api import DEPLOY_CONNECT_TIMEOUT, DEPLOY_IDLE_TIMEOUT, DEPLOY_PARALLEL, deploy, format_deploy_table
 from pibake.cli import cli
 from pibake.cli.options import json_option, pass_state
-from pibake.deploy import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_PARALLEL
 
 
 @cli.command("deploy", short_help="Set up Slurm on running machines over ssh")
@@ -18,11 +18,11 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT
                    "registry does not answer.")
 @click.option("--user", default=None, help="ssh login user (default: ssh's, e.g. from ~/.ssh/config); "
                                            "a non-root user needs passwordless sudo.")
-@click.option("--parallel", default=DEFAULT_PARALLEL, show_default=True, type=click.IntRange(min=1),
+@click.option("--parallel", default=DEPLOY_PARALLEL, show_default=True, type=click.IntRange(min=1),
               help="At most this many ssh sessions at once.")
-@click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT, show_default=True, type=click.IntRange(min=1),
+@click.option("--connect-timeout", default=DEPLOY_CONNECT_TIMEOUT, show_default=True, type=click.IntRange(min=1),
               metavar="S", help="ssh ConnectTimeout in seconds.")
-@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True, type=click.IntRange(min=1),
+@click.option("--idle-timeout", default=DEPLOY_IDLE_TIMEOUT, show_default=True, type=click.IntRange(min=1),
               metavar="S", help="How long to wait for the nodes to become idle in Slurm.")
 @click.option("--ssh-option", "ssh_options", multiple=True, metavar="ARG",
               help="Extra ssh argument (repeatable), e.g. --ssh-option=-F --ssh-option=lab_ssh_config "
@@ -44,8 +44,6 @@ def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_time
     nothing on hosts that are already right. Exit 0 when every host is idle (and the manager ready),
     1 when any failed.
     """
-    from pibake.deploy import deploy, format_table
-
     def progress(result):
         if state.verbosity >= 0 and result["status"] in ("failed", "changed", "unchanged"):
             detail = result["error"] if result["status"] == "failed" else result["step"]
@@ -56,7 +54,7 @@ def deploy_cmd(state, hosts, manager, user, parallel, connect_timeout, idle_time
                     connect_timeout=connect_timeout, ssh_options=ssh_options, idle_timeout=idle_timeout,
                     wheel=wheel, progress=progress)
     if state.verbosity >= 0 or not report.ok:
-        click.echo(format_table(report.hosts), err=True, nl=False)
+        click.echo(format_deploy_table(report.hosts), err=True, nl=False)
     if as_json:
         sys.stdout.write(report.to_json())
     sys.exit(report.exit_code)

@@ -3,7 +3,7 @@
 import click
 
 from pibake import api
-from pibake.bake.devices import DEFAULT_MAX_BYTES, SystemFacts, gather_facts, human_size, parse_size
+from pibake.api import DEFAULT_MAX_BYTES, SystemFacts, gather_facts, human_size, parse_size
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option
 

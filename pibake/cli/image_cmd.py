@@ -3,8 +3,7 @@
 import click
 
 from pibake import api
-from pibake.bake import images
-from pibake.bake.devices import human_size
+from pibake.api import bake_images as images, human_size
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option
 

@@ -9,7 +9,7 @@ import click
 
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
-from pibake.errors import ConfigError, PibakeError, SecretsError
+from pibake.api import ConfigError, PibakeError, SecretsError, load_cluster, secrets_dir
 
 
 def _say(text=""):
@@ -178,8 +178,6 @@ def parse_ttl(text):
 
 def _cluster_name(cluster_dir):
     try:
-        from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
         return load_cluster(cluster_dir).name
     except PibakeError:
         return str(cluster_dir)
@@ -232,8 +230,6 @@ def token_rotate(state, ttl, as_json):
     Cards burned with the old token can no longer enrol: re-burn or re-seed them. The new
     token is not printed (see `pibake token show`)."""
     from pibake import api  # pylint: disable=import-outside-toplevel
-    from pibake.secrets import secrets_dir  # pylint: disable=import-outside-toplevel
-
     delta = parse_ttl(ttl)
     if not (secrets_dir(state.cluster_path) / "ca.crt").exists():
         raise SecretsError(f"{secrets_dir(state.cluster_path)}/ca.crt is missing: run `pibake init` first")

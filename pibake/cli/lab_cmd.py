@@ -8,7 +8,8 @@ import click
 
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
-from pibake.lab.rootfs import DEFAULT_RELEASE, RELEASES
+from pibake.api import LAB_DEFAULT_RELEASE as DEFAULT_RELEASE, LAB_RELEASES as RELEASES
+from pibake.api import lab_down, lab_shell_argv as shell_argv, lab_status, lab_up
 
 prefix_option = click.option(
     "--prefix", default="pblab", show_default=True, metavar="NAME",
@@ -56,8 +57,6 @@ def lab_cmd():
 @pass_state
 def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, release, prefix, as_json):
     """Boot a lab cluster from burned images: manager first, then the workers, until all are idle."""
-    from pibake.lab.cluster import lab_up
-
     progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
     report = lab_up(state.cluster_path, images_dir=images_dir, workers=workers, manager_delay=manager_delay,
                     prefix=prefix, wait=not no_wait, timeout=timeout, release=release, progress=progress)
@@ -82,8 +81,6 @@ def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, release,
 @json_option
 def status_cmd(prefix, as_json):
     """Per host: address, role, running, cloud-init, Slurm state, enrolled with the registry."""
-    from pibake.lab.cluster import lab_status
-
     report = lab_status(prefix=prefix)
     if as_json:
         emit_json(report)
@@ -110,8 +107,6 @@ def shell_cmd(host, command, prefix):
       pibake lab shell red01
       pibake lab shell red00 -- sinfo
     """
-    from pibake.lab.cluster import shell_argv
-
     argv = shell_argv(host, list(command) or None, prefix=prefix)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -126,8 +121,6 @@ def shell_cmd(host, command, prefix):
 @json_option
 def down_cmd(prefix, as_json):
     """Remove the lab: every host, namespace, link and folder named after its prefix (also after a crash)."""
-    from pibake.lab.cluster import lab_down
-
     report = lab_down(prefix=prefix)
     if as_json:
         emit_json(report)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from pibake.api import NotBuiltError
+
 
 @dataclass
 class CliState:
@@ -44,8 +46,6 @@ inventory_option = click.option(
 
 def not_built(what):
     """Raise the plain 'not built yet' error (exit 2)."""
-    from pibake.errors import NotBuiltError
-
     raise NotBuiltError(what)
 
 

@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from pibake.api import Registry, serve_registry as serve, served_registry_options, text_table
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
 
@@ -17,10 +18,7 @@ APPLY_MODES = ("auto", "systemd", "service", "direct", "none")
 
 def _registry(state, **options):
     """The registry of the cluster, acting on slurm.conf like the last `registry serve` did unless told."""
-    from pibake.registry.server import served_options  # pylint: disable=import-outside-toplevel
-    from pibake.registry.service import Registry  # pylint: disable=import-outside-toplevel
-
-    merged = served_options(state.cluster_dir)
+    merged = served_registry_options(state.cluster_dir)
     merged.update({k: v for k, v in options.items() if v is not None})
     return Registry(state.cluster_dir, **merged)
 
@@ -62,8 +60,6 @@ def serve_cmd(state, bind, require_approval, workers, threads, slurm_conf, slurm
     """Serve the registry over HTTPS (gunicorn, TLS from secrets/registry.crt|key) in the foreground.
 
     Logs go to stderr; SIGTERM or Ctrl-C stops it cleanly."""
-    from pibake.registry.server import serve  # pylint: disable=import-outside-toplevel
-
     if state.verbosity <= 0:  # a server says what it does: at least INFO for pibake's own loggers
         logging.getLogger("pibake").setLevel(logging.INFO)
     serve(state.cluster_dir, bind=bind, workers=workers, threads=threads,
@@ -89,9 +85,8 @@ def nodes_cmd(state, as_json):
     header = ("HOSTNAME", "IP", "ROLE", "MODEL", "CPUS", "MEMORY", "STATUS", "SLURM", "LAST SEEN")
     rows = [(n["hostname"], n["ip"], n["role"], n["model"] or "-", str(n["cpus"]), _fmt_mem(n["memory_mb"]),
              n["status"], n["slurm_state"] or "-", n["last_seen"]) for n in nodes]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(col.ljust(w) for col, w in zip(row, widths)).rstrip(), err=True)
+    for line in text_table([header, *rows]):
+        click.echo(line, err=True)
 
 
 def _admin_action(state, action, hostname, as_json, slurm_conf, slurm_apply):

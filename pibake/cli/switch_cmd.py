@@ -4,6 +4,8 @@ import sys
 
 import click
 
+from pibake import api
+from pibake.api import PibakeError
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, not_built, pass_state
 
@@ -23,9 +25,8 @@ def _state_text(state):
 
 
 def _table(rows, header):
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(str(col).ljust(w) for col, w in zip(row, widths)).rstrip(), err=True)
+    for line in api.text_table([header, *rows]):
+        click.echo(line, err=True)
 
 
 def _powers(item):
@@ -34,8 +35,6 @@ def _powers(item):
 
 def _confirm_power_cut(state, name, what, yes):
     """A node loses power: ask on a terminal, insist on --yes without one."""
-    from pibake import api
-    from pibake.errors import PibakeError
 
     item = next((s for s in api.list_switches(state.cluster_dir) if s["name"] == name), None)
     if item is None or not item["node"] or yes:
@@ -58,7 +57,6 @@ def switch_group():
 @pass_state
 def list_cmd(state, as_json):
     """List the switches of cluster.yaml (no device is contacted)."""
-    from pibake import api
 
     items = api.list_switches(state.cluster_dir)
     if as_json:
@@ -79,7 +77,6 @@ def status_cmd(state, name, as_json):
     """Read the state (and power, energy where metered) of NAME, or of every switch.
 
     With every switch, one that cannot be reached is reported with its error and the exit code is 1."""
-    from pibake import api
 
     items = [api.switch_status(state.cluster_dir, name)] if name else api.switches_status(state.cluster_dir)
     if as_json:
@@ -92,7 +89,6 @@ def status_cmd(state, name, as_json):
 
 
 def _action(state, name, action, as_json):
-    from pibake import api
 
     result = api.switch_command(state.cluster_dir, name, action)
     if as_json:
@@ -138,7 +134,6 @@ def toggle_cmd(state, name, as_json, yes):
 @pass_state
 def info_cmd(state, name, as_json):
     """What the device says it is (model, firmware, MAC, ...)."""
-    from pibake import api
 
     result = api.switch_info(state.cluster_dir, name)
     if as_json:
@@ -172,7 +167,6 @@ def cycle_cmd(state, name, off_seconds, wait_s, force, as_json, yes):
     For a switch that powers a node this recovers a hung node: it first checks that the node
     really is down (no ssh answer and Slurm marks it down or not responding; nothing is switched
     otherwise), then cycles the plug and waits until the node answers ssh and is idle in Slurm."""
-    from pibake import api
 
     item = next((s for s in api.list_switches(state.cluster_dir) if s["name"] == name), None)
     if item is not None and item["node"]:
@@ -201,8 +195,6 @@ def credentials_cmd(state, name, username, mqtt_username, password_file):
     """Store NAME's password in secrets/switch-NAME.json (mode 0400); never in cluster.yaml.
 
     The password is asked for (hidden) on a terminal, or read with --password-file."""
-    from pibake import api
-    from pibake.errors import PibakeError
 
     if password_file == "-":
         password = sys.stdin.readline().rstrip("\n")
@@ -228,7 +220,6 @@ def credentials_cmd(state, name, username, mqtt_username, password_file):
 @pass_state
 def log_cmd(state, limit, as_json):
     """The last switch actions (who, what, whether it worked), oldest first."""
-    from pibake import api
 
     entries = api.switch_log(state.cluster_dir, limit)
     if as_json:
@@ -260,7 +251,6 @@ def auto_cmd(state, once, interval, max_per_hour, backoff, as_json):
     attempt and every skip for the limit is recorded in `pibake switch log`."""
     import time
 
-    from pibake import api
 
     policy = api.AutoPolicy(max_per_hour=max_per_hour, backoff_s=backoff)
     while True:
@@ -292,8 +282,6 @@ def rules_cmd():
 @pass_state
 def recover_cmd(state, node, off_seconds, wait_s, force, as_json, yes):
     """Recover hung NODE through the switch that powers it (see `pibake switch cycle`)."""
-    from pibake import api
-    from pibake.errors import PibakeError
 
     item = next((s for s in api.list_switches(state.cluster_dir) if s["node"] == node), None)
     if item is None:

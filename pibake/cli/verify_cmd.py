@@ -2,6 +2,7 @@
 
 import click
 
+from pibake.api import bench_markdown, verify
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
 
@@ -27,8 +28,6 @@ def verify_cmd(state, as_json, report_dir, bench, user, identity, known_hosts, c
     Exit 0 only when every check passes; each failure says what to do. The manager is reached locally when
     this machine is the manager, else over ssh, like the nodes.
     """
-    from pibake.verify import verify  # pylint: disable=import-outside-toplevel
-
     def progress(_fraction, message):
         if not as_json and state.verbosity >= 0:
             click.echo(f"  ... {message}", err=True)
@@ -46,8 +45,6 @@ def verify_cmd(state, as_json, report_dir, bench, user, identity, known_hosts, c
             if c["status"] == "fail" and c["action"]:
                 click.echo(f"     {'':<{width}}  what to do: {c['action']}", err=True)
         if report.bench is not None:
-            from pibake.benchmarks import bench_markdown  # pylint: disable=import-outside-toplevel
-
             click.echo("\n".join(bench_markdown(report.bench)), err=True)
         if report.report_dir:
             click.echo(f"report: {report.report_dir}", err=True)

@@ -41,20 +41,32 @@ from pathlib import Path
 
 import yaml
 
+from pibake.bake.bootpart import read_seed
+from pibake.bake.burn import burn
+from pibake.bake.synthetic import build_pi_image
+from pibake.cluster import load_cluster, valid_hostname
 from pibake.errors import PibakeError, SeedError
+from pibake.files import atomic_write
+from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
+from pibake.lab.hosts import (
+    LabHost,
+    LabNetwork,
+    _check_prefix,
+    _link_names,
+    _netns_names,
+    cleanup_leftovers,
+    default_base_dir,
+)
+from pibake.lab.rootfs import DEFAULT_RELEASE, check_release, ensure_rootfs, make_host_root, rootfs_stamp
+from pibake.plan import recorded_plan
 from pibake.registry.slurmctl import parse_sinfo
 from pibake.run import run, which
+from pibake.secrets import admin_password, secrets_dir
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pblab"
 STATE_DIR = Path("/run/pibake-lab")
-HOST_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-    "HOME": "/root",
-    "TERM": "dumb",
-}
 AGENT_CONFIG = "/etc/pibake/agent.json"
 IMAGE_SUFFIX = ".img"
 # Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
@@ -147,8 +159,6 @@ def host_argv(host, argv, env=None):
 
 
 def state_path(prefix=DEFAULT_PREFIX, state_dir=None):
-    from pibake.lab.hosts import _check_prefix
-
     _check_prefix(prefix)  # also keeps the state file name inside the state folder
     return Path(state_dir or STATE_DIR) / f"{prefix}.json"
 
@@ -166,11 +176,7 @@ def load_state(prefix=DEFAULT_PREFIX, state_dir=None):
 def _save_state(state, state_dir=None):
     path = state_path(state["prefix"], state_dir)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(state, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(state, indent=2, sort_keys=True), 0o600)
 
 
 def _require_state(prefix, state_dir):
@@ -210,7 +216,6 @@ def lab_images(images_dir, manager, *, manager_outside=False):
     if not folder.is_dir():
         raise LabClusterError(f"--from-images {images_dir}: no such folder (make images with "
                               "pibake burn --output 'DIR/{hostname}.img')")
-    from pibake.cluster import valid_hostname
 
     found = []
     for path in sorted(folder.glob(f"*{IMAGE_SUFFIX}")):
@@ -229,11 +234,6 @@ def lab_images(images_dir, manager, *, manager_outside=False):
 def burn_lab_images(cluster_dir, out_dir, *, workers=3, progress=None):
     """Burn the manager and ``workers`` workers of the cluster's plan onto a synthetic Pi-like image
     (``bake.synthetic.build_pi_image``): ``out_dir/<hostname>.img``. Returns the folder."""
-    from pibake.bake.burn import burn
-    from pibake.bake.synthetic import build_pi_image
-    from pibake.cluster import load_cluster
-    from pibake.plan import recorded_plan
-
     note = progress or (lambda message: None)
     cluster = load_cluster(cluster_dir)
     out_dir = Path(out_dir)
@@ -261,8 +261,6 @@ def burn_lab_images(cluster_dir, out_dir, *, workers=3, progress=None):
 
 
 def _base_dir(prefix):
-    from pibake.lab.hosts import default_base_dir
-
     return default_base_dir(prefix)
 
 
@@ -287,11 +285,6 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     the host and the key) and the lab is removed again. A lab that boots but does not become idle is
     left running for inspection (``LabClusterError`` says how to look and how to remove it).
     """
-    from pibake.cluster import load_cluster
-    from pibake.lab.boot import validate_seed
-    from pibake.lab.hosts import LabNetwork, _check_prefix, cleanup_leftovers
-    from pibake.lab.rootfs import DEFAULT_RELEASE, check_release, ensure_rootfs, rootfs_stamp
-
     note = progress or (lambda message: None)
     _check_prefix(prefix)
     release = check_release(release or DEFAULT_RELEASE)
@@ -414,8 +407,6 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
 def _hosts_from_images(images, cluster):
     """[{name, ip, role, image, seed}] from the seeds read back from the images; refuses missing seeds,
     addresses outside the cluster's network and two images with one address."""
-    from pibake.bake.bootpart import read_seed
-
     hosts = []
     for name, image in images:
         seed = read_seed(image)
@@ -436,9 +427,6 @@ def _hosts_from_images(images, cluster):
 
 
 def _make_host(host, network, rootfs, base, started):
-    from pibake.lab.hosts import LabHost
-    from pibake.lab.rootfs import make_host_root
-
     t0 = time.monotonic()
     lab_host = LabHost.create(host["name"], host["ip"], network=network, base_dir=base)
     try:
@@ -461,8 +449,6 @@ def _make_host(host, network, rootfs, base, started):
 
 
 def _boot(record, seed, started):
-    from pibake.lab.boot import boot_host
-
     record["timings"]["boot_start_s"] = round(time.monotonic() - started, 2)
     result = boot_host(record["root"], seed, enter=enter_argv(record["pid"]), host=record["name"], validate=False)
     record["timings"]["cloud_init_s"] = result.seconds
@@ -587,8 +573,6 @@ def _registry_get(state, path, *, auth=True, timeout=30):
     """(HTTP status, JSON body) of GET /api/v1<path> on the lab's registry, TLS verified against the
     cluster's CA, asked from inside the manager's network namespace (0 when it does not answer).
     The admin password goes through stdin, never an argv."""
-    from pibake.secrets import admin_password, secrets_dir
-
     manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
     if manager is None or not _alive(manager):
         return 0, None
@@ -656,8 +640,6 @@ def _sshd_running(host):
 def lab_down(*, prefix=DEFAULT_PREFIX, state_dir=None):
     """Remove the lab: every process, namespace, link and folder named after ``prefix`` (also after a
     crash, with or without a state file). Returns what was removed."""
-    from pibake.lab.hosts import _check_prefix, cleanup_leftovers
-
     _check_prefix(prefix)
     state = load_state(prefix, state_dir) if state_path(prefix, state_dir).exists() else None
     report = cleanup_leftovers(prefix)
@@ -677,6 +659,4 @@ def lab_down(*, prefix=DEFAULT_PREFIX, state_dir=None):
 
 def lab_exists(prefix=DEFAULT_PREFIX):
     """Names of this machine's network namespaces and links that belong to the lab ``prefix``."""
-    from pibake.lab.hosts import _link_names, _netns_names
-
     return [n for n in _netns_names() + _link_names() if n.startswith(f"{prefix}-")]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from pibake.errors import CommandError, PibakeError
+from pibake.files import atomic_write
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -479,9 +480,4 @@ def _tree_size(path):
 
 
 def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text)

@@ -1,0 +1,69 @@
+"""The facts of a host (pyinfra's model: a command plus a pure parser of its output).
+
+The command runs ``remote/facts.py`` with Debian's python3: os-release, PID 1, hostname, uid, the dpkg state
+of the packages deploy may install, sha256 of the files it ships, whether the node holds an enrolment
+credential, whether /opt/pibake has pibake, whether the cluster user has the manager's ssh key. One ssh
+session, nothing changed on the host."""
+
+import json
+import shlex
+from importlib import resources
+
+from pibake.deploy.node import CREDENTIAL_FILE, REMOTE_PYTHON, VENV_PIBAKE
+
+_MARK = "@@pibake "
+
+
+def remote_program(name):
+    """The source of a program deploy runs on a node (``pibake/deploy/remote/NAME``, package data)."""
+    return resources.files("pibake.deploy").joinpath("remote", name).read_text(encoding="utf-8")
+
+
+def facts_command(packages, files, authorize):
+    """The shell command that prints a host's facts (pure): ``packages`` whose dpkg state to report,
+    ``files`` whose sha256 to report, ``authorize`` the files step's entry for the manager's ssh key."""
+    spec = {"packages": list(packages), "files": list(files), "credential": CREDENTIAL_FILE, "venv": VENV_PIBAKE,
+            "auth_user": authorize["user"], "auth_line": authorize["line"]}
+    return f"{REMOTE_PYTHON} -c {shlex.quote(remote_program('facts.py'))} {shlex.quote(json.dumps(spec))}"
+
+
+def parse_facts(text):
+    """The facts script's output -> {"os_release": {...}, "pid1": "systemd", "hostname", "uid",
+    "packages": {name: status}, "sha256": {path: hex}, "credential": bool}."""
+    sections, cur = {}, None
+    for line in text.splitlines():
+        if line.startswith(_MARK):
+            cur = line[len(_MARK):].strip()
+            sections[cur] = []
+        elif cur is not None:
+            sections[cur].append(line)
+    if "end" not in sections:
+        raise ValueError("the facts script did not finish (no end marker)")
+    osr = {}
+    for line in sections.get("os-release", []):
+        if "=" in line:
+            k, v = line.split("=", 1)
+            osr[k.strip()] = v.strip().strip('"')
+    packages = {}
+    for line in sections.get("packages", []):
+        parts = line.split()
+        if len(parts) >= 2:
+            packages[parts[0]] = parts[1]
+    sha = {}
+    for line in sections.get("sha256", []):
+        parts = line.split(None, 1)
+        if len(parts) == 2 and len(parts[0]) == 64:
+            sha[parts[1].strip()] = parts[0]
+    first = lambda key: (sections.get(key) or [""])[0].strip()  # noqa: E731
+    return {
+        "os_release": osr,
+        "pid1": first("pid1"),
+        "systemd": first("pid1") == "systemd",
+        "hostname": first("hostname"),
+        "uid": first("uid"),
+        "packages": packages,
+        "sha256": sha,
+        "credential": first("credential") == "present",
+        "venv": first("venv") == "present",
+        "authorized": first("authorized"),  # the manager's key for the cluster user: present, absent, no-user
+    }
