@@ -14,7 +14,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from pibake.jobs import DEFAULT_WORKERS, MANAGER_FUNCTIONS, JobRunner
-from pibake.registry import api, web
+from pibake.registry import api, mqtt, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
 
@@ -51,6 +51,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
 
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(mqtt.bp)
 
     @app.errorhandler(HTTPException)
     def _http_error(err):

@@ -185,6 +185,11 @@ BLOCKS = {
         "sw-auto": ("parse: needs hung nodes on plugs (tests/switches/test_auto.py runs the rounds with the Kasa "
                     "simulator as the plug)"),
     },
+    "mqtt.md": {
+        "mqtt-config": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
+        "mqtt-acl": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
+        "mqtt-discovery": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
+    },
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used
