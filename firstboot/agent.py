@@ -27,6 +27,9 @@ Optional config keys (defaults in ``DEFAULTS``):
 ``services``          "auto" (systemd when it is PID 1, else `service`/direct start), "systemd",
                       "sysv" or "none" (write files only).
 ``slurmctld_port``    the manager's slurmctld port, when the registry names no conf server (6817).
+``mqtt_password_file`` where the node's MQTT broker password goes (0400) when the cluster has MQTT: the
+                      agent asks the registry for one (POST /mqtt-credential) when the file is missing or
+                      the node just enrolled; a 404 (no MQTT) is fine (docs/mqtt.md).
 
 What the agent removes after a successful enrolment (and only then):
 
