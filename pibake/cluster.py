@@ -1082,6 +1082,11 @@ def _write_cluster(cluster_dir, path, data, status, rotate, result):
     result["secrets"] = _secrets.ensure_secrets(
         cluster_dir, data["name"], data["manager"], data["manager_ip"], rotate=rotate
     )
+    if (data.get("mqtt") or {}).get("enabled"):  # the broker's certificate and admin password (docs/mqtt.md)
+        from pibake.mqtt import ensure_mqtt_secrets  # pylint: disable=import-outside-toplevel
+
+        result["secrets"].update(ensure_mqtt_secrets(cluster_dir, data["manager"], data["manager_ip"],
+                                                     rotate=rotate is True))
     if status != "unchanged":
         if path.exists():
             shutil.copy2(path, cluster_dir / BACKUP_FILE)

@@ -148,7 +148,7 @@ def broker_acl(settings, switches=()):
     """Mosquitto's acl_file text. Nodes get ``pattern`` lines (%u is the user name = the node's hostname)."""
     prefix, base = settings.discovery_prefix, settings.base
     lines = [
-        "# /etc/mosquitto/pibake/acl: written by pibake (pibake.mqtt.broker_acl); re-run `pibake mqtt setup`",
+        "# /etc/mosquitto/pibake/acl: written by pibake (pibake.mqtt.broker_acl, install_broker); re-run that",
         "# rather than edit. Anything not allowed here is refused (a refused publish is dropped silently).",
         "",
         f"user {ADMIN_USER}",
@@ -174,8 +174,8 @@ def broker_conf(settings, etc_dir=ETC_DIR, *, bind_address=None):
     etc = Path(etc_dir)
     listener = f"listener {settings.port}" + (f" {bind_address}" if bind_address else "")
     return "\n".join([
-        "# /etc/mosquitto/conf.d/pibake.conf: written by pibake (pibake.mqtt.broker_conf); re-run",
-        "# `pibake mqtt setup` rather than edit. TLS with the cluster CA's certificate, passwords, an ACL.",
+        "# /etc/mosquitto/conf.d/pibake.conf: written by pibake (pibake.mqtt.broker_conf, install_broker);",
+        "# re-run that rather than edit. TLS with the cluster CA's certificate, passwords, an ACL.",
         "per_listener_settings false",
         "allow_anonymous false",
         f"password_file {etc / 'passwd'}",
@@ -230,7 +230,8 @@ def admin_password(cluster_dir):
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        raise SecretsError(f"{path} is missing: run `pibake mqtt secrets` (or `pibake init`) first") from None
+        raise SecretsError(f"{path} is missing: enable mqtt in cluster.yaml and run `pibake init` again (it adds "
+                           "missing secrets and keeps the others)") from None
 
 
 # --------------------------------------------------------------------------- on the manager
@@ -262,7 +263,7 @@ def _write(path, data, mode, owner):
 
 @contextmanager
 def _locked(etc_dir):
-    """One writer of the password file at a time (gunicorn workers, `pibake mqtt setup`)."""
+    """One writer of the password file at a time (gunicorn workers, install_broker)."""
     with open(Path(etc_dir) / ".passwd.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -300,7 +301,7 @@ def install_broker(cluster_dir, *, switch_passwords=None, etc_dir=ETC_DIR, conf_
     sdir = _secrets.secrets_dir(cluster_dir)
     missing = [rel for rel in SECRET_FILES if not (Path(cluster_dir) / rel).exists()]
     if missing:
-        raise SecretsError(f"missing {', '.join(missing)}: run `pibake mqtt secrets` where the cluster was made "
+        raise SecretsError(f"missing {', '.join(missing)}: run `pibake init` again where the cluster was made "
                            "(it holds the CA key), then deploy the manager again")
     etc = Path(etc_dir)
     etc.mkdir(parents=True, exist_ok=True)

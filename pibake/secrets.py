@@ -438,9 +438,15 @@ MANAGER_BUNDLE_FILES = (
 )
 
 
+# Shipped to the manager when they exist: the MQTT broker's certificate, key and admin password
+# (made by `pibake init` when cluster.yaml enables mqtt; pibake.mqtt).
+MANAGER_BUNDLE_OPTIONAL = ("secrets/mqtt.crt", "secrets/mqtt.key", "secrets/mqtt-admin-password")
+
+
 def manager_bundle(cluster_dir):
     """{relative path: bytes} of what the manager's registry needs from the cluster directory."""
-    bundle = {}
+    bundle = {rel: (Path(cluster_dir) / rel).read_bytes() for rel in MANAGER_BUNDLE_OPTIONAL
+              if (Path(cluster_dir) / rel).exists()}
     for rel in MANAGER_BUNDLE_FILES:
         path = Path(cluster_dir) / rel
         try:

@@ -143,7 +143,10 @@ class Broker:
         data["switches"] = [{"name": "fan", "driver": "tasmota", "address": "127.0.0.1:1", "thing": "fan",
                              "mqtt_broker": f"127.0.0.1:{self.port}", "mqtt_topic": TOPIC, "mqtt_tls": True}]
         (self.cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
-        mqtt.ensure_mqtt_secrets(self.cluster, "localhost", "127.0.0.1")
+        # a re-run of init with mqtt enabled adds the broker's secrets and keeps the others
+        result = init_cluster(self.cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8",
+                              name="mq")
+        assert result["secrets"]["mqtt-cert"] == "created" and result["secrets"]["ca"] == "kept"
         self.etc = where / "etc"
         self.pid_file = where / "mosquitto.pid"
         self.files = mqtt.install_broker(self.cluster, switch_passwords={"tasmota_fan": PLUG_PASSWORD},
@@ -238,7 +241,10 @@ def close(client):
 
 
 @needs_mosquitto
-def test_files_are_private(broker):
+def test_files_are_private_and_go_to_the_manager(broker):
+    from pibake.secrets import manager_bundle
+
+    assert set(mqtt.SECRET_FILES) <= set(manager_bundle(broker.cluster))
     for name in ("mqtt.key", "passwd", "acl"):
         assert (broker.etc / name).stat().st_mode & 0o077 == 0, name
     assert broker.etc.stat().st_mode & 0o777 == 0o700
