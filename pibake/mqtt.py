@@ -67,9 +67,13 @@ def load_settings(cluster_dir):
     return load_cluster(cluster_dir).mqtt
 
 
-def node_settings(cluster, settings):
-    """The ``mqtt`` block of a node's /etc/pibake/sensor.json (see SENSORS_CONTRACT.md), no secret in it."""
-    return {"host": cluster.manager, "port": settings.port, "ca_cert": "/etc/pibake/ca.crt", "username": None,
+def node_settings(cluster, hostname):
+    """The ``mqtt`` block of node ``hostname``'s /etc/pibake/sensor.json (SENSORS_CONTRACT.md), no secret in
+    it; None when the cluster has no MQTT."""
+    settings = cluster.mqtt
+    if not settings.enabled:
+        return None
+    return {"host": cluster.manager, "port": settings.port, "ca_cert": "/etc/pibake/ca.crt", "username": hostname,
             "password_file": NODE_PASSWORD_FILE, "discovery_prefix": settings.discovery_prefix,
             "base": settings.base}
 
@@ -237,7 +241,7 @@ def admin_password(cluster_dir):
 # --------------------------------------------------------------------------- on the manager
 
 
-def _mosquitto_ids():
+def mosquitto_ids():
     try:
         entry = pwd.getpwnam("mosquitto")
         return entry.pw_uid, entry.pw_gid
@@ -282,7 +286,7 @@ def update_password_file(etc_dir, changes):
         except FileNotFoundError:
             text = ""
         new = set_passwords(text, changes)
-        _write(path, new, 0o600, _mosquitto_ids())
+        _write(path, new, 0o600, mosquitto_ids())
     return new
 
 
@@ -305,7 +309,7 @@ def install_broker(cluster_dir, *, switch_passwords=None, etc_dir=ETC_DIR, conf_
                            "(it holds the CA key), then deploy the manager again")
     etc = Path(etc_dir)
     etc.mkdir(parents=True, exist_ok=True)
-    owner = _mosquitto_ids()
+    owner = mosquitto_ids()
     if owner and os.geteuid() == 0:
         os.chown(etc, *owner)
     os.chmod(etc, 0o700)

@@ -102,6 +102,7 @@ BLOCKS = {
         "cmd-deploy": "lab",
         "cmd-verify": "lab",
         "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
+        "cmd-mqtt": "test: tests/test_mqtt.py::test_cli_mqtt_setup",
         "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
                         "with the Kasa simulator as the plug)"),
     },

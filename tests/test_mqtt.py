@@ -90,6 +90,11 @@ def test_mqtt_section_defaults():
     assert (settings.enabled, settings.port, settings.discovery_prefix, settings.base) == \
         (True, 8883, "homeassistant", "pibake")
     assert cluster_from_data(BASE).mqtt.enabled is False
+    assert mqtt.node_settings(cluster_from_data(BASE), "red02") is None
+    block = mqtt.node_settings(cluster_from_data({**BASE, "mqtt": {"enabled": True}}), "red02")
+    assert block == {"host": "red00", "port": 8883, "ca_cert": "/etc/pibake/ca.crt", "username": "red02",
+                     "password_file": "/etc/pibake/mqtt-password", "discovery_prefix": "homeassistant",
+                     "base": "pibake"}  # SENSORS_CONTRACT.md's settings["mqtt"]
 
 
 def _doc_block(name):
@@ -461,3 +466,56 @@ def test_tasmota_plug_on_the_cluster_broker(broker):
         close(admin)
     finally:
         device.stop()
+
+
+# --------------------------------------------------------------------------- the manager's seed, the CLI
+
+
+def test_manager_seed_installs_and_starts_mosquitto(tmp_path):
+    from pibake.bake.seed import MOSQUITTO_COMMAND, MQTT_SETUP_COMMAND
+    from pibake.model import MqttSettings
+    from tests.bake.seed_fixtures import cloud_init_schema, cluster_for, has_cloud_init, render
+
+    plain = yaml.safe_load(render("manager").user_data)
+    assert "mosquitto" not in plain["packages"] and MQTT_SETUP_COMMAND not in plain["runcmd"]
+    seed = render("manager", cluster=cluster_for(mqtt=MqttSettings(enabled=True)))
+    config = yaml.safe_load(seed.user_data)
+    assert "mosquitto" in config["packages"]
+    runcmd = config["runcmd"]
+    setup = runcmd.index(MQTT_SETUP_COMMAND)
+    start = next(i for i, cmd in enumerate(runcmd) if "mosquitto.service" in cmd)
+    registry = next(i for i, cmd in enumerate(runcmd) if "pibake-registry.service" in cmd)
+    install = next(i for i, cmd in enumerate(runcmd) if "pibake-*.whl" in " ".join(cmd))
+    assert install < setup < start < registry  # pibake first; the broker's files before the registry adds users
+    assert runcmd[start][-len(MOSQUITTO_COMMAND):] == MOSQUITTO_COMMAND
+    worker = yaml.safe_load(render("worker", cluster=cluster_for(mqtt=MqttSettings(enabled=True))).user_data)
+    assert "mosquitto" not in worker.get("packages", [])
+    if has_cloud_init():
+        code, out = cloud_init_schema(seed.user_data, tmp_path)
+        assert code == 0, out
+
+
+@needs_mosquitto
+def test_cli_mqtt_setup(broker, tmp_path):
+    """docs/commands.md, block cmd-mqtt: `pibake mqtt setup --json` (with this test's paths added)."""
+    from click.testing import CliRunner
+
+    from pibake.cli import cli
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()
+    line = text.split("# doc-test: cmd-mqtt\n", 1)[1].split("\n", 1)[0]
+    args = line.split()[1:] + ["--etc-dir", str(broker.etc), "--conf-file", str(tmp_path / "pibake.conf"),
+                               "--pid-file", str(broker.pid_file), "--bind", "127.0.0.1"]
+    result = CliRunner().invoke(cli, ["--cluster", str(broker.cluster)] + args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["reload"] == "sighup" and report["admin_user"] == mqtt.ADMIN_USER
+    assert report["plugs_without_password"] == [] or report["plugs_without_password"] == ["tasmota_fan"]
+    assert broker.admin[1] not in result.output
+    still = connect(broker, *broker.admin)  # the broker re-read its files and still lets the admin in
+    assert not getattr(still, "is_failure", False) and not isinstance(still, (Exception, str)), still
+    close(still)
+    off = tmp_path / "off"
+    init_cluster(off, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="off")
+    result = CliRunner().invoke(cli, ["--cluster", str(off)] + args)
+    assert result.exit_code == 1 and "MQTT is not enabled" in str(result.exception)  # main() prints it
