@@ -268,12 +268,12 @@ def _write(path, data, mode, owner):
 @contextmanager
 def _locked(etc_dir):
     """One writer of the password file at a time (gunicorn workers, install_broker)."""
-    with open(Path(etc_dir) / ".passwd.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(Path(etc_dir) / ".passwd.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def update_password_file(etc_dir, changes):

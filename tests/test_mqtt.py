@@ -468,6 +468,60 @@ def test_tasmota_plug_on_the_cluster_broker(broker):
         device.stop()
 
 
+@needs_mosquitto
+def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
+    """As on the manager: Mosquitto drops root for its own user, so the files pibake writes must be its own
+    (also when a node's password arrives later and the broker re-reads the file after SIGHUP)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    from pibake.broker import setup_broker
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (Mosquitto drops to its own user only when started as root)")
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no mosquitto user (Debian package mosquitto)")
+    where = Path(tempfile.mkdtemp(prefix="pibake-mqtt-"))  # not under pytest's 0700 tmp: mosquitto must reach it
+    where.chmod(0o755)
+    proc = None
+    try:
+        cluster, port = where / "cluster", free_port()
+        init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="own")
+        data = yaml.safe_load((cluster / "cluster.yaml").read_text())
+        data["mqtt"] = {"enabled": True, "port": port}
+        (cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
+        init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="own")
+        pid_file = where / "run" / "mosquitto.pid"
+        setup_broker(cluster, etc_dir=str(where / "etc"), conf_file=str(where / "conf.d" / "pibake.conf"),
+                     pid_file=str(pid_file), bind_address="127.0.0.1")
+        (where / "mosquitto.conf").write_text(f"pid_file {pid_file}\npersistence false\nlog_dest stderr\n"
+                                              f"include_dir {where / 'conf.d'}\n")
+        proc = subprocess.Popen([which("mosquitto"), "-c", str(where / "mosquitto.conf")], stderr=subprocess.PIPE,
+                                text=True)
+        fake = type("B", (), {"port": port, "ca": cluster / "secrets" / "ca.crt"})
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        owner = subprocess.run(["ps", "-o", "user=", "-p", str(proc.pid)], capture_output=True, text=True).stdout
+        assert owner.strip() == "mosquitto"
+        password = mqtt.new_password()
+        mqtt.update_password_file(where / "etc", {"red05": mqtt.hash_password(password)})
+        assert mqtt.reload_broker(pid_file) == "sighup"
+        time.sleep(0.3)
+        client = connect(fake, "red05", password)
+        assert not getattr(client, "is_failure", False) and not isinstance(client, (Exception, str)), client
+        close(client)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(5)
+        shutil.rmtree(where)
+
+
 # --------------------------------------------------------------------------- the manager's seed, the CLI
 
 
