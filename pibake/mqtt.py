@@ -207,7 +207,8 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
     key_path, crt_path, admin_path = sdir / "mqtt.key", sdir / "mqtt.crt", sdir / "mqtt-admin-password"
     result = {}
     exists = key_path.exists() and crt_path.exists()
-    if exists and not rotate and _secrets._cert_names_match(crt_path, manager, manager_ip):  # noqa: SLF001
+    if exists and not rotate and _issued_by(crt_path, ca_crt_path) \
+            and _secrets._cert_names_match(crt_path, manager, manager_ip):  # noqa: SLF001
         result["mqtt-cert"] = "kept"
     else:
         if not ca_key_path.exists():
@@ -227,6 +228,19 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
     for name, what in result.items():
         LOG.info("secret %s: %s", name, what)
     return result
+
+
+def _issued_by(cert_path, ca_path):
+    """True when the certificate at ``cert_path`` is signed by the CA at ``ca_path`` (a rotated CA: re-issue)."""
+    from cryptography import x509  # pylint: disable=import-outside-toplevel
+    from cryptography.exceptions import InvalidSignature  # pylint: disable=import-outside-toplevel
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))
+    except (ValueError, TypeError, OSError, InvalidSignature):
+        return False
+    return True
 
 
 def admin_password(cluster_dir):

@@ -573,3 +573,20 @@ def test_cli_mqtt_setup(broker, tmp_path):
     init_cluster(off, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="off")
     result = CliRunner().invoke(cli, ["--cluster", str(off)] + args)
     assert result.exit_code == 1 and "MQTT is not enabled" in str(result.exception)  # main() prints it
+
+
+def test_mqtt_secrets_follow_the_ca(tmp_path):
+    """Kept on a re-run; re-issued when the CA is rotated (the old certificate would not chain any more)."""
+    cluster = tmp_path / "c"
+    init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    data = yaml.safe_load((cluster / "cluster.yaml").read_text())
+    data["mqtt"] = {"enabled": True}
+    (cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
+    first = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    assert (first["secrets"]["mqtt-cert"], first["secrets"]["mqtt-admin"]) == ("created", "created")
+    again = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    assert (again["secrets"]["mqtt-cert"], again["secrets"]["mqtt-admin"]) == ("kept", "kept")
+    rotated = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red",
+                           rotate=("ca",))
+    assert (rotated["secrets"]["mqtt-cert"], rotated["secrets"]["mqtt-admin"]) == ("rotated", "kept")
+    assert mqtt._issued_by(cluster / "secrets" / "mqtt.crt", cluster / "secrets" / "ca.crt")  # noqa: SLF001
