@@ -26,6 +26,9 @@ import threading
 
 import paho.mqtt.client as mqtt
 
+if not hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt 1.x (Debian bookworm's python3-paho-mqtt 1.6.1)
+    raise ImportError("sensor_mqtt needs paho-mqtt 2.x (Debian trixie's python3-paho-mqtt, or pip paho-mqtt>=2)")
+
 LOG = logging.getLogger("pibake.sensor_mqtt")
 
 MANUFACTURER = "pibake"
