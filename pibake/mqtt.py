@@ -376,3 +376,22 @@ def reload_broker(pid_file=PID_FILE):
         LOG.warning("systemctl reload mosquitto failed: %s", (proc.stderr or "").strip()[-200:])
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
+
+
+def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):
+    """Remove node ``hostname``'s broker user when the cluster has MQTT (the registry removed the node).
+    Returns True when the password file was changed. Never raises for a broker that is not set up here."""
+    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
+
+    if not load_cluster(cluster_dir).mqtt.enabled:
+        return False
+    try:
+        text = (Path(etc_dir) / "passwd").read_text()
+    except FileNotFoundError:
+        return False
+    if hostname not in parse_password_file(text):
+        return False
+    update_password_file(etc_dir, {hostname: None})
+    reload_broker(pid_file)
+    LOG.info("MQTT user %s removed", hostname)
+    return True

@@ -6,7 +6,6 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from pibake.errors import RegistryError
-from pibake.registry import mqtt
 from pibake.registry.auth import basic_auth, join_auth, registry
 from pibake.registry.schema import openapi_document
 from pibake.registry.slurmctl import ApplyError
@@ -119,9 +118,7 @@ def get_node(hostname):
 @bp.delete("/nodes/<hostname>")
 @basic_auth.login_required(role="admin")
 def delete_node(hostname):
-    node = registry().remove(hostname)
-    mqtt.revoke_in_app(hostname)  # a removed node no longer logs in to the MQTT broker
-    return jsonify(node)
+    return jsonify(registry().remove(hostname))
 
 
 @bp.post("/nodes/<hostname>/accept")

@@ -51,7 +51,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
 
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
-    app.register_blueprint(mqtt.bp)
+    mqtt.init_app(app)
 
     @app.errorhandler(HTTPException)
     def _http_error(err):

@@ -4,8 +4,8 @@
 random password for the node's broker user (its hostname), writes its ``$7$`` hash into Mosquitto's password
 file (``pibake.mqtt.update_password_file``: other users' lines are kept), makes a running Mosquitto re-read
 it (SIGHUP) and answers with the password once: the registry keeps only the hash. A node asks again whenever
-it has no password file (a new card, a re-enrolment), which replaces its old password. Removing a node
-(``DELETE /api/v1/nodes/<name>``) removes its broker user (``revoke``).
+it has no password file (a new card, a re-enrolment), which replaces its old password. Removing a node (REST,
+page or CLI: ``Registry.remove``) removes its broker user (``pibake.mqtt.revoke_node_user``).
 
 Where the broker's files are on the manager: ``app.config["PIBAKE_MQTT_ETC_DIR"]`` (default
 ``/etc/mosquitto/pibake``) and ``app.config["PIBAKE_MQTT_PID_FILE"]`` (default Mosquitto's pid file).
@@ -50,16 +50,6 @@ def issue_password(cluster_dir, hostname, etc_dir=mqtt.ETC_DIR, pid_file=mqtt.PI
     return password, cluster.mqtt, cluster
 
 
-def revoke(cluster_dir, hostname, etc_dir=mqtt.ETC_DIR, pid_file=mqtt.PID_FILE):
-    """Remove node ``hostname``'s broker user (nothing happens when MQTT is off or it had none)."""
-    if not load_cluster(cluster_dir).mqtt.enabled:
-        return False
-    mqtt.update_password_file(etc_dir, {hostname: None})
-    mqtt.reload_broker(pid_file)
-    LOG.info("MQTT user %s removed", hostname)
-    return True
-
-
 @bp.post("/mqtt-credential")
 @basic_auth.login_required(role="node")
 def mqtt_credential():
@@ -73,10 +63,7 @@ def mqtt_credential():
                    base=settings.base, discovery_prefix=settings.discovery_prefix)
 
 
-def revoke_in_app(hostname):
-    """``revoke`` with the app's paths (called by the node removal route)."""
-    etc_dir, pid_file = _paths()
-    try:
-        revoke(registry().cluster_dir, hostname, etc_dir, pid_file)
-    except OSError as exc:  # the node is removed in any case; say what is left behind
-        LOG.error("could not remove the MQTT user %s from %s: %s", hostname, etc_dir, exc.strerror or exc)
+def init_app(app):
+    """Register the endpoint; tell the registry where the broker's files are (``PIBAKE_MQTT_*`` config)."""
+    app.register_blueprint(bp)
+    app.extensions["pibake_registry"].mqtt_paths = _paths(app)
