@@ -415,7 +415,8 @@ def check_permissions(cluster_dir):
     problems = []
     if sdir.exists() and sdir.stat().st_mode & 0o077:
         problems.append(f"{sdir} is {oct(sdir.stat().st_mode & 0o777)}, must be 0700")
-    for name in ("ca.key", "registry.key", "join-token.json", "munge.key", "admin-password", MANAGER_SSH_KEY):
+    for name in ("ca.key", "registry.key", "join-token.json", "munge.key", "admin-password", MANAGER_SSH_KEY,
+                 "mqtt.key", "mqtt-admin-password"):
         path = sdir / name
         if path.exists() and path.stat().st_mode & 0o077:
             problems.append(f"{path} is {oct(path.stat().st_mode & 0o777)}, must be 0400")
