@@ -94,6 +94,10 @@ MANAGER_CLUSTER_DIR = f"{MANAGER_ROOT}/cluster"
 SYSTEMD_DIR = "/etc/systemd/system"
 AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
 REGISTRY_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, "registry", "serve"]
+# With mqtt enabled (docs/mqtt.md): the broker's files from the cluster bundle, then Mosquitto (its Debian unit;
+# without systemd the same program in the foreground, detached by pibake-start)
+MQTT_SETUP_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, "mqtt", "setup"]
+MOSQUITTO_COMMAND = ["/usr/sbin/mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"]
 
 SCRIPTS = {  # name in templates -> (path on the node, template)
     "start": (f"{LIB_DIR}/pibake-start", "pibake-start.sh.j2"),
@@ -442,6 +446,9 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "secret_paths": secret_paths(node.role, bundle),
         "agent_command": AGENT_COMMAND,
         "registry_command": REGISTRY_COMMAND,
+        "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
+        "mqtt_setup_command": MQTT_SETUP_COMMAND,
+        "mosquitto_command": MOSQUITTO_COMMAND,
         "wheel_glob": WHEEL_GLOB,
         "manager_root": MANAGER_ROOT,
         "manager_cluster_dir": MANAGER_CLUSTER_DIR,

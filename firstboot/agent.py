@@ -27,6 +27,9 @@ Optional config keys (defaults in ``DEFAULTS``):
 ``services``          "auto" (systemd when it is PID 1, else `service`/direct start), "systemd",
                       "sysv" or "none" (write files only).
 ``slurmctld_port``    the manager's slurmctld port, when the registry names no conf server (6817).
+``mqtt_password_file`` where the node's MQTT broker password goes (0400) when the cluster has MQTT: the
+                      agent asks the registry for one (POST /mqtt-credential) when the file is missing or
+                      the node just enrolled; a 404 (no MQTT) is fine (docs/mqtt.md).
 
 What the agent removes after a successful enrolment (and only then):
 
@@ -89,6 +92,7 @@ DEFAULTS = {
     "scrub_paths": None,  # None: DEFAULT_SCRUB_PATHS with boot_dir filled in
     "services": "auto",
     "slurmctld_port": 6817,
+    "mqtt_password_file": "/etc/pibake/mqtt-password",  # the node's MQTT broker password (docs/mqtt.md)
 }
 DEFAULT_SCRUB_PATHS = (
     "{boot_dir}/user-data",
@@ -1089,6 +1093,7 @@ class Agent:
             self.result["hostname"] = hostname
             munge_resp = self._fetch_munge_key(hostname, credential, state)
         self._configure(munge_resp, state, hostname, credential)
+        self._mqtt_password(hostname, credential)
         return self.result
 
     def _enrol(self, facts, token, ca_hash, state):
@@ -1231,6 +1236,30 @@ class Agent:
         self._report(hostname, credential, "ready", message)
         self.result["status"] = "ready"
         self.result["message"] = message
+
+    def _mqtt_password(self, hostname, credential):
+        """Fetch this node's MQTT broker password when it has none (or just enrolled: the old one is void).
+        A cluster without MQTT answers 404. Never fatal: Slurm and the readings over HTTPS work without it."""
+        path = self.config["mqtt_password_file"]
+        if not path or (os.path.exists(path) and self.result.get("enrolment") == "credential"):
+            return
+        try:
+            resp = self.registry().call("POST", "/mqtt-credential", "MQTT password", auth=(hostname, credential),
+                                        body={})
+            password = _json(resp, "MQTT password").get("password")
+        except Refused as exc:
+            if exc.status != 404:
+                self.result["warnings"].append(f"no MQTT password: HTTP {exc.status} ({exc.error})")
+            return
+        except (RegistryUnreachable, AgentError) as exc:
+            self.result["warnings"].append(f"no MQTT password: {exc}")
+            return
+        if not isinstance(password, str) or not password:
+            self.result["warnings"].append("no MQTT password: the registry's answer has none")
+            return
+        write_file(path, password + "\n", mode=0o400)
+        self.result["mqtt"] = "password stored"
+        LOG.info("MQTT broker password stored in %s", path)
 
     def _report(self, hostname, credential, state, message):
         try:

@@ -28,7 +28,7 @@ import yaml
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
 from pibake.files import atomic_write
-from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, SwitchConfig, Wifi
+from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, MqttSettings, SwitchConfig, Wifi
 
 LOG = logging.getLogger(__name__)
 
@@ -110,6 +110,10 @@ _KEY_DOCS = {
         "Optional smart plugs/relays pibake may switch: name, driver (kasa|shelly|tasmota), address,\n"
         "node or thing (what it powers), auto_cycle. Credentials live in secrets/. See docs/switches.md."
     ),
+    "mqtt": (
+        "Optional MQTT broker (Mosquitto) on the manager for sensor nodes and Home Assistant: enabled,\n"
+        "port (8883, TLS), discovery_prefix (homeassistant), base (pibake). See docs/mqtt.md."
+    ),
 }
 _WIFI_EXAMPLE = """\
 # wifi:
@@ -186,6 +190,16 @@ CLUSTER_SCHEMA = {
                     "mqtt_tls": {"type": "boolean"},
                     "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 120},
                 },
+            },
+        },
+        "mqtt": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "discovery_prefix": {"type": "string", "minLength": 1, "maxLength": 100},
+                "base": {"type": "string", "minLength": 1, "maxLength": 100},
             },
         },
     },
@@ -447,6 +461,8 @@ def validate_cluster_data(data):
     if isinstance(data.get("switches"), list) and not any(p == "switches" for p in bad):
         broken = {i for i in range(len(data["switches"])) if any(p.startswith(f"switches[{i}]") for p in bad)}
         sem.extend(switch_problems(data["switches"], data.get("manager"), skip=broken))
+    if ok("mqtt"):
+        sem.extend(mqtt_problems(data["mqtt"], data.get("registry_port", DEFAULT_REGISTRY_PORT)))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
     if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)
@@ -517,6 +533,35 @@ def switch_problems(switches, manager=None, skip=()):
         if topic is not None and not MQTT_TOPIC_RE.match(topic):
             out.append(f"{where}.mqtt_topic: {topic!r} must be the device's topic alone (letters, digits, _ . -)")
     return out
+
+
+# An MQTT topic prefix: levels of letters, digits, _ and -; no wildcard (+ #), no empty level, no $ at the start.
+MQTT_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+
+
+def mqtt_problems(mqtt, registry_port=DEFAULT_REGISTRY_PORT):
+    """The checks on ``mqtt:`` a schema cannot express, one per field, as 'mqtt.key: ...' strings."""
+    out = []
+    port = mqtt.get("port")
+    if port is not None and port == registry_port:
+        out.append(f"mqtt.port: {port} is the registry's port (registry_port); use another, e.g. 8883")
+    for key in ("discovery_prefix", "base"):
+        value = mqtt.get(key)
+        if value is not None and not MQTT_PREFIX_RE.match(value):
+            out.append(f"mqtt.{key}: {value!r} is not a topic prefix (levels of letters, digits, _ and - "
+                       "separated by /; no + or #, no leading or trailing /)")
+    if mqtt.get("base") is not None and mqtt.get("base") == mqtt.get("discovery_prefix", "homeassistant"):
+        out.append("mqtt.base: must differ from discovery_prefix (Home Assistant reads that one)")
+    return out
+
+
+def mqtt_from_data(data):
+    """``MqttSettings`` of a *validated* cluster.yaml mapping (disabled when ``mqtt:`` is missing)."""
+    raw = data.get("mqtt") or {}
+    defaults = MqttSettings()
+    return MqttSettings(enabled=bool(raw.get("enabled", False)), port=raw.get("port", defaults.port),
+                        discovery_prefix=raw.get("discovery_prefix", defaults.discovery_prefix),
+                        base=raw.get("base", defaults.base))
 
 
 def switches_from_data(data):
@@ -591,6 +636,7 @@ def cluster_from_data(data, directory=None):
         registry_port=data.get("registry_port", DEFAULT_REGISTRY_PORT),
         directory=Path(directory) if directory is not None else None,
         switches=switches_from_data(data),
+        mqtt=mqtt_from_data(data),
     )
 
 
@@ -1029,6 +1075,11 @@ def _write_cluster(cluster_dir, path, data, status, rotate, result):
     result["secrets"] = _secrets.ensure_secrets(
         cluster_dir, data["name"], data["manager"], data["manager_ip"], rotate=rotate
     )
+    if (data.get("mqtt") or {}).get("enabled"):  # the broker's certificate and admin password (docs/mqtt.md)
+        from pibake.mqtt import ensure_mqtt_secrets  # pylint: disable=import-outside-toplevel
+
+        result["secrets"].update(ensure_mqtt_secrets(cluster_dir, data["manager"], data["manager_ip"],
+                                                     rotate=rotate is True))
     if status != "unchanged":
         if path.exists():
             shutil.copy2(path, cluster_dir / BACKUP_FILE)

@@ -41,10 +41,21 @@ class Cluster:
     registry_port: int = 8443
     directory: Path | None = field(default=None, compare=False)
     switches: tuple["SwitchConfig", ...] = ()  # smart plugs/relays, see docs/switches.md
+    mqtt: "MqttSettings" = field(default_factory=lambda: MqttSettings())  # the broker, see docs/mqtt.md
 
     @property
     def registry_url(self):
         return f"https://{self.manager}:{self.registry_port}"
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """cluster.yaml's ``mqtt:`` section: Mosquitto on the manager (pibake.mqtt), see docs/mqtt.md."""
+
+    enabled: bool = False
+    port: int = 8883
+    discovery_prefix: str = "homeassistant"  # Home Assistant's MQTT discovery prefix
+    base: str = "pibake"  # nodes publish under <base>/<hostname>/...
 
 
 @dataclass(frozen=True)

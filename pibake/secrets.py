@@ -405,7 +405,8 @@ def check_permissions(cluster_dir):
     problems = []
     if sdir.exists() and sdir.stat().st_mode & 0o077:
         problems.append(f"{sdir} is {oct(sdir.stat().st_mode & 0o777)}, must be 0700")
-    for name in ("ca.key", "registry.key", "join-token.json", "munge.key", "admin-password", MANAGER_SSH_KEY):
+    for name in ("ca.key", "registry.key", "join-token.json", "munge.key", "admin-password", MANAGER_SSH_KEY,
+                 "mqtt.key", "mqtt-admin-password"):
         path = sdir / name
         if path.exists() and path.stat().st_mode & 0o077:
             problems.append(f"{path} is {oct(path.stat().st_mode & 0o777)}, must be 0400")
@@ -428,9 +429,15 @@ MANAGER_BUNDLE_FILES = (
 )
 
 
+# Shipped to the manager when they exist: the MQTT broker's certificate, key and admin password
+# (made by `pibake init` when cluster.yaml enables mqtt; pibake.mqtt).
+MANAGER_BUNDLE_OPTIONAL = ("secrets/mqtt.crt", "secrets/mqtt.key", "secrets/mqtt-admin-password")
+
+
 def manager_bundle(cluster_dir):
     """{relative path: bytes} of what the manager's registry needs from the cluster directory."""
-    bundle = {}
+    bundle = {rel: (Path(cluster_dir) / rel).read_bytes() for rel in MANAGER_BUNDLE_OPTIONAL
+              if (Path(cluster_dir) / rel).exists()}
     for rel in MANAGER_BUNDLE_FILES:
         path = Path(cluster_dir) / rel
         try:

@@ -13,7 +13,7 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.registry import api, web
+from pibake.registry import api, mqtt, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
 
@@ -55,6 +55,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
 
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
+    mqtt.init_app(app)
 
     @app.errorhandler(HTTPException)
     def _http_error(err):

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from pibake import __version__
+from pibake import mqtt
 from pibake.errors import ConfigError, RegistryError
 from pibake.registry import schema, slurmconf
 from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
@@ -112,6 +113,8 @@ class Registry:
         self.applier = SlurmApplier(merged.get("slurm_conf") or DEFAULT_CONF, merged.get("slurm_apply") or "auto",
                                     timeout=float(merged.get("apply_timeout", 60)))
         self.store = Store(cluster_dir)
+        # the MQTT broker's files on the manager (pibake.mqtt): a removed node loses its broker user too
+        self.mqtt_paths = (mqtt.ETC_DIR, mqtt.PID_FILE)
         self._sinfo_cache = (0.0, None)
         # apply_slurm's in-process gate: the newest node_set_seq known to be in force, and whether a
         # thread of this process is applying now.
@@ -259,6 +262,7 @@ class Registry:
         if node is None or not self.store.delete(hostname):
             raise RegistryError(404, f"no node named {hostname[:64]} is enrolled")
         LOG.info("removed %s", hostname)
+        mqtt.revoke_node_user(self.cluster_dir, hostname, *self.mqtt_paths)
         if node["role"] == "worker" and node["status"] != "pending":
             self.apply_slurm(after_seq=self.store.node_set_seq())
         return node

@@ -102,6 +102,7 @@ BLOCKS = {
         "cmd-deploy": "lab",
         "cmd-verify": "lab",
         "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
+        "cmd-mqtt": "test: tests/test_mqtt.py::test_cli_mqtt_setup",
         "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
                         "with the Kasa simulator as the plug)"),
     },
@@ -184,6 +185,11 @@ BLOCKS = {
         "sw-python": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
         "sw-auto": ("parse: needs hung nodes on plugs (tests/switches/test_auto.py runs the rounds with the Kasa "
                     "simulator as the plug)"),
+    },
+    "mqtt.md": {
+        "mqtt-config": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
+        "mqtt-acl": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
+        "mqtt-discovery": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
     },
     "report/index.md": {},
 }

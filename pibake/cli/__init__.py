@@ -102,6 +102,7 @@ from pibake.cli import (  # noqa: E402,F401  pylint: disable=wrong-import-positi
     image_cmd,
     init_cmd,
     lab_cmd,
+    mqtt_cmd,
     registry_cmd,
     render_cmd,
     switch_cmd,
