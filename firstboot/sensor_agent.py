@@ -442,8 +442,14 @@ def parse_iw_link(text):
                          ("signal_dbm", r"^\s*signal: (-?\d+) dBm"), ("bitrate_mbps", r"^\s*tx bitrate: ([\d.]+)")):
         m = re.search(pattern, text, re.M)
         if m:
-            link[key] = m.group(1) if key == "ssid" else _number(m.group(1))
+            link[key] = unescape_iw_ssid(m.group(1)) if key == "ssid" else _number(m.group(1))
     return link or None
+
+
+def unescape_iw_ssid(text):
+    """iw prints an SSID's backslashes, non-printable bytes and edge spaces as ``\\xNN``: back to the text."""
+    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    return raw.decode("utf-8", "replace")
 
 
 def freq_to_channel(freq):
@@ -487,7 +493,7 @@ def wifi_state(settings, scan=False, run=_run):
     if not iface:
         return None, None, {}
     argv = ["nmcli", "-t", "-f", ",".join(NMCLI_FIELDS), "device", "wifi", "list", "ifname", iface,
-            "--rescan", "yes" if scan else "no"]
+            "--rescan", "auto" if scan else "no"]  # auto: NM rescans when its last scan is > 30 s old
     listed = run(argv)
     aps = parse_nmcli_wifi(listed) if listed else []
     current = next((ap for ap in aps if ap["in_use"]), None)
