@@ -119,8 +119,8 @@ def load_settings(path):
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}")
     settings.update(data)
     problems = []
-    if not isinstance(settings["interval_s"], (int, float)) or settings["interval_s"] < 1:
-        problems.append("interval_s must be a number of seconds >= 1")
+    if not isinstance(settings["interval_s"], (int, float)) or settings["interval_s"] <= 0:
+        problems.append("interval_s must be a number of seconds > 0")
     offsets = settings["offsets"]
     if not isinstance(offsets, dict) or any(k not in METRICS or isinstance(v, bool) or not isinstance(v, (int, float))
                                             for k, v in offsets.items()):
