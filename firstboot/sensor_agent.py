@@ -60,6 +60,9 @@ RANGES = {
     "wifi_bitrate_mbps": (0.0, 10000.0), "soc_temperature_c": (-40.0, 125.0), "throttled": (0, 0xFFFFFFFF),
 }
 MAX_BATCH = 500  # the registry refuses bigger batches (413)
+MAX_NETWORKS = 64  # per reading (the registry refuses more): the strongest are kept
+EARLIEST_TIME = 946684800  # 2000-01-01: a clock before that is not set yet (the registry refuses such readings)
+PLACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.,'()/-]{0,63}$")  # the registry's place label pattern
 
 DEFAULTS = {
     "interval_s": 60,
@@ -140,8 +143,9 @@ def load_settings(path):
             problems.append(f"{key} must be a whole number >= 1")
     if not isinstance(settings["batch"], int) or not 1 <= settings["batch"] <= MAX_BATCH:
         problems.append(f"batch must be 1..{MAX_BATCH}")
-    if settings["place"] is not None and not isinstance(settings["place"], str):
-        problems.append("place must be a text label or null")
+    if settings["place"] is not None and not (isinstance(settings["place"], str) and PLACE_RE.match(settings["place"])):
+        problems.append("place must be null or a label of letters, digits, spaces and _ . , ' ( ) / - "
+                        "(at most 64, starting with a letter or digit)")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return settings
@@ -524,10 +528,14 @@ def wifi_state(settings, scan=False, run=_run):
         link.pop("signal_pct", None)
     elif proc:  # associated but NM and iw could not say more
         metrics = {"wifi_signal_dbm": proc["signal_dbm"], "wifi_quality_pct": proc["quality_pct"]}
+    if link is not None:
+        link["ssid"] = link.get("ssid") or ""  # "" is a hidden network, as the registry spells it
     networks = None
     if scan:
-        networks = [{k: ap[k] for k in ("ssid", "bssid", "signal_dbm", "signal_pct", "channel", "frequency_mhz",
-                                        "security")} for ap in aps]
+        seen = [ap for ap in aps if ap["bssid"]]
+        seen.sort(key=lambda ap: -(ap["signal_pct"] or 0))
+        networks = [{**{k: ap[k] for k in ("bssid", "signal_dbm", "signal_pct", "channel", "frequency_mhz",
+                                           "security")}, "ssid": ap["ssid"] or ""} for ap in seen[:MAX_NETWORKS]]
     return link, networks, metrics
 
 
@@ -860,8 +868,15 @@ class Agent:
         self.shipper = Shipper(self.buffer, sender, settings)
         self.publisher = make_publisher(settings, hostname)
         self.stopping = False
+        self.clock_warned = False
 
     def step(self):
+        if self.reader.clock() < EARLIEST_TIME:
+            if not self.clock_warned:
+                LOG.warning("the clock is not set yet (before 2000-01-01): no readings until time sync")
+                self.clock_warned = True
+            self.shipper.flush()
+            return None
         reading = self.buffer.add(self.reader.take())  # on disk before anything is sent
         publish(self.publisher, reading)
         self.shipper.flush()
@@ -939,7 +954,7 @@ def main(argv=None):
         return 1
     if args.once:
         reading = agent.step()
-        if args.json:
+        if args.json and reading is not None:
             print(json.dumps(reading))
         agent.close()
         return 0

@@ -185,6 +185,12 @@ BLOCKS = {
         "sw-auto": ("parse: needs hung nodes on plugs (tests/switches/test_auto.py runs the rounds with the Kasa "
                     "simulator as the plug)"),
     },
+    "sensors-node.md": {
+        "sn-burn": ("parse: writes a real SD card from a downloaded image (tests/bake/test_burn.py burns sensor "
+                    "image files: test_sensor_card_gets_i2c_in_config_txt, test_board_zero_w_picks_the_armhf_image)"),
+        "sn-settings": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
+        "sn-node-check": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
+    },
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used

@@ -118,7 +118,7 @@ def test_real_nmcli_scan_with_awkward_ssids_hidden_and_several_aps(nm, tmp_path)
     assert by_bssid["3c:a6:2f:12:34:56"] == {"ssid": "home:net\\2", "bssid": "3c:a6:2f:12:34:56", "signal_dbm": -58,
                                              "signal_pct": 62, "channel": 6, "frequency_mhz": 2437,
                                              "security": "WPA1 WPA2"}
-    assert by_bssid["3c:a6:2f:12:34:57"]["ssid"] is None and by_bssid["3c:a6:2f:12:34:57"]["channel"] == 36
+    assert by_bssid["3c:a6:2f:12:34:57"]["ssid"] == "" and by_bssid["3c:a6:2f:12:34:57"]["channel"] == 36
     assert by_bssid["10:20:30:40:50:60"]["ssid"] == "café open" and by_bssid["10:20:30:40:50:60"]["security"] is None
     assert by_bssid["10:20:30:40:50:61"]["ssid"] == "a\\:b:" and by_bssid["10:20:30:40:50:61"]["channel"] == 149
     # the link from nmcli alone (no iw, no /proc/net/wireless): dBm estimated from NM's percent
