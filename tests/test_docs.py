@@ -185,6 +185,7 @@ BLOCKS = {
         "sw-auto": ("parse: needs hung nodes on plugs (tests/switches/test_auto.py runs the rounds with the Kasa "
                     "simulator as the plug)"),
     },
+    "sensors.md": {},
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used
