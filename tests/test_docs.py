@@ -104,6 +104,7 @@ BLOCKS = {
         "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
         "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
                         "with the Kasa simulator as the plug)"),
+        "cmd-sensors": "test: tests/registry/test_cli_sensors.py::test_commands_page_sensors_block",
     },
     "security.md": {
         "sec-perms": "run",
