@@ -14,7 +14,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from pibake.jobs import DEFAULT_WORKERS, MANAGER_FUNCTIONS, JobRunner
-from pibake.registry import api, web
+from pibake.registry import api, sensors_api, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
 
@@ -50,6 +50,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
                                               workers=job_workers or DEFAULT_WORKERS)
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(sensors_api.bp)
     app.register_blueprint(web.bp)
 
     @app.errorhandler(HTTPException)

@@ -104,6 +104,7 @@ BLOCKS = {
         "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
         "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
                         "with the Kasa simulator as the plug)"),
+        "cmd-sensors": "test: tests/registry/test_cli_sensors.py::test_commands_page_sensors_block",
     },
     "security.md": {
         "sec-perms": "run",
@@ -191,6 +192,7 @@ BLOCKS = {
         "sn-settings": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
         "sn-node-check": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
     },
+    "sensors.md": {},
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used
