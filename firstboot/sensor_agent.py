@@ -105,14 +105,14 @@ class ConfigError(Exception):
 # =========================================================================== settings
 
 
-def load_settings(path):
-    """DEFAULTS overlaid with the JSON file at ``path`` (a missing file means all defaults)."""
-    settings = dict(DEFAULTS)
+def _read_settings_file(path, missing_ok):
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except FileNotFoundError:
-        data = {}
+        if missing_ok:
+            return {}
+        raise ConfigError(f"{path}: not found") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the sensor settings ({exc})") from None
     if not isinstance(data, dict):
@@ -120,7 +120,24 @@ def load_settings(path):
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}")
-    settings.update(data)
+    return data
+
+
+def settings_dropins(path):
+    """The drop-in files that override ``path`` (``/etc/pibake/sensor.json`` -> ``/etc/pibake/sensor.d/*.json``),
+    in name order. The seed rewrites sensor.json on a re-seeded card; local changes (calibration offsets, the lab's
+    simulated bus) live in a drop-in and survive that."""
+    directory = os.path.splitext(str(path))[0] + ".d"
+    return [os.path.join(directory, n) for n in sorted(_listdir(directory)) if n.endswith(".json")]
+
+
+def load_settings(path):
+    """DEFAULTS overlaid with the JSON file at ``path`` (a missing file means all defaults), then with its
+    drop-ins (``settings_dropins``), each key replacing the one before."""
+    settings = dict(DEFAULTS)
+    settings.update(_read_settings_file(path, missing_ok=True))
+    for dropin in settings_dropins(path):
+        settings.update(_read_settings_file(dropin, missing_ok=False))
     problems = []
     if not isinstance(settings["interval_s"], (int, float)) or settings["interval_s"] <= 0:
         problems.append("interval_s must be a number of seconds > 0")

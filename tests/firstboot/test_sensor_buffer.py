@@ -232,3 +232,16 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, capsys):
     assert sa.main(["--config", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "interval_s" in err and "offsets" in err and "address" in err
+
+
+def test_dropins_override_the_seeded_settings(tmp_path):
+    (tmp_path / "sensor.json").write_text(json.dumps({"interval_s": 60, "offsets": {"temperature_c": -0.5}}))
+    (tmp_path / "sensor.d").mkdir()
+    (tmp_path / "sensor.d" / "20-calibration.json").write_text(json.dumps({"offsets": {"temperature_c": -1.2}}))
+    (tmp_path / "sensor.d" / "10-lab.json").write_text(json.dumps({"interval_s": 5, "sim_bus": "/x.json"}))
+    (tmp_path / "sensor.d" / "notes.txt").write_text("not a drop-in")
+    settings = sa.load_settings(tmp_path / "sensor.json")
+    assert (settings["interval_s"], settings["offsets"], settings["sim_bus"]) == (5, {"temperature_c": -1.2}, "/x.json")
+    (tmp_path / "sensor.d" / "30-bad.json").write_text(json.dumps({"colour": 1}))
+    with pytest.raises(sa.ConfigError, match="30-bad.json: unknown setting"):
+        sa.load_settings(tmp_path / "sensor.json")
