@@ -122,3 +122,32 @@ def test_offsets_and_plausible_ranges():
     metrics = sa.finish_metrics({"temperature_c": 21.234, "humidity_pct": 140.0, "pressure_hpa": 1000.0,
                                  "throttled": 0x50000}, {"temperature_c": -0.5, "pressure_hpa": 1.25})
     assert metrics == {"temperature_c": 20.73, "pressure_hpa": 1001.25, "throttled": 0x50000}
+
+
+def test_bme680_is_read_through_pimoroni_bme680():
+    """Chip id 0x61 goes to Pimoroni's bme680 library (over the same simulated bus): temperature, pressure and
+    humidity from it; gas resistance only when the chip says its heater is stable (status bit 4 of 0x2B)."""
+    pytest.importorskip("bme680", reason="test extra bme680 (Pimoroni) not installed (pip install -e .[test])")
+    trimming = " ".join(f"{(7 * i + 3) % 200 + 1:02x}" for i in range(25))
+    for gas_lsb, stable in (("80", False), ("b0", True)):  # 0x2B: gas_valid bit 5, heat_stab bit 4
+        regs = {"0xd0": "61", "0x1d": "80", "0x89": trimming, "0xe1": trimming[:47], "0x00": "10 20 30 40 50",
+                "0x1f": f"65 5a c0 7e ed 00 6a 00 00 00 00 80 {gas_lsb}"}
+        bus = sa.RegisterImageBus({"0x77": {"registers": regs}})
+        assert sa.detect_chip(bus) == (0x77, "bme680")
+        metrics = sa.read_bosch(bus, 0x77, "bme680")
+        assert {"temperature_c", "pressure_hpa", "humidity_pct"} <= set(metrics)
+        assert ("gas_ohm" in metrics) is stable
+
+
+def test_agent_imports_nothing_of_pibake_or_its_dependencies():
+    """The agent runs on a bare Pi: stdlib (+ the drivers, loaded only when a sensor is found)."""
+    import subprocess
+    import sys
+
+    from tests.firstboot.sensorkit import AGENT_FILE
+
+    code = ("import json, runpy, sys; runpy.run_path(sys.argv[1], run_name='sensor_agent'); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('pibake', 'flask', 'click', 'jinja2', 'yaml', 'requests', 'psutil', 'bme280', 'smbus2', 'bme680'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(AGENT_FILE)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
