@@ -152,8 +152,8 @@ TOP_LEVEL_KEYS = {  # what each role's user-data holds, in order; tests hold the
     "worker": ("hostname", "manage_etc_hosts", "users", "ssh_pwauth", "disable_root", "timezone", "locale",
                "package_update", "package_upgrade", "packages", "runcmd", "write_files"),
 }
-TOP_LEVEL_KEYS["sensor"] = TOP_LEVEL_KEYS["worker"]
 TOP_LEVEL_KEYS["manager"] = TOP_LEVEL_KEYS["worker"][:-3] + ("bootcmd",) + TOP_LEVEL_KEYS["worker"][-3:]
+TOP_LEVEL_KEYS["sensor"] = TOP_LEVEL_KEYS["manager"]
 
 HEADER = "#cloud-config\n"
 
@@ -367,6 +367,37 @@ def agent_source():
     return importlib.resources.files("pibake.firstboot").joinpath("agent.py").read_text(encoding="utf-8")
 
 
+# cloud-init (22.4 and 25.1 alike) raises KeyError on per-interface `nameservers` under netplan `wifis`
+# (network_state._handle_individual_nameserver: wifis are not in its interface table), which would break the
+# whole network config on the Pi. So a sensor on Wi-Fi gets its DNS servers from this bootcmd instead, written
+# where the image's network stack reads them, every boot (bootcmd runs before write_files and before packages
+# are installed, which needs DNS). $PIBAKE_ROOT is for tests.
+WIFI_DNS_SCRIPT = r"""set -eu
+family=$1
+shift
+[ $# -gt 0 ] || exit 0
+root=${PIBAKE_ROOT:-}
+note="# written by pibake's seed (sensor on Wi-Fi): DNS for the static wlan0 address"
+if [ "$family" = raspios ]; then
+    mkdir -p "$root/etc/NetworkManager/conf.d"
+    servers=$(printf '%s,' "$@")
+    printf '%s\n[global-dns-domain-*]\nservers=%s\n' "$note" "${servers%,}" \
+        >"$root/etc/NetworkManager/conf.d/90-pibake-dns.conf"
+    nmcli general reload conf >/dev/null 2>&1 || true
+else
+    mkdir -p "$root/etc/systemd/resolved.conf.d"
+    printf '%s\n[Resolve]\nDNS=%s\n' "$note" "$*" >"$root/etc/systemd/resolved.conf.d/90-pibake-dns.conf"
+    systemctl try-reload-or-restart systemd-resolved.service >/dev/null 2>&1 || true
+fi
+"""
+
+
+def wifi_dns_command(cluster, node):
+    """The sensor seed's bootcmd entry: DNS servers for a static wlan0 (none when the node is wired)."""
+    servers = list(cluster.dns or ()) if node.role == "sensor" and cluster.wifi is not None else []
+    return ["sh", "-c", WIFI_DNS_SCRIPT, "pibake-wifi-dns", cluster.family, *servers]
+
+
 def sensor_agent_source():
     """The sensor agent's source file, shipped verbatim to every node."""
     return importlib.resources.files("pibake.firstboot").joinpath("sensor_agent.py").read_text(encoding="utf-8")
@@ -495,6 +526,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "secret_paths": secret_paths(node.role, bundle),
         "agent_command": AGENT_COMMAND,
         "sensor_command": SENSOR_COMMAND,
+        "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
         "wheel_glob": WHEEL_GLOB,
         "manager_root": MANAGER_ROOT,
@@ -526,6 +558,7 @@ def network_config_data(cluster, node):
     if cluster.wifi is not None and node.role == "sensor":
         # a sensor node is a Wi-Fi-only board (Pi Zero W / Zero 2 W): its planned address goes on wlan0
         del net["ethernets"]
+        wired.pop("nameservers", None)  # cloud-init cannot take them here: see WIFI_DNS_SCRIPT
         net["wifis"] = {
             WIFI_NIC: {
                 **wired,

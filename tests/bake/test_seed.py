@@ -120,6 +120,48 @@ def test_network_config_through_cloud_init(family, renderer, tmp_path):
     assert "Address=10.1.1.11/24" in networkd and "Gateway=10.1.1.1" in networkd
 
 
+@needs_cloud_init
+def test_sensor_wlan0_static_through_cloud_init(tmp_path):
+    """A Wi-Fi-only sensor node: cloud-init's own v2 parser and netplan renderer give wlan0 the planned
+    static address, route, DNS, the network and the regulatory domain; there is no eth0."""
+    parsed = cloud_init_network(render("sensor", "raspios", wifi=True).network_config, tmp_path)
+    assert "eth0" not in [i["name"] for i in parsed["interfaces"]]
+    # cloud-init hands `wifis` to netplan as they are (its own network state has no Wi-Fi interfaces)
+    written = yaml.safe_load(parsed["files"]["netplan:etc/netplan/50-cloud-init.yaml"])["network"]
+    assert written["renderer"] == "NetworkManager" and "ethernets" not in written
+    wlan = written["wifis"]["wlan0"]
+    assert wlan["addresses"] == ["10.1.1.12/24"] and wlan["regulatory-domain"] == "DE"
+    assert wlan["access-points"] == {"lab net": {"password": PSK}}
+    assert wlan["routes"] == [{"to": "0.0.0.0/0", "via": "10.1.1.1"}] and wlan["dhcp4"] is False
+    # cloud-init's parser raises KeyError on nameservers under wifis (this test caught it): DNS goes by bootcmd
+    broken = yaml.safe_load(render("sensor", "raspios", wifi=True).network_config)
+    broken["network"]["wifis"]["wlan0"]["nameservers"] = {"addresses": ["10.1.1.1"]}
+    with pytest.raises(AssertionError, match="KeyError: 'wlan0'"):
+        cloud_init_network(yaml.safe_dump(broken), tmp_path)
+
+
+@pytest.mark.parametrize("family,path,line", [
+    ("raspios", "etc/NetworkManager/conf.d/90-pibake-dns.conf", "servers=10.1.1.1,9.9.9.9"),
+    ("ubuntu", "etc/systemd/resolved.conf.d/90-pibake-dns.conf", "DNS=10.1.1.1 9.9.9.9"),
+])
+def test_sensor_on_wifi_gets_dns_from_bootcmd(family, path, line, tmp_path):
+    """The bootcmd writes the cluster's DNS servers where the image's network stack reads them (run here under
+    $PIBAKE_ROOT, without nmcli/systemctl on PATH); a wired sensor's bootcmd does nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "mkdir", "printf"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "PIBAKE_ROOT": str(tmp_path / "root")}
+    (command,) = yaml.safe_load(render("sensor", family, wifi=True).user_data)["bootcmd"]
+    subprocess.run(command, env=env, check=True, timeout=30)
+    written = (tmp_path / "root" / path).read_text().splitlines()
+    assert written[-1] == line and written[0].startswith("# written by pibake")
+    (wired,) = yaml.safe_load(render("sensor", family, wifi=False).user_data)["bootcmd"]
+    subprocess.run(wired, env={**env, "PIBAKE_ROOT": str(tmp_path / "wired")}, check=True, timeout=30)
+    assert not (tmp_path / "wired").exists()
+
+
 def test_network_config_without_gateway_dns_wifi():
     seed = render("worker", cluster=cluster_for(gateway=None, dns=()))
     eth0 = yaml.safe_load(seed.network_config)["network"]["ethernets"]["eth0"]
@@ -243,6 +285,7 @@ def test_sensor_with_wifi_takes_its_address_on_wlan0():
     assert wlan["addresses"] == ["10.1.1.12/24"] and wlan["dhcp4"] is False
     assert wlan["regulatory-domain"] == "DE" and list(wlan["access-points"]) == ["lab net"]
     assert wlan["routes"] == [{"to": "0.0.0.0/0", "via": "10.1.1.1"}]
+    assert "nameservers" not in wlan  # see test_sensor_on_wifi_gets_dns_from_bootcmd
     # a worker keeps its address on the wire and Wi-Fi as DHCP backup
     worker = yaml.safe_load(render("worker", wifi=True).network_config)["network"]
     assert worker["ethernets"]["eth0"]["addresses"] == ["10.1.1.11/24"] and worker["wifis"]["wlan0"]["dhcp4"]
