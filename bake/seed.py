@@ -425,6 +425,22 @@ def sensor_settings(cluster, node):
     }
 
 
+def sensor_files(cluster, node):
+    """The sensor agent's files on ``node`` (write_files entries: path, owner, permissions, content), for the seed
+    and for anything else that installs the agent (deploy): the agent, its settings, its unit, and on a sensor
+    node the i2c-dev module load. Start it with ``pibake-start pibake-sensor.service -- SENSOR_COMMAND``."""
+    files = [
+        _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
+        _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
+        _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
+                   _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
+    ]
+    if node.role == "sensor":
+        files.append(_text_file("/etc/modules-load.d/pibake-i2c.conf",
+                                "# written by pibake's seed: /dev/i2c-N for the sensor agent\ni2c-dev\n", "0644"))
+    return files
+
+
 def _text_file(path, content, permissions):
     return {"path": path, "owner": "root:root", "permissions": permissions, "content": content}
 
@@ -484,15 +500,7 @@ def _write_files(cluster, node, seed_secrets, bundle):
         _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
                    _render("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
     ]
-    files += [
-        _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
-        _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
-        _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
-                   _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
-    ]
-    if node.role == "sensor":
-        files.append(_text_file("/etc/modules-load.d/pibake-i2c.conf",
-                                "# written by pibake's seed: /dev/i2c-N for the sensor agent\ni2c-dev\n", "0644"))
+    files += sensor_files(cluster, node)
     for name in ROLE_SCRIPTS[node.role]:
         path, template = SCRIPTS[name]
         files.append(_text_file(path, _render(template), "0755"))
