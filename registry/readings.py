@@ -14,13 +14,16 @@ Tables (one row per reading, metrics as columns: ~5x fewer bytes than one row pe
 * ``pending_hours``: hours that got new raw readings since they were last rolled up (late readings of a
   node that was out of Wi-Fi range for hours re-open old hours; the pass recomputes each such hour from raw).
 * ``sensor_nodes``: per node the last seq, the newest reading (for the list), when it was last received,
-  and the place set on the manager (``pibake sensors mark``); ``thresholds`` set over the API;
+  and the place set on the manager (``pibake sensors mark``), with its history in ``places`` (a reading
+  without a place of its own gets the place set at its time: buffered readings of a node that was carried
+  out of range keep the place they were taken at); ``thresholds`` set over the API;
   ``alerts``: per node and metric the alert state and since when.
 
 Every function that depends on the time takes ``now`` (Unix seconds) so tests and bench/sensors can run
 a simulated month in minutes.
 """
 
+import bisect
 import contextlib
 import json
 import logging
@@ -108,6 +111,12 @@ MIGRATIONS = (
         value   REAL,
         PRIMARY KEY (node_id, metric)
     );
+    CREATE TABLE places (
+        node_id INTEGER NOT NULL,
+        since   REAL NOT NULL,
+        place   TEXT,
+        PRIMARY KEY (node_id, since)
+    ) WITHOUT ROWID;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
     INSERT INTO meta (key, value) VALUES ('last_pass', 0);
     """,
@@ -199,9 +208,13 @@ class ReadingsStore:
             node_id = self._node_id(conn, node, create=True)
             state = conn.execute("SELECT * FROM sensor_nodes WHERE id = ?", (node_id,)).fetchone()
             accepted, hours, newest, nets = 0, set(), None, []
+            history = conn.execute("SELECT since, place FROM places WHERE node_id = ? ORDER BY since",
+                                   (node_id,)).fetchall()
+            starts = [since for since, _ in history]
             link = json.loads(state["last_reading"]).get("wifi") if state["last_reading"] else None
             for r in sorted(readings, key=lambda r: r["time"]):
-                place = r.get("place") or state["place"]
+                at = bisect.bisect_right(starts, r["time"])
+                place = r.get("place") or (history[at - 1][1] if at else None)
                 metrics = r.get("metrics") or {}
                 wifi = r.get("wifi")
                 changed = bool(wifi) and _link(wifi) != _link(link)
@@ -291,6 +304,8 @@ class ReadingsStore:
         with self.connect(write=True) as conn:
             node_id = self._node_id(conn, node, create=True)
             conn.execute("UPDATE sensor_nodes SET place = ?, place_since = ? WHERE id = ?", (place, now, node_id))
+            conn.execute("INSERT OR REPLACE INTO places (node_id, since, place) VALUES (?, ?, ?)",
+                         (node_id, now, place))
         return {"node": node, "place": place, "since": now}
 
     # ------------------------------------------------------------------ reading back

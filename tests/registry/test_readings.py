@@ -219,9 +219,12 @@ def test_a_place_set_on_the_manager_labels_readings_without_their_own(sensors):
     sensors.ingest("red-zero", {"readings": [reading(1, T0)]}, now=T0)
     sensors.mark("red-zero", "kitchen", now=T0 + 10)
     own = dict(reading(3, T0 + 120), place="garden")
-    sensors.ingest("red-zero", {"readings": [reading(2, T0 + 60), own]}, now=T0 + 120)
+    late = reading(4, T0 + 5)  # taken before the mark, buffered, sent after it
+    sensors.ingest("red-zero", {"readings": [reading(2, T0 + 60), own, late]}, now=T0 + 120)
+    sensors.mark("red-zero", "hall", now=T0 + 150)
+    sensors.ingest("red-zero", {"readings": [reading(5, T0 + 140), reading(6, T0 + 160)]}, now=T0 + 170)
     places = [(r["seq"], r["place"]) for r in sensors.export("red-zero", now=T0 + 200)]
-    assert places == [(1, None), (2, "kitchen"), (3, "garden")]
+    assert places == [(1, None), (4, None), (2, "kitchen"), (3, "garden"), (5, "kitchen"), (6, "hall")]
     with pytest.raises(RegistryError, match="not a place label"):
         sensors.mark("red-zero", "kitchen\n- evil")
     with pytest.raises(RegistryError, match="no node named nobody"):
