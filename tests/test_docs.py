@@ -192,7 +192,13 @@ BLOCKS = {
         "sn-settings": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
         "sn-node-check": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
     },
-    "sensors.md": {},
+    "sensors.md": {
+        "sens-settings": "test: tests/registry/test_readings.py::test_docs_settings_example_is_accepted",
+        "sens-body": "test: tests/registry/test_readings.py::test_docs_body_is_accepted_once",
+        "sens-rest": "test: tests/registry/test_readings.py::test_sensors_page_rest_block",
+        "sens-python": "test: tests/registry/test_cli_sensors.py::test_sensors_page_python_block",
+        "sens-cli": "test: tests/registry/test_cli_sensors.py::test_sensors_page_cli_block",
+    },
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used
