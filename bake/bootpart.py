@@ -9,6 +9,8 @@ After writing, every file is read back and compared byte for byte; for a block d
 the device's buffer cache is flushed first so the comparison reads the card, not memory.
 ``cmdline.txt`` loses any stale ``ds=nocloud...`` token (it would pin an old instance-id
 and a re-seeded card would never run cloud-init again) and stays exactly one line.
+``config.txt`` gets the role's firmware settings (``config_lines``, e.g. ``dtparam=i2c_arm=on`` for a sensor
+node), appended under ``[all]`` unless already in effect for every board; nothing else in it changes.
 
     part = find_boot_partition("/dev/sdb")
     result = write_seed("/dev/sdb", seed)      # {"partition": ..., "files": {...}, ...}
@@ -37,6 +39,7 @@ LOG = logging.getLogger(__name__)
 
 SEED_FILES = ("user-data", "meta-data", "network-config")
 CMDLINE = "cmdline.txt"
+CONFIG_TXT = "config.txt"
 
 # MBR partition types that hold FAT: FAT12, FAT16 <32M, FAT16, FAT32 CHS, FAT32 LBA, FAT16 LBA, EFI.
 MBR_FAT_TYPES = {0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E, 0xEF}
@@ -309,6 +312,38 @@ def clean_cmdline(text):
     return "".join(kept).strip() + "\n", removed
 
 
+# --------------------------------------------------------------------------- config.txt
+
+
+def _section_applies_to_all(header):
+    return header is None or header.strip().lower() == "[all]"
+
+
+def ensure_config_lines(text, lines):
+    """Return (new text, lines added): each of ``lines`` in effect on every board.
+
+    The firmware reads config.txt top to bottom; lines under a conditional section (``[pi4]``, ``[cm5]``, ...)
+    apply to some boards only, so a line counts as present only before the first section or under ``[all]``.
+    Missing lines are appended under an ``[all]`` header (added when the file does not end in ``[all]``).
+    Idempotent: a second call adds nothing.
+    """
+    section, present = None, set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line
+        elif line and not line.startswith("#") and _section_applies_to_all(section):
+            present.add(line)
+    missing = [ln for ln in lines if ln not in present]
+    if not missing:
+        return text, []
+    out = text if not text or text.endswith("\n") else text + "\n"
+    if not _section_applies_to_all(section):
+        out += "[all]\n"
+    out += "# added by pibake burn (node role settings)\n" + "".join(ln + "\n" for ln in missing)
+    return out, missing
+
+
 # --------------------------------------------------------------------------- seed
 
 
@@ -316,11 +351,13 @@ def _as_bytes(text):
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
-def write_seed(target, seed, *, extra_files=None, verify=True):
+def write_seed(target, seed, *, extra_files=None, verify=True, config_lines=()):
     """Write ``seed`` (a ``pibake.model.Seed``) to the boot partition of ``target`` and fix cmdline.txt.
 
     ``extra_files``: more {path: bytes} for the boot partition (e.g. the pibake wheel for a manager).
-    Returns a JSON-able dict: partition, files (sha256 each), cmdline (removed tokens), verified.
+    ``config_lines``: config.txt lines the node's role needs (``pibake.bake.seed.ROLE_BOOT_CONFIG``).
+    Returns a JSON-able dict: partition, files (sha256 each), cmdline (removed tokens), config_txt (lines
+    added), verified.
     """
     part = find_boot_partition(target)
     files = {name: _as_bytes(text) for name, text in seed.files().items()}
@@ -334,6 +371,14 @@ def write_seed(target, seed, *, extra_files=None, verify=True):
             files[CMDLINE] = new_bytes
     else:
         LOG.warning("%s: boot partition has no cmdline.txt; writing the seed only", target)
+    config_info = {"present": False, "added": []}
+    if config_lines:
+        current = read_files(part, [CONFIG_TXT])[CONFIG_TXT]
+        text = "" if current is None else current.decode("utf-8", errors="surrogateescape")
+        new, added = ensure_config_lines(text, config_lines)
+        config_info = {"present": current is not None, "added": added}
+        if added:
+            files[CONFIG_TXT] = new.encode("utf-8", errors="surrogateescape")
     for name, data in (extra_files or {}).items():
         files[name] = _as_bytes(data)
     removed_files = []
@@ -353,6 +398,7 @@ def write_seed(target, seed, *, extra_files=None, verify=True):
         "instance_id": seed.instance_id,
         "files": digests,
         "cmdline": cmdline_info,
+        "config_txt": config_info,
         "removed_files": removed_files,
         "verified": bool(verify),
     }

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import pibake
 from pibake.bake import bootpart, devices, images, manifest
+from pibake.bake.seed import ROLE_BOOT_CONFIG
 from pibake.errors import PibakeError, PlanError
 from pibake.run import run
 
@@ -518,8 +519,9 @@ def burn_one(cluster_dir, prepared, node, target, *, verify=True, sparse=True, p
         # The exclusive fd stays open while the seed is written: nothing can mount the card meanwhile.
         if target.kind == "block":
             bootpart.flush_block_device(target.path)  # no page cached before the write may answer a read now
-        seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node))
-        result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"],
+        seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node),
+                                     config_lines=ROLE_BOOT_CONFIG.get(node.role, ()))
+        result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"], "config_txt": seeded["config_txt"],
                        "partition": seeded["partition"]["number"], "verified": seeded["verified"]}
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, PibakeError) else (
@@ -603,16 +605,22 @@ def wait_for_next_card(device, hostname, burned, *, ask, probe):
 def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, devices_=(), output=None,
          image=None, sha256=None, verify=True, sparse=True, allow_non_removable=False,
          max_bytes=devices.DEFAULT_MAX_BYTES, wheel=None, confirm=None, ask=None, probe=None, progress=None,
-         facts_provider=None, cache_dir=None):
+         facts_provider=None, cache_dir=None, board=None):
     """Burn one or more nodes; return a list of ``BurnResult`` (one per card or file).
 
     ``confirm(prompt) -> bool`` is asked before erasing each card (None: confirmed, i.e. --yes).
     ``ask(message)`` waits for a person to swap cards between rounds (None: a batch that needs a card
     swap is refused). ``probe(device)`` reads the card identity (default ``default_probe``).
     ``progress(label, done, total)`` reports download, decompression and per-host write progress.
+    ``board`` (``pibake.model.BOARDS``: zero, zero-w, zero2-w, pi3, pi4, pi5) picks the catalog image of
+    the cluster's family built for that board (armhf for a Pi Zero / Zero W) when no ``image`` is given.
     Raises PibakeError before anything is written when a check fails.
     """
     devices_ = [d for d in (devices_ or ()) if d]
+    if board is not None:
+        from pibake.cluster import load_cluster
+
+        image = images.image_for_board(image or load_cluster(cluster_dir).image, board)
     if bool(devices_) == bool(output):
         raise BurnError("say where to write: --device /dev/sdX (cards) or --output 'out/{hostname}.img' (files), "
                         "not both")
@@ -785,7 +793,8 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
     try:
         if target.kind == "block":
             fd = devices.open_target(target)
-        seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node))
+        seeded = bootpart.write_seed(target.path, seed, extra_files=_wheel_files(prepared, node),
+                                     config_lines=ROLE_BOOT_CONFIG.get(node.role, ()))
     except PibakeError as exc:
         manifest.finish(cluster_dir, result.burn_id, "failed", reason=str(exc))
         raise
@@ -795,7 +804,7 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
     finally:
         if fd is not None:
             os.close(fd)
-    result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"],
+    result.seed = {"files": seeded["files"], "cmdline": seeded["cmdline"], "config_txt": seeded["config_txt"],
                    "partition": seeded["partition"]["number"], "verified": seeded["verified"],
                    "previous_instance_id": previous.instance_id if previous else None}
     result.verified = seeded["verified"]

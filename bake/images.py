@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import yaml
 
 from pibake.errors import PibakeError
-from pibake.model import FAMILIES
+from pibake.model import ARCHES, BOARDS, FAMILIES
 
 LOG = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class CatalogImage:
     boot_partition_label: str
     nocloud_files: tuple[str, ...]
     nocloud_mounted_at: str
+    arch: str = "arm64"  # one of ARCHES
 
     @property
     def filename(self):
@@ -138,6 +139,8 @@ def parse_catalog(text):
         nocloud = entry["nocloud"] or {}
         if not isinstance(boot.get("number"), int) or not boot.get("label"):
             problems.append(f"{where}.boot_partition: needs number and label")
+        if entry.get("arch", "arm64") not in ARCHES:
+            problems.append(f"{where}.arch: {entry.get('arch')!r} is not one of {', '.join(ARCHES)}")
         catalog[name] = CatalogImage(
             name=name,
             description=str(entry["description"]),
@@ -150,6 +153,7 @@ def parse_catalog(text):
             boot_partition_label=boot.get("label"),
             nocloud_files=tuple(nocloud.get("files") or ()),
             nocloud_mounted_at=str(nocloud.get("mounted_at", "/boot/firmware")),
+            arch=entry.get("arch", "arm64"),
         )
     if problems:
         raise ImageError("image catalog is invalid: " + "; ".join(problems))
@@ -160,6 +164,32 @@ def load_catalog():
     """The catalog shipped in the package (bake/catalog.yaml): ``{name: CatalogImage}``."""
     text = resources.files("pibake.bake").joinpath("catalog.yaml").read_text(encoding="utf-8")
     return parse_catalog(text)
+
+
+def image_for_board(image, board, catalog=None):
+    """The catalog image to burn for ``board``: ``image`` itself when it fits, else the catalog entry of the same
+    family built for the board's architecture (``raspios-trixie-lite-arm64`` -> ``...-armhf`` for a Pi Zero W).
+
+    A local image file is taken as it is (pibake cannot tell its architecture). ImageError when the board is
+    unknown or the family has no image for it (Ubuntu does not run on the 32-bit Zero).
+    """
+    if board is None:
+        return image
+    if board not in BOARDS:
+        raise ImageError(f"unknown board {board!r}; choose one of {', '.join(BOARDS)}")
+    catalog = load_catalog() if catalog is None else catalog
+    entry = catalog.get(str(image))
+    if entry is None:
+        return image
+    wanted = BOARDS[board]
+    if entry.arch == wanted:
+        return image
+    fits = sorted(name for name, item in catalog.items() if item.family == entry.family and item.arch == wanted)
+    if not fits:
+        raise ImageError(f"board {board} needs an {wanted} image and the catalog has no {entry.family} image for "
+                         f"{wanted} ({image} is {entry.arch}); choose another --image")
+    LOG.info("board %s: burning %s (%s) instead of %s", board, fits[0], wanted, image)
+    return fits[0]
 
 
 def catalog_entry(name, catalog=None):

@@ -354,6 +354,34 @@ def _check_network_config(seed, report, family):
                     report.error("network-config", f"{path}.access-points", "must name at least one network")
 
 
+def _seed_role(config):
+    """The role the seed's agent config names (None when there is none or it is unreadable)."""
+    for entry in config.get("write_files") or ():
+        if isinstance(entry, dict) and entry.get("path") == "/etc/pibake/agent.json":
+            try:
+                return json.loads(entry.get("content") or "{}").get("role")
+            except (ValueError, AttributeError):
+                return None
+    return None
+
+
+def _check_sensor_wifi(config, seed, report):
+    """A sensor node is usually a Pi Zero (W / 2 W): Wi-Fi only. Without Wi-Fi settings it can only join over a
+    USB Ethernet adapter, which is rarely what was meant."""
+    if _seed_role(config) != "sensor":
+        return
+    try:
+        net = yaml.safe_load(seed.network_config) or {}
+    except yaml.YAMLError:
+        return  # reported by _check_network_config
+    net = net.get("network", net) if isinstance(net, dict) else {}
+    if isinstance(net, dict) and not net.get("wifis"):
+        report.warn("network-config", "network.wifis",
+                    "a sensor node without Wi-Fi settings: a Pi Zero W / Zero 2 W has no Ethernet port, so it "
+                    "would never reach the cluster; add them with `pibake init --wifi-ssid NAME --wifi-country CC` "
+                    "(cluster.yaml wifi:) and render again, or ignore this for a wired sensor node")
+
+
 def lint_seed(seed, *, hostname=None, family=None, schema_file="auto"):
     """Return a ``LintReport`` (errors, warnings) for a ``pibake.model.Seed``.
 
@@ -383,6 +411,8 @@ def lint_seed(seed, *, hostname=None, family=None, schema_file="auto"):
         if hostname is not None and name != hostname:
             report.error("user-data", "hostname", f"is {name!r}, expected {hostname!r}")
     _check_network_config(seed, report, family)
+    if config is not None:
+        _check_sensor_wifi(config, seed, report)
 
     sizes = {name: len(text.encode("utf-8")) for name, text in seed.files().items()}
     total = sum(sizes.values())

@@ -20,10 +20,20 @@ How a seed is built
     /usr/local/lib/pibake/pibake-scrub-seed     removes the secret write_files from the card's user-data
 
   workers and sensors also get ``/etc/systemd/timesyncd.conf.d/pibake.conf`` (time from the manager, the
-  cluster's ``ntp_servers`` as fallback); sensors ``pibake-enable-i2c``; the manager gets chrony serving the
+  cluster's ``ntp_servers`` as fallback); the manager gets chrony serving the
   cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``
   and ``pibake-registry.service``, and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
   On Raspberry Pi OS (sshd ships disabled) runcmd also enables ``ssh.service``; Ubuntu runs it already.
+  Every role also gets the sensor agent (SoC temperature and throttling on every Pi, Wi-Fi where there is a
+  ``wlan0``)::
+
+    /usr/local/lib/pibake/sensor_agent.py   0755  the sensor agent (pibake.firstboot/sensor_agent.py, verbatim)
+    /etc/pibake/sensor.json                 0600  its settings (``sensor_settings``): the I2C bus on sensor nodes
+    /etc/systemd/system/pibake-sensor.service     long-running unit, started by runcmd like the agent
+
+  and sensor nodes ``/etc/modules-load.d/pibake-i2c.conf`` (i2c-dev, so /dev/i2c-1 exists); I2C itself is
+  switched on by ``pibake burn`` in the card's config.txt (``ROLE_BOOT_CONFIG``). A sensor node with Wi-Fi
+  settings takes its planned static address on ``wlan0`` (a Pi Zero has no Ethernet port).
   Every node but the manager authorizes the manager's ssh key for the cluster user (``authorized_keys``):
   ``from="<manager IP>",restrict``, so the registry's verify and deploy jobs log in from the manager only.
 
@@ -93,6 +103,14 @@ MANAGER_ROOT = "/var/lib/pibake"
 MANAGER_CLUSTER_DIR = f"{MANAGER_ROOT}/cluster"
 SYSTEMD_DIR = "/etc/systemd/system"
 AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
+SENSOR_AGENT_PATH = f"{LIB_DIR}/sensor_agent.py"
+SENSOR_CONFIG = "/etc/pibake/sensor.json"
+SENSOR_COMMAND = ["/usr/bin/python3", SENSOR_AGENT_PATH, "--config", SENSOR_CONFIG]
+SENSOR_BUFFER = "/var/lib/pibake/sensor-buffer.sqlite3"
+I2C_BUS = 1  # the Pi's GPIO header I2C (pins 3 SDA, 5 SCL): /dev/i2c-1
+# config.txt lines `pibake burn` makes sure of on the card's FAT partition, per role (pibake.bake.bootpart):
+# the firmware switches I2C on at boot, no runtime raspi-config call needed
+ROLE_BOOT_CONFIG = {"sensor": ("dtparam=i2c_arm=on",)}
 REGISTRY_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, "registry", "serve"]
 # With mqtt enabled (docs/mqtt.md): the broker's files from the cluster bundle, then Mosquitto (its Debian unit;
 # without systemd the same program in the foreground, detached by pibake-start)
@@ -104,12 +122,11 @@ SCRIPTS = {  # name in templates -> (path on the node, template)
     "hosts_entry": (f"{LIB_DIR}/pibake-hosts-entry", "hosts-entry.sh.j2"),
     "scrub": (f"{LIB_DIR}/pibake-scrub-seed", "scrub-seed.py.j2"),
     "install_pibake": (f"{LIB_DIR}/pibake-install", "install-pibake.sh.j2"),
-    "enable_i2c": (f"{LIB_DIR}/pibake-enable-i2c", "enable-i2c.sh.j2"),
 }
 ROLE_SCRIPTS = {
     "manager": ("start", "hosts_entry", "scrub", "install_pibake"),
     "worker": ("start", "hosts_entry", "scrub"),
-    "sensor": ("start", "hosts_entry", "scrub", "enable_i2c"),
+    "sensor": ("start", "hosts_entry", "scrub"),
 }
 ROLE_GROUPS = {
     "manager": ["adm", "sudo"],
@@ -139,8 +156,8 @@ TOP_LEVEL_KEYS = {  # what each role's user-data holds, in order; tests hold the
     "worker": ("hostname", "manage_etc_hosts", "users", "ssh_pwauth", "disable_root", "timezone", "locale",
                "package_update", "package_upgrade", "packages", "runcmd", "write_files"),
 }
-TOP_LEVEL_KEYS["sensor"] = TOP_LEVEL_KEYS["worker"]
 TOP_LEVEL_KEYS["manager"] = TOP_LEVEL_KEYS["worker"][:-3] + ("bootcmd",) + TOP_LEVEL_KEYS["worker"][-3:]
+TOP_LEVEL_KEYS["sensor"] = TOP_LEVEL_KEYS["manager"]
 
 HEADER = "#cloud-config\n"
 
@@ -354,6 +371,80 @@ def agent_source():
     return importlib.resources.files("pibake.firstboot").joinpath("agent.py").read_text(encoding="utf-8")
 
 
+# cloud-init (22.4 and 25.1 alike) raises KeyError on per-interface `nameservers` under netplan `wifis`
+# (network_state._handle_individual_nameserver: wifis are not in its interface table), which would break the
+# whole network config on the Pi. So a sensor on Wi-Fi gets its DNS servers from this bootcmd instead, written
+# where the image's network stack reads them, every boot (bootcmd runs before write_files and before packages
+# are installed, which needs DNS). $PIBAKE_ROOT is for tests.
+WIFI_DNS_SCRIPT = r"""set -eu
+family=$1
+shift
+[ $# -gt 0 ] || exit 0
+root=${PIBAKE_ROOT:-}
+note="# written by pibake's seed (sensor on Wi-Fi): DNS for the static wlan0 address"
+if [ "$family" = raspios ]; then
+    mkdir -p "$root/etc/NetworkManager/conf.d"
+    servers=$(printf '%s,' "$@")
+    printf '%s\n[global-dns-domain-*]\nservers=%s\n' "$note" "${servers%,}" \
+        >"$root/etc/NetworkManager/conf.d/90-pibake-dns.conf"
+    nmcli general reload conf >/dev/null 2>&1 || true
+else
+    mkdir -p "$root/etc/systemd/resolved.conf.d"
+    printf '%s\n[Resolve]\nDNS=%s\n' "$note" "$*" >"$root/etc/systemd/resolved.conf.d/90-pibake-dns.conf"
+    systemctl try-reload-or-restart systemd-resolved.service >/dev/null 2>&1 || true
+fi
+"""
+
+
+def wifi_dns_command(cluster, node):
+    """The sensor seed's bootcmd entry: DNS servers for a static wlan0 (none when the node is wired)."""
+    servers = list(cluster.dns or ()) if node.role == "sensor" and cluster.wifi is not None else []
+    return ["sh", "-c", WIFI_DNS_SCRIPT, "pibake-wifi-dns", cluster.family, *servers]
+
+
+def sensor_agent_source():
+    """The sensor agent's source file, shipped verbatim to every node."""
+    return importlib.resources.files("pibake.firstboot").joinpath("sensor_agent.py").read_text(encoding="utf-8")
+
+
+def sensor_settings(cluster, node):
+    """The sensor agent's settings (written to /etc/pibake/sensor.json; keys: firstboot/sensor_agent.py DEFAULTS).
+
+    Every role reports its SoC and Wi-Fi; only a sensor node reads the I2C bus. The user tunes the interval,
+    offsets and place label in that file on the node (or `pibake sensors mark` for the place).
+    """
+    return {
+        "interval_s": 60,
+        "offsets": {},
+        "bus": I2C_BUS if node.role == "sensor" else None,
+        "address": None,
+        "buffer": SENSOR_BUFFER,
+        "buffer_max": 100000,
+        "place": None,
+        "wifi_interface": WIFI_NIC,
+        "scan_every_s": 300,
+        "mqtt": None,
+        "sim_bus": None,
+        "agent_config": AGENT_CONFIG,
+    }
+
+
+def sensor_files(cluster, node):
+    """The sensor agent's files on ``node`` (write_files entries: path, owner, permissions, content), for the seed
+    and for anything else that installs the agent (deploy): the agent, its settings, its unit, and on a sensor
+    node the i2c-dev module load. Start it with ``pibake-start pibake-sensor.service -- SENSOR_COMMAND``."""
+    files = [
+        _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
+        _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
+        _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
+                   _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
+    ]
+    if node.role == "sensor":
+        files.append(_text_file("/etc/modules-load.d/pibake-i2c.conf",
+                                "# written by pibake's seed: /dev/i2c-N for the sensor agent\ni2c-dev\n", "0644"))
+    return files
+
+
 def _text_file(path, content, permissions):
     return {"path": path, "owner": "root:root", "permissions": permissions, "content": content}
 
@@ -413,6 +504,7 @@ def _write_files(cluster, node, seed_secrets, bundle):
         _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
                    _render("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
     ]
+    files += sensor_files(cluster, node)
     for name in ROLE_SCRIPTS[node.role]:
         path, template = SCRIPTS[name]
         files.append(_text_file(path, _render(template), "0755"))
@@ -445,6 +537,8 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "seed_file": SEED_FILE,
         "secret_paths": secret_paths(node.role, bundle),
         "agent_command": AGENT_COMMAND,
+        "sensor_command": SENSOR_COMMAND,
+        "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
         "mqtt_setup_command": MQTT_SETUP_COMMAND,
@@ -476,7 +570,19 @@ def network_config_data(cluster, node):
     if cluster.dns:
         wired["nameservers"] = {"addresses": list(cluster.dns)}
     net = {"version": 2, "renderer": RENDERERS[cluster.family], "ethernets": {WIRED_NIC: wired}}
-    if cluster.wifi is not None:
+    if cluster.wifi is not None and node.role == "sensor":
+        # a sensor node is a Wi-Fi-only board (Pi Zero W / Zero 2 W): its planned address goes on wlan0
+        del net["ethernets"]
+        wired.pop("nameservers", None)  # cloud-init cannot take them here: see WIFI_DNS_SCRIPT
+        net["wifis"] = {
+            WIFI_NIC: {
+                **wired,
+                # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
+                "regulatory-domain": cluster.wifi.country,
+                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+            }
+        }
+    elif cluster.wifi is not None:
         wired["optional"] = True  # boot does not wait for a cable that may not be plugged in
         net["wifis"] = {
             WIFI_NIC: {

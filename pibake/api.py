@@ -57,6 +57,7 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT as DEPLOY_CONNECT_TIMEOUT  # n
 from pibake.deploy import DEFAULT_IDLE_TIMEOUT as DEPLOY_IDLE_TIMEOUT  # noqa: F401,E402
 from pibake.deploy import DEFAULT_PARALLEL as DEPLOY_PARALLEL, format_table as format_deploy_table  # noqa: F401,E402
 from pibake.errors import ConfigError, NotBuiltError, PibakeError, SecretsError  # noqa: F401,E402
+from pibake.model import BOARDS  # noqa: F401,E402
 from pibake.firstboot import agent as firstboot_agent  # noqa: F401,E402
 from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTIONS as MANAGER_JOB_FUNCTIONS  # noqa: F401,E402
 from pibake.lab.cluster import shell_argv as lab_shell_argv  # noqa: F401,E402
@@ -95,3 +96,5 @@ def serve_registry(cluster_dir, **options):
     from pibake.registry.server import serve  # start-up: gunicorn loads only for the registry commands
 
     return serve(cluster_dir, **options)
+from pibake.sensors import Sensors, parse_time as parse_sensor_time  # noqa: F401,E402
+from pibake.sensors_model import METRICS as SENSOR_METRICS  # noqa: F401,E402

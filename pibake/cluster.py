@@ -29,6 +29,7 @@ from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
 from pibake.files import atomic_write
 from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, MqttSettings, SwitchConfig, Wifi
+from pibake.sensors_model import SETTINGS_SCHEMA as SENSOR_SETTINGS_SCHEMA, settings_problems as sensor_settings_problems
 
 LOG = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ _KEY_DOCS = {
     "mqtt": (
         "Optional MQTT broker (Mosquitto) on the manager for sensor nodes and Home Assistant: enabled,\n"
         "port (8883, TLS), discovery_prefix (homeassistant), base (pibake). See docs/mqtt.md."
+    ),
+    "sensors": (
+        "Optional sensor history settings: raw_days, hourly_days, offline_after_s, pass_every_s and\n"
+        "thresholds per node (or *) and metric ({min, max}). See docs/sensors.md."
     ),
 }
 _WIFI_EXAMPLE = """\
@@ -202,6 +207,7 @@ CLUSTER_SCHEMA = {
                 "base": {"type": "string", "minLength": 1, "maxLength": 100},
             },
         },
+        "sensors": SENSOR_SETTINGS_SCHEMA,
     },
 }
 
@@ -463,6 +469,8 @@ def validate_cluster_data(data):
         sem.extend(switch_problems(data["switches"], data.get("manager"), skip=broken))
     if ok("mqtt"):
         sem.extend(mqtt_problems(data["mqtt"], data.get("registry_port", DEFAULT_REGISTRY_PORT)))
+    if ok("sensors"):
+        sem.extend(sensor_settings_problems(data["sensors"]))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
     if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)

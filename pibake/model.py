@@ -12,6 +12,11 @@ ROLES = ("manager", "worker", "sensor")
 # Image family decides what the seed looks like (network renderer, boot partition name).
 FAMILIES = ("raspios", "ubuntu")
 
+# The boards `pibake burn --board` knows and the architecture each runs: the Pi Zero and Zero W are ARMv6
+# (32-bit only: armhf); every later board runs arm64 (pibake.bake.images.image_for_board picks the image).
+ARCHES = ("arm64", "armhf")
+BOARDS = {"zero": "armhf", "zero-w": "armhf", "zero2-w": "arm64", "pi3": "arm64", "pi4": "arm64", "pi5": "arm64"}
+
 
 @dataclass(frozen=True)
 class Wifi:

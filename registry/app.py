@@ -13,7 +13,7 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.registry import api, mqtt, web
+from pibake.registry import api, mqtt, sensors_api, sensors_web, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
 
@@ -43,6 +43,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
         MAX_CONTENT_LENGTH=MAX_BODY,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=True,  # served over TLS only (gunicorn with the cluster's certificate)
         SESSION_COOKIE_NAME="pibake_session",
         JSON_SORT_KEYS=False,
     )
@@ -54,8 +55,10 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
                                               workers=job_workers or DEFAULT_WORKERS)
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(sensors_api.bp)
     app.register_blueprint(web.bp)
     mqtt.init_app(app)
+    app.register_blueprint(sensors_web.bp)
 
     @app.errorhandler(HTTPException)
     def _http_error(err):

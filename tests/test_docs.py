@@ -105,6 +105,7 @@ BLOCKS = {
         "cmd-mqtt": "test: tests/test_mqtt.py::test_cli_mqtt_setup",
         "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
                         "with the Kasa simulator as the plug)"),
+        "cmd-sensors": "test: tests/registry/test_cli_sensors.py::test_commands_page_sensors_block",
     },
     "security.md": {
         "sec-perms": "run",
@@ -190,6 +191,19 @@ BLOCKS = {
         "mqtt-config": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
         "mqtt-acl": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
         "mqtt-discovery": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",
+    },
+    "sensors-node.md": {
+        "sn-burn": ("parse: writes a real SD card from a downloaded image (tests/bake/test_burn.py burns sensor "
+                    "image files: test_sensor_card_gets_i2c_in_config_txt, test_board_zero_w_picks_the_armhf_image)"),
+        "sn-settings": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
+        "sn-node-check": "test: tests/firstboot/test_sensor_docs.py::test_sensors_node_page_blocks",
+    },
+    "sensors.md": {
+        "sens-settings": "test: tests/registry/test_readings.py::test_docs_settings_example_is_accepted",
+        "sens-body": "test: tests/registry/test_readings.py::test_docs_body_is_accepted_once",
+        "sens-rest": "test: tests/registry/test_readings.py::test_sensors_page_rest_block",
+        "sens-python": "test: tests/registry/test_cli_sensors.py::test_sensors_page_python_block",
+        "sens-cli": "test: tests/registry/test_cli_sensors.py::test_sensors_page_cli_block",
     },
     "report/index.md": {},
 }

@@ -14,7 +14,9 @@ from pibake.cli.options import (
     pass_state,
     role_option,
 )
-from pibake.api import PibakeError, bake_burn as burning, human_size, parse_size
+from pibake.api import BOARDS, PibakeError, bake_burn as burning, human_size, parse_size
+
+BOARD_NAMES = tuple(BOARDS)
 
 _GUARD_OPTIONS = [
     click.option("--yes", "-y", is_flag=True, help="Do not ask before erasing a card (the checks still run)."),
@@ -109,13 +111,16 @@ def _report(results, as_json, what):
 @click.option("--output", metavar="PATH", help="Write image files instead, e.g. 'out/{hostname}.img'.")
 @click.option("--image", default=None, metavar="NAME|PATH",
               help="Catalog image name or image file (.img, .img.xz, ...). Default: the cluster's image.")
+@click.option("--board", default=None, type=click.Choice(BOARD_NAMES),
+              help="The board the card is for: zero and zero-w (32-bit only) get the armhf image of the cluster's "
+                   "family, the others arm64. Default: the cluster's image as it is.")
 @click.option("--sha256", default=None, metavar="HEX", help="Expected sha256 of a local image file or URL.")
 @click.option("--no-verify", is_flag=True, help="Skip the read-back of the written image (the seed is always read back).")
 @click.option("--full", is_flag=True, help="Write every byte of the image (default: only the blocks it uses).")
 @_guard_options
 @json_option
 @pass_state
-def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image, sha256, no_verify, full, yes,
+def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image, board, sha256, no_verify, full, yes,
              allow_non_removable, max_size, wheel, as_json):
     """Write an OS image and a node's cloud-init seed to an SD card or an image file.
 
@@ -125,6 +130,7 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
       pibake burn --hostname 'red[01-04]' --ip '10.1.1.[11-14]' --device /dev/sdb
       pibake burn --hostname 'red[01-02]' --ip '10.1.1.[11-12]' --device /dev/sdb,/dev/sdc
       pibake burn --hostname 'red[01-04]' --ip '10.1.1.[11-14]' --output 'out/{hostname}.img'
+      pibake burn --hostname red-zero --ip 10.1.1.40 --role sensor --board zero-w --device /dev/sdb
 
     Every check (plan, seed lint, image checksum, the wrong-disk guard) runs before anything is
     written. Between cards of a batch pibake waits for the next card and checks it is a different one.
@@ -143,7 +149,7 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
     try:
         results = burning.burn(
             state.cluster_path, hostnames=hostnames, ips=ips, role=role, inventory=inventory, devices_=devices,
-            output=output, image=image, sha256=sha256, verify=not no_verify, sparse=not full,
+            output=output, image=image, board=board, sha256=sha256, verify=not no_verify, sparse=not full,
             allow_non_removable=allow_non_removable, max_bytes=_size(max_size), wheel=wheel,
             confirm=None if yes else confirm, ask=ask, progress=progress)
     finally:

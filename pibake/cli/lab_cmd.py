@@ -52,14 +52,21 @@ def lab_cmd():
 @click.option("--release", type=click.Choice(RELEASES), default=DEFAULT_RELEASE, show_default=True,
               help="Debian release of the hosts' root: trixie (as Raspberry Pi OS trixie: cloud-init 25, Slurm "
                    "24.11, Python 3.13) or bookworm (cloud-init 22.4, Slurm 22.05, Python 3.11).")
+@click.option("--sim-bus", type=click.Path(dir_okay=False, exists=True), default=None, metavar="FILE",
+              help="Sensor hosts (images burned with --role sensor) read this register image (JSON, e.g. "
+                   "tests/fixtures/sensors/bme280-lab.json) instead of an I2C bus.")
+@click.option("--sensor-interval", type=click.FloatRange(1), default=None, metavar="SECONDS",
+              help="Seconds between sensor readings on sensor hosts (default: the seed's 60).")
 @prefix_option
 @json_option
 @pass_state
-def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, release, prefix, as_json):
+def up_cmd(state, workers, images_dir, manager_delay, timeout, no_wait, release, sim_bus, sensor_interval, prefix,
+           as_json):
     """Boot a lab cluster from burned images: manager first, then the workers, until all are idle."""
     progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
     report = lab_up(state.cluster_path, images_dir=images_dir, workers=workers, manager_delay=manager_delay,
-                    prefix=prefix, wait=not no_wait, timeout=timeout, release=release, progress=progress)
+                    prefix=prefix, wait=not no_wait, timeout=timeout, release=release, progress=progress,
+                    sim_bus=sim_bus, sensor_settings={"interval_s": sensor_interval} if sensor_interval else None)
     if as_json:
         emit_json(report)
     t = report["timings"]

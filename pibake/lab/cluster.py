@@ -269,7 +269,8 @@ def _running_hosts(state):
 
 
 def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix=DEFAULT_PREFIX, wait=True,
-           timeout=600.0, rootfs=None, release=None, state_dir=None, progress=None, manager_outside=False):
+           timeout=600.0, rootfs=None, release=None, state_dir=None, progress=None, manager_outside=False,
+           sim_bus=None, sensor_settings=None):
     """Bring a lab cluster up from burned images and return its report (a dict, see ``lab up --json``).
 
     ``images_dir``: ``DIR/<hostname>.img`` from ``pibake burn --output``; None: burn the manager and
@@ -280,6 +281,9 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
     ignored when ``rootfs`` names a built root.
     ``manager_outside``: boot only the workers' images; the manager is elsewhere on the lab bridge (an
     emulated Pi, ``pibake.lab.targetrun``), so nothing waits for its registry or its sinfo.
+    ``sim_bus``: a register image (JSON, e.g. tests/fixtures/sensors/bme280-lab.json) that sensor hosts read
+    instead of an I2C bus; ``sensor_settings``: more sensor-agent settings for them (e.g. ``{"interval_s": 5}``).
+    Both reach a sensor host before it boots as the drop-in /etc/pibake/sensor.d/50-lab.json (``sensor_dropin``).
 
     A seed that fails cloud-init's schema stops everything before any host boots (``SeedError`` naming
     the host and the key) and the lab is removed again. A lab that boots but does not become idle is
@@ -357,6 +361,9 @@ def lab_up(cluster_dir, *, images_dir=None, workers=3, manager_delay=0.0, prefix
         if problems:
             raise SeedError("; ".join(problems) + " (nothing was booted)")
         timings["validate_s"] = round(time.monotonic() - t0, 2)
+        for record in state["hosts"]:
+            if record["role"] == "sensor" and (sim_bus or sensor_settings):
+                sensor_dropin(record, sim_bus=sim_bus, settings=sensor_settings)
     except BaseException:
         for lab_host in lab_hosts:
             lab_host.destroy()
@@ -446,6 +453,30 @@ def _make_host(host, network, rootfs, base, started):
         lab_host.destroy()
         raise
     return lab_host, record
+
+
+SENSOR_SIM_BUS = "/etc/pibake/sim-bus.json"
+SENSOR_DROPIN = "/etc/pibake/sensor.d/50-lab.json"
+
+
+def sensor_dropin(record, *, sim_bus=None, settings=None):
+    """Before a sensor host boots: copy the register image ``sim_bus`` into it and write the sensor agent's
+    drop-in (/etc/pibake/sensor.d/, read after the seed's /etc/pibake/sensor.json) selecting it, plus
+    ``settings``. The seed itself stays exactly what a Pi gets."""
+    from pibake.lab.boot import _write_host_file
+
+    dropin = dict(settings or {})
+    enter = enter_argv(record["pid"])
+    if sim_bus:
+        try:
+            image = Path(sim_bus).read_text(encoding="utf-8")
+            json.loads(image)
+        except (OSError, ValueError) as exc:
+            raise LabClusterError(f"sim_bus {sim_bus}: not a readable register image ({exc})") from None
+        _write_host_file(record["root"], SENSOR_SIM_BUS, image, enter=enter, timeout=60)
+        dropin["sim_bus"] = SENSOR_SIM_BUS
+    _write_host_file(record["root"], SENSOR_DROPIN, json.dumps(dropin, indent=2) + "\n", enter=enter, timeout=60,
+                     mode="0600")
 
 
 def _boot(record, seed, started):

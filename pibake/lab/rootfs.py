@@ -84,8 +84,10 @@ LAB_PACKAGES = (
     # tools the lab and people use inside a host
     "iproute2",
     "iputils-ping",
-    # sensor seeds (I2C sensors): cheap, a few hundred kB
-    "python3-smbus",
+    # sensor seeds: the sensor agent's BME280/BMP280 driver and I2C bus (RPi.bme280 + smbus2), i2c-tools;
+    # a few hundred kB (python3-bme280 0.2.4 in bookworm and trixie)
+    "python3-bme280",
+    "python3-smbus2",
     "i2c-tools",
     # a network renderer, so cloud-init writes the seed's network-config as a file
     # (/etc/network/interfaces.d/50-cloud-init); the lab never brings it up

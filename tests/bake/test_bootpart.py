@@ -171,3 +171,34 @@ def test_write_seed_on_a_loop_device(image, pristine, tmp_path):
         run(["losetup", "-d", dev])
     assert bootpart.read_seed(image) == SEED  # it reached the backing file, not just a cache
     _fsck_boot(image, pristine, tmp_path)
+
+
+@pytest.mark.parametrize("text,added,tail", [
+    ("", ["dtparam=i2c_arm=on"], "# added by pibake burn (node role settings)\ndtparam=i2c_arm=on\n"),
+    ("#dtparam=i2c_arm=on\ndtparam=audio=on", ["dtparam=i2c_arm=on"], "dtparam=audio=on\n# added by pibake"),
+    ("dtparam=i2c_arm=on\n[pi4]\narm_boost=1\n", [], "arm_boost=1\n"),  # already on for every board
+    ("[all]\ndtparam=i2c_arm=on\n", [], "dtparam=i2c_arm=on\n"),
+    # under [cm5] it applies to a CM5 only: added again under [all]
+    ("[cm5]\ndtparam=i2c_arm=on\n", ["dtparam=i2c_arm=on"], "[cm5]\ndtparam=i2c_arm=on\n[all]\n# added by pibake"),
+])
+def test_ensure_config_lines(text, added, tail):
+    new, got = bootpart.ensure_config_lines(text, ("dtparam=i2c_arm=on",))
+    assert got == added
+    assert (tail in new) if added else new == text
+    assert new.startswith(text.rstrip("\n"))
+    assert bootpart.ensure_config_lines(new, ("dtparam=i2c_arm=on",)) == (new, [])  # idempotent
+
+
+def test_sensor_config_txt_switches_i2c_on_once(image, pristine, tmp_path):
+    """The firmware switches I2C on from config.txt: burn writes the role's lines, a reseed adds nothing twice,
+    and the rest of the file (the image's own commented-out #dtparam=i2c_arm=on included) stays as it was."""
+    result = bootpart.write_seed(image, SEED, config_lines=("dtparam=i2c_arm=on",))
+    assert result["config_txt"] == {"present": True, "added": ["dtparam=i2c_arm=on"]}
+    part = bootpart.find_boot_partition(image)
+    config = bootpart.read_files(part, ["config.txt"])["config.txt"].decode()
+    original = pristine.boot_files["config.txt"].decode()
+    assert config.startswith(original) and config.count("\ndtparam=i2c_arm=on\n") == 1
+    again = bootpart.write_seed(image, SEED, config_lines=("dtparam=i2c_arm=on",))
+    assert again["config_txt"]["added"] == [] and "config.txt" not in again["files"]
+    assert bootpart.read_files(part, ["config.txt"])["config.txt"].decode() == config
+    _fsck_boot(image, pristine, tmp_path)

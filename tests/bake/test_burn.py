@@ -528,3 +528,28 @@ def test_batch_stopped_at_the_second_card_says_what_was_burned(cluster, pi, tmp_
                       allow_non_removable=True, ask=ask, confirm=lambda q: next(answers))
     assert str(err.value) == f"not confirmed: nothing written to {dev} (burned: red01; not burned: red02)"
     assert [(e["hostname"], e["status"]) for e in manifest.entries(cluster)] == [("red01", "complete")]
+
+
+def test_sensor_card_gets_i2c_in_config_txt(cluster, pi, tmp_path):
+    out = tmp_path / "out"
+    results = burn.burn(cluster, hostnames="red05,red06", ips="10.1.1.15,10.1.1.16", role="sensor",
+                        output=f"{out}/{{hostname}}.img", image=str(pi.path))
+    for r in results:
+        assert r.ok and r.seed["config_txt"] == {"present": True, "added": ["dtparam=i2c_arm=on"]}
+        part = bootpart.find_boot_partition(r.target)
+        assert "\ndtparam=i2c_arm=on\n" in bootpart.read_files(part, ["config.txt"])["config.txt"].decode()
+    worker = burn.burn(cluster, hostnames="red07", ips="10.1.1.17", output=f"{out}/{{hostname}}.img",
+                       image=str(pi.path))[0]
+    assert worker.seed["config_txt"] == {"present": False, "added": []}
+    part = bootpart.find_boot_partition(worker.target)
+    assert bootpart.read_files(part, ["config.txt"])["config.txt"] == pi.boot_files["config.txt"]
+
+
+def test_board_zero_w_picks_the_armhf_image(cluster, tmp_path):
+    """The cluster's image is the arm64 catalog entry; a Pi Zero W gets the armhf one, whose sha256 is not
+    confirmed: burn refuses before any download or write, naming the image and --sha256."""
+    out = tmp_path / "out"
+    with pytest.raises(PibakeError, match="raspios-trixie-lite-armhf.*--sha256"):
+        burn.burn(cluster, hostnames="red05", ips="10.1.1.15", role="sensor", board="zero-w",
+                  output=f"{out}/{{hostname}}.img", cache_dir=tmp_path / "cache")
+    assert not (out / "red05.img").exists()

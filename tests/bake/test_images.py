@@ -475,3 +475,40 @@ def test_cli_errors_are_one_line(tmp_path):
         assert out.returncode == 1, out
         lines = [line for line in out.stderr.splitlines() if line.startswith("pibake: error:")]
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in out.stderr
+
+
+def test_armhf_entry_and_boards():
+    catalog = images.load_catalog()
+    armhf = catalog["raspios-trixie-lite-armhf"]
+    assert armhf.arch == "armhf" and armhf.family == "raspios" and armhf.boot_partition_label == "bootfs"
+    assert armhf.filename == "2025-11-24-raspios-trixie-armhf-lite.img.xz"  # the same release as arm64
+    assert armhf.sha256 is None  # not confirmed: `image get`/burn need --sha256 (see catalog.yaml)
+    assert catalog["raspios-trixie-lite-arm64"].arch == "arm64"
+    pick = images.image_for_board
+    assert pick("raspios-trixie-lite-arm64", "zero-w") == "raspios-trixie-lite-armhf"
+    assert pick("raspios-trixie-lite-arm64", "zero") == "raspios-trixie-lite-armhf"
+    assert pick("raspios-trixie-lite-armhf", "pi4") == "raspios-trixie-lite-arm64"
+    for board in ("zero2-w", "pi3", "pi5"):
+        assert pick("raspios-trixie-lite-arm64", board) == "raspios-trixie-lite-arm64"
+    assert pick("raspios-trixie-lite-arm64", None) == "raspios-trixie-lite-arm64"
+    assert pick("/srv/my.img.xz", "zero-w") == "/srv/my.img.xz"  # a local file: the user chose it
+    with pytest.raises(ImageError, match="board zero-w needs an armhf image.*no ubuntu image"):
+        pick("ubuntu-24.04-server-arm64-raspi", "zero-w")
+    with pytest.raises(ImageError, match="unknown board 'pi9'; choose one of zero, zero-w"):
+        pick("raspios-trixie-lite-arm64", "pi9")
+
+
+def test_catalog_arch_is_checked():
+    text = """images:
+  a:
+    description: d
+    url: https://example.org/a.img.xz
+    sha256: null
+    format: xz
+    family: raspios
+    arch: riscv64
+    boot_partition: {number: 1, label: bootfs}
+    nocloud: {files: [user-data]}
+"""
+    with pytest.raises(ImageError, match="images.a.arch: 'riscv64' is not one of arm64, armhf"):
+        images.parse_catalog(text)
