@@ -127,6 +127,7 @@ BLOCKS = {
         "mig-burn": CARD,
     },
     "comparison.md": {},
+    "home-cloud.md": {},
     "agent.md": {
         "agent-run": "lab",
         "agent-config": "lab",
