@@ -64,3 +64,4 @@ from pibake.switches import (  # noqa: F401,E402
 )
 from pibake.switches.recover import recover_node  # noqa: F401,E402
 from pibake.switches.auto import Policy as AutoPolicy, auto_pass  # noqa: F401,E402
+from pibake.sensors import Sensors  # noqa: F401,E402

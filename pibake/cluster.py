@@ -27,6 +27,7 @@ import yaml
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
 from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, SwitchConfig, Wifi
+from pibake.sensors_model import SETTINGS_SCHEMA as SENSOR_SETTINGS_SCHEMA, settings_problems as sensor_settings_problems
 
 LOG = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ _KEY_DOCS = {
         "Optional smart plugs/relays pibake may switch: name, driver (kasa|shelly|tasmota), address,\n"
         "node or thing (what it powers), auto_cycle. Credentials live in secrets/. See docs/switches.md."
     ),
+    "sensors": (
+        "Optional sensor history settings: raw_days, hourly_days, offline_after_s, pass_every_s and\n"
+        "thresholds per node (or *) and metric ({min, max}). See docs/sensors.md."
+    ),
 }
 _WIFI_EXAMPLE = """\
 # wifi:
@@ -186,6 +191,7 @@ CLUSTER_SCHEMA = {
                 },
             },
         },
+        "sensors": SENSOR_SETTINGS_SCHEMA,
     },
 }
 
@@ -445,6 +451,8 @@ def validate_cluster_data(data):
     if isinstance(data.get("switches"), list) and not any(p == "switches" for p in bad):
         broken = {i for i in range(len(data["switches"])) if any(p.startswith(f"switches[{i}]") for p in bad)}
         sem.extend(switch_problems(data["switches"], data.get("manager"), skip=broken))
+    if ok("sensors"):
+        sem.extend(sensor_settings_problems(data["sensors"]))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
     if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)

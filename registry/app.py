@@ -14,7 +14,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from pibake.jobs import DEFAULT_WORKERS, MANAGER_FUNCTIONS, JobRunner
-from pibake.registry import api, web
+from pibake.registry import api, sensors_api, sensors_web, web
 from pibake.registry.service import Registry
 from pibake.secrets import admin_password
 
@@ -39,6 +39,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
         MAX_CONTENT_LENGTH=MAX_BODY,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=True,  # served over TLS only (gunicorn with the cluster's certificate)
         SESSION_COOKIE_NAME="pibake_session",
         JSON_SORT_KEYS=False,
     )
@@ -50,7 +51,9 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
                                               workers=job_workers or DEFAULT_WORKERS)
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(sensors_api.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(sensors_web.bp)
 
     @app.errorhandler(HTTPException)
     def _http_error(err):

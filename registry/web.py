@@ -1,7 +1,8 @@
 """The registry's web page: server-rendered, works without JavaScript.
 
 The admin logs in with the admin password (``secrets/admin-password``) through a form; the session is a
-signed cookie (HttpOnly, SameSite=Strict). State-changing forms carry a per-session CSRF token.
+signed cookie (HttpOnly, SameSite=Strict, Secure: the registry is served over TLS only). Failed logins are
+slowed down and limited per client address. State-changing forms carry a per-session CSRF token.
 """
 
 import hmac
@@ -9,6 +10,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from functools import wraps
 from pathlib import Path
 
@@ -50,21 +52,51 @@ def _headers(response):
     return response
 
 
+def _throttle():
+    """The app's LoginThrottle (made on first use)."""
+    from flask import current_app  # pylint: disable=import-outside-toplevel
+
+    from pibake.registry.logins import LoginThrottle  # pylint: disable=import-outside-toplevel
+
+    found = current_app.extensions.get("pibake_logins")
+    if found is None:
+        found = current_app.extensions.setdefault("pibake_logins", LoginThrottle(
+            registry().cluster_dir, **current_app.config.get("PIBAKE_LOGIN_LIMITS", {})))
+    return found
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
+    """Failed logins are answered late and limited per client address (``logins.py``)."""
+    from flask import current_app  # pylint: disable=import-outside-toplevel
+
     error = None
     status = 200
     if request.method == "POST":
+        client = request.remote_addr or "-"
+        throttle = _throttle()
+        wait = throttle.locked_for(client)
+        if wait:
+            LOG.warning("web login refused from %s: too many failed logins", client)
+            minutes = max(1, round(wait / 60))
+            response = current_app.make_response((render_template(
+                "login.html", error=f"Too many failed logins from your address. Try again in about {minutes} "
+                                    f"minute{'s' if minutes != 1 else ''}."), 429))
+            response.headers["Retry-After"] = str(wait)
+            return response
         if admin_matches(registry().cluster_dir, request.form.get("password", "")):
+            throttle.succeeded(client)
             session.clear()
             session["admin"] = True
             session["csrf"] = secrets.token_urlsafe(24)
-            LOG.info("admin logged in on the web page from %s", request.remote_addr)
+            LOG.info("admin logged in on the web page from %s", client)
             target = request.args.get("next", "")
             if not target.startswith("/") or target.startswith("//"):
                 target = url_for("web.index")
             return redirect(target)
-        LOG.warning("web login failed from %s", request.remote_addr)
+        delay = throttle.failed(client)
+        LOG.warning("web login failed from %s; answering in %.2f s", client, delay)
+        current_app.config.get("PIBAKE_LOGIN_SLEEP", time.sleep)(delay)
         error = "Wrong password. The admin password is in secrets/admin-password in the cluster directory."
         status = 401
     return render_template("login.html", error=error), status

@@ -106,6 +106,7 @@ BLOCKS = {
         "cmd-recover": ("parse: needs a hung node on a plug (tests/e2e/test_recover_lab.py recovers a frozen lab "
                         "node through the Kasa simulator with these commands; tests/switches/test_recover.py runs "
                         "recover_node with the simulator as the plug)"),
+        "cmd-sensors": "test: tests/registry/test_cli_sensors.py::test_commands_page_sensors_block",
     },
     "security.md": {
         "sec-perms": "run",
@@ -191,6 +192,7 @@ BLOCKS = {
                     "a frozen lab node; tests/switches/test_auto.py runs the rounds with the Kasa simulator as the "
                     "plug)"),
     },
+    "sensors.md": {},
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used

@@ -21,7 +21,7 @@ class _Group(click.Group):
     def list_commands(self, ctx):
         # The order users meet them in, not alphabetical.
         order = ["init", "render", "burn", "reseed", "image", "devices", "registry", "token",
-                 "agent", "deploy", "verify", "switch", "recover", "lab"]
+                 "agent", "deploy", "verify", "switch", "recover", "sensors", "lab"]
         names = super().list_commands(ctx)
         return [n for n in order if n in names] + [n for n in names if n not in order]
 
@@ -104,6 +104,7 @@ from pibake.cli import (  # noqa: E402,F401  pylint: disable=wrong-import-positi
     lab_cmd,
     registry_cmd,
     render_cmd,
+    sensors_cmd,
     switch_cmd,
     verify_cmd,
 )
