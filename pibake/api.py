@@ -64,4 +64,5 @@ from pibake.switches import (  # noqa: F401,E402
 )
 from pibake.switches.recover import recover_node  # noqa: F401,E402
 from pibake.switches.auto import Policy as AutoPolicy, auto_pass  # noqa: F401,E402
+from pibake.switches.rules import load_rules, rules_pass  # noqa: F401,E402
 from pibake.sensors import Sensors  # noqa: F401,E402

@@ -191,6 +191,7 @@ BLOCKS = {
         "sw-auto": ("parse: needs hung nodes on plugs (tests/e2e/test_recover_lab.py runs `switch auto --once` on "
                     "a frozen lab node; tests/switches/test_auto.py runs the rounds with the Kasa simulator as the "
                     "plug)"),
+        "sw-rules": "test: tests/switches/test_rules.py::test_the_docs_rule_switches_the_fan_from_stored_readings",
     },
     "sensors.md": {},
     "report/index.md": {},

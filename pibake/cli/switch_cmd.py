@@ -5,7 +5,7 @@ import sys
 import click
 
 from pibake.cli import cli
-from pibake.cli.options import emit_json, json_option, not_built, pass_state
+from pibake.cli.options import emit_json, json_option, pass_state
 
 yes_option = click.option("--yes", "-y", is_flag=True,
                           help="Do not ask before cutting the power of a node (needed without a terminal).")
@@ -298,9 +298,36 @@ def auto_cmd(state, once, interval, max_per_hour, backoff, off_seconds, wait_s, 
 
 
 @switch_group.command("rules")
-def rules_cmd():
-    """Not built yet: rules from a sensor reading to a switch (e.g. a fan on above 30 °C)."""
-    not_built("sensor-to-switch rules (`pibake switch rules`)")
+@click.option("--once", is_flag=True, help="One round, then exit (for a timer or cron); else every --interval.")
+@click.option("--interval", type=click.FloatRange(5, 86400), default=60, show_default=True,
+              help="Seconds between rounds.")
+@json_option
+@pass_state
+def rules_cmd(state, once, interval, as_json):
+    """Apply the rules: of cluster.yaml (a sensor reading switches a plug): run on the manager.
+
+    \b
+    Each round reads every rule's newest reading from the registry's readings store and the
+    switch's state from the device, and switches on or off as the rule says: on above on_above
+    and off below off_below (or the other way round for heating), nothing in between
+    (hysteresis), never before min_on_s / min_off_s since the switch last changed, never on a
+    reading older than max_age_s. Every switching is recorded in `pibake switch log` with the
+    rule and the reason. See docs/switches.md."""
+    import time
+
+    from pibake import api
+
+    while True:
+        report = api.rules_pass(state.cluster_dir, progress=None if as_json else lambda m: click.echo(m, err=True))
+        if once:
+            if as_json:
+                emit_json(report)
+            elif not report:
+                click.echo("no rules in cluster.yaml (see docs/switches.md)", err=True)
+            if any(r["action"] == "error" for r in report):
+                sys.exit(1)
+            return
+        time.sleep(interval)
 
 
 @cli.command("recover")
