@@ -698,7 +698,8 @@ def lab_power(name, action, *, prefix=DEFAULT_PREFIX, state_dir=None, progress=N
     seed installed and enabled (``pibake-*.service``: the agent, on the manager also the registry), started
     the way ``pibake-start`` starts them without systemd. The agent then authenticates with its node
     credential and starts munge and slurmd, which register again.
-    Returns {"host", "power", "seconds", ...}; "on" also the boot's "cloud_init" status and "units".
+    Returns {"host", "power", "seconds", ...}; "on" also the boot's "cloud_init" status and "units"; a boot
+    whose cloud-init did not finish cleanly raises LabClusterError (the host stays on for inspection).
     """
     if action not in ("on", "off"):
         raise LabClusterError(f"power action must be on or off, not {action!r}")
@@ -712,6 +713,10 @@ def lab_power(name, action, *, prefix=DEFAULT_PREFIX, state_dir=None, progress=N
         report = _power_on(state, host, note, timeout)
     host["power"] = action
     _save_state(state, state_dir)
+    boot = report.get("cloud_init") or {"ok": True}
+    if not boot["ok"]:  # as lab_up: a boot that did not finish cleanly is an error, the host stays up to look at
+        raise LabClusterError(f"{name}: power is on, but cloud-init did not finish cleanly: "
+                              f"{'; '.join(boot['errors'][:2]) or boot['status']} (look with `pibake lab shell {name}`)")
     return {"host": name, "power": action, "seconds": round(time.monotonic() - started, 2), **report}
 
 
