@@ -65,4 +65,5 @@ from pibake.switches import (  # noqa: F401,E402
 from pibake.switches.recover import recover_node  # noqa: F401,E402
 from pibake.switches.auto import Policy as AutoPolicy, auto_pass  # noqa: F401,E402
 from pibake.switches.rules import load_rules, rules_pass  # noqa: F401,E402
-from pibake.sensors import Sensors  # noqa: F401,E402
+from pibake.sensors import Sensors, parse_time as parse_sensor_time  # noqa: F401,E402
+from pibake.sensors_model import METRICS as SENSOR_METRICS  # noqa: F401,E402

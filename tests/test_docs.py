@@ -193,7 +193,13 @@ BLOCKS = {
                     "plug)"),
         "sw-rules": "test: tests/switches/test_rules.py::test_the_docs_rule_switches_the_fan_from_stored_readings",
     },
-    "sensors.md": {},
+    "sensors.md": {
+        "sens-settings": "test: tests/registry/test_readings.py::test_docs_settings_example_is_accepted",
+        "sens-body": "test: tests/registry/test_readings.py::test_docs_body_is_accepted_once",
+        "sens-rest": "test: tests/registry/test_readings.py::test_sensors_page_rest_block",
+        "sens-python": "test: tests/registry/test_cli_sensors.py::test_sensors_page_python_block",
+        "sens-cli": "test: tests/registry/test_cli_sensors.py::test_sensors_page_cli_block",
+    },
     "report/index.md": {},
 }
 OWN_PAGES = BLOCKS  # the name other modules used

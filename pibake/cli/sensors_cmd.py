@@ -55,9 +55,9 @@ def _table(rows, header):
 
 def _time_option(name, help_text):
     def parse(_ctx, _param, value):
-        from pibake.sensors import parse_time
+        from pibake import api
 
-        return parse_time(value, name.lstrip("-"), None)
+        return api.parse_sensor_time(value, name.lstrip("-"), None)
     return click.option(name, default=None, metavar="TIME", callback=parse, help=help_text)
 
 
@@ -98,10 +98,10 @@ def show_cmd(state, node, as_json):
     now = time.time()
     click.echo(f"{item['node']}: {'OFFLINE' if item['offline'] else 'online'}, last seen "
                f"{_ago(item['last_seen'], now)}, place {item['place'] or '-'}", err=True)
-    from pibake.sensors_model import METRICS
+    from pibake import api
 
     rows = []
-    for metric in METRICS:
+    for metric in api.SENSOR_METRICS:
         threshold = item["thresholds"].get(metric)
         alert = item["alerts"].get(metric)
         if metric not in item["values"] and not threshold:
@@ -136,14 +136,15 @@ def export_cmd(state, node, fmt, since, until, output):
     if fmt == "json":
         text = json.dumps(rows, indent=2) + "\n"
     else:
-        from pibake.registry.readings import COLUMNS
+        from pibake import api
 
+        columns = list(api.SENSOR_METRICS)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["seq", "time", "utc", "place", *COLUMNS])
+        writer.writerow(["seq", "time", "utc", "place", *columns])
         for r in rows:
             writer.writerow([r["seq"], r["time"], _time(r["time"]), r["place"] or "",
-                             *("" if r[c] is None else r[c] for c in COLUMNS)])
+                             *("" if r[c] is None else r[c] for c in columns)])
         text = buffer.getvalue()
     if output:
         with open(output, "w", encoding="utf-8") as handle:

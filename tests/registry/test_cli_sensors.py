@@ -101,3 +101,31 @@ def test_commands_page_sensors_block(with_readings, tmp_path):
         out = pibake(with_readings, *argv[1:], cwd=tmp_path)
         assert out.returncode == expected, (line, out.stderr)
     assert (tmp_path / "red-zero.csv").read_text().startswith("seq,time,utc,place,temperature_c,")
+
+
+def _sensors_page_block(name, lang):
+    text = (REPO / "docs" / "sensors.md").read_text()
+    return re.search(rf"```{lang}\n# doc-test: {name}\n(.*?)```", text, re.S).group(1)
+
+
+def test_sensors_page_cli_block(with_readings, tmp_path):
+    """docs/sensors.md sens-cli, every line."""
+    for line in _sensors_page_block("sens-cli", "sh").strip().splitlines():
+        argv = shlex.split(line)
+        assert argv[:2] == ["pibake", "sensors"]
+        out = pibake(with_readings, *argv[1:], cwd=tmp_path)
+        assert out.returncode == 0, (line, out.stderr)
+    assert len((tmp_path / "red-zero.csv").read_text().splitlines()) == 31
+
+
+def test_sensors_page_python_block(with_readings, monkeypatch, capsys):
+    """docs/sensors.md sens-python, run in the directory holding the cluster (its path is "cluster")."""
+    monkeypatch.chdir(with_readings.parent)
+    assert with_readings.name == "cluster"
+    exec(compile(_sensors_page_block("sens-python", "python"), "sens-python", "exec"), {})  # noqa: S102
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("red-zero online {'value': 22.9, 'unit': '°C'}")
+    assert out[1] == "raw 3 None"  # 30 minutes of readings in 14-minute buckets, no threshold yet
+    from pibake.sensors import Sensors
+
+    assert Sensors(with_readings).show("red-zero")["thresholds"]["humidity_pct"]["max"] == 65

@@ -219,9 +219,12 @@ def test_a_place_set_on_the_manager_labels_readings_without_their_own(sensors):
     sensors.ingest("red-zero", {"readings": [reading(1, T0)]}, now=T0)
     sensors.mark("red-zero", "kitchen", now=T0 + 10)
     own = dict(reading(3, T0 + 120), place="garden")
-    sensors.ingest("red-zero", {"readings": [reading(2, T0 + 60), own]}, now=T0 + 120)
+    late = reading(4, T0 + 5)  # taken before the mark, buffered, sent after it
+    sensors.ingest("red-zero", {"readings": [reading(2, T0 + 60), own, late]}, now=T0 + 120)
+    sensors.mark("red-zero", "hall", now=T0 + 150)
+    sensors.ingest("red-zero", {"readings": [reading(5, T0 + 140), reading(6, T0 + 160)]}, now=T0 + 170)
     places = [(r["seq"], r["place"]) for r in sensors.export("red-zero", now=T0 + 200)]
-    assert places == [(1, None), (2, "kitchen"), (3, "garden")]
+    assert places == [(1, None), (4, None), (2, "kitchen"), (3, "garden"), (5, "kitchen"), (6, "hall")]
     with pytest.raises(RegistryError, match="not a place label"):
         sensors.mark("red-zero", "kitchen\n- evil")
     with pytest.raises(RegistryError, match="no node named nobody"):
@@ -301,3 +304,74 @@ def test_bad_sensor_settings_in_cluster_yaml_are_named(cluster_dir, sensors_yaml
     with pytest.raises(ConfigError) as err:
         load_cluster(cluster_dir)
     assert problem in str(err.value)
+
+
+# ------------------------------------------------------------------ docs/sensors.md blocks
+
+def _page_block(name, lang):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "sensors.md").read_text()
+    if lang == "json":
+        return re.search(rf"<!-- doc-test: {name} -->\n```json\n(.*?)```", page, re.S).group(1)
+    return re.search(rf"```{lang}\n# doc-test: {name}\n(.*?)```", page, re.S).group(1)
+
+
+def test_docs_settings_example_is_accepted(sensors, cluster_dir):
+    """docs/sensors.md sens-settings: valid in cluster.yaml, and its thresholds are the ones in force."""
+    from pibake.cluster import load_cluster
+
+    data = yaml.safe_load((cluster_dir / "cluster.yaml").read_text())
+    data.update(yaml.safe_load(_page_block("sens-settings", "yaml")))
+    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump(data))
+    load_cluster(cluster_dir)
+    assert sensors.settings()["raw_days"] == 14 and sensors.settings()["offline_after_s"] == 600
+    assert sensors.readings.thresholds("red-zero", sensors.settings()["thresholds"]) == {
+        "temperature_c": {"min": 16, "max": 26, "source": "cluster.yaml"},
+        "humidity_pct": {"min": None, "max": 65, "source": "cluster.yaml"},
+        "soc_temperature_c": {"min": None, "max": 80, "source": "cluster.yaml"}}
+
+
+def test_docs_body_is_accepted_once(client, node, cluster_dir):
+    """docs/sensors.md sens-body, posted twice (its time moved to now: the example's date is fixed)."""
+    body = json.loads(_page_block("sens-body", "json"))
+    body["readings"][0]["time"] = time.time()
+    r = client.post("/api/v1/readings", json=body, auth=node)
+    assert r.status_code == 200 and r.json == {"accepted": 1, "duplicates": 0, "last_seq": 1042}
+    r = client.post("/api/v1/readings", json=body, auth=node)
+    assert r.json == {"accepted": 0, "duplicates": 1, "last_seq": 1042}
+    assert rows(cluster_dir, "SELECT place, humidity_pct FROM readings") == [("kitchen", 40.2)]
+    assert rows(cluster_dir, "SELECT count(*) FROM networks") == [(2,)]
+
+
+def test_sensors_page_rest_block(client, node, creds):
+    """docs/sensors.md sens-rest: each curl line's method, path and body, sent to the real app with the admin
+    credential (the test client stands in for TLS to red00:8443)."""
+    import shlex
+
+    now = time.time()
+    client.post("/api/v1/readings", json={"readings": [reading(i, now - 3600 + i * 60) for i in range(50)]}, auth=node)
+    answers = []
+    for line in _page_block("sens-rest", "sh").strip().splitlines():
+        words = shlex.split(line)
+        assert words[:3] == ["curl", "--cacert", "secrets/ca.crt"] and words[3] == "-u"
+        method = words[words.index("-X") + 1] if "-X" in words else "GET"
+        body = json.loads(words[words.index("-d") + 1]) if "-d" in words else None
+        path = words[-1].split(":8443", 1)[1]
+        answers.append(client.open(path, method=method, json=body, auth=creds.admin))
+    assert [a.status_code for a in answers] == [200] * 5
+    assert answers[0].json[0]["node"] == "red-zero" and answers[1].json["node"] == "red-zero"
+    assert sum(p["n"] for p in answers[2].json["points"]) == 50
+    assert answers[3].json["place"] == "kitchen" and answers[4].json == {"min": 16, "max": 26, "source": "api"}
+
+
+def test_the_wifi_link_is_stored_when_it_changes(sensors, cluster_dir):
+    link = {"ssid": "home", "bssid": "aa:bb:cc:dd:ee:ff", "channel": 6, "frequency_mhz": 2437, "bitrate_mbps": 72.2,
+            "signal_dbm": -50}
+    batch = [dict(reading(i, T0 + i * 10), wifi=dict(link, signal_dbm=-50 - i)) for i in range(4)]
+    batch.append(dict(reading(4, T0 + 40), wifi=dict(link, bssid="aa:bb:cc:dd:ee:01")))  # roamed
+    sensors.ingest("red-zero", {"readings": batch}, now=T0 + 50)
+    stored = rows(cluster_dir, "SELECT seq, wifi IS NOT NULL FROM readings ORDER BY seq")
+    assert stored == [(0, 1), (1, 0), (2, 0), (3, 0), (4, 1)]
+    assert sensors.list(now=T0 + 60)[0]["wifi"]["bssid"] == "aa:bb:cc:dd:ee:01"
