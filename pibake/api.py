@@ -80,6 +80,7 @@ from pibake.switches import (  # noqa: F401,E402
 )
 from pibake.switches.recover import recover_node  # noqa: F401,E402
 from pibake.switches.auto import Policy as AutoPolicy, auto_pass  # noqa: F401,E402
+from pibake.switches.rules import load_rules, rules_pass  # noqa: F401,E402
 from pibake.broker import setup_broker as mqtt_setup  # noqa: F401,E402
 from pibake.mqtt import CONF_FILE as MQTT_CONF_FILE, ETC_DIR as MQTT_ETC_DIR, PID_FILE as MQTT_PID_FILE  # noqa: F401,E402
 

@@ -30,6 +30,7 @@ from pibake.errors import ConfigError, SecretsError
 from pibake.files import atomic_write
 from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, MqttSettings, SwitchConfig, Wifi
 from pibake.sensors_model import SETTINGS_SCHEMA as SENSOR_SETTINGS_SCHEMA, settings_problems as sensor_settings_problems
+from pibake.rules_model import RULES_SCHEMA, rules_problems
 
 LOG = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ _KEY_DOCS = {
     "sensors": (
         "Optional sensor history settings: raw_days, hourly_days, offline_after_s, pass_every_s and\n"
         "thresholds per node (or *) and metric ({min, max}). See docs/sensors.md."
+    ),    "rules": (
+        "Optional rules from a sensor reading to a switch: name, sensor, metric, switch, on_above +\n"
+        "off_below (or on_below + off_above), min_on_s, min_off_s, max_age_s. See docs/switches.md."
     ),
 }
 _WIFI_EXAMPLE = """\
@@ -208,6 +212,7 @@ CLUSTER_SCHEMA = {
             },
         },
         "sensors": SENSOR_SETTINGS_SCHEMA,
+        "rules": RULES_SCHEMA,
     },
 }
 
@@ -471,6 +476,9 @@ def validate_cluster_data(data):
         sem.extend(mqtt_problems(data["mqtt"], data.get("registry_port", DEFAULT_REGISTRY_PORT)))
     if ok("sensors"):
         sem.extend(sensor_settings_problems(data["sensors"]))
+    if isinstance(data.get("rules"), list) and not any(p in ("rules", "switches") for p in bad):
+        broken = {i for i in range(len(data["rules"])) if any(p.startswith(f"rules[{i}]") for p in bad)}
+        sem.extend(rules_problems(data["rules"], data.get("switches"), valid_name=valid_hostname, skip=broken))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
     if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)

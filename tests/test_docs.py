@@ -98,13 +98,15 @@ BLOCKS = {
         "cmd-registry-accept": "lab",
         "cmd-agent": "lab",
         "cmd-lab": "lab",
+        "cmd-lab-power": "test: tests/e2e/test_recover_lab.py::test_the_docs_power_commands_are_the_ones_run_here",
         "cmd-lab-target": "test: tests/target/test_boot.py",
         "cmd-deploy": "lab",
         "cmd-verify": "lab",
         "cmd-switch": "test: tests/switches/test_docs_blocks.py::test_commands_page_switch_block",
         "cmd-mqtt": "test: tests/test_mqtt.py::test_cli_mqtt_setup",
-        "cmd-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
-                        "with the Kasa simulator as the plug)"),
+        "cmd-recover": ("parse: needs a hung node on a plug (tests/e2e/test_recover_lab.py recovers a frozen lab "
+                        "node through the Kasa simulator with these commands; tests/switches/test_recover.py runs "
+                        "recover_node with the simulator as the plug)"),
         "cmd-sensors": "test: tests/registry/test_cli_sensors.py::test_commands_page_sensors_block",
     },
     "security.md": {
@@ -127,6 +129,7 @@ BLOCKS = {
         "mig-burn": CARD,
     },
     "comparison.md": {},
+    "home-cloud.md": {},
     "agent.md": {
         "agent-run": "lab",
         "agent-config": "lab",
@@ -151,6 +154,7 @@ BLOCKS = {
     },
     "lab.md": {
         "lab-by-hand": "lab",
+        "lab-power": "test: tests/e2e/test_recover_lab.py::test_the_docs_power_commands_are_the_ones_run_here",
         "lab-api": ("parse: the functions under `pibake lab up/status/shell/down`, one call each, which "
                     "tests/e2e/test_docs_lab.py runs"),
         "lab-api-pieces": "parse: one lab host booted piece by piece, as tests/e2e/test_lab.py and tests/lab/ do",
@@ -180,12 +184,15 @@ BLOCKS = {
         "sw-config": "test: tests/switches/test_config.py::test_docs_example_loads",
         "sw-credentials": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
         "sw-commands": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
-        "sw-recover": ("parse: needs a hung node on a plug (tests/switches/test_recover.py runs recover_node "
-                       "with the Kasa simulator as the plug)"),
+        "sw-recover": ("parse: needs a hung node on a plug (tests/e2e/test_recover_lab.py recovers a frozen lab "
+                       "node through the Kasa simulator with this command; tests/switches/test_recover.py runs "
+                       "recover_node with the simulator as the plug)"),
         "sw-rest": "test: tests/registry/test_switches_api.py::test_switches_page_rest_block",
         "sw-python": "test: tests/switches/test_docs_blocks.py::test_switches_page_blocks",
-        "sw-auto": ("parse: needs hung nodes on plugs (tests/switches/test_auto.py runs the rounds with the Kasa "
-                    "simulator as the plug)"),
+        "sw-auto": ("parse: needs hung nodes on plugs (tests/e2e/test_recover_lab.py runs `switch auto --once` on "
+                    "a frozen lab node; tests/switches/test_auto.py runs the rounds with the Kasa simulator as the "
+                    "plug)"),
+        "sw-rules": "test: tests/switches/test_rules.py::test_the_docs_rule_switches_the_fan_from_stored_readings",
     },
     "mqtt.md": {
         "mqtt-config": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",

@@ -123,6 +123,56 @@ def shell_cmd(host, command, prefix):
     sys.exit(proc.returncode)
 
 
+@lab_cmd.command("power")
+@click.argument("host")
+@click.argument("action", type=click.Choice(["on", "off"]))
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(1), metavar="SECONDS",
+              help="How long each cloud-init stage of the boot may take.")
+@prefix_option
+@json_option
+@pass_state
+def power_cmd(state, host, action, timeout, prefix, as_json):
+    """Cut (off) or restore (on) the power of lab host HOST, as the smart plug of a Pi does.
+
+    \b
+    off: every process of HOST dies at once and its network link goes down; its card (root
+    file system, boot partition) is kept.
+    on:  HOST boots again from its card: cloud-init (what runs every boot), sshd, and the
+    units pibake's seed enabled (the agent: it logs in with its node credential and starts
+    munge and slurmd again).
+
+    \b
+    Example (a hung node and its recovery by hand):
+      pibake lab freeze red02
+      pibake lab power red02 off
+      pibake lab power red02 on
+    """
+    from pibake.lab.cluster import lab_power
+
+    progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
+    report = lab_power(host, action, prefix=prefix, timeout=timeout, progress=progress)
+    if as_json:
+        emit_json(report)
+    _say(f"{host}: power {action} after {report['seconds']:.1f} s")
+
+
+@lab_cmd.command("freeze")
+@click.argument("host")
+@prefix_option
+@json_option
+def freeze_cmd(host, prefix, as_json):
+    """Hang lab host HOST: stop (SIGSTOP) every process in it, as a Pi hangs on a stuck SD card.
+
+    Its link stays up, so connections are accepted and never answered; ssh and Slurm find it
+    down. Only `pibake lab power HOST off` and `on` (or a smart plug bound to it) bring it back."""
+    from pibake.lab.cluster import lab_freeze
+
+    report = lab_freeze(host, prefix=prefix)
+    if as_json:
+        emit_json(report)
+    _say(f"{host}: frozen ({report['stopped']} processes stopped)")
+
+
 @lab_cmd.command("down")
 @prefix_option
 @json_option

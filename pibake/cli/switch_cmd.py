@@ -7,10 +7,24 @@ import click
 from pibake import api
 from pibake.api import PibakeError
 from pibake.cli import cli
-from pibake.cli.options import emit_json, json_option, not_built, pass_state
+from pibake.cli.options import emit_json, json_option, pass_state
 
 yes_option = click.option("--yes", "-y", is_flag=True,
                           help="Do not ask before cutting the power of a node (needed without a terminal).")
+
+
+def ssh_options(func):
+    """--user, -i/--identity, --known-hosts: how a recovery reaches the node and the manager over ssh (as
+    `pibake verify`); passed on as one ``ssh_options`` mapping."""
+    func = click.option("--known-hosts", type=click.Path(dir_okay=False), default=None,
+                        help="ssh known_hosts file to use (new hosts are accepted and remembered).")(func)
+    func = click.option("--identity", "-i", type=click.Path(dir_okay=False), default=None,
+                        help="ssh private key (default: ssh's own choice, ~/.ssh/config and the agent).")(func)
+    return click.option("--user", default=None, help="ssh user on the nodes (default: the cluster's user).")(func)
+
+
+def _ssh(user, identity, known_hosts):
+    return {"user": user, "identity": identity, "known_hosts": known_hosts}
 
 
 def _state_text(state):
@@ -157,10 +171,11 @@ def _print_recovery(result, as_json):
 @click.option("--wait", "wait_s", type=click.FloatRange(1, 7200), default=600, show_default=True,
               help="For a node: seconds to wait until it answers ssh and Slurm lists it idle.")
 @click.option("--force", is_flag=True, help="For a node: cycle it even if ssh or Slurm says it is up.")
+@ssh_options
 @json_option
 @yes_option
 @pass_state
-def cycle_cmd(state, name, off_seconds, wait_s, force, as_json, yes):
+def cycle_cmd(state, name, off_seconds, wait_s, force, user, identity, known_hosts, as_json, yes):
     """Power-cycle NAME: off, wait, on, each step read back.
 
     \b
@@ -172,7 +187,8 @@ def cycle_cmd(state, name, off_seconds, wait_s, force, as_json, yes):
     if item is not None and item["node"]:
         _confirm_power_cut(state, name, "cycling it", yes)
         result = api.recover_node(state.cluster_dir, item["node"], off_s=off_seconds, wait_s=wait_s, force=force,
-                                  progress=lambda m: click.echo(m, err=True))
+                                  progress=lambda m: click.echo(m, err=True),
+                                  ssh_options=_ssh(user, identity, known_hosts))
         _print_recovery(result, as_json)
         return
     kwargs = {} if off_seconds is None else {"off_s": off_seconds}
@@ -239,9 +255,15 @@ def log_cmd(state, limit, as_json):
               help="Recoveries of one node within any hour.")
 @click.option("--backoff", type=click.FloatRange(0, 86400), default=600, show_default=True,
               help="Seconds to wait after a node's first recovery before another; doubles each time in the hour.")
+@click.option("--off-seconds", type=click.FloatRange(0, 600), default=10, show_default=True,
+              help="How long the power stays off in a recovery.")
+@click.option("--wait", "wait_s", type=click.FloatRange(1, 7200), default=600, show_default=True,
+              help="Seconds to wait until a recovered node answers ssh and Slurm lists it idle.")
+@ssh_options
 @json_option
 @pass_state
-def auto_cmd(state, once, interval, max_per_hour, backoff, as_json):
+def auto_cmd(state, once, interval, max_per_hour, backoff, off_seconds, wait_s, user, identity, known_hosts,
+             as_json):
     """Recover hung nodes by themselves: run on the manager.
 
     \b
@@ -252,9 +274,10 @@ def auto_cmd(state, once, interval, max_per_hour, backoff, as_json):
     import time
 
 
-    policy = api.AutoPolicy(max_per_hour=max_per_hour, backoff_s=backoff)
+    policy = api.AutoPolicy(max_per_hour=max_per_hour, backoff_s=backoff, off_s=off_seconds, wait_s=wait_s)
     while True:
-        report = api.auto_pass(state.cluster_dir, policy=policy, progress=lambda m: click.echo(m, err=True))
+        report = api.auto_pass(state.cluster_dir, policy=policy, progress=lambda m: click.echo(m, err=True),
+                               ssh_options=_ssh(user, identity, known_hosts))
         if once:
             if as_json:
                 emit_json(report)
@@ -265,9 +288,36 @@ def auto_cmd(state, once, interval, max_per_hour, backoff, as_json):
 
 
 @switch_group.command("rules")
-def rules_cmd():
-    """Not built yet: rules from a sensor reading to a switch (e.g. a fan on above 30 °C)."""
-    not_built("sensor-to-switch rules (`pibake switch rules`)")
+@click.option("--once", is_flag=True, help="One round, then exit (for a timer or cron); else every --interval.")
+@click.option("--interval", type=click.FloatRange(5, 86400), default=60, show_default=True,
+              help="Seconds between rounds.")
+@json_option
+@pass_state
+def rules_cmd(state, once, interval, as_json):
+    """Apply the rules: of cluster.yaml (a sensor reading switches a plug): run on the manager.
+
+    \b
+    Each round reads every rule's newest reading from the registry's readings store and the
+    switch's state from the device, and switches on or off as the rule says: on above on_above
+    and off below off_below (or the other way round for heating), nothing in between
+    (hysteresis), never before min_on_s / min_off_s since the switch last changed, never on a
+    reading older than max_age_s. Every switching is recorded in `pibake switch log` with the
+    rule and the reason. See docs/switches.md."""
+    import time
+
+    from pibake import api
+
+    while True:
+        report = api.rules_pass(state.cluster_dir, progress=None if as_json else lambda m: click.echo(m, err=True))
+        if once:
+            if as_json:
+                emit_json(report)
+            elif not report:
+                click.echo("no rules in cluster.yaml (see docs/switches.md)", err=True)
+            if any(r["action"] == "error" for r in report):
+                sys.exit(1)
+            return
+        time.sleep(interval)
 
 
 @cli.command("recover")
@@ -277,10 +327,11 @@ def rules_cmd():
 @click.option("--wait", "wait_s", type=click.FloatRange(1, 7200), default=600, show_default=True,
               help="Seconds to wait until the node answers ssh and Slurm lists it idle.")
 @click.option("--force", is_flag=True, help="Cycle it even if ssh or Slurm says it is up.")
+@ssh_options
 @json_option
 @yes_option
 @pass_state
-def recover_cmd(state, node, off_seconds, wait_s, force, as_json, yes):
+def recover_cmd(state, node, off_seconds, wait_s, force, user, identity, known_hosts, as_json, yes):
     """Recover hung NODE through the switch that powers it (see `pibake switch cycle`)."""
 
     item = next((s for s in api.list_switches(state.cluster_dir) if s["node"] == node), None)
@@ -288,5 +339,6 @@ def recover_cmd(state, node, off_seconds, wait_s, force, as_json, yes):
         raise PibakeError(f"no switch in cluster.yaml powers {node} (see docs/switches.md)")
     _confirm_power_cut(state, item["name"], "recovering it", yes)
     result = api.recover_node(state.cluster_dir, node, off_s=off_seconds, wait_s=wait_s, force=force,
-                              progress=lambda m: click.echo(m, err=True))
+                              progress=lambda m: click.echo(m, err=True),
+                              ssh_options=_ssh(user, identity, known_hosts))
     _print_recovery(result, as_json)

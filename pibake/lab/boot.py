@@ -191,7 +191,21 @@ def boot_host(root, seed, *, enter, host="host", timeout=300, validate=True):
                      + yaml.safe_dump(PI_CLOUD_CFG, sort_keys=False), enter=enter, timeout=timeout)
     run([*enter, "sh", "-eu", "-c", 'mkdir -p "$(dirname "$1")" && ln -sfn "$2" "$1"', "link-seed",
          f"{root}{SEED_DIR}", BOOT_PARTITION], timeout=timeout)
+    return _run_stages(root, enter, host, timeout)
 
+
+def reboot_host(root, *, enter, host="host", timeout=300):
+    """Boot a lab host again, as a Pi boots after a power cut: cloud-init's four stages on what the card
+    holds now (the seed already on /boot/firmware, the root's /var/lib/cloud from earlier boots). Nothing is
+    written first; cloud-init itself skips what runs once per instance (users, write_files, runcmd) and
+    runs what runs every boot. Returns a ``BootResult``."""
+    enter = [str(a) for a in enter]
+    root = str(root)
+    _require_own_uts(enter, host, timeout)
+    return _run_stages(root, enter, host, timeout)
+
+
+def _run_stages(root, enter, host, timeout):
     started = time.monotonic()
     stages = []
     for name, args in STAGES:

@@ -571,7 +571,8 @@ def lab_run(name, argv, *, prefix=DEFAULT_PREFIX, state_dir=None, timeout=120, c
     """Run ``argv`` inside lab host ``name``'s own root; a ``subprocess.CompletedProcess``."""
     host = _host(_require_state(prefix, state_dir), name)
     if not _alive(host):
-        raise LabClusterError(f"lab host {name} is not running: `pibake lab down`, then `pibake lab up`")
+        raise LabClusterError(f"lab host {name} is not running: `pibake lab power {name} on`, or "
+                              "`pibake lab down`, then `pibake lab up`")
     return run(host_argv(host, argv), check=check, timeout=timeout, input=input)
 
 
@@ -580,7 +581,8 @@ def shell_argv(name, argv=None, *, prefix=DEFAULT_PREFIX, state_dir=None, term=N
     chroot into its root, a clean environment."""
     host = _host(_require_state(prefix, state_dir), name)
     if not _alive(host):
-        raise LabClusterError(f"lab host {name} is not running: `pibake lab down`, then `pibake lab up`")
+        raise LabClusterError(f"lab host {name} is not running: `pibake lab power {name} on`, or "
+                              "`pibake lab down`, then `pibake lab up`")
     env = {"TERM": term or os.environ.get("TERM", "dumb"), "PS1": f"root@{name}(lab):\\w# "}
     return host_argv(host, list(argv) if argv else ["/bin/bash", "--norc", "-i"], env=env)
 
@@ -663,6 +665,155 @@ def lab_status(*, prefix=DEFAULT_PREFIX, state_dir=None):
 
 def _sshd_running(host):
     return run(host_argv(host, ["pgrep", "-x", "sshd"]), check=False, timeout=30).returncode == 0
+
+
+# --------------------------------------------------------------------------- power
+
+
+def _veth(state, host):
+    """The machine's end of a host's link (``<prefix>-<last octet>``, as ``LabHost.create`` names it)."""
+    return f"{state['prefix']}-{host['ip'].rsplit('.', 1)[1]}"
+
+
+def _host_pids(host):
+    from pibake.lab.hosts import _pids_in_netns
+
+    return _pids_in_netns(f"/run/netns/{host['netns']}")
+
+
+def lab_freeze(name, *, prefix=DEFAULT_PREFIX, state_dir=None):
+    """Hang lab host ``name`` as a Pi hangs (a stuck SD card, a kernel waiting forever): every process in it
+    is stopped (SIGSTOP), so nothing answers, while its network link stays up (connections are accepted by
+    the kernel and then never answered). Only a power cycle (``lab_power``) brings it back. Returns
+    {"host", "stopped": number of processes}."""
+    import signal
+
+    state = _require_state(prefix, state_dir)
+    host = _host(state, name)
+    if not _alive(host):
+        raise LabClusterError(f"lab host {name} is powered off: nothing to freeze")
+    pids = [p for p in _host_pids(host) if p != host["pid"]]  # PID 1 stays: power off kills through it
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    LOG.info("lab host %s frozen: %d processes stopped", name, len(pids))
+    return {"host": name, "stopped": len(pids)}
+
+
+def lab_power(name, action, *, prefix=DEFAULT_PREFIX, state_dir=None, progress=None, timeout=300.0):
+    """Cut or restore the power of lab host ``name`` (``action``: "off" or "on"), as a smart plug does.
+
+    off: every process of the host dies at once (its PID namespace goes, and with it the host's mounts and
+    its /run) and its network link goes down; its card stays: the overlay's upper layer (the root file
+    system) and its boot partition are kept.
+    on: the link comes up, a new PID 1, the same root mounted again, and the boot a Pi does after a power
+    cut: cloud-init's four stages on what the card holds (``boot.reboot_host``), sshd, and the units pibake's
+    seed installed and enabled (``pibake-*.service``: the agent, on the manager also the registry), started
+    the way ``pibake-start`` starts them without systemd. The agent then authenticates with its node
+    credential and starts munge and slurmd, which register again.
+    Returns {"host", "power", "seconds", ...}; "on" also the boot's "cloud_init" status and "units"; a boot
+    whose cloud-init did not finish cleanly raises LabClusterError (the host stays on for inspection).
+    """
+    if action not in ("on", "off"):
+        raise LabClusterError(f"power action must be on or off, not {action!r}")
+    note = progress or (lambda message: None)
+    state = _require_state(prefix, state_dir)
+    host = _host(state, name)
+    started = time.monotonic()
+    if action == "off":
+        report = _power_off(state, host, note)
+    else:
+        report = _power_on(state, host, note, timeout)
+    host["power"] = action
+    _save_state(state, state_dir)
+    boot = report.get("cloud_init") or {"ok": True}
+    if not boot["ok"]:  # as lab_up: a boot that did not finish cleanly is an error, the host stays up to look at
+        raise LabClusterError(f"{name}: power is on, but cloud-init did not finish cleanly: "
+                              f"{'; '.join(boot['errors'][:2]) or boot['status']} (look with `pibake lab shell {name}`)")
+    return {"host": name, "power": action, "seconds": round(time.monotonic() - started, 2), **report}
+
+
+def _power_off(state, host, note):
+    from pibake.lab.hosts import _ip, _kill_all
+
+    if not _alive(host):
+        raise LabClusterError(f"lab host {host['name']} is already off")
+    pids = _host_pids(host)
+    _kill_all([host["pid"]] + [p for p in pids if p != host["pid"]])
+    _ip("link", "set", _veth(state, host), "down", check=False)
+    note(f"{host['name']}: power off ({len(pids)} processes gone, link down)")
+    return {"processes": len(pids)}
+
+
+def _power_on(state, host, note, timeout):
+    from pibake.lab.boot import reboot_host
+    from pibake.lab.hosts import LabHost, _ip
+    from pibake.lab.rootfs import make_host_root
+
+    name = host["name"]
+    if _alive(host):
+        raise LabClusterError(f"lab host {name} is already on (`pibake lab power {name} off` first)")
+    base = _base_dir(state["prefix"])
+    _ip("link", "set", _veth(state, host), "up")
+    _init_proc, pid = LabHost._start_init(name, host["netns"], base / name)  # pylint: disable=protected-access
+    host.update(pid=pid, netns_id=os.readlink(f"/proc/{pid}/ns/net"))
+    make_host_root(state["rootfs"], base / ROOTS_DIR / name, enter=enter_argv(pid), timeout=timeout)
+    note(f"{name}: power on; booting (cloud-init)")
+    result = reboot_host(host["root"], enter=enter_argv(pid), host=name, timeout=timeout)
+    host["boot"] = {"ok": result.ok, "status": result.status.get("status"), "errors": result.errors,
+                    "hostname": result.hostname}
+    units = []
+    if result.ok:
+        host["sshd"] = _start_sshd(host)
+        units = _start_boot_units(host)
+    note(f"{name}: cloud-init {host['boot']['status']} in {result.seconds:.1f} s; started "
+         + (", ".join(units) or "no units"))
+    return {"cloud_init": host["boot"], "cloud_init_s": result.seconds, "sshd": host.get("sshd"), "units": units}
+
+
+SEED_UNITS = "/etc/systemd/system/pibake-*.service"
+PIBAKE_START = "/usr/local/lib/pibake/pibake-start"
+
+
+def boot_units(unit_files):
+    """[(unit, argv)] of the units systemd would start at boot: ``{unit name: unit file text}`` in, those
+    with an ``[Install] WantedBy=multi-user.target`` and an ``ExecStart`` out. Pure."""
+    import shlex
+
+    found = []
+    for unit, text in sorted(unit_files.items()):
+        section, exec_start, wanted = None, None, False
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+            elif section == "Service" and line.startswith("ExecStart="):
+                exec_start = shlex.split(line.split("=", 1)[1].lstrip("-@+!"))
+            elif section == "Install" and line.startswith("WantedBy=") and "multi-user.target" in line:
+                wanted = True
+        if exec_start and wanted:
+            found.append((unit, exec_start))
+    return found
+
+
+def _start_boot_units(host):
+    """Start the units pibake's seed installed, as systemd starts enabled units at boot (on a Pi
+    ``pibake-start`` enabled them at first boot; without systemd it runs them in the background)."""
+    listing = run(host_argv(host, ["sh", "-c", f"for f in {SEED_UNITS}; do [ -f \"$f\" ] && echo \"$f\"; done"]),
+                  check=False, timeout=60).stdout.split()
+    files = {}
+    for path in listing:
+        files[Path(path).name] = run(host_argv(host, ["cat", path]), check=False, timeout=60).stdout
+    started = []
+    for unit, argv in boot_units(files):
+        proc = run(host_argv(host, [PIBAKE_START, unit, "--", *argv]), check=False, timeout=60)
+        if proc.returncode == 0:
+            started.append(unit)
+        else:
+            LOG.warning("%s: %s did not start: %s", host["name"], unit, proc.stderr.strip()[-200:])
+    return started
 
 
 # --------------------------------------------------------------------------- down

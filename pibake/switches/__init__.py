@@ -246,22 +246,24 @@ def all_status(cluster_dir):
     return out
 
 
-def switch_command(cluster_dir, name, action, *, by="cli"):
-    """Run ``action`` (on, off, toggle) and return the state read back afterwards; recorded in the log."""
+def switch_command(cluster_dir, name, action, *, by="cli", why=None):
+    """Run ``action`` (on, off, toggle) and return the state read back afterwards; recorded in the log
+    (``why``: the reason, for a switching a rule decided)."""
     if action not in ACTIONS:
         raise ConfigError(f"unknown switch action {action!r} (one of {', '.join(ACTIONS)})")
     switch = open_switch(cluster_dir, name)
+    reason = {"why": why} if why else {}
     with _plug_lock(cluster_dir, name):
         try:
             state = getattr(switch, action)()
         except SwitchError as exc:
-            record(cluster_dir, {"switch": name, "action": action, "by": by, "ok": False, "error": str(exc)})
+            record(cluster_dir, {"switch": name, "action": action, "by": by, "ok": False, "error": str(exc), **reason})
             raise
         if action in ("on", "off") and state.on != (action == "on"):
             error = f"switch {name}: asked to turn {action}, but it reads back {'on' if state.on else 'off'}"
-            record(cluster_dir, {"switch": name, "action": action, "by": by, "ok": False, "error": error})
+            record(cluster_dir, {"switch": name, "action": action, "by": by, "ok": False, "error": error, **reason})
             raise SwitchError(error)
-        record(cluster_dir, {"switch": name, "action": action, "by": by, "ok": True, "on": state.on})
+        record(cluster_dir, {"switch": name, "action": action, "by": by, "ok": True, "on": state.on, **reason})
     return _result(switch.config, action, state)
 
 

@@ -73,8 +73,9 @@ def _save_history(cluster_dir, history, now):
 
 
 def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time, sleep=time.sleep, progress=None,
-              slurm_conf=None):
-    """One round over the candidates; returns [{node, switch, decision, detail}]."""
+              slurm_conf=None, ssh_options=None):
+    """One round over the candidates; returns [{node, switch, decision, detail}]. ``ssh_options``: see
+    ``recover.make_node_connectors``."""
     from pibake import switches
     from pibake.cluster import load_cluster
     from pibake.switches.recover import _probe, judge_down, make_node_connectors, recover_node
@@ -87,7 +88,7 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
     report = []
     for config in candidates(cluster):
         node = config.node
-        nodes_connectors = connectors or make_node_connectors(cluster_dir, cluster, node)
+        nodes_connectors = connectors or make_node_connectors(cluster_dir, cluster, node, ssh_options=ssh_options)
         down, why = judge_down(node, *_probe(nodes_connectors, cluster, node, slurm_conf))
         now = clock()
         decision, detail = decide(node, down, why, history.get(node, []), now, policy)

@@ -71,22 +71,25 @@ def _probe(connectors, cluster, node, slurm_conf):
     return ssh, sinfo
 
 
-def make_node_connectors(cluster_dir, cluster, node, connect_timeout=5):
+def make_node_connectors(cluster_dir, cluster, node, connect_timeout=5, ssh_options=None):
+    """Connectors as verify makes them; ``ssh_options``: {"user", "identity", "known_hosts"} (as
+    ``pibake verify --user -i --known-hosts``), None for the cluster's user and ssh's own choices."""
     from pibake.verify import fetch_registry, make_connectors
 
     _health, nodes, error = fetch_registry(cluster_dir, cluster)
     addresses = {n["hostname"]: n["ip"] for n in nodes or () if n.get("ip")}
     if node not in addresses:
         LOG.info("the registry has no address for %s (%s); ssh uses the name", node, error or "not enrolled")
-    return make_connectors(cluster, addresses, connect_timeout=connect_timeout)
+    return make_connectors(cluster, addresses, connect_timeout=connect_timeout, **(ssh_options or {}))
 
 
 def recover_node(cluster_dir, node, *, off_s=None, wait_s=DEFAULT_WAIT_S, force=False, connectors=None,
-                 progress=None, by="cli", sleep=time.sleep, clock=time.monotonic, slurm_conf=None):
+                 progress=None, by="cli", sleep=time.sleep, clock=time.monotonic, slurm_conf=None, ssh_options=None):
     """Power-cycle the plug of hung ``node`` and wait until it is idle again; returns the step report.
 
     Refuses (RecoverError, nothing switched) when the node is not down by both ssh and Slurm, unless
-    ``force``; always refuses the manager without ``force``.
+    ``force``; always refuses the manager without ``force``. ``ssh_options``: see ``make_node_connectors``
+    (ignored with ``connectors``).
     """
     from pibake import switches
     from pibake.cluster import load_cluster
@@ -99,7 +102,7 @@ def recover_node(cluster_dir, node, *, off_s=None, wait_s=DEFAULT_WAIT_S, force=
         raise RecoverError(f"{node} is the manager: pibake does not cycle it unless you pass --force")
     slurm_conf = slurm_conf or served_slurm_conf(cluster_dir)
     if connectors is None:
-        connectors = make_node_connectors(cluster_dir, cluster, node)
+        connectors = make_node_connectors(cluster_dir, cluster, node, ssh_options=ssh_options)
     steps = []
 
     def step(name, ok, detail):

@@ -56,9 +56,10 @@ def leftovers(prefix):
     return lab_exists(prefix)
 
 
-def burned_cluster(tmp, net, *, workers, comment):
+def burned_cluster(tmp, net, *, workers, comment, configure=None):
     """`pibake init` on <net>.0/24 (an ssh key made here) and `pibake burn --output` of red00 (manager) and
-    ``workers`` workers from red01 onto a synthetic Pi image: (tmp, cluster dir, images dir)."""
+    ``workers`` workers from red01 onto a synthetic Pi image: (tmp, cluster dir, images dir).
+    ``configure(cluster dir)``: called between init and burn (to edit cluster.yaml the manager's card carries)."""
     from pibake.bake.synthetic import build_pi_image
     from pibake.lab.rootfs import ensure_rootfs
 
@@ -68,6 +69,8 @@ def burned_cluster(tmp, net, *, workers, comment):
     cdir = tmp / "cluster"
     pibake(cdir, "init", "--manager", "red00", "--manager-ip", f"{net}.10", "--network", f"{net}.0/24",
            "--ssh-key", tmp / "key.pub", "--timezone", "Etc/UTC")
+    if configure is not None:
+        configure(cdir)
     build_pi_image(tmp / "raspios.img", size="160M", boot_size="64M", family="raspios")
     images = tmp / "images"
     pibake(cdir, "burn", "--hostname", "red00", "--ip", f"{net}.10", "--role", "manager",

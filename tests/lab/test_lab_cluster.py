@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,12 +162,67 @@ def _pibake(*args):
     (["lab", "status", "--prefix", "pz9nolab"], "no lab is running (prefix pz9nolab): start one with `pibake lab up`"),
     (["lab", "shell", "red01", "--prefix", "pz9nolab"], "no lab is running (prefix pz9nolab)"),
     (["lab", "status", "--prefix", "Bad-Prefix"], "lab prefix 'Bad-Prefix' must be 2-9 characters"),
+    (["lab", "power", "red01", "off", "--prefix", "pz9nolab"], "no lab is running (prefix pz9nolab)"),
+    (["lab", "freeze", "red01", "--prefix", "pz9nolab"], "no lab is running (prefix pz9nolab)"),
 ])
 def test_cli_refusals_are_one_line(args, message):
     proc = _pibake(*args)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pibake: error: ") and message in lines[0], proc.stderr
+
+
+def test_power_refuses_an_unknown_action_and_an_unknown_host(tmp_path):
+    labc._save_state({"prefix": "pz9pw", "hosts": [{"name": "red01", "ip": "10.77.7.11", "pid": 0}]}, tmp_path)
+    with pytest.raises(PibakeError, match="^power action must be on or off, not 'sideways'$"):
+        labc.lab_power("red01", "sideways", prefix="pz9pw", state_dir=tmp_path)
+    with pytest.raises(PibakeError, match=r"^the lab has no host 'red09' \(hosts: red01\)$"):
+        labc.lab_power("red09", "off", prefix="pz9pw", state_dir=tmp_path)
+    with pytest.raises(PibakeError, match="^lab host red01 is already off$"):  # its PID 1 is gone
+        labc.lab_power("red01", "off", prefix="pz9pw", state_dir=tmp_path)
+    with pytest.raises(PibakeError, match="^lab host red01 is powered off: nothing to freeze$"):
+        labc.lab_freeze("red01", prefix="pz9pw", state_dir=tmp_path)
+
+
+AGENT_UNIT = """[Unit]
+Description=pibake agent
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/python3 /usr/local/lib/pibake/agent.py --config /etc/pibake/agent.json
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"pibake-agent.service": AGENT_UNIT},
+     [("pibake-agent.service", ["/usr/bin/python3", "/usr/local/lib/pibake/agent.py", "--config",
+                                "/etc/pibake/agent.json"])]),
+    # not wanted by multi-user.target: systemd would not start it at boot
+    ({"pibake-x.service": AGENT_UNIT.replace("WantedBy=multi-user.target", "WantedBy=other.target")}, []),
+    ({"pibake-x.service": AGENT_UNIT.replace("[Install]\nWantedBy=multi-user.target\n", "")}, []),
+    # ExecStart in another section, a '-' prefix (failure ignored), quoted arguments
+    ({"b.service": "[Unit]\nExecStart=/bin/false\n[Install]\nWantedBy=multi-user.target\n"}, []),
+    ({"b.service": "[Service]\nExecStart=-/bin/echo 'a b'\n[Install]\nWantedBy=multi-user.target\n",
+      "a.service": AGENT_UNIT}, [("a.service", ["/usr/bin/python3", "/usr/local/lib/pibake/agent.py", "--config",
+                                               "/etc/pibake/agent.json"]), ("b.service", ["/bin/echo", "a b"])]),
+])
+def test_boot_units_are_the_enabled_units_with_their_command(files, expected):
+    assert labc.boot_units(files) == expected
+
+
+def test_the_seeds_units_start_at_boot(red):
+    """The units a worker's and the manager's seed write are the ones a power-on starts (the agent; on the
+    manager the registry too)."""
+    import yaml
+
+    seeds = {role: _seed(red, name, ip, role) for name, ip, role in (("red00", "10.77.7.10", "manager"),
+                                                                     ("red01", "10.77.7.11", "worker"))}
+    for role, units in (("worker", ["pibake-agent.service"]),
+                        ("manager", ["pibake-agent.service", "pibake-registry.service"])):
+        files = {Path(f["path"]).name: f["content"] for f in yaml.safe_load(seeds[role].user_data)["write_files"]
+                 if f["path"].startswith("/etc/systemd/system/pibake-")}
+        assert [unit for unit, _argv in labc.boot_units(files)] == units, role
 
 
 def test_cli_up_refuses_missing_images_folder(red, tmp_path):
@@ -227,8 +283,9 @@ def test_docs_commands_parse_with_the_real_cli():
             return [*ctx.protected_args, *ctx.args]
 
     commands = _doc_commands()
-    assert len(commands) == 8
-    assert {c.split(" lab ", 1)[1].split()[0] for c in commands if " lab " in c} == {"up", "status", "shell", "down"}
+    assert len(commands) == 11
+    assert {c.split(" lab ", 1)[1].split()[0] for c in commands if " lab " in c} == {"up", "status", "shell", "down",
+                                                                                      "freeze", "power"}
     for line in commands:
         args = shlex.split(line)[1:]
         command, ctx = cli, cli.make_context("pibake", list(args), resilient_parsing=False)

@@ -128,12 +128,6 @@ def test_two_commands_for_one_plug_never_interleave(tmp_path, shelly):
     assert len(switches.switch_log(cluster)) == 8
 
 
-def test_not_built_parts_say_so():
-    for sub in ("rules",):
-        out = subprocess.run(PIBAKE + ["switch", sub], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and "is not built yet" in out.stderr and "Traceback" not in out.stderr
-
-
 def test_unknown_and_unreachable_for_a_cluster_without_the_switch(tmp_path):
     cluster = write_cluster(tmp_path / "c", [{"name": "x", "driver": "shelly", "address": f"127.0.0.1:{free_port()}",
                                               "thing": "lamp", "timeout": 1}])

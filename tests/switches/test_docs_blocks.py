@@ -51,6 +51,7 @@ def test_commands_page_switch_block(tmp_path, kasa_plug, shelly, tasmota):
     assert tasmota.power is False and shelly.output is False  # on, toggle -> off; off
     assert "fan: on" in outputs["pibake switch on fan"].stderr
     assert '"model": "Nous A1T"' in outputs["pibake switch info fan --json"].stdout
+    assert "no rules in cluster.yaml" in outputs["pibake switch rules --once"].stderr
 
 
 def doc_cluster_yaml(kasa_plug, shelly, tasmota, mqtt_port):
