@@ -44,7 +44,7 @@ from pibake.bake.burn import burn, reseed  # noqa: F401,E402
 from pibake.bake.manifest import entries as manifest_entries  # noqa: F401,E402
 from pibake.bake.manifest import latest_by_hostname as manifest_latest_by_hostname  # noqa: F401,E402
 from pibake.bake.synthetic import build_pi_image  # noqa: F401,E402
-from pibake.lab.cluster import lab_down, lab_run, lab_status, lab_up  # noqa: F401,E402
+from pibake.lab.cluster import lab_down, lab_freeze, lab_power, lab_run, lab_status, lab_up  # noqa: F401,E402
 from pibake.firstboot.agent import collect_facts as agent_facts  # noqa: F401,E402
 from pibake.firstboot.agent import run_agent  # noqa: F401,E402
 from pibake.lab.hosts import LabHost, LabNetwork, cleanup_leftovers  # noqa: F401,E402

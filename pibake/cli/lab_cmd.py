@@ -147,7 +147,7 @@ def power_cmd(state, host, action, timeout, prefix, as_json):
       pibake lab power red02 off
       pibake lab power red02 on
     """
-    from pibake.lab.cluster import lab_power
+    from pibake.api import lab_power
 
     progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
     report = lab_power(host, action, prefix=prefix, timeout=timeout, progress=progress)
@@ -165,7 +165,7 @@ def freeze_cmd(host, prefix, as_json):
 
     Its link stays up, so connections are accepted and never answered; ssh and Slurm find it
     down. Only `pibake lab power HOST off` and `on` (or a smart plug bound to it) bring it back."""
-    from pibake.lab.cluster import lab_freeze
+    from pibake.api import lab_freeze
 
     report = lab_freeze(host, prefix=prefix)
     if as_json:
