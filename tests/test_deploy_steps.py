@@ -63,8 +63,8 @@ def test_packages_command_installs_only_what_is_missing(facts_file, expected):
     # lab host: nothing shipped yet, no systemd, no credential: three files and the join token
     ("facts-lab-bookworm.txt", [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH], True),
     # a Pi: systemd (timesyncd drop-in too), an old agent, a credential: no token
-    ("facts-pi-trixie-old-agent.txt", [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, node.TIMESYNCD_DROPIN],
-     False),
+    ("facts-pi-trixie-old-agent.txt", [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, node.TIMESYNCD_DROPIN,
+                                       *node.SENSOR_FILES], False),
 ])
 def test_files_command_ships_what_differs_and_the_token_only_without_credential(facts_file, paths, token):
     command = steps.files_command(worker(facts_file), INPUTS)

@@ -264,11 +264,14 @@ def test_manager_plan_takes_the_seeds_own_steps(manager_seed):
     # runcmd: all of it but the boot partition scrub, in order; only pibake-install's argument changed
     runcmd = [line for line in seed["runcmd"] if line[0] != SCRIPTS["scrub"][0]]
     assert len(runcmd) == len(seed["runcmd"]) - 1
-    assert plan.setup + [plan.registry, plan.agent] == [
+    assert plan.setup + [plan.registry, plan.agent] + plan.after == [
         [plan.wheel if a == WHEEL_GLOB else a for a in line] for line in runcmd]
     assert plan.install == [SCRIPTS["install_pibake"][0], plan.wheel] and plan.install in plan.setup
     assert plan.registry[:4] == [SCRIPTS["start"][0], "pibake-registry.service", "--", "/opt/pibake/bin/pibake"]
     assert plan.agent[:3] == [SCRIPTS["start"][0], "pibake-agent.service", "--"]
+    # the sensor agent's unit starts after the agent, as on a burned card
+    assert [line[:2] for line in plan.after] == [[SCRIPTS["start"][0], "pibake-sensor.service"]]
+    assert "pibake-sensor.service" in d.agent_script(plan.agent, plan.after).splitlines()[-2]
 
 
 def test_manager_plan_needs_the_seed_shape():
@@ -456,3 +459,20 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     script = d.facts_command(["x"], ["/nonexistent"], {**auth, "user": other.user})
     assert d.parse_facts(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
                                         timeout=30).stdout)["authorized"] == "no-user"
+
+
+def test_deploy_installs_the_sensor_agent_as_the_seed_does():
+    """Parity: on a systemd node deploy ships exactly the sensor agent files every role's seed writes (same
+    paths, bytes and modes), starts its unit once when the unit is new, and restarts it when they change."""
+    from pibake.bake import seed
+    from pibake.model import PlannedNode
+
+    cluster = Cluster(name="c", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    pi = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_PI), b"agent", b"ca")
+    from_seed = {f["path"]: (f["content"].encode(), int(f["permissions"], 8))
+                 for f in seed.sensor_files(cluster, PlannedNode("red01", "10.1.1.11", "worker"))}
+    assert set(from_seed) == set(d.SENSOR_FILES) and {p: pi[p] for p in d.SENSOR_FILES} == from_seed
+    assert set(d.SENSOR_FILES) <= set(d.WORKER_FACT_FILES)  # their sha256 is a fact: a re-run ships nothing
+    assert "enable --now pibake-sensor.service" in d.AFTER_WRITE[d.SENSOR_UNIT][-1]
+    lab = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_FRESH), b"agent", b"ca")
+    assert not set(d.SENSOR_FILES) & set(lab)  # no systemd (lab hosts): not installed

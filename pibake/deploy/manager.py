@@ -3,7 +3,7 @@ a ManagerPlan of packages, files and runcmd lines, and the shell text of its ins
 
 import base64
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -24,7 +24,8 @@ class ManagerPlan:
     directory); ``files``: {path: (bytes, mode)} from the seed's write_files plus the wheel; ``setup``: the
     runcmd entries (argv lists, or shell strings) before the registry's start (hosts entry, chrony, sshd, pibake-install); ``install``: the
     pibake-install line among them; ``registry``/``agent``: the runcmd lines that start the registry and the
-    agent; ``wheel``: where the wheel goes on the manager."""
+    agent; ``after``: the lines after the agent's start (the sensor agent's unit), run once the agent is done;
+    ``wheel``: where the wheel goes on the manager."""
 
     packages: list
     bootcmd: list
@@ -34,6 +35,7 @@ class ManagerPlan:
     registry: list
     agent: list
     wheel: str
+    after: list = field(default_factory=list)
 
 
 def _seed_file_bytes(entry):
@@ -62,7 +64,7 @@ def manager_plan(user_data, wheel_name, wheel_bytes):
         files[entry["path"]] = (_seed_file_bytes(entry), int(str(entry.get("permissions", "0644")), 8))
     files[wheel] = (wheel_bytes, 0o644)
     start, scrub, install_script = SCRIPTS["start"][0], SCRIPTS["scrub"][0], SCRIPTS["install_pibake"][0]
-    setup, install, registry, agent = [], None, None, None
+    setup, install, registry, agent, after = [], None, None, None, []
     for line in config.get("runcmd") or ():
         entry = line if isinstance(line, str) else [str(a) for a in line]  # a string runs as a shell line
         argv = shlex.split(entry) if isinstance(entry, str) else entry
@@ -72,6 +74,8 @@ def manager_plan(user_data, wheel_name, wheel_bytes):
             registry = entry
         elif argv[0] == start and argv[1:2] == ["pibake-agent.service"]:
             agent = entry
+        elif agent is not None and argv[0] == start:  # a unit started after the agent (the sensor agent)
+            after.append(entry)
         elif registry is not None:
             raise ValueError(f"runcmd: {argv[0]} after the registry's start is not handled")
         else:
@@ -83,7 +87,7 @@ def manager_plan(user_data, wheel_name, wheel_bytes):
         raise ValueError("the manager's runcmd lacks pibake-install, the registry's start or the agent's start")
     bootcmd = [c if isinstance(c, str) else [str(a) for a in c] for c in config.get("bootcmd") or ()]
     return ManagerPlan(packages=[str(p) for p in config.get("packages") or ()], bootcmd=bootcmd, files=files,
-                       setup=setup, install=install, registry=registry, agent=agent, wheel=wheel)
+                       setup=setup, install=install, registry=registry, agent=agent, wheel=wheel, after=after)
 
 
 def shell_line(entry):
@@ -103,16 +107,17 @@ def setup_script(plan, *, reinstall):
     return "\n".join(lines) + "\n"
 
 
-def agent_script(agent_line):
+def agent_script(agent_line, after=()):
     """The manager's ``agent`` step from the seed's ``pibake-start pibake-agent.service -- COMMAND`` line: COMMAND
     in the foreground with --json (as deploy runs the agent on a worker), then, when systemd is PID 1, the
-    seed's line itself, so that the unit runs on every boot (pure)."""
+    seed's line itself, so that the unit runs on every boot; then the seed's ``after`` lines (pure)."""
     if isinstance(agent_line, str) or "--" not in agent_line:
         raise ValueError("the seed's agent line must be a list: pibake-start UNIT -- COMMAND...")
     command = agent_line[agent_line.index("--") + 1:] + ["--json"]
     return (f"export PATH={REMOTE_PATH}\n{shlex.join(command)}\nrc=$?\n"
             f"if [ $rc -eq 0 ] && [ -d /run/systemd/system ]; then {shell_line(agent_line)} >/dev/null 2>&1; fi\n"
-            "exit $rc\n")
+            + "".join(f"if [ $rc -eq 0 ]; then {shell_line(line)} >/dev/null 2>&1; fi\n" for line in after)
+            + "exit $rc\n")
 
 
 def manager_plan_for(cluster, cluster_dir, wheel=None):

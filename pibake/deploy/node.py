@@ -6,6 +6,7 @@ import json
 
 from pibake.bake import seed as seed_module  # a module reference: bench/deploy swaps agent_source
 from pibake.firstboot.agent import config_without_token
+from pibake.model import PlannedNode
 
 ROLE_PACKAGES = {"worker": ("slurmd", "munge", "slurm-client", "python3-psutil")}  # as the worker seed
 
@@ -15,15 +16,24 @@ CA_PATH = "/etc/pibake/ca.crt"
 TOKEN_FILE = "/etc/pibake/join-token"
 CREDENTIAL_FILE = "/etc/pibake/node-credential"
 TIMESYNCD_DROPIN = "/etc/systemd/timesyncd.conf.d/pibake.conf"  # time from the manager, as the seed does
+SENSOR_UNIT = f"{seed_module.SYSTEMD_DIR}/pibake-sensor.service"
+# the sensor agent (SoC temperature, throttling, Wi-Fi on every node), as every role's seed installs it
+SENSOR_FILES = (seed_module.SENSOR_AGENT_PATH, seed_module.SENSOR_CONFIG, SENSOR_UNIT)
 REMOTE_PYTHON = "/usr/bin/python3"
 AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy manager restarts slurmctld)
-WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN)
+WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES
 NODE_DIRS = [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]]
 
 VENV_PIBAKE = "/opt/pibake/bin/pibake"  # what the manager seed's pibake-install puts there
 REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # as cloud-init's runcmd has
 
-AFTER_WRITE = {TIMESYNCD_DROPIN: ["systemctl", "try-restart", "systemd-timesyncd"]}
+AFTER_WRITE = {
+    TIMESYNCD_DROPIN: ["systemctl", "try-restart", "systemd-timesyncd"],
+    seed_module.SENSOR_AGENT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],
+    seed_module.SENSOR_CONFIG: ["systemctl", "try-restart", "pibake-sensor.service"],
+    # written last of the three: a new unit is loaded and started (it buffers until the agent has enrolled)
+    SENSOR_UNIT: ["sh", "-c", "systemctl daemon-reload && systemctl enable --now pibake-sensor.service"],
+}
 
 
 def agent_source():
@@ -58,7 +68,8 @@ def timesyncd_dropin(cluster):
 
 def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
     """{path: (bytes, mode)} of what a node must have (pure): the agent, its config, the CA certificate,
-    and on a systemd node the timesyncd drop-in (time from the manager)."""
+    and on a systemd node the timesyncd drop-in (time from the manager) and the sensor agent with its
+    settings and unit (the seed's files; nodes without systemd, like lab hosts, do not run it)."""
     config = agent_config(cluster, hostname, role)
     wanted = {
         AGENT_PATH: (agent_bytes, 0o755),
@@ -67,6 +78,8 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
     }
     if facts.get("systemd"):
         wanted[TIMESYNCD_DROPIN] = (timesyncd_dropin(cluster).encode(), 0o644)
+        for entry in seed_module.sensor_files(cluster, PlannedNode(hostname, "", role)):
+            wanted[entry["path"]] = (entry["content"].encode(), int(entry["permissions"], 8))
     return wanted
 
 

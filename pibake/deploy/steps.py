@@ -237,7 +237,7 @@ def registry_command(host, inputs):
 
 def agent_command(host, inputs):
     if host.plan:
-        return Command("agent", agent_script(host.plan.agent), timeout=AGENT_DEADLINE_S + 60)
+        return Command("agent", agent_script(host.plan.agent, host.plan.after), timeout=AGENT_DEADLINE_S + 60)
     return Command("agent", f"{REMOTE_PYTHON} {AGENT_PATH} --config {AGENT_CONFIG} --json",
                    timeout=AGENT_DEADLINE_S + 60)
 
