@@ -86,6 +86,7 @@ from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
 from pibake.cluster import valid_hostname
 from pibake.errors import SeedError
 from pibake.model import FAMILIES, ROLES, Seed
+from pibake.mqtt import node_settings as mqtt_node_settings
 
 LOG = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ SYSTEMD_DIR = "/etc/systemd/system"
 AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
 SENSOR_AGENT_PATH = f"{LIB_DIR}/sensor_agent.py"
 SENSOR_CONFIG = "/etc/pibake/sensor.json"
+SENSOR_MQTT_PATH = f"{LIB_DIR}/sensor_mqtt.py"
 SENSOR_COMMAND = ["/usr/bin/python3", SENSOR_AGENT_PATH, "--config", SENSOR_CONFIG]
 SENSOR_BUFFER = "/var/lib/pibake/sensor-buffer.sqlite3"
 I2C_BUS = 1  # the Pi's GPIO header I2C (pins 3 SDA, 5 SCL): /dev/i2c-1
@@ -402,9 +404,14 @@ def wifi_dns_command(cluster, node):
     return ["sh", "-c", WIFI_DNS_SCRIPT, "pibake-wifi-dns", cluster.family, *servers]
 
 
+def firstboot_source(name):
+    """A file of pibake.firstboot (the node-side programs), shipped verbatim."""
+    return importlib.resources.files("pibake.firstboot").joinpath(name).read_text(encoding="utf-8")
+
+
 def sensor_agent_source():
     """The sensor agent's source file, shipped verbatim to every node."""
-    return importlib.resources.files("pibake.firstboot").joinpath("sensor_agent.py").read_text(encoding="utf-8")
+    return firstboot_source("sensor_agent.py")
 
 
 def sensor_settings(cluster, node):
@@ -423,7 +430,7 @@ def sensor_settings(cluster, node):
         "place": None,
         "wifi_interface": WIFI_NIC,
         "scan_every_s": 300,
-        "mqtt": None,
+        "mqtt": mqtt_node_settings(cluster, node.hostname),
         "sim_bus": None,
         "agent_config": AGENT_CONFIG,
     }
@@ -439,6 +446,8 @@ def sensor_files(cluster, node):
         _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
                    _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
     ]
+    if cluster.mqtt.enabled:  # the publisher the agent imports from its own directory (docs/mqtt.md)
+        files.append(_text_file(SENSOR_MQTT_PATH, firstboot_source("sensor_mqtt.py"), "0644"))
     if node.role == "sensor":
         files.append(_text_file("/etc/modules-load.d/pibake-i2c.conf",
                                 "# written by pibake's seed: /dev/i2c-N for the sensor agent\ni2c-dev\n", "0644"))
@@ -541,6 +550,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
+        "mqtt_publisher": cluster.mqtt.enabled,  # every node's sensor agent publishes (python3-paho-mqtt)
         "mqtt_setup_command": MQTT_SETUP_COMMAND,
         "mosquitto_command": MOSQUITTO_COMMAND,
         "wheel_glob": WHEEL_GLOB,

@@ -549,6 +549,32 @@ def test_manager_seed_installs_and_starts_mosquitto(tmp_path):
         assert code == 0, out
 
 
+def test_every_node_seed_ships_the_publisher_with_mqtt(tmp_path):
+    """With mqtt: every role's sensor agent gets sensor_mqtt.py next to it, paho-mqtt and its mqtt block (no
+    secret in it); without, none of that."""
+    import json
+
+    from pibake.bake.seed import SENSOR_CONFIG, SENSOR_MQTT_PATH
+    from pibake.model import MqttSettings
+    from tests.bake.seed_fixtures import cloud_init_schema, cluster_for, has_cloud_init, render
+
+    for role in ("worker", "sensor", "manager"):
+        plain = yaml.safe_load(render(role).user_data)
+        assert "python3-paho-mqtt" not in plain["packages"]
+        assert SENSOR_MQTT_PATH not in {f["path"] for f in plain["write_files"]}
+        seed = render(role, cluster=cluster_for(mqtt=MqttSettings(enabled=True)))
+        config = yaml.safe_load(seed.user_data)
+        files = {f["path"]: f for f in config["write_files"]}
+        assert "python3-paho-mqtt" in config["packages"], role
+        assert "class MqttPublisher" in files[SENSOR_MQTT_PATH]["content"]
+        block = json.loads(files[SENSOR_CONFIG]["content"])["mqtt"]
+        assert block["username"] == yaml.safe_load(seed.meta_data)["local-hostname"] and block["password_file"] == mqtt.NODE_PASSWORD_FILE
+        assert "password" not in block
+        if has_cloud_init():
+            code, out = cloud_init_schema(seed.user_data, tmp_path)
+            assert code == 0, out
+
+
 @needs_mosquitto
 def test_cli_mqtt_setup(broker, tmp_path):
     """docs/commands.md, block cmd-mqtt: `pibake mqtt setup --json` (with this test's paths added)."""

@@ -21,7 +21,7 @@ SENSOR_UNIT = f"{seed_module.SYSTEMD_DIR}/pibake-sensor.service"
 SENSOR_FILES = (seed_module.SENSOR_AGENT_PATH, seed_module.SENSOR_CONFIG, SENSOR_UNIT)
 REMOTE_PYTHON = "/usr/bin/python3"
 AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy manager restarts slurmctld)
-WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES
+WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES + (seed_module.SENSOR_MQTT_PATH,)
 NODE_DIRS = [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]]
 
 VENV_PIBAKE = "/opt/pibake/bin/pibake"  # what the manager seed's pibake-install puts there
@@ -31,6 +31,7 @@ AFTER_WRITE = {
     TIMESYNCD_DROPIN: ["systemctl", "try-restart", "systemd-timesyncd"],
     seed_module.SENSOR_AGENT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],
     seed_module.SENSOR_CONFIG: ["systemctl", "try-restart", "pibake-sensor.service"],
+    seed_module.SENSOR_MQTT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],  # with mqtt: only
     # written last of the three: a new unit is loaded and started (it buffers until the agent has enrolled)
     SENSOR_UNIT: ["sh", "-c", "systemctl daemon-reload && systemctl enable --now pibake-sensor.service"],
 }
