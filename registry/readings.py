@@ -309,6 +309,10 @@ class ReadingsStore:
         return {"node": node, "place": place, "since": now}
 
     # ------------------------------------------------------------------ reading back
+    def has_node(self, node):
+        with self.connect() as conn:
+            return self._node_id(conn, node) is not None
+
     def nodes(self):
         """Per node that has sent readings (or got a place): its state row as a dict, with alerts."""
         with self.connect() as conn:

@@ -125,7 +125,8 @@ def test_sensors_page_python_block(with_readings, monkeypatch, capsys):
     exec(compile(_sensors_page_block("sens-python", "python"), "sens-python", "exec"), {})  # noqa: S102
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("red-zero online {'value': 22.9, 'unit': '°C'}")
-    assert out[1] == "raw 3 None"  # 30 minutes of readings in 14-minute buckets, no threshold yet
+    source, points, threshold = out[1].split()
+    assert source == "hourly" and points in ("1", "2") and threshold == "None"  # 30 minutes of readings, a week
     from pibake.sensors import Sensors
 
     assert Sensors(with_readings).show("red-zero")["thresholds"]["humidity_pct"]["max"] == 65
