@@ -635,7 +635,8 @@ def test_page_commands(page, sandbox):
             assert mode == "run", f"{page} {name}: a JSON sample after a block that is not run"
             assert isinstance(out, (dict, list)), f"{page} {name}: the last command printed no JSON"
             assert keys_of(json.loads(json_text)) == keys_of(out), \
-                f"{page} {name}: the JSON shown differs in shape from what the command prints now"
+                f"{page} {name}: the JSON shown differs in shape from what the command prints now: " \
+                f"{json.dumps(keys_of(out), sort_keys=True)}"
     for name, lang, body, _ in fenced_blocks(text):
         if name in modes and lang == "python" and modes[name] != "check":
             assert check_python_block(body), f"{page} {name}: no pibake call checked"
