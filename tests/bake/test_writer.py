@@ -399,3 +399,25 @@ def test_a_stale_backup_gpt_at_the_end_of_a_larger_card_is_wiped(image, tmp_path
     signatures = subprocess.run(["wipefs", str(backing)], capture_output=True, text=True, check=True).stdout
     assert " dos " in signatures and "gpt" not in signatures, signatures  # wipefs only lists here
     check_partitions(backing, layout, tmp_path)
+
+
+def _bytes_read():
+    """Bytes this process (all its threads) has read so far, the kernel's count (/proc/self/io rchar)."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+def test_a_known_image_sha256_is_reported_and_the_image_is_not_hashed_again(tmp_path):
+    """burn passes the cached sha256 (bake.images.raw_sha256): the writer then reads the image once to write it
+    and the target once to verify, not the image a second time for its hash."""
+    img = tmp_path / "data.img"
+    img.write_bytes(os.urandom(8 * MIB))
+    before = _bytes_read()
+    hashed = write_image(img, tmp_path / "a.img")
+    with_hash = _bytes_read() - before
+    before = _bytes_read()
+    known = write_image(img, tmp_path / "b.img", image_sha256=hashed.image_sha256)
+    without_hash = _bytes_read() - before
+    assert hashed.image_sha256 == known.image_sha256 == sha256_file(img)
+    assert known.verified and known.written_sha256 == hashed.written_sha256
+    assert with_hash - without_hash > 7 * MIB  # the one 8 MiB read of the image the hash thread did (less noise)
