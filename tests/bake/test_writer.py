@@ -294,7 +294,7 @@ def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
     (rootfs / "usr-bin.bin").write_bytes(os.urandom(2 * MIB))
     report = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(REPO / "bench/burn"), "--size", "96M", "--boot-size", "40M",
-                           "--rootfs", str(rootfs), "--reps", "1", "--workdir", str(tmp_path / "work"),
+                           "--rootfs", str(rootfs), "--reps", "1", "--card-reps", "1", "--workdir", str(tmp_path / "work"),
                            "--report-dir", str(report), "--no-drop-caches"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -305,6 +305,11 @@ def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
     assert data["command"].startswith("bench/burn --size 96M")
     text = (report / "burn.md").read_text()
     assert "| dd bs=4M conv=fsync |" in text and data["date"] in text
+    if os.geteuid() == 0:  # the card-like target: a throttled loop device (root only)
+        card = data["card"]
+        assert set(card["median_seconds"]) == set(data["median_seconds"])
+        assert card["write_bps"] == 20_000_000 and card["pibake"]["verify_method"] == "direct"
+        assert "## Card-like target" in text and "20,000,000 B/s" in text
     assert not (tmp_path / "work").exists()  # cleaned up
 
 
