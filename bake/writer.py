@@ -19,7 +19,8 @@ What is written (``mode``):
 How: ranges are grown to 4 KiB boundaries and written with large (``block_size``) aligned writes
 from mmap'ed buffers, with ``O_DIRECT`` when the target accepts it (else buffered, and
 ``direct_io`` is false). A reader thread reads the source ahead and feeds the written hash while the
-main thread writes; the image hash runs in a third thread over the whole image. At the end ``fsync``,
+main thread writes; the image hash runs in a third thread over the whole image (unless the caller
+passes it: ``image_sha256``, e.g. from ``bake.images.raw_sha256``, cached per image file). At the end ``fsync``,
 then the written ranges are read back bypassing the page cache (``O_DIRECT`` reads, or
 ``posix_fadvise(DONTNEED)`` when O_DIRECT is refused) and hashed; a mismatch raises ``VerifyError``
 naming the first bad byte offset (for a stream source, which cannot be re-read, just that it differs).
