@@ -362,6 +362,7 @@ class Prepared:
     raw_size: int = 0
     spool_dir: str | None = None
     image_from_raw_cache: bool = False
+    raw_sha256: str | None = None  # of raw_path, from the per-identity cache: hashed once for a batch
 
 
 def _image_family(cluster, image_name):
@@ -439,6 +440,7 @@ def _raw_image(prepared, image_name, *, sha256=None, progress=None, cache_dir=No
     prepared.raw_size = os.path.getsize(prepared.raw_path)
     if prepared.raw_size == 0:
         raise BurnError(f"image {local.path} is empty")
+    prepared.raw_sha256 = images.raw_sha256(prepared.raw_path, cache_dir=cache_dir)
     return prepared
 
 
@@ -512,7 +514,8 @@ def burn_one(cluster_dir, prepared, node, target, *, verify=True, sparse=True, p
         else:
             dest = target.path
         written = writer.write_image(str(prepared.raw_path), dest, sparse=sparse, verify=verify,
-                                     progress=_progress_hook(progress, node.hostname))
+                                     progress=_progress_hook(progress, node.hostname),
+                                     image_sha256=prepared.raw_sha256)
         result.image["raw_sha256"] = written.image_sha256
         result.bytes_written, result.bytes_skipped = written.bytes_written, written.bytes_skipped
         result.written_sha256, result.verified = written.written_sha256, written.verified

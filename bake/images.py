@@ -12,6 +12,7 @@ matched is renamed to its final name, so the cache never holds a half-written or
 real name. A mismatch deletes the ``.part`` file and raises ``ImageError`` naming expected and actual sha256.
 """
 
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -271,6 +272,70 @@ def sha256_file(path, *, progress=None):
             done += len(block)
             if progress:
                 progress(done, total)
+    return digest.hexdigest()
+
+
+def raw_sha256(path, *, cache_dir=None):
+    """sha256 (hex) of a raw image file, holes as zeros (what the writer's ``image_sha256`` is), computed once
+    per file identity: real path, size, mtime_ns, inode and device, kept in ``<cache>/../sha256/`` (one small
+    JSON file per path). A file that differs in any of them is hashed again; an unchanged one is not read, so
+    a batch of cards burned from one image hashes it once instead of once per card."""
+    path = Path(path).resolve()
+    ident = _identity(path)
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()).parent / "sha256"
+    entry = folder / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+    try:
+        stored = json.loads(entry.read_text(encoding="utf-8"))
+        if {k: stored.get(k) for k in ident} == ident and _SHA256_RE.match(str(stored.get("sha256"))):
+            return stored["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = _sha256_holes_as_zeros(path)
+    if _identity(path) == ident:  # not changed while it was read: worth remembering
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(dict(ident, sha256=digest)), encoding="utf-8")
+            os.replace(tmp, entry)
+        except OSError as exc:  # a read-only cache costs a re-hash next time, nothing else
+            LOG.warning("cannot keep the sha256 of %s in %s: %s", path, folder, exc.strerror)
+    return digest
+
+
+def _identity(path):
+    st = os.stat(path)
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
+
+
+def _sha256_holes_as_zeros(path):
+    """sha256 of a file; holes (SEEK_HOLE) are hashed as zeros without reading them (raw images are sparse)."""
+    digest = hashlib.sha256()
+    zeros = bytes(CHUNK)
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fh.fileno(), pos, os.SEEK_DATA)
+            except OSError as exc:  # ENXIO: only a hole is left; anything else: no SEEK_DATA here, read it all
+                data = size if exc.errno == errno.ENXIO else pos
+            while pos < data:
+                n = min(CHUNK, data - pos)
+                digest.update(zeros[:n])
+                pos += n
+            if pos >= size:
+                break
+            try:
+                hole = min(size, os.lseek(fh.fileno(), pos, os.SEEK_HOLE))
+            except OSError:
+                hole = size
+            fh.seek(pos)
+            while pos < hole:
+                block = fh.read(min(CHUNK, hole - pos))
+                if not block:
+                    raise ImageError(f"{path} shrank while it was hashed: check what writes to it")
+                digest.update(block)
+                pos += len(block)
     return digest.hexdigest()
 
 

@@ -19,7 +19,8 @@ What is written (``mode``):
 How: ranges are grown to 4 KiB boundaries and written with large (``block_size``) aligned writes
 from mmap'ed buffers, with ``O_DIRECT`` when the target accepts it (else buffered, and
 ``direct_io`` is false). A reader thread reads the source ahead and feeds the written hash while the
-main thread writes; the image hash runs in a third thread over the whole image. At the end ``fsync``,
+main thread writes; the image hash runs in a third thread over the whole image (unless the caller
+passes it: ``image_sha256``, e.g. from ``bake.images.raw_sha256``, cached per image file). At the end ``fsync``,
 then the written ranges are read back bypassing the page cache (``O_DIRECT`` reads, or
 ``posix_fadvise(DONTNEED)`` when O_DIRECT is refused) and hashed; a mismatch raises ``VerifyError``
 naming the first bad byte offset (for a stream source, which cannot be re-read, just that it differs).
@@ -446,7 +447,8 @@ def _open_target(target, size, keep_unwritten, source_stat=None):
 
 
 def write_image(source, target, *, sparse=True, verify=True, progress=None, block_size=DEFAULT_BLOCK_SIZE,
-                bmap=None, keep_unwritten=False, merge_gap=MERGE_GAP, size=None, spool_dir=None, spool_path=None):
+                bmap=None, keep_unwritten=False, merge_gap=MERGE_GAP, size=None, spool_dir=None, spool_path=None,
+                image_sha256=None):
     """Write the image ``source`` to ``target`` and return a ``WriteResult``.
 
     ``source``: path of a raw image (file or block device), or a binary stream with ``read``.
@@ -456,6 +458,8 @@ def write_image(source, target, *, sparse=True, verify=True, progress=None, bloc
     back; ``total`` counts both passes (``2 x bytes to write`` with verify). ``keep_unwritten``: a
     regular-file target is not truncated, skipped ranges keep their old bytes exactly as on a card
     (tests use it to prove equivalence without root). ``size``: expected image size of a stream.
+    ``image_sha256``: the image file's sha256 when already known (``bake.images.raw_sha256``, cached per
+    file identity): it is reported as is and the image is not hashed again (a file source only).
     """
     if block_size % ALIGN or block_size < ALIGN:
         raise ValueError(f"block_size must be a multiple of {ALIGN}")
@@ -507,7 +511,7 @@ def write_image(source, target, *, sparse=True, verify=True, progress=None, bloc
             if kind == "block":
                 _wipe_stale_backup_gpt(fd, image_size, notes)
             result = _write_planned(src, fd, plan, verify=verify, progress=progress, block_size=block_size,
-                                    target_name=target_name, notes=notes)
+                                    target_name=target_name, notes=notes, image_sha256=image_sha256)
         finally:
             if own:
                 os.close(fd)
@@ -523,12 +527,13 @@ def write_image(source, target, *, sparse=True, verify=True, progress=None, bloc
     return WriteResult(**result)
 
 
-def _write_planned(src, fd, plan, *, verify, progress, block_size, target_name, notes):
+def _write_planned(src, fd, plan, *, verify, progress, block_size, target_name, notes, image_sha256=None):
     size, ranges = plan.size, plan.ranges
     to_write = allocation.total(ranges)
     progress_total = to_write * (2 if verify else 1)
-    image_hasher = _ImageHasher(src, size, plan.holes, block_size)
-    image_hasher.start()
+    image_hasher = None if image_sha256 else _ImageHasher(src, size, plan.holes, block_size)
+    if image_hasher:
+        image_hasher.start()
     written = hashlib.sha256()
     direct = True
     try:
@@ -609,10 +614,11 @@ def _write_planned(src, fd, plan, *, verify, progress, block_size, target_name, 
             method = _verify(src, fd, ranges, written_sha, block_size=block_size, progress=progress,
                              done=done, progress_total=progress_total, target_name=target_name, notes=notes)
             verified, verify_seconds = True, time.monotonic() - t0
-        image_sha = image_hasher.hexdigest()
+        image_sha = image_hasher.hexdigest() if image_hasher else image_sha256
     finally:
-        image_hasher.stop = True
-        image_hasher.join()
+        if image_hasher:
+            image_hasher.stop = True
+            image_hasher.join()
     return dict(image_sha256=image_sha, written_sha256=written_sha, verified=verified,
                 verify_method=method, direct_io=direct, write_seconds=round(write_seconds, 3),
                 verify_seconds=round(verify_seconds, 3))

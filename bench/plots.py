@@ -71,7 +71,7 @@ def burn_plots(report, out_dir):
     return names
 
 
-def deploy_plots(data, out_dir):
+def deploy_plots(data, out_dir, name="deploy-tn.png"):
     """deploy-tn.png: T(N) of one parallel deploy and of the sequential loop over N (log-log),
     with the goal line 1.5 x T(1)."""
     plt = _plt()
@@ -99,7 +99,34 @@ def deploy_plots(data, out_dir):
     ax.set_title("pibake deploy onto N lab hosts")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    _save(plt, fig, out_dir, "deploy-tn.png", names)
+    _save(plt, fig, out_dir, name, names)
+    return names
+
+
+def deploy_peer_plots(data, out_dir):
+    """deploy-peers.png: T(N) of pibake, ansible-playbook and pyinfra doing the same deploy (log-log)."""
+    plt = _plt()
+    peers = data.get("peers") or {}
+    if plt is None or not peers:
+        return []
+    names = []
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    series = {"pibake deploy": [(r["n"], r["t_s"]) for r in data.get("results", [])]}
+    series.update({{"ansible": "ansible-playbook -f N"}.get(t, f"{t} --parallel N"): [(r["n"], r["t_s"]) for r in runs]
+                   for t, runs in peers.items()})
+    ns = sorted({n for pts in series.values() for n, _ in pts})
+    for (label, pts), (color, mark) in zip(series.items(), ((BLUE, "o-"), (ORANGE, "s-"), (GREY, "^-"))):
+        if pts:
+            ax.plot([n for n, _ in pts], [t for _, t in pts], mark, color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N hosts")
+    ax.set_ylabel("seconds until all idle (log)")
+    ax.set_title("the same deploy onto N lab hosts, same run")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(plt, fig, out_dir, "deploy-peers.png", names)
     return names
 
 

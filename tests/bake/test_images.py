@@ -512,3 +512,44 @@ def test_catalog_arch_is_checked():
 """
     with pytest.raises(ImageError, match="images.a.arch: 'riscv64' is not one of arm64, armhf"):
         images.parse_catalog(text)
+
+
+# ---------------------------------------------------------------- the raw image's sha256, once per file identity
+
+
+def _bytes_read():
+    """Bytes this process has read through read(2) and friends so far (the kernel's count, /proc/self/io)."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+def test_raw_sha256_is_read_once_per_file_identity(tmp_path):
+    img = tmp_path / "pi.img"
+    img.write_bytes(PAYLOAD)
+    cache = tmp_path / "cache" / "images"
+    before = _bytes_read()
+    assert images.raw_sha256(img, cache_dir=cache) == hashlib.sha256(PAYLOAD).hexdigest()
+    first = _bytes_read() - before
+    assert first >= 1_000_000  # the file's data was read (its zero run may be read or skipped as a hole)
+
+    before = _bytes_read()
+    assert images.raw_sha256(img, cache_dir=cache) == hashlib.sha256(PAYLOAD).hexdigest()
+    assert _bytes_read() - before < 4096  # only the small cache entry, never the image
+
+    changed = bytearray(PAYLOAD)
+    changed[10] ^= 0xFF
+    img.write_bytes(bytes(changed))  # same size, new mtime: hashed again, new value
+    os.utime(img, ns=(1, 1))  # even with an old mtime the identity (mtime_ns) differs from the cached one
+    before = _bytes_read()
+    assert images.raw_sha256(img, cache_dir=cache) == hashlib.sha256(bytes(changed)).hexdigest()
+    assert _bytes_read() - before >= 1_000_000
+
+
+def test_raw_sha256_hashes_holes_as_zeros(tmp_path):
+    img = tmp_path / "sparse.img"
+    with open(img, "wb") as fh:
+        fh.write(b"head")
+        fh.seek(8 << 20)
+        fh.write(b"tail")
+        fh.truncate(12 << 20)  # ends in a hole
+    assert images.raw_sha256(img, cache_dir=tmp_path / "c") == hashlib.sha256(img.read_bytes()).hexdigest()

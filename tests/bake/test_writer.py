@@ -294,7 +294,7 @@ def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
     (rootfs / "usr-bin.bin").write_bytes(os.urandom(2 * MIB))
     report = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(REPO / "bench/burn"), "--size", "96M", "--boot-size", "40M",
-                           "--rootfs", str(rootfs), "--reps", "1", "--workdir", str(tmp_path / "work"),
+                           "--rootfs", str(rootfs), "--reps", "1", "--card-reps", "1", "--workdir", str(tmp_path / "work"),
                            "--report-dir", str(report), "--no-drop-caches"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -305,6 +305,11 @@ def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
     assert data["command"].startswith("bench/burn --size 96M")
     text = (report / "burn.md").read_text()
     assert "| dd bs=4M conv=fsync |" in text and data["date"] in text
+    if os.geteuid() == 0:  # the card-like target: a throttled loop device (root only)
+        card = data["card"]
+        assert set(card["median_seconds"]) == set(data["median_seconds"])
+        assert card["write_bps"] == 20_000_000 and card["pibake"]["verify_method"] == "direct"
+        assert "## Card-like target" in text and "20,000,000 B/s" in text
     assert not (tmp_path / "work").exists()  # cleaned up
 
 
@@ -399,3 +404,25 @@ def test_a_stale_backup_gpt_at_the_end_of_a_larger_card_is_wiped(image, tmp_path
     signatures = subprocess.run(["wipefs", str(backing)], capture_output=True, text=True, check=True).stdout
     assert " dos " in signatures and "gpt" not in signatures, signatures  # wipefs only lists here
     check_partitions(backing, layout, tmp_path)
+
+
+def _bytes_read():
+    """Bytes this process (all its threads) has read so far, the kernel's count (/proc/self/io rchar)."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+def test_a_known_image_sha256_is_reported_and_the_image_is_not_hashed_again(tmp_path):
+    """burn passes the cached sha256 (bake.images.raw_sha256): the writer then reads the image once to write it
+    and the target once to verify, not the image a second time for its hash."""
+    img = tmp_path / "data.img"
+    img.write_bytes(os.urandom(8 * MIB))
+    before = _bytes_read()
+    hashed = write_image(img, tmp_path / "a.img")
+    with_hash = _bytes_read() - before
+    before = _bytes_read()
+    known = write_image(img, tmp_path / "b.img", image_sha256=hashed.image_sha256)
+    without_hash = _bytes_read() - before
+    assert hashed.image_sha256 == known.image_sha256 == sha256_file(img)
+    assert known.verified and known.written_sha256 == hashed.written_sha256
+    assert with_hash - without_hash > 7 * MIB  # the one 8 MiB read of the image the hash thread did (less noise)
