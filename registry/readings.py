@@ -27,13 +27,12 @@ import bisect
 import contextlib
 import json
 import logging
-import os
-import sqlite3
 import threading
 import time as _time
 from pathlib import Path
 
 from pibake.locks import file_lock
+from pibake.registry.sqlitedb import migrate, thread_connection, transaction
 from pibake.sensors_model import METRICS, alert_state, threshold_for
 
 LOG = logging.getLogger(__name__)
@@ -139,55 +138,16 @@ class ReadingsStore:
         self.migrate()
 
     # ------------------------------------------------------------------ connections
-    def _connection(self):
-        """One connection per thread and process, kept open (closing the last one checkpoints the WAL)."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-            local.conn.row_factory = sqlite3.Row
-            local.conn.execute("PRAGMA busy_timeout = 30000")
-            local.conn.execute("PRAGMA synchronous = FULL")  # a 200 means stored: the agent then drops its copy
-            local.pid = os.getpid()
-        return local.conn
-
     @contextlib.contextmanager
     def connect(self, write=False):
         """A transaction; writers queue on a thread lock + flock (as the node store does) rather than on
         SQLite's sleeping busy handler."""
         with (file_lock(self.lock_path, thread_lock=self._thread_lock) if write else contextlib.nullcontext()):
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
+            with transaction(thread_connection(self._local, self.path), immediate=write) as conn:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     def migrate(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists()
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-                LOG.warning("readings DB %s is not in WAL mode", self.path)
-            conn.execute("BEGIN IMMEDIATE")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                conn.execute("ROLLBACK")
-                raise RuntimeError(f"{self.path} has schema version {version}, newer than this pibake "
-                                   f"({SCHEMA_VERSION})")
-            for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number].split(";"):  # executescript() would COMMIT mid-way
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        if fresh:
-            self.path.chmod(0o600)
+        migrate(self.path, MIGRATIONS, label="readings")
 
     # ------------------------------------------------------------------ ingest
     @staticmethod

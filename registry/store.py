@@ -10,7 +10,6 @@ Only a hash of each node credential is stored.
 """
 
 import contextlib
-import os
 import threading
 import datetime as dt
 import hashlib
@@ -18,11 +17,11 @@ import hmac
 import json
 import logging
 import secrets
-import sqlite3
 from pathlib import Path
 
 from pibake.errors import ConflictError
 from pibake.locks import file_lock
+from pibake.registry.sqlitedb import migrate, thread_connection, transaction
 
 LOG = logging.getLogger(__name__)
 
@@ -137,61 +136,17 @@ class Store:
             with self._connect(False) as conn:
                 yield conn
 
-    @contextlib.contextmanager
     def _connect(self, immediate):
-        conn = self._thread_connection()
-        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def _thread_connection(self):
-        """One connection per thread and process, kept open: closing the last connection of a WAL
-        database checkpoints it, which would cost every request several fsyncs."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():  # never use a connection across fork()
-            local.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-            local.conn.row_factory = sqlite3.Row
-            local.conn.execute("PRAGMA busy_timeout = 30000")
-            local.conn.execute("PRAGMA synchronous = FULL")  # a 2xx means the row is on disk
-            local.conn.execute("PRAGMA foreign_keys = ON")
-            local.pid = os.getpid()
-        return local.conn
+        return transaction(thread_connection(self._local, self.path, foreign_keys=True), immediate)
 
     # ------------------------------------------------------------------ schema
     def migrate(self):
         """Create or upgrade the schema to SCHEMA_VERSION. Safe to call from many processes at once."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists()
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                LOG.warning("registry DB %s is not in WAL mode (%s)", self.path, mode)
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                conn.execute("ROLLBACK")
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}, newer than this pibake ({SCHEMA_VERSION})")
-            conn.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
-            for number in range(version, SCHEMA_VERSION):
-                # executescript() would COMMIT mid-transaction: run the statements one by one.
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO migrations VALUES (?, ?)", (number + 1, utcnow()))
-                conn.execute(f"PRAGMA user_version = {number + 1}")
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        if fresh:
-            self.path.chmod(0o600)
+        migrate(self.path, MIGRATIONS, label="registry",
+                before=lambda conn: conn.execute(
+                    "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"),
+                after_step=lambda conn, version: conn.execute("INSERT INTO migrations VALUES (?, ?)",
+                                                              (version, utcnow())))
 
     def schema_version(self):
         with self.connect() as conn:
