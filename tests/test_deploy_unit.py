@@ -476,3 +476,16 @@ def test_deploy_installs_the_sensor_agent_as_the_seed_does():
     assert "enable --now pibake-sensor.service" in d.AFTER_WRITE[d.SENSOR_UNIT][-1]
     lab = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_FRESH), b"agent", b"ca")
     assert not set(d.SENSOR_FILES) & set(lab)  # no systemd (lab hosts): not installed
+
+
+def test_role_packages_follow_the_seed_with_mqtt():
+    """Parity with the worker seed: with mqtt: on, deploy also makes sure of python3-paho-mqtt."""
+    import yaml
+
+    from pibake.model import MqttSettings
+    from tests.bake.seed_fixtures import cluster_for, render
+
+    for mqtt in (MqttSettings(), MqttSettings(enabled=True)):
+        cluster = cluster_for(mqtt=mqtt)
+        seed = yaml.safe_load(render("worker", cluster=cluster).user_data)
+        assert sorted(d.role_packages(cluster, "worker")) == sorted(seed["packages"])

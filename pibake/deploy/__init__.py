@@ -38,6 +38,7 @@ from pibake.deploy.node import (  # noqa: F401
     CREDENTIAL_FILE,
     REMOTE_PATH,
     ROLE_PACKAGES,
+    role_packages,
     SENSOR_FILES,
     SENSOR_UNIT,
     TIMESYNCD_DROPIN,

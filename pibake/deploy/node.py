@@ -84,6 +84,11 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
     return wanted
 
 
+def role_packages(cluster, role):
+    """What a role's seed installs: ROLE_PACKAGES, plus the sensor agent's MQTT library when mqtt is on."""
+    return tuple(ROLE_PACKAGES[role]) + (("python3-paho-mqtt",) if cluster.mqtt.enabled else ())
+
+
 def missing_packages(role, installed, packages=None):
     """The role's packages (or ``packages``) that ``installed`` ({name: dpkg status}) does not list as
     installed."""

@@ -26,13 +26,13 @@ from pibake.deploy.node import (
     NODE_DIRS,
     REMOTE_PATH,
     REMOTE_PYTHON,
-    ROLE_PACKAGES,
     TOKEN_FILE,
     VENV_PIBAKE,
     WORKER_FACT_FILES,
     files_to_ship,
     manager_config_equivalents,
     missing_packages,
+    role_packages,
     wanted_files,
 )
 from pibake.deploy.results import HostResult
@@ -104,9 +104,9 @@ class HostState:
     def role(self):
         return self.result.role
 
-    @property
-    def packages(self):
-        return self.plan.packages if self.plan else ROLE_PACKAGES[self.role]
+    def packages(self, cluster):
+        """The manager's seed packages, or the role's (with MQTT, the sensor agent's publisher library too)."""
+        return self.plan.packages if self.plan else role_packages(cluster, self.role)
 
     @property
     def fact_files(self):
@@ -173,12 +173,12 @@ def remote(command, user):
 
 
 def connect_command(host, inputs):
-    return Command("connect", facts_command(host.packages, host.fact_files, inputs.secrets["authorize"]),
+    return Command("connect", facts_command(host.packages(inputs.cluster), host.fact_files, inputs.secrets["authorize"]),
                    timeout=60)
 
 
 def packages_command(host, inputs):
-    missing = missing_packages(host.role, host.facts["packages"], host.packages)
+    missing = missing_packages(host.role, host.facts["packages"], host.packages(inputs.cluster))
     if not missing:
         return None
     install = f"apt-get install -y -q --no-install-recommends {' '.join(shlex.quote(p) for p in missing)}"
@@ -304,7 +304,7 @@ def packages_done(host, outcome, inputs):
     if outcome.rc != 0:
         raise StepFailed(f"packages: apt-get exited with {outcome.rc}: {ssh_error(outcome.err, outcome.rc)}")
     host.result.changes += [f"installed {p}" for p in missing_packages(host.role, host.facts["packages"],
-                                                                       host.packages)]
+                                                                       host.packages(inputs.cluster))]
     return "files"
 
 
