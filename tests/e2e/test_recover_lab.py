@@ -200,7 +200,7 @@ def test_recover_cycles_the_plug_of_a_hung_node_and_it_boots_again_to_idle(recov
     powers = [value for kind, value in plug.events if kind == "power"]
     assert [p["power"] for p in powers] == ["off", "on"]
     assert powers[1]["cloud_init"]["status"] == "done" and powers[1]["cloud_init"]["errors"] == []
-    assert powers[1]["units"] == ["pibake-agent.service"] and powers[1]["sshd"] == "running"
+    assert powers[1]["units"] == ["pibake-agent.service", "pibake-sensor.service"] and powers[1]["sshd"] == "running"
     print(f"{NODE} power on: booted in {powers[1]['seconds']:.1f} s (cloud-init {powers[1]['cloud_init_s']:.1f} s)")
     assert host_pid(lab) != pid_before
     assert slurm_state(lab) == "idle"
