@@ -7,9 +7,10 @@ what the agent sees when it or the network dies mid-send), "refuse" (422)."""
 import base64
 import json
 import sqlite3
-import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.firstboot.tlsserver import TlsServing
 
 
 class ReadingsServer:
@@ -59,24 +60,8 @@ class ReadingsServer:
                 return self._reply(200, {"accepted": accepted, "duplicates": duplicates,
                                          "last_seq": outer.last_seq(node)})
 
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(certfile, keyfile)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-            def finish_request(self, request, client_address):
-                try:
-                    request = ctx.wrap_socket(request, server_side=True)
-                except (ssl.SSLError, OSError):
-                    return
-                super().finish_request(request, client_address)
-
-        self.httpd = Server(("127.0.0.1", port), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.serving = TlsServing(certfile, keyfile, Handler, port=port)
+        self.port, self.url = self.serving.port, self.serving.url
 
     def authenticate(self, header):
         if not header or not header.startswith("Basic "):
@@ -102,9 +87,8 @@ class ReadingsServer:
                     self.db.execute("SELECT body FROM readings WHERE node = ? ORDER BY seq", (node,))]
 
     def __enter__(self):
-        self.thread.start()
+        self.serving.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serving.__exit__(*exc)

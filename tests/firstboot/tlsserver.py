@@ -20,7 +20,6 @@ class ScriptedServer:
         ``drop_handshakes``: close the first n connections before the TLS handshake (an overloaded server)."""
         self.script = list(script)
         self.requests = []
-        self.connections = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,27 +46,56 @@ class ScriptedServer:
 
             do_GET = do_POST = do_DELETE = _answer
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
+        self.serving = TlsServing(certfile, keyfile, Handler, drop=lambda n: n <= drop_handshakes)
+        self.port, self.url = self.serving.port, self.serving.url
 
-            def get_request(self):
-                sock, addr = super().get_request()
-                outer.connections += 1
-                return sock, addr
+    @property
+    def connections(self):
+        return self.serving.httpd.connections
 
-            def finish_request(self, request, client_address):
-                if outer.connections <= drop_handshakes:
-                    request.close()
-                    return
-                try:
-                    request = ctx.wrap_socket(request, server_side=True)
-                except (ssl.SSLError, OSError):
-                    return
-                super().finish_request(request, client_address)
+    def __enter__(self):
+        self.serving.__enter__()
+        return self
 
+    def __exit__(self, *exc):
+        self.serving.__exit__(*exc)
+
+
+class TlsServer(ThreadingHTTPServer):
+    """A threading HTTP server that wraps each accepted connection in TLS (a failed handshake drops it).
+    ``connections`` counts accepted TCP connections; ``drop(n)`` true closes the n-th before its handshake."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, ctx, drop=None):
+        self.ctx, self.drop, self.connections = ctx, drop or (lambda n: False), 0
+        super().__init__(address, handler)
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        self.connections += 1
+        return sock, addr
+
+    def finish_request(self, request, client_address):
+        if self.drop(self.connections):
+            request.close()
+            return
+        try:
+            request = self.ctx.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        super().finish_request(request, client_address)
+
+
+class TlsServing:
+    """``handler`` served over TLS with ``certfile``/``keyfile`` on 127.0.0.1 (``port`` 0: any) while in a
+    ``with`` block; ``url`` is where."""
+
+    def __init__(self, certfile, keyfile, handler, port=0, drop=None):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(certfile, keyfile)
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = TlsServer(("127.0.0.1", port), handler, ctx, drop)
         self.port = self.httpd.server_address[1]
         self.url = f"https://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
