@@ -91,16 +91,21 @@ def deploy_plots(data, out_dir, name="deploy-tn.png"):
     if rows[0]["n"] == 1:
         limit = goal.get("limit", 1.5)
         ax.axhline(limit * rows[0]["t_s"], color=RED, ls="--", label=f"goal: {limit} x T(1)")
+    _deploy_axes(ax, ns, "pibake deploy onto N lab hosts")
+    _save(plt, fig, out_dir, name, names)
+    return names
+
+
+def _deploy_axes(ax, ns, title):
+    """T(N) axes of the deploy figures: log-log, a tick per measured N."""
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("N hosts")
     ax.set_ylabel("seconds until all idle (log)")
-    ax.set_title("pibake deploy onto N lab hosts")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    _save(plt, fig, out_dir, name, names)
-    return names
 
 
 def deploy_peer_plots(data, out_dir):
@@ -118,14 +123,7 @@ def deploy_peer_plots(data, out_dir):
     for (label, pts), (color, mark) in zip(series.items(), ((BLUE, "o-"), (ORANGE, "s-"), (GREY, "^-"))):
         if pts:
             ax.plot([n for n, _ in pts], [t for _, t in pts], mark, color=color, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_xlabel("N hosts")
-    ax.set_ylabel("seconds until all idle (log)")
-    ax.set_title("the same deploy onto N lab hosts, same run")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _deploy_axes(ax, ns, "the same deploy onto N lab hosts, same run")
     _save(plt, fig, out_dir, "deploy-peers.png", names)
     return names
 
