@@ -44,6 +44,14 @@ def make_agent(config_path):
     return sa.Agent(settings, sa.load_agent_config(settings["agent_config"]), reader=sa.Reader(settings))
 
 
+def buffer_readings(agent, count, agent_json):
+    """Take ``count`` readings without sending (the agent's sender detached), then attach a sender again."""
+    agent.shipper.sender = None
+    for _ in range(count):
+        agent.step()
+    agent.shipper.sender = sa.Sender(sa.load_agent_config(agent_json))
+
+
 def wait_until_sendable(agent):
     agent.shipper.next_try = 0.0
 
@@ -51,11 +59,8 @@ def wait_until_sendable(agent):
 def test_readings_are_sent_in_order_in_batches(tmp_path, cluster_a):
     with server_for(cluster_a) as server:
         agent = make_agent(node_files(tmp_path, cluster_a, server.url))
-        agent.shipper.sender = None  # collect first: 7 readings waiting
-        for _ in range(7):
-            agent.step()
+        buffer_readings(agent, 7, tmp_path / "agent.json")  # collect first: 7 readings waiting
         assert agent.buffer.pending() == 7
-        agent.shipper.sender = sa.Sender(sa.load_agent_config(tmp_path / "agent.json"))
         assert agent.shipper.flush() == 7
         assert [seqs for _, seqs in server.posts] == [[1, 2, 3], [4, 5, 6], [7]]
         stored = server.stored("red01")
@@ -88,10 +93,7 @@ def test_crash_between_store_and_answer_resends_without_duplicates(tmp_path, clu
     with server_for(cluster_a) as server:
         config = node_files(tmp_path, cluster_a, server.url)
         agent = make_agent(config)
-        agent.shipper.sender = None
-        for _ in range(5):
-            agent.step()
-        agent.shipper.sender = sa.Sender(sa.load_agent_config(tmp_path / "agent.json"))
+        buffer_readings(agent, 5, tmp_path / "agent.json")
         server.mode = "store_then_drop"  # the registry stored 1..3 but the agent never hears so
         assert agent.shipper.flush() == 0
         assert agent.buffer.pending() == 5
@@ -138,10 +140,7 @@ def test_refused_batch_moves_to_rejected_and_sending_goes_on(tmp_path, cluster_a
     with server_for(cluster_a) as server:
         config = node_files(tmp_path, cluster_a, server.url)
         agent = make_agent(config)
-        agent.shipper.sender = None
-        for _ in range(4):
-            agent.step()
-        agent.shipper.sender = sa.Sender(sa.load_agent_config(tmp_path / "agent.json"))
+        buffer_readings(agent, 4, tmp_path / "agent.json")
         server.mode = "refuse"
         agent.shipper.flush(max_batches=1)
         server.mode = "ok"
