@@ -6,9 +6,10 @@ import threading
 from pathlib import Path
 
 
-def atomic_write(path, data, mode=0o644, *, make_parents=False):
+def atomic_write(path, data, mode=0o644, *, make_parents=False, owner=None):
     """Write ``data`` (str as UTF-8, or bytes) to ``path``: a new temp file beside it (0600 from its creation,
-    named per process and thread), fsync, chmod ``mode``, rename over ``path``, fsync the folder."""
+    named per process and thread), fsync, chown to ``owner`` ((uid, gid), when given), chmod ``mode``, rename
+    over ``path``, fsync the folder."""
     path = Path(path)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +29,8 @@ def atomic_write(path, data, mode=0o644, *, make_parents=False):
             os.fsync(fd)
         finally:
             os.close(fd)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

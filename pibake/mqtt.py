@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, PibakeError, SecretsError
+from pibake.files import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -265,18 +266,7 @@ def mosquitto_ids():
 
 def _write(path, data, mode, owner):
     """Write atomically with ``mode``; owned by ``owner`` (uid, gid) when given and we are root."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data.encode() if isinstance(data, str) else data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if owner and os.geteuid() == 0:
-        os.chown(tmp, *owner)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode, owner=owner if owner and os.geteuid() == 0 else None)
 
 
 @contextmanager

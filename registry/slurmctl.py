@@ -93,11 +93,6 @@ def conf_settings(conf_text):
     return settings
 
 
-def write_atomic(path, text, mode=0o644):
-    """Write ``text`` to ``path`` through a temp file + fsync + rename; readers see old or new, never half."""
-    atomic_write(path, text, mode, make_parents=True)
-
-
 _THREAD_LOCK = threading.Lock()
 _PENDING_LOCK = threading.Lock()
 _PENDING = {}  # conf path -> the thread that sends the deferred reconfigure
@@ -209,13 +204,13 @@ class SlurmApplier:
         has_nodes = bool(nodes_section(text))
         if self.mode == "none":
             if old != text:
-                write_atomic(self.conf_path, text)
+                atomic_write(self.conf_path, text, make_parents=True)
                 return {"action": "written", "conf": str(self.conf_path)}
             return {"action": "unchanged", "conf": str(self.conf_path)}
         running = self.slurmctld_up() if has_nodes or old else False
         if old == text and (running or not has_nodes):
             return {"action": "unchanged", "conf": str(self.conf_path)}
-        write_atomic(self.conf_path, text)
+        atomic_write(self.conf_path, text, make_parents=True)
         if not has_nodes:
             LOG.info("slurm.conf written with no nodes; slurmctld waits for the first worker")
             if running:
