@@ -374,11 +374,30 @@ def _image_family(cluster, image_name):
     return entry.family if entry else cluster.family
 
 
-def render_checked_seeds(cluster, cluster_dir, nodes, family):
-    """{hostname: Seed}, every seed linted; SeedError naming each failing host, nothing written."""
+def render_checked_seeds(cluster, cluster_dir, nodes, family, baked=None):
+    """{hostname: Seed}, every seed linted; SeedError naming each failing host, nothing written. ``baked``: the
+    image's bake marker (nodes of its role get seeds without the packages it holds)."""
     from pibake.bake.seed import render_checked
 
-    return {node.hostname: seed for node, seed, _ in render_checked(cluster, cluster_dir, nodes, family=family)}
+    return {node.hostname: seed
+            for node, seed, _ in render_checked(cluster, cluster_dir, nodes, family=family, baked=baked)}
+
+
+def _seeds_for_baked_image(cluster_dir, prepared):
+    """A baked image (``pibake image bake``) already holds its role's packages: render the seeds of that role
+    again without them (no apt at first boot). A plain image keeps the seeds rendered by ``prepare``."""
+    from dataclasses import replace
+
+    from pibake.bake import golden
+
+    baked = golden.read_marker(prepared.raw_path)
+    if not any(golden.baked_packages(baked, node.role) for node in prepared.nodes):
+        return None
+    LOG.info("the image is baked for %s: the seeds leave out its packages", baked["role"])
+    cluster = prepared.cluster
+    seed_cluster = replace(cluster, family=prepared.family) if prepared.family != cluster.family else cluster
+    prepared.seeds = render_checked_seeds(seed_cluster, cluster_dir, prepared.nodes, prepared.family, baked=baked)
+    return baked
 
 
 def prepare(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, image=None, wheel=None):
@@ -608,9 +627,12 @@ def wait_for_next_card(device, hostname, burned, *, ask, probe):
 def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, devices_=(), output=None,
          image=None, sha256=None, verify=True, sparse=True, allow_non_removable=False,
          max_bytes=devices.DEFAULT_MAX_BYTES, wheel=None, confirm=None, ask=None, probe=None, progress=None,
-         facts_provider=None, cache_dir=None, board=None):
+         facts_provider=None, cache_dir=None, board=None, bake=False, bake_mirror=None, bake_progress=None):
     """Burn one or more nodes; return a list of ``BurnResult`` (one per card or file).
 
+    ``bake``: first bake the nodes' role's packages into the image (``pibake.bake.golden.bake_image``, cached;
+    apt fetches from ``bake_mirror``; ``bake_progress(line)`` gets its messages), then burn the baked image.
+    A baked image (given, or made here) gets seeds that install nothing at first boot.
     ``confirm(prompt) -> bool`` is asked before erasing each card (None: confirmed, i.e. --yes).
     ``ask(message)`` waits for a person to swap cards between rounds (None: a batch that needs a card
     swap is refused). ``probe(device)`` reads the card identity (default ``default_probe``).
@@ -641,7 +663,18 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
     from pibake.plan import record_plan
 
     try:
+        if bake:
+            from pibake.bake import golden
+
+            roles = sorted({node.role for node in nodes})
+            if len(roles) != 1:
+                raise BurnError(f"--bake bakes one role's image: these hosts have roles {', '.join(roles)}; "
+                                "burn one role at a time")
+            baked = golden.bake_image(image or prepared.cluster.image, cluster_dir, roles[0], sha256=sha256,
+                                      image_cache_dir=cache_dir, mirror=bake_mirror, progress=bake_progress)
+            image, sha256 = str(baked.path), None
         _raw_image(prepared, image or prepared.cluster.image, sha256=sha256, progress=progress, cache_dir=cache_dir)
+        _seeds_for_baked_image(cluster_dir, prepared)
         facts = facts_provider() if facts_provider else None
         guard = {"allow_non_removable": allow_non_removable, "max_bytes": max_bytes}
         write = {"verify": verify, "sparse": sparse, "progress": progress, "facts_provider": facts_provider}
@@ -772,7 +805,10 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
             raise BurnError(f"{device} is not a block device: use --image for an image file")
     family = detect_family(target.path, cluster.family)
     seed_cluster = replace(cluster, family=family) if family != cluster.family else cluster
-    seed = render_checked_seeds(seed_cluster, cluster_dir, [node], family)[node.hostname]
+    from pibake.bake.golden import read_marker
+
+    seed = render_checked_seeds(seed_cluster, cluster_dir, [node], family,
+                                baked=read_marker(target.path))[node.hostname]
     prepared = Prepared(cluster=cluster, nodes=[node], seeds={node.hostname: seed}, family=family,
                         wheel=manager_wheel(wheel) if node.role == "manager" else None)
     previous = bootpart.read_seed(target.path)

@@ -68,6 +68,8 @@ from pibake.switches import SwitchError  # noqa: F401,E402
 from pibake.verify import verify  # noqa: F401,E402
 from pibake.jobs import JobRunner  # noqa: F401,E402
 from pibake.lab.target import TargetError, cached_target_image, ensure_target_image  # noqa: F401,E402
+from pibake.bake.golden import BakeError, read_marker as baked_marker  # noqa: F401,E402
+from pibake.lab.rootfs import debian_mirror  # noqa: F401,E402
 from pibake.switches import (  # noqa: F401,E402
     all_status as switches_status,
     cycle_switch,
@@ -99,3 +101,15 @@ def serve_registry(cluster_dir, **options):
     return serve(cluster_dir, **options)
 from pibake.sensors import Sensors, parse_time as parse_sensor_time  # noqa: F401,E402
 from pibake.sensors_model import METRICS as SENSOR_METRICS  # noqa: F401,E402
+
+
+def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, image_cache_dir=None, mirror=None,
+               offline=False, progress=None):
+    """``pibake image bake``: the role's packages installed into a cached copy of the image
+    (``pibake.bake.golden``); apt fetches only from ``mirror`` (default: this machine's configured Debian
+    mirror) and the image's own local repositories (``offline``: only those)."""
+    from pibake.bake import golden
+
+    return golden.bake_image(name_or_path, cluster_dir, role, sha256=sha256, cache_dir=cache_dir,
+                             image_cache_dir=image_cache_dir, mirror=None if offline else (mirror or debian_mirror()),
+                             offline=offline, progress=progress)

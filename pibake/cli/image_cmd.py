@@ -5,7 +5,7 @@ import click
 from pibake import api
 from pibake.api import bake_images as images, human_size
 from pibake.cli import cli
-from pibake.cli.options import emit_json, json_option
+from pibake.cli.options import emit_json, json_option, pass_state
 
 IMAGE_EPILOG = """\b
 Examples:
@@ -13,6 +13,7 @@ Examples:
   pibake image get raspios-trixie-lite-arm64
   pibake image verify raspios-trixie-lite-arm64
   pibake image verify ~/Downloads/my.img.xz --sha256 <hex>
+  pibake image bake raspios-trixie-lite-arm64 --role worker
 \b
 Downloads go to $XDG_CACHE_HOME/pibake/images (as root: /var/cache/pibake/images), resume after an
 interruption, and are kept only when their sha256 matches the catalog's pinned value."""
@@ -115,3 +116,43 @@ def image_verify(name_or_path, cache_dir, sha256, no_decompress, as_json):
         click.echo(f"{check.name}: OK: {check.message} (sha256 {check.sha256})", err=True)
     if not check.ok:
         raise images.ImageError(f"{check.name} failed verification: {check.message}")
+
+
+@image_cmd.command("bake")
+@click.argument("name_or_path")
+@click.option("--role", type=click.Choice(["manager", "worker", "sensor"]), required=True,
+              help="Whose packages to install: the role's seed list (cluster.yaml's mqtt: adds its library).")
+@click.option("--bake-cache", "bake_cache", type=click.Path(file_okay=False), default=None, envvar="PIBAKE_BAKED_CACHE",
+              metavar="DIR", help="Where baked images are kept. Default /var/cache/pibake/baked. "
+                                  "Env: PIBAKE_BAKED_CACHE.")
+@cache_dir_option
+@sha256_option
+@click.option("--mirror", default=None, metavar="URL",
+              help="Debian mirror apt may fetch from. Default: this machine's configured one.")
+@click.option("--offline", is_flag=True,
+              help="Fetch nothing: only the image's own local (file:) apt repositories.")
+@json_option
+@pass_state
+def image_bake(state, name_or_path, role, bake_cache, cache_dir, sha256, mirror, offline, as_json):
+    """Install ROLE's packages into a copy of an image (a golden image), so its first boot runs no apt.
+
+    \b
+    NAME_OR_PATH is a catalog image or an image file. The copy's root partition is mounted through a
+    loop device and the image's own apt-get runs in it (arm64/armhf programs under qemu-user through
+    binfmt_misc); apt fetches from the configured Debian mirror only. The result is cached per
+    (image sha256, role, package set): a second bake of the same inputs is a cache hit. `pibake burn
+    --image BAKED.img` then writes seeds that install nothing. Needs root.
+    """
+    def note(line):
+        if state.verbosity >= 0:
+            click.echo(f"bake: {line}", err=True)
+
+    baked = api.bake_image(name_or_path, state.cluster_path, role, sha256=sha256, cache_dir=bake_cache,
+                           image_cache_dir=cache_dir, mirror=mirror, offline=offline, progress=note)
+    if as_json:
+        emit_json(baked.to_dict())
+    else:
+        apt = baked.stamp.get("apt") or {}
+        how = "cache hit" if baked.cached else (f"{apt.get('installed', 0)} packages installed, "
+                                                f"{apt.get('need_to_get') or '0 B'} fetched, {baked.stamp.get('seconds')} s")
+        click.echo(f"{baked.path} ({role}: {' '.join(baked.stamp['marker']['packages'])}; {how})", err=True)

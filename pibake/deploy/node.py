@@ -8,7 +8,7 @@ from pibake.bake import seed as seed_module  # a module reference: bench/deploy 
 from pibake.firstboot.agent import config_without_token
 from pibake.model import PlannedNode
 
-ROLE_PACKAGES = {"worker": ("slurmd", "munge", "slurm-client", "python3-psutil")}  # as the worker seed
+ROLE_PACKAGES = {"worker": seed_module.ROLE_PACKAGES["worker"]}  # the worker seed's own list
 
 AGENT_PATH = "/usr/local/lib/pibake/agent.py"
 AGENT_CONFIG = "/etc/pibake/agent.json"
@@ -85,8 +85,9 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
 
 
 def role_packages(cluster, role):
-    """What a role's seed installs: ROLE_PACKAGES, plus the sensor agent's MQTT library when mqtt is on."""
-    return tuple(ROLE_PACKAGES[role]) + (("python3-paho-mqtt",) if cluster.mqtt.enabled else ())
+    """What a role's seed installs (``pibake.bake.seed.role_packages``: with mqtt on, the sensor agent's MQTT
+    library too)."""
+    return seed_module.role_packages(cluster, role)
 
 
 def missing_packages(role, installed, packages=None):

@@ -55,18 +55,38 @@ def _key(tmp):
     return tmp / "key"
 
 
+@pytest.fixture(scope="session")
+def baked_worker_image(tmp_path_factory, target_image):
+    """The target image baked for the worker role by `pibake image bake` (offline: apt reads only the image's
+    own local repository), cached under /var/cache/pibake/baked so CI reruns take a cache hit. The worker VM
+    boots this card, so the one worker boot covers the golden-image path (a plain image's first-boot apt
+    run is covered by the manager's boot, which installs chrony)."""
+    from pibake.api import bake_image
+    from pibake.cluster import init_cluster
+    from pibake.lab.target import TargetImage
+
+    tmp = tmp_path_factory.mktemp("target-bake")
+    key = _key(tmp)
+    init_cluster(tmp / "cluster", manager="red00", manager_ip="10.77.91.10", network="10.77.91.0/24",
+                 ssh_key_files=[f"{key}.pub"], timezone="Etc/UTC")
+    baked = bake_image(str(target_image.path), tmp / "cluster", "worker", offline=True,
+                       progress=lambda line: print(f"bake: {line}", flush=True))
+    return TargetImage(path=baked.path, stamp={**target_image.stamp, "baked": baked.stamp})
+
+
 @pytest.fixture(scope="module")
-def worker_join(tmp_path_factory, target_image):
-    """A lab manager host (netns, the lab's Debian root) and red01 as an emulated Pi from the target image."""
+def worker_join(tmp_path_factory, baked_worker_image):
+    """A lab manager host (netns, the lab's Debian root) and red01 as an emulated Pi from the target image,
+    baked for the worker role."""
     from pibake.lab.targetrun import worker_join
 
     tmp = tmp_path_factory.mktemp("target-join")
     tmp.chmod(0o755)
     key = _key(tmp)
-    with worker_join(tmp, net="10.77.91", prefix=_prefix("tj"), target_image=target_image, ssh_key_file=f"{key}.pub",
-                     progress=print) as ctx:
+    with worker_join(tmp, net="10.77.91", prefix=_prefix("tj"), target_image=baked_worker_image,
+                     ssh_key_file=f"{key}.pub", progress=print) as ctx:
         try:
-            yield {**ctx, "key": key, "image": target_image}
+            yield {**ctx, "key": key, "image": baked_worker_image, "card": tmp / "cards" / "red01.img"}
         finally:
             print(f"--- red01 console (last lines) ---\n{ctx['pi'].vm.tail(40)}")
 
@@ -114,6 +134,26 @@ def test_worker_enrols_and_runs_jobs_as_aarch64(worker_join):
     assert agent.stdout.split() == ["active", "active", "active"], agent.stdout + agent.stderr
     version = manager_run(worker_join["prefix"], ["scontrol", "show", "node", "red01"]).stdout
     assert "Arch=aarch64" in version, version
+
+
+def test_baked_worker_first_boot_runs_no_apt(worker_join):
+    """The burn saw the bake marker: the seed installs nothing, cloud-init ran no apt-get, and the packages
+    are there (baked), so the node still enrols and goes idle (the next tests)."""
+    import yaml
+
+    from pibake.bake.bootpart import read_seed
+    from pibake.bake.seed import ROLE_PACKAGES
+
+    seed = yaml.safe_load(read_seed(worker_join["card"]).user_data)
+    assert seed["package_update"] is False and "packages" not in seed, seed
+    worker_join["pi"].wait_console(timeout=BOOT_TIMEOUT)
+    probe = _ssh(worker_join, "sudo cat /etc/pibake/baked.json; echo ---; "
+                              "sudo grep -c -E \"'apt-get'|apt-get \" /var/log/cloud-init.log; echo ---; "
+                              "dpkg-query -W -f '${Package} ${db:Status-Status}\\n' " + " ".join(ROLE_PACKAGES["worker"]))
+    marker, apt_lines, dpkg = probe.stdout.split("---\n")
+    assert json.loads(marker)["role"] == "worker", probe.stdout
+    assert apt_lines.strip() == "0", f"cloud-init ran apt-get at first boot: {probe.stdout}"
+    assert sorted(dpkg.split()) == sorted([*ROLE_PACKAGES["worker"], *["installed"] * len(ROLE_PACKAGES["worker"])]), probe.stdout
 
 
 @pytest.fixture(scope="module")
