@@ -89,6 +89,7 @@ BLOCKS = {
         "cmd-reseed": "run",
         "cmd-image-list": "run",
         "cmd-image-get": DOWNLOAD,
+        "cmd-image-bake": "test: tests/target/test_bake.py",
         "cmd-devices": "run",
         "cmd-token-show": "run",
         "cmd-token-rotate": "run",

@@ -14,7 +14,7 @@ from pibake.cli.options import (
     pass_state,
     role_option,
 )
-from pibake.api import BOARDS, PibakeError, bake_burn as burning, human_size, parse_size
+from pibake.api import BOARDS, PibakeError, bake_burn as burning, debian_mirror, human_size, parse_size
 
 BOARD_NAMES = tuple(BOARDS)
 
@@ -117,11 +117,14 @@ def _report(results, as_json, what):
 @click.option("--sha256", default=None, metavar="HEX", help="Expected sha256 of a local image file or URL.")
 @click.option("--no-verify", is_flag=True, help="Skip the read-back of the written image (the seed is always read back).")
 @click.option("--full", is_flag=True, help="Write every byte of the image (default: only the blocks it uses).")
+@click.option("--bake", is_flag=True,
+              help="First install the role's packages into a cached copy of the image (`pibake image bake`, "
+                   "needs root), so the cards' first boot runs no apt.")
 @_guard_options
 @json_option
 @pass_state
-def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image, board, sha256, no_verify, full, yes,
-             allow_non_removable, max_size, wheel, as_json):
+def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image, board, sha256, no_verify, full, bake,
+             yes, allow_non_removable, max_size, wheel, as_json):
     """Write an OS image and a node's cloud-init seed to an SD card or an image file.
 
     \b
@@ -131,6 +134,7 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
       pibake burn --hostname 'red[01-02]' --ip '10.1.1.[11-12]' --device /dev/sdb,/dev/sdc
       pibake burn --hostname 'red[01-04]' --ip '10.1.1.[11-14]' --output 'out/{hostname}.img'
       pibake burn --hostname red-zero --ip 10.1.1.40 --role sensor --board zero-w --device /dev/sdb
+      pibake burn --hostname 'red[01-04]' --ip '10.1.1.[11-14]' --bake --device /dev/sdb
 
     Every check (plan, seed lint, image checksum, the wrong-disk guard) runs before anything is
     written. Between cards of a batch pibake waits for the next card and checks it is a different one.
@@ -151,7 +155,9 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
             state.cluster_path, hostnames=hostnames, ips=ips, role=role, inventory=inventory, devices_=devices,
             output=output, image=image, board=board, sha256=sha256, verify=not no_verify, sparse=not full,
             allow_non_removable=allow_non_removable, max_bytes=_size(max_size), wheel=wheel,
-            confirm=None if yes else confirm, ask=ask, progress=progress)
+            confirm=None if yes else confirm, ask=ask, progress=progress, bake=bake,
+            bake_mirror=debian_mirror() if bake else None,
+            bake_progress=(lambda line: click.echo(f"bake: {line}", err=True)) if state.verbosity >= 0 else None)
     finally:
         progress.close()
     _report(results, as_json, "burns")

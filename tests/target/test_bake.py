@@ -2,6 +2,9 @@
 qemu-user, the result is cached per (image sha256, role, package set), and a failing apt leaves nothing behind
 (no loop device, no mount, no partial file). The worker boot of a baked image is in test_boot.py.
 
+docs/commands.md's cmd-image-bake block is this path (the bake of a catalog image downloads it first; here
+the target image stands in for it, and the burn of a baked image is test_boot.py's worker card).
+
 Slow-ish (apt under emulation, ~10-30 s per bake here) and needs the target image: marked like the boots."""
 
 import json
