@@ -278,6 +278,7 @@ def root_partition(image):
     from pibake.bake import bootpart
 
     parts = bootpart.partitions(image)
+    bootpart.find_boot_partition(image)  # a Pi image has one (the bake's marker goes there)
     roots = [p for p in parts if not p["fat"] and p["size"] > 0]
     if not roots:
         raise BakeError(f"{image} has no root partition next to its boot partition: is it a Pi image?")
@@ -481,9 +482,9 @@ def _write_stamp(path, stamp):
 
 
 def _bake(raw_path, partial, work, *, role, packages, image_sha256, mirror, offline, note):
+    _, _, number = root_partition(raw_path)  # not a Pi image: said before anything is copied
     note(f"copying {raw_path}")
     run(["cp", "--sparse=always", raw_path, partial], timeout=1800)
-    offset, size, number = root_partition(partial)
     work.mkdir(mode=0o700)
     mountpoint = work / "root"
     mountpoint.mkdir()
