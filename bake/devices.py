@@ -25,7 +25,7 @@ import struct
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import GuardError, PibakeError
 
 LOG = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ SYSFS_FILES = ("removable", "ro", "size", "device/type", "device/name", "device/
 
 BLKGETSIZE64 = 0x80081272
 BLKROGET = 0x125E
-
-
-class GuardError(PibakeError):
-    """Writing to this target is refused. The message names the device, its model and what to do."""
 
 
 # ---------------------------------------------------------------- data

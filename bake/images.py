@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pibake.errors import PibakeError
+from pibake.errors import ImageError, PibakeError
 from pibake.model import ARCHES, BOARDS, FAMILIES
 
 LOG = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ _MAGIC = (
     (b"\x28\xb5\x2f\xfd", "zst"),
     (b"\x1f\x8b", "gz"),
 )
-
-
-class ImageError(PibakeError):
-    """An image is unknown, missing, corrupt, or its download failed or did not match its sha256."""
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pibake.bake import allocation
-from pibake.errors import PibakeError
+from pibake.errors import PibakeError, VerifyError, WriteError
 
 LOG = logging.getLogger(__name__)
 
@@ -78,14 +78,6 @@ HEAD = 64 * 1024  # zeroed first, written last: MBR + GPT header + GPT entries
 MERGE_GAP = 64 * 1024  # ranges closer than this are written as one
 SPOOL_GRAIN = 64 * 1024
 NBUF = 4
-
-
-class WriteError(PibakeError):
-    """Writing the image failed; the target is incomplete."""
-
-
-class VerifyError(PibakeError):
-    """The read-back differs from the image."""
 
 
 @dataclass

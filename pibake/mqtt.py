@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pibake import secrets as _secrets
-from pibake.errors import ConfigError, PibakeError, SecretsError
+from pibake.errors import ConfigError, SecretsError
 from pibake.files import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -55,10 +55,6 @@ SECRET_FILES = ("secrets/mqtt.crt", "secrets/mqtt.key", "secrets/mqtt-admin-pass
 # salt, 64-byte hash, both standard base64.
 PBKDF2_ROUNDS = 101
 SALT_BYTES = 12
-
-
-class MqttError(PibakeError):
-    """The broker could not be set up or told about a change."""
 
 
 def load_settings(cluster_dir):

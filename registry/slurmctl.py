@@ -57,7 +57,7 @@ import threading
 import time
 from pathlib import Path
 
-from pibake.errors import CommandError, PibakeError
+from pibake.errors import ApplyError, CommandError, PibakeError
 from pibake.files import atomic_write
 from pibake.locks import file_lock
 from pibake.registry.slurmconf import nodes_section, parse_slurm_version
@@ -75,10 +75,6 @@ DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
 MUNGE_WAIT_S = 30.0
 # From this Slurm version on, `scontrol reconfigure` restarts slurmctld in place and so adds/removes nodes
 RECONFIGURE_ADDS_NODES = (23, 11, 0)
-
-
-class ApplyError(PibakeError):
-    """slurm.conf could not be put in force. The message names the step that failed."""
 
 
 def conf_settings(conf_text):

@@ -45,7 +45,7 @@ from pibake.bake.bootpart import read_seed
 from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
 from pibake.cluster import load_cluster, valid_hostname
-from pibake.errors import PibakeError, SeedError
+from pibake.errors import LabClusterError, PibakeError, SeedError
 from pibake.files import atomic_write
 from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
 from pibake.lab.hosts import (
@@ -72,10 +72,6 @@ IMAGE_SUFFIX = ".img"
 # Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
 ROOTS_DIR = "_roots"
 IMAGES_DIR = "_images"
-
-
-class LabClusterError(PibakeError):
-    """The lab cluster could not be brought up, found or entered."""
 
 
 # --------------------------------------------------------------------------- pure helpers

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import LabError
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -103,10 +103,6 @@ os.close(1)
 while True:
     signal.pause()
 """
-
-
-class LabError(PibakeError):
-    """A lab host or network could not be created or entered."""
 
 
 def _check_prefix(prefix):

@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pibake.errors import CommandError, PibakeError
+from pibake.errors import CommandError, PibakeError, RootfsError
 from pibake.files import atomic_write
 from pibake.run import run, which
 
@@ -96,10 +96,6 @@ LAB_PACKAGES = (
 )
 
 STAMP_SUFFIX = ".done"
-
-
-class RootfsError(PibakeError):
-    """The lab's root filesystem could not be built or mounted."""
 
 
 def rootfs_key(release, packages):

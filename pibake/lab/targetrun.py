@@ -17,7 +17,7 @@ import shlex
 import time
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import PibakeError, TargetRunError
 from pibake.lab.cluster import host_argv, load_state, registry_nodes, slurm_states
 from pibake.lab.vm import TargetVM, attach_tap, detach_tap
 from pibake.run import run, which
@@ -31,10 +31,6 @@ CONSOLE_PHASES = (
     ("login_prompt", r"login:"),
     ("cloud_init_done", r"Cloud-init v\. \S+ finished"),
 )
-
-
-class TargetRunError(PibakeError):
-    """The emulated Pi did not reach a phase in time (the message says which, and the console's last lines)."""
 
 
 def tap_name(prefix, ip):

@@ -10,7 +10,7 @@ the manager, as verify reaches them).
 import logging
 import time
 
-from pibake.errors import PibakeError
+from pibake.errors import RecoverError
 from pibake.verify import parse_sinfo
 
 LOG = logging.getLogger(__name__)
@@ -19,10 +19,6 @@ DEFAULT_WAIT_S = 600.0  # a Pi 4 boots, starts slurmd and re-registers in about 
 POLL_S = 5.0
 # Slurm base states that mean "not working"; a trailing * means not responding whatever the base state.
 DOWN_STATES = ("down", "fail", "failing", "unknown", "no_respond", "not_responding")
-
-
-class RecoverError(PibakeError):
-    """The node could not be recovered, or was refused (not down, no plug, the manager)."""
 
 
 def slurm_is_down(state):
