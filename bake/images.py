@@ -31,6 +31,7 @@ import yaml
 
 from pibake.errors import ImageError, PibakeError
 from pibake.model import ARCHES, BOARDS, FAMILIES
+from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
@@ -632,7 +633,7 @@ class ImageStream:
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
         elif fmt == "zst":
             try:
-                import zstandard
+                import zstandard  # optional: only .zst images need it (setup.cfg extra)
             except ImportError as exc:
                 self._raw.close()
                 raise ImageError("reading .zst images needs the Python package zstandard "
@@ -757,8 +758,6 @@ def uncompressed_size(local_image):
     if local_image.format == "none":
         return path.stat().st_size
     if local_image.format == "xz":
-        from pibake.run import run, which
-
         if not which("xz"):
             return None
         try:

@@ -57,6 +57,7 @@ import hashlib
 import logging
 import mmap
 import os
+import queue
 import stat
 import struct
 import tempfile
@@ -67,6 +68,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pibake.bake import allocation
+
 from pibake.errors import PibakeError, VerifyError, WriteError
 
 LOG = logging.getLogger(__name__)
@@ -282,8 +284,6 @@ class _ReadAhead:
     """
 
     def __init__(self, pieces, fill, block_size, depth=4):
-        import queue
-
         self._free = queue.Queue()
         self._ready = queue.Queue()
         self._stop = False

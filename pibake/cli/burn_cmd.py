@@ -45,8 +45,8 @@ class _Progress:
 
     def _ensure(self):
         if self._progress is None:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+            from rich.console import Console  # start-up: rich.progress costs ~0.2 s, only a long write shows a bar
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up
                                        TransferSpeedColumn)
 
             self._progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),

@@ -6,10 +6,13 @@ import sys
 
 import click
 
+from pibake import api
+from pibake.api import LAB_DEFAULT_RELEASE as DEFAULT_RELEASE
+from pibake.api import LAB_RELEASES as RELEASES
+from pibake.api import lab_down, lab_freeze, lab_power, lab_status, lab_up
+from pibake.api import lab_shell_argv as shell_argv
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
-from pibake.api import LAB_DEFAULT_RELEASE as DEFAULT_RELEASE, LAB_RELEASES as RELEASES
-from pibake.api import lab_down, lab_shell_argv as shell_argv, lab_status, lab_up
 
 prefix_option = click.option(
     "--prefix", default="pblab", show_default=True, metavar="NAME",
@@ -147,8 +150,6 @@ def power_cmd(state, host, action, timeout, prefix, as_json):
       pibake lab power red02 off
       pibake lab power red02 on
     """
-    from pibake.api import lab_power
-
     progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
     report = lab_power(host, action, prefix=prefix, timeout=timeout, progress=progress)
     if as_json:
@@ -165,8 +166,6 @@ def freeze_cmd(host, prefix, as_json):
 
     Its link stays up, so connections are accepted and never answered; ssh and Slurm find it
     down. Only `pibake lab power HOST off` and `on` (or a smart plug bound to it) bring it back."""
-    from pibake.api import lab_freeze
-
     report = lab_freeze(host, prefix=prefix)
     if as_json:
         emit_json(report)
@@ -203,8 +202,6 @@ def target_image_cmd(state, cached, as_json):
     /var/cache/pibake/target by a hash of its recipe: the first build takes a long while (docs/lab.md), later
     calls return at once. Needs root, qemu-user-static, mmdebstrap and the Debian mirror.
     """
-    from pibake import api
-
     if cached:
         image = api.cached_target_image()
         if image is None:

@@ -24,6 +24,7 @@ never ``ip netns exec``, which remounts /sys and breaks slurmd's cgroup detectio
 import ipaddress
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -337,8 +338,6 @@ class LabHost:
 
     @staticmethod
     def _prepare_root(root, name, ip, extra_hosts):
-        import pwd
-
         if root.exists():
             shutil.rmtree(root)
         for d in HOST_DIRS:

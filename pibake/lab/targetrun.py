@@ -17,8 +17,18 @@ import shlex
 import time
 from pathlib import Path
 
+from pibake.bake.burn import burn
+from pibake.bake.synthetic import build_pi_image
+from pibake.cluster import init_cluster
 from pibake.errors import PibakeError, TargetRunError
-from pibake.lab.cluster import host_argv, load_state, registry_nodes, slurm_states
+from pibake.lab.cluster import (
+    host_argv,
+    lab_down,
+    lab_up,
+    load_state,
+    registry_nodes,
+    slurm_states,
+)
 from pibake.lab.vm import TargetVM, attach_tap, detach_tap
 from pibake.run import run, which
 
@@ -135,8 +145,6 @@ def pi_ssh(prefix, key, user, ip, command, timeout=120, via=None):
 
 
 def _cluster(workdir, net, ssh_key_file):
-    from pibake.cluster import init_cluster
-
     cluster_dir = Path(workdir) / "cluster"
     init_cluster(cluster_dir, manager="red00", manager_ip=f"{net}.10", network=f"{net}.0/24",
                  ssh_key_files=[ssh_key_file], timezone="Etc/UTC")
@@ -144,16 +152,12 @@ def _cluster(workdir, net, ssh_key_file):
 
 
 def _burn(cluster_dir, hostname, ip, role, out_dir, image):
-    from pibake.bake.burn import burn
-
     burn(cluster_dir, hostnames=hostname, ips=ip, role=role, output=str(Path(out_dir) / "{hostname}.img"),
          image=str(image))
     return Path(out_dir) / f"{hostname}.img"
 
 
 def _synthetic(workdir):
-    from pibake.bake.synthetic import build_pi_image
-
     path = Path(workdir) / "synthetic-raspios.img"
     if not path.exists():
         build_pi_image(path, size="160M", boot_size="64M", family="raspios")
@@ -165,8 +169,6 @@ def worker_join(workdir, *, net, prefix, target_image, ssh_key_file, progress=No
     """A cluster whose manager red00 is a lab host (network namespace, the lab's Debian root, booted by
     cloud-init from its burned image) and whose worker red01 is an emulated Pi powered on from the target
     image burned by ``pibake burn``. Yields ``{"pi", "cluster_dir", "prefix"}``; removes everything after."""
-    from pibake.lab.cluster import lab_down, lab_up
-
     note = progress or (lambda message: None)
     cluster_dir = _cluster(workdir, net, ssh_key_file)
     note("burning red00 (manager, lab host) and red01 (worker, target image)")
@@ -191,8 +193,6 @@ def manager_boot(workdir, *, net, prefix, target_image, ssh_key_file, progress=N
     """A cluster whose manager red00 is an emulated Pi from the target image (its pibake wheel comes from
     the running pibake) and whose worker red01 is a lab host on the same bridge, enrolling with it.
     Yields ``{"pi", "cluster_dir", "prefix", "worker"}`` (``worker``: the lab host's record)."""
-    from pibake.lab.cluster import lab_down, lab_up
-
     note = progress or (lambda message: None)
     cluster_dir = _cluster(workdir, net, ssh_key_file)
     note("burning red00 (manager, target image) and red01 (worker, lab host)")
