@@ -85,30 +85,36 @@ import yaml
 from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
 from pibake.cluster import valid_hostname
 from pibake.errors import SeedError
+from pibake.layout import (
+    AGENT_CONFIG,
+    AGENT_PATH,
+    CA_PATH,
+    CREDENTIAL_FILE,
+    LIB_DIR,
+    SENSOR_AGENT_PATH,
+    SENSOR_BUFFER,
+    SENSOR_CONFIG,
+    SENSOR_MQTT_PATH,
+    SENSOR_UNIT,
+    SYSTEMD_DIR,
+    TIMESYNCD_DROPIN,
+    role_packages,
+)
 from pibake.model import FAMILIES, ROLES, Seed
 from pibake.mqtt import node_settings as mqtt_node_settings
 
 LOG = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- paths on the node
+# (the node contract's paths and packages: pibake/layout.py)
 
-LIB_DIR = "/usr/local/lib/pibake"
-AGENT_PATH = f"{LIB_DIR}/agent.py"
-AGENT_CONFIG = "/etc/pibake/agent.json"
-CA_PATH = "/etc/pibake/ca.crt"
-CREDENTIAL_FILE = "/etc/pibake/node-credential"
 BOOT_DIR = "/boot/firmware"  # Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition here
 SEED_FILE = f"{BOOT_DIR}/user-data"
 WHEEL_GLOB = f"{BOOT_DIR}/pibake/pibake-*.whl"
 MANAGER_ROOT = "/var/lib/pibake"
 MANAGER_CLUSTER_DIR = f"{MANAGER_ROOT}/cluster"
-SYSTEMD_DIR = "/etc/systemd/system"
 AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
-SENSOR_AGENT_PATH = f"{LIB_DIR}/sensor_agent.py"
-SENSOR_CONFIG = "/etc/pibake/sensor.json"
-SENSOR_MQTT_PATH = f"{LIB_DIR}/sensor_mqtt.py"
 SENSOR_COMMAND = ["/usr/bin/python3", SENSOR_AGENT_PATH, "--config", SENSOR_CONFIG]
-SENSOR_BUFFER = "/var/lib/pibake/sensor-buffer.sqlite3"
 I2C_BUS = 1  # the Pi's GPIO header I2C (pins 3 SDA, 5 SCL): /dev/i2c-1
 # config.txt lines `pibake burn` makes sure of on the card's FAT partition, per role (pibake.bake.bootpart):
 # the firmware switches I2C on at boot, no runtime raspi-config call needed
@@ -443,7 +449,7 @@ def sensor_files(cluster, node):
     files = [
         _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
         _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
-        _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
+        _text_file(SENSOR_UNIT,
                    _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
     ]
     if cluster.mqtt.enabled:  # the publisher the agent imports from its own directory (docs/mqtt.md)
@@ -527,7 +533,7 @@ def _write_files(cluster, node, seed_secrets, bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
     else:
-        files.append(_text_file("/etc/systemd/timesyncd.conf.d/pibake.conf",
+        files.append(_text_file(TIMESYNCD_DROPIN,
                                 _render("timesyncd.conf.j2", servers=[cluster.manager_ip],
                                         fallback=list(cluster.ntp_servers or ())), "0644"))
     return files
@@ -549,8 +555,8 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "sensor_command": SENSOR_COMMAND,
         "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
+        "packages": role_packages(node.role, mqtt=cluster.mqtt.enabled),
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
-        "mqtt_publisher": cluster.mqtt.enabled,  # every node's sensor agent publishes (python3-paho-mqtt)
         "mqtt_setup_command": MQTT_SETUP_COMMAND,
         "mosquitto_command": MOSQUITTO_COMMAND,
         "wheel_glob": WHEEL_GLOB,

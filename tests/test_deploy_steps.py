@@ -73,7 +73,7 @@ def test_files_command_ships_what_differs_and_the_token_only_without_credential(
     assert shipped == paths + ([node.TOKEN_FILE] if token else [])
     assert command.sends_token is token
     assert "join-token-secret" not in command.shell  # secrets on stdin only
-    assert spec["dirs"] == node.NODE_DIRS and "authorize" not in spec  # no authorized section recorded
+    assert spec["dirs"] == [list(d) for d in node.NODE_DIRS] and "authorize" not in spec  # no authorized section recorded
 
 
 def test_files_command_is_skipped_when_the_node_has_everything():

@@ -46,6 +46,7 @@ from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
 from pibake.cluster import load_cluster, valid_hostname
 from pibake.errors import LabClusterError, PibakeError, SeedError
+from pibake.layout import AGENT_CONFIG
 from pibake.files import atomic_write
 from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
 from pibake.lab.hosts import (
@@ -67,7 +68,6 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pblab"
 STATE_DIR = Path("/run/pibake-lab")
-AGENT_CONFIG = "/etc/pibake/agent.json"
 IMAGE_SUFFIX = ".img"
 # Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
 ROOTS_DIR = "_roots"
