@@ -71,3 +71,16 @@ def test_secret_directories_are_private():
     assert dict(layout.NODE_DIRS)[layout.ETC_DIR] == 0o700
     for path in (layout.AGENT_CONFIG, layout.CA_PATH, layout.TOKEN_FILE, layout.CREDENTIAL_FILE):
         assert path.startswith(layout.ETC_DIR + "/")
+
+
+def test_the_lab_and_target_roots_hold_what_the_seeds_install():
+    """The lab's shared root and the emulated target pre-install the seeds' packages (nothing can be fetched
+    there): a package added to a role in pibake/layout.py must be added to them too, or first boot fails."""
+    from pibake.lab import rootfs, target
+
+    lab = set(rootfs.LAB_PACKAGES)
+    on_target = set(target.BASE_PACKAGES + target.ROLE_PACKAGES + target.LOCAL_REPO_PACKAGES)
+    for role in ROLES:
+        assert set(layout.role_packages(role, mqtt=True)) - lab == set(), role
+    for role in ("manager", "worker"):  # the emulated target boots these two
+        assert set(layout.role_packages(role)) - on_target == set(), role

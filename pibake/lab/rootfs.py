@@ -89,6 +89,9 @@ LAB_PACKAGES = (
     "python3-bme280",
     "python3-smbus2",
     "i2c-tools",
+    # mqtt: in cluster.yaml (docs/mqtt.md): the broker on the manager, the publisher's library on every node
+    "mosquitto",
+    "python3-paho-mqtt",
     # a network renderer, so cloud-init writes the seed's network-config as a file
     # (/etc/network/interfaces.d/50-cloud-init); the lab never brings it up
     "ifupdown",
