@@ -27,10 +27,11 @@ from pibake.bake.manifest import latest_by_hostname
 from pibake.benchmarks import bench_markdown, run_bench, write_plots
 from pibake.cluster import load_cluster
 from pibake.connect import Connectors, LocalConnector, SshConnector, is_local_address
+from pibake.errors import RegistryClientError
 from pibake.files import atomic_write
 from pibake.plan import recorded_plan
 from pibake.registry.service import cluster_settings
-from pibake.secrets import admin_password
+from pibake.registry_client import RegistryClient
 
 LOG = logging.getLogger(__name__)
 
@@ -404,44 +405,16 @@ class Target:
                                    timeout=timeout, input=input)
 
 
-def _registry_session(cluster_dir):
-    import requests  # pylint: disable=import-outside-toplevel
-
-    session = requests.Session()
-    # Only the cluster CA, never a proxy: with trust_env (the default) REQUESTS_CA_BUNDLE or
-    # CURL_CA_BUNDLE in the environment silently replace session.verify.
-    session.trust_env = False
-    session.verify = str(Path(cluster_dir) / "secrets" / "ca.crt")
-    return session
-
-
-def registry_url(cluster):
-    return f"https://{cluster.manager_ip}:{cluster.registry_port}"
-
-
 def fetch_registry(cluster_dir, cluster, timeout=10):
-    """(health, nodes, error): GET /health and /nodes over TLS verified with the cluster CA."""
-    import requests  # pylint: disable=import-outside-toplevel
-
-    url = registry_url(cluster)
+    """(health, nodes, error): GET /health and /nodes (admin) through the shared registry client; ``error`` is
+    the RegistryClientError's one line (URL, reason, the registry's message) or None."""
+    client = RegistryClient.for_cluster(cluster, cluster_dir, timeout=timeout)
     try:
-        session = _registry_session(cluster_dir)
-        r = session.get(f"{url}/api/v1/health", timeout=timeout)
-        r.raise_for_status()
-        health = r.json()
-        r = session.get(f"{url}/api/v1/nodes", timeout=timeout, auth=("admin", admin_password(cluster_dir)))
-        r.raise_for_status()
-        return health, r.json(), None
-    except requests.exceptions.SSLError:
-        return None, None, f"{url}: TLS verification against secrets/ca.crt failed (another cluster's registry?)"
-    except requests.exceptions.ConnectionError:
-        return None, None, f"{url}: connection refused or host unreachable"
-    except requests.exceptions.Timeout:
-        return None, None, f"{url}: no answer within {timeout} s"
-    except requests.exceptions.HTTPError as exc:
-        return None, None, f"{url}: HTTP {exc.response.status_code}"
-    except ValueError:
-        return None, None, f"{url}: the answer is not JSON"
+        return client.health(), client.nodes(), None
+    except RegistryClientError as exc:
+        return None, None, str(exc)
+    finally:
+        client.close()
 
 
 def served_slurm_conf(cluster_dir):

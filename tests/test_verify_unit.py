@@ -227,8 +227,8 @@ def test_verify_with_nothing_running_fails_each_check_with_a_reason(tmp_path):
     checks = {c.name: c for c in report.checks}
     assert not report.ok and list(checks) == list(v.CHECKS)
     assert checks["registry"].status == "fail"
-    assert checks["registry"].summary == (f"the registry does not answer: https://127.0.0.1:{port}: connection "
-                                          "refused or host unreachable")
+    assert checks["registry"].summary == (f"the registry does not answer: https://127.0.0.1:{port}/api/v1/health: "
+                                          "connection refused")
     assert checks["expected-nodes"].status == "skip"
     assert checks["sinfo-idle"].status == "fail" and "Connection refused" in checks["sinfo-idle"].summary
     assert checks["srun"].status == "skip" and checks["munge"].status == "fail"

@@ -51,7 +51,6 @@ from pibake.deploy.node import (  # noqa: F401
     missing_packages,
     wanted_files,
 )
-from pibake.deploy.registry_client import RegistryClient, registry_down  # noqa: F401
 from pibake.deploy.results import (  # noqa: F401
     MANAGER_STEPS,
     STEPS,
@@ -67,6 +66,7 @@ from pibake.deploy.session import (  # noqa: F401
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PARALLEL,
     deploy,
+    registry_down,
 )
 from pibake.deploy.steps import agent_changes, credential_rejected, parse_agent_output  # noqa: F401
 from pibake.errors import DeployError  # noqa: F401
