@@ -9,7 +9,9 @@ bare Pi); both speak what ``registry/openapi.json`` publishes, and tests/test_re
 both clients' requests to the real registry app and checks them against that document."""
 
 import logging
+import os
 
+from pibake import __version__
 from pibake.errors import RegistryClientError
 from pibake.secrets import admin_password, secrets_dir
 
@@ -62,6 +64,7 @@ class RegistryClient:
             # CURL_CA_BUNDLE in the environment silently replace ``verify``.
             session.trust_env = False
             session.verify = self.ca_file
+            session.headers.update({"User-Agent": f"pibake/{__version__}", "Accept": "application/json"})
             self._session = session
         return self._session
 
@@ -71,6 +74,9 @@ class RegistryClient:
         import requests  # start-up: see session()
 
         url = self.api + path
+        if not os.path.isfile(self.ca_file):  # requests would raise a bare OSError
+            raise RegistryClientError(url, f"the cluster CA {self.ca_file} is missing: run `pibake init` (or copy "
+                                           "the cluster directory with its secrets/)")
         try:
             r = self.session().request(method, url, json=body, auth=self._admin() if admin else None,
                                        timeout=timeout or self.timeout, allow_redirects=False)
