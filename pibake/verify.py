@@ -110,7 +110,7 @@ class VerifyReport:
 
 # ---------------------------------------------------------------------- pure parsers
 
-def parse_facts(text):
+def parse_verify_facts(text):
     """``key=value`` lines of NODE_FACTS/MANAGER_FACTS -> dict (time as float, conf as (sha, path))."""
     facts = {}
     for line in (text or "").splitlines():
@@ -147,7 +147,7 @@ def parse_unmunge(rc, stdout, stderr):
     return False, lines[-1].strip() if lines else f"unmunge exited with {rc}"
 
 
-def parse_sinfo(text):
+def parse_sinfo_reasons(text):
     """``sinfo -N -h -o '%N|%T|%E'`` -> {node: (state, reason)} (a node listed in several partitions once)."""
     nodes = {}
     for line in (text or "").splitlines():
@@ -469,7 +469,7 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     cluster_dir = Path(cluster_dir)
     cluster = load_cluster(cluster_dir)
     started, t_start = utcnow(), time.monotonic()
-    step = _Progress(progress, 9 if bench else 7)
+    step = _CheckProgress(progress, 9 if bench else 7)
     checks = []
 
     step("asking the registry")
@@ -489,7 +489,7 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
 
     step("sinfo on the manager")
     sinfo_out = target.manager_run(["sinfo", "-N", "-h", "-o", "%N|%T|%E"], timeout=30)
-    sinfo = parse_sinfo(sinfo_out.stdout) if sinfo_out.ok else {}
+    sinfo = parse_sinfo_reasons(sinfo_out.stdout) if sinfo_out.ok else {}
     sinfo_error = None if sinfo_out.ok else sinfo_out.reason()
     workers = sorted({h for h, n in (enrolled or {}).items()
                       if n.get("role") == "worker" and n.get("status") != "pending"} | set(sinfo))
@@ -507,11 +507,11 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
         for host, res in zip(hosts, pool.map(gather, hosts)):
             facts_runs[host] = res
     manager_out = facts_runs[cluster.manager][0]
-    manager_facts = parse_facts(manager_out.stdout) if manager_out.ok else {}
+    manager_facts = parse_verify_facts(manager_out.stdout) if manager_out.ok else {}
     node_outs = {n: facts_runs[n][0] for n in workers}
     checks.append(check_reachable(workers, node_outs, {n: connectors.describe(n) for n in workers}))
     reachable = [n for n in workers if node_outs[n].ok]
-    node_facts = {n: parse_facts(node_outs[n].stdout) for n in reachable}
+    node_facts = {n: parse_verify_facts(node_outs[n].stdout) for n in reachable}
     checks.append(check_idle(workers, sinfo, sinfo_error, {s.node: s.name for s in cluster.switches if s.node}))
 
     step("srun on every node")
@@ -576,7 +576,9 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     return report
 
 
-class _Progress:
+class _CheckProgress:
+    """verify's progress through its checks: ``callback(fraction done, message)`` as each one starts."""
+
     def __init__(self, callback, steps):
         self.callback = callback
         self.steps = steps

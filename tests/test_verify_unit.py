@@ -47,29 +47,29 @@ def test_parse_unmunge_recorded_outputs():
     assert v.parse_unmunge(255, "", "") == (False, "unmunge exited with 255")
 
 
-def test_parse_facts_and_sinfo():
-    facts = v.parse_facts(FACTS + "garbage line\n")
+def test_parse_verify_facts_and_sinfo_reasons():
+    facts = v.parse_verify_facts(FACTS + "garbage line\n")
     assert facts["hostname"] == "w1" and facts["time"] == pytest.approx(1795620706.123456789)
     assert facts["conf"] == ("5d41402abc4b2a76b9719d911017c592aa5d41402abc4b2a76b9719d911017c5",
                              "/var/spool/slurmd/conf-cache/slurm.conf")
     assert facts["cred"].startswith("MUNGE:")
-    assert v.parse_facts("munge_error=munge: Error: Failed to access\n") == {
+    assert v.parse_verify_facts("munge_error=munge: Error: Failed to access\n") == {
         "munge_error": "munge: Error: Failed to access"}
-    assert v.parse_sinfo(SINFO) == {"w1": ("idle", ""), "w2": ("idle", ""), "w3": ("down*", "Not responding")}
+    assert v.parse_sinfo_reasons(SINFO) == {"w1": ("idle", ""), "w2": ("idle", ""), "w3": ("down*", "Not responding")}
 
 
 def test_idle_check_names_the_others_with_state_and_reason():
-    r = v.check_idle(["w1", "w2", "w3", "w4"], v.parse_sinfo(SINFO), None)
+    r = v.check_idle(["w1", "w2", "w3", "w4"], v.parse_sinfo_reasons(SINFO), None)
     assert r.status == "fail"
     assert r.details == ["w3: down* (Not responding)", "w4: not in sinfo (slurm.conf does not list it)"]
     assert "scontrol update" in r.action
-    assert v.check_idle(["w1", "w2"], v.parse_sinfo(SINFO), None).status == "ok"
+    assert v.check_idle(["w1", "w2"], v.parse_sinfo_reasons(SINFO), None).status == "ok"
     r = v.check_idle(["w1"], {}, "slurm_load_partitions: Unable to contact slurm controller")
     assert r.status == "fail" and "slurmctld" in r.action
 
 
 def test_idle_check_names_the_switch_that_can_recover_a_down_node():
-    r = v.check_idle(["w1", "w3"], v.parse_sinfo(SINFO), None, plugs={"w3": "pi3", "w1": "pi1"})
+    r = v.check_idle(["w1", "w3"], v.parse_sinfo_reasons(SINFO), None, plugs={"w3": "pi3", "w1": "pi1"})
     assert r.details == ["w3: down* (Not responding); switch pi3 powers it: `pibake recover w3` power-cycles it "
                          "if it hangs"]
 
