@@ -15,6 +15,7 @@ import pytest
 from pibake import deploy as d
 from pibake.errors import PlanError
 from pibake.model import Cluster
+from pibake.ssh import SshOptions
 from tests.conftest import needs_program, needs_root
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deploy"
@@ -391,12 +392,12 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     user = tmp_path / "user_config"
     user.write_text("Host red02\n    HostName 10.99.0.2\n    Port 2202\nHost *\n    User pi\n")
     planned = {"red01": "10.1.1.11", "red02": "10.1.1.12", "red00": "10.1.1.10"}
-    opts = d.with_planned_addresses(["red01", "red02", "blue01", "10.1.1.13"], planned,
-                                    ("-F", str(user), "-oBatchMode=yes"), tmp_path)
-    assert opts[0] == "-F" and opts[1] == str(tmp_path / "ssh_config") and opts[2:] == ("-oBatchMode=yes",)
+    ssh = d.with_planned_addresses(["red01", "red02", "blue01", "10.1.1.13"], planned,
+                                   SshOptions(extra=("-F", str(user), "-oBatchMode=yes")), tmp_path)
+    assert ssh.extra == ("-F", str(tmp_path / "ssh_config"), "-oBatchMode=yes")
 
     def resolved(name):
-        out = subprocess.run(["ssh", *opts, "-G", name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(ssh.config_argv(name), capture_output=True, text=True, check=True).stdout
         return {ln.split(None, 1)[0]: ln.split(None, 1)[1] for ln in out.splitlines() if " " in ln}
 
     r1 = resolved("red01")
@@ -405,7 +406,8 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     assert (r2["hostname"], r2["port"]) == ("10.99.0.2", "2202")
     assert resolved("blue01")["hostname"] == "blue01"
     # nothing to map: the options come back as given, and no file is written
-    assert d.with_planned_addresses(["10.1.1.13"], planned, ("-v",), tmp_path / "none") == ("-v",)
+    unchanged = SshOptions(extra=("-v",))
+    assert d.with_planned_addresses(["10.1.1.13"], planned, unchanged, tmp_path / "none") is unchanged
 
 
 # --------------------------------------------------------------------------- the manager's ssh key on a node

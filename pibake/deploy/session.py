@@ -16,6 +16,7 @@ from pibake.errors import CommandError, ConfigError, DeployError, RegistryClient
 from pibake.registry_client import NOTHING_LISTENS, RegistryClient
 from pibake.run import run
 from pibake.secrets import seed_secrets
+from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -117,12 +118,12 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     # an ssh session costs (OpenSSH 9.2, default sntrup761x25519 KEX: ~60 ms CPU for `ssh host true`, ~5 ms
     # through an open master), so a host's sessions cost one handshake plus cheap multiplexed ones.
     control_dir = tempfile.mkdtemp(prefix="pibake-ssh-")  # 0700; one socket per host, named by ssh's %C hash
-    mux = ("-oControlMaster=auto", f"-oControlPath={control_dir}/%C", f"-oControlPersist={CONTROL_PERSIST_S}")
+    ssh = SshOptions(user=user, connect_timeout=connect_timeout, extra=tuple(ssh_options), control_dir=control_dir,
+                     control_persist=CONTROL_PERSIST_S)
     try:
-        ssh_options = with_planned_addresses([h.result.host for h in host_runs], planned_addresses(cluster, cluster_dir),
-                                             tuple(ssh_options), control_dir)
-        runner = Runner(Inputs(cluster, secrets, user), parallel=parallel, connect_timeout=connect_timeout,
-                        ssh_options=tuple(ssh_options) + mux, progress=progress)
+        ssh = with_planned_addresses([h.result.host for h in host_runs], planned_addresses(cluster, cluster_dir),
+                                     ssh, control_dir)
+        runner = Runner(Inputs(cluster, secrets, user), parallel=parallel, ssh=ssh, progress=progress)
         if problem is not None and plan is None:
             # something answers at the registry's address, but not this cluster's healthy registry: never
             # overwrite what runs there
@@ -162,7 +163,7 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
                             registry=registry.base, parallel=parallel,
                             started_at=started_wall, duration_s=time.monotonic() - t0)
     finally:
-        _close_masters(host_runs, tuple(ssh_options) + mux, user)
+        _close_masters(host_runs, ssh)
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
@@ -186,12 +187,11 @@ def _setup_manager(runner, mgr, registry):
     runner.run([mgr], "agent")
 
 
-def _close_masters(host_runs, ssh_options, user):
+def _close_masters(host_runs, ssh):
     """Stop this deploy's ssh master connections (``ssh -O exit``; a host never reached has none)."""
     for h in host_runs:
         try:
-            run(["ssh", *ssh_options, *(["-l", user] if user else []), "-O", "exit", h.result.host], timeout=10,
-                check=False)
+            run(ssh.control_argv(h.result.host, "exit"), timeout=10, check=False)
         except CommandError:
             LOG.debug("deploy: %s: no ssh master to stop", h.result.host)
 

@@ -587,6 +587,12 @@ def shell_argv(name, argv=None, *, prefix=DEFAULT_PREFIX, state_dir=None, term=N
     return host_argv(host, list(argv) if argv else ["/bin/bash", "--norc", "-i"], env=env)
 
 
+def lab_shell_command(name, argv, *, prefix=DEFAULT_PREFIX, state_dir=None):
+    """Run ``argv`` inside lab host ``name`` on this terminal (nothing captured, no time limit); its exit code."""
+    return run(shell_argv(name, argv, prefix=prefix, state_dir=state_dir), capture=False, timeout=None,
+               check=False).returncode
+
+
 def _registry_get(state, path, *, auth=True, timeout=30):
     """(HTTP status, JSON body) of GET /api/v1<path> on the lab's registry, TLS verified against the
     cluster's CA, asked from inside the manager's network namespace by ``pibake.lab.registry_probe`` (0 when
