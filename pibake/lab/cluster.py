@@ -606,7 +606,8 @@ def _registry_get(state, path, *, auth=True, timeout=30):
             "timeout": min(10, timeout)}
     argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--",
             sys.executable, "-m", "pibake.lab.registry_probe"]
-    proc = run(argv, input=json.dumps(spec), check=False, timeout=timeout)
+    # cwd /: `python -m` puts the working directory first on sys.path, where a folder named pibake would shadow
+    proc = run(argv, input=json.dumps(spec), check=False, timeout=timeout, cwd="/")
     try:
         status, data = json.loads(proc.stdout)
     except ValueError:
