@@ -12,7 +12,7 @@ import logging
 import os
 
 from pibake import __version__
-from pibake.errors import RegistryClientError
+from pibake.errors import RegistryClientError, SecretsError
 from pibake.secrets import admin_password, secrets_dir
 
 LOG = logging.getLogger(__name__)
@@ -52,7 +52,11 @@ class RegistryClient:
 
     def _admin(self):
         if self.password is None and self.cluster_dir is not None:
-            self.password = admin_password(self.cluster_dir)  # SecretsError when missing
+            try:
+                self.password = admin_password(self.cluster_dir)  # SecretsError when missing
+            except OSError as exc:  # unreadable (permissions): say so, no traceback
+                raise SecretsError(f"{secrets_dir(self.cluster_dir) / 'admin-password'}: cannot read the admin "
+                                   f"password ({exc.strerror})") from None
         return ("admin", self.password) if self.password is not None else None
 
     def session(self):

@@ -164,6 +164,7 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
                             started_at=started_wall, duration_s=time.monotonic() - t0)
     finally:
         _close_masters(host_runs, ssh)
+        registry.close()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
