@@ -60,7 +60,7 @@ from pibake.errors import ConfigError, NotBuiltError, PibakeError, SecretsError 
 from pibake.model import BOARDS  # noqa: F401,E402
 from pibake.firstboot import agent as firstboot_agent  # noqa: F401,E402
 from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTIONS as MANAGER_JOB_FUNCTIONS  # noqa: F401,E402
-from pibake.lab.cluster import shell_argv as lab_shell_argv  # noqa: F401,E402
+from pibake.lab.cluster import lab_shell_command, shell_argv as lab_shell_argv  # noqa: F401,E402
 from pibake.lab.rootfs import DEFAULT_RELEASE as LAB_DEFAULT_RELEASE, RELEASES as LAB_RELEASES  # noqa: F401,E402
 from pibake.secrets import secrets_dir  # noqa: F401,E402
 from pibake.tables import text_table  # noqa: F401,E402

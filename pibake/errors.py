@@ -162,3 +162,18 @@ class AgentFailed(PibakeError):
 
 class SwitchBusy(SwitchError):
     """Another command holds the plug (a cycle takes seconds); raised only when asked not to wait."""
+
+
+class RegistryClientError(PibakeError):
+    """A request to the cluster's registry failed, as its client saw it (``pibake.registry_client``).
+
+    ``url`` the full URL asked; ``status`` the HTTP status, None when no answer came (refused, timed out, TLS
+    check failed); ``reason`` one line: why; ``server_message`` the registry's own ``{"error": ...}`` text
+    when it answered with one. ``str()`` joins them; no credential is ever part of it."""
+
+    def __init__(self, url, reason, *, status=None, server_message=None):
+        self.url = url
+        self.reason = reason
+        self.status = status
+        self.server_message = server_message
+        super().__init__(f"{url}: {reason}" + (f" ({server_message})" if server_message else ""))

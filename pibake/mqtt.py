@@ -29,13 +29,13 @@ import os
 import pwd
 import secrets as _random
 import signal
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 from pibake import secrets as _secrets
-from pibake.errors import ConfigError, SecretsError
+from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
+from pibake.run import run
 
 LOG = logging.getLogger(__name__)
 
@@ -355,11 +355,11 @@ def reload_broker(pid_file=PID_FILE):
         except ProcessLookupError:
             LOG.warning("mosquitto's pid file %s names no running process", pid_file)
     if os.path.isdir("/run/systemd/system"):
-        proc = subprocess.run(["systemctl", "reload", "mosquitto.service"], capture_output=True, text=True,
-                              timeout=30, check=False)
-        if proc.returncode == 0:
+        try:
+            run(["systemctl", "reload", "mosquitto.service"], timeout=30)
             return "systemctl"
-        LOG.warning("systemctl reload mosquitto failed: %s", (proc.stderr or "").strip()[-200:])
+        except CommandError as exc:
+            LOG.warning("systemctl reload mosquitto failed: %s", str(exc)[-200:])
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
 

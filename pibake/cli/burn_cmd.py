@@ -35,7 +35,7 @@ def _guard_options(func):
     return func
 
 
-class _Progress:
+class _BurnProgressBar:
     """A rich progress bar on stderr (speed, ETA) per host; paused while a question is asked."""
 
     def __init__(self, enabled):
@@ -135,7 +135,7 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
     Every check (plan, seed lint, image checksum, the wrong-disk guard) runs before anything is
     written. Between cards of a batch pibake waits for the next card and checks it is a different one.
     """
-    progress = _Progress(enabled=sys.stderr.isatty() and state.verbosity >= 0)
+    progress = _BurnProgressBar(enabled=sys.stderr.isatty() and state.verbosity >= 0)
 
     def confirm(question):
         progress.pause()

@@ -1,7 +1,6 @@
 """``pibake lab``: a simulated Pi cluster on this Linux machine (thin shell over ``pibake.lab.cluster``)."""
 
 import os
-import subprocess
 import sys
 
 import click
@@ -9,7 +8,7 @@ import click
 from pibake import api
 from pibake.api import LAB_DEFAULT_RELEASE as DEFAULT_RELEASE
 from pibake.api import LAB_RELEASES as RELEASES
-from pibake.api import lab_down, lab_freeze, lab_power, lab_status, lab_up
+from pibake.api import lab_down, lab_freeze, lab_power, lab_shell_command, lab_status, lab_up
 from pibake.api import lab_shell_argv as shell_argv
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
@@ -117,13 +116,12 @@ def shell_cmd(host, command, prefix):
       pibake lab shell red01
       pibake lab shell red00 -- sinfo
     """
-    argv = shell_argv(host, list(command) or None, prefix=prefix)
     sys.stdout.flush()
     sys.stderr.flush()
     if not command:
+        argv = shell_argv(host, prefix=prefix)
         os.execvp(argv[0], argv)
-    proc = subprocess.run(argv, check=False)
-    sys.exit(proc.returncode)
+    sys.exit(lab_shell_command(host, list(command), prefix=prefix))
 
 
 @lab_cmd.command("power")

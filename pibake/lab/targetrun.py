@@ -31,6 +31,7 @@ from pibake.lab.cluster import (
 )
 from pibake.lab.vm import TargetVM, attach_tap, detach_tap
 from pibake.run import run, which
+from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ def vm_mac(ip):
 
 def ssh_argv(host_pid, key, user, ip, command):
     """ssh to an emulated Pi from inside lab host ``host_pid``'s network namespace (this machine's ssh)."""
-    return [which("nsenter") or "nsenter", "-t", str(host_pid), "--net", "--",
-            which("ssh") or "ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
-            f"{user}@{ip}", command]
+    # a throwaway VM with a new host key each boot: no host key to check or to remember
+    ssh = SshOptions(user=user, identity=str(key), known_hosts="/dev/null", host_key_check="no", log_level="ERROR",
+                     connect_timeout=10)
+    return [which("nsenter") or "nsenter", "-t", str(host_pid), "--net", "--", *ssh.argv(ip, command)]
 
 
 class EmulatedPi:

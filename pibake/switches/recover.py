@@ -11,7 +11,7 @@ import logging
 import time
 
 from pibake.errors import RecoverError
-from pibake.verify import parse_sinfo
+from pibake.verify import parse_sinfo_reasons
 
 LOG = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def slurm_is_down(state):
 
 def judge_down(node, ssh, sinfo):
     """(down, why) for a node from its ssh probe (Output) and the manager's sinfo (Output or None)."""
-    states = parse_sinfo(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
+    states = parse_sinfo_reasons(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
     slurm = states.get(node, ("", ""))[0] or None
     if ssh.ok:
         return False, f"{node} answers ssh"
@@ -44,7 +44,7 @@ def judge_down(node, ssh, sinfo):
 
 def judge_back(node, ssh, sinfo):
     """(back, why): answers ssh and Slurm lists it idle."""
-    states = parse_sinfo(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
+    states = parse_sinfo_reasons(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
     slurm = states.get(node, ("", ""))[0] or "not listed"
     if ssh.ok and slurm == "idle":
         return True, f"{node} answers ssh and Slurm says idle"
