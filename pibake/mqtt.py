@@ -360,8 +360,33 @@ def reload_broker(pid_file=PID_FILE):
             return "systemctl"
         except CommandError as exc:
             LOG.warning("systemctl reload mosquitto failed: %s", str(exc)[-200:])
+    # Debian's mosquitto.conf writes no pid file (its unit is Type=notify): without systemd (the lab, a
+    # container) the broker is found by its process name
+    signalled = False
+    for pid in processes_named("mosquitto"):
+        try:
+            os.kill(pid, signal.SIGHUP)
+            signalled = True
+        except ProcessLookupError:
+            pass
+    if signalled:
+        return "sighup"
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
+
+
+def processes_named(name, proc="/proc"):
+    """Pids of this PID namespace's processes whose command name (``/proc/PID/comm``) is ``name``."""
+    pids = []
+    for entry in Path(proc).iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
 
 
 def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):
