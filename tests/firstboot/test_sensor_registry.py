@@ -36,7 +36,7 @@ def cluster(tmp_path):
     return d
 
 
-class Registry:
+class ServedRegistry:
     """The registry app over TLS on a fixed port, which can be stopped and started again (same cluster dir)."""
 
     def __init__(self, cluster, tmp_path):
@@ -69,7 +69,7 @@ class Registry:
 
 @pytest.fixture
 def registry(cluster, tmp_path):
-    reg = Registry(cluster, tmp_path)
+    reg = ServedRegistry(cluster, tmp_path)
     reg.start()
     yield reg
     if reg.server is not None:

@@ -1,5 +1,5 @@
 """The store's one-statement enrolment, its parsed-facts cache, and the in-process apply gate of
-Registry.apply_slurm (group commit of slurm.conf applies). Real SQLite, real slurm.conf files; the only
+RegistryService.apply_slurm (group commit of slurm.conf applies). Real SQLite, real slurm.conf files; the only
 stand-in is a wrapper around the applier that holds its first call until the test releases it."""
 
 import threading
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pibake.errors import ConflictError
-from pibake.registry.service import Registry, validate_enrolment
+from pibake.registry.service import RegistryService, validate_enrolment
 from pibake.registry.slurmconf import expand_hostlist, nodes_section
 from pibake.registry.slurmctl import ApplyError
 from pibake.registry.store import Store, credential_matches
@@ -120,7 +120,7 @@ def test_slurm_rows_cache_is_per_store_and_matches_a_fresh_store(cluster_dir):
     assert reader.slurm_rows()[0]["facts"]["RealMemory"] == 921
 
 
-# ---------------------------------------------------------------------- Registry.apply_slurm gate
+# ---------------------------------------------------------------------- RegistryService.apply_slurm gate
 
 class HeldApplier:
     """Wraps a registry's applier: the first call waits for ``release``, then runs (or raises)."""
@@ -163,7 +163,7 @@ def enrol_in_threads(reg, names, results):
 
 
 def test_enrolments_waiting_behind_an_apply_share_the_next_one(cluster_dir, tmp_path):
-    reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    reg = RegistryService(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     held = HeldApplier(reg)
     results = {}
     first = enrol_in_threads(reg, ["red01"], results)
@@ -186,7 +186,7 @@ def test_enrolments_waiting_behind_an_apply_share_the_next_one(cluster_dir, tmp_
 
 
 def test_a_failed_apply_lets_the_waiting_enrolments_apply_themselves(cluster_dir, tmp_path):
-    reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    reg = RegistryService(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     held = HeldApplier(reg, fail_first=True)
     results = {}
     first = enrol_in_threads(reg, ["red01"], results)
@@ -205,8 +205,8 @@ def test_a_failed_apply_lets_the_waiting_enrolments_apply_themselves(cluster_dir
 
 def test_an_apply_by_another_process_covers_this_one(cluster_dir, tmp_path):
     conf = str(tmp_path / "slurm.conf")
-    one = Registry(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)
-    two = Registry(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)  # its own gate
+    one = RegistryService(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)
+    two = RegistryService(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)  # its own gate
     one.store.enrol(record("red01", 1))
     seq = one.store.node_set_seq()
     assert one.apply_slurm(after_seq=seq)["action"] == "written"
@@ -218,7 +218,7 @@ def test_an_apply_by_another_process_covers_this_one(cluster_dir, tmp_path):
 
 
 def test_apply_without_a_counter_always_applies(cluster_dir, tmp_path):
-    reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    reg = RegistryService(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     reg.enrol(enrolment("red01", 1))
     assert reg.apply_slurm()["action"] == "unchanged"  # generated and compared, not skipped
 
