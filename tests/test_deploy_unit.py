@@ -16,6 +16,7 @@ from pibake import deploy as d
 from pibake.errors import PlanError
 from pibake.model import Cluster
 from tests.conftest import needs_program, needs_root
+from tests.fixtures_plugin import new_cluster
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deploy"
 # Recorded from a lab host (Debian 12, packages installed, nothing deployed yet) ...
@@ -228,11 +229,11 @@ def manager_seed(tmp_path_factory):
     """A cluster directory (pibake init), the manager's rendered seed (as burn renders it), a stand-in wheel
     and the ManagerPlan deploy takes from them."""
     from pibake.bake.seed import render_checked
-    from pibake.cluster import init_cluster, load_cluster
+    from pibake.cluster import load_cluster
     from pibake.model import PlannedNode
 
     tmp = tmp_path_factory.mktemp("manager-plan")
-    init_cluster(tmp / "cluster", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="unit")
+    new_cluster(tmp / "cluster", name="unit")
     cluster = load_cluster(tmp / "cluster")
     wheel = tmp / "pibake-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK\x03\x04 not really a wheel")

@@ -27,15 +27,6 @@ def test_metric_names_and_ranges_match_the_registry():
     assert sa.MAX_BATCH == sensors_model.MAX_BATCH
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    from pibake.cluster import init_cluster
-
-    d = tmp_path / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="sensortest")
-    return d
-
-
 class ServedRegistry:
     """The registry app over TLS on a fixed port, which can be stopped and started again (same cluster dir)."""
 

@@ -14,16 +14,17 @@ from pibake.errors import PibakeError
 from pibake.lab import cluster as labc
 from pibake.model import PlannedNode, Seed
 from tests.conftest import needs_program
+from tests.fixtures_plugin import new_cluster
 
 
 @pytest.fixture(scope="module")
 def red(tmp_path_factory):
-    from pibake.cluster import init_cluster, load_cluster
+    from pibake.cluster import load_cluster
     from tests.bake.seed_fixtures import ssh_key
 
     cdir = tmp_path_factory.mktemp("labc") / "cluster"
-    init_cluster(cdir, manager="red00", manager_ip="10.77.7.10", network="10.77.7.0/24", name="red",
-                 ssh_keys=(ssh_key(),), timezone="Etc/UTC", home=cdir.parent)
+    new_cluster(cdir, manager_ip="10.77.7.10", network="10.77.7.0/24", name="red",
+                ssh_keys=(ssh_key(),), timezone="Etc/UTC", home=cdir.parent)
     return cdir, load_cluster(cdir)
 
 

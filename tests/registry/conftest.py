@@ -5,7 +5,6 @@ import logging
 
 import pytest
 
-from pibake.cluster import init_cluster
 from pibake.registry.app import create_app
 from pibake.secrets import admin_password, load_join_token, munge_key_b64
 
@@ -46,10 +45,8 @@ def enrolment(hostname="red01", index=1, kind="pi4", ip=None, mac=None, role="wo
 
 
 @pytest.fixture
-def cluster_dir(tmp_path):
-    d = tmp_path / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="testlab")
-    return d
+def cluster_dir(loopback_cluster):
+    return loopback_cluster
 
 
 @pytest.fixture

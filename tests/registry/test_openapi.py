@@ -8,11 +8,11 @@ import base64
 import pytest
 from openapi_spec_validator import validate
 
-from pibake.cluster import init_cluster
 from pibake.model import ROLES
 from pibake.registry.app import create_app
 from pibake.registry.schema import openapi_document
 from pibake.secrets import admin_password, load_join_token
+from tests.fixtures_plugin import LOOPBACK
 from tests.registry.conftest import enrolment
 
 DOC = openapi_document()
@@ -78,10 +78,9 @@ def record_job(cluster_dir, params, progress):
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tmp_path_factory):
+def fuzz_app(make_cluster):
     """A real app over a real cluster directory (slurm apply mode none: no slurmctld here)."""
-    d = tmp_path_factory.mktemp("fuzz") / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="fuzz")
+    d = make_cluster(name="fuzz", **LOOPBACK)
     return create_app(d, slurm_conf=str(d / "slurm.conf"), slurm_apply="none", slurm_state=False,
                       job_functions={"deploy": record_job, "verify": record_job, "recover": record_job})
 
