@@ -2,6 +2,7 @@
 rootfs, lab hosts and labs booted from burned images. One home for each, so a test that needs "a cluster"
 asks for ``make_cluster`` instead of calling ``init_cluster`` with its own copy of the arguments.
 
+- ``recorded(path)``, ``slurmd_c(board, hostname)``: the one corpus of recorded outputs (tests/fixtures/).
 - ``make_ssh_key(directory)``: a real ed25519 pair made by ssh-keygen; ``ssh_key`` (session): one for all.
 - ``new_cluster(directory, **overrides)``: the real ``init_cluster`` with the suite's defaults (``RED``:
   red00 on 10.1.1.0/24, or ``LOOPBACK``: the manager on 127.0.0.1 for tests that serve the registry),
@@ -18,6 +19,7 @@ asks for ``make_cluster`` instead of calling ``init_cluster`` with its own copy 
 import contextlib
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,9 +30,25 @@ import yaml
 
 from tests.conftest import running_as_root
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RED = {"manager": "red00", "manager_ip": "10.1.1.10", "network": "10.1.1.0/24"}
 LOOPBACK = {"manager": "localhost", "manager_ip": "127.0.0.1", "network": "127.0.0.0/8"}
 SSH_KEY_COMMENT = "pibake-test@lab"
+
+
+# --------------------------------------------------------------------------- the corpus of recorded outputs
+
+
+def recorded(relpath, binary=False):
+    """A recorded output from tests/fixtures/ (each folder's README says where it comes from)."""
+    path = FIXTURES / relpath
+    return path.read_bytes() if binary else path.read_text()
+
+
+def slurmd_c(board, hostname=None):
+    """``slurmd -C`` of ``board`` (tests/fixtures/slurm/slurmd-C.<board>.txt), its NodeName made ``hostname``."""
+    text = recorded(f"slurm/slurmd-C.{board}.txt")
+    return text if hostname is None else re.sub(r"^NodeName=\S+", f"NodeName={hostname}", text)
 
 
 # --------------------------------------------------------------------------- ssh key, cluster directory

@@ -424,8 +424,8 @@ def _as_node_with_user(tmp_path, argv, stdin):
                           capture_output=True, text=True, timeout=30, check=True).stdout, home
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
-                    reason="needs root (a private mount namespace with its own /etc/passwd)")
+@needs_root("needs root (a private mount namespace with its own /etc/passwd)")
+@needs_program("unshare")
 def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     cluster = Cluster(name="red", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", user="pibaketest")
     blob = base64.b64encode(b"\0\0\0\x0bssh-ed25519\0\0\0\x20" + b"n" * 32).decode()

@@ -21,10 +21,10 @@ from pibake import mqtt
 from pibake.cluster import init_cluster, validate_cluster_data
 from pibake.run import which
 from pibake.secrets import admin_password
-from tests.conftest import needs_program
+from tests.conftest import needs_program, needs_root
+from tests.fixtures_plugin import LOOPBACK, new_cluster
 from tests.registry.conftest import enrolment
 from tests.switches.conftest import free_port
-from tests.fixtures_plugin import LOOPBACK, new_cluster
 
 paho = pytest.importorskip("paho.mqtt.client")
 
@@ -467,6 +467,7 @@ def test_tasmota_plug_on_the_cluster_broker(broker):
 
 
 @needs_mosquitto
+@needs_root("needs root (Mosquitto drops to its own user only when started as root)")
 def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
     """As on the manager: Mosquitto drops root for its own user, so the files pibake writes must be its own
     (also when a node's password arrives later and the broker re-reads the file after SIGHUP)."""
@@ -476,8 +477,6 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
 
     from pibake.broker import setup_broker
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root (Mosquitto drops to its own user only when started as root)")
     try:
         pwd.getpwnam("mosquitto")
     except KeyError:

@@ -13,7 +13,7 @@ import pytest
 from pibake.errors import PibakeError
 from pibake.lab import cluster as labc
 from pibake.model import PlannedNode, Seed
-from tests.conftest import needs_program
+from tests.conftest import needs_program, running_as_root
 from tests.fixtures_plugin import new_cluster
 
 
@@ -230,7 +230,7 @@ def test_cli_up_refuses_missing_images_folder(red, tmp_path):
     cdir, _ = red
     proc = _pibake("--cluster", str(cdir), "lab", "up", "--from-images", str(tmp_path / "nope"), "--prefix", "pz9up")
     assert proc.returncode == 1
-    if os.geteuid() == 0:
+    if running_as_root():
         assert "--from-images" in proc.stderr and "no such folder" in proc.stderr
     else:
         assert "the lab needs root" in proc.stderr

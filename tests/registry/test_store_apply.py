@@ -13,7 +13,7 @@ from pibake.registry.slurmconf import expand_hostlist, nodes_section
 from pibake.registry.slurmctl import ApplyError
 from pibake.registry.store import Store, credential_matches
 
-from .conftest import enrolment
+from .conftest import MEMORY, enrolment
 
 WAIT_S = 60  # only a safety net for a hang: nothing below asserts on time
 
@@ -63,7 +63,7 @@ def test_reenrolment_updates_in_place_and_keeps_enrolled_at(cluster_dir):
     assert node["enrol_count"] == 2
     assert node["status"] == "enrolled" and node["message"] == ""  # an error is cleared by a new enrolment
     assert node["enrolled_at"] == first["enrolled_at"]
-    assert node["ip"] == "127.0.77.9" and node["slurmd_c"]["RealMemory"] == 7807
+    assert node["ip"] == "127.0.77.9" and node["slurmd_c"]["RealMemory"] == MEMORY["pi4-8g"]
     assert store.check_credential("red01", old_credential) is None  # the old credential stops working
     assert store.check_credential("red01", credential) is not None
     assert store.count() == 1
@@ -108,7 +108,7 @@ def test_slurm_rows_are_fresh_dicts_and_follow_changes(cluster_dir):
     store.enrol(record("red01", 1, kind="pi4-8g"))  # new facts for red01: parsed again
     store.delete("red02")
     rows = store.slurm_rows()
-    assert [(r["hostname"], r["facts"]["RealMemory"]) for r in rows] == [("red01", 7807)]
+    assert [(r["hostname"], r["facts"]["RealMemory"]) for r in rows] == [("red01", MEMORY["pi4-8g"])]
 
 
 def test_slurm_rows_cache_is_per_store_and_matches_a_fresh_store(cluster_dir):
@@ -117,7 +117,7 @@ def test_slurm_rows_cache_is_per_store_and_matches_a_fresh_store(cluster_dir):
     assert reader.slurm_rows() == writer.slurm_rows()
     writer.enrol(record("red01", 1, kind="pi3"))  # another process changed the row
     assert reader.slurm_rows() == Store(cluster_dir).slurm_rows()
-    assert reader.slurm_rows()[0]["facts"]["RealMemory"] == 921
+    assert reader.slurm_rows()[0]["facts"]["RealMemory"] == MEMORY["pi3"]
 
 
 # ---------------------------------------------------------------------- RegistryService.apply_slurm gate
