@@ -8,6 +8,8 @@ asks for ``make_cluster`` instead of calling ``init_cluster`` with its own copy 
   red00 on 10.1.1.0/24, or ``LOOPBACK``: the manager on 127.0.0.1 for tests that serve the registry),
   then ``settings`` merged into cluster.yaml (what tests used to edit by hand). ``make_cluster`` (session
   scope, so module fixtures can use it too) is the same with a fresh directory and the suite's ssh key.
+- ``no_remote_connections``: fails a test whose process (any thread) connects to an address that is not
+  loopback or starts ssh (the network rule; for tests that hand arbitrary host lists to the code).
 - ``lab_missing(*programs)``/``needs_lab(...)``: why lab hosts cannot be made here (root, namespaces,
   overlayfs, programs); ``lab_rootfs`` (session): the lab's Debian root, built once per machine.
 - ``make_lab`` (function scope): a lab network on its own subnet and a factory of lab hosts on it,
@@ -18,9 +20,11 @@ asks for ``make_cluster`` instead of calling ``init_cluster`` with its own copy 
 
 import contextlib
 import functools
+import ipaddress
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +113,56 @@ def make_cluster(tmp_path_factory):
 def loopback_cluster(make_cluster, tmp_path):
     """A cluster whose manager is 127.0.0.1 (the registry these tests serve), made afresh for each test."""
     return make_cluster(tmp_path / "cluster", name="testlab", **LOOPBACK)
+
+
+# --------------------------------------------------------------------------- the network rule
+
+REMOTE_PROGRAMS = {"ssh", "scp", "sftp", "rsync", "clush", "curl", "wget"}
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a name: it would need a DNS lookup, which is traffic too
+        return False
+
+
+@pytest.fixture
+def no_remote_connections(monkeypatch):
+    """Refuse, record and (at teardown) fail on every connection of this process to an address that is not
+    loopback and every ssh/scp/... it starts, from any thread (REST jobs run in worker threads)."""
+    attempts = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_popen_init = subprocess.Popen.__init__
+
+    def refuse_remote(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(str(address[0])):
+            attempts.append(f"connect to {address}")
+            raise ConnectionRefusedError(f"the network rule: this test may not connect to {address}")
+
+    def connect(sock, address):
+        refuse_remote(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        refuse_remote(sock, address)
+        return real_connect_ex(sock, address)
+
+    def popen_init(self, args, *rest, **kw):
+        argv = [args] if isinstance(args, (str, bytes, Path)) else list(args)
+        if argv and Path(str(argv[0])).name in REMOTE_PROGRAMS:
+            attempts.append(f"run {argv[:4]}")
+            raise PermissionError(f"the network rule: this test may not run {argv[0]}")
+        real_popen_init(self, args, *rest, **kw)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen_init)
+    yield attempts
+    monkeypatch.undo()
+    assert attempts == [], f"the test tried to leave this machine: {attempts}"
 
 
 # --------------------------------------------------------------------------- lab hosts

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pibake.lab import LabNetwork, cleanup_stale, run_prefix
 from tests.e2e.conftest import LabCluster, skip_reason, wait_for
+from tests.fixtures_plugin import make_ssh_key
 
 FAMILY = "pd"
 LIB_DIR = "/usr/local/lib/pibake"
@@ -83,9 +84,7 @@ class DeployLab(LabCluster):
         self.ssh_dir = self.tmp / "ssh"
         self.ssh_dir.mkdir(mode=0o700, exist_ok=True)
         self.key = self.ssh_dir / "id_ed25519"
-        if not self.key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pibake-deploy-test",
-                            "-f", str(self.key)], check=True, timeout=30)
+        make_ssh_key(self.ssh_dir, "pibake-deploy-test")
         self.ssh_config = self.ssh_dir / "config"
         self._names = {}
         self._write_ssh_config()

@@ -44,9 +44,16 @@ def app_options(tmp_path):
     return {"slurm_conf": str(tmp_path / "etc" / "slurm.conf"), "slurm_apply": "none", "slurm_state": False}
 
 
+def no_real_job(cluster_dir, params, progress):
+    """The registry tests' job function unless a test passes its own: never deploy or verify for real (a
+    request's host list would get ssh connections)."""
+    raise RuntimeError("this test's app runs no real jobs; pass job_functions= to create_app")
+
+
 @pytest.fixture
 def app(cluster_dir, app_options):
-    return create_app(cluster_dir, test_config={"TESTING": True}, **app_options)
+    return create_app(cluster_dir, test_config={"TESTING": True},
+                      job_functions=dict.fromkeys(("deploy", "verify", "recover"), no_real_job), **app_options)
 
 
 @pytest.fixture
