@@ -512,7 +512,8 @@ def _write_files(cluster, node, seed_secrets, bundle):
         _text_file(AGENT_CONFIG, json.dumps(config, indent=2) + "\n", "0600"),
         _text_file(CA_PATH, seed_secrets.ca_cert_pem, "0644"),
         _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
-                   render_template("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
+                   render_template("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG),
+                   "0644"),
     ]
     files += sensor_files(cluster, node)
     for name in ROLE_SCRIPTS[node.role]:
@@ -523,7 +524,8 @@ def _write_files(cluster, node, seed_secrets, bundle):
         files.append(_text_file("/etc/chrony/conf.d/pibake.conf",
                                 render_template("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
         files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
-                                render_template("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND), "0644"))
+                                render_template("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND),
+                                "0644"))
         for rel in sorted(bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))

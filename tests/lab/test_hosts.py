@@ -127,7 +127,7 @@ def test_destroy_takes_every_process_down(lab):
     a = lab("alpha", 11)
     a.run(["sh", "-c", "setsid sleep 3131 >/dev/null 2>&1 < /dev/null &"])
     assert "sleep 3131" in a.run(["ps", "-e", "-o", "args="]).stdout
-    pids = lab_hosts._pids_in_netns(f"/run/netns/{a.netns}")
+    pids = lab_hosts.pids_in_netns(f"/run/netns/{a.netns}")
     assert pids
     a.destroy()
     assert not any(os.path.exists(f"/proc/{p}") and not lab_hosts._is_zombie(p) for p in pids)
