@@ -22,7 +22,7 @@ from pibake.cluster import init_cluster, validate_cluster_data
 from pibake.run import which
 from pibake.secrets import admin_password
 from tests.conftest import needs_program, needs_root
-from tests.fixtures_plugin import LOOPBACK, new_cluster
+from tests.fixtures_plugin import LOOPBACK, RED, new_cluster
 from tests.registry.conftest import enrolment
 from tests.switches.conftest import free_port
 
@@ -599,11 +599,11 @@ def test_mqtt_secrets_follow_the_ca(tmp_path):
     """Kept on a re-run; re-issued when the CA is rotated (the old certificate would not chain any more)."""
     cluster = tmp_path / "c"
     new_cluster(cluster, name="red", settings={"mqtt": {"enabled": True}})
-    first = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    first = init_cluster(cluster, name="red", **RED)
     assert (first["secrets"]["mqtt-cert"], first["secrets"]["mqtt-admin"]) == ("created", "created")
-    again = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    again = init_cluster(cluster, name="red", **RED)
     assert (again["secrets"]["mqtt-cert"], again["secrets"]["mqtt-admin"]) == ("kept", "kept")
-    rotated = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red",
+    rotated = init_cluster(cluster, name="red", **RED,
                            rotate=("ca",))
     assert (rotated["secrets"]["mqtt-cert"], rotated["secrets"]["mqtt-admin"]) == ("rotated", "kept")
     assert mqtt._issued_by(cluster / "secrets" / "mqtt.crt", cluster / "secrets" / "ca.crt")  # noqa: SLF001

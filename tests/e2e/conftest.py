@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_plugin import lab_missing
+from tests.fixtures_plugin import lab_missing, new_cluster
 
 FAMILY = "pe"
 AGENT = Path(__file__).resolve().parents[2] / "firstboot" / "agent.py"
@@ -57,7 +57,6 @@ class LabCluster:
     """The manager host with munge + registry (+ slurmctld once a worker enrolled), and worker factory."""
 
     def __init__(self, tmp, octet):
-        from pibake.cluster import init_cluster
         from pibake.lab import LabNetwork, cleanup_stale, run_prefix
 
         cleanup_stale(FAMILY)
@@ -68,8 +67,8 @@ class LabCluster:
         self.hosts = {}
         self.manager_ip = self.ip(10)
         self.cluster_dir = self.tmp / "cluster"
-        init_cluster(self.cluster_dir, manager="mgr", manager_ip=self.manager_ip,
-                     network=f"10.77.{octet}.0/24", name="e2e")
+        new_cluster(self.cluster_dir, manager="mgr", manager_ip=self.manager_ip,
+                    network=f"10.77.{octet}.0/24", name="e2e")
         self.sdir = self.cluster_dir / "secrets"
         self.registry_log = self.tmp / "registry.log"
         self.registry = None
