@@ -94,17 +94,15 @@ def new_cluster(directory, *, settings=None, **overrides):
 
 
 @pytest.fixture(scope="session")
-def make_cluster(tmp_path_factory):
+def make_cluster(tmp_path_factory, ssh_key):
     """``make_cluster(directory=None, **overrides)``: ``new_cluster`` in a fresh directory (or ``directory``),
     with the suite's ssh key unless ``ssh_keys``/``ssh_key_files``/``home`` say otherwise (never the
     invoking person's ~/.ssh keys)."""
-    key = functools.cache(lambda: make_ssh_key(tmp_path_factory.mktemp("cluster-key")))
-
     def make(directory=None, **overrides):
         if directory is None:
             directory = tmp_path_factory.mktemp("cluster") / "cluster"
         if not {"ssh_keys", "ssh_key_files", "home"} & set(overrides):
-            overrides["ssh_key_files"] = [f"{key()}.pub"]
+            overrides["ssh_key_files"] = [f"{ssh_key}.pub"]
         return new_cluster(directory, **overrides)
     return make
 
