@@ -23,6 +23,7 @@ import yaml
 from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
 from pibake.cluster import valid_hostname
 from pibake.errors import SeedError
+from pibake.files import atomic_write
 from pibake.layout import (
     AGENT_CONFIG,
     AGENT_PATH,
@@ -290,7 +291,7 @@ def template_env():
     return _ENV
 
 
-def _render(name, **context):
+def render_template(name, **context):
     return template_env().get_template(name).render(**context)
 
 
@@ -388,7 +389,7 @@ def sensor_files(cluster, node):
         _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
         _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
         _text_file(SENSOR_UNIT,
-                   _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
+                   render_template("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
     ]
     if cluster.mqtt.enabled:  # the publisher the agent imports from its own directory (docs/mqtt.md)
         files.append(_text_file(SENSOR_MQTT_PATH, firstboot_source("sensor_mqtt.py"), "0644"))
@@ -455,24 +456,26 @@ def _write_files(cluster, node, seed_secrets, bundle):
         _text_file(AGENT_CONFIG, json.dumps(config, indent=2) + "\n", "0600"),
         _text_file(CA_PATH, seed_secrets.ca_cert_pem, "0644"),
         _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
-                   _render("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
+                   render_template("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG),
+                   "0644"),
     ]
     files += sensor_files(cluster, node)
     for name in ROLE_SCRIPTS[node.role]:
         path, template = SCRIPTS[name]
-        files.append(_text_file(path, _render(template), "0755"))
+        files.append(_text_file(path, render_template(template), "0755"))
     if node.role == "manager":
         servers = list(cluster.ntp_servers or ())
         files.append(_text_file("/etc/chrony/conf.d/pibake.conf",
-                                _render("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
+                                render_template("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
         files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
-                                _render("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND), "0644"))
+                                render_template("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND),
+                                "0644"))
         for rel in sorted(bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
     else:
         files.append(_text_file(TIMESYNCD_DROPIN,
-                                _render("timesyncd.conf.j2", servers=[cluster.manager_ip],
+                                render_template("timesyncd.conf.j2", servers=[cluster.manager_ip],
                                         fallback=list(cluster.ntp_servers or ())), "0644"))
     return files
 
@@ -501,7 +504,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "manager_root": MANAGER_ROOT,
         "manager_cluster_dir": MANAGER_CLUSTER_DIR,
     }
-    config = yaml.safe_load(_render(f"{node.role}.yaml.j2", **context))
+    config = yaml.safe_load(render_template(f"{node.role}.yaml.j2", **context))
     if not isinstance(config, dict) or "write_files" in config:
         raise AssertionError(f"template {node.role}.yaml.j2 must be a mapping without write_files")
     config["write_files"] = _write_files(cluster, node, seed_secrets, bundle)
@@ -598,22 +601,6 @@ def _bundle_path_ok(rel):
 # --------------------------------------------------------------------------- I/O: render + lint + write
 
 
-def _write_atomic(path, text, mode=0o600):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def render_checked(cluster, cluster_dir, nodes, *, family, instance_ids=None):
     """Render and lint the seed of every node in ``nodes`` with the cluster's secrets.
 
@@ -676,7 +663,7 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
         os.chmod(host_dir, 0o700)
         paths = {}
         for name, text in seed.files().items():
-            _write_atomic(host_dir / name, text, 0o600)
+            atomic_write(host_dir / name, text, 0o600)
             paths[name] = str(host_dir / name)
         LOG.info("wrote the %s seed of %s to %s", node.role, node.hostname, host_dir)
         results.append({

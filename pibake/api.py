@@ -37,7 +37,7 @@ from pibake.bake.devices import (  # noqa: F401,E402
 )
 from pibake.bake.allocation import image_allocation_map  # noqa: F401,E402
 from pibake.bake.writer import spool_stream, write_image, written_ranges_sha256  # noqa: F401,E402
-from pibake.registry.service import Registry, cluster_settings  # noqa: F401,E402
+from pibake.registry.service import RegistryService, cluster_settings  # noqa: F401,E402
 from pibake.registry.slurmconf import generate_slurm_conf, parse_slurmd_c  # noqa: F401,E402
 from pibake.bake.bootpart import find_boot_partition, read_seed, write_seed  # noqa: F401,E402
 from pibake.bake.burn import burn, reseed  # noqa: F401,E402

@@ -205,7 +205,7 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
     result = {}
     exists = key_path.exists() and crt_path.exists()
     if exists and not rotate and _issued_by(crt_path, ca_crt_path) \
-            and _secrets._cert_names_match(crt_path, manager, manager_ip):  # noqa: SLF001
+            and _secrets.cert_names_match(crt_path, manager, manager_ip):
         result["mqtt-cert"] = "kept"
     else:
         if not ca_key_path.exists():
@@ -213,15 +213,15 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
                                "CA; run this where `pibake init` made the cluster")
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
-        key, cert = _secrets._make_server_cert(ca_key, ca_cert, manager, manager_ip)  # noqa: SLF001
-        _secrets._write_private(key_path, _secrets._key_pem(key))  # noqa: SLF001
-        _secrets._write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)  # noqa: SLF001
+        key, cert = _secrets.make_server_cert(ca_key, ca_cert, manager, manager_ip)
+        _secrets.write_private(key_path, _secrets.key_pem(key))
+        _secrets.write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
         result["mqtt-cert"] = "rotated" if exists else "created"
     if admin_path.exists() and not rotate:
         result["mqtt-admin"] = "kept"
     else:
         result["mqtt-admin"] = "rotated" if admin_path.exists() else "created"
-        _secrets._write_private(admin_path, new_password() + "\n")  # noqa: SLF001
+        _secrets.write_private(admin_path, new_password() + "\n")
     for name, what in result.items():
         LOG.info("secret %s: %s", name, what)
     return result

@@ -1,6 +1,6 @@
 """The registry's operations, shared by the REST API, the web page and ``pibake registry`` commands.
 
-``Registry(cluster_dir, **options)`` binds the store, the cluster settings and the slurm.conf applier.
+``RegistryService(cluster_dir, **options)`` binds the store, the cluster settings and the slurm.conf applier.
 Options (``create_app(cluster_dir, **options)`` and ``pibake registry serve`` flags take the same), with the
 cluster.yaml ``registry:`` keys that set them when not given explicitly:
 
@@ -96,7 +96,7 @@ def choose_ip(ips, peer_ip=None, network=None):
     return ips[0]
 
 
-class Registry:
+class RegistryService:
     """Registry operations over one cluster directory."""
 
     def __init__(self, cluster_dir, **options):
