@@ -33,6 +33,7 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+from pibake import fields
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, PibakeError, SecretsError
 from pibake.files import atomic_write
@@ -81,9 +82,7 @@ def node_settings(cluster, hostname):
 
 def valid_node_user(name):
     """True when ``name`` may be an MQTT node user: a hostname, never a reserved (``_``) name."""
-    from pibake.cluster import valid_hostname  # pylint: disable=import-outside-toplevel
-
-    return valid_hostname(name)
+    return fields.HOSTNAME.valid(name)
 
 
 def tasmota_user(switch_name):
