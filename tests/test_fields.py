@@ -22,6 +22,7 @@ from pibake.bake.seed import validate_seed_inputs
 from pibake.cli import options
 from pibake.cluster import cluster_from_data, validate_cluster_data
 from pibake.errors import ConfigError, RegistryError, SeedError
+from pibake.lab.hosts import LabError, LabHost
 from pibake.model import PlannedNode, SeedSecrets, Wifi
 from pibake.registry.schema import openapi_document
 from pibake.registry.service import validate_enrolment
@@ -291,3 +292,13 @@ def test_the_published_patterns_are_the_validators():
     text = json.dumps(doc)
     assert text.count(json.dumps(fields.HOSTNAME_PATTERN)) == 8
     assert "[a-z0-9-]{0,61}[a-z0-9])?$\"" not in text  # no older copy of the rule is left
+
+
+def test_the_lab_names_its_hosts_by_the_node_hostname_rule():
+    """The lab refused names over 32 characters; no interface carries the name, so the node rule is all it needs
+    (both checks below fail before anything is created)."""
+    with pytest.raises(LabError) as err:
+        LabHost.create("1234", "10.77.0.11", network=None)
+    assert str(err.value) == f"lab host name: {fields.HOSTNAME.problem('1234')}"
+    with pytest.raises(LabError, match="'not-an-ip' is not an IP address"):  # the 40-character name passed
+        LabHost.create("a" * 40, "not-an-ip", network=None)
