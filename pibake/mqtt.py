@@ -29,14 +29,14 @@ import os
 import pwd
 import secrets as _random
 import signal
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 from pibake import fields
 from pibake import secrets as _secrets
-from pibake.errors import ConfigError, PibakeError, SecretsError
+from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
+from pibake.run import run
 
 LOG = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ SECRET_FILES = ("secrets/mqtt.crt", "secrets/mqtt.key", "secrets/mqtt-admin-pass
 # salt, 64-byte hash, both standard base64.
 PBKDF2_ROUNDS = 101
 SALT_BYTES = 12
-
-
-class MqttError(PibakeError):
-    """The broker could not be set up or told about a change."""
 
 
 def load_settings(cluster_dir):
@@ -358,13 +354,38 @@ def reload_broker(pid_file=PID_FILE):
         except ProcessLookupError:
             LOG.warning("mosquitto's pid file %s names no running process", pid_file)
     if os.path.isdir("/run/systemd/system"):
-        proc = subprocess.run(["systemctl", "reload", "mosquitto.service"], capture_output=True, text=True,
-                              timeout=30, check=False)
-        if proc.returncode == 0:
+        try:
+            run(["systemctl", "reload", "mosquitto.service"], timeout=30)
             return "systemctl"
-        LOG.warning("systemctl reload mosquitto failed: %s", (proc.stderr or "").strip()[-200:])
+        except CommandError as exc:
+            LOG.warning("systemctl reload mosquitto failed: %s", str(exc)[-200:])
+    # Debian's mosquitto.conf writes no pid file (its unit is Type=notify): without systemd (the lab, a
+    # container) the broker is found by its process name
+    signalled = False
+    for pid in processes_named("mosquitto"):
+        try:
+            os.kill(pid, signal.SIGHUP)
+            signalled = True
+        except ProcessLookupError:
+            pass
+    if signalled:
+        return "sighup"
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
+
+
+def processes_named(name, proc="/proc"):
+    """Pids of this PID namespace's processes whose command name (``/proc/PID/comm``) is ``name``."""
+    pids = []
+    for entry in Path(proc).iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
 
 
 def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):

@@ -41,6 +41,7 @@ from ClusterShell.NodeSet import NodeSet
 from ClusterShell.RangeSet import RangeSet
 
 from pibake import fields
+from pibake.errors import SlurmdCError
 
 TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
 INT_KEYS = TOPOLOGY_KEYS + ("RealMemory", "Sockets", "TmpDisk")
@@ -126,10 +127,6 @@ def version_settings(version):
 
 
 _KV_RE = re.compile(r"(\w+)=(\S+)")
-
-
-class SlurmdCError(ValueError):
-    """``slurmd -C`` output that cannot be used. The message says what is missing."""
 
 
 def parse_slurmd_c(text):

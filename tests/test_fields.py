@@ -21,8 +21,8 @@ from pibake import fields
 from pibake.bake.seed import validate_seed_inputs
 from pibake.cli import options
 from pibake.cluster import cluster_from_data, validate_cluster_data
-from pibake.errors import ConfigError, RegistryError, SeedError
-from pibake.lab.hosts import LabError, LabHost
+from pibake.errors import ConfigError, LabError, RegistryError, SeedError
+from pibake.lab.hosts import LabHost
 from pibake.model import PlannedNode, SeedSecrets, Wifi
 from pibake.registry.schema import openapi_document
 from pibake.registry.service import validate_enrolment

@@ -515,6 +515,15 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
         client = connect(fake, "red05", password)
         assert not getattr(client, "is_failure", False) and not isinstance(client, (Exception, str)), client
         close(client)
+        # no pid file (Debian's mosquitto.conf writes none; the lab has no systemd): found by its name
+        assert proc.pid in mqtt.processes_named("mosquitto")
+        again = mqtt.new_password()
+        mqtt.update_password_file(where / "etc", {"red05": mqtt.hash_password(again)})
+        assert mqtt.reload_broker(where / "no-pid-file") == "sighup"
+        time.sleep(0.3)
+        client = connect(fake, "red05", again)
+        assert not getattr(client, "is_failure", False) and not isinstance(client, (Exception, str)), client
+        close(client)
     finally:
         if proc is not None:
             proc.terminate()
