@@ -20,8 +20,9 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
-from pibake.cluster import valid_hostname
+from pibake import fields
+from pibake.fields import show as _show
+from pibake.fields import ssh_key_problem, valid_hostname
 from pibake.errors import SeedError
 from pibake.files import atomic_write
 from pibake.layout import (
@@ -111,42 +112,10 @@ HEADER = "#cloud-config\n"
 
 # --------------------------------------------------------------------------- validation
 
-# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these run
-# again here because render_seed takes any Cluster/PlannedNode, including ones built in code. Hostnames and
-# ssh keys use pibake.cluster's validators (plus: a key comment must be printable, no line separators).
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
-TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
-PSK_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things with the same
+# validators (pibake.fields); they run again here because render_seed takes any Cluster/PlannedNode, including
+# ones built in code.
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _show(value, limit=40):
-    """A value for an error message: repr (so control characters show as escapes), shortened."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-def ssh_key_problem(line):
-    """None if ``line`` is one OpenSSH public key line (type, base64 blob naming that type, optional comment)."""
-    problem = _cluster_ssh_key_problem(line)
-    if problem is None and not line.isprintable():
-        problem = "contains control or line-break characters"
-    return problem
-
-
-def _host_or_ip_ok(value):
-    if not isinstance(value, str):
-        return False
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        return bool(DNS_NAME_RE.fullmatch(value))
 
 
 def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
@@ -159,23 +128,22 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     def bad(path, message):
         problems.append(f"{path}: {message}")
 
+    def check(path, field, value):
+        """The field's one message (pibake.fields) for a bad value; True when it is valid."""
+        problem = field.problem(value)
+        if problem:
+            bad(path, problem)
+        return problem is None
+
     # node
-    if not valid_hostname(node.hostname):
-        bad("hostname", f"{_show(node.hostname)} is not a valid hostname: use 1-63 lower-case letters, digits "
-                        "and '-', not starting or ending with '-', not only digits")
+    check("hostname", fields.HOSTNAME, node.hostname)
     if node.role not in ROLES:
         bad("role", f"{_show(node.role)} is not a role; choose one of {', '.join(ROLES)}")
     network = None
-    try:
+    if check("cluster.network", fields.NETWORK, cluster.network):
         network = ipaddress.IPv4Network(cluster.network, strict=True)
-    except (ValueError, TypeError):
-        bad("cluster.network", f"{_show(cluster.network)} is not an IPv4 network in CIDR form, e.g. 10.1.1.0/24")
-    try:
-        ip = ipaddress.IPv4Address(node.ip)
-        if network is not None and ip not in network:
-            bad("ip", f"{node.ip} is outside the cluster network {network}")
-    except (ValueError, TypeError):
-        bad("ip", f"{_show(node.ip)} is not an IPv4 address")
+    if check("ip", fields.IPV4, node.ip) and network is not None and ipaddress.IPv4Address(node.ip) not in network:
+        bad("ip", f"{node.ip} is outside the cluster network {network}")
 
     # the manager's seed must be the manager named in cluster.yaml (the registry certificate names it)
     if node.role == "manager" and (node.hostname, node.ip) != (cluster.manager, cluster.manager_ip):
@@ -187,37 +155,21 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("ip", f"{node.ip} is the manager's address")
 
     # cluster
-    if not valid_hostname(cluster.manager):
-        bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
-    for key in ("manager_ip", "gateway"):
-        value = getattr(cluster, key)
-        if value is None and key == "gateway":
-            continue
-        try:
-            ipaddress.IPv4Address(value)
-        except (ValueError, TypeError):
-            bad(f"cluster.{key}", f"{_show(value)} is not an IPv4 address")
+    check("cluster.manager", fields.HOSTNAME, cluster.manager)
+    check("cluster.manager_ip", fields.IPV4, cluster.manager_ip)
+    if cluster.gateway is not None:
+        check("cluster.gateway", fields.IPV4, cluster.gateway)
     for i, server in enumerate(cluster.dns or ()):
-        try:
-            ipaddress.ip_address(server)
-        except (ValueError, TypeError):
-            bad(f"cluster.dns[{i}]", f"{_show(server)} is not an IP address")
+        check(f"cluster.dns[{i}]", fields.IPV4, server)
     for i, server in enumerate(cluster.ntp_servers or ()):
-        if not _host_or_ip_ok(server):
-            bad(f"cluster.ntp_servers[{i}]", f"{_show(server)} is not a host name or IP address")
-    if not isinstance(cluster.user, str) or not USER_RE.fullmatch(cluster.user):
-        bad("cluster.user", f"{_show(cluster.user)} is not a valid user name: 1-32 of a-z 0-9 _ -, "
-                            "starting with a letter or _")
-    elif cluster.user in RESERVED_USERS:
-        bad("cluster.user", f"{cluster.user!r} is a system account; choose another user name")
+        check(f"cluster.ntp_servers[{i}]", fields.HOST, server)
+    check("cluster.user", fields.USERNAME, cluster.user)
     for i, key in enumerate(cluster.ssh_keys or ()):
         problem = ssh_key_problem(key)
         if problem:
-            bad(f"cluster.ssh_keys[{i}]", f"{_show(key)} {problem}")
-    if not isinstance(cluster.timezone, str) or not TIMEZONE_RE.fullmatch(cluster.timezone):
-        bad("cluster.timezone", f"{_show(cluster.timezone)} is not a time zone name such as Europe/Berlin")
-    if not isinstance(cluster.locale, str) or not LOCALE_RE.fullmatch(cluster.locale):
-        bad("cluster.locale", f"{_show(cluster.locale)} is not a locale name such as C.UTF-8 or en_GB.UTF-8")
+            bad(f"cluster.ssh_keys[{i}]", f"{_show(key, 40)} {problem}")
+    check("cluster.timezone", fields.TIMEZONE, cluster.timezone)
+    check("cluster.locale", fields.LOCALE, cluster.locale)
     if cluster.family not in FAMILIES:
         bad("cluster.family", f"{_show(cluster.family)} is not an image family; choose one of {', '.join(FAMILIES)}")
     if not isinstance(cluster.registry_port, int) or isinstance(cluster.registry_port, bool) \
@@ -225,15 +177,9 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("cluster.registry_port", f"{_show(cluster.registry_port)} is not a TCP port (1-65535)")
     wifi = cluster.wifi
     if wifi is not None:
-        if not isinstance(wifi.country, str) or not COUNTRY_RE.fullmatch(wifi.country):
-            bad("cluster.wifi.country", f"{_show(wifi.country)} is not a two-letter country code such as DE")
-        if not isinstance(wifi.ssid, str) or not 1 <= len(wifi.ssid.encode("utf-8", "surrogatepass")) <= 32:
-            bad("cluster.wifi.ssid", "an SSID has 1 to 32 bytes")
-        elif not wifi.ssid.isprintable():
-            bad("cluster.wifi.ssid", f"{_show(wifi.ssid)} contains control or line-break characters")
-        if not isinstance(wifi.psk, str) or not PSK_RE.fullmatch(wifi.psk):
-            bad("cluster.wifi.psk", "must be the WPA PSK as 64 hex digits (pibake init computes it from the "
-                                    "passphrase)")
+        check("cluster.wifi.country", fields.COUNTRY, wifi.country)
+        check("cluster.wifi.ssid", fields.SSID, wifi.ssid)
+        check("cluster.wifi.psk", fields.PSK, wifi.psk)
 
     # secrets: checked for shape only, never echoed
     token = getattr(seed_secrets, "join_token", None)
@@ -535,8 +481,8 @@ def network_config_data(cluster, node):
             WIFI_NIC: {
                 **wired,
                 # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
-                "regulatory-domain": cluster.wifi.country,
-                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+                "regulatory-domain": fields.COUNTRY.normalise(cluster.wifi.country),
+                "access-points": {cluster.wifi.ssid: {"password": fields.PSK.normalise(cluster.wifi.psk)}},
             }
         }
     elif cluster.wifi is not None:
@@ -546,8 +492,8 @@ def network_config_data(cluster, node):
                 "dhcp4": True,
                 "optional": True,
                 # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
-                "regulatory-domain": cluster.wifi.country,
-                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+                "regulatory-domain": fields.COUNTRY.normalise(cluster.wifi.country),
+                "access-points": {cluster.wifi.ssid: {"password": fields.PSK.normalise(cluster.wifi.psk)}},
             }
         }
     return {"network": net}

@@ -57,6 +57,7 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT as DEPLOY_CONNECT_TIMEOUT  # n
 from pibake.deploy import DEFAULT_IDLE_TIMEOUT as DEPLOY_IDLE_TIMEOUT  # noqa: F401,E402
 from pibake.deploy import DEFAULT_PARALLEL as DEPLOY_PARALLEL, format_table as format_deploy_table  # noqa: F401,E402
 from pibake.errors import ConfigError, NotBuiltError, PibakeError, SecretsError  # noqa: F401,E402
+from pibake import fields  # noqa: F401,E402  (the CLI checks option values with them)
 from pibake.model import BOARDS  # noqa: F401,E402
 from pibake.firstboot import agent as firstboot_agent  # noqa: F401,E402
 from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTIONS as MANAGER_JOB_FUNCTIONS  # noqa: F401,E402

@@ -32,6 +32,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+from pibake import fields
 from pibake import secrets as _secrets
 from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
@@ -77,9 +78,7 @@ def node_settings(cluster, hostname):
 
 def valid_node_user(name):
     """True when ``name`` may be an MQTT node user: a hostname, never a reserved (``_``) name."""
-    from pibake.cluster import valid_hostname  # pylint: disable=import-outside-toplevel
-
-    return valid_hostname(name)
+    return fields.HOSTNAME.valid(name)
 
 
 def tasmota_user(switch_name):

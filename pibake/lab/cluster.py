@@ -44,8 +44,9 @@ import yaml
 from pibake.bake.bootpart import read_seed
 from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
-from pibake.cluster import load_cluster, valid_hostname
+from pibake.cluster import load_cluster
 from pibake.errors import LabClusterError, PibakeError, SeedError
+from pibake.fields import valid_hostname
 from pibake.layout import AGENT_CONFIG
 from pibake.files import atomic_write
 from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host

@@ -35,13 +35,13 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from pibake import fields
 from pibake.errors import LabError
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,8}$")
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 # Directories bind-mounted per host (created empty unless listed in COPIED_DIRS).
 HOST_DIRS = ("/etc/slurm", "/etc/munge", "/etc/default", "/etc/pibake", "/etc/ssh", "/var/lib/munge",
@@ -262,8 +262,11 @@ class LabHost:
         ``extra_hosts``: (ip, name) pairs added to the host's /etc/hosts. ``mac``: the MAC of its eth0
         (default: derived from ``ip`` so a re-created host keeps its MAC).
         """
-        if not HOSTNAME_RE.match(name):
-            raise LabError(f"lab host name {name!r} must be a lower-case RFC 1123 label")
+        # the name goes to sethostname and the netns name <prefix>-<name>, never to an interface name (the
+        # veth is named after the address): a node's hostname rule is all it needs, no shorter limit
+        problem = fields.HOSTNAME.problem(name)
+        if problem:
+            raise LabError(f"lab host name: {problem}")
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
