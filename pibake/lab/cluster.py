@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,9 +49,14 @@ from pibake.bake.synthetic import build_pi_image
 from pibake.cluster import load_cluster
 from pibake.errors import LabClusterError, PibakeError, SeedError
 from pibake.fields import valid_hostname
-from pibake.layout import AGENT_CONFIG
 from pibake.files import atomic_write
-from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
+from pibake.lab.boot import (  # one environment for commands in a lab host
+    HOST_ENV,
+    boot_host,
+    reboot_host,
+    validate_seed,
+    write_host_file,
+)
 from pibake.lab.hosts import (
     LabHost,
     LabNetwork,
@@ -58,8 +65,18 @@ from pibake.lab.hosts import (
     _netns_names,
     cleanup_leftovers,
     default_base_dir,
+    kill_all,
+    pids_in_netns,
+    run_ip,
 )
-from pibake.lab.rootfs import DEFAULT_RELEASE, check_release, ensure_rootfs, make_host_root, rootfs_stamp
+from pibake.lab.rootfs import (
+    DEFAULT_RELEASE,
+    check_release,
+    ensure_rootfs,
+    make_host_root,
+    rootfs_stamp,
+)
+from pibake.layout import AGENT_CONFIG
 from pibake.plan import recorded_plan
 from pibake.registry.slurmctl import parse_sinfo
 from pibake.run import run, which
@@ -460,8 +477,6 @@ def sensor_dropin(record, *, sim_bus=None, settings=None):
     """Before a sensor host boots: copy the register image ``sim_bus`` into it and write the sensor agent's
     drop-in (/etc/pibake/sensor.d/, read after the seed's /etc/pibake/sensor.json) selecting it, plus
     ``settings``. The seed itself stays exactly what a Pi gets."""
-    from pibake.lab.boot import write_host_file
-
     dropin = dict(settings or {})
     enter = enter_argv(record["pid"])
     if sim_bus:
@@ -666,8 +681,6 @@ def _veth(state, host):
 
 
 def _host_pids(host):
-    from pibake.lab.hosts import pids_in_netns
-
     return pids_in_netns(f"/run/netns/{host['netns']}")
 
 
@@ -676,8 +689,6 @@ def lab_freeze(name, *, prefix=DEFAULT_PREFIX, state_dir=None):
     is stopped (SIGSTOP), so nothing answers, while its network link stays up (connections are accepted by
     the kernel and then never answered). Only a power cycle (``lab_power``) brings it back. Returns
     {"host", "stopped": number of processes}."""
-    import signal
-
     state = _require_state(prefix, state_dir)
     host = _host(state, name)
     if not _alive(host):
@@ -726,8 +737,6 @@ def lab_power(name, action, *, prefix=DEFAULT_PREFIX, state_dir=None, progress=N
 
 
 def _power_off(state, host, note):
-    from pibake.lab.hosts import run_ip, kill_all
-
     if not _alive(host):
         raise LabClusterError(f"lab host {host['name']} is already off")
     pids = _host_pids(host)
@@ -738,10 +747,6 @@ def _power_off(state, host, note):
 
 
 def _power_on(state, host, note, timeout):
-    from pibake.lab.boot import reboot_host
-    from pibake.lab.hosts import LabHost, run_ip
-    from pibake.lab.rootfs import make_host_root
-
     name = host["name"]
     if _alive(host):
         raise LabClusterError(f"lab host {name} is already on (`pibake lab power {name} off` first)")
@@ -770,8 +775,6 @@ PIBAKE_START = "/usr/local/lib/pibake/pibake-start"
 def boot_units(unit_files):
     """[(unit, argv)] of the units systemd would start at boot: ``{unit name: unit file text}`` in, those
     with an ``[Install] WantedBy=multi-user.target`` and an ``ExecStart`` out. Pure."""
-    import shlex
-
     found = []
     for unit, text in sorted(unit_files.items()):
         section, exec_start, wanted = None, None, False

@@ -27,6 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pibake.bake.bootpart import find_boot_partition
 from pibake.errors import CommandError, PibakeError, RootfsError
 from pibake.files import atomic_write
 from pibake.run import run, which
@@ -224,8 +225,6 @@ def debian_mirror(sources_dirs=("/etc/apt/sources.list", "/etc/apt/sources.list.
 
 def copy_boot_partition(image, dest, *, timeout=300):
     """Copy every file of ``image``'s FAT boot partition into the directory ``dest`` (mtools, no mount)."""
-    from pibake.bake.bootpart import find_boot_partition
-
     part = find_boot_partition(image)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
