@@ -8,7 +8,7 @@ this machine, the way sdm and rpi-image-gen customise images:
 2. attach the copy with ``losetup -P`` and mount its root partition, inside a private mount namespace
    (``unshare --mount --pid --fork --kill-child``), so every mount goes away with that process, even on a
    crash or Ctrl-C; the loop device is detached by this process in a ``finally``;
-3. run the image's own ``apt-get install`` (the role's packages: ``pibake.bake.seed.role_packages``, the same
+3. run the image's own ``apt-get install`` (the role's packages: ``pibake.layout.role_packages``, the same
    list the seed installs) in a chroot; for arm64/armhf programs the kernel runs them through qemu-user
    (binfmt_misc, ``ensure_emulation``). apt reads a private sources list: the image's own ``file:``
    repositories and the configured Debian mirror for the image's release, nothing else (a Raspberry Pi
@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pibake.errors import CommandError, PibakeError
+from pibake.errors import BakeError, CommandError, PibakeError
 from pibake.locks import file_lock
 from pibake.run import run, which
 
@@ -53,10 +53,6 @@ AGENT_STARTED_UNITS = ("munge.service", "slurmd.service", "slurmctld.service")
 QEMU_NAMES = {"arm64": "qemu-aarch64", "armhf": "qemu-arm"}
 APT_TIMEOUT = 3 * 3600  # dpkg's maintainer scripts under qemu-user on a busy 2-CPU machine
 BINFMT_DIR = "/proc/sys/fs/binfmt_misc"
-
-
-class BakeError(PibakeError):
-    """An image could not be baked (emulation, tools, apt inside the image)."""
 
 
 @dataclass(frozen=True)
@@ -552,13 +548,13 @@ def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, 
     """Bake ``role``'s packages (its seed's list, in ``cluster_dir``'s cluster) into a copy of a catalog image
     or an image file; a ``BakedImage`` (cached per image sha256, role and package set)."""
     from pibake.bake import burn
-    from pibake.bake.seed import role_packages
+    from pibake.layout import role_packages
     from pibake.cluster import load_cluster
     from pibake.model import ROLES
 
     if role not in ROLES:
         raise BakeError(f"--role {role}: not a role ({', '.join(ROLES)})")
-    packages = role_packages(load_cluster(cluster_dir), role)
+    packages = role_packages(role, mqtt=load_cluster(cluster_dir).mqtt.enabled)
     prepared = burn.Prepared(cluster=None, nodes=[], seeds={}, wheel=None, family="")
     try:
         burn._raw_image(prepared, name_or_path, sha256=sha256, cache_dir=image_cache_dir)

@@ -1,72 +1,10 @@
 """Render a node's cloud-init NoCloud seed (user-data, meta-data, network-config). Pure: data in, three texts out.
 
-How a seed is built
--------------------
-* The role templates ``templates/{manager,worker,sensor}.yaml.j2`` (Jinja2, ``StrictUndefined``) hold the
-  cloud-config of each role; every user value reaches them only through the ``tojson`` filter (JSON is YAML).
-  The rendered text is parsed with ``yaml.safe_load``; pibake then adds ``write_files`` (file contents from the
-  other templates, the agent's source, its config, the CA certificate, for the manager the cluster bundle) and
-  dumps the whole with ``yaml.safe_dump`` behind a ``#cloud-config`` header. meta-data and network-config are
-  dicts dumped the same way. No YAML is ever pasted together from strings, and every value that ends up in a
-  file is validated first (``validate_seed_inputs``): a hostname like ``"a\\n  runcmd: [reboot]"`` is an error.
-* Files the seed installs (all roles)::
-
-    /usr/local/lib/pibake/agent.py          0755  the first-boot agent (pibake.firstboot/agent.py, verbatim)
-    /etc/pibake/agent.json                  0600  agent config: registry URL, join token, CA path, node, role
-    /etc/pibake/ca.crt                      0644  the cluster CA: the agent pins the registry with it
-    /etc/systemd/system/pibake-agent.service      oneshot unit that runs the agent on every boot
-    /usr/local/lib/pibake/pibake-start          start a unit now + on every boot (see below)
-    /usr/local/lib/pibake/pibake-hosts-entry    one /etc/hosts line: manager name -> manager IP
-    /usr/local/lib/pibake/pibake-scrub-seed     removes the secret write_files from the card's user-data
-
-  workers and sensors also get ``/etc/systemd/timesyncd.conf.d/pibake.conf`` (time from the manager, the
-  cluster's ``ntp_servers`` as fallback); the manager gets chrony serving the
-  cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``
-  and ``pibake-registry.service``, and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
-  On Raspberry Pi OS (sshd ships disabled) runcmd also enables ``ssh.service``; Ubuntu runs it already.
-  Every role also gets the sensor agent (SoC temperature and throttling on every Pi, Wi-Fi where there is a
-  ``wlan0``)::
-
-    /usr/local/lib/pibake/sensor_agent.py   0755  the sensor agent (pibake.firstboot/sensor_agent.py, verbatim)
-    /etc/pibake/sensor.json                 0600  its settings (``sensor_settings``): the I2C bus on sensor nodes
-    /etc/systemd/system/pibake-sensor.service     long-running unit, started by runcmd like the agent
-
-  and sensor nodes ``/etc/modules-load.d/pibake-i2c.conf`` (i2c-dev, so /dev/i2c-1 exists); I2C itself is
-  switched on by ``pibake burn`` in the card's config.txt (``ROLE_BOOT_CONFIG``). A sensor node with Wi-Fi
-  settings takes its planned static address on ``wlan0`` (a Pi Zero has no Ethernet port).
-  Every node but the manager authorizes the manager's ssh key for the cluster user (``authorized_keys``):
-  ``from="<manager IP>",restrict``, so the registry's verify and deploy jobs log in from the manager only.
-
-How runcmd starts the agent (and the registry)
-----------------------------------------------
-runcmd calls ``pibake-start UNIT -- COMMAND...``. When systemd is PID 1 (``/run/systemd/system`` exists, i.e.
-a real Pi) it runs ``systemctl daemon-reload``, ``systemctl enable UNIT`` and ``systemctl restart --no-block
-UNIT``: the unit runs now and on every later boot, and first boot is not held up (runcmd itself runs inside
-``cloud-final.service``; waiting there for a unit that waits for the registry could stall it). Without systemd
-(containers, ``pibake lab``) it runs COMMAND detached in the background (``setsid``), logging to
-``/var/log/pibake/<unit>.log``, so cloud-init finishes and the agent keeps retrying until the registry answers.
-In both cases the agent is ``/usr/bin/python3 /usr/local/lib/pibake/agent.py --config /etc/pibake/agent.json``.
-
-The manager's card carries secrets
-----------------------------------
-The manager's user-data carries the registry's cluster bundle (``pibake.secrets.manager_bundle``: cluster.yaml,
-CA certificate, registry key and certificate, join token record, munge key, admin password, the manager's ssh
-key pair; never the CA key)
-as base64 ``write_files`` into ``/var/lib/pibake/cluster`` (secrets 0400; the directories are created 0700 by
-``bootcmd`` before write_files runs). Every node's user-data carries the join token in the agent config. The
-boot partition is FAT: anyone holding the card can read it. So the first runcmd step of every role runs
-``pibake-scrub-seed``, which rewrites ``/boot/firmware/user-data`` without those entries once they are on the
-root file system (still valid #cloud-config, same instance-id, so nothing runs twice). Until first boot the card
-must be handled like the secrets it holds; seeds written by ``pibake render`` are 0600 in a 0700 directory.
-cloud-init's own copies under /var/lib/cloud/instances/ (root-only, on the root file system, like
-/var/lib/pibake/cluster itself) keep the bundle; the agent removes the join token text from them after
-enrolment (firstboot/agent.py, ``scrub_paths``).
-
-The manager gets pibake from a wheel that ``pibake burn`` puts at ``/boot/firmware/pibake/pibake-*.whl``
-(Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition at /boot/firmware): its dependencies
-come from Debian packages, then ``python3 -m venv --system-site-packages /opt/pibake`` and ``pip install
---no-deps --no-index`` of the wheel; ``pibake-registry.service`` runs ``/opt/pibake/bin/pibake --cluster
-/var/lib/pibake/cluster registry serve``.
+The role templates (templates/*.yaml.j2) get user values only through ``tojson``; the rendered YAML is parsed,
+``write_files`` is added in Python and the whole is dumped again, so no YAML is pasted together from strings.
+Every value is validated first (``validate_seed_inputs``). The node's paths and each role's packages come from
+pibake/layout.py. What a seed installs, how runcmd starts the agent, and how the manager card's secrets are
+scrubbed after first boot: docs/internals.md#seeds-pibakebakeseed.
 """
 
 import base64
@@ -82,33 +20,41 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
-from pibake.cluster import valid_hostname
+from pibake import fields
+from pibake.fields import show as _show
+from pibake.fields import ssh_key_problem, valid_hostname
 from pibake.errors import SeedError
+from pibake.files import atomic_write
+from pibake.layout import (
+    AGENT_CONFIG,
+    AGENT_PATH,
+    CA_PATH,
+    CREDENTIAL_FILE,
+    LIB_DIR,
+    SENSOR_AGENT_PATH,
+    SENSOR_BUFFER,
+    SENSOR_CONFIG,
+    SENSOR_MQTT_PATH,
+    SENSOR_UNIT,
+    SYSTEMD_DIR,
+    TIMESYNCD_DROPIN,
+    role_packages,
+)
 from pibake.model import FAMILIES, ROLES, Seed
 from pibake.mqtt import node_settings as mqtt_node_settings
 
 LOG = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- paths on the node
+# (the node contract's paths and packages: pibake/layout.py)
 
-LIB_DIR = "/usr/local/lib/pibake"
-AGENT_PATH = f"{LIB_DIR}/agent.py"
-AGENT_CONFIG = "/etc/pibake/agent.json"
-CA_PATH = "/etc/pibake/ca.crt"
-CREDENTIAL_FILE = "/etc/pibake/node-credential"
 BOOT_DIR = "/boot/firmware"  # Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition here
 SEED_FILE = f"{BOOT_DIR}/user-data"
 WHEEL_GLOB = f"{BOOT_DIR}/pibake/pibake-*.whl"
 MANAGER_ROOT = "/var/lib/pibake"
 MANAGER_CLUSTER_DIR = f"{MANAGER_ROOT}/cluster"
-SYSTEMD_DIR = "/etc/systemd/system"
 AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
-SENSOR_AGENT_PATH = f"{LIB_DIR}/sensor_agent.py"
-SENSOR_CONFIG = "/etc/pibake/sensor.json"
-SENSOR_MQTT_PATH = f"{LIB_DIR}/sensor_mqtt.py"
 SENSOR_COMMAND = ["/usr/bin/python3", SENSOR_AGENT_PATH, "--config", SENSOR_CONFIG]
-SENSOR_BUFFER = "/var/lib/pibake/sensor-buffer.sqlite3"
 I2C_BUS = 1  # the Pi's GPIO header I2C (pins 3 SDA, 5 SCL): /dev/i2c-1
 # config.txt lines `pibake burn` makes sure of on the card's FAT partition, per role (pibake.bake.bootpart):
 # the firmware switches I2C on at boot, no runtime raspi-config call needed
@@ -154,41 +100,11 @@ LOGIN_UNITS = {"raspios": ["ssh.service"], "ubuntu": []}
 WIRED_NIC = "eth0"  # the Pi's on-board Ethernet is eth0 on Raspberry Pi OS and on Ubuntu for Pi
 WIFI_NIC = "wlan0"
 
-# What each role's seed installs with apt at first boot: the one list (deploy installs the same on a worker,
-# `pibake image bake` into a golden image). With mqtt: in cluster.yaml every role adds the sensor agent's
-# publisher after python3-psutil and the manager Mosquitto at the end (role_packages).
-ROLE_PACKAGES = {
-    "manager": ("slurmctld", "slurm-client", "munge", "chrony", "python3-venv",
-                # pibake's own dependencies, from Debian (the wheel is installed with --no-deps)
-                "python3-flask", "python3-flask-httpauth", "gunicorn", "python3-cryptography", "python3-click",
-                "python3-jinja2", "python3-yaml", "python3-jsonschema", "python3-requests", "python3-psutil",
-                "python3-clustershell", "python3-rich"),
-    # slurm-client: scontrol, with which the agent confirms that slurmctld has registered this node's slurmd
-    "worker": ("slurmd", "munge", "slurm-client", "python3-psutil"),
-    # the sensor agent's driver (RPi.bme280) and bus; i2c-tools for `i2cdetect -y 1` when troubleshooting
-    "sensor": ("python3-psutil", "python3-bme280", "python3-smbus2", "i2c-tools"),
-}
-MQTT_PUBLISHER_PACKAGE = "python3-paho-mqtt"  # the sensor agent's MQTT publisher, every role
-MQTT_BROKER_PACKAGE = "mosquitto"  # the manager's broker
-
-
-def role_packages(cluster, role):
-    """The packages ``role``'s seed installs in ``cluster`` (a tuple, in the seed's order)."""
-    packages = []
-    for name in ROLE_PACKAGES[role]:
-        packages.append(name)
-        if name == "python3-psutil" and cluster.mqtt.enabled:
-            packages.append(MQTT_PUBLISHER_PACKAGE)
-    if role == "manager" and cluster.mqtt.enabled:
-        packages.append(MQTT_BROKER_PACKAGE)
-    return tuple(packages)
-
-
 def seed_packages(cluster, role, preinstalled=()):
     """What first boot must still install: the role's packages less those the image already holds (a golden
     image from ``pibake image bake``: ``pibake.bake.golden``)."""
     have = set(preinstalled)
-    return [name for name in role_packages(cluster, role) if name not in have]
+    return [name for name in role_packages(role, mqtt=cluster.mqtt.enabled) if name not in have]
 
 
 TOP_LEVEL_KEYS = {  # what each role's user-data holds, in order; tests hold the seed to exactly these
@@ -203,42 +119,10 @@ HEADER = "#cloud-config\n"
 
 # --------------------------------------------------------------------------- validation
 
-# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these run
-# again here because render_seed takes any Cluster/PlannedNode, including ones built in code. Hostnames and
-# ssh keys use pibake.cluster's validators (plus: a key comment must be printable, no line separators).
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
-TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
-PSK_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things with the same
+# validators (pibake.fields); they run again here because render_seed takes any Cluster/PlannedNode, including
+# ones built in code.
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _show(value, limit=40):
-    """A value for an error message: repr (so control characters show as escapes), shortened."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-def ssh_key_problem(line):
-    """None if ``line`` is one OpenSSH public key line (type, base64 blob naming that type, optional comment)."""
-    problem = _cluster_ssh_key_problem(line)
-    if problem is None and not line.isprintable():
-        problem = "contains control or line-break characters"
-    return problem
-
-
-def _host_or_ip_ok(value):
-    if not isinstance(value, str):
-        return False
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        return bool(DNS_NAME_RE.fullmatch(value))
 
 
 def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
@@ -251,23 +135,22 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     def bad(path, message):
         problems.append(f"{path}: {message}")
 
+    def check(path, field, value):
+        """The field's one message (pibake.fields) for a bad value; True when it is valid."""
+        problem = field.problem(value)
+        if problem:
+            bad(path, problem)
+        return problem is None
+
     # node
-    if not valid_hostname(node.hostname):
-        bad("hostname", f"{_show(node.hostname)} is not a valid hostname: use 1-63 lower-case letters, digits "
-                        "and '-', not starting or ending with '-', not only digits")
+    check("hostname", fields.HOSTNAME, node.hostname)
     if node.role not in ROLES:
         bad("role", f"{_show(node.role)} is not a role; choose one of {', '.join(ROLES)}")
     network = None
-    try:
+    if check("cluster.network", fields.NETWORK, cluster.network):
         network = ipaddress.IPv4Network(cluster.network, strict=True)
-    except (ValueError, TypeError):
-        bad("cluster.network", f"{_show(cluster.network)} is not an IPv4 network in CIDR form, e.g. 10.1.1.0/24")
-    try:
-        ip = ipaddress.IPv4Address(node.ip)
-        if network is not None and ip not in network:
-            bad("ip", f"{node.ip} is outside the cluster network {network}")
-    except (ValueError, TypeError):
-        bad("ip", f"{_show(node.ip)} is not an IPv4 address")
+    if check("ip", fields.IPV4, node.ip) and network is not None and ipaddress.IPv4Address(node.ip) not in network:
+        bad("ip", f"{node.ip} is outside the cluster network {network}")
 
     # the manager's seed must be the manager named in cluster.yaml (the registry certificate names it)
     if node.role == "manager" and (node.hostname, node.ip) != (cluster.manager, cluster.manager_ip):
@@ -279,37 +162,21 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("ip", f"{node.ip} is the manager's address")
 
     # cluster
-    if not valid_hostname(cluster.manager):
-        bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
-    for key in ("manager_ip", "gateway"):
-        value = getattr(cluster, key)
-        if value is None and key == "gateway":
-            continue
-        try:
-            ipaddress.IPv4Address(value)
-        except (ValueError, TypeError):
-            bad(f"cluster.{key}", f"{_show(value)} is not an IPv4 address")
+    check("cluster.manager", fields.HOSTNAME, cluster.manager)
+    check("cluster.manager_ip", fields.IPV4, cluster.manager_ip)
+    if cluster.gateway is not None:
+        check("cluster.gateway", fields.IPV4, cluster.gateway)
     for i, server in enumerate(cluster.dns or ()):
-        try:
-            ipaddress.ip_address(server)
-        except (ValueError, TypeError):
-            bad(f"cluster.dns[{i}]", f"{_show(server)} is not an IP address")
+        check(f"cluster.dns[{i}]", fields.IPV4, server)
     for i, server in enumerate(cluster.ntp_servers or ()):
-        if not _host_or_ip_ok(server):
-            bad(f"cluster.ntp_servers[{i}]", f"{_show(server)} is not a host name or IP address")
-    if not isinstance(cluster.user, str) or not USER_RE.fullmatch(cluster.user):
-        bad("cluster.user", f"{_show(cluster.user)} is not a valid user name: 1-32 of a-z 0-9 _ -, "
-                            "starting with a letter or _")
-    elif cluster.user in RESERVED_USERS:
-        bad("cluster.user", f"{cluster.user!r} is a system account; choose another user name")
+        check(f"cluster.ntp_servers[{i}]", fields.HOST, server)
+    check("cluster.user", fields.USERNAME, cluster.user)
     for i, key in enumerate(cluster.ssh_keys or ()):
         problem = ssh_key_problem(key)
         if problem:
-            bad(f"cluster.ssh_keys[{i}]", f"{_show(key)} {problem}")
-    if not isinstance(cluster.timezone, str) or not TIMEZONE_RE.fullmatch(cluster.timezone):
-        bad("cluster.timezone", f"{_show(cluster.timezone)} is not a time zone name such as Europe/Berlin")
-    if not isinstance(cluster.locale, str) or not LOCALE_RE.fullmatch(cluster.locale):
-        bad("cluster.locale", f"{_show(cluster.locale)} is not a locale name such as C.UTF-8 or en_GB.UTF-8")
+            bad(f"cluster.ssh_keys[{i}]", f"{_show(key, 40)} {problem}")
+    check("cluster.timezone", fields.TIMEZONE, cluster.timezone)
+    check("cluster.locale", fields.LOCALE, cluster.locale)
     if cluster.family not in FAMILIES:
         bad("cluster.family", f"{_show(cluster.family)} is not an image family; choose one of {', '.join(FAMILIES)}")
     if not isinstance(cluster.registry_port, int) or isinstance(cluster.registry_port, bool) \
@@ -317,15 +184,9 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("cluster.registry_port", f"{_show(cluster.registry_port)} is not a TCP port (1-65535)")
     wifi = cluster.wifi
     if wifi is not None:
-        if not isinstance(wifi.country, str) or not COUNTRY_RE.fullmatch(wifi.country):
-            bad("cluster.wifi.country", f"{_show(wifi.country)} is not a two-letter country code such as DE")
-        if not isinstance(wifi.ssid, str) or not 1 <= len(wifi.ssid.encode("utf-8", "surrogatepass")) <= 32:
-            bad("cluster.wifi.ssid", "an SSID has 1 to 32 bytes")
-        elif not wifi.ssid.isprintable():
-            bad("cluster.wifi.ssid", f"{_show(wifi.ssid)} contains control or line-break characters")
-        if not isinstance(wifi.psk, str) or not PSK_RE.fullmatch(wifi.psk):
-            bad("cluster.wifi.psk", "must be the WPA PSK as 64 hex digits (pibake init computes it from the "
-                                    "passphrase)")
+        check("cluster.wifi.country", fields.COUNTRY, wifi.country)
+        check("cluster.wifi.ssid", fields.SSID, wifi.ssid)
+        check("cluster.wifi.psk", fields.PSK, wifi.psk)
 
     # secrets: checked for shape only, never echoed
     token = getattr(seed_secrets, "join_token", None)
@@ -383,7 +244,7 @@ def template_env():
     return _ENV
 
 
-def _render(name, **context):
+def render_template(name, **context):
     return template_env().get_template(name).render(**context)
 
 
@@ -480,8 +341,8 @@ def sensor_files(cluster, node):
     files = [
         _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
         _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
-        _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
-                   _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
+        _text_file(SENSOR_UNIT,
+                   render_template("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
     ]
     if cluster.mqtt.enabled:  # the publisher the agent imports from its own directory (docs/mqtt.md)
         files.append(_text_file(SENSOR_MQTT_PATH, firstboot_source("sensor_mqtt.py"), "0644"))
@@ -548,24 +409,26 @@ def _write_files(cluster, node, seed_secrets, bundle):
         _text_file(AGENT_CONFIG, json.dumps(config, indent=2) + "\n", "0600"),
         _text_file(CA_PATH, seed_secrets.ca_cert_pem, "0644"),
         _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
-                   _render("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
+                   render_template("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG),
+                   "0644"),
     ]
     files += sensor_files(cluster, node)
     for name in ROLE_SCRIPTS[node.role]:
         path, template = SCRIPTS[name]
-        files.append(_text_file(path, _render(template), "0755"))
+        files.append(_text_file(path, render_template(template), "0755"))
     if node.role == "manager":
         servers = list(cluster.ntp_servers or ())
         files.append(_text_file("/etc/chrony/conf.d/pibake.conf",
-                                _render("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
+                                render_template("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
         files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
-                                _render("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND), "0644"))
+                                render_template("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND),
+                                "0644"))
         for rel in sorted(bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
     else:
-        files.append(_text_file("/etc/systemd/timesyncd.conf.d/pibake.conf",
-                                _render("timesyncd.conf.j2", servers=[cluster.manager_ip],
+        files.append(_text_file(TIMESYNCD_DROPIN,
+                                render_template("timesyncd.conf.j2", servers=[cluster.manager_ip],
                                         fallback=list(cluster.ntp_servers or ())), "0644"))
     return files
 
@@ -591,14 +454,13 @@ def render_user_data(cluster, node, seed_secrets, bundle=None, preinstalled=()):
         "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
-        "mqtt_publisher": cluster.mqtt.enabled,  # every node's sensor agent publishes (python3-paho-mqtt)
         "mqtt_setup_command": MQTT_SETUP_COMMAND,
         "mosquitto_command": MOSQUITTO_COMMAND,
         "wheel_glob": WHEEL_GLOB,
         "manager_root": MANAGER_ROOT,
         "manager_cluster_dir": MANAGER_CLUSTER_DIR,
     }
-    config = yaml.safe_load(_render(f"{node.role}.yaml.j2", **context))
+    config = yaml.safe_load(render_template(f"{node.role}.yaml.j2", **context))
     if not isinstance(config, dict) or "write_files" in config:
         raise AssertionError(f"template {node.role}.yaml.j2 must be a mapping without write_files")
     if not packages:
@@ -632,8 +494,8 @@ def network_config_data(cluster, node):
             WIFI_NIC: {
                 **wired,
                 # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
-                "regulatory-domain": cluster.wifi.country,
-                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+                "regulatory-domain": fields.COUNTRY.normalise(cluster.wifi.country),
+                "access-points": {cluster.wifi.ssid: {"password": fields.PSK.normalise(cluster.wifi.psk)}},
             }
         }
     elif cluster.wifi is not None:
@@ -643,8 +505,8 @@ def network_config_data(cluster, node):
                 "dhcp4": True,
                 "optional": True,
                 # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
-                "regulatory-domain": cluster.wifi.country,
-                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+                "regulatory-domain": fields.COUNTRY.normalise(cluster.wifi.country),
+                "access-points": {cluster.wifi.ssid: {"password": fields.PSK.normalise(cluster.wifi.psk)}},
             }
         }
     return {"network": net}
@@ -697,22 +559,6 @@ def _bundle_path_ok(rel):
 
 
 # --------------------------------------------------------------------------- I/O: render + lint + write
-
-
-def _write_atomic(path, text, mode=0o600):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def render_checked(cluster, cluster_dir, nodes, *, family, instance_ids=None, baked=None):
@@ -780,7 +626,7 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
         os.chmod(host_dir, 0o700)
         paths = {}
         for name, text in seed.files().items():
-            _write_atomic(host_dir / name, text, 0o600)
+            atomic_write(host_dir / name, text, 0o600)
             paths[name] = str(host_dir / name)
         LOG.info("wrote the %s seed of %s to %s", node.role, node.hostname, host_dir)
         results.append({

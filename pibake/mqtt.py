@@ -29,13 +29,14 @@ import os
 import pwd
 import secrets as _random
 import signal
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+from pibake import fields
 from pibake import secrets as _secrets
-from pibake.errors import ConfigError, PibakeError, SecretsError
+from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
+from pibake.run import run
 
 LOG = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ SECRET_FILES = ("secrets/mqtt.crt", "secrets/mqtt.key", "secrets/mqtt-admin-pass
 # salt, 64-byte hash, both standard base64.
 PBKDF2_ROUNDS = 101
 SALT_BYTES = 12
-
-
-class MqttError(PibakeError):
-    """The broker could not be set up or told about a change."""
 
 
 def load_settings(cluster_dir):
@@ -81,9 +78,7 @@ def node_settings(cluster, hostname):
 
 def valid_node_user(name):
     """True when ``name`` may be an MQTT node user: a hostname, never a reserved (``_``) name."""
-    from pibake.cluster import valid_hostname  # pylint: disable=import-outside-toplevel
-
-    return valid_hostname(name)
+    return fields.HOSTNAME.valid(name)
 
 
 def tasmota_user(switch_name):
@@ -209,7 +204,7 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
     result = {}
     exists = key_path.exists() and crt_path.exists()
     if exists and not rotate and _issued_by(crt_path, ca_crt_path) \
-            and _secrets._cert_names_match(crt_path, manager, manager_ip):  # noqa: SLF001
+            and _secrets.cert_names_match(crt_path, manager, manager_ip):
         result["mqtt-cert"] = "kept"
     else:
         if not ca_key_path.exists():
@@ -217,15 +212,15 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
                                "CA; run this where `pibake init` made the cluster")
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
-        key, cert = _secrets._make_server_cert(ca_key, ca_cert, manager, manager_ip)  # noqa: SLF001
-        _secrets._write_private(key_path, _secrets._key_pem(key))  # noqa: SLF001
-        _secrets._write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)  # noqa: SLF001
+        key, cert = _secrets.make_server_cert(ca_key, ca_cert, manager, manager_ip)
+        _secrets.write_private(key_path, _secrets.key_pem(key))
+        _secrets.write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
         result["mqtt-cert"] = "rotated" if exists else "created"
     if admin_path.exists() and not rotate:
         result["mqtt-admin"] = "kept"
     else:
         result["mqtt-admin"] = "rotated" if admin_path.exists() else "created"
-        _secrets._write_private(admin_path, new_password() + "\n")  # noqa: SLF001
+        _secrets.write_private(admin_path, new_password() + "\n")
     for name, what in result.items():
         LOG.info("secret %s: %s", name, what)
     return result
@@ -359,13 +354,38 @@ def reload_broker(pid_file=PID_FILE):
         except ProcessLookupError:
             LOG.warning("mosquitto's pid file %s names no running process", pid_file)
     if os.path.isdir("/run/systemd/system"):
-        proc = subprocess.run(["systemctl", "reload", "mosquitto.service"], capture_output=True, text=True,
-                              timeout=30, check=False)
-        if proc.returncode == 0:
+        try:
+            run(["systemctl", "reload", "mosquitto.service"], timeout=30)
             return "systemctl"
-        LOG.warning("systemctl reload mosquitto failed: %s", (proc.stderr or "").strip()[-200:])
+        except CommandError as exc:
+            LOG.warning("systemctl reload mosquitto failed: %s", str(exc)[-200:])
+    # Debian's mosquitto.conf writes no pid file (its unit is Type=notify): without systemd (the lab, a
+    # container) the broker is found by its process name
+    signalled = False
+    for pid in processes_named("mosquitto"):
+        try:
+            os.kill(pid, signal.SIGHUP)
+            signalled = True
+        except ProcessLookupError:
+            pass
+    if signalled:
+        return "sighup"
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
+
+
+def processes_named(name, proc="/proc"):
+    """Pids of this PID namespace's processes whose command name (``/proc/PID/comm``) is ``name``."""
+    pids = []
+    for entry in Path(proc).iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
 
 
 def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):

@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,10 +46,17 @@ import yaml
 from pibake.bake.bootpart import read_seed
 from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
-from pibake.cluster import load_cluster, valid_hostname
-from pibake.errors import PibakeError, SeedError
+from pibake.cluster import load_cluster
+from pibake.errors import LabClusterError, PibakeError, SeedError
+from pibake.fields import valid_hostname
 from pibake.files import atomic_write
-from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
+from pibake.lab.boot import (  # one environment for commands in a lab host
+    HOST_ENV,
+    boot_host,
+    reboot_host,
+    validate_seed,
+    write_host_file,
+)
 from pibake.lab.hosts import (
     LabHost,
     LabNetwork,
@@ -56,8 +65,18 @@ from pibake.lab.hosts import (
     _netns_names,
     cleanup_leftovers,
     default_base_dir,
+    kill_all,
+    pids_in_netns,
+    run_ip,
 )
-from pibake.lab.rootfs import DEFAULT_RELEASE, check_release, ensure_rootfs, make_host_root, rootfs_stamp
+from pibake.lab.rootfs import (
+    DEFAULT_RELEASE,
+    check_release,
+    ensure_rootfs,
+    make_host_root,
+    rootfs_stamp,
+)
+from pibake.layout import AGENT_CONFIG
 from pibake.plan import recorded_plan
 from pibake.registry.slurmctl import parse_sinfo
 from pibake.run import run, which
@@ -67,15 +86,10 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pblab"
 STATE_DIR = Path("/run/pibake-lab")
-AGENT_CONFIG = "/etc/pibake/agent.json"
 IMAGE_SUFFIX = ".img"
 # Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
 ROOTS_DIR = "_roots"
 IMAGES_DIR = "_images"
-
-
-class LabClusterError(PibakeError):
-    """The lab cluster could not be brought up, found or entered."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -463,8 +477,6 @@ def sensor_dropin(record, *, sim_bus=None, settings=None):
     """Before a sensor host boots: copy the register image ``sim_bus`` into it and write the sensor agent's
     drop-in (/etc/pibake/sensor.d/, read after the seed's /etc/pibake/sensor.json) selecting it, plus
     ``settings``. The seed itself stays exactly what a Pi gets."""
-    from pibake.lab.boot import _write_host_file
-
     dropin = dict(settings or {})
     enter = enter_argv(record["pid"])
     if sim_bus:
@@ -473,10 +485,10 @@ def sensor_dropin(record, *, sim_bus=None, settings=None):
             json.loads(image)
         except (OSError, ValueError) as exc:
             raise LabClusterError(f"sim_bus {sim_bus}: not a readable register image ({exc})") from None
-        _write_host_file(record["root"], SENSOR_SIM_BUS, image, enter=enter, timeout=60)
+        write_host_file(record["root"], SENSOR_SIM_BUS, image, enter=enter, timeout=60)
         dropin["sim_bus"] = SENSOR_SIM_BUS
-    _write_host_file(record["root"], SENSOR_DROPIN, json.dumps(dropin, indent=2) + "\n", enter=enter, timeout=60,
-                     mode="0600")
+    write_host_file(record["root"], SENSOR_DROPIN, json.dumps(dropin, indent=2) + "\n", enter=enter, timeout=60,
+                    mode="0600")
 
 
 def _boot(record, seed, started):
@@ -587,34 +599,27 @@ def shell_argv(name, argv=None, *, prefix=DEFAULT_PREFIX, state_dir=None, term=N
     return host_argv(host, list(argv) if argv else ["/bin/bash", "--norc", "-i"], env=env)
 
 
-_REQUEST = (
-    "import json, sys, requests\n"
-    "url, ca, user, pw = json.loads(sys.stdin.read())\n"
-    "try:\n"
-    "    r = requests.get(url, verify=ca, timeout=10, auth=(user, pw) if user else None)\n"
-    "    try:\n"
-    "        body = r.json()\n"
-    "    except ValueError:\n"
-    "        body = None\n"
-    "    print(json.dumps([r.status_code, body]))\n"
-    "except requests.exceptions.RequestException as exc:\n"
-    "    print(json.dumps([0, type(exc).__name__]))\n"
-)
+def lab_shell_command(name, argv, *, prefix=DEFAULT_PREFIX, state_dir=None):
+    """Run ``argv`` inside lab host ``name`` on this terminal (nothing captured, no time limit); its exit code."""
+    return run(shell_argv(name, argv, prefix=prefix, state_dir=state_dir), capture=False, timeout=None,
+               check=False).returncode
 
 
 def _registry_get(state, path, *, auth=True, timeout=30):
     """(HTTP status, JSON body) of GET /api/v1<path> on the lab's registry, TLS verified against the
-    cluster's CA, asked from inside the manager's network namespace (0 when it does not answer).
-    The admin password goes through stdin, never an argv."""
+    cluster's CA, asked from inside the manager's network namespace by ``pibake.lab.registry_probe`` (0 when
+    it does not answer). The admin password goes through stdin, never an argv."""
     manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
     if manager is None or not _alive(manager):
         return 0, None
     cluster_dir = Path(state["cluster_dir"])
-    url = f"https://{state['manager_ip']}:{state['registry_port']}/api/v1{path}"
-    creds = [url, str(secrets_dir(cluster_dir) / "ca.crt"), "admin" if auth else None,
-             admin_password(cluster_dir) if auth else None]
-    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--", sys.executable, "-c", _REQUEST]
-    proc = run(argv, input=json.dumps(creds), check=False, timeout=timeout)
+    spec = {"base": f"https://{state['manager_ip']}:{state['registry_port']}", "path": path,
+            "ca": str(secrets_dir(cluster_dir) / "ca.crt"), "password": admin_password(cluster_dir) if auth else None,
+            "timeout": min(10, timeout)}
+    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--",
+            sys.executable, "-m", "pibake.lab.registry_probe"]
+    # cwd /: `python -m` puts the working directory first on sys.path, where a folder named pibake would shadow
+    proc = run(argv, input=json.dumps(spec), check=False, timeout=timeout, cwd="/")
     try:
         status, data = json.loads(proc.stdout)
     except ValueError:
@@ -676,9 +681,7 @@ def _veth(state, host):
 
 
 def _host_pids(host):
-    from pibake.lab.hosts import _pids_in_netns
-
-    return _pids_in_netns(f"/run/netns/{host['netns']}")
+    return pids_in_netns(f"/run/netns/{host['netns']}")
 
 
 def lab_freeze(name, *, prefix=DEFAULT_PREFIX, state_dir=None):
@@ -686,8 +689,6 @@ def lab_freeze(name, *, prefix=DEFAULT_PREFIX, state_dir=None):
     is stopped (SIGSTOP), so nothing answers, while its network link stays up (connections are accepted by
     the kernel and then never answered). Only a power cycle (``lab_power``) brings it back. Returns
     {"host", "stopped": number of processes}."""
-    import signal
-
     state = _require_state(prefix, state_dir)
     host = _host(state, name)
     if not _alive(host):
@@ -736,28 +737,22 @@ def lab_power(name, action, *, prefix=DEFAULT_PREFIX, state_dir=None, progress=N
 
 
 def _power_off(state, host, note):
-    from pibake.lab.hosts import _ip, _kill_all
-
     if not _alive(host):
         raise LabClusterError(f"lab host {host['name']} is already off")
     pids = _host_pids(host)
-    _kill_all([host["pid"]] + [p for p in pids if p != host["pid"]])
-    _ip("link", "set", _veth(state, host), "down", check=False)
+    kill_all([host["pid"]] + [p for p in pids if p != host["pid"]])
+    run_ip("link", "set", _veth(state, host), "down", check=False)
     note(f"{host['name']}: power off ({len(pids)} processes gone, link down)")
     return {"processes": len(pids)}
 
 
 def _power_on(state, host, note, timeout):
-    from pibake.lab.boot import reboot_host
-    from pibake.lab.hosts import LabHost, _ip
-    from pibake.lab.rootfs import make_host_root
-
     name = host["name"]
     if _alive(host):
         raise LabClusterError(f"lab host {name} is already on (`pibake lab power {name} off` first)")
     base = _base_dir(state["prefix"])
-    _ip("link", "set", _veth(state, host), "up")
-    _init_proc, pid = LabHost._start_init(name, host["netns"], base / name)  # pylint: disable=protected-access
+    run_ip("link", "set", _veth(state, host), "up")
+    _init_proc, pid = LabHost.start_init(name, host["netns"], base / name)
     host.update(pid=pid, netns_id=os.readlink(f"/proc/{pid}/ns/net"))
     make_host_root(state["rootfs"], base / ROOTS_DIR / name, enter=enter_argv(pid), timeout=timeout)
     note(f"{name}: power on; booting (cloud-init)")
@@ -780,8 +775,6 @@ PIBAKE_START = "/usr/local/lib/pibake/pibake-start"
 def boot_units(unit_files):
     """[(unit, argv)] of the units systemd would start at boot: ``{unit name: unit file text}`` in, those
     with an ``[Install] WantedBy=multi-user.target`` and an ``ExecStart`` out. Pure."""
-    import shlex
-
     found = []
     for unit, text in sorted(unit_files.items()):
         section, exec_start, wanted = None, None, False

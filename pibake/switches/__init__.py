@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from pibake.errors import ConfigError, SecretsError
+from pibake.errors import ConfigError, SecretsError, SwitchBusy, SwitchError  # noqa: F401 (pibake.switches.SwitchError)
 from pibake.locks import file_lock
-from pibake.switches.base import SwitchError, SwitchState  # noqa: F401
+from pibake.switches.base import SwitchState  # noqa: F401
 
 LOG = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def set_credentials(cluster_dir, name, *, username=None, password=None, mqtt_use
     """Store a switch's credentials in secrets/switch-NAME.json (0400, directory 0700); returns the path.
 
     Values not given are kept from the stored record (device and MQTT credentials are set separately)."""
-    from pibake.secrets import _write_private, secrets_dir
+    from pibake.secrets import write_private, secrets_dir
 
     switch_config(cluster_dir, name)  # an unknown name is an error before anything is written
     given = {k: v for k, v in (("username", username), ("password", password),
@@ -119,7 +119,7 @@ def set_credentials(cluster_dir, name, *, username=None, password=None, mqtt_use
     path = credentials_path(cluster_dir, name)
     if path.exists():
         path.unlink()  # 0400 files are replaced, not opened for writing
-    _write_private(path, json.dumps(record))
+    write_private(path, json.dumps(record))
     LOG.info("stored credentials for switch %s in %s", name, path)
     return path
 
@@ -149,10 +149,6 @@ def _state_dir(cluster_dir):
     path = Path(cluster_dir) / "switches"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class SwitchBusy(SwitchError):
-    """Another command holds the plug (a cycle takes seconds); raised only when asked not to wait."""
 
 
 def _plug_lock(cluster_dir, name, wait=True):

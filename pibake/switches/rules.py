@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from pibake.switches.base import SwitchError
+from pibake.errors import SwitchError
 
 LOG = logging.getLogger(__name__)
 

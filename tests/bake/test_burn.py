@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from pibake.bake import bootpart, burn, manifest
-from pibake.bake.burn import BurnError, next_card_verdict, output_paths, rounds
+from pibake.bake.burn import next_card_verdict, output_paths, rounds
+from pibake.errors import BurnError
 from pibake.bake.devices import CardIdentity
 from pibake.bake.synthetic import build_pi_image
 from pibake.errors import PibakeError, PlanError, SeedError
 from pibake.model import PlannedNode
 from pibake.run import run
-from tests.bake.burnkit import check_filesystems, loop_device, make_cluster, random_file, region_sha256
+from tests.bake.burnkit import check_filesystems, loop_device, random_file, region_sha256
 from tests.conftest import needs_program, needs_root
 
 pytestmark = needs_program("sfdisk", "mkfs.vfat", "mke2fs", "mcopy", "fsck.vfat", "e2fsck", "ssh-keygen")
@@ -34,14 +35,9 @@ def pi(tmp_path_factory):
                           kernel_size=MIB)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return tmp_path_factory.mktemp("keys")
-
-
 @pytest.fixture
-def cluster(tmp_path, keys):
-    return make_cluster(tmp_path / "cluster", keys)
+def cluster(make_cluster, tmp_path):
+    return make_cluster(tmp_path / "cluster")
 
 
 def _root_file(path, offset, name):
@@ -122,7 +118,7 @@ def test_wait_for_next_card_asks_until_a_new_card_is_in():
 
 
 def test_wait_for_next_card_lets_the_person_fix_a_refused_card():
-    from pibake.bake.devices import GuardError
+    from pibake.errors import GuardError
 
     answers = iter([GuardError("refusing to write /dev/sdb (STORAGE DEVICE, 31.9 GB): it has mounted partitions "
                                "(/media/pi/bootfs)"), (card(disk_id="0badcafe"), None)])

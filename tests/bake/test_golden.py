@@ -12,7 +12,9 @@ from pibake.bake.golden import (BakeError, apt_fetch_summary, bake_key, baked_na
                                 binfmt_rule_with_fix_binary, emulation_problem, local_sources, marker, os_codename,
                                 parse_binfmt_entry, parse_marker, private_sources)
 from pibake.bake.lint import lint_seed
-from pibake.bake.seed import ROLE_PACKAGES, role_packages, seed_packages
+from pibake.bake.seed import seed_packages
+from pibake.layout import ROLE_PACKAGES
+from pibake.layout import role_packages as layout_role_packages
 from tests.bake.seed_fixtures import NODES, cluster_for, render
 
 SHA = "cb6ff674c025548e3475eeff52c4cdddbc3f7c69b61c9fd1cb87d7335b1f59fd"
@@ -29,6 +31,10 @@ AARCH64_CONF = (r"# qemu-user-static\n"
                 r":qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
                 r":\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
                 r":/usr/libexec/qemu-binfmt/aarch64-binfmt-P:PO").replace(r"\n", "\n")
+
+
+def role_packages(cluster, role):
+    return layout_role_packages(role, mqtt=cluster.mqtt.enabled)
 
 
 def test_the_cache_key_changes_with_image_role_and_package_set_not_order():

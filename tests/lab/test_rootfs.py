@@ -20,20 +20,10 @@ from pibake.lab.rootfs import (
     rootfs_path,
     rootfs_stamp,
 )
-from tests.conftest import needs_program, needs_root
-from tests.lab.sandbox import Sandbox, mounted_under, namespaces_missing
+from tests.fixtures_plugin import needs_lab
+from tests.lab.sandbox import Sandbox, mounted_under
 
-lab = [
-    needs_root("the lab builds a rootfs and mounts overlays: needs root"),
-    needs_program("debootstrap", "unshare", "nsenter", "chroot"),
-    pytest.mark.skipif(bool(namespaces_missing()), reason=namespaces_missing() or "ok"),
-]
-
-
-@pytest.fixture(scope="session")
-def lab_rootfs():
-    # Built once per machine (~1 min cold), then a stamp read.
-    return ensure_rootfs()
+lab = [needs_lab("debootstrap", "unshare", "nsenter", "chroot")]
 
 
 def host_run(sandbox, argv, **kw):
@@ -189,7 +179,7 @@ def test_host_root_has_run_sys_cgroup_dev_and_boot_partition(two_hosts):
 
 @lab_test
 def test_make_host_root_refuses_an_incomplete_rootfs_and_a_missing_enter(tmp_path, lab_rootfs):
-    from pibake.lab.rootfs import RootfsError
+    from pibake.errors import RootfsError
 
     with pytest.raises(RootfsError, match="not a complete lab rootfs"):
         make_host_root(tmp_path / "nothing", tmp_path / "h", enter=["true"])
@@ -199,7 +189,7 @@ def test_make_host_root_refuses_an_incomplete_rootfs_and_a_missing_enter(tmp_pat
 
 @lab_test
 def test_failed_build_says_what_failed_and_leaves_nothing_behind(tmp_path):
-    from pibake.lab.rootfs import RootfsError
+    from pibake.errors import RootfsError
 
     # Nothing listens on the discard port of loopback: debootstrap cannot fetch the Release file.
     with pytest.raises(RootfsError, match=r"^debootstrap trixie from http://127.0.0.1:9/debian failed .*"

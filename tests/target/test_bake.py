@@ -64,7 +64,7 @@ def test_a_failing_apt_leaves_no_loop_device_mount_or_partial_file(tmp_path, tar
 def test_bake_marks_the_image_and_a_second_bake_is_a_cache_hit(tmp_path, target_image, cluster_dir):
     from pibake.api import bake_image
     from pibake.bake.golden import read_marker
-    from pibake.bake.seed import ROLE_PACKAGES
+    from pibake.layout import ROLE_PACKAGES
 
     cache = tmp_path / "baked"
     first = bake_image(str(target_image.path), cluster_dir, "worker", cache_dir=cache, offline=True)
