@@ -21,8 +21,10 @@ How a seed is built
 
   workers and sensors also get ``/etc/systemd/timesyncd.conf.d/pibake.conf`` (time from the manager, the
   cluster's ``ntp_servers`` as fallback); the manager gets chrony serving the
-  cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``
-  and ``pibake-registry.service``, and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
+  cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``,
+  ``pibake-registry.service``, the switch loops ``pibake-switch-auto.service`` and ``pibake-switch-rules.service``
+  (``SWITCH_LOOPS``; always installed and started: they read cluster.yaml each round and do nothing without
+  ``auto_cycle`` switches / ``rules:``), and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
   On Raspberry Pi OS (sshd ships disabled) runcmd also enables ``ssh.service``; Ubuntu runs it already.
   Every role also gets the sensor agent (SoC temperature and throttling on every Pi, Wi-Fi where there is a
   ``wlan0``)::
@@ -118,6 +120,28 @@ REGISTRY_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, 
 # without systemd the same program in the foreground, detached by pibake-start)
 MQTT_SETUP_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, "mqtt", "setup"]
 MOSQUITTO_COMMAND = ["/usr/sbin/mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"]
+# The manager's switch loops (pibake.switches.loop): the automatic recovery policy, which logs in to the nodes
+# with the manager's ssh identity (as the registry's jobs) and keeps the host keys it meets in the cluster
+# directory (the unit cannot write root's home), and the sensor -> switch rules.
+_PIBAKE = "/opt/pibake/bin/pibake"
+SWITCH_LOOPS = {
+    "auto": {
+        "command": [_PIBAKE, "--cluster", MANAGER_CLUSTER_DIR, "switch", "auto",
+                    "--identity", f"{MANAGER_CLUSTER_DIR}/secrets/manager-ssh.key",
+                    "--known-hosts", f"{MANAGER_CLUSTER_DIR}/switches/known_hosts"],
+        "description": "automatic recovery of hung nodes through their plugs (switches with auto_cycle)",
+        "what": "Recovers a hung node (ssh and Slurm both find it down) by cycling its plug, within a limit per hour.",
+        "needs": "switch with auto_cycle: true",
+        "timeout_stop_s": 900,  # a recovery waits up to 600 s for the node to come back idle
+    },
+    "rules": {
+        "command": [_PIBAKE, "--cluster", MANAGER_CLUSTER_DIR, "switch", "rules"],
+        "description": "rules from sensor readings to switches (rules: in cluster.yaml)",
+        "what": "Switches plugs from sensor readings (rules: in cluster.yaml), with hysteresis and minimum times.",
+        "needs": "rules:",
+        "timeout_stop_s": 120,
+    },
+}
 
 SCRIPTS = {  # name in templates -> (path on the node, template)
     "start": (f"{LIB_DIR}/pibake-start", "pibake-start.sh.j2"),
@@ -523,6 +547,10 @@ def _write_files(cluster, node, seed_secrets, bundle):
                                 _render("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
         files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
                                 _render("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND), "0644"))
+        for loop, unit in SWITCH_LOOPS.items():
+            files.append(_text_file(f"{SYSTEMD_DIR}/pibake-switch-{loop}.service",
+                                    _render("pibake-switch.service.j2", switch_loop=loop, cluster_dir=MANAGER_CLUSTER_DIR,
+                                            **unit), "0644"))
         for rel in sorted(bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
@@ -549,6 +577,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "sensor_command": SENSOR_COMMAND,
         "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
+        "switch_loops": {loop: unit["command"] for loop, unit in SWITCH_LOOPS.items()},
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
         "mqtt_publisher": cluster.mqtt.enabled,  # every node's sensor agent publishes (python3-paho-mqtt)
         "mqtt_setup_command": MQTT_SETUP_COMMAND,

@@ -99,3 +99,6 @@ def serve_registry(cluster_dir, **options):
     return serve(cluster_dir, **options)
 from pibake.sensors import Sensors, parse_time as parse_sensor_time  # noqa: F401,E402
 from pibake.sensors_model import METRICS as SENSOR_METRICS  # noqa: F401,E402
+from pibake.switches.loop import LOOPS as SWITCH_LOOPS, LoopBusy, run_loop as run_switch_loop  # noqa: F401,E402
+from pibake.switches.rules import last_round as rules_last_round, rules_status  # noqa: F401,E402
+from pibake.switches import DriverMissing as SwitchDriverMissing  # noqa: F401,E402

@@ -16,6 +16,11 @@ class SwitchError(PibakeError):
     """A plug could not be reached, refused the credentials, timed out or answered garbage."""
 
 
+class DriverMissing(SwitchError):
+    """The Python library a driver needs is not installed here (python-kasa on a manager: Debian has no
+    python3-kasa, and the manager installs pibake with --no-deps over Debian's packages)."""
+
+
 @dataclass(frozen=True)
 class SwitchState:
     on: bool
