@@ -270,7 +270,8 @@ def auto_cmd(state, once, interval, max_per_hour, backoff, off_seconds, wait_s, 
     Each round looks at every switch with auto_cycle: true (never the manager, never a
     switch that powers a thing) and recovers its node when ssh and Slurm both find it down,
     like `pibake recover`, within --max-per-hour and with --backoff between attempts. Every
-    attempt and every skip for the limit is recorded in `pibake switch log`."""
+    attempt and every skip for the limit is recorded in `pibake switch log`. On the manager
+    pibake-switch-auto.service runs this loop; one copy per cluster directory."""
     policy = api.AutoPolicy(max_per_hour=max_per_hour, backoff_s=backoff, off_s=off_seconds, wait_s=wait_s)
 
     def one_round():
