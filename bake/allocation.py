@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import sys
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 LOG = logging.getLogger(__name__)
@@ -597,8 +598,6 @@ class Bmap:
 
 def parse_bmap(text):
     """Parse a bmaptool XML bmap (format 1.x or 2.x). Raises ValueError on anything malformed."""
-    import xml.etree.ElementTree as ET
-
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise ValueError("bmap files have no DOCTYPE or entities")
     root = ET.fromstring(text)

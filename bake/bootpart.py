@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from pibake.errors import PibakeError
+from pibake.errors import BootPartitionError
 from pibake.model import Seed
 from pibake.run import run
 
@@ -53,10 +53,6 @@ BLKFLSBUF = 0x1261  # flush a block device's buffer cache
 
 # A stale NoCloud selector on the kernel command line: ds=nocloud;i=..., ds=nocloud-net;s=..., quoted forms.
 _DS_TOKEN = re.compile(r"""ds=["']?nocloud(?:-net)?(?:[;"'].*)?""")
-
-
-class BootPartitionError(PibakeError):
-    """The target has no usable FAT boot partition, or the seed did not read back equal."""
 
 
 @dataclass(frozen=True)

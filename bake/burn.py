@@ -50,7 +50,7 @@ from pathlib import Path
 import pibake
 from pibake.bake import bootpart, devices, images, manifest
 from pibake.bake.seed import ROLE_BOOT_CONFIG
-from pibake.errors import PibakeError, PlanError
+from pibake.errors import BurnError, PibakeError, PlanError
 from pibake.run import run
 
 LOG = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ WHEEL_DIR_ON_BOOT = "pibake"  # /boot/firmware/pibake/pibake-<version>-py3-none-
 _WHEEL_RE = re.compile(r"^pibake-[0-9][A-Za-z0-9_.+!-]*-py3-none-any\.whl$")
 _SOURCE_PARTS = ("pibake", "bake", "templates", "firstboot", "registry")
 _SOURCE_FILES = ("setup.cfg", "pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE")
-
-
-class BurnError(PibakeError):
-    """A burn cannot start or did not finish; the message says which target and what to do."""
 
 
 # --------------------------------------------------------------------------- results

@@ -20,12 +20,15 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 import struct
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import GuardError, PibakeError
+from pibake.run import run
 
 LOG = logging.getLogger(__name__)
 
@@ -38,10 +41,6 @@ SYSFS_FILES = ("removable", "ro", "size", "device/type", "device/name", "device/
 
 BLKGETSIZE64 = 0x80081272
 BLKROGET = 0x125E
-
-
-class GuardError(PibakeError):
-    """Writing to this target is refused. The message names the device, its model and what to do."""
 
 
 # ---------------------------------------------------------------- data
@@ -525,8 +524,6 @@ def read_sysfs(names, root="/sys/block"):
 
 def gather_facts():
     """Read this machine's facts: lsblk JSON, /proc/swaps, /proc/self/mountinfo, /sys/block/*."""
-    from pibake.run import run
-
     out = run(["lsblk", "--json", "--bytes", "-o", LSBLK_COLUMNS], timeout=30).stdout
     names = [n.get("name") for n in json.loads(out).get("blockdevices", [])]
 
@@ -625,7 +622,6 @@ def parse_size(text):
     value = str(text).strip().lower()
     if value in ("none", "off", "no"):
         return None
-    import re
 
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
     if not match or match.group(2) not in _SIZE_UNITS:
@@ -640,8 +636,6 @@ def parse_disk_id(head):
     """The partition table's disk identifier from a disk's first sectors (at least 1024 bytes for GPT):
     the GPT disk GUID, or the MBR disk signature as 8 hex digits (what ``blkid`` calls PTUUID), or None for a
     disk without a partition table (a blank card)."""
-    import uuid
-
     if len(head) >= 1024 and head[512:520] == b"EFI PART":
         return str(uuid.UUID(bytes_le=bytes(head[512 + 56:512 + 72])))
     if len(head) >= 512 and head[510:512] == b"\x55\xaa":

@@ -29,8 +29,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pibake.errors import PibakeError
+from pibake.errors import ImageError, PibakeError
 from pibake.model import ARCHES, BOARDS, FAMILIES
+from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ _MAGIC = (
     (b"\x28\xb5\x2f\xfd", "zst"),
     (b"\x1f\x8b", "gz"),
 )
-
-
-class ImageError(PibakeError):
-    """An image is unknown, missing, corrupt, or its download failed or did not match its sha256."""
 
 
 @dataclass(frozen=True)
@@ -636,7 +633,7 @@ class ImageStream:
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
         elif fmt == "zst":
             try:
-                import zstandard
+                import zstandard  # optional: only .zst images need it (setup.cfg extra)
             except ImportError as exc:
                 self._raw.close()
                 raise ImageError("reading .zst images needs the Python package zstandard "
@@ -761,8 +758,6 @@ def uncompressed_size(local_image):
     if local_image.format == "none":
         return path.stat().st_size
     if local_image.format == "xz":
-        from pibake.run import run, which
-
         if not which("xz"):
             return None
         try:

@@ -33,6 +33,7 @@ Messages never repeat the content of ``write_files`` (it holds secrets).
 
 import functools
 import glob
+import ipaddress
 import json
 import logging
 import os
@@ -40,6 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from jsonschema import Draft4Validator, FormatChecker, ValidationError
+from jsonschema.exceptions import best_match
+from jsonschema.validators import extend
+
+from pibake.errors import CommandError
+from pibake.model import Seed
+from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
@@ -106,8 +114,6 @@ def find_cloud_init_schema():
         for path in sorted(glob.glob(pattern)):
             if os.path.isfile(path):
                 return path
-    from pibake.errors import CommandError
-    from pibake.run import run, which
 
     if which("dpkg"):
         try:
@@ -133,9 +139,6 @@ class _Deprecated(Exception):
 @functools.lru_cache(maxsize=1)
 def _validator_class():
     """A draft-04 validator with cloud-init's extensions (``deprecated``; oneOf/anyOf that pass deprecations)."""
-    from jsonschema import Draft4Validator, ValidationError
-    from jsonschema.validators import extend
-
     class DeprecationError(ValidationError, _Deprecated):
         pass
 
@@ -190,8 +193,6 @@ def _sensitive(parts):
 
 def _describe(error, parts):
     """A one-line message for a schema error at ``parts`` that never quotes a sensitive value."""
-    from jsonschema.exceptions import best_match
-
     if error.context:
         # the branch whose type fits the instance says the most; "is not of type" from the others does not
         relevant = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
@@ -212,8 +213,6 @@ def _describe(error, parts):
 
 def schema_check(config, schema, report):
     """Add cloud-init schema errors (and deprecations as warnings) for the parsed user-data ``config``."""
-    from jsonschema import FormatChecker
-
     validator = _validator_class()(schema, format_checker=FormatChecker())
     for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
         parts = list(error.absolute_path)
@@ -328,7 +327,6 @@ def _check_network_config(seed, report, family):
     for key in net:
         if key not in known:
             report.error("network-config", prefix + str(key), "is not a netplan v2 key")
-    import ipaddress
 
     for kind in ("ethernets", "wifis"):
         devices = net.get(kind) or {}
@@ -429,8 +427,6 @@ def lint_seed(seed, *, hostname=None, family=None, schema_file="auto"):
 
 def lint_seed_dir(directory, **options):
     """Lint the three files of a seed directory (as written by ``pibake render``)."""
-    from pibake.model import Seed
-
     directory = Path(directory)
     texts = {}
     for name in ("user-data", "meta-data", "network-config"):

@@ -1,74 +1,10 @@
 """Render a node's cloud-init NoCloud seed (user-data, meta-data, network-config). Pure: data in, three texts out.
 
-How a seed is built
--------------------
-* The role templates ``templates/{manager,worker,sensor}.yaml.j2`` (Jinja2, ``StrictUndefined``) hold the
-  cloud-config of each role; every user value reaches them only through the ``tojson`` filter (JSON is YAML).
-  The rendered text is parsed with ``yaml.safe_load``; pibake then adds ``write_files`` (file contents from the
-  other templates, the agent's source, its config, the CA certificate, for the manager the cluster bundle) and
-  dumps the whole with ``yaml.safe_dump`` behind a ``#cloud-config`` header. meta-data and network-config are
-  dicts dumped the same way. No YAML is ever pasted together from strings, and every value that ends up in a
-  file is validated first (``validate_seed_inputs``): a hostname like ``"a\\n  runcmd: [reboot]"`` is an error.
-* Files the seed installs (all roles)::
-
-    /usr/local/lib/pibake/agent.py          0755  the first-boot agent (pibake.firstboot/agent.py, verbatim)
-    /etc/pibake/agent.json                  0600  agent config: registry URL, join token, CA path, node, role
-    /etc/pibake/ca.crt                      0644  the cluster CA: the agent pins the registry with it
-    /etc/systemd/system/pibake-agent.service      oneshot unit that runs the agent on every boot
-    /usr/local/lib/pibake/pibake-start          start a unit now + on every boot (see below)
-    /usr/local/lib/pibake/pibake-hosts-entry    one /etc/hosts line: manager name -> manager IP
-    /usr/local/lib/pibake/pibake-scrub-seed     removes the secret write_files from the card's user-data
-
-  workers and sensors also get ``/etc/systemd/timesyncd.conf.d/pibake.conf`` (time from the manager, the
-  cluster's ``ntp_servers`` as fallback); the manager gets chrony serving the
-  cluster network (``local stratum 10``, so nodes agree even without an upstream server), ``pibake-install``,
-  ``pibake-registry.service``, the switch loops ``pibake-switch-auto.service`` and ``pibake-switch-rules.service``
-  (``SWITCH_LOOPS``; always installed and started: they read cluster.yaml each round and do nothing without
-  ``auto_cycle`` switches / ``rules:``), and the cluster bundle under ``/var/lib/pibake/cluster`` (see below).
-  On Raspberry Pi OS (sshd ships disabled) runcmd also enables ``ssh.service``; Ubuntu runs it already.
-  Every role also gets the sensor agent (SoC temperature and throttling on every Pi, Wi-Fi where there is a
-  ``wlan0``)::
-
-    /usr/local/lib/pibake/sensor_agent.py   0755  the sensor agent (pibake.firstboot/sensor_agent.py, verbatim)
-    /etc/pibake/sensor.json                 0600  its settings (``sensor_settings``): the I2C bus on sensor nodes
-    /etc/systemd/system/pibake-sensor.service     long-running unit, started by runcmd like the agent
-
-  and sensor nodes ``/etc/modules-load.d/pibake-i2c.conf`` (i2c-dev, so /dev/i2c-1 exists); I2C itself is
-  switched on by ``pibake burn`` in the card's config.txt (``ROLE_BOOT_CONFIG``). A sensor node with Wi-Fi
-  settings takes its planned static address on ``wlan0`` (a Pi Zero has no Ethernet port).
-  Every node but the manager authorizes the manager's ssh key for the cluster user (``authorized_keys``):
-  ``from="<manager IP>",restrict``, so the registry's verify and deploy jobs log in from the manager only.
-
-How runcmd starts the agent (and the registry)
-----------------------------------------------
-runcmd calls ``pibake-start UNIT -- COMMAND...``. When systemd is PID 1 (``/run/systemd/system`` exists, i.e.
-a real Pi) it runs ``systemctl daemon-reload``, ``systemctl enable UNIT`` and ``systemctl restart --no-block
-UNIT``: the unit runs now and on every later boot, and first boot is not held up (runcmd itself runs inside
-``cloud-final.service``; waiting there for a unit that waits for the registry could stall it). Without systemd
-(containers, ``pibake lab``) it runs COMMAND detached in the background (``setsid``), logging to
-``/var/log/pibake/<unit>.log``, so cloud-init finishes and the agent keeps retrying until the registry answers.
-In both cases the agent is ``/usr/bin/python3 /usr/local/lib/pibake/agent.py --config /etc/pibake/agent.json``.
-
-The manager's card carries secrets
-----------------------------------
-The manager's user-data carries the registry's cluster bundle (``pibake.secrets.manager_bundle``: cluster.yaml,
-CA certificate, registry key and certificate, join token record, munge key, admin password, the manager's ssh
-key pair; never the CA key)
-as base64 ``write_files`` into ``/var/lib/pibake/cluster`` (secrets 0400; the directories are created 0700 by
-``bootcmd`` before write_files runs). Every node's user-data carries the join token in the agent config. The
-boot partition is FAT: anyone holding the card can read it. So the first runcmd step of every role runs
-``pibake-scrub-seed``, which rewrites ``/boot/firmware/user-data`` without those entries once they are on the
-root file system (still valid #cloud-config, same instance-id, so nothing runs twice). Until first boot the card
-must be handled like the secrets it holds; seeds written by ``pibake render`` are 0600 in a 0700 directory.
-cloud-init's own copies under /var/lib/cloud/instances/ (root-only, on the root file system, like
-/var/lib/pibake/cluster itself) keep the bundle; the agent removes the join token text from them after
-enrolment (firstboot/agent.py, ``scrub_paths``).
-
-The manager gets pibake from a wheel that ``pibake burn`` puts at ``/boot/firmware/pibake/pibake-*.whl``
-(Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition at /boot/firmware): its dependencies
-come from Debian packages, then ``python3 -m venv --system-site-packages /opt/pibake`` and ``pip install
---no-deps --no-index`` of the wheel; ``pibake-registry.service`` runs ``/opt/pibake/bin/pibake --cluster
-/var/lib/pibake/cluster registry serve``.
+The role templates (templates/*.yaml.j2) get user values only through ``tojson``; the rendered YAML is parsed,
+``write_files`` is added in Python and the whole is dumped again, so no YAML is pasted together from strings.
+Every value is validated first (``validate_seed_inputs``). The node's paths and each role's packages come from
+pibake/layout.py. What a seed installs, how runcmd starts the agent, and how the manager card's secrets are
+scrubbed after first boot: docs/internals.md#seeds-pibakebakeseed.
 """
 
 import base64
@@ -87,30 +23,36 @@ import yaml
 from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
 from pibake.cluster import valid_hostname
 from pibake.errors import SeedError
+from pibake.layout import (
+    AGENT_CONFIG,
+    AGENT_PATH,
+    CA_PATH,
+    CREDENTIAL_FILE,
+    LIB_DIR,
+    SENSOR_AGENT_PATH,
+    SENSOR_BUFFER,
+    SENSOR_CONFIG,
+    SENSOR_MQTT_PATH,
+    SENSOR_UNIT,
+    SYSTEMD_DIR,
+    TIMESYNCD_DROPIN,
+    role_packages,
+)
 from pibake.model import FAMILIES, ROLES, Seed
 from pibake.mqtt import node_settings as mqtt_node_settings
 
 LOG = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- paths on the node
+# (the node contract's paths and packages: pibake/layout.py)
 
-LIB_DIR = "/usr/local/lib/pibake"
-AGENT_PATH = f"{LIB_DIR}/agent.py"
-AGENT_CONFIG = "/etc/pibake/agent.json"
-CA_PATH = "/etc/pibake/ca.crt"
-CREDENTIAL_FILE = "/etc/pibake/node-credential"
 BOOT_DIR = "/boot/firmware"  # Raspberry Pi OS trixie and Ubuntu 24.04 both mount the FAT boot partition here
 SEED_FILE = f"{BOOT_DIR}/user-data"
 WHEEL_GLOB = f"{BOOT_DIR}/pibake/pibake-*.whl"
 MANAGER_ROOT = "/var/lib/pibake"
 MANAGER_CLUSTER_DIR = f"{MANAGER_ROOT}/cluster"
-SYSTEMD_DIR = "/etc/systemd/system"
 AGENT_COMMAND = ["/usr/bin/python3", AGENT_PATH, "--config", AGENT_CONFIG]
-SENSOR_AGENT_PATH = f"{LIB_DIR}/sensor_agent.py"
-SENSOR_CONFIG = "/etc/pibake/sensor.json"
-SENSOR_MQTT_PATH = f"{LIB_DIR}/sensor_mqtt.py"
 SENSOR_COMMAND = ["/usr/bin/python3", SENSOR_AGENT_PATH, "--config", SENSOR_CONFIG]
-SENSOR_BUFFER = "/var/lib/pibake/sensor-buffer.sqlite3"
 I2C_BUS = 1  # the Pi's GPIO header I2C (pins 3 SDA, 5 SCL): /dev/i2c-1
 # config.txt lines `pibake burn` makes sure of on the card's FAT partition, per role (pibake.bake.bootpart):
 # the firmware switches I2C on at boot, no runtime raspi-config call needed
@@ -467,7 +409,7 @@ def sensor_files(cluster, node):
     files = [
         _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
         _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
-        _text_file(f"{SYSTEMD_DIR}/pibake-sensor.service",
+        _text_file(SENSOR_UNIT,
                    _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
     ]
     if cluster.mqtt.enabled:  # the publisher the agent imports from its own directory (docs/mqtt.md)
@@ -555,7 +497,7 @@ def _write_files(cluster, node, seed_secrets, bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
     else:
-        files.append(_text_file("/etc/systemd/timesyncd.conf.d/pibake.conf",
+        files.append(_text_file(TIMESYNCD_DROPIN,
                                 _render("timesyncd.conf.j2", servers=[cluster.manager_ip],
                                         fallback=list(cluster.ntp_servers or ())), "0644"))
     return files
@@ -578,8 +520,8 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
         "switch_loops": {loop: unit["command"] for loop, unit in SWITCH_LOOPS.items()},
+        "packages": role_packages(node.role, mqtt=cluster.mqtt.enabled),
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
-        "mqtt_publisher": cluster.mqtt.enabled,  # every node's sensor agent publishes (python3-paho-mqtt)
         "mqtt_setup_command": MQTT_SETUP_COMMAND,
         "mosquitto_command": MOSQUITTO_COMMAND,
         "wheel_glob": WHEEL_GLOB,

@@ -2,53 +2,12 @@
 
     result = write_image("raspios.img", "out/red01.img")           # a file target
     result = write_image("raspios.img", fd_from_open_target)        # a card (fd from bake.devices.open_target)
-    json.dumps(result.to_json())
 
-What is written (``mode``):
-
-* ``"sparse"`` (default): only what the image *uses*. A range is skipped only when a filesystem's
-  own allocation map proves it free (``bake.allocation``: ext2/3/4 block bitmaps + metadata, FAT
-  tables; everything outside partitions and in unknown filesystems is written), or, outside any
-  known filesystem, when a bmap file says it is unmapped. On a **file target** source holes are
-  skipped too (the target is truncated first, so skipped ranges read as zeros and no byte of an
-  old file survives). On a **card** skipped ranges keep what the card held before, which is why
-  only provably free blocks are skipped there; zeros inside used blocks are written.
-* ``"full"``: the target ends up byte-identical to the image (file targets still keep source holes
-  as holes, which read back as the same zeros).
-
-How: ranges are grown to 4 KiB boundaries and written with large (``block_size``) aligned writes
-from mmap'ed buffers, with ``O_DIRECT`` when the target accepts it (else buffered, and
-``direct_io`` is false). A reader thread reads the source ahead and feeds the written hash while the
-main thread writes; the image hash runs in a third thread over the whole image (unless the caller
-passes it: ``image_sha256``, e.g. from ``bake.images.raw_sha256``, cached per image file). At the end ``fsync``,
-then the written ranges are read back bypassing the page cache (``O_DIRECT`` reads, or
-``posix_fadvise(DONTNEED)`` when O_DIRECT is refused) and hashed; a mismatch raises ``VerifyError``
-naming the first bad byte offset (for a stream source, which cannot be re-read, just that it differs).
-On a card larger than the image, a stale backup GPT left at its end by an earlier image is zeroed.
-
-Hashes (both hex SHA-256):
-
-* ``image_sha256``: the full logical image, holes as zeros (what ``sha256sum`` of the raw image says).
-* ``written_sha256``: the canonical hash of what was written: SHA-256 over the image bytes of every
-  written range in ascending offset order, followed by the range list, one 16-byte
-  ``struct.pack(">QQ", offset, length)`` per range after merging adjacent ranges (so the value does
-  not depend on how the writer cut its requests). ``written_ranges_sha256(target, ranges)``
-  recomputes it from a card or file later, given the ``ranges`` of the result (they are also
-  reproducible from the image: ``plan_write``). Writing the seed afterwards changes the boot
-  partition, so recompute before the seed, or on the image.
-
-Interrupted writes: the first 64 KiB (MBR, GPT header and entries) are zeroed before anything else
-and written last, after an fsync of everything else. A process killed mid-write therefore leaves a
-target with *no partition table* (``allocation.read_partition_table`` returns ``(None, [])``), never a
-half-written card that looks valid. Errors during the write raise ``WriteError`` (a PibakeError)
-saying the target is incomplete. The caller records "incomplete" before calling and "complete"
-after (the burn manifest does).
-
-Streams (``source`` has ``read``, e.g. ``bake.images.open_image_stream``): with ``sparse=False`` the
-stream is written as it is decompressed. With ``sparse=True`` it is first decompressed into a sparse
-spool file (all-zero 64 KiB blocks become holes; ``spool_stream``), because the allocation maps of
-ext4 are spread over the whole filesystem and cannot be known before the data they describe has
-streamed by. Pass ``spool_path`` to keep that raw file (e.g. in the image cache) for the next card.
+``sparse`` writes only what the image uses (free blocks only where a filesystem's allocation map proves them
+free); ``full`` makes the target byte-identical. The partition table is zeroed first and written last, so an
+interrupted write never leaves a card that looks valid. ``image_sha256`` and ``written_sha256`` (a canonical
+hash of the written ranges) come with the result; the read-back raises VerifyError on a mismatch. The modes,
+hashes and streams in detail: docs/internals.md#writing-an-image-pibakebakewriter.
 """
 
 import errno
@@ -57,6 +16,7 @@ import hashlib
 import logging
 import mmap
 import os
+import queue
 import stat
 import struct
 import tempfile
@@ -67,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pibake.bake import allocation
-from pibake.errors import PibakeError
+
+from pibake.errors import PibakeError, VerifyError, WriteError
 
 LOG = logging.getLogger(__name__)
 
@@ -78,14 +39,6 @@ HEAD = 64 * 1024  # zeroed first, written last: MBR + GPT header + GPT entries
 MERGE_GAP = 64 * 1024  # ranges closer than this are written as one
 SPOOL_GRAIN = 64 * 1024
 NBUF = 4
-
-
-class WriteError(PibakeError):
-    """Writing the image failed; the target is incomplete."""
-
-
-class VerifyError(PibakeError):
-    """The read-back differs from the image."""
 
 
 @dataclass
@@ -290,8 +243,6 @@ class _ReadAhead:
     """
 
     def __init__(self, pieces, fill, block_size, depth=4):
-        import queue
-
         self._free = queue.Queue()
         self._ready = queue.Queue()
         self._stop = False

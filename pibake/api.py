@@ -60,14 +60,14 @@ from pibake.errors import ConfigError, NotBuiltError, PibakeError, SecretsError 
 from pibake.model import BOARDS  # noqa: F401,E402
 from pibake.firstboot import agent as firstboot_agent  # noqa: F401,E402
 from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTIONS as MANAGER_JOB_FUNCTIONS  # noqa: F401,E402
-from pibake.lab.cluster import shell_argv as lab_shell_argv  # noqa: F401,E402
+from pibake.lab.cluster import lab_shell_command, shell_argv as lab_shell_argv  # noqa: F401,E402
 from pibake.lab.rootfs import DEFAULT_RELEASE as LAB_DEFAULT_RELEASE, RELEASES as LAB_RELEASES  # noqa: F401,E402
 from pibake.secrets import secrets_dir  # noqa: F401,E402
 from pibake.tables import text_table  # noqa: F401,E402
-from pibake.switches import SwitchError  # noqa: F401,E402
+from pibake.errors import AgentFailed, SwitchError, TargetError  # noqa: F401,E402
 from pibake.verify import verify  # noqa: F401,E402
 from pibake.jobs import JobRunner  # noqa: F401,E402
-from pibake.lab.target import TargetError, cached_target_image, ensure_target_image  # noqa: F401,E402
+from pibake.lab.target import cached_target_image, ensure_target_image  # noqa: F401,E402
 from pibake.switches import (  # noqa: F401,E402
     all_status as switches_status,
     cycle_switch,

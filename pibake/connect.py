@@ -4,7 +4,7 @@ A connector runs an argument list on a named host and returns ``Output(host, rc,
 it never raises for a failing or unreachable host (rc 255 and the reason in stderr, as ssh does).
 
 * ``LocalConnector``: this machine (verify running on the manager, as the registry's REST jobs do);
-* ``SshConnector``: OpenSSH in BatchMode with a connect timeout (so ~/.ssh/config, agents and ProxyJump
+* ``SshConnector``: OpenSSH with the options of ``pibake.ssh`` (so ~/.ssh/config, agents and ProxyJump
   work), hosts addressed by the IP the registry recorded, many hosts in parallel;
 * ``Connectors``: picks local or ssh per host.
 
@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pibake.errors import CommandError
-from pibake.run import run, which
+from pibake.run import run
+from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -71,27 +72,19 @@ class LocalConnector:
 
 
 class SshConnector:
-    """``ssh [-l user] [-i identity] -o BatchMode=yes -o ConnectTimeout=N address -- command``."""
+    """``ssh`` with ``pibake.ssh.SshOptions`` (batch mode, a connect timeout, new host keys accepted and
+    remembered, ssh's own messages only for errors), hosts addressed by ``addresses``."""
 
     kind = "ssh"
 
     def __init__(self, *, user=None, identity=None, known_hosts=None, connect_timeout=5, addresses=None):
-        self.user = user
-        self.identity = identity
-        self.known_hosts = known_hosts
+        self.ssh = SshOptions(user=user, identity=identity, known_hosts=known_hosts, connect_timeout=connect_timeout,
+                              host_key_check="accept-new", log_level="ERROR")
         self.connect_timeout = connect_timeout
         self.addresses = dict(addresses or {})
 
     def argv(self, host, argv):
-        ssh = [which("ssh") or "ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout:g}",
-               "-o", "StrictHostKeyChecking=accept-new", "-o", "LogLevel=ERROR"]
-        if self.known_hosts:
-            ssh += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
-        if self.identity:
-            ssh += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
-        if self.user:
-            ssh += ["-l", self.user]
-        return ssh + [self.addresses.get(host, host), "--", shlex.join([str(a) for a in argv])]
+        return self.ssh.argv(self.addresses.get(host, host), shlex.join([str(a) for a in argv]))
 
     def run(self, host, argv, *, input=None, timeout=60):
         out = _run(self.argv(host, argv), host, input, timeout + self.connect_timeout)

@@ -78,3 +78,111 @@ class ConflictError(RegistryError):
 
 class JobError(RegistryError):
     """A REST job request that cannot be accepted (400 invalid, 404 unknown, 429 queue full)."""
+
+
+class BootError(PibakeError):
+    """A lab host could not be booted (not a seed problem: see SeedError for those)."""
+
+
+class LabClusterError(PibakeError):
+    """The lab cluster could not be brought up, found or entered."""
+
+
+class RootfsError(PibakeError):
+    """The lab's root filesystem could not be built or mounted."""
+
+
+class LabError(PibakeError):
+    """A lab host or network could not be created or entered."""
+
+
+class TargetError(PibakeError):
+    """The arm64 target image could not be built (emulation, mirror or tools missing)."""
+
+
+class VMError(PibakeError):
+    """The emulated Pi could not be started, or did not reach a boot phase in time."""
+
+
+class TargetRunError(PibakeError):
+    """The emulated Pi did not reach a phase in time (the message says which, and the console's last lines)."""
+
+
+class MqttError(PibakeError):
+    """The broker could not be set up or told about a change."""
+
+
+class RecoverError(PibakeError):
+    """The node could not be recovered, or was refused (not down, no plug, the manager)."""
+
+
+class SwitchError(PibakeError):
+    """A plug could not be reached, refused the credentials, timed out or answered garbage."""
+
+
+class GuardError(PibakeError):
+    """Writing to this target is refused. The message names the device, its model and what to do."""
+
+
+class ImageError(PibakeError):
+    """An image is unknown, missing, corrupt, or its download failed or did not match its sha256."""
+
+
+class BootPartitionError(PibakeError):
+    """The target has no usable FAT boot partition, or the seed did not read back equal."""
+
+
+class WriteError(PibakeError):
+    """Writing the image failed; the target is incomplete."""
+
+
+class VerifyError(PibakeError):
+    """The read-back differs from the image."""
+
+
+class BurnError(PibakeError):
+    """A burn cannot start or did not finish; the message says which target and what to do."""
+
+
+class ApplyError(PibakeError):
+    """slurm.conf could not be put in force. The message names the step that failed."""
+
+
+class SlurmdCError(PibakeError, ValueError):
+    """``slurmd -C`` output that cannot be used. The message says what is missing."""
+
+
+class AgentFailed(PibakeError):
+    """The agent was refused or failed; the exit code is the agent's own (1, 2 or 75)."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SwitchBusy(SwitchError):
+    """Another command holds the plug (a cycle takes seconds); raised only when asked not to wait."""
+
+
+class LoopBusy(PibakeError):
+    """Another process runs this switch loop (auto, rules) on this cluster directory."""
+
+
+class DriverMissing(SwitchError):
+    """The Python library a switch driver needs is not installed here (python-kasa on a manager: Debian has no
+    python3-kasa, and the manager installs pibake with --no-deps over Debian's packages)."""
+
+
+class RegistryClientError(PibakeError):
+    """A request to the cluster's registry failed, as its client saw it (``pibake.registry_client``).
+
+    ``url`` the full URL asked; ``status`` the HTTP status, None when no answer came (refused, timed out, TLS
+    check failed); ``reason`` one line: why; ``server_message`` the registry's own ``{"error": ...}`` text
+    when it answered with one. ``str()`` joins them; no credential is ever part of it."""
+
+    def __init__(self, url, reason, *, status=None, server_message=None):
+        self.url = url
+        self.reason = reason
+        self.status = status
+        self.server_message = server_message
+        super().__init__(f"{url}: {reason}" + (f" ({server_message})" if server_message else ""))

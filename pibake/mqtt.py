@@ -29,13 +29,13 @@ import os
 import pwd
 import secrets as _random
 import signal
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 from pibake import secrets as _secrets
-from pibake.errors import ConfigError, PibakeError, SecretsError
+from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
+from pibake.run import run
 
 LOG = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ SECRET_FILES = ("secrets/mqtt.crt", "secrets/mqtt.key", "secrets/mqtt-admin-pass
 # salt, 64-byte hash, both standard base64.
 PBKDF2_ROUNDS = 101
 SALT_BYTES = 12
-
-
-class MqttError(PibakeError):
-    """The broker could not be set up or told about a change."""
 
 
 def load_settings(cluster_dir):
@@ -359,11 +355,11 @@ def reload_broker(pid_file=PID_FILE):
         except ProcessLookupError:
             LOG.warning("mosquitto's pid file %s names no running process", pid_file)
     if os.path.isdir("/run/systemd/system"):
-        proc = subprocess.run(["systemctl", "reload", "mosquitto.service"], capture_output=True, text=True,
-                              timeout=30, check=False)
-        if proc.returncode == 0:
+        try:
+            run(["systemctl", "reload", "mosquitto.service"], timeout=30)
             return "systemctl"
-        LOG.warning("systemctl reload mosquitto failed: %s", (proc.stderr or "").strip()[-200:])
+        except CommandError as exc:
+            LOG.warning("systemctl reload mosquitto failed: %s", str(exc)[-200:])
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
 

@@ -27,10 +27,11 @@ from pibake.bake.manifest import latest_by_hostname
 from pibake.benchmarks import bench_markdown, run_bench, write_plots
 from pibake.cluster import load_cluster
 from pibake.connect import Connectors, LocalConnector, SshConnector, is_local_address
+from pibake.errors import RegistryClientError
 from pibake.files import atomic_write
 from pibake.plan import recorded_plan
 from pibake.registry.service import cluster_settings
-from pibake.secrets import admin_password
+from pibake.registry_client import RegistryClient
 
 LOG = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class VerifyReport:
 
 # ---------------------------------------------------------------------- pure parsers
 
-def parse_facts(text):
+def parse_verify_facts(text):
     """``key=value`` lines of NODE_FACTS/MANAGER_FACTS -> dict (time as float, conf as (sha, path))."""
     facts = {}
     for line in (text or "").splitlines():
@@ -146,7 +147,7 @@ def parse_unmunge(rc, stdout, stderr):
     return False, lines[-1].strip() if lines else f"unmunge exited with {rc}"
 
 
-def parse_sinfo(text):
+def parse_sinfo_reasons(text):
     """``sinfo -N -h -o '%N|%T|%E'`` -> {node: (state, reason)} (a node listed in several partitions once)."""
     nodes = {}
     for line in (text or "").splitlines():
@@ -404,44 +405,16 @@ class Target:
                                    timeout=timeout, input=input)
 
 
-def _registry_session(cluster_dir):
-    import requests  # pylint: disable=import-outside-toplevel
-
-    session = requests.Session()
-    # Only the cluster CA, never a proxy: with trust_env (the default) REQUESTS_CA_BUNDLE or
-    # CURL_CA_BUNDLE in the environment silently replace session.verify.
-    session.trust_env = False
-    session.verify = str(Path(cluster_dir) / "secrets" / "ca.crt")
-    return session
-
-
-def registry_url(cluster):
-    return f"https://{cluster.manager_ip}:{cluster.registry_port}"
-
-
 def fetch_registry(cluster_dir, cluster, timeout=10):
-    """(health, nodes, error): GET /health and /nodes over TLS verified with the cluster CA."""
-    import requests  # pylint: disable=import-outside-toplevel
-
-    url = registry_url(cluster)
+    """(health, nodes, error): GET /health and /nodes (admin) through the shared registry client; ``error`` is
+    the RegistryClientError's one line (URL, reason, the registry's message) or None."""
+    client = RegistryClient.for_cluster(cluster, cluster_dir, timeout=timeout)
     try:
-        session = _registry_session(cluster_dir)
-        r = session.get(f"{url}/api/v1/health", timeout=timeout)
-        r.raise_for_status()
-        health = r.json()
-        r = session.get(f"{url}/api/v1/nodes", timeout=timeout, auth=("admin", admin_password(cluster_dir)))
-        r.raise_for_status()
-        return health, r.json(), None
-    except requests.exceptions.SSLError:
-        return None, None, f"{url}: TLS verification against secrets/ca.crt failed (another cluster's registry?)"
-    except requests.exceptions.ConnectionError:
-        return None, None, f"{url}: connection refused or host unreachable"
-    except requests.exceptions.Timeout:
-        return None, None, f"{url}: no answer within {timeout} s"
-    except requests.exceptions.HTTPError as exc:
-        return None, None, f"{url}: HTTP {exc.response.status_code}"
-    except ValueError:
-        return None, None, f"{url}: the answer is not JSON"
+        return client.health(), client.nodes(), None
+    except RegistryClientError as exc:
+        return None, None, str(exc)
+    finally:
+        client.close()
 
 
 def served_slurm_conf(cluster_dir):
@@ -496,7 +469,7 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     cluster_dir = Path(cluster_dir)
     cluster = load_cluster(cluster_dir)
     started, t_start = utcnow(), time.monotonic()
-    step = _Progress(progress, 9 if bench else 7)
+    step = _CheckProgress(progress, 9 if bench else 7)
     checks = []
 
     step("asking the registry")
@@ -516,7 +489,7 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
 
     step("sinfo on the manager")
     sinfo_out = target.manager_run(["sinfo", "-N", "-h", "-o", "%N|%T|%E"], timeout=30)
-    sinfo = parse_sinfo(sinfo_out.stdout) if sinfo_out.ok else {}
+    sinfo = parse_sinfo_reasons(sinfo_out.stdout) if sinfo_out.ok else {}
     sinfo_error = None if sinfo_out.ok else sinfo_out.reason()
     workers = sorted({h for h, n in (enrolled or {}).items()
                       if n.get("role") == "worker" and n.get("status") != "pending"} | set(sinfo))
@@ -534,11 +507,11 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
         for host, res in zip(hosts, pool.map(gather, hosts)):
             facts_runs[host] = res
     manager_out = facts_runs[cluster.manager][0]
-    manager_facts = parse_facts(manager_out.stdout) if manager_out.ok else {}
+    manager_facts = parse_verify_facts(manager_out.stdout) if manager_out.ok else {}
     node_outs = {n: facts_runs[n][0] for n in workers}
     checks.append(check_reachable(workers, node_outs, {n: connectors.describe(n) for n in workers}))
     reachable = [n for n in workers if node_outs[n].ok]
-    node_facts = {n: parse_facts(node_outs[n].stdout) for n in reachable}
+    node_facts = {n: parse_verify_facts(node_outs[n].stdout) for n in reachable}
     checks.append(check_idle(workers, sinfo, sinfo_error, {s.node: s.name for s in cluster.switches if s.node}))
 
     step("srun on every node")
@@ -603,7 +576,9 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
     return report
 
 
-class _Progress:
+class _CheckProgress:
+    """verify's progress through its checks: ``callback(fraction done, message)`` as each one starts."""
+
     def __init__(self, callback, steps):
         self.callback = callback
         self.steps = steps

@@ -5,10 +5,9 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from pibake.errors import RegistryError
+from pibake.errors import ApplyError, RegistryError
 from pibake.registry.auth import basic_auth, join_auth, registry
 from pibake.registry.schema import openapi_document
-from pibake.registry.slurmctl import ApplyError
 from pibake.secrets import munge_key_b64
 
 LOG = logging.getLogger(__name__)
@@ -171,8 +170,7 @@ def get_job(job_id):
 
 def _switch_call(function, *args, **kwargs):
     """Run a pibake.api switch function; its user errors become JSON errors with a fitting status."""
-    from pibake.errors import ConfigError, PibakeError, SecretsError  # pylint: disable=import-outside-toplevel
-    from pibake.api import SwitchError  # pylint: disable=import-outside-toplevel
+    from pibake.errors import ConfigError, PibakeError, SecretsError, SwitchError  # pylint: disable=import-outside-toplevel
 
     from pibake.api import SwitchDriverMissing  # pylint: disable=import-outside-toplevel
 

@@ -30,8 +30,8 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     """
     # the jobs run orchestration (verify, deploy, recover), reached only through pibake.api and only when an app
     # is made: importing the registry loads none of it (tests/test_layers.py)
-    from pibake.api import DEFAULT_JOB_WORKERS as DEFAULT_WORKERS, JobRunner
-    from pibake.api import MANAGER_JOB_FUNCTIONS as MANAGER_FUNCTIONS
+    from pibake.api import DEFAULT_JOB_WORKERS as DEFAULT_WORKERS, JobRunner  # layer: the registry reaches orchestration only through pibake.api, when an app runs jobs
+    from pibake.api import MANAGER_JOB_FUNCTIONS as MANAGER_FUNCTIONS  # layer: as above
 
     app = Flask(__name__, static_folder=None)
     reg = Registry(cluster_dir, **options)

@@ -40,6 +40,8 @@ import re
 from ClusterShell.NodeSet import NodeSet
 from ClusterShell.RangeSet import RangeSet
 
+from pibake.errors import SlurmdCError
+
 TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
 INT_KEYS = TOPOLOGY_KEYS + ("RealMemory", "Sockets", "TmpDisk")
 SLURMCTLD_PORT = 6817
@@ -125,10 +127,6 @@ def version_settings(version):
 
 _KV_RE = re.compile(r"(\w+)=(\S+)")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-class SlurmdCError(ValueError):
-    """``slurmd -C`` output that cannot be used. The message says what is missing."""
 
 
 def parse_slurmd_c(text):

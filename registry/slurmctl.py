@@ -1,50 +1,11 @@
 """Put a generated slurm.conf in force on the manager.
 
-Slurm 22.05 (Debian 12, Raspberry Pi OS bookworm) cannot add or remove nodes with ``scontrol reconfigure``.
-So, when the NodeName lines change, the file is written atomically and slurmctld is restarted (running
-jobs survive: slurmctld saves them in StateSaveLocation and slurmd keeps running them), then
-``scontrol reconfigure`` makes the configless slurmds fetch the new file. When only other settings change,
-``scontrol reconfigure`` is enough. slurmctld is not started while no node is configured (22.05 refuses
-to start with "no nodes configured").
-
-From Slurm 23.11 (Raspberry Pi OS trixie has 24.11) ``scontrol reconfigure`` starts a new slurmctld process
-that reads the whole file, NodeName lines included, and hands over to it only when it started cleanly (else
-the old one keeps running and the command fails). There a running slurmctld takes added and removed nodes
-by ``scontrol reconfigure`` alone: no stop, no start, and the configless slurmds get the new file from the
-same RPC. The version comes from ``slurmctld -V`` (``slurm_version``), read once per applier.
-
-How slurmctld is (re)started, ``mode``:
-
-* ``auto``: ``systemd`` when systemd is PID 1 (``/run/systemd/system`` exists), else ``direct``
-  (Debian's init script sleeps 1+2+3+4 s waiting for the old daemon, ~10 s a restart; direct takes ~1 s);
-* ``systemd``: ``systemctl restart slurmctld``;
-* ``service``: ``service slurmctld restart`` (init.d; needs /run/lock), only when asked for by name;
-* ``direct``: SIGTERM the pid in SlurmctldPidFile, poll /proc until it is gone (a zombie counts as gone),
-  start ``slurmctld -f <conf>`` (it daemonizes), poll ``scontrol ping`` until it answers;
-* ``none``: only write the file (tests, or a manager whose Slurm is managed by hand).
-
-After a restart the ``scontrol reconfigure`` (it pushes the new file to the configless slurmds that run
-already) is deferred until slurmctld has been up for ``reconfigure_grace`` seconds (default 1.5) with no
-further restart, and is sent once for a burst of restarts, from a background thread. Reason, measured in the
-lab (bench/deploy, N=32): a slurmd that starts while slurmctld is being restarted for other enrolments
-fetches its config from the old daemon, but its registration does not reach the new one yet (slurmd retries it
-every second); Slurm 22.05.8's slurmd then crashes (SIGSEGV, NULL list in ``write_configs_to_conf_cache``,
-core dump backtrace in docs/report/deploy.md) when the reconfigure RPC arrives before it has registered.
-Sending the reconfigure right after the restart hit 7-8 of 32 such slurmds per deploy; after the grace every
-slurmd that was started has registered. ``flush()`` waits for a pending reconfigure.
-
-slurmctld cannot start without munged (it dies in its auth plugin), and on a freshly burned manager the
-registry can get a worker's enrolment before the manager's own agent has installed the munge key and
-started munge (seen on the emulated manager's console: one failed slurmctld start per first boot). So before
-starting slurmctld the applier waits up to ``munge_wait`` seconds for munged's socket (``AuthInfo=socket=``
-in slurm.conf, else Debian's default) to accept a connection, and otherwise refuses with an ApplyError
-(the enrolment gets 503 and the node's agent retries) instead of starting a slurmctld that must fail.
-
-Applies are serialized: a thread lock plus an flock on ``<conf>.lock`` (gunicorn runs several processes).
-Coalescing: the text is generated under the lock, so every change made before an apply starts is in it;
-when the node set is about to change (a restart), the applier first waits ``coalesce_window`` seconds
-(default 0.3) under the lock so that a burst of enrolments shares one restart. ``counters`` counts what
-this process did (``restarted``, ``reconfigured``, ...).
+Slurm 22.05 must restart slurmctld to add or remove nodes; from 23.11 ``scontrol reconfigure`` does it in
+place (the version comes from ``slurmctld -V``). After a restart the reconfigure is deferred by
+``reconfigure_grace`` and sent once per burst (a slurmd that has not registered yet crashes on it); slurmctld
+is started only once munged answers (``munge_wait``); applies are serialized (thread lock + flock) and a burst
+of enrolments shares one restart (``coalesce_window``). The start modes and the reasons in detail:
+docs/internals.md#putting-slurmconf-in-force-pibakeregistryslurmctl.
 """
 
 import contextlib
@@ -57,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from pibake.errors import CommandError, PibakeError
+from pibake.errors import ApplyError, CommandError, PibakeError
 from pibake.files import atomic_write
 from pibake.locks import file_lock
 from pibake.registry.slurmconf import nodes_section, parse_slurm_version
@@ -75,10 +36,6 @@ DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
 MUNGE_WAIT_S = 30.0
 # From this Slurm version on, `scontrol reconfigure` restarts slurmctld in place and so adds/removes nodes
 RECONFIGURE_ADDS_NODES = (23, 11, 0)
-
-
-class ApplyError(PibakeError):
-    """slurm.conf could not be put in force. The message names the step that failed."""
 
 
 def conf_settings(conf_text):

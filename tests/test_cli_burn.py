@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pibake.bake import bootpart, manifest
-from pibake.bake.bootpart import BootPartitionError
+from pibake.errors import BootPartitionError
 from pibake.bake.synthetic import build_pi_image
 from tests.bake.burnkit import check_filesystems, loop_device, make_cluster, random_file, region_sha256
 from tests.conftest import needs_program, needs_root

@@ -32,7 +32,7 @@ def recorded(name):
 def worker(facts_file=None, **state):
     host = steps.HostState.for_target("red01")
     if facts_file:
-        host.facts = facts.parse_facts(recorded(facts_file))
+        host.facts = facts.parse_host_facts(recorded(facts_file))
         host.result.hostname = host.facts["hostname"]
     for key, value in state.items():
         setattr(host, key, value)
@@ -73,7 +73,7 @@ def test_files_command_ships_what_differs_and_the_token_only_without_credential(
     assert shipped == paths + ([node.TOKEN_FILE] if token else [])
     assert command.sends_token is token
     assert "join-token-secret" not in command.shell  # secrets on stdin only
-    assert spec["dirs"] == node.NODE_DIRS and "authorize" not in spec  # no authorized section recorded
+    assert spec["dirs"] == [list(d) for d in node.NODE_DIRS] and "authorize" not in spec  # no authorized section recorded
 
 
 def test_files_command_is_skipped_when_the_node_has_everything():
@@ -200,7 +200,7 @@ def test_the_facts_program_reports_this_machine(tmp_path):
             "auth_line": "x"}
     out = subprocess.run([PYTHON, "-c", facts.remote_program("facts.py"), json.dumps(spec)], capture_output=True,
                          text=True, timeout=30, check=True).stdout
-    got = facts.parse_facts(out)
+    got = facts.parse_host_facts(out)
     assert got["hostname"] == socket.gethostname() and got["uid"] == str(os.geteuid())
     assert got["sha256"] == {str(shipped): hashlib.sha256(b"print('agent')\n").hexdigest()}
     assert got["credential"] is True and got["venv"] is False and got["authorized"] == "no-user"

@@ -15,6 +15,7 @@ import pytest
 from pibake import deploy as d
 from pibake.errors import PlanError
 from pibake.model import Cluster
+from pibake.ssh import SshOptions
 from tests.conftest import needs_program, needs_root
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deploy"
@@ -53,7 +54,7 @@ def test_parse_hosts_errors(hosts, message):
 
 
 def test_parse_facts_fresh_host():
-    f = d.parse_facts(FACTS_FRESH)
+    f = d.parse_host_facts(FACTS_FRESH)
     assert f["os_release"]["ID"] == "debian" and f["os_release"]["VERSION_ID"] == "12"
     assert f["pid1"] == "pibake-lab-init" and f["systemd"] is False
     assert f["hostname"] == "w1" and f["uid"] == "0"
@@ -62,7 +63,7 @@ def test_parse_facts_fresh_host():
 
 
 def test_parse_facts_pi():
-    f = d.parse_facts(FACTS_PI)
+    f = d.parse_host_facts(FACTS_PI)
     assert f["systemd"] is True and f["credential"] is True
     assert f["sha256"] == {"/usr/local/lib/pibake/agent.py": "0123456789abcdef" * 4}
     # not-installed and absent packages are both missing, in the role's order
@@ -71,7 +72,7 @@ def test_parse_facts_pi():
 
 def test_parse_facts_cut_short():
     with pytest.raises(ValueError, match="did not finish"):
-        d.parse_facts(FACTS_FRESH.replace("@@pibake end\n", ""))
+        d.parse_host_facts(FACTS_FRESH.replace("@@pibake end\n", ""))
 
 
 def test_files_to_ship_compares_checksums():
@@ -178,11 +179,11 @@ def test_credential_rejected():
 
 def test_wanted_files_by_init_system():
     cluster = Cluster(name="c", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
-    lab = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_FRESH), b"agent", b"ca")
+    lab = d.wanted_files(cluster, "red01", "worker", d.parse_host_facts(FACTS_FRESH), b"agent", b"ca")
     assert sorted(lab) == sorted([d.AGENT_PATH, d.AGENT_CONFIG, d.CA_PATH])  # no systemd: no timesyncd
     assert lab[d.AGENT_PATH] == (b"agent", 0o755) and lab[d.CA_PATH] == (b"ca", 0o644)
     assert json.loads(lab[d.AGENT_CONFIG][0])["hostname"] == "red01" and lab[d.AGENT_CONFIG][1] == 0o600
-    pi = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_PI), b"agent", b"ca")
+    pi = d.wanted_files(cluster, "red01", "worker", d.parse_host_facts(FACTS_PI), b"agent", b"ca")
     text, mode = pi[d.TIMESYNCD_DROPIN]
     assert mode == 0o644 and "NTP=10.1.1.10\n" in text.decode()
     assert d.AFTER_WRITE[d.TIMESYNCD_DROPIN] == ["systemctl", "try-restart", "systemd-timesyncd"]
@@ -358,9 +359,9 @@ def test_manager_row_and_workers_held_back():
 
 
 def test_parse_facts_venv():
-    assert d.parse_facts(FACTS_FRESH)["venv"] is False
+    assert d.parse_host_facts(FACTS_FRESH)["venv"] is False
     text = FACTS_FRESH.replace("@@pibake end\n", "@@pibake venv\npresent\n@@pibake end\n")
-    assert d.parse_facts(text)["venv"] is True
+    assert d.parse_host_facts(text)["venv"] is True
 
 
 @pytest.mark.parametrize("why, down", [
@@ -398,12 +399,12 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     user = tmp_path / "user_config"
     user.write_text("Host red02\n    HostName 10.99.0.2\n    Port 2202\nHost *\n    User pi\n")
     planned = {"red01": "10.1.1.11", "red02": "10.1.1.12", "red00": "10.1.1.10"}
-    opts = d.with_planned_addresses(["red01", "red02", "blue01", "10.1.1.13"], planned,
-                                    ("-F", str(user), "-oBatchMode=yes"), tmp_path)
-    assert opts[0] == "-F" and opts[1] == str(tmp_path / "ssh_config") and opts[2:] == ("-oBatchMode=yes",)
+    ssh = d.with_planned_addresses(["red01", "red02", "blue01", "10.1.1.13"], planned,
+                                   SshOptions(extra=("-F", str(user), "-oBatchMode=yes")), tmp_path)
+    assert ssh.extra == ("-F", str(tmp_path / "ssh_config"), "-oBatchMode=yes")
 
     def resolved(name):
-        out = subprocess.run(["ssh", *opts, "-G", name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(ssh.config_argv(name), capture_output=True, text=True, check=True).stdout
         return {ln.split(None, 1)[0]: ln.split(None, 1)[1] for ln in out.splitlines() if " " in ln}
 
     r1 = resolved("red01")
@@ -412,7 +413,8 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     assert (r2["hostname"], r2["port"]) == ("10.99.0.2", "2202")
     assert resolved("blue01")["hostname"] == "blue01"
     # nothing to map: the options come back as given, and no file is written
-    assert d.with_planned_addresses(["10.1.1.13"], planned, ("-v",), tmp_path / "none") == ("-v",)
+    unchanged = SshOptions(extra=("-v",))
+    assert d.with_planned_addresses(["10.1.1.13"], planned, unchanged, tmp_path / "none") is unchanged
 
 
 # --------------------------------------------------------------------------- the manager's ssh key on a node
@@ -442,7 +444,7 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
 
     def facts():
         script = d.facts_command(["slurmd"], ["/nonexistent"], auth)
-        return d.parse_facts(_as_node_with_user(tmp_path, ["sh", "-c", script], "")[0])["authorized"]
+        return d.parse_host_facts(_as_node_with_user(tmp_path, ["sh", "-c", script], "")[0])["authorized"]
 
     def install():
         spec = {"dirs": [], "files": [], "authorize": auth}
@@ -464,7 +466,7 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     assert facts() == "present"
     other = dataclasses.replace(cluster, user="nosuchuser")
     script = d.facts_command(["x"], ["/nonexistent"], {**auth, "user": other.user})
-    assert d.parse_facts(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+    assert d.parse_host_facts(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
                                         timeout=30).stdout)["authorized"] == "no-user"
 
 
@@ -475,13 +477,13 @@ def test_deploy_installs_the_sensor_agent_as_the_seed_does():
     from pibake.model import PlannedNode
 
     cluster = Cluster(name="c", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
-    pi = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_PI), b"agent", b"ca")
+    pi = d.wanted_files(cluster, "red01", "worker", d.parse_host_facts(FACTS_PI), b"agent", b"ca")
     from_seed = {f["path"]: (f["content"].encode(), int(f["permissions"], 8))
                  for f in seed.sensor_files(cluster, PlannedNode("red01", "10.1.1.11", "worker"))}
     assert set(from_seed) == set(d.SENSOR_FILES) and {p: pi[p] for p in d.SENSOR_FILES} == from_seed
     assert set(d.SENSOR_FILES) <= set(d.WORKER_FACT_FILES)  # their sha256 is a fact: a re-run ships nothing
     assert "enable --now pibake-sensor.service" in d.AFTER_WRITE[d.SENSOR_UNIT][-1]
-    lab = d.wanted_files(cluster, "red01", "worker", d.parse_facts(FACTS_FRESH), b"agent", b"ca")
+    lab = d.wanted_files(cluster, "red01", "worker", d.parse_host_facts(FACTS_FRESH), b"agent", b"ca")
     assert not set(d.SENSOR_FILES) & set(lab)  # no systemd (lab hosts): not installed
 
 

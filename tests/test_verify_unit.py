@@ -47,29 +47,29 @@ def test_parse_unmunge_recorded_outputs():
     assert v.parse_unmunge(255, "", "") == (False, "unmunge exited with 255")
 
 
-def test_parse_facts_and_sinfo():
-    facts = v.parse_facts(FACTS + "garbage line\n")
+def test_parse_verify_facts_and_sinfo_reasons():
+    facts = v.parse_verify_facts(FACTS + "garbage line\n")
     assert facts["hostname"] == "w1" and facts["time"] == pytest.approx(1795620706.123456789)
     assert facts["conf"] == ("5d41402abc4b2a76b9719d911017c592aa5d41402abc4b2a76b9719d911017c5",
                              "/var/spool/slurmd/conf-cache/slurm.conf")
     assert facts["cred"].startswith("MUNGE:")
-    assert v.parse_facts("munge_error=munge: Error: Failed to access\n") == {
+    assert v.parse_verify_facts("munge_error=munge: Error: Failed to access\n") == {
         "munge_error": "munge: Error: Failed to access"}
-    assert v.parse_sinfo(SINFO) == {"w1": ("idle", ""), "w2": ("idle", ""), "w3": ("down*", "Not responding")}
+    assert v.parse_sinfo_reasons(SINFO) == {"w1": ("idle", ""), "w2": ("idle", ""), "w3": ("down*", "Not responding")}
 
 
 def test_idle_check_names_the_others_with_state_and_reason():
-    r = v.check_idle(["w1", "w2", "w3", "w4"], v.parse_sinfo(SINFO), None)
+    r = v.check_idle(["w1", "w2", "w3", "w4"], v.parse_sinfo_reasons(SINFO), None)
     assert r.status == "fail"
     assert r.details == ["w3: down* (Not responding)", "w4: not in sinfo (slurm.conf does not list it)"]
     assert "scontrol update" in r.action
-    assert v.check_idle(["w1", "w2"], v.parse_sinfo(SINFO), None).status == "ok"
+    assert v.check_idle(["w1", "w2"], v.parse_sinfo_reasons(SINFO), None).status == "ok"
     r = v.check_idle(["w1"], {}, "slurm_load_partitions: Unable to contact slurm controller")
     assert r.status == "fail" and "slurmctld" in r.action
 
 
 def test_idle_check_names_the_switch_that_can_recover_a_down_node():
-    r = v.check_idle(["w1", "w3"], v.parse_sinfo(SINFO), None, plugs={"w3": "pi3", "w1": "pi1"})
+    r = v.check_idle(["w1", "w3"], v.parse_sinfo_reasons(SINFO), None, plugs={"w3": "pi3", "w1": "pi1"})
     assert r.details == ["w3: down* (Not responding); switch pi3 powers it: `pibake recover w3` power-cycles it "
                          "if it hangs"]
 
@@ -227,8 +227,8 @@ def test_verify_with_nothing_running_fails_each_check_with_a_reason(tmp_path):
     checks = {c.name: c for c in report.checks}
     assert not report.ok and list(checks) == list(v.CHECKS)
     assert checks["registry"].status == "fail"
-    assert checks["registry"].summary == (f"the registry does not answer: https://127.0.0.1:{port}: connection "
-                                          "refused or host unreachable")
+    assert checks["registry"].summary == (f"the registry does not answer: https://127.0.0.1:{port}/api/v1/health: "
+                                          "connection refused")
     assert checks["expected-nodes"].status == "skip"
     assert checks["sinfo-idle"].status == "fail" and "Connection refused" in checks["sinfo-idle"].summary
     assert checks["srun"].status == "skip" and checks["munge"].status == "fail"

@@ -10,15 +10,7 @@ import click
 
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
-from pibake.api import PibakeError, firstboot_agent as agent
-
-
-class AgentFailed(PibakeError):
-    """The agent was refused or failed; the exit code is the agent's own (1, 2 or 75)."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
+from pibake.api import AgentFailed, firstboot_agent as agent
 
 
 @cli.group("agent", short_help="Run the first-boot agent")

@@ -35,7 +35,7 @@ def _guard_options(func):
     return func
 
 
-class _Progress:
+class _BurnProgressBar:
     """A rich progress bar on stderr (speed, ETA) per host; paused while a question is asked."""
 
     def __init__(self, enabled):
@@ -45,8 +45,8 @@ class _Progress:
 
     def _ensure(self):
         if self._progress is None:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+            from rich.console import Console  # start-up: rich.progress costs ~0.2 s, only a long write shows a bar
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up
                                        TransferSpeedColumn)
 
             self._progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
@@ -136,7 +136,7 @@ def burn_cmd(state, hostnames, ips, role, inventory, device_list, output, image,
     Every check (plan, seed lint, image checksum, the wrong-disk guard) runs before anything is
     written. Between cards of a batch pibake waits for the next card and checks it is a different one.
     """
-    progress = _Progress(enabled=sys.stderr.isatty() and state.verbosity >= 0)
+    progress = _BurnProgressBar(enabled=sys.stderr.isatty() and state.verbosity >= 0)
 
     def confirm(question):
         progress.pause()

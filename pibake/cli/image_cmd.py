@@ -35,8 +35,8 @@ class _Bar:
     """A rich progress bar on stderr fed by ``progress(done, total)`` callbacks."""
 
     def __init__(self, description):
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+        from rich.console import Console  # start-up: rich.progress costs ~0.2 s, only a long write shows a bar
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up
                                    TransferSpeedColumn)
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

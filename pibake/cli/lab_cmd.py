@@ -1,15 +1,17 @@
 """``pibake lab``: a simulated Pi cluster on this Linux machine (thin shell over ``pibake.lab.cluster``)."""
 
 import os
-import subprocess
 import sys
 
 import click
 
+from pibake import api
+from pibake.api import LAB_DEFAULT_RELEASE as DEFAULT_RELEASE
+from pibake.api import LAB_RELEASES as RELEASES
+from pibake.api import lab_down, lab_freeze, lab_power, lab_shell_command, lab_status, lab_up
+from pibake.api import lab_shell_argv as shell_argv
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
-from pibake.api import LAB_DEFAULT_RELEASE as DEFAULT_RELEASE, LAB_RELEASES as RELEASES
-from pibake.api import lab_down, lab_shell_argv as shell_argv, lab_status, lab_up
 
 prefix_option = click.option(
     "--prefix", default="pblab", show_default=True, metavar="NAME",
@@ -114,13 +116,12 @@ def shell_cmd(host, command, prefix):
       pibake lab shell red01
       pibake lab shell red00 -- sinfo
     """
-    argv = shell_argv(host, list(command) or None, prefix=prefix)
     sys.stdout.flush()
     sys.stderr.flush()
     if not command:
+        argv = shell_argv(host, prefix=prefix)
         os.execvp(argv[0], argv)
-    proc = subprocess.run(argv, check=False)
-    sys.exit(proc.returncode)
+    sys.exit(lab_shell_command(host, list(command), prefix=prefix))
 
 
 @lab_cmd.command("power")
@@ -147,8 +148,6 @@ def power_cmd(state, host, action, timeout, prefix, as_json):
       pibake lab power red02 off
       pibake lab power red02 on
     """
-    from pibake.api import lab_power
-
     progress = (lambda message: _say(f"lab: {message}")) if state.verbosity >= 0 else None
     report = lab_power(host, action, prefix=prefix, timeout=timeout, progress=progress)
     if as_json:
@@ -165,8 +164,6 @@ def freeze_cmd(host, prefix, as_json):
 
     Its link stays up, so connections are accepted and never answered; ssh and Slurm find it
     down. Only `pibake lab power HOST off` and `on` (or a smart plug bound to it) bring it back."""
-    from pibake.api import lab_freeze
-
     report = lab_freeze(host, prefix=prefix)
     if as_json:
         emit_json(report)
@@ -203,8 +200,6 @@ def target_image_cmd(state, cached, as_json):
     /var/cache/pibake/target by a hash of its recipe: the first build takes a long while (docs/lab.md), later
     calls return at once. Needs root, qemu-user-static, mmdebstrap and the Debian mirror.
     """
-    from pibake import api
-
     if cached:
         image = api.cached_target_image()
         if image is None:

@@ -10,6 +10,8 @@ import time
 
 import click
 
+from pibake import api
+from pibake.api import PibakeError
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
 
@@ -18,8 +20,6 @@ SHORT = {"temperature_c": "TEMP", "humidity_pct": "HUM", "pressure_hpa": "PRESS"
 
 
 def _sensors(state):
-    from pibake import api
-
     return api.Sensors(state.cluster_dir)
 
 
@@ -55,8 +55,6 @@ def _table(rows, header):
 
 def _time_option(name, help_text):
     def parse(_ctx, _param, value):
-        from pibake import api
-
         return api.parse_sensor_time(value, name.lstrip("-"), None)
     return click.option(name, default=None, metavar="TIME", callback=parse, help=help_text)
 
@@ -98,7 +96,6 @@ def show_cmd(state, node, as_json):
     now = time.time()
     click.echo(f"{item['node']}: {'OFFLINE' if item['offline'] else 'online'}, last seen "
                f"{_ago(item['last_seen'], now)}, place {item['place'] or '-'}", err=True)
-    from pibake import api
 
     rows = []
     for metric in api.SENSOR_METRICS:
@@ -136,8 +133,6 @@ def export_cmd(state, node, fmt, since, until, output):
     if fmt == "json":
         text = json.dumps(rows, indent=2) + "\n"
     else:
-        from pibake import api
-
         columns = list(api.SENSOR_METRICS)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -163,8 +158,6 @@ def export_cmd(state, node, fmt, since, until, output):
 def mark_cmd(state, node, place, clear, as_json):
     """Set where NODE is from now on (e.g. `pibake sensors mark red-zero kitchen`): its readings that carry
     no place of their own are labelled with it (the Wi-Fi survey groups by place)."""
-    from pibake.api import PibakeError
-
     if clear == bool(place):
         raise PibakeError("give a PLACE, or --clear (not both)")
     result = _sensors(state).mark(node, None if clear else place)
@@ -185,8 +178,6 @@ def mark_cmd(state, node, place, clear, as_json):
 def threshold_cmd(state, node, metric, low, high, clear, as_json):
     """Show NODE's thresholds, or set METRIC's band with --min/--max (overrides sensors.thresholds in
     cluster.yaml for this node), or --clear it."""
-    from pibake.api import PibakeError
-
     sensors = _sensors(state)
     if metric is None:
         if low is not None or high is not None or clear:

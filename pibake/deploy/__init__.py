@@ -11,7 +11,7 @@ manager's steps from its seed; ``remote/`` holds the programs that run on the no
 each step does on a host: docs/deploy.md.
 """
 
-from pibake.deploy.facts import _MARK, facts_command, parse_facts, remote_program  # noqa: F401
+from pibake.deploy.facts import _MARK, facts_command, parse_host_facts, remote_program  # noqa: F401
 from pibake.deploy.hosts import (  # noqa: F401
     address_config,
     manager_ssh_target,
@@ -51,7 +51,6 @@ from pibake.deploy.node import (  # noqa: F401
     missing_packages,
     wanted_files,
 )
-from pibake.deploy.registry_client import RegistryClient, registry_down  # noqa: F401
 from pibake.deploy.results import (  # noqa: F401
     MANAGER_STEPS,
     STEPS,
@@ -67,6 +66,7 @@ from pibake.deploy.session import (  # noqa: F401
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PARALLEL,
     deploy,
+    registry_down,
 )
 from pibake.deploy.steps import agent_changes, credential_rejected, parse_agent_output  # noqa: F401
 from pibake.errors import DeployError  # noqa: F401

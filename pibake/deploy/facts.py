@@ -27,7 +27,7 @@ def facts_command(packages, files, authorize):
     return f"{REMOTE_PYTHON} -c {shlex.quote(remote_program('facts.py'))} {shlex.quote(json.dumps(spec))}"
 
 
-def parse_facts(text):
+def parse_host_facts(text):
     """The facts script's output -> {"os_release": {...}, "pid1": "systemd", "hostname", "uid",
     "packages": {name: status}, "sha256": {path: hex}, "credential": bool}."""
     sections, cur = {}, None

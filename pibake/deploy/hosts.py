@@ -1,6 +1,7 @@
 """Which machines deploy reaches and how: the --hosts list, the manager's ssh target, the planned addresses
 of names ssh cannot map by itself, and ssh's own one-line errors."""
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -108,10 +109,10 @@ def address_config(names, planned, user_config=None, home=None):
     return "\n".join(lines) + "\n"
 
 
-def _ssh_hostname(target, ssh_options):
-    """What ssh would connect to for ``target`` with these options (``ssh -G``; no connection is made)."""
+def _ssh_hostname(target, ssh):
+    """What ssh would connect to for ``target`` with ``ssh`` (SshOptions; ``ssh -G``: no connection is made)."""
     try:
-        proc = run(["ssh", *ssh_options, "-G", target], timeout=10, check=False)
+        proc = run(ssh.config_argv(target), timeout=10, check=False)
     except CommandError:
         return target
     for line in proc.stdout.splitlines():
@@ -120,10 +121,10 @@ def _ssh_hostname(target, ssh_options):
     return target
 
 
-def with_planned_addresses(targets, planned, ssh_options, directory):
-    """``ssh_options`` extended so that names of ``targets`` that ssh cannot map by itself (its config gives no
-    HostName for them) and that the cluster planned reach their planned address: a config file written to
-    ``directory`` that includes the user's own. Names nobody planned, and IPs, are left to ssh (and DNS)."""
+def with_planned_addresses(targets, planned, ssh, directory):
+    """``ssh`` (SshOptions) extended so that names of ``targets`` that ssh cannot map by itself (its config
+    gives no HostName for them) and that the cluster planned reach their planned address: a config file written
+    to ``directory`` that includes the user's own. Names nobody planned, and IPs, are left to ssh (and DNS)."""
     def is_ip(value):
         try:
             ipaddress.ip_address(value)
@@ -131,14 +132,14 @@ def with_planned_addresses(targets, planned, ssh_options, directory):
         except ValueError:
             return False
 
-    names = [t for t in targets if t in planned and not is_ip(t) and _ssh_hostname(t, ssh_options) == t]
+    names = [t for t in targets if t in planned and not is_ip(t) and _ssh_hostname(t, ssh) == t]
     if not names:
-        return tuple(ssh_options)
-    user_config, rest = split_config_option(ssh_options)
+        return ssh
+    user_config, rest = split_config_option(ssh.extra)
     path = Path(directory) / "ssh_config"
     path.write_text(address_config(names, planned, user_config))
     LOG.info("deploy: %s reached at their planned addresses (%s)", ", ".join(names), path)
-    return ("-F", str(path), *rest)
+    return dataclasses.replace(ssh, extra=("-F", str(path), *rest))
 
 
 def manager_ssh_target(cluster, targets, manager=None):

@@ -6,32 +6,37 @@ import json
 
 from pibake.bake import seed as seed_module  # a module reference: bench/deploy swaps agent_source
 from pibake.firstboot.agent import config_without_token
+from pibake.layout import (  # noqa: F401 (ROLE_PACKAGES, CREDENTIAL_FILE, NODE_DIRS, TOKEN_FILE: pibake.deploy's names)
+    AGENT_CONFIG,
+    AGENT_PATH,
+    CA_PATH,
+    CREDENTIAL_FILE,
+    NODE_DIRS,
+    ROLE_PACKAGES,
+    SENSOR_AGENT_PATH,
+    SENSOR_CONFIG,
+    SENSOR_MQTT_PATH,
+    SENSOR_UNIT,
+    TIMESYNCD_DROPIN,
+    TOKEN_FILE,
+    role_packages as layout_role_packages,
+)
 from pibake.model import PlannedNode
 
-ROLE_PACKAGES = {"worker": ("slurmd", "munge", "slurm-client", "python3-psutil")}  # as the worker seed
-
-AGENT_PATH = "/usr/local/lib/pibake/agent.py"
-AGENT_CONFIG = "/etc/pibake/agent.json"
-CA_PATH = "/etc/pibake/ca.crt"
-TOKEN_FILE = "/etc/pibake/join-token"
-CREDENTIAL_FILE = "/etc/pibake/node-credential"
-TIMESYNCD_DROPIN = "/etc/systemd/timesyncd.conf.d/pibake.conf"  # time from the manager, as the seed does
-SENSOR_UNIT = f"{seed_module.SYSTEMD_DIR}/pibake-sensor.service"
-# the sensor agent (SoC temperature, throttling, Wi-Fi on every node), as every role's seed installs it
-SENSOR_FILES = (seed_module.SENSOR_AGENT_PATH, seed_module.SENSOR_CONFIG, SENSOR_UNIT)
+# the node contract (paths, packages) is pibake/layout.py's; deploy adds which files it checks and ships
+SENSOR_FILES = (SENSOR_AGENT_PATH, SENSOR_CONFIG, SENSOR_UNIT)  # the sensor agent, on every role as the seeds
 REMOTE_PYTHON = "/usr/bin/python3"
 AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy manager restarts slurmctld)
-WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES + (seed_module.SENSOR_MQTT_PATH,)
-NODE_DIRS = [["/etc/pibake", 0o700], ["/usr/local/lib/pibake", 0o755]]
+WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES + (SENSOR_MQTT_PATH,)
 
 VENV_PIBAKE = "/opt/pibake/bin/pibake"  # what the manager seed's pibake-install puts there
 REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # as cloud-init's runcmd has
 
 AFTER_WRITE = {
     TIMESYNCD_DROPIN: ["systemctl", "try-restart", "systemd-timesyncd"],
-    seed_module.SENSOR_AGENT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],
-    seed_module.SENSOR_CONFIG: ["systemctl", "try-restart", "pibake-sensor.service"],
-    seed_module.SENSOR_MQTT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],  # with mqtt: only
+    SENSOR_AGENT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],
+    SENSOR_CONFIG: ["systemctl", "try-restart", "pibake-sensor.service"],
+    SENSOR_MQTT_PATH: ["systemctl", "try-restart", "pibake-sensor.service"],  # with mqtt: only
     # written last of the three: a new unit is loaded and started (it buffers until the agent has enrolled)
     SENSOR_UNIT: ["sh", "-c", "systemctl daemon-reload && systemctl enable --now pibake-sensor.service"],
 }
@@ -85,8 +90,8 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
 
 
 def role_packages(cluster, role):
-    """What a role's seed installs: ROLE_PACKAGES, plus the sensor agent's MQTT library when mqtt is on."""
-    return tuple(ROLE_PACKAGES[role]) + (("python3-paho-mqtt",) if cluster.mqtt.enabled else ())
+    """What a role's seed installs (pibake/layout.py), with the MQTT packages when cluster.yaml has mqtt: on."""
+    return layout_role_packages(role, mqtt=cluster.mqtt.enabled)
 
 
 def missing_packages(role, installed, packages=None):

@@ -3,7 +3,6 @@ sessions at once) that starts each host's next command as soon as its previous o
 host's result (step, status, timings, changes, error) as it goes. What to run comes from ``steps.py``."""
 
 import logging
-import shlex
 import time
 
 from ClusterShell.Event import EventHandler
@@ -44,14 +43,14 @@ class _Events(EventHandler):
 class Runner:
     """Runs hosts' steps over ssh; ``progress`` gets a host's result dict whenever its step or status changes."""
 
-    def __init__(self, inputs, *, parallel, connect_timeout, ssh_options, progress=None):
+    def __init__(self, inputs, *, parallel, ssh, progress=None):
+        """``ssh``: a ``pibake.ssh.SshOptions``, the one description of how to reach the hosts."""
         self.inputs = inputs
         self.progress = progress
         self.task = task_self()
         self.task.set_info("fanout", max(1, int(parallel)))
-        self.task.set_info("connect_timeout", connect_timeout)
-        self.task.set_info("ssh_user", inputs.user)
-        self.task.set_info("ssh_options", " ".join(shlex.quote(o) for o in ssh_options) or None)
+        for key, value in ssh.clustershell_info().items():
+            self.task.set_info(key, value)
         self.task.set_default("stderr", True)
         self.sessions = {}
         self.events = _Events(self)

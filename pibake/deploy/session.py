@@ -10,12 +10,13 @@ from pibake.cluster import load_cluster
 from pibake.deploy.hosts import manager_ssh_target, parse_hosts, planned_addresses, with_planned_addresses
 from pibake.deploy.manager import manager_plan_for
 from pibake.deploy.node import agent_source, manager_key_authorization
-from pibake.deploy.registry_client import RegistryClient, registry_down
 from pibake.deploy.results import DeployReport, final_status, manager_not_ready
 from pibake.deploy.steps import HostState, Inputs
-from pibake.errors import CommandError, ConfigError, DeployError
+from pibake.errors import CommandError, ConfigError, DeployError, RegistryClientError
+from pibake.registry_client import NOTHING_LISTENS, RegistryClient
 from pibake.run import run
 from pibake.secrets import seed_secrets
+from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -26,6 +27,34 @@ IDLE_POLL_S = 0.5  # each poll makes the registry run sinfo on the manager
 AGENT_RETRY_AFTER_S = 20  # a node not idle this long after its agent ran gets one more agent run
 CONTROL_PERSIST_S = 120  # an ssh master outlives its host's last session this long; deploy stops them at the end
 MANAGER_REGISTRY_TIMEOUT = 90  # seconds from starting the manager's registry until /health must answer
+
+
+def registry_down(why):
+    """True when ``why`` (a RegistryClientError's ``reason`` from /health) means nothing listens at the
+    registry's address (pure): then deploy sets the manager up. A TLS failure or an HTTP error means something
+    runs there that is not this cluster's healthy registry: deploy does not touch it."""
+    return why in NOTHING_LISTENS
+
+
+def health_problem(registry):
+    """None when the registry's /health answers, else the RegistryClientError that says why not."""
+    try:
+        registry.health()
+    except RegistryClientError as exc:
+        return exc
+    return None
+
+
+def slurm_states(registry):
+    """{hostname: slurm_state} from ``GET /nodes`` (admin); None while the registry does not answer."""
+    try:
+        nodes = registry.nodes()
+    except RegistryClientError as exc:
+        if exc.status == 401:
+            raise DeployError("the registry refused the admin password of this cluster directory "
+                              "(secrets/admin-password): is it the same cluster?") from None
+        return None
+    return {n.get("hostname"): n.get("slurm_state") for n in nodes}
 
 
 def _now_iso():
@@ -72,10 +101,10 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     sec = seed_secrets(cluster_dir)
     secrets = {"agent": agent_source().encode(), "ca": sec.ca_cert_pem.encode(), "token": sec.join_token,
                "authorize": manager_key_authorization(cluster, sec.manager_ssh_key)}
-    registry = RegistryClient(cluster, cluster_dir)
+    registry = RegistryClient.for_cluster(cluster, cluster_dir)
     t_health = time.monotonic()
-    why = registry.health()
-    plan = manager_plan_for(cluster, cluster_dir, wheel) if registry_down(why) else None
+    problem = health_problem(registry)
+    plan = manager_plan_for(cluster, cluster_dir, wheel) if problem and registry_down(problem.reason) else None
 
     mgr = HostState.for_target(manager_target, role="manager", plan=plan)
     mgr.result.hostname = cluster.manager
@@ -84,25 +113,25 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
     if not in_hosts and plan is not None:
         host_runs.insert(0, mgr)  # deploy sets the manager up: it gets its row, first
     LOG.info("deploy: %d host(s), up to %d ssh sessions at once, registry %s", len(targets), parallel,
-             registry.base)
+             registry.api)
     # One ssh connection per host for all its steps (OpenSSH ControlMaster): the key exchange is most of what
     # an ssh session costs (OpenSSH 9.2, default sntrup761x25519 KEX: ~60 ms CPU for `ssh host true`, ~5 ms
     # through an open master), so a host's sessions cost one handshake plus cheap multiplexed ones.
     control_dir = tempfile.mkdtemp(prefix="pibake-ssh-")  # 0700; one socket per host, named by ssh's %C hash
-    mux = ("-oControlMaster=auto", f"-oControlPath={control_dir}/%C", f"-oControlPersist={CONTROL_PERSIST_S}")
+    ssh = SshOptions(user=user, connect_timeout=connect_timeout, extra=tuple(ssh_options), control_dir=control_dir,
+                     control_persist=CONTROL_PERSIST_S)
     try:
-        ssh_options = with_planned_addresses([h.result.host for h in host_runs], planned_addresses(cluster, cluster_dir),
-                                             tuple(ssh_options), control_dir)
-        runner = Runner(Inputs(cluster, secrets, user), parallel=parallel, connect_timeout=connect_timeout,
-                        ssh_options=tuple(ssh_options) + mux, progress=progress)
-        if why is not None and plan is None:
+        ssh = with_planned_addresses([h.result.host for h in host_runs], planned_addresses(cluster, cluster_dir),
+                                     ssh, control_dir)
+        runner = Runner(Inputs(cluster, secrets, user), parallel=parallel, ssh=ssh, progress=progress)
+        if problem is not None and plan is None:
             # something answers at the registry's address, but not this cluster's healthy registry: never
             # overwrite what runs there
             mgr.started = t_health
             if not in_hosts:
                 host_runs.insert(0, mgr)
             mgr.result.step = "registry"
-            runner.fail(mgr, f"registry: {registry.base}/health: {why}; deploy sets up only a manager "
+            runner.fail(mgr, f"registry: {problem}; deploy sets up only a manager "
                              "whose registry is not running (is it this cluster's manager?)")
         elif plan is None:  # the registry answers: the manager is left alone
             mgr.started = t_health
@@ -111,7 +140,7 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
                 runner.note(mgr, step="ready", status="unchanged")
         else:
             LOG.info("deploy: the registry at %s does not answer (%s); setting up the manager %s over ssh",
-                     registry.base, why, manager_target)
+                     registry.api, problem.reason, manager_target)
             _setup_manager(runner, mgr, registry)
         if mgr.result.status == "failed":
             for w in workers:
@@ -131,10 +160,11 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
                 runner.run(stragglers, "agent")
             _wait_idle(registry, workers, max(0.0, idle_end - time.monotonic()), progress, budget=idle_timeout)
         return DeployReport(hosts=[h.result for h in host_runs], manager=cluster.manager,
-                            registry=registry.base.rsplit("/api/v1", 1)[0], parallel=parallel,
+                            registry=registry.base, parallel=parallel,
                             started_at=started_wall, duration_s=time.monotonic() - t0)
     finally:
-        _close_masters(host_runs, tuple(ssh_options) + mux, user)
+        _close_masters(host_runs, ssh)
+        registry.close()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
@@ -144,26 +174,25 @@ def _setup_manager(runner, mgr, registry):
     if mgr.result.status == "failed":
         return
     end = time.monotonic() + MANAGER_REGISTRY_TIMEOUT
-    why = registry.health()
-    while why is not None and time.monotonic() < end:
+    problem = health_problem(registry)
+    while problem is not None and time.monotonic() < end:
         time.sleep(0.5)
-        why = registry.health()
+        problem = health_problem(registry)
     mgr.result.timings["registry"] = mgr.result.timings.get("registry", 0.0) + time.monotonic() - mgr.step_started
-    if why is not None:
-        runner.fail(mgr, f"registry: no answer from {registry.base}/health after "
-                         f"{MANAGER_REGISTRY_TIMEOUT} s ({why}); see /var/log/pibake/pibake-registry.log on "
+    if problem is not None:
+        runner.fail(mgr, f"registry: no answer from {problem.url} after "
+                         f"{MANAGER_REGISTRY_TIMEOUT} s ({problem.reason}); see /var/log/pibake/pibake-registry.log on "
                          "the manager (journalctl -u pibake-registry with systemd)")
         return
     LOG.info("deploy: the manager's registry answers; running its agent")
     runner.run([mgr], "agent")
 
 
-def _close_masters(host_runs, ssh_options, user):
+def _close_masters(host_runs, ssh):
     """Stop this deploy's ssh master connections (``ssh -O exit``; a host never reached has none)."""
     for h in host_runs:
         try:
-            run(["ssh", *ssh_options, *(["-l", user] if user else []), "-O", "exit", h.result.host], timeout=10,
-                check=False)
+            run(ssh.control_argv(h.result.host, "exit"), timeout=10, check=False)
         except CommandError:
             LOG.debug("deploy: %s: no ssh master to stop", h.result.host)
 
@@ -173,7 +202,7 @@ def _wait_idle(registry, host_runs, timeout, progress, final=True, budget=None):
     end = time.monotonic() + timeout
     states = {}
     while waiting:
-        states = registry.slurm_states() or states
+        states = slurm_states(registry) or states
         for h in list(waiting):
             state = states.get(h.result.hostname)
             h.result.slurm_state = state

@@ -15,7 +15,7 @@ import logging
 import shlex
 from dataclasses import dataclass, field
 
-from pibake.deploy.facts import facts_command, parse_facts, remote_program
+from pibake.deploy.facts import facts_command, parse_host_facts, remote_program
 from pibake.deploy.hosts import ssh_error
 from pibake.deploy.manager import agent_script, setup_script, shell_line
 from pibake.deploy.node import (
@@ -290,7 +290,7 @@ def connect_done(host, outcome, inputs):
         raise StepFailed(ssh_error(outcome.err, outcome.rc))
     host.result.step = "facts"
     try:
-        host.facts = parse_facts(outcome.out)
+        host.facts = parse_host_facts(outcome.out)
     except ValueError as exc:
         raise StepFailed(f"facts: {exc}: {ssh_error(outcome.err, outcome.rc)}") from None
     host.result.hostname = host.facts["hostname"] or None

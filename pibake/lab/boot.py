@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pibake.errors import PibakeError, SeedError
+from pibake.errors import BootError, SeedError
 from pibake.run import run
 
 LOG = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ HOST_ENV = {
 }
 
 LOG_TAIL_LINES = 2000
-
-
-class BootError(PibakeError):
-    """A lab host could not be booted (not a seed problem: see SeedError for those)."""
 
 
 @dataclass

@@ -45,7 +45,8 @@ from pibake.bake.bootpart import read_seed
 from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
 from pibake.cluster import load_cluster, valid_hostname
-from pibake.errors import PibakeError, SeedError
+from pibake.errors import LabClusterError, PibakeError, SeedError
+from pibake.layout import AGENT_CONFIG
 from pibake.files import atomic_write
 from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
 from pibake.lab.hosts import (
@@ -67,15 +68,10 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pblab"
 STATE_DIR = Path("/run/pibake-lab")
-AGENT_CONFIG = "/etc/pibake/agent.json"
 IMAGE_SUFFIX = ".img"
 # Names of lab work folders next to the hosts' folders: never valid hostnames (underscore).
 ROOTS_DIR = "_roots"
 IMAGES_DIR = "_images"
-
-
-class LabClusterError(PibakeError):
-    """The lab cluster could not be brought up, found or entered."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -587,34 +583,27 @@ def shell_argv(name, argv=None, *, prefix=DEFAULT_PREFIX, state_dir=None, term=N
     return host_argv(host, list(argv) if argv else ["/bin/bash", "--norc", "-i"], env=env)
 
 
-_REQUEST = (
-    "import json, sys, requests\n"
-    "url, ca, user, pw = json.loads(sys.stdin.read())\n"
-    "try:\n"
-    "    r = requests.get(url, verify=ca, timeout=10, auth=(user, pw) if user else None)\n"
-    "    try:\n"
-    "        body = r.json()\n"
-    "    except ValueError:\n"
-    "        body = None\n"
-    "    print(json.dumps([r.status_code, body]))\n"
-    "except requests.exceptions.RequestException as exc:\n"
-    "    print(json.dumps([0, type(exc).__name__]))\n"
-)
+def lab_shell_command(name, argv, *, prefix=DEFAULT_PREFIX, state_dir=None):
+    """Run ``argv`` inside lab host ``name`` on this terminal (nothing captured, no time limit); its exit code."""
+    return run(shell_argv(name, argv, prefix=prefix, state_dir=state_dir), capture=False, timeout=None,
+               check=False).returncode
 
 
 def _registry_get(state, path, *, auth=True, timeout=30):
     """(HTTP status, JSON body) of GET /api/v1<path> on the lab's registry, TLS verified against the
-    cluster's CA, asked from inside the manager's network namespace (0 when it does not answer).
-    The admin password goes through stdin, never an argv."""
+    cluster's CA, asked from inside the manager's network namespace by ``pibake.lab.registry_probe`` (0 when
+    it does not answer). The admin password goes through stdin, never an argv."""
     manager = next((h for h in state["hosts"] if h["role"] == "manager"), None)
     if manager is None or not _alive(manager):
         return 0, None
     cluster_dir = Path(state["cluster_dir"])
-    url = f"https://{state['manager_ip']}:{state['registry_port']}/api/v1{path}"
-    creds = [url, str(secrets_dir(cluster_dir) / "ca.crt"), "admin" if auth else None,
-             admin_password(cluster_dir) if auth else None]
-    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--", sys.executable, "-c", _REQUEST]
-    proc = run(argv, input=json.dumps(creds), check=False, timeout=timeout)
+    spec = {"base": f"https://{state['manager_ip']}:{state['registry_port']}", "path": path,
+            "ca": str(secrets_dir(cluster_dir) / "ca.crt"), "password": admin_password(cluster_dir) if auth else None,
+            "timeout": min(10, timeout)}
+    argv = [which("nsenter") or "nsenter", "-t", str(manager["pid"]), "--net", "--",
+            sys.executable, "-m", "pibake.lab.registry_probe"]
+    # cwd /: `python -m` puts the working directory first on sys.path, where a folder named pibake would shadow
+    proc = run(argv, input=json.dumps(spec), check=False, timeout=timeout, cwd="/")
     try:
         status, data = json.loads(proc.stdout)
     except ValueError:

@@ -24,6 +24,7 @@ never ``ip netns exec``, which remounts /sys and breaks slurmd's cgroup detectio
 import ipaddress
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -31,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import LabError
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -65,48 +67,10 @@ OWNED_DIRS = (
 CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
              "LANG": "C.UTF-8", "TERM": "dumb"}
 
-# The PID-1 of a host: hostname, /run tmpfs, bind mounts, then reap orphans until killed.
-_INIT = r"""
-import os, signal, socket, subprocess, sys
-name, marker = sys.argv[1], sys.argv[2]
-binds = [a.split("=", 1) for a in sys.argv[3:]]
-def sh(*argv):
-    subprocess.run(argv, check=True)
-socket.sethostname(name)
-sh("mount", "--make-rprivate", "/")
-sh("mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "pibake-run", "/run")
-for d, mode in (("/run/lock", 0o1777), ("/run/munge", 0o755), ("/run/slurm", 0o755), ("/run/sshd", 0o755)):
-    os.makedirs(d, exist_ok=True)
-    os.chmod(d, mode)
-import pwd
-for d, user in (("/run/munge", "munge"), ("/run/slurm", "slurm")):
-    try:
-        pw = pwd.getpwnam(user)
-        os.chown(d, pw.pw_uid, pw.pw_gid)
-    except KeyError:
-        pass
-for src, dst in binds:
-    sh("mount", "--bind", src, dst)
-signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-def reap(*_):
-    while True:
-        try:
-            pid, _st = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-signal.signal(signal.SIGCHLD, reap)
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-os.close(1)
-while True:
-    signal.pause()
-"""
 
-
-class LabError(PibakeError):
-    """A lab host or network could not be created or entered."""
+def init_program():
+    """The source of a lab host's PID 1 (``pibake/lab/remote/lab_init.py``, package data)."""
+    return resources.files("pibake.lab").joinpath("remote", "lab_init.py").read_text(encoding="utf-8")
 
 
 def _check_prefix(prefix):
@@ -341,8 +305,6 @@ class LabHost:
 
     @staticmethod
     def _prepare_root(root, name, ip, extra_hosts):
-        import pwd
-
         if root.exists():
             shutil.rmtree(root)
         for d in HOST_DIRS:
@@ -383,7 +345,7 @@ class LabHost:
                 LOG.info("created the mount point %s (empty) on this machine", d)
         # a file bind mount follows a symlink (e.g. /etc/resolv.conf -> /run/...): skip those
         init_script = root / "pibake-lab-init.py"  # a file, so `ps` shows a short command line
-        init_script.write_text(_INIT)
+        init_script.write_text(init_program())
         binds = [f"{root / p.lstrip('/')}={p}" for p in HOST_DIRS + HOST_FILES
                  if p in HOST_DIRS or (os.path.isfile(p) and not os.path.islink(p))]
         argv = [which("nsenter") or "nsenter", f"--net=/run/netns/{netns}", "--",

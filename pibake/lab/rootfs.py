@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pibake.errors import CommandError, PibakeError
+from pibake.errors import CommandError, PibakeError, RootfsError
 from pibake.files import atomic_write
 from pibake.run import run, which
 
@@ -89,6 +89,9 @@ LAB_PACKAGES = (
     "python3-bme280",
     "python3-smbus2",
     "i2c-tools",
+    # mqtt: in cluster.yaml (docs/mqtt.md): the broker on the manager, the publisher's library on every node
+    "mosquitto",
+    "python3-paho-mqtt",
     # a network renderer, so cloud-init writes the seed's network-config as a file
     # (/etc/network/interfaces.d/50-cloud-init); the lab never brings it up
     "ifupdown",
@@ -96,10 +99,6 @@ LAB_PACKAGES = (
 )
 
 STAMP_SUFFIX = ".done"
-
-
-class RootfsError(PibakeError):
-    """The lab's root filesystem could not be built or mounted."""
 
 
 def rootfs_key(release, packages):

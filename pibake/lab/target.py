@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pibake.bake.synthetic import CONFIG_TXT, build_pi_image, cmdline_for, parse_size
-from pibake.errors import CommandError, PibakeError
+from pibake.errors import CommandError, PibakeError, TargetError
 from pibake.lab.rootfs import (_in_private_mounts, _locked, _remove_tree, _tail, _tree_size, _write_atomic,
                                debian_mirror)
 from pibake.run import run, which
@@ -106,10 +106,6 @@ IMAGE_HEADROOM = 768 * 1024 * 1024  # free space in the root file system for fir
 BOOT_SIZE = "512M"  # as Raspberry Pi OS trixie
 VERSIONED_PACKAGES = ("cloud-init", "slurmd", "munge", "python3", "systemd", "network-manager",
                       "netplan.io", "openssh-server", "linux-image-arm64")
-
-
-class TargetError(PibakeError):
-    """The arm64 target image could not be built (emulation, mirror or tools missing)."""
 
 
 @dataclass(frozen=True)

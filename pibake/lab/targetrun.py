@@ -17,10 +17,21 @@ import shlex
 import time
 from pathlib import Path
 
-from pibake.errors import PibakeError
-from pibake.lab.cluster import host_argv, load_state, registry_nodes, slurm_states
+from pibake.bake.burn import burn
+from pibake.bake.synthetic import build_pi_image
+from pibake.cluster import init_cluster
+from pibake.errors import PibakeError, TargetRunError
+from pibake.lab.cluster import (
+    host_argv,
+    lab_down,
+    lab_up,
+    load_state,
+    registry_nodes,
+    slurm_states,
+)
 from pibake.lab.vm import TargetVM, attach_tap, detach_tap
 from pibake.run import run, which
+from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -31,10 +42,6 @@ CONSOLE_PHASES = (
     ("login_prompt", r"login:"),
     ("cloud_init_done", r"Cloud-init v\. \S+ finished"),
 )
-
-
-class TargetRunError(PibakeError):
-    """The emulated Pi did not reach a phase in time (the message says which, and the console's last lines)."""
 
 
 def tap_name(prefix, ip):
@@ -49,10 +56,10 @@ def vm_mac(ip):
 
 def ssh_argv(host_pid, key, user, ip, command):
     """ssh to an emulated Pi from inside lab host ``host_pid``'s network namespace (this machine's ssh)."""
-    return [which("nsenter") or "nsenter", "-t", str(host_pid), "--net", "--",
-            which("ssh") or "ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
-            f"{user}@{ip}", command]
+    # a throwaway VM with a new host key each boot: no host key to check or to remember
+    ssh = SshOptions(user=user, identity=str(key), known_hosts="/dev/null", host_key_check="no", log_level="ERROR",
+                     connect_timeout=10)
+    return [which("nsenter") or "nsenter", "-t", str(host_pid), "--net", "--", *ssh.argv(ip, command)]
 
 
 class EmulatedPi:
@@ -139,8 +146,6 @@ def pi_ssh(prefix, key, user, ip, command, timeout=120, via=None):
 
 
 def _cluster(workdir, net, ssh_key_file):
-    from pibake.cluster import init_cluster
-
     cluster_dir = Path(workdir) / "cluster"
     init_cluster(cluster_dir, manager="red00", manager_ip=f"{net}.10", network=f"{net}.0/24",
                  ssh_key_files=[ssh_key_file], timezone="Etc/UTC")
@@ -148,16 +153,12 @@ def _cluster(workdir, net, ssh_key_file):
 
 
 def _burn(cluster_dir, hostname, ip, role, out_dir, image):
-    from pibake.bake.burn import burn
-
     burn(cluster_dir, hostnames=hostname, ips=ip, role=role, output=str(Path(out_dir) / "{hostname}.img"),
          image=str(image))
     return Path(out_dir) / f"{hostname}.img"
 
 
 def _synthetic(workdir):
-    from pibake.bake.synthetic import build_pi_image
-
     path = Path(workdir) / "synthetic-raspios.img"
     if not path.exists():
         build_pi_image(path, size="160M", boot_size="64M", family="raspios")
@@ -169,8 +170,6 @@ def worker_join(workdir, *, net, prefix, target_image, ssh_key_file, progress=No
     """A cluster whose manager red00 is a lab host (network namespace, the lab's Debian root, booted by
     cloud-init from its burned image) and whose worker red01 is an emulated Pi powered on from the target
     image burned by ``pibake burn``. Yields ``{"pi", "cluster_dir", "prefix"}``; removes everything after."""
-    from pibake.lab.cluster import lab_down, lab_up
-
     note = progress or (lambda message: None)
     cluster_dir = _cluster(workdir, net, ssh_key_file)
     note("burning red00 (manager, lab host) and red01 (worker, target image)")
@@ -195,8 +194,6 @@ def manager_boot(workdir, *, net, prefix, target_image, ssh_key_file, progress=N
     """A cluster whose manager red00 is an emulated Pi from the target image (its pibake wheel comes from
     the running pibake) and whose worker red01 is a lab host on the same bridge, enrolling with it.
     Yields ``{"pi", "cluster_dir", "prefix", "worker"}`` (``worker``: the lab host's record)."""
-    from pibake.lab.cluster import lab_down, lab_up
-
     note = progress or (lambda message: None)
     cluster_dir = _cluster(workdir, net, ssh_key_file)
     note("burning red00 (manager, target image) and red01 (worker, lab host)")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pibake.bake import bootpart
-from pibake.errors import PibakeError
+from pibake.errors import VMError
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ QEMU = "qemu-system-aarch64"
 KVM_NOTE = "TCG (software emulation): /dev/kvm guests fail with 'KVM internal error' in this kind of VM"
 # Pi firmware: serial0 is the primary UART; virt's first (and only) UART is the PL011 ttyAMA0.
 SERIAL_CONSOLE = "ttyAMA0"
-
-
-class VMError(PibakeError):
-    """The emulated Pi could not be started, or did not reach a boot phase in time."""
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from pibake.errors import ConfigError, SecretsError
+from pibake.errors import ConfigError, DriverMissing, SecretsError, SwitchBusy, SwitchError  # noqa: F401 (pibake.switches.SwitchError)
 from pibake.locks import file_lock
-from pibake.switches.base import DriverMissing, SwitchError, SwitchState  # noqa: F401
+from pibake.switches.base import SwitchState  # noqa: F401
 
 LOG = logging.getLogger(__name__)
 
@@ -164,10 +164,6 @@ def _state_dir(cluster_dir):
     path = Path(cluster_dir) / "switches"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class SwitchBusy(SwitchError):
-    """Another command holds the plug (a cycle takes seconds); raised only when asked not to wait."""
 
 
 def _plug_lock(cluster_dir, name, wait=True):

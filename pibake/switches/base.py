@@ -7,18 +7,9 @@ asked for, only what the plug says it is. Power and energy are ``None`` where th
 
 from dataclasses import asdict, dataclass
 
-from pibake.errors import PibakeError
+from pibake.errors import SwitchError
 
 DEFAULT_TIMEOUT_S = 5.0
-
-
-class SwitchError(PibakeError):
-    """A plug could not be reached, refused the credentials, timed out or answered garbage."""
-
-
-class DriverMissing(SwitchError):
-    """The Python library a driver needs is not installed here (python-kasa on a manager: Debian has no
-    python3-kasa, and the manager installs pibake with --no-deps over Debian's packages)."""
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,12 @@ import signal
 import threading
 from pathlib import Path
 
-from pibake.errors import PibakeError
+from pibake.errors import LoopBusy, PibakeError
 
 LOG = logging.getLogger(__name__)
 
 LOOPS = {"auto": "pibake-switch-auto.service", "rules": "pibake-switch-rules.service"}
 SEE = {"auto": "its actions: `pibake switch log`", "rules": "its last decisions: `pibake switch rules --list`"}
-
-
-class LoopBusy(PibakeError):
-    """Another process runs this loop on this cluster directory."""
 
 
 def _lock_path(cluster_dir, name):

@@ -10,8 +10,8 @@ the manager, as verify reaches them).
 import logging
 import time
 
-from pibake.errors import PibakeError
-from pibake.verify import parse_sinfo
+from pibake.errors import RecoverError
+from pibake.verify import parse_sinfo_reasons
 
 LOG = logging.getLogger(__name__)
 
@@ -21,10 +21,6 @@ POLL_S = 5.0
 DOWN_STATES = ("down", "fail", "failing", "unknown", "no_respond", "not_responding")
 
 
-class RecoverError(PibakeError):
-    """The node could not be recovered, or was refused (not down, no plug, the manager)."""
-
-
 def slurm_is_down(state):
     state = (state or "").lower()
     return state.endswith("*") or state.rstrip("*+~#!%$@^-") in DOWN_STATES
@@ -32,7 +28,7 @@ def slurm_is_down(state):
 
 def judge_down(node, ssh, sinfo):
     """(down, why) for a node from its ssh probe (Output) and the manager's sinfo (Output or None)."""
-    states = parse_sinfo(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
+    states = parse_sinfo_reasons(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
     slurm = states.get(node, ("", ""))[0] or None
     if ssh.ok:
         return False, f"{node} answers ssh"
@@ -48,7 +44,7 @@ def judge_down(node, ssh, sinfo):
 
 def judge_back(node, ssh, sinfo):
     """(back, why): answers ssh and Slurm lists it idle."""
-    states = parse_sinfo(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
+    states = parse_sinfo_reasons(sinfo.stdout) if sinfo is not None and sinfo.ok else {}
     slurm = states.get(node, ("", ""))[0] or "not listed"
     if ssh.ok and slurm == "idle":
         return True, f"{node} answers ssh and Slurm says idle"

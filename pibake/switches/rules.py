@@ -20,8 +20,8 @@ import logging
 import time
 from pathlib import Path
 
+from pibake.errors import SwitchError
 from pibake.files import atomic_write
-from pibake.switches.base import SwitchError
 
 LOG = logging.getLogger(__name__)
 

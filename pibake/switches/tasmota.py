@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from pibake.errors import SwitchError
 from pibake.switches.base import Switch, SwitchState, short
 
 LOG = logging.getLogger(__name__)
@@ -138,8 +139,6 @@ class TasmotaSwitch(Switch):
             raise self.unreachable(what) from None
 
     def _error(self, text):
-        from pibake.switches.base import SwitchError
-
         return SwitchError(f"{self._where()}: {text}")
 
     # ------------------------------------------------------------------ the interface

@@ -6,7 +6,8 @@ import uuid
 import pytest
 
 from pibake.bake import bootpart
-from pibake.bake.bootpart import BootPartitionError, clean_cmdline
+from pibake.bake.bootpart import clean_cmdline
+from pibake.errors import BootPartitionError
 from pibake.bake.synthetic import build_pi_image
 from pibake.model import Seed
 from pibake.run import run

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pibake.bake import bootpart, burn, manifest
-from pibake.bake.burn import BurnError, next_card_verdict, output_paths, rounds
+from pibake.bake.burn import next_card_verdict, output_paths, rounds
+from pibake.errors import BurnError
 from pibake.bake.devices import CardIdentity
 from pibake.bake.synthetic import build_pi_image
 from pibake.errors import PibakeError, PlanError, SeedError
@@ -122,7 +123,7 @@ def test_wait_for_next_card_asks_until_a_new_card_is_in():
 
 
 def test_wait_for_next_card_lets_the_person_fix_a_refused_card():
-    from pibake.bake.devices import GuardError
+    from pibake.errors import GuardError
 
     answers = iter([GuardError("refusing to write /dev/sdb (STORAGE DEVICE, 31.9 GB): it has mounted partitions "
                                "(/media/pi/bootfs)"), (card(disk_id="0badcafe"), None)])

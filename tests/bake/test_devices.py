@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pibake.bake import devices
-from pibake.bake.devices import GuardError, SystemFacts, check_target, open_target
+from pibake.bake.devices import SystemFacts, check_target, open_target
+from pibake.errors import GuardError
 from tests.conftest import needs_program, needs_root, not_applicable
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "devices"

@@ -13,7 +13,8 @@ import threading
 import pytest
 
 from pibake.bake import images
-from pibake.bake.images import CatalogImage, ImageError
+from pibake.bake.images import CatalogImage
+from pibake.errors import ImageError
 from pibake.model import FAMILIES
 
 # An image-like payload: some random bytes and long zero runs, like a mostly empty root filesystem.

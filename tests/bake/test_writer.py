@@ -14,7 +14,8 @@ import pytest
 
 from pibake.bake import allocation, writer
 from pibake.bake.synthetic import build_pi_image
-from pibake.bake.writer import VerifyError, WriteError, write_image, written_ranges_sha256
+from pibake.bake.writer import write_image, written_ranges_sha256
+from pibake.errors import VerifyError, WriteError
 from pibake.errors import PibakeError
 from tests.conftest import needs_program, needs_root
 

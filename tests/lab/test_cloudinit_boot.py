@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from pibake.errors import SeedError
-from pibake.lab.boot import BootError, BootResult, boot_host, read_host_file, validate_seed
+from pibake.lab.boot import BootResult, boot_host, read_host_file, validate_seed
+from pibake.errors import BootError
 from pibake.lab.rootfs import ensure_rootfs, make_host_root, remove_host_root
 from pibake.model import Seed
 from tests.conftest import needs_program, needs_root

@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from pibake.lab import LabError, LabHost, LabNetwork, cleanup_leftovers, cleanup_stale, run_prefix
+from pibake.lab import LabHost, LabNetwork, cleanup_leftovers, cleanup_stale, run_prefix
+from pibake.errors import LabError
 from pibake.lab import hosts as lab_hosts
 from tests.conftest import needs_program
 

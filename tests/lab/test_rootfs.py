@@ -189,7 +189,7 @@ def test_host_root_has_run_sys_cgroup_dev_and_boot_partition(two_hosts):
 
 @lab_test
 def test_make_host_root_refuses_an_incomplete_rootfs_and_a_missing_enter(tmp_path, lab_rootfs):
-    from pibake.lab.rootfs import RootfsError
+    from pibake.errors import RootfsError
 
     with pytest.raises(RootfsError, match="not a complete lab rootfs"):
         make_host_root(tmp_path / "nothing", tmp_path / "h", enter=["true"])
@@ -199,7 +199,7 @@ def test_make_host_root_refuses_an_incomplete_rootfs_and_a_missing_enter(tmp_pat
 
 @lab_test
 def test_failed_build_says_what_failed_and_leaves_nothing_behind(tmp_path):
-    from pibake.lab.rootfs import RootfsError
+    from pibake.errors import RootfsError
 
     # Nothing listens on the discard port of loopback: debootstrap cannot fetch the Release file.
     with pytest.raises(RootfsError, match=r"^debootstrap trixie from http://127.0.0.1:9/debian failed .*"

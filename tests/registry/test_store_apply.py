@@ -10,7 +10,7 @@ import pytest
 from pibake.errors import ConflictError
 from pibake.registry.service import Registry, validate_enrolment
 from pibake.registry.slurmconf import expand_hostlist, nodes_section
-from pibake.registry.slurmctl import ApplyError
+from pibake.errors import ApplyError
 from pibake.registry.store import Store, credential_matches
 
 from .conftest import enrolment

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pibake.model import SwitchConfig
-from pibake.switches.base import SwitchError
+from pibake.errors import SwitchError
 from pibake.switches.kasa import KasaSwitch
 from pibake.switches.shelly import ShellySwitch
 from pibake.switches.tasmota import TasmotaSwitch

@@ -7,7 +7,8 @@ import pytest
 
 from pibake import switches
 from pibake.connect import Output
-from pibake.switches.recover import RecoverError, judge_back, judge_down, recover_node, slurm_is_down
+from pibake.switches.recover import judge_back, judge_down, recover_node, slurm_is_down
+from pibake.errors import RecoverError
 from tests.switches.conftest import needs_kasa_simulator, write_cluster
 
 SSH_DOWN = Output("red01", 255, "", "ssh: connect to host 10.1.1.11 port 22: No route to host\n")

@@ -2,7 +2,7 @@
 
 Argument: one JSON object {"packages": [...], "files": [...], "credential": path, "venv": path,
 "auth_user": name, "auth_line": line}. Output: sections, each after a ``@@pibake NAME`` line, ending with
-``@@pibake end``; parsed by ``pibake.deploy.facts.parse_facts``. It changes nothing and always exits 0:
+``@@pibake end``; parsed by ``pibake.deploy.facts.parse_host_facts``. It changes nothing and always exits 0:
 a fact it cannot read is left empty.
 """
 

@@ -1,0 +1,100 @@
+"""One description of how pibake calls OpenSSH (pibake.ssh.SshOptions), used by verify's connector, deploy's
+ClusterShell task and the lab's ssh to emulated Pis. The checks run the real ssh with ``-G`` (it prints the
+configuration it would use and connects nowhere), so what is compared is what ssh itself understood."""
+
+import pytest
+
+from pibake.connect import SshConnector
+from pibake.lab.targetrun import ssh_argv
+from pibake.run import run
+from pibake.ssh import SshOptions
+from tests.conftest import needs_program
+
+pytestmark = needs_program("ssh")
+
+
+def resolved(argv):
+    """ssh's own configuration for ``argv`` (an ssh command line; ``-G`` is added after the options)."""
+    i = argv.index("--") if "--" in argv else len(argv)
+    return config_of(run([argv[0], "-G", *argv[1:i]], timeout=10).stdout)
+
+
+def config_of(text):
+    """``ssh -G`` output -> {keyword: first value} (identityfile and a few others repeat)."""
+    conf = {}
+    for line in text.splitlines():
+        if " " in line:
+            key, value = line.split(None, 1)
+            conf.setdefault(key, value)
+    return conf
+
+
+def test_the_options_say_what_each_setting_asks_for(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("")  # ssh -G lists an identity only when the file exists
+    ssh = SshOptions(user="pi", identity=str(key), known_hosts="/kh", connect_timeout=3, host_key_check="accept-new",
+                     log_level="ERROR", extra=("-p", "2222"), control_dir=str(tmp_path), control_persist=30)
+    argv = ssh.argv("10.1.1.11", "echo 'a b'")
+    assert argv[-3:] == ["10.1.1.11", "--", "echo 'a b'"] and argv[-5:-3] == ["-l", "pi"]
+    assert argv[1:3] == ["-p", "2222"]  # the user's own options first: ssh keeps the first value it reads
+    conf = resolved(argv)
+    assert (conf["user"], conf["port"], conf["batchmode"], conf["connecttimeout"]) == ("pi", "2222", "yes", "3")
+    assert (conf["stricthostkeychecking"], conf["userknownhostsfile"], conf["identitiesonly"]) == \
+        ("accept-new", "/kh", "yes")
+    assert (conf["forwardagent"], conf["forwardx11"], conf["loglevel"]) == ("no", "no", "ERROR")
+    assert (conf["controlmaster"], conf["controlpersist"]) == ("auto", "30")
+    assert conf["controlpath"].startswith(f"{tmp_path}/")  # %C: ssh's hash of the connection
+    assert conf["identityfile"] == str(key)
+
+
+def test_the_users_options_win_over_pibakes_defaults():
+    conf = resolved(SshOptions(connect_timeout=3, extra=("-o", "ConnectTimeout=7", "-o", "BatchMode=no"))
+                    .argv("h", "true"))
+    assert (conf["connecttimeout"], conf["batchmode"]) == ("7", "no")
+
+
+def test_an_unset_setting_is_left_to_ssh():
+    argv = SshOptions().argv("h", "true")
+    assert not any(a.startswith(("StrictHostKeyChecking", "UserKnownHostsFile", "LogLevel", "Control"))
+                   for a in argv)
+    assert "-l" not in argv and "-i" not in argv
+
+
+def test_control_and_config_commands_name_the_host_last():
+    ssh = SshOptions(user="pi", control_dir="/tmp/x")
+    assert ssh.control_argv("red01")[-4:] == ["pi", "-O", "exit", "red01"]
+    assert ssh.config_argv("red01")[-2:] == ["-G", "red01"]
+
+
+def test_verify_and_the_lab_take_their_ssh_from_it():
+    conn = SshConnector(user="pi", identity="/k", known_hosts="/kh", connect_timeout=3, addresses={"red01": "10.1.1.11"})
+    assert conn.argv("red01", ["sh", "-c", "echo $(hostname)"]) == SshOptions(
+        user="pi", identity="/k", known_hosts="/kh", connect_timeout=3, host_key_check="accept-new",
+        log_level="ERROR").argv("10.1.1.11", "sh -c 'echo $(hostname)'")
+    lab = ssh_argv(1234, "/key", "pi", "10.77.0.20", "true")
+    assert lab[:5] == [lab[0], "-t", "1234", "--net", "--"]
+    conf = resolved(lab[5:])
+    assert (conf["stricthostkeychecking"], conf["userknownhostsfile"], conf["user"]) == ("false", "/dev/null", "pi")
+
+
+@pytest.mark.parametrize("user", [None, "pi"])
+def test_deploys_clustershell_task_starts_the_same_ssh(tmp_path, user):
+    """ClusterShell builds its own ssh command line from the task settings; with ``-G`` among the options the
+    real ssh prints the configuration it got: the same as SshOptions' own argv gives."""
+    from ClusterShell.Task import task_self
+
+    ssh = SshOptions(user=user, connect_timeout=4, extra=("-o", "Port=2202"), control_dir=str(tmp_path))
+    task = task_self()
+    saved = {key: task.info(key) for key in ssh.clustershell_info()}
+    try:
+        for key, value in ssh.clustershell_info().items():
+            task.set_info(key, value)
+        task.set_info("ssh_options", task.info("ssh_options") + " -G")
+        worker = task.shell("true", nodes="red01", timeout=20)
+        task.resume()
+        got = bytes(worker.node_buffer("red01")).decode()
+    finally:
+        for key, value in saved.items():
+            task.set_info(key, value)
+    conf = config_of(got)
+    assert conf and conf == resolved(ssh.argv("red01", "true"))
