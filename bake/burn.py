@@ -51,6 +51,7 @@ import pibake
 from pibake.bake import bootpart, devices, images, manifest
 from pibake.bake.seed import ROLE_BOOT_CONFIG
 from pibake.errors import BurnError, PibakeError, PlanError
+from pibake.files import atomic_write
 from pibake.run import run
 
 LOG = logging.getLogger(__name__)
@@ -282,9 +283,7 @@ def wheel_from_installed(dist=None, *, cache_dir=None):
     target = key_dir / name
     if not target.is_file():
         key_dir.mkdir(parents=True, exist_ok=True)
-        part = key_dir / f".{name}.part-{os.getpid()}"
-        part.write_bytes(data)
-        os.replace(part, target)
+        atomic_write(target, data)
         LOG.info("made %s from the installed pibake (%d files) into the cache %s", name, len(files), key_dir)
         _prune_wheel_cache(cache, keep=key_dir)
     return target
@@ -322,9 +321,7 @@ def _wheel_from_checkout(root, cache_dir):
         if not built:
             raise BurnError("pip built no pibake-*-py3-none-any.whl; pass --wheel FILE")
         key_dir.mkdir(parents=True, exist_ok=True)
-        tmp_target = key_dir / f".{built[0].name}.part"
-        shutil.copyfile(built[0], tmp_target)
-        os.replace(tmp_target, key_dir / built[0].name)
+        atomic_write(key_dir / built[0].name, built[0].read_bytes())
         LOG.info("built %s into the cache %s", built[0].name, key_dir)
         _prune_wheel_cache(cache, keep=key_dir)
         return key_dir / built[0].name
@@ -427,7 +424,7 @@ def _raw_image(prepared, image_name, *, sha256=None, progress=None, cache_dir=No
                     writer.spool_stream(stream, raw, progress=(lambda d, t=None: progress("decompress", d, total or d))
                                         if progress else None)
                 final = cached if cached is not None else scratch / "image.raw"
-                os.replace(raw, final)
+                os.replace(raw, final)  # not atomic_write: the image was streamed (GBs); just rename it
             except BaseException:
                 raw.unlink(missing_ok=True)
                 raw.with_name(raw.name + ".partial").unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import yaml
 
 from pibake.errors import ImageError, PibakeError
+from pibake.files import atomic_write
 from pibake.model import ARCHES, BOARDS, FAMILIES
 from pibake.run import run, which
 
@@ -219,9 +220,7 @@ def _stamp_path(path):
 def _write_stamp(path, sha256):
     st = path.stat()
     stamp = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-    tmp = _stamp_path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp), encoding="utf-8")
-    os.replace(tmp, _stamp_path(path))
+    atomic_write(_stamp_path(path), json.dumps(stamp))
 
 
 def _stamp_matches(path, sha256):
@@ -291,9 +290,7 @@ def raw_sha256(path, *, cache_dir=None):
     if _identity(path) == ident:  # not changed while it was read: worth remembering
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(dict(ident, sha256=digest)), encoding="utf-8")
-            os.replace(tmp, entry)
+            atomic_write(entry, json.dumps(dict(ident, sha256=digest)))
         except OSError as exc:  # a read-only cache costs a re-hash next time, nothing else
             LOG.warning("cannot keep the sha256 of %s in %s: %s", path, folder, exc.strerror)
     return digest
@@ -455,7 +452,7 @@ def download(url, dest, *, sha256, size=None, progress=None, session=None, timeo
             raise ImageError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; "
                              "run again to resume")
         _check_sha(part, expected)
-        os.replace(part, dest)
+        os.replace(part, dest)  # not atomic_write: the image was streamed to disk (resumable); just rename it
         _write_stamp(dest, expected)
         LOG.info("downloaded and verified %s", dest)
         return dest

@@ -20,9 +20,11 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from pibake.cluster import ssh_key_problem as _cluster_ssh_key_problem
-from pibake.cluster import valid_hostname
+from pibake import fields
+from pibake.fields import show as _show
+from pibake.fields import ssh_key_problem, valid_hostname
 from pibake.errors import SeedError
+from pibake.files import atomic_write
 from pibake.layout import (
     AGENT_CONFIG,
     AGENT_PATH,
@@ -132,42 +134,10 @@ HEADER = "#cloud-config\n"
 
 # --------------------------------------------------------------------------- validation
 
-# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things; these run
-# again here because render_seed takes any Cluster/PlannedNode, including ones built in code. Hostnames and
-# ssh keys use pibake.cluster's validators (plus: a key comment must be printable, no line separators).
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
-TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
-PSK_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# Checks of every value that reaches a seed file. cluster.yaml loading validates the same things with the same
+# validators (pibake.fields); they run again here because render_seed takes any Cluster/PlannedNode, including
+# ones built in code.
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _show(value, limit=40):
-    """A value for an error message: repr (so control characters show as escapes), shortened."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-def ssh_key_problem(line):
-    """None if ``line`` is one OpenSSH public key line (type, base64 blob naming that type, optional comment)."""
-    problem = _cluster_ssh_key_problem(line)
-    if problem is None and not line.isprintable():
-        problem = "contains control or line-break characters"
-    return problem
-
-
-def _host_or_ip_ok(value):
-    if not isinstance(value, str):
-        return False
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        return bool(DNS_NAME_RE.fullmatch(value))
 
 
 def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
@@ -180,23 +150,22 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
     def bad(path, message):
         problems.append(f"{path}: {message}")
 
+    def check(path, field, value):
+        """The field's one message (pibake.fields) for a bad value; True when it is valid."""
+        problem = field.problem(value)
+        if problem:
+            bad(path, problem)
+        return problem is None
+
     # node
-    if not valid_hostname(node.hostname):
-        bad("hostname", f"{_show(node.hostname)} is not a valid hostname: use 1-63 lower-case letters, digits "
-                        "and '-', not starting or ending with '-', not only digits")
+    check("hostname", fields.HOSTNAME, node.hostname)
     if node.role not in ROLES:
         bad("role", f"{_show(node.role)} is not a role; choose one of {', '.join(ROLES)}")
     network = None
-    try:
+    if check("cluster.network", fields.NETWORK, cluster.network):
         network = ipaddress.IPv4Network(cluster.network, strict=True)
-    except (ValueError, TypeError):
-        bad("cluster.network", f"{_show(cluster.network)} is not an IPv4 network in CIDR form, e.g. 10.1.1.0/24")
-    try:
-        ip = ipaddress.IPv4Address(node.ip)
-        if network is not None and ip not in network:
-            bad("ip", f"{node.ip} is outside the cluster network {network}")
-    except (ValueError, TypeError):
-        bad("ip", f"{_show(node.ip)} is not an IPv4 address")
+    if check("ip", fields.IPV4, node.ip) and network is not None and ipaddress.IPv4Address(node.ip) not in network:
+        bad("ip", f"{node.ip} is outside the cluster network {network}")
 
     # the manager's seed must be the manager named in cluster.yaml (the registry certificate names it)
     if node.role == "manager" and (node.hostname, node.ip) != (cluster.manager, cluster.manager_ip):
@@ -208,37 +177,21 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("ip", f"{node.ip} is the manager's address")
 
     # cluster
-    if not valid_hostname(cluster.manager):
-        bad("cluster.manager", f"{_show(cluster.manager)} is not a valid hostname")
-    for key in ("manager_ip", "gateway"):
-        value = getattr(cluster, key)
-        if value is None and key == "gateway":
-            continue
-        try:
-            ipaddress.IPv4Address(value)
-        except (ValueError, TypeError):
-            bad(f"cluster.{key}", f"{_show(value)} is not an IPv4 address")
+    check("cluster.manager", fields.HOSTNAME, cluster.manager)
+    check("cluster.manager_ip", fields.IPV4, cluster.manager_ip)
+    if cluster.gateway is not None:
+        check("cluster.gateway", fields.IPV4, cluster.gateway)
     for i, server in enumerate(cluster.dns or ()):
-        try:
-            ipaddress.ip_address(server)
-        except (ValueError, TypeError):
-            bad(f"cluster.dns[{i}]", f"{_show(server)} is not an IP address")
+        check(f"cluster.dns[{i}]", fields.IPV4, server)
     for i, server in enumerate(cluster.ntp_servers or ()):
-        if not _host_or_ip_ok(server):
-            bad(f"cluster.ntp_servers[{i}]", f"{_show(server)} is not a host name or IP address")
-    if not isinstance(cluster.user, str) or not USER_RE.fullmatch(cluster.user):
-        bad("cluster.user", f"{_show(cluster.user)} is not a valid user name: 1-32 of a-z 0-9 _ -, "
-                            "starting with a letter or _")
-    elif cluster.user in RESERVED_USERS:
-        bad("cluster.user", f"{cluster.user!r} is a system account; choose another user name")
+        check(f"cluster.ntp_servers[{i}]", fields.HOST, server)
+    check("cluster.user", fields.USERNAME, cluster.user)
     for i, key in enumerate(cluster.ssh_keys or ()):
         problem = ssh_key_problem(key)
         if problem:
-            bad(f"cluster.ssh_keys[{i}]", f"{_show(key)} {problem}")
-    if not isinstance(cluster.timezone, str) or not TIMEZONE_RE.fullmatch(cluster.timezone):
-        bad("cluster.timezone", f"{_show(cluster.timezone)} is not a time zone name such as Europe/Berlin")
-    if not isinstance(cluster.locale, str) or not LOCALE_RE.fullmatch(cluster.locale):
-        bad("cluster.locale", f"{_show(cluster.locale)} is not a locale name such as C.UTF-8 or en_GB.UTF-8")
+            bad(f"cluster.ssh_keys[{i}]", f"{_show(key, 40)} {problem}")
+    check("cluster.timezone", fields.TIMEZONE, cluster.timezone)
+    check("cluster.locale", fields.LOCALE, cluster.locale)
     if cluster.family not in FAMILIES:
         bad("cluster.family", f"{_show(cluster.family)} is not an image family; choose one of {', '.join(FAMILIES)}")
     if not isinstance(cluster.registry_port, int) or isinstance(cluster.registry_port, bool) \
@@ -246,15 +199,9 @@ def validate_seed_inputs(cluster, node, seed_secrets, instance_id=None):
         bad("cluster.registry_port", f"{_show(cluster.registry_port)} is not a TCP port (1-65535)")
     wifi = cluster.wifi
     if wifi is not None:
-        if not isinstance(wifi.country, str) or not COUNTRY_RE.fullmatch(wifi.country):
-            bad("cluster.wifi.country", f"{_show(wifi.country)} is not a two-letter country code such as DE")
-        if not isinstance(wifi.ssid, str) or not 1 <= len(wifi.ssid.encode("utf-8", "surrogatepass")) <= 32:
-            bad("cluster.wifi.ssid", "an SSID has 1 to 32 bytes")
-        elif not wifi.ssid.isprintable():
-            bad("cluster.wifi.ssid", f"{_show(wifi.ssid)} contains control or line-break characters")
-        if not isinstance(wifi.psk, str) or not PSK_RE.fullmatch(wifi.psk):
-            bad("cluster.wifi.psk", "must be the WPA PSK as 64 hex digits (pibake init computes it from the "
-                                    "passphrase)")
+        check("cluster.wifi.country", fields.COUNTRY, wifi.country)
+        check("cluster.wifi.ssid", fields.SSID, wifi.ssid)
+        check("cluster.wifi.psk", fields.PSK, wifi.psk)
 
     # secrets: checked for shape only, never echoed
     token = getattr(seed_secrets, "join_token", None)
@@ -312,7 +259,7 @@ def template_env():
     return _ENV
 
 
-def _render(name, **context):
+def render_template(name, **context):
     return template_env().get_template(name).render(**context)
 
 
@@ -410,7 +357,7 @@ def sensor_files(cluster, node):
         _text_file(SENSOR_AGENT_PATH, sensor_agent_source(), "0755"),
         _text_file(SENSOR_CONFIG, json.dumps(sensor_settings(cluster, node), indent=2) + "\n", "0600"),
         _text_file(SENSOR_UNIT,
-                   _render("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
+                   render_template("pibake-sensor.service.j2", sensor_command=SENSOR_COMMAND), "0644"),
     ]
     if cluster.mqtt.enabled:  # the publisher the agent imports from its own directory (docs/mqtt.md)
         files.append(_text_file(SENSOR_MQTT_PATH, firstboot_source("sensor_mqtt.py"), "0644"))
@@ -477,28 +424,30 @@ def _write_files(cluster, node, seed_secrets, bundle):
         _text_file(AGENT_CONFIG, json.dumps(config, indent=2) + "\n", "0600"),
         _text_file(CA_PATH, seed_secrets.ca_cert_pem, "0644"),
         _text_file(f"{SYSTEMD_DIR}/pibake-agent.service",
-                   _render("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG), "0644"),
+                   render_template("pibake-agent.service.j2", agent_path=AGENT_PATH, agent_config=AGENT_CONFIG),
+                   "0644"),
     ]
     files += sensor_files(cluster, node)
     for name in ROLE_SCRIPTS[node.role]:
         path, template = SCRIPTS[name]
-        files.append(_text_file(path, _render(template), "0755"))
+        files.append(_text_file(path, render_template(template), "0755"))
     if node.role == "manager":
         servers = list(cluster.ntp_servers or ())
         files.append(_text_file("/etc/chrony/conf.d/pibake.conf",
-                                _render("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
+                                render_template("chrony.conf.j2", network=cluster.network, servers=servers), "0644"))
         files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
-                                _render("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND), "0644"))
+                                render_template("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND),
+                                "0644"))
         for loop, unit in SWITCH_LOOPS.items():
             files.append(_text_file(f"{SYSTEMD_DIR}/pibake-switch-{loop}.service",
-                                    _render("pibake-switch.service.j2", switch_loop=loop, cluster_dir=MANAGER_CLUSTER_DIR,
-                                            **unit), "0644"))
+                                    render_template("pibake-switch.service.j2", switch_loop=loop,
+                                                    cluster_dir=MANAGER_CLUSTER_DIR, **unit), "0644"))
         for rel in sorted(bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
     else:
         files.append(_text_file(TIMESYNCD_DROPIN,
-                                _render("timesyncd.conf.j2", servers=[cluster.manager_ip],
+                                render_template("timesyncd.conf.j2", servers=[cluster.manager_ip],
                                         fallback=list(cluster.ntp_servers or ())), "0644"))
     return files
 
@@ -528,7 +477,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None):
         "manager_root": MANAGER_ROOT,
         "manager_cluster_dir": MANAGER_CLUSTER_DIR,
     }
-    config = yaml.safe_load(_render(f"{node.role}.yaml.j2", **context))
+    config = yaml.safe_load(render_template(f"{node.role}.yaml.j2", **context))
     if not isinstance(config, dict) or "write_files" in config:
         raise AssertionError(f"template {node.role}.yaml.j2 must be a mapping without write_files")
     config["write_files"] = _write_files(cluster, node, seed_secrets, bundle)
@@ -559,8 +508,8 @@ def network_config_data(cluster, node):
             WIFI_NIC: {
                 **wired,
                 # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
-                "regulatory-domain": cluster.wifi.country,
-                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+                "regulatory-domain": fields.COUNTRY.normalise(cluster.wifi.country),
+                "access-points": {cluster.wifi.ssid: {"password": fields.PSK.normalise(cluster.wifi.psk)}},
             }
         }
     elif cluster.wifi is not None:
@@ -570,8 +519,8 @@ def network_config_data(cluster, node):
                 "dhcp4": True,
                 "optional": True,
                 # without a regulatory domain Raspberry Pi OS keeps the Wi-Fi radio blocked (rfkill)
-                "regulatory-domain": cluster.wifi.country,
-                "access-points": {cluster.wifi.ssid: {"password": cluster.wifi.psk}},
+                "regulatory-domain": fields.COUNTRY.normalise(cluster.wifi.country),
+                "access-points": {cluster.wifi.ssid: {"password": fields.PSK.normalise(cluster.wifi.psk)}},
             }
         }
     return {"network": net}
@@ -623,22 +572,6 @@ def _bundle_path_ok(rel):
 
 
 # --------------------------------------------------------------------------- I/O: render + lint + write
-
-
-def _write_atomic(path, text, mode=0o600):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def render_checked(cluster, cluster_dir, nodes, *, family, instance_ids=None):
@@ -703,7 +636,7 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
         os.chmod(host_dir, 0o700)
         paths = {}
         for name, text in seed.files().items():
-            _write_atomic(host_dir / name, text, 0o600)
+            atomic_write(host_dir / name, text, 0o600)
             paths[name] = str(host_dir / name)
         LOG.info("wrote the %s seed of %s to %s", node.role, node.hostname, host_dir)
         results.append({

@@ -161,7 +161,7 @@ def spool_stream(stream, path, *, block_size=DEFAULT_BLOCK_SIZE, progress=None):
             if progress:
                 progress(size, None)
         out.truncate(size)
-    os.replace(partial, path)
+    os.replace(partial, path)  # not atomic_write: streamed (sparse) data, too big to hold in memory
     return size
 
 

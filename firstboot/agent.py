@@ -412,7 +412,7 @@ def check_pin(ca_pem, token, ca_path="the CA certificate"):
 # =========================================================================== registry client
 
 
-class Registry:
+class AgentRegistryClient:
     """The registry's REST API (v1) over TLS pinned to one CA file, with retries up to a deadline."""
 
     def __init__(self, url, ca_file, *, deadline, backoff_base=2.0, backoff_max=60.0, timeout=15.0,
@@ -1020,7 +1020,7 @@ class Agent:
     def registry(self):
         if self._registry is None:
             c = self.config
-            self._registry = Registry(
+            self._registry = AgentRegistryClient(
                 c["registry_url"], c["ca_cert"], deadline=self.deadline, backoff_base=float(c["backoff_base_s"]),
                 backoff_max=float(c["backoff_max_s"]), timeout=float(c["request_timeout_s"]), once=self.once)
         return self._registry

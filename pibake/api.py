@@ -37,7 +37,7 @@ from pibake.bake.devices import (  # noqa: F401,E402
 )
 from pibake.bake.allocation import image_allocation_map  # noqa: F401,E402
 from pibake.bake.writer import spool_stream, write_image, written_ranges_sha256  # noqa: F401,E402
-from pibake.registry.service import Registry, cluster_settings  # noqa: F401,E402
+from pibake.registry.service import RegistryService, cluster_settings  # noqa: F401,E402
 from pibake.registry.slurmconf import generate_slurm_conf, parse_slurmd_c  # noqa: F401,E402
 from pibake.bake.bootpart import find_boot_partition, read_seed, write_seed  # noqa: F401,E402
 from pibake.bake.burn import burn, reseed  # noqa: F401,E402
@@ -57,6 +57,7 @@ from pibake.deploy import DEFAULT_CONNECT_TIMEOUT as DEPLOY_CONNECT_TIMEOUT  # n
 from pibake.deploy import DEFAULT_IDLE_TIMEOUT as DEPLOY_IDLE_TIMEOUT  # noqa: F401,E402
 from pibake.deploy import DEFAULT_PARALLEL as DEPLOY_PARALLEL, format_table as format_deploy_table  # noqa: F401,E402
 from pibake.errors import ConfigError, NotBuiltError, PibakeError, SecretsError  # noqa: F401,E402
+from pibake import fields  # noqa: F401,E402  (the CLI checks option values with them)
 from pibake.model import BOARDS  # noqa: F401,E402
 from pibake.firstboot import agent as firstboot_agent  # noqa: F401,E402
 from pibake.jobs import DEFAULT_WORKERS as DEFAULT_JOB_WORKERS, MANAGER_FUNCTIONS as MANAGER_JOB_FUNCTIONS  # noqa: F401,E402

@@ -11,22 +11,22 @@ It never overwrites secrets unless asked to rotate them, and never silently repl
 cluster.yaml that says something else than what it was asked for.
 """
 
-import base64
 import ipaddress
 import logging
 import os
 import pwd
 import re
 import shutil
-import zoneinfo
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+from pibake import fields
 from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
+from pibake.fields import ssh_key_problem, valid_hostname
 from pibake.files import atomic_write
 from pibake.model import BOARDS, FAMILIES, SWITCH_DRIVERS, Cluster, MqttSettings, SwitchConfig, Wifi
 from pibake.sensors_model import SETTINGS_SCHEMA as SENSOR_SETTINGS_SCHEMA, settings_problems as sensor_settings_problems
@@ -51,34 +51,6 @@ IMAGE_SUFFIXES = (".img", ".img.xz", ".img.gz", ".img.zst", ".img.bz2", ".zip", 
 DEFAULT_USER = "pi"
 DEFAULT_LOCALE = "C.UTF-8"
 DEFAULT_REGISTRY_PORT = 8443
-
-# ISO 3166-1 alpha-2 (all 249 assigned codes), for the Wi-Fi regulatory country.
-ISO3166_ALPHA2 = frozenset(
-    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS
-    BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE
-    EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM
-    HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC
-    LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA
-    NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW
-    SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO
-    TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW""".split()
-)
-
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-LOCALE_RE = re.compile(r"^(C|POSIX|[a-z]{2,3}(_[A-Z]{2})?)(\.[A-Za-z0-9-]+)?(@[a-z]+)?$")
-TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
-PSK_RE = re.compile(r"^[0-9a-f]{64}$")
-SSH_KEY_TYPES = (
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-)
-RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
 
 # The order keys are written in, and their comments in the generated file.
 _KEY_DOCS = {
@@ -136,7 +108,7 @@ _WIFI_EXAMPLE = """\
 #   psk: <64 hex digits, written by pibake init --wifi-ssid MyNetwork --wifi-country DE>
 """
 
-_IPV4 = {"type": "string"}  # the address itself is checked by validate_cluster_data
+_IPV4 = {"type": "string"}  # the address itself is checked by validate_cluster_data (pibake.fields)
 
 CLUSTER_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -145,29 +117,29 @@ CLUSTER_SCHEMA = {
     "additionalProperties": False,
     "required": ["name", "manager", "manager_ip", "network"],
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 40},
-        "manager": {"type": "string", "minLength": 1, "maxLength": 63},
+        "name": {"type": "string"},  # these values' rules: pibake.fields (validate_cluster_data)
+        "manager": {"type": "string"},
         "manager_ip": _IPV4,
         "network": {"type": "string"},
         "gateway": {"type": ["string", "null"]},
         "dns": {"type": "array", "items": _IPV4, "maxItems": 3},
-        "user": {"type": "string", "minLength": 1, "maxLength": 32},
+        "user": {"type": "string"},
         "ssh_keys": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 16384}},
-        "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
-        "locale": {"type": "string", "minLength": 1, "maxLength": 64},
+        "timezone": {"type": "string"},
+        "locale": {"type": "string"},
         "wifi": {
             "type": ["object", "null"],
             "additionalProperties": False,
             "required": ["country", "ssid", "psk"],
             "properties": {
-                "country": {"type": "string", "minLength": 2, "maxLength": 2},
-                "ssid": {"type": "string", "minLength": 1, "maxLength": 32},
-                "psk": {"type": "string", "minLength": 64, "maxLength": 64},
+                "country": {"type": "string"},
+                "ssid": {"type": "string"},
+                "psk": {"type": "string"},
             },
         },
         "image": {"type": "string", "minLength": 1, "maxLength": 4096},
         "family": {"enum": list(FAMILIES)},
-        "ntp_servers": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 253}},
+        "ntp_servers": {"type": "array", "items": {"type": "string"}},
         "registry_port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "registry": {
             "type": ["object", "null"],
@@ -311,61 +283,6 @@ def _schema_problem(err):
     return path, f"{path or 'cluster.yaml'}: {err.message}"
 
 
-def _ipv4(value):
-    try:
-        return ipaddress.IPv4Address(value)
-    except ValueError:
-        return None
-
-
-def valid_hostname(name):
-    """True for an RFC 1123 label in lower case, not all digits (a hostname, never an FQDN)."""
-    return isinstance(name, str) and bool(HOSTNAME_RE.match(name)) and not name.isdigit()
-
-
-def ssh_key_problem(line):
-    """None if ``line`` is an ssh public key line (type, base64 blob, optional comment); else why not."""
-    if not isinstance(line, str) or "\n" in line or "\r" in line:
-        return "must be one line"
-    if "PRIVATE KEY" in line:
-        return "is a private key: give the public key (the .pub file), and keep the private key secret"
-    fields = line.strip().split(None, 2)
-    if len(fields) < 2:
-        return "is not an ssh public key (expected e.g. 'ssh-ed25519 AAAA... comment')"
-    kind, blob = fields[0], fields[1]
-    if kind not in SSH_KEY_TYPES:
-        return f"is not an ssh public key: unknown key type {kind[:40]!r} (expected one of {', '.join(SSH_KEY_TYPES)})"
-    try:
-        raw = base64.b64decode(blob, validate=True)
-    except (ValueError, base64.binascii.Error):
-        return "is not an ssh public key: the key data is not base64"
-    if len(raw) < 4:
-        return "is not an ssh public key: the key data is too short"
-    n = int.from_bytes(raw[:4], "big")
-    if raw[4 : 4 + n] != kind.encode():
-        return f"is not an ssh public key: the key data does not match its type {kind}"
-    if any(ord(c) < 32 for c in line):
-        return "contains control characters"
-    return None
-
-
-def valid_timezone(name):
-    if not isinstance(name, str) or not TIMEZONE_RE.match(name) or ".." in name:
-        return False
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        return False
-    return True
-
-
-def _valid_dns_name(name):
-    if len(name) > 253:
-        return False
-    labels = name.rstrip(".").split(".")
-    return all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", label) for label in labels)
-
-
 def image_catalog():
     """{catalog image name: family}, from the shipped catalog when it can be read: the data file itself
     (package data of pibake.bake; pibake.bake.images, which checks every field, is a layer above this one)."""
@@ -397,23 +314,21 @@ def validate_cluster_data(data):
     def ok(key):
         return key in data and data[key] is not None and not any(p == key or p.startswith((key + ".", key + "[")) for p in bad)
 
+    def check(key, field, value):
+        """The field's one message (pibake.fields) for a bad value; True when it is valid."""
+        problem = field.problem(value)
+        if problem:
+            sem.append(f"{key}: {problem}")
+        return problem is None
+
     network = None
-    if ok("network"):
-        try:
-            network = ipaddress.IPv4Network(data["network"], strict=True)
-        except ValueError as exc:
-            detail = "host bits are set" if "host bits" in str(exc) else "expected e.g. 10.1.1.0/24"
-            sem.append(f"network: {data['network']} is not a network ({detail})")
-        else:
-            if network.prefixlen > 30:
-                sem.append(f"network: {network} is too small for a cluster (use a /30 or larger, e.g. /24)")
-                network = None
+    if ok("network") and check("network", fields.NETWORK, data["network"]):
+        network = ipaddress.IPv4Network(data["network"], strict=True)
 
     def check_in_network(key, value):
-        addr = _ipv4(value)
-        if addr is None:
-            sem.append(f"{key}: {value} is not an IPv4 address")
-            return None
+        if not check(key, fields.IPV4, value):
+            return
+        addr = ipaddress.IPv4Address(value)
         if network is not None:
             if addr not in network:
                 sem.append(f"{key}: {addr} is outside the network {network}")
@@ -421,50 +336,35 @@ def validate_cluster_data(data):
                 sem.append(f"{key}: {addr} is the network address of {network}; use a host address")
             elif addr == network.broadcast_address:
                 sem.append(f"{key}: {addr} is the broadcast address of {network}; use a host address")
-        return addr
 
     if ok("manager_ip"):
         check_in_network("manager_ip", data["manager_ip"])
     if ok("gateway"):
         check_in_network("gateway", data["gateway"])
-    if ok("dns"):
-        for i, server in enumerate(data["dns"]):
-            if _ipv4(server) is None:
-                sem.append(f"dns[{i}]: {server} is not an IPv4 address")
-    if ok("name") and not valid_hostname(data["name"]):
-        sem.append(f"name: {data['name']!r} is not a valid cluster name (lower case letters, digits and '-')")
-    if ok("manager") and not valid_hostname(data["manager"]):
-        sem.append(
-            f"manager: {data['manager']!r} is not a valid hostname "
-            "(RFC 1123 label: lower case letters, digits and '-', no dots, at most 63)"
-        )
+    for i, server in enumerate(data["dns"] if ok("dns") else ()):
+        check(f"dns[{i}]", fields.IPV4, server)
+    if ok("name"):
+        check("name", fields.CLUSTER_NAME, data["name"])
+    if ok("manager"):
+        check("manager", fields.HOSTNAME, data["manager"])
     if ok("user"):
-        user = data["user"]
-        if not USER_RE.match(user):
-            sem.append(f"user: {user!r} is not a valid Linux user name (lower case, start with a letter or _)")
-        elif user in RESERVED_USERS:
-            sem.append(f"user: {user!r} is a system account; choose an ordinary name such as pi")
+        check("user", fields.USERNAME, data["user"])
     if ok("ssh_keys"):
         for i, key in enumerate(data["ssh_keys"]):
             why = ssh_key_problem(key)
             if why:
                 sem.append(f"ssh_keys[{i}]: {why}")
-    if ok("timezone") and not valid_timezone(data["timezone"]):
-        sem.append(f"timezone: {data['timezone']!r} is not a known time zone (e.g. Europe/Berlin, Etc/UTC)")
-    if ok("locale") and not LOCALE_RE.match(data["locale"]):
-        sem.append(f"locale: {data['locale']!r} is not a locale name (e.g. C.UTF-8, en_US.UTF-8)")
+    if ok("timezone"):
+        check("timezone", fields.TIMEZONE, data["timezone"])
+    if ok("locale"):
+        check("locale", fields.LOCALE, data["locale"])
     if ok("wifi"):
         wifi = data["wifi"]
-        if wifi["country"] not in ISO3166_ALPHA2:
-            sem.append(f"wifi.country: {wifi['country']!r} is not an ISO 3166 country code (e.g. DE, US, GB)")
-        if not PSK_RE.match(wifi["psk"]):
-            sem.append("wifi.psk: must be the WPA PSK as 64 lower-case hex digits (run `pibake init --wifi-ssid ...`)")
-        if any(ord(c) < 32 for c in wifi["ssid"]) or len(wifi["ssid"].encode()) > 32:
-            sem.append("wifi.ssid: must be 1 to 32 bytes without control characters")
-    if ok("ntp_servers"):
-        for i, server in enumerate(data["ntp_servers"]):
-            if _ipv4(server) is None and not _valid_dns_name(server):
-                sem.append(f"ntp_servers[{i}]: {server!r} is neither an IPv4 address nor a host name")
+        check("wifi.country", fields.COUNTRY, wifi["country"])
+        check("wifi.ssid", fields.SSID, wifi["ssid"])
+        check("wifi.psk", fields.PSK, wifi["psk"])
+    for i, server in enumerate(data["ntp_servers"] if ok("ntp_servers") else ()):
+        check(f"ntp_servers[{i}]", fields.HOST, server)
     if ok("image"):
         catalog = image_catalog()
         image = data["image"]
@@ -498,7 +398,9 @@ def validate_cluster_data(data):
                    if not valid_hostname(str(name)))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
-    if isinstance(psk, (str, int)) and str(psk):  # never echo the PSK (or a passphrase put there)
+    # never echo the PSK (or a passphrase put there); a value shorter than any passphrase (8) is no secret, and
+    # hiding it would mangle the messages ("4" in "64 hex digits")
+    if isinstance(psk, (str, int)) and len(str(psk)) >= 8:
         out = [p.replace(repr(psk), "<hidden>").replace(str(psk), "<hidden>") for p in out]
     return out
 
@@ -515,9 +417,7 @@ def address_problem(address):
         host, port = address, None
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         return f"{port!r} is not a TCP port (1-65535)"
-    if _ipv4(host) is None and not _valid_dns_name(host):
-        return f"{host!r} is neither an IPv4 address nor a host name"
-    return None
+    return fields.HOST.problem(host)
 
 
 def switch_problems(switches, manager=None, skip=()):
@@ -662,7 +562,8 @@ def cluster_from_data(data, directory=None):
         ssh_keys=tuple(k.strip() for k in data.get("ssh_keys") or ()),
         timezone=data.get("timezone", "Etc/UTC"),
         locale=data.get("locale", DEFAULT_LOCALE),
-        wifi=Wifi(country=wifi["country"], ssid=wifi["ssid"], psk=wifi["psk"]) if wifi else None,
+        wifi=Wifi(country=fields.COUNTRY.normalise(wifi["country"]), ssid=wifi["ssid"],
+                  psk=fields.PSK.normalise(wifi["psk"])) if wifi else None,
         image=image,
         family=family,
         ntp_servers=tuple(data.get("ntp_servers") or ()),
@@ -836,13 +737,13 @@ def host_timezone():
     try:
         target = os.readlink("/etc/localtime")
         name = target.split("zoneinfo/", 1)[1]
-        if valid_timezone(name):
+        if fields.TIMEZONE.valid(name):
             return name
     except (OSError, IndexError):
         pass
     try:
         name = Path("/etc/timezone").read_text().strip()
-        if valid_timezone(name):
+        if fields.TIMEZONE.valid(name):
             return name
     except OSError:
         pass
@@ -857,8 +758,8 @@ def default_cluster_name(manager):
 
 def _wifi_psk(ssid, password):
     password = password.rstrip("\r\n")
-    if re.fullmatch(r"[0-9a-fA-F]{64}", password):  # already a PSK
-        return password.lower()
+    if fields.PSK.valid(password):  # already a PSK
+        return fields.PSK.normalise(password)
     try:
         return _secrets.wpa_psk(ssid, password)
     except SecretsError as exc:
@@ -1012,7 +913,7 @@ def init_cluster(
                                         ("a Wi-Fi password", wifi_password)) if not val]
         if missing:
             raise ConfigError(f"Wi-Fi needs a country, an SSID and a password: missing {', '.join(missing)}")
-        wanted["wifi"] = {"country": wifi_country.upper() if len(wifi_country) == 2 else wifi_country,
+        wanted["wifi"] = {"country": fields.COUNTRY.normalise(wifi_country),
                           "ssid": wifi_ssid, "psk": _wifi_psk(wifi_ssid, wifi_password)}
 
     existing = None

@@ -32,6 +32,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+from pibake import fields
 from pibake import secrets as _secrets
 from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
@@ -77,9 +78,7 @@ def node_settings(cluster, hostname):
 
 def valid_node_user(name):
     """True when ``name`` may be an MQTT node user: a hostname, never a reserved (``_``) name."""
-    from pibake.cluster import valid_hostname  # pylint: disable=import-outside-toplevel
-
-    return valid_hostname(name)
+    return fields.HOSTNAME.valid(name)
 
 
 def tasmota_user(switch_name):
@@ -205,7 +204,7 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
     result = {}
     exists = key_path.exists() and crt_path.exists()
     if exists and not rotate and _issued_by(crt_path, ca_crt_path) \
-            and _secrets._cert_names_match(crt_path, manager, manager_ip):  # noqa: SLF001
+            and _secrets.cert_names_match(crt_path, manager, manager_ip):
         result["mqtt-cert"] = "kept"
     else:
         if not ca_key_path.exists():
@@ -213,15 +212,15 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
                                "CA; run this where `pibake init` made the cluster")
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
-        key, cert = _secrets._make_server_cert(ca_key, ca_cert, manager, manager_ip)  # noqa: SLF001
-        _secrets._write_private(key_path, _secrets._key_pem(key))  # noqa: SLF001
-        _secrets._write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)  # noqa: SLF001
+        key, cert = _secrets.make_server_cert(ca_key, ca_cert, manager, manager_ip)
+        _secrets.write_private(key_path, _secrets.key_pem(key))
+        _secrets.write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
         result["mqtt-cert"] = "rotated" if exists else "created"
     if admin_path.exists() and not rotate:
         result["mqtt-admin"] = "kept"
     else:
         result["mqtt-admin"] = "rotated" if admin_path.exists() else "created"
-        _secrets._write_private(admin_path, new_password() + "\n")  # noqa: SLF001
+        _secrets.write_private(admin_path, new_password() + "\n")
     for name, what in result.items():
         LOG.info("secret %s: %s", name, what)
     return result
@@ -360,8 +359,33 @@ def reload_broker(pid_file=PID_FILE):
             return "systemctl"
         except CommandError as exc:
             LOG.warning("systemctl reload mosquitto failed: %s", str(exc)[-200:])
+    # Debian's mosquitto.conf writes no pid file (its unit is Type=notify): without systemd (the lab, a
+    # container) the broker is found by its process name
+    signalled = False
+    for pid in processes_named("mosquitto"):
+        try:
+            os.kill(pid, signal.SIGHUP)
+            signalled = True
+        except ProcessLookupError:
+            pass
+    if signalled:
+        return "sighup"
     LOG.warning("mosquitto is not running: it reads the new password file when it starts")
     return None
+
+
+def processes_named(name, proc="/proc"):
+    """Pids of this PID namespace's processes whose command name (``/proc/PID/comm``) is ``name``."""
+    pids = []
+    for entry in Path(proc).iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
 
 
 def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):

@@ -18,7 +18,8 @@ import yaml
 from ClusterShell.NodeSet import NodeSet, NodeSetException
 from ClusterShell.RangeSet import RangeSetException
 
-from pibake.cluster import read_yaml, valid_hostname
+from pibake import fields
+from pibake.cluster import read_yaml
 from pibake.errors import PlanError
 from pibake.files import atomic_write
 from pibake.locks import file_lock
@@ -115,10 +116,11 @@ def expand_iplist(pattern, option="--ip", problems=None):
     raw = expand_hostlist(pattern, option, problems)
     out = []
     for text in raw:
-        try:
-            out.append(str(ipaddress.IPv4Address(text)))
-        except ValueError:
-            problems.append(f"{option}: {text!r} is not an IPv4 address (write e.g. 10.1.1.11 or '10.1.1.[11-14]')")
+        problem = fields.IPV4.problem(text)
+        if problem:
+            problems.append(f"{option}: {problem}; write e.g. 10.1.1.11 or '10.1.1.[11-14]'")
+        else:
+            out.append(text)
     if own and problems:
         raise _plan_error(problems)
     return out
@@ -135,12 +137,8 @@ def _check_pairs(cluster, pairs, recorded, label=lambda i, host: host):
     rec_by_ip = {n.ip: n for n in recorded}
     for i, (host, ip, role) in enumerate(pairs):
         where = label(i, host)
-        if not valid_hostname(host):
-            shown = host if isinstance(host, str) and len(host) <= 80 else f"{str(host)[:77]}..."
-            problems.append(
-                f"{where}: {shown!r} is not a valid hostname (RFC 1123 label: lower case letters, "
-                "digits and '-', not starting or ending with '-', no dots, at most 63 characters)"
-            )
+        if not fields.HOSTNAME.valid(host):
+            problems.append(f"{where}: {fields.HOSTNAME.problem(host)}")
         elif host in seen_hosts:
             problems.append(f"{where}: hostname {host} appears twice; give each node its own name")
         seen_hosts.setdefault(host, ip)
@@ -271,10 +269,9 @@ def plan_from_inventory(cluster, path, recorded=()):
         if ip in (None, ""):
             problems.append(f"{where}.ip: missing (pibake gives every node a static IP)")
             continue
-        try:
-            ip = str(ipaddress.IPv4Address(str(ip).strip()))
-        except ValueError:
-            problems.append(f"{where}.ip: {ip!r} is not an IPv4 address")
+        ip = str(ip).strip()  # an inventory (cloudmesh-pi-burn) may write it unquoted or padded
+        if not fields.IPV4.valid(ip):
+            problems.append(f"{where}.ip: {fields.IPV4.problem(ip)}")
             continue
         service = record.get("service") or ("manager" if host == cluster.manager else "worker")
         role = INVENTORY_SERVICES.get(str(service).strip().lower()) if isinstance(service, str) else None
@@ -338,13 +335,12 @@ def recorded_plan(cluster_dir):
             problems.append(f"{path}: nodes[{i}]: expected hostname and ip")
             continue
         host, ip, role = entry["hostname"], entry["ip"], entry.get("role", "worker")
-        try:
-            ip = str(ipaddress.IPv4Address(str(ip)))
-        except ValueError:
-            problems.append(f"{path}: nodes[{i}].ip: {ip!r} is not an IPv4 address")
+        if not fields.IPV4.valid(str(ip)):
+            problems.append(f"{path}: nodes[{i}].ip: {fields.IPV4.problem(ip)}")
             continue
-        if not valid_hostname(host):
-            problems.append(f"{path}: nodes[{i}].hostname: {host!r} is not a valid hostname")
+        ip = str(ip)
+        if not fields.HOSTNAME.valid(host):
+            problems.append(f"{path}: nodes[{i}].hostname: {fields.HOSTNAME.problem(host)}")
             continue
         if role not in ROLES:
             problems.append(f"{path}: nodes[{i}].role: {role!r} is not one of {', '.join(ROLES)}")

@@ -75,7 +75,7 @@ class JoinToken:
 # --------------------------------------------------------------------------- files
 
 
-def _write_private(path, data, mode=0o400):
+def write_private(path, data, mode=0o400):
     """Write ``data`` atomically with ``mode``; the file never exists with looser permissions."""
     atomic_write(path, data, mode)
 
@@ -94,7 +94,7 @@ def _new_key():
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key):
+def key_pem(key):
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -126,7 +126,7 @@ def _make_ca(cluster_name):
     return key, cert
 
 
-def _make_server_cert(ca_key, ca_cert, manager, manager_ip, extra_names=()):
+def make_server_cert(ca_key, ca_cert, manager, manager_ip, extra_names=()):
     key = _new_key()
     sans = [x509.DNSName(manager)]
     ips = [manager_ip]
@@ -192,7 +192,7 @@ def _write_join_token(cluster_dir, ca_pem, ttl):
         "created": now.isoformat(),
         "expires": (now + ttl).isoformat(),
     }
-    _write_private(secrets_dir(cluster_dir) / "join-token.json", json.dumps(record, indent=2) + "\n")
+    write_private(secrets_dir(cluster_dir) / "join-token.json", json.dumps(record, indent=2) + "\n")
 
 
 def load_join_token(cluster_dir):
@@ -297,8 +297,8 @@ def ensure_secrets(cluster_dir, cluster_name, manager, manager_ip, *, rotate=(),
     result["ca"] = status("ca", ca_key_path.exists() and ca_crt_path.exists())
     if result["ca"] != "kept":
         ca_key, ca_cert = _make_ca(cluster_name)
-        _write_private(ca_key_path, _key_pem(ca_key))
-        _write_private(ca_crt_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o444)
+        write_private(ca_key_path, key_pem(ca_key))
+        write_private(ca_crt_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o444)
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     ca_pem = ca_crt_path.read_bytes()
     ca_cert = x509.load_pem_x509_certificate(ca_pem)
@@ -306,13 +306,13 @@ def ensure_secrets(cluster_dir, cluster_name, manager, manager_ip, *, rotate=(),
     # registry server cert; re-issued too when the manager's name or IP changed
     reg_key_path, reg_crt_path = sdir / "registry.key", sdir / "registry.crt"
     exists = reg_key_path.exists() and reg_crt_path.exists()
-    if exists and "registry-cert" not in rotate and not _cert_names_match(reg_crt_path, manager, manager_ip):
+    if exists and "registry-cert" not in rotate and not cert_names_match(reg_crt_path, manager, manager_ip):
         rotate.add("registry-cert")
     result["registry-cert"] = status("registry-cert", exists)
     if result["registry-cert"] != "kept":
-        key, cert = _make_server_cert(ca_key, ca_cert, manager, manager_ip, extra_names)
-        _write_private(reg_key_path, _key_pem(key))
-        _write_private(reg_crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
+        key, cert = make_server_cert(ca_key, ca_cert, manager, manager_ip, extra_names)
+        write_private(reg_key_path, key_pem(key))
+        write_private(reg_crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
 
     # join token
     tok_path = sdir / "join-token.json"
@@ -324,28 +324,28 @@ def ensure_secrets(cluster_dir, cluster_name, manager, manager_ip, *, rotate=(),
     munge_path = sdir / "munge.key"
     result["munge-key"] = status("munge-key", munge_path.exists())
     if result["munge-key"] != "kept":
-        _write_private(munge_path, os.urandom(MUNGE_KEY_BYTES))
+        write_private(munge_path, os.urandom(MUNGE_KEY_BYTES))
 
     # admin credential
     admin_path = sdir / "admin-password"
     result["admin"] = status("admin", admin_path.exists())
     if result["admin"] != "kept":
-        _write_private(admin_path, _random.token_urlsafe(24) + "\n")
+        write_private(admin_path, _random.token_urlsafe(24) + "\n")
 
     # the manager's ssh identity (a cluster made before it existed gets it on its next `pibake init`)
     key_path, pub_path = sdir / MANAGER_SSH_KEY, sdir / f"{MANAGER_SSH_KEY}.pub"
     result["manager-ssh-key"] = status("manager-ssh-key", key_path.exists() and pub_path.exists())
     if result["manager-ssh-key"] != "kept":
         private, public = _make_manager_ssh_key(cluster_name)
-        _write_private(key_path, private)
-        _write_private(pub_path, public, 0o444)
+        write_private(key_path, private)
+        write_private(pub_path, public, 0o444)
 
     for name, what in result.items():
         LOG.info("secret %s: %s", name, what)
     return result
 
 
-def _cert_names_match(cert_path, manager, manager_ip):
+def cert_names_match(cert_path, manager, manager_ip):
     try:
         cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

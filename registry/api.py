@@ -15,7 +15,7 @@ LOG = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
-def _json_body():
+def json_body():
     body = request.get_json(silent=True)
     if body is None:
         raise RegistryError(400, "the request body must be JSON (Content-Type: application/json)")
@@ -28,7 +28,7 @@ def _current_node_name():
 
 
 @bp.errorhandler(RegistryError)
-def _registry_error(err):
+def registry_error_response(err):
     body = {"error": err.message}
     if err.problems:
         body["problems"] = err.problems
@@ -68,7 +68,7 @@ def openapi():
 @bp.post("/enrol")
 @join_auth.login_required
 def enrol():
-    body, created = registry().enrol(_json_body(), peer_ip=request.remote_addr)
+    body, created = registry().enrol(json_body(), peer_ip=request.remote_addr)
     return jsonify(body), 201 if created else 200
 
 
@@ -98,7 +98,7 @@ def slurm_conf():
 def node_status(hostname):
     if _current_node_name() != hostname:
         raise RegistryError(403, "a node may report only its own status")
-    node = registry().report_status(hostname, _json_body())
+    node = registry().report_status(hostname, json_body())
     return jsonify(node)
 
 
@@ -133,7 +133,7 @@ def _jobs():
 
 
 def _start_job(kind):
-    job = _jobs().submit(kind, _json_body())
+    job = _jobs().submit(kind, json_body())
     response = jsonify(job)
     response.status_code = 202
     response.headers["Location"] = f"{bp.url_prefix}/jobs/{job['id']}"

@@ -2,7 +2,7 @@
 
     app = create_app("cluster", require_approval=True, slurm_conf="/tmp/x/slurm.conf", slurm_apply="none")
 
-Options are those of ``pibake.registry.service.Registry``. Served by ``pibake registry serve`` under
+Options are those of ``pibake.registry.service.RegistryService``. Served by ``pibake registry serve`` under
 gunicorn with TLS; Flask's own server is for tests only.
 """
 
@@ -14,7 +14,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from pibake.registry import api, mqtt, sensors_api, sensors_web, web
-from pibake.registry.service import Registry
+from pibake.registry.service import RegistryService
 from pibake.secrets import admin_password
 
 LOG = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def create_app(cluster_dir, *, test_config=None, job_functions=None, job_workers
     from pibake.api import MANAGER_JOB_FUNCTIONS as MANAGER_FUNCTIONS  # layer: as above
 
     app = Flask(__name__, static_folder=None)
-    reg = Registry(cluster_dir, **options)
+    reg = RegistryService(cluster_dir, **options)
     # The session key derives from the admin password: stable across gunicorn workers and restarts,
     # and every browser session ends when the admin password is rotated.
     app.config.update(

@@ -5,7 +5,7 @@ random password for the node's broker user (its hostname), writes its ``$7$`` ha
 file (``pibake.mqtt.update_password_file``: other users' lines are kept), makes a running Mosquitto re-read
 it (SIGHUP) and answers with the password once: the registry keeps only the hash. A node asks again whenever
 it has no password file (a new card, a re-enrolment), which replaces its old password. Removing a node (REST,
-page or CLI: ``Registry.remove``) removes its broker user (``pibake.mqtt.revoke_node_user``).
+page or CLI: ``RegistryService.remove``) removes its broker user (``pibake.mqtt.revoke_node_user``).
 
 Where the broker's files are on the manager: ``app.config["PIBAKE_MQTT_ETC_DIR"]`` (default
 ``/etc/mosquitto/pibake``) and ``app.config["PIBAKE_MQTT_PID_FILE"]`` (default Mosquitto's pid file).
@@ -26,7 +26,7 @@ bp = Blueprint("mqtt", __name__, url_prefix="/api/v1")
 
 
 @bp.errorhandler(RegistryError)
-def _registry_error(err):
+def registry_error_response(err):
     return jsonify(error=err.message), err.status
 
 

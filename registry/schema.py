@@ -3,7 +3,9 @@
 One home for the REST contract: what the document says a body may be is what the server accepts. The
 server's own code checks only what a schema cannot say (a host list ClusterShell cannot expand, the
 pairing of ssh options). ``x-problem`` in a schema is the one-line message a client sees when a value
-breaks it (``x-anyOf-problem`` for an ``anyOf`` of the object itself).
+breaks it (``x-anyOf-problem`` for an ``anyOf`` of the object itself). ``x-field`` names the
+``pibake.fields`` validator whose rule the schema states (its pattern is that field's ``pattern``, a test
+holds them equal) and whose one message the client gets.
 """
 
 import functools
@@ -11,6 +13,8 @@ import json
 from importlib import resources
 
 import jsonschema
+
+from pibake import fields
 
 
 @functools.cache
@@ -73,7 +77,10 @@ def _describe(error):
         return [(field, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(properties))}")]
     if kind == "type" and schema.get("type") == "object" and "x-problem" not in schema:
         return [(field, "must be an object" if field else "the request body must be a JSON object")]
-    message = schema.get(f"x-{kind}-problem") or schema.get("x-problem") or error.message[:200]
+    if "x-field" in schema:  # a field pibake validates everywhere: its one message (pibake.fields)
+        message = fields.FIELDS[schema["x-field"]].problem(error.instance) or schema.get("x-problem")
+    else:
+        message = schema.get(f"x-{kind}-problem") or schema.get("x-problem") or error.message[:200]
     if ": " in message and not field:  # an object-level message that names its field itself
         field, message = message.split(": ", 1)
     return [(field, message)]

@@ -5,12 +5,12 @@ next to ``api.bp`` (same prefix, same JSON errors, contract in ``openapi.json``)
 from flask import Blueprint, current_app, jsonify, request
 
 from pibake.errors import RegistryError
-from pibake.registry.api import _json_body, _registry_error, http_error_response
+from pibake.registry.api import json_body, registry_error_response, http_error_response
 from pibake.registry.auth import basic_auth, registry
 from werkzeug.exceptions import HTTPException
 
 bp = Blueprint("sensors_api", __name__, url_prefix="/api/v1")
-bp.register_error_handler(RegistryError, _registry_error)
+bp.register_error_handler(RegistryError, registry_error_response)
 bp.register_error_handler(HTTPException, http_error_response)
 
 READINGS_MAX_BODY = 8 * 1024 * 1024  # 500 readings with a Wi-Fi scan each; the app's limit is 256 KiB
@@ -40,7 +40,7 @@ def post_readings():
     if user["status"] == "pending":
         raise RegistryError(403, f"{user['name']} is pending approval; an admin must accept it "
                                  f"(`pibake registry accept {user['name']}`)")
-    return jsonify(sensors().ingest(user["name"], _json_body()))
+    return jsonify(sensors().ingest(user["name"], json_body()))
 
 
 @bp.get("/sensors")
@@ -82,7 +82,7 @@ def sensor_readings(node):
 def mark_place(node):
     from pibake.registry.schema import problems  # pylint: disable=import-outside-toplevel
 
-    body = _json_body()
+    body = json_body()
     found = problems("PlaceRequest", body)
     if found:
         raise RegistryError(400, "; ".join(found), found)
@@ -94,7 +94,7 @@ def mark_place(node):
 def set_threshold(node, metric):
     from pibake.registry.schema import problems  # pylint: disable=import-outside-toplevel
 
-    body = _json_body()
+    body = json_body()
     found = problems("ThresholdRequest", body)
     if found:
         raise RegistryError(400, "; ".join(found), found)

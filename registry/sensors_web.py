@@ -10,7 +10,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, s
 
 from pibake.errors import RegistryError
 from pibake.registry import charts
-from pibake.registry.web import _check_csrf, login_required
+from pibake.registry.web import check_csrf, login_required
 
 bp = Blueprint("sensors_web", __name__, template_folder="templates")
 
@@ -93,7 +93,7 @@ def _back(node):
 @bp.post("/sensors/<node>/place")
 @login_required
 def mark_place(node):
-    if not _check_csrf():
+    if not check_csrf():
         flash("The form expired; please try again.", "error")
         return _back(node)
     try:
@@ -107,7 +107,7 @@ def mark_place(node):
 @bp.post("/sensors/<node>/threshold")
 @login_required
 def set_threshold(node):
-    if not _check_csrf():
+    if not check_csrf():
         flash("The form expired; please try again.", "error")
         return _back(node)
     metric = request.form.get("metric", "")

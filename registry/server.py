@@ -119,7 +119,7 @@ def served_options(cluster_dir):
 
 
 def serve(cluster_dir, *, bind=None, workers=2, threads=32, **options):
-    """Run the registry until SIGTERM. ``options`` are Registry options (None = from cluster.yaml).
+    """Run the registry until SIGTERM. ``options`` are RegistryService options (None = from cluster.yaml).
 
     ``threads`` per worker: an enrolment waiting for the slurm.conf apply that will cover it holds a
     thread, so more threads let one apply cover more enrolments of a burst (bench/registry: 2 x 32 needed

@@ -1,6 +1,6 @@
 """The registry's operations, shared by the REST API, the web page and ``pibake registry`` commands.
 
-``Registry(cluster_dir, **options)`` binds the store, the cluster settings and the slurm.conf applier.
+``RegistryService(cluster_dir, **options)`` binds the store, the cluster settings and the slurm.conf applier.
 Options (``create_app(cluster_dir, **options)`` and ``pibake registry serve`` flags take the same), with the
 cluster.yaml ``registry:`` keys that set them when not given explicitly:
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from pibake import __version__
-from pibake import mqtt
+from pibake import fields, mqtt
 from pibake.errors import ConfigError, RegistryError
 from pibake.registry import schema, slurmconf
 from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
@@ -72,7 +72,7 @@ def validate_enrolment(payload, peer_ip=None, network=None):
     ips = [str(ipaddress.ip_address(ip)) for ip in payload["ips"]]
     model, os_release = payload.get("model", ""), payload.get("os_release", {})
     return {
-        "hostname": payload["hostname"], "mac": payload["mac"].lower().replace("-", ":"), "ips": ips,
+        "hostname": payload["hostname"], "mac": fields.MAC.normalise(payload["mac"]), "ips": ips,
         "ip": choose_ip(ips, peer_ip, network), "role": payload.get("role", "worker"), "model": model.strip(),
         "cpus": payload["cpus"], "memory_mb": payload["memory_mb"], "slurmd_c_raw": raw or "",
         "slurmd_c": slurmconf.parse_slurmd_c(raw) if raw else None,
@@ -96,7 +96,7 @@ def choose_ip(ips, peer_ip=None, network=None):
     return ips[0]
 
 
-class Registry:
+class RegistryService:
     """Registry operations over one cluster directory."""
 
     def __init__(self, cluster_dir, **options):

@@ -40,6 +40,7 @@ import re
 from ClusterShell.NodeSet import NodeSet
 from ClusterShell.RangeSet import RangeSet
 
+from pibake import fields
 from pibake.errors import SlurmdCError
 
 TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
@@ -126,7 +127,6 @@ def version_settings(version):
 
 
 _KV_RE = re.compile(r"(\w+)=(\S+)")
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def parse_slurmd_c(text):
@@ -307,8 +307,8 @@ def validate_nodes(nodes):
     seen = set()
     for i, node in enumerate(nodes):
         name = node.get("hostname")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            problems.append(f"nodes[{i}].hostname: {name!r} is not a lower-case RFC 1123 label")
+        if not fields.HOSTNAME.valid(name):
+            problems.append(f"nodes[{i}].hostname: {fields.HOSTNAME.problem(name)}")
         elif name in seen:
             problems.append(f"nodes[{i}].hostname: {name} appears twice")
         seen.add(name)

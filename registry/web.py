@@ -35,7 +35,7 @@ def login_required(view):
     return wrapped
 
 
-def _check_csrf():
+def check_csrf():
     token = request.form.get("csrf", "")
     expected = session.get("csrf", "")
     return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
@@ -150,7 +150,7 @@ def report_file(name):
 
 
 def _admin_post(action, hostname):
-    if not _check_csrf():
+    if not check_csrf():
         flash("The form expired; please try again.", "error")
         return redirect(url_for("web.index"))
     try:
@@ -230,7 +230,7 @@ def _needs_confirmation(item, action):
 def switch_action(name, action):
     from pibake import api  # pylint: disable=import-outside-toplevel
 
-    if not _check_csrf():
+    if not check_csrf():
         flash("The form expired; please try again.", "error")
         return redirect(url_for("web.index"))
     item = next((s for s in api.list_switches(registry().cluster_dir) if s["name"] == name), None)

@@ -18,10 +18,16 @@ import shutil
 import pytest
 
 NOT_APPLICABLE = "not applicable here: "
+pytest_plugins = ["tests.fixtures_plugin"]  # the shared fixtures: cluster dir, ssh key, lab rootfs, labs
+
+
+def running_as_root():
+    """The one root check of the suite (also for a test whose expected outcome depends on it)."""
+    return os.geteuid() == 0
 
 
 def needs_root(reason="needs root"):
-    return pytest.mark.skipif(os.geteuid() != 0, reason=reason)
+    return pytest.mark.skipif(not running_as_root(), reason=reason)
 
 
 def needs_program(*names):

@@ -1,10 +1,11 @@
 """The CI rule of tests/conftest.py: with CI set, a skip for something missing fails, naming it; without
 CI it stays a skip; a not-applicable skip stays a skip either way."""
 
-import os
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import running_as_root
 
 pytest_plugins = ["pytester"]
 
@@ -37,7 +38,9 @@ def test_known_bug():
 
 
 @pytest.fixture
-def suite(pytester):
+def suite(pytester, monkeypatch):
+    # the real conftest (it registers tests.fixtures_plugin, importable from the checkout)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
     pytester.makepyfile(test_inner=INNER,
                         test_extra='import pytest\npytest.importorskip("pibake_no_such_module")\n')
@@ -47,7 +50,7 @@ def suite(pytester):
 def test_without_ci_missing_things_skip(suite, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     result = suite.runpytest_subprocess("-rs")
-    root = 1 if os.geteuid() == 0 else 0
+    root = int(running_as_root())
     result.assert_outcomes(passed=root, skipped=5 - root, xfailed=1)
     result.stdout.fnmatch_lines(["*not installed: pibake-no-such-program*"])
 
@@ -55,7 +58,7 @@ def test_without_ci_missing_things_skip(suite, monkeypatch):
 def test_with_ci_missing_things_fail_naming_what_is_missing(suite, monkeypatch):
     monkeypatch.setenv("CI", "1")
     result = suite.runpytest_subprocess("-rfEs", "--continue-on-collection-errors")
-    root = 1 if os.geteuid() == 0 else 0
+    root = int(running_as_root())
     # skips in setup (marks, fixtures) and at import become errors: the run fails, each naming what is
     # missing; the not-applicable skip stays a skip
     result.assert_outcomes(passed=root, skipped=1, xfailed=1, errors=3 + (1 - root))

@@ -19,7 +19,7 @@ import pytest
 from pibake.bake import bootpart, manifest
 from pibake.errors import BootPartitionError
 from pibake.bake.synthetic import build_pi_image
-from tests.bake.burnkit import check_filesystems, loop_device, make_cluster, random_file, region_sha256
+from tests.bake.burnkit import check_filesystems, loop_device, random_file, region_sha256
 from tests.conftest import needs_program, needs_root
 
 pytestmark = needs_program("sfdisk", "mkfs.vfat", "mke2fs", "mcopy", "fsck.vfat", "e2fsck", "ssh-keygen")
@@ -30,19 +30,13 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, make_cluster):
     """A Raspberry-Pi-OS-like image (+ .xz) and a cluster made by the real `init`, using that image."""
     base = tmp_path_factory.mktemp("assets")
     layout = build_pi_image(base / "raspios.img", size="96M", boot_size="40M",
                             cmdline_extra="ds=nocloud;i=stale-7", kernel_size=MIB)
     (base / "raspios.img.xz").write_bytes(lzma.compress(layout.path.read_bytes(), preset=0))
-    keys = base / "keys"
-    keys.mkdir()
-    make_cluster(base / "cluster-template", keys)
-    from pibake.cluster import init_cluster
-
-    init_cluster(base / "cluster-template", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24",
-                 image=str(layout.path), family="raspios", force=True)
+    make_cluster(base / "cluster-template", image=str(layout.path), family="raspios")
     return base, layout
 
 

@@ -85,8 +85,9 @@ def test_init_refuses_different_values_then_force_keeps_a_backup(env, tmp_path):
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--network", "10.1.1.0/33"], "--network: 10.1.1.0/33 is not a network"),
-        (["--dns", "1.1.1"], "--dns: 1.1.1 is not an IPv4 address"),
+        (["--network", "10.1.1.0/33"], "--network: '10.1.1.0/33' is not an IPv4 network"),
+        (["--dns", "1.1.1"], "--dns: '1.1.1' is not an IPv4 address"),
+        (["--manager", "1234"], "--manager: '1234' is not a valid hostname (RFC 1123 label"),
         (["--timezone", "Mars/Base"], "--timezone: 'Mars/Base' is not a known time zone"),
         (["--manager", "red00\nruncmd: [reboot]"], "--manager: 'red00\\nruncmd: [reboot]' is not a valid hostname"),
         (["--ssh-key", "/nonexistent.pub"], "--ssh-key /nonexistent.pub: no such file"),

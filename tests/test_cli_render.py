@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pibake.bake.lint import find_cloud_init_schema
+from tests.fixtures_plugin import SSH_KEY_COMMENT
 
 PIBAKE = [sys.executable, "-m", "pibake"]
 
@@ -22,15 +23,8 @@ def run(*args, env=None, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    base = tmp_path_factory.mktemp("render-cli")
-    key = base / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab@test", "-f", str(key)], check=True)
-    cdir = base / "cluster"
-    out = run("--cluster", cdir, "init", "--manager", "red00", "--manager-ip", "10.1.1.10", "--network",
-              "10.1.1.0/24", "--ssh-key", f"{key}.pub", "--timezone", "Europe/Berlin")
-    assert out.returncode == 0, out.stderr
-    return cdir
+def cluster(make_cluster):
+    return make_cluster(timezone="Europe/Berlin")
 
 
 def secrets_of(cdir):
@@ -67,7 +61,7 @@ def test_render_one_worker(cluster, tmp_path):
     agent = json.loads({f["path"]: f for f in config["write_files"]}["/etc/pibake/agent.json"]["content"])
     assert agent["join_token"] == secrets_of(cluster)[0]
     assert agent["registry_url"] == "https://red00:8443"
-    assert config["users"][0]["ssh_authorized_keys"][0].endswith(" lab@test")
+    assert config["users"][0]["ssh_authorized_keys"][0].endswith(f" {SSH_KEY_COMMENT}")
 
 
 def test_render_hostlist_with_manager(cluster, tmp_path):

@@ -17,6 +17,7 @@ from pibake.errors import PlanError
 from pibake.model import Cluster
 from pibake.ssh import SshOptions
 from tests.conftest import needs_program, needs_root
+from tests.fixtures_plugin import new_cluster
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deploy"
 # Recorded from a lab host (Debian 12, packages installed, nothing deployed yet) ...
@@ -229,11 +230,11 @@ def manager_seed(tmp_path_factory):
     """A cluster directory (pibake init), the manager's rendered seed (as burn renders it), a stand-in wheel
     and the ManagerPlan deploy takes from them."""
     from pibake.bake.seed import render_checked
-    from pibake.cluster import init_cluster, load_cluster
+    from pibake.cluster import load_cluster
     from pibake.model import PlannedNode
 
     tmp = tmp_path_factory.mktemp("manager-plan")
-    init_cluster(tmp / "cluster", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="unit")
+    new_cluster(tmp / "cluster", name="unit")
     cluster = load_cluster(tmp / "cluster")
     wheel = tmp / "pibake-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK\x03\x04 not really a wheel")
@@ -432,8 +433,8 @@ def _as_node_with_user(tmp_path, argv, stdin):
                           capture_output=True, text=True, timeout=30, check=True).stdout, home
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
-                    reason="needs root (a private mount namespace with its own /etc/passwd)")
+@needs_root("needs root (a private mount namespace with its own /etc/passwd)")
+@needs_program("unshare")
 def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     cluster = Cluster(name="red", manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", user="pibaketest")
     blob = base64.b64encode(b"\0\0\0\x0bssh-ed25519\0\0\0\x20" + b"n" * 32).decode()

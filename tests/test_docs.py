@@ -52,6 +52,8 @@ from pathlib import Path
 import click
 import pytest
 
+from tests.fixtures_plugin import make_ssh_key
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 BLOCK_RE = re.compile(r"```sh\n(.*?)```(?:\s*```json\n(.*?)```)?", re.S)
@@ -462,9 +464,7 @@ def parse_only(argv, cwd):
 @pytest.fixture
 def sandbox(tmp_path):
     home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "docs", "-f",
-                    str(home / ".ssh" / "id_ed25519")], check=True)
+    make_ssh_key(home / ".ssh", "docs")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIBAKE_")}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(tmp_path / "cache"), PIBAKE_IMAGE_CACHE=str(tmp_path / "images"),
                COLUMNS="80", TZ="UTC")

@@ -12,7 +12,7 @@ from tests import layers
 
 # The core: data, validation, secrets, plans, the subprocess seam. Imports nothing above it.
 CORE = ["pibake.errors", "pibake.model", "pibake.cluster", "pibake.plan", "pibake.secrets", "pibake.locks",
-        "pibake.run", "pibake.files", "pibake.tables", "pibake.layout", "pibake.sensors_model", "pibake.rules_model", "pibake.mqtt",
+        "pibake.run", "pibake.files", "pibake.fields", "pibake.tables", "pibake.layout", "pibake.sensors_model", "pibake.rules_model", "pibake.mqtt",
         "pibake.templates"]
 LAYERS = {  # layer: module prefixes; what no prefix names is orchestration (api, deploy, verify, jobs, lab, ...)
     "core": CORE,

@@ -21,7 +21,8 @@ from pibake import mqtt
 from pibake.cluster import init_cluster, validate_cluster_data
 from pibake.run import which
 from pibake.secrets import admin_password
-from tests.conftest import needs_program
+from tests.conftest import needs_program, needs_root
+from tests.fixtures_plugin import LOOPBACK, RED, new_cluster
 from tests.registry.conftest import enrolment
 from tests.switches.conftest import free_port
 
@@ -141,16 +142,13 @@ class Broker:
     def __init__(self, where):
         self.where = where
         self.cluster = where / "cluster"
-        init_cluster(self.cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="mq")
         self.port = free_port()
-        data = yaml.safe_load((self.cluster / "cluster.yaml").read_text())
-        data["mqtt"] = {"enabled": True, "port": self.port}
-        data["switches"] = [{"name": "fan", "driver": "tasmota", "address": "127.0.0.1:1", "thing": "fan",
-                             "mqtt_broker": f"127.0.0.1:{self.port}", "mqtt_topic": TOPIC, "mqtt_tls": True}]
-        (self.cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
+        new_cluster(self.cluster, name="mq", **LOOPBACK, settings={
+            "mqtt": {"enabled": True, "port": self.port},
+            "switches": [{"name": "fan", "driver": "tasmota", "address": "127.0.0.1:1", "thing": "fan",
+                          "mqtt_broker": f"127.0.0.1:{self.port}", "mqtt_topic": TOPIC, "mqtt_tls": True}]})
         # a re-run of init with mqtt enabled adds the broker's secrets and keeps the others
-        result = init_cluster(self.cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8",
-                              name="mq")
+        result = init_cluster(self.cluster, name="mq", **LOOPBACK)
         assert result["secrets"]["mqtt-cert"] == "created" and result["secrets"]["ca"] == "kept"
         self.etc = where / "etc"
         self.pid_file = where / "mosquitto.pid"
@@ -273,7 +271,7 @@ def test_tls_with_the_cluster_ca_is_required(broker, tmp_path):
     plain = connect(broker, *broker.admin, tls=False)  # the listener speaks TLS only
     assert isinstance(plain, (OSError, str)) or getattr(plain, "is_failure", False), plain
     other = tmp_path / "other"
-    init_cluster(other, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="other")
+    new_cluster(other, name="other", **LOOPBACK)
     wrong_ca = connect(broker, *broker.admin, ca=other / "secrets" / "ca.crt")
     assert isinstance(wrong_ca, ssl.SSLCertVerificationError), wrong_ca
 
@@ -469,6 +467,7 @@ def test_tasmota_plug_on_the_cluster_broker(broker):
 
 
 @needs_mosquitto
+@needs_root("needs root (Mosquitto drops to its own user only when started as root)")
 def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
     """As on the manager: Mosquitto drops root for its own user, so the files pibake writes must be its own
     (also when a node's password arrives later and the broker re-reads the file after SIGHUP)."""
@@ -478,8 +477,6 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
 
     from pibake.broker import setup_broker
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root (Mosquitto drops to its own user only when started as root)")
     try:
         pwd.getpwnam("mosquitto")
     except KeyError:
@@ -489,11 +486,8 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
     proc = None
     try:
         cluster, port = where / "cluster", free_port()
-        init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="own")
-        data = yaml.safe_load((cluster / "cluster.yaml").read_text())
-        data["mqtt"] = {"enabled": True, "port": port}
-        (cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
-        init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="own")
+        new_cluster(cluster, name="own", **LOOPBACK, settings={"mqtt": {"enabled": True, "port": port}})
+        init_cluster(cluster, name="own", **LOOPBACK)  # adds the broker's secrets
         pid_file = where / "run" / "mosquitto.pid"
         setup_broker(cluster, etc_dir=str(where / "etc"), conf_file=str(where / "conf.d" / "pibake.conf"),
                      pid_file=str(pid_file), bind_address="127.0.0.1")
@@ -513,6 +507,15 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
         assert mqtt.reload_broker(pid_file) == "sighup"
         time.sleep(0.3)
         client = connect(fake, "red05", password)
+        assert not getattr(client, "is_failure", False) and not isinstance(client, (Exception, str)), client
+        close(client)
+        # no pid file (Debian's mosquitto.conf writes none; the lab has no systemd): found by its name
+        assert proc.pid in mqtt.processes_named("mosquitto")
+        again = mqtt.new_password()
+        mqtt.update_password_file(where / "etc", {"red05": mqtt.hash_password(again)})
+        assert mqtt.reload_broker(where / "no-pid-file") == "sighup"
+        time.sleep(0.3)
+        client = connect(fake, "red05", again)
         assert not getattr(client, "is_failure", False) and not isinstance(client, (Exception, str)), client
         close(client)
     finally:
@@ -596,7 +599,7 @@ def test_cli_mqtt_setup(broker, tmp_path):
     assert not getattr(still, "is_failure", False) and not isinstance(still, (Exception, str)), still
     close(still)
     off = tmp_path / "off"
-    init_cluster(off, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="off")
+    new_cluster(off, name="off", **LOOPBACK)
     result = CliRunner().invoke(cli, ["--cluster", str(off)] + args)
     assert result.exit_code == 1 and "MQTT is not enabled" in str(result.exception)  # main() prints it
 
@@ -604,15 +607,12 @@ def test_cli_mqtt_setup(broker, tmp_path):
 def test_mqtt_secrets_follow_the_ca(tmp_path):
     """Kept on a re-run; re-issued when the CA is rotated (the old certificate would not chain any more)."""
     cluster = tmp_path / "c"
-    init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
-    data = yaml.safe_load((cluster / "cluster.yaml").read_text())
-    data["mqtt"] = {"enabled": True}
-    (cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
-    first = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    new_cluster(cluster, name="red", settings={"mqtt": {"enabled": True}})
+    first = init_cluster(cluster, name="red", **RED)
     assert (first["secrets"]["mqtt-cert"], first["secrets"]["mqtt-admin"]) == ("created", "created")
-    again = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red")
+    again = init_cluster(cluster, name="red", **RED)
     assert (again["secrets"]["mqtt-cert"], again["secrets"]["mqtt-admin"]) == ("kept", "kept")
-    rotated = init_cluster(cluster, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24", name="red",
+    rotated = init_cluster(cluster, name="red", **RED,
                            rotate=("ca",))
     assert (rotated["secrets"]["mqtt-cert"], rotated["secrets"]["mqtt-admin"]) == ("rotated", "kept")
     assert mqtt._issued_by(cluster / "secrets" / "mqtt.crt", cluster / "secrets" / "ca.crt")  # noqa: SLF001

@@ -89,7 +89,7 @@ def the_agents_enrolment(hostname):
 
 
 def test_both_clients_speak_what_the_document_says(live):
-    node = agent.Registry(live.base, live.ca, deadline=time.monotonic() + 30, once=True)
+    node = agent.AgentRegistryClient(live.base, live.ca, deadline=time.monotonic() + 30, once=True)
     shared = RegistryClient(live.base, live.ca, password=live.password)
     try:
         assert node.call("GET", "/health", "health").json()["status"] == "ok"

@@ -12,6 +12,7 @@ import pytest
 from pibake import verify as v
 from pibake.benchmarks import parse_iperf3, parse_timings, percentile
 from pibake.connect import Output, SshConnector
+from tests.fixtures_plugin import new_cluster
 
 UNMUNGE_OK = """STATUS:          Success (0)
 ENCODE_HOST:     localhost (127.0.0.1)
@@ -211,15 +212,12 @@ def test_verify_with_nothing_running_fails_each_check_with_a_reason(tmp_path):
     """A cluster whose registry is down (a closed port on loopback) and whose manager does not answer ssh."""
     import socket
 
-    from pibake.cluster import init_cluster
-
     with socket.socket() as s:  # a free port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     d = tmp_path / "cluster"
-    init_cluster(d, manager="red00", manager_ip="127.0.0.1", network="127.0.0.0/8", name="down")
-    text = (d / "cluster.yaml").read_text()
-    (d / "cluster.yaml").write_text(text.replace("registry_port: 8443", f"registry_port: {port}"))
+    new_cluster(d, manager="red00", manager_ip="127.0.0.1", network="127.0.0.0/8", name="down",
+                settings={"registry_port": port})
     conns = RecordedConnectors(lambda host, argv: Output(host, 255, "", "ssh: connect to host 127.0.0.1 port 22: "
                                                                           "Connection refused\n"))
     seen = []

@@ -8,6 +8,7 @@ import sys
 import click
 
 from pibake.cli import cli
+from pibake.cli import options
 from pibake.cli.options import emit_json, json_option, pass_state
 from pibake.api import ConfigError, PibakeError, SecretsError, load_cluster, secrets_dir
 
@@ -75,19 +76,19 @@ older pibake lacks (e.g. manager-ssh-key) and keeps the others."""
 
 
 @cli.command("init", short_help="Create a cluster directory: cluster.yaml and secrets.", epilog=INIT_EPILOG)
-@click.option("--manager", required=True, metavar="HOSTNAME", help="Hostname of the manager node, e.g. red00.")
-@click.option("--manager-ip", required=True, metavar="IP", help="Static IPv4 address of the manager, e.g. 10.1.1.10.")
-@click.option("--network", required=True, metavar="CIDR", help="The cluster's IPv4 network, e.g. 10.1.1.0/24.")
-@click.option("--name", default=None, metavar="NAME", help="Cluster name. Default: the manager's name without its number (red00 -> red).")
-@click.option("--gateway", default=None, metavar="IP", help="Default route of the nodes. Default: the network's first host.")
-@click.option("--dns", multiple=True, metavar="IP", help="DNS server (repeatable, or comma-separated). Default: the gateway.")
-@click.option("--user", default=None, metavar="NAME", help="Login user on every node (ssh keys only). Default: pi.")
+@click.option("--manager", required=True, type=options.HOSTNAME, metavar="HOSTNAME", help="Hostname of the manager node, e.g. red00.")
+@click.option("--manager-ip", required=True, type=options.IPV4, metavar="IP", help="Static IPv4 address of the manager, e.g. 10.1.1.10.")
+@click.option("--network", required=True, type=options.NETWORK, metavar="CIDR", help="The cluster's IPv4 network, e.g. 10.1.1.0/24.")
+@click.option("--name", default=None, type=options.CLUSTER_NAME, metavar="NAME", help="Cluster name. Default: the manager's name without its number (red00 -> red).")
+@click.option("--gateway", default=None, type=options.IPV4, metavar="IP", help="Default route of the nodes. Default: the network's first host.")
+@click.option("--dns", multiple=True, type=options.IPV4_LIST, metavar="IP", help="DNS server (repeatable, or comma-separated). Default: the gateway.")
+@click.option("--user", default=None, type=options.USERNAME, metavar="NAME", help="Login user on every node (ssh keys only). Default: pi.")
 @click.option("--ssh-key", "ssh_key_files", multiple=True, metavar="FILE",
               help="ssh public key file (repeatable). Default: your ~/.ssh/*.pub.")
-@click.option("--timezone", default=None, metavar="ZONE", help="IANA time zone, e.g. Europe/Berlin. Default: this machine's.")
-@click.option("--locale", default=None, metavar="LOCALE", help="System locale of the nodes. Default: C.UTF-8.")
-@click.option("--wifi-country", default=None, metavar="CC", help="Wi-Fi country (ISO 3166 alpha-2, e.g. DE).")
-@click.option("--wifi-ssid", default=None, metavar="SSID", help="Wi-Fi network name; the passphrase is asked for (hidden).")
+@click.option("--timezone", default=None, type=options.TIMEZONE, metavar="ZONE", help="IANA time zone, e.g. Europe/Berlin. Default: this machine's.")
+@click.option("--locale", default=None, type=options.LOCALE, metavar="LOCALE", help="System locale of the nodes. Default: C.UTF-8.")
+@click.option("--wifi-country", default=None, type=options.COUNTRY, metavar="CC", help="Wi-Fi country (ISO 3166 alpha-2, e.g. DE).")
+@click.option("--wifi-ssid", default=None, type=options.SSID, metavar="SSID", help="Wi-Fi network name; the passphrase is asked for (hidden).")
 @click.option("--wifi-password-file", default=None, metavar="FILE",
               help="Read the Wi-Fi passphrase from the first line of FILE ('-' = stdin) instead of asking.")
 @click.option("--wifi-password", hidden=True, expose_value=False, callback=_refuse_plain_password, is_eager=True)

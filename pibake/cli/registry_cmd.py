@@ -1,13 +1,13 @@
 """``pibake registry``: run the registry (gunicorn + TLS) and manage its nodes from the manager.
 
-The management commands use the same ``pibake.registry.service.Registry`` functions as the REST API.
+The management commands use the same ``pibake.registry.service.RegistryService`` functions as the REST API.
 """
 
 import logging
 
 import click
 
-from pibake.api import Registry, serve_registry as serve, served_registry_options, text_table
+from pibake.api import RegistryService, serve_registry as serve, served_registry_options, text_table
 from pibake.cli import cli
 from pibake.cli.options import emit_json, json_option, pass_state
 
@@ -20,7 +20,7 @@ def _registry(state, **options):
     """The registry of the cluster, acting on slurm.conf like the last `registry serve` did unless told."""
     merged = served_registry_options(state.cluster_dir)
     merged.update({k: v for k, v in options.items() if v is not None})
-    return Registry(state.cluster_dir, **merged)
+    return RegistryService(state.cluster_dir, **merged)
 
 
 def _slurm_options(func, serve=False):

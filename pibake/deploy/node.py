@@ -68,7 +68,7 @@ def agent_config(cluster, hostname, role="worker"):
 def timesyncd_dropin(cluster):
     """systemd-timesyncd drop-in: time from the manager (the same file a worker's seed writes)."""
     # the seed's template renderer: one template for both paths
-    return seed_module._render("timesyncd.conf.j2", servers=[cluster.manager_ip],
+    return seed_module.render_template("timesyncd.conf.j2", servers=[cluster.manager_ip],
                                fallback=list(cluster.ntp_servers or ()))
 
 

@@ -151,7 +151,7 @@ def validate_seed(root, seed, *, enter, host="host", timeout=60):
     if not user_data.startswith("#cloud-config"):
         raise SeedError(f"{host}: user-data must start with #cloud-config")
     check_path = "/run/pibake-seed-check.yaml"
-    _write_host_file(root, check_path, user_data, enter=enter, timeout=timeout, mode="0600")
+    write_host_file(root, check_path, user_data, enter=enter, timeout=timeout, mode="0600")
     try:
         proc = run([*enter, "chroot", root, "cloud-init", "schema", "--config-file", check_path],
                    timeout=timeout, check=False, env=HOST_ENV)
@@ -182,9 +182,9 @@ def boot_host(root, seed, *, enter, host="host", timeout=300, validate=True):
     if validate:
         validate_seed(root, files, enter=enter, host=host, timeout=timeout)
     for name, text in files.items():
-        _write_host_file(root, f"{BOOT_PARTITION}/{name}", text, enter=enter, timeout=timeout, mode="0600")
-    _write_host_file(root, PI_CLOUD_CFG_PATH, "# pibake lab: what the Pi image ships\n"
-                     + yaml.safe_dump(PI_CLOUD_CFG, sort_keys=False), enter=enter, timeout=timeout)
+        write_host_file(root, f"{BOOT_PARTITION}/{name}", text, enter=enter, timeout=timeout, mode="0600")
+    write_host_file(root, PI_CLOUD_CFG_PATH, "# pibake lab: what the Pi image ships\n"
+                    + yaml.safe_dump(PI_CLOUD_CFG, sort_keys=False), enter=enter, timeout=timeout)
     run([*enter, "sh", "-eu", "-c", 'mkdir -p "$(dirname "$1")" && ln -sfn "$2" "$1"', "link-seed",
          f"{root}{SEED_DIR}", BOOT_PARTITION], timeout=timeout)
     return _run_stages(root, enter, host, timeout)
@@ -243,7 +243,7 @@ def read_host_file(root, path, *, enter, tail=None, timeout=60):
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def _write_host_file(root, path, text, *, enter, timeout, mode="0644"):
+def write_host_file(root, path, text, *, enter, timeout, mode="0644"):
     # The file goes through stdin: contents never reach an argv or a log line.
     run([*enter, "sh", "-eu", "-c", 'mkdir -p "$(dirname "$1")"; umask 077; cat > "$1"; chmod "$2" "$1"',
          "write-host-file", f"{root}{path}", mode], input=text, timeout=timeout)

@@ -44,8 +44,9 @@ import yaml
 from pibake.bake.bootpart import read_seed
 from pibake.bake.burn import burn
 from pibake.bake.synthetic import build_pi_image
-from pibake.cluster import load_cluster, valid_hostname
+from pibake.cluster import load_cluster
 from pibake.errors import LabClusterError, PibakeError, SeedError
+from pibake.fields import valid_hostname
 from pibake.layout import AGENT_CONFIG
 from pibake.files import atomic_write
 from pibake.lab.boot import HOST_ENV, boot_host, validate_seed  # one environment for commands in a lab host
@@ -459,7 +460,7 @@ def sensor_dropin(record, *, sim_bus=None, settings=None):
     """Before a sensor host boots: copy the register image ``sim_bus`` into it and write the sensor agent's
     drop-in (/etc/pibake/sensor.d/, read after the seed's /etc/pibake/sensor.json) selecting it, plus
     ``settings``. The seed itself stays exactly what a Pi gets."""
-    from pibake.lab.boot import _write_host_file
+    from pibake.lab.boot import write_host_file
 
     dropin = dict(settings or {})
     enter = enter_argv(record["pid"])
@@ -469,10 +470,10 @@ def sensor_dropin(record, *, sim_bus=None, settings=None):
             json.loads(image)
         except (OSError, ValueError) as exc:
             raise LabClusterError(f"sim_bus {sim_bus}: not a readable register image ({exc})") from None
-        _write_host_file(record["root"], SENSOR_SIM_BUS, image, enter=enter, timeout=60)
+        write_host_file(record["root"], SENSOR_SIM_BUS, image, enter=enter, timeout=60)
         dropin["sim_bus"] = SENSOR_SIM_BUS
-    _write_host_file(record["root"], SENSOR_DROPIN, json.dumps(dropin, indent=2) + "\n", enter=enter, timeout=60,
-                     mode="0600")
+    write_host_file(record["root"], SENSOR_DROPIN, json.dumps(dropin, indent=2) + "\n", enter=enter, timeout=60,
+                    mode="0600")
 
 
 def _boot(record, seed, started):
@@ -665,9 +666,9 @@ def _veth(state, host):
 
 
 def _host_pids(host):
-    from pibake.lab.hosts import _pids_in_netns
+    from pibake.lab.hosts import pids_in_netns
 
-    return _pids_in_netns(f"/run/netns/{host['netns']}")
+    return pids_in_netns(f"/run/netns/{host['netns']}")
 
 
 def lab_freeze(name, *, prefix=DEFAULT_PREFIX, state_dir=None):
@@ -725,28 +726,28 @@ def lab_power(name, action, *, prefix=DEFAULT_PREFIX, state_dir=None, progress=N
 
 
 def _power_off(state, host, note):
-    from pibake.lab.hosts import _ip, _kill_all
+    from pibake.lab.hosts import run_ip, kill_all
 
     if not _alive(host):
         raise LabClusterError(f"lab host {host['name']} is already off")
     pids = _host_pids(host)
-    _kill_all([host["pid"]] + [p for p in pids if p != host["pid"]])
-    _ip("link", "set", _veth(state, host), "down", check=False)
+    kill_all([host["pid"]] + [p for p in pids if p != host["pid"]])
+    run_ip("link", "set", _veth(state, host), "down", check=False)
     note(f"{host['name']}: power off ({len(pids)} processes gone, link down)")
     return {"processes": len(pids)}
 
 
 def _power_on(state, host, note, timeout):
     from pibake.lab.boot import reboot_host
-    from pibake.lab.hosts import LabHost, _ip
+    from pibake.lab.hosts import LabHost, run_ip
     from pibake.lab.rootfs import make_host_root
 
     name = host["name"]
     if _alive(host):
         raise LabClusterError(f"lab host {name} is already on (`pibake lab power {name} off` first)")
     base = _base_dir(state["prefix"])
-    _ip("link", "set", _veth(state, host), "up")
-    _init_proc, pid = LabHost._start_init(name, host["netns"], base / name)  # pylint: disable=protected-access
+    run_ip("link", "set", _veth(state, host), "up")
+    _init_proc, pid = LabHost.start_init(name, host["netns"], base / name)
     host.update(pid=pid, netns_id=os.readlink(f"/proc/{pid}/ns/net"))
     make_host_root(state["rootfs"], base / ROOTS_DIR / name, enter=enter_argv(pid), timeout=timeout)
     note(f"{name}: power on; booting (cloud-init)")

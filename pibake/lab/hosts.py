@@ -35,13 +35,13 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from pibake import fields
 from pibake.errors import LabError
 from pibake.run import run, which
 
 LOG = logging.getLogger(__name__)
 
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,8}$")
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 # Directories bind-mounted per host (created empty unless listed in COPIED_DIRS).
 HOST_DIRS = ("/etc/slurm", "/etc/munge", "/etc/default", "/etc/pibake", "/etc/ssh", "/var/lib/munge",
@@ -78,7 +78,7 @@ def _check_prefix(prefix):
         raise LabError(f"lab prefix {prefix!r} must be 2-9 characters, a-z and 0-9, starting with a letter")
 
 
-def _ip(*args, check=True):
+def run_ip(*args, check=True):
     return run([which("ip") or "ip", *args], check=check, timeout=30)
 
 
@@ -90,7 +90,7 @@ def _netns_names():
 
 
 def _link_names():
-    out = _ip("-o", "link", "show").stdout
+    out = run_ip("-o", "link", "show").stdout
     names = []
     for line in out.splitlines():
         parts = line.split(":", 2)
@@ -99,7 +99,7 @@ def _link_names():
     return names
 
 
-def _pids_in_netns(path):
+def pids_in_netns(path):
     """PIDs (of this machine's PID namespace) whose network namespace is the one bound at ``path``."""
     try:
         st = os.stat(path)
@@ -118,7 +118,7 @@ def _pids_in_netns(path):
     return pids
 
 
-def _kill_all(pids):
+def kill_all(pids):
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -152,14 +152,14 @@ def cleanup_leftovers(prefix):
     for ns in _netns_names():
         if not ns.startswith(start):
             continue
-        pids = _pids_in_netns(f"/run/netns/{ns}")
-        _kill_all(pids)
+        pids = pids_in_netns(f"/run/netns/{ns}")
+        kill_all(pids)
         report["processes"] += len(pids)
-        _ip("netns", "del", ns, check=False)
+        run_ip("netns", "del", ns, check=False)
         report["netns"].append(ns)
     for link in _link_names():
         if link.startswith(start):
-            _ip("link", "del", link, check=False)
+            run_ip("link", "del", link, check=False)
             report["links"].append(link)
     base = default_base_dir(prefix)
     if base.exists():
@@ -227,17 +227,17 @@ class LabNetwork:
             raise LabError(f"bridge address {bridge_ip} is outside the lab subnet {net}")
         self = cls(prefix, str(net), bridge_ip)
         if self.bridge in _link_names():
-            _ip("link", "del", self.bridge, check=False)
-        _ip("link", "add", "name", self.bridge, "type", "bridge")
+            run_ip("link", "del", self.bridge, check=False)
+        run_ip("link", "add", "name", self.bridge, "type", "bridge")
         if bridge_ip:
-            _ip("addr", "add", f"{bridge_ip}/{net.prefixlen}", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+            run_ip("addr", "add", f"{bridge_ip}/{net.prefixlen}", "dev", self.bridge)
+        run_ip("link", "set", self.bridge, "up")
         LOG.info("lab bridge %s on %s%s", self.bridge, net, f" ({bridge_ip})" if bridge_ip else "")
         return self
 
     def destroy(self):
         if self.bridge in _link_names():
-            _ip("link", "del", self.bridge, check=False)
+            run_ip("link", "del", self.bridge, check=False)
 
 
 class LabHost:
@@ -262,8 +262,11 @@ class LabHost:
         ``extra_hosts``: (ip, name) pairs added to the host's /etc/hosts. ``mac``: the MAC of its eth0
         (default: derived from ``ip`` so a re-created host keeps its MAC).
         """
-        if not HOSTNAME_RE.match(name):
-            raise LabError(f"lab host name {name!r} must be a lower-case RFC 1123 label")
+        # the name goes to sethostname and the netns name <prefix>-<name>, never to an interface name (the
+        # veth is named after the address): a node's hostname rule is all it needs, no shorter limit
+        problem = fields.HOSTNAME.problem(name)
+        if problem:
+            raise LabError(f"lab host name: {problem}")
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -281,24 +284,24 @@ class LabHost:
         cls._prepare_root(root, name, ip, extra_hosts)
         created_ns = False
         try:
-            _ip("netns", "add", netns)
+            run_ip("netns", "add", netns)
             created_ns = True
-            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-            _ip("link", "set", veth, "master", network.bridge, "up")
-            _ip("-n", netns, "link", "set", "eth0", "address", mac)
-            _ip("-n", netns, "addr", "add", f"{ip}/{network.subnet.prefixlen}", "dev", "eth0")
-            _ip("-n", netns, "link", "set", "lo", "up")
-            _ip("-n", netns, "link", "set", "eth0", "up")
+            run_ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+            run_ip("link", "set", veth, "master", network.bridge, "up")
+            run_ip("-n", netns, "link", "set", "eth0", "address", mac)
+            run_ip("-n", netns, "addr", "add", f"{ip}/{network.subnet.prefixlen}", "dev", "eth0")
+            run_ip("-n", netns, "link", "set", "lo", "up")
+            run_ip("-n", netns, "link", "set", "eth0", "up")
             # on-link default route: the host looks like a normal machine (a default-route NIC) while
             # nothing can leave the bridge: there is no gateway and the machine does not forward.
-            _ip("-n", netns, "route", "add", "default", "dev", "eth0")
-            init_proc, pid = cls._start_init(name, netns, root)
+            run_ip("-n", netns, "route", "add", "default", "dev", "eth0")
+            init_proc, pid = cls.start_init(name, netns, root)
         except BaseException:
             if created_ns:
-                _kill_all(_pids_in_netns(f"/run/netns/{netns}"))
-                _ip("netns", "del", netns, check=False)
+                kill_all(pids_in_netns(f"/run/netns/{netns}"))
+                run_ip("netns", "del", netns, check=False)
             if veth in _link_names():
-                _ip("link", "del", veth, check=False)
+                run_ip("link", "del", veth, check=False)
             raise
         LOG.info("lab host %s up: %s (pid 1 = %d)", name, ip, pid)
         return cls(name, ip, network, root, netns, veth, mac, init_proc, pid)
@@ -338,7 +341,7 @@ class LabHost:
         os.chmod(root, 0o755)
 
     @staticmethod
-    def _start_init(name, netns, root):
+    def start_init(name, netns, root):
         for d in HOST_DIRS:
             if not os.path.exists(d):  # a mount point is needed (e.g. /etc/pibake): an empty directory
                 os.makedirs(d, mode=0o755)
@@ -395,8 +398,8 @@ class LabHost:
 
     def destroy(self):
         """Kill everything in the host (its PID 1 takes its PID namespace down) and remove its network."""
-        pids = _pids_in_netns(f"/run/netns/{self.netns}")
-        _kill_all([self.pid] + pids)
+        pids = pids_in_netns(f"/run/netns/{self.netns}")
+        kill_all([self.pid] + pids)
         try:
             self._init.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -405,9 +408,9 @@ class LabHost:
             if stream and not stream.closed:
                 stream.close()
         if self.netns in _netns_names():
-            _ip("netns", "del", self.netns, check=False)
+            run_ip("netns", "del", self.netns, check=False)
         if self.veth in _link_names():
-            _ip("link", "del", self.veth, check=False)
+            run_ip("link", "del", self.veth, check=False)
         LOG.info("lab host %s destroyed", self.name)
 
     def __repr__(self):

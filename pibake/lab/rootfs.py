@@ -154,7 +154,7 @@ def ensure_rootfs(cache_dir=None, *, release=DEFAULT_RELEASE, packages=LAB_PACKA
     root.parent.mkdir(parents=True, exist_ok=True)
     if rootfs_stamp(root):
         return root
-    with _locked(root.with_name(root.name + ".lock")):
+    with file_lock(root.with_name(root.name + ".lock")):
         if rootfs_stamp(root):  # built by another process while we waited
             return root
         _require_tools()
@@ -166,7 +166,7 @@ def ensure_rootfs(cache_dir=None, *, release=DEFAULT_RELEASE, packages=LAB_PACKA
             if leftover.exists():
                 LOG.info("removing incomplete lab rootfs %s", leftover)
                 note(f"removing incomplete rootfs {leftover.name}")
-                _remove_tree(leftover)
+                remove_tree(leftover)
         note(f"building lab rootfs {root.name} (debootstrap {release}, {len(packages)} packages)")
         debs = Path(download_dir) if download_dir else root.parent / "debs"
         try:
@@ -174,11 +174,11 @@ def ensure_rootfs(cache_dir=None, *, release=DEFAULT_RELEASE, packages=LAB_PACKA
             _install_packages(partial, release, mirror, packages, debs / "apt", note)
             _strip_host_state(partial)
         except PibakeError:
-            _remove_tree(partial)
+            remove_tree(partial)
             raise
         partial.rename(root)
         seconds = round(time.monotonic() - started, 1)
-        size = _tree_size(root)
+        size = tree_size(root)
         stamp = {
             "name": root.name,
             "release": release,
@@ -189,7 +189,7 @@ def ensure_rootfs(cache_dir=None, *, release=DEFAULT_RELEASE, packages=LAB_PACKA
             "size_bytes": size,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_atomic(root.with_name(root.name + STAMP_SUFFIX), json.dumps(stamp, indent=2) + "\n")
+        atomic_write(root.with_name(root.name + STAMP_SUFFIX), json.dumps(stamp, indent=2) + "\n")
         LOG.info("lab rootfs %s built in %.1f s, %d MB", root, seconds, size // 2**20)
         note(f"lab rootfs built in {seconds} s ({size // 2**20} MB)")
         return root
@@ -277,7 +277,7 @@ def remove_host_root(host_dir):
     namespaces are gone; refuses while anything is still mounted under ``host_dir`` here."""
     host_dir = Path(host_dir).resolve()
     if host_dir.exists():
-        _remove_tree(host_dir)
+        remove_tree(host_dir)
 
 
 # Runs inside the host's mount (and PID) namespace. Arguments, not string pasting:
@@ -324,7 +324,7 @@ def _require_tools():
         raise RootfsError("building the lab rootfs needs root")
 
 
-def _in_private_mounts(argv):
+def in_private_mounts(argv):
     # Mounts made by the build (debootstrap's /proc, /sys, /dev binds; our apt cache bind)
     # live in a private mount namespace and vanish with it, even if the build is killed.
     return [which("unshare"), "--mount", "--propagation", "private", "--uts", "--ipc", "--pid", "--fork",
@@ -337,12 +337,12 @@ def _debootstrap(target, release, mirror, debs, note):
     started = time.monotonic()
     try:
         run(
-            _in_private_mounts([which("debootstrap"), "--variant=minbase", f"--cache-dir={debs}", release, target,
+            in_private_mounts([which("debootstrap"), "--variant=minbase", f"--cache-dir={debs}", release, target,
                                 mirror]),
             timeout=1200,
         )
     except CommandError as exc:
-        raise RootfsError(f"debootstrap {release} from {mirror} failed ({_tail(exc)}); "
+        raise RootfsError(f"debootstrap {release} from {mirror} failed ({tail_lines(exc)}); "
                           "check that the Debian mirror is reachable, then run again") from exc
     LOG.info("debootstrap took %.1f s", time.monotonic() - started)
 
@@ -387,11 +387,11 @@ def _install_packages(target, release, mirror, packages, debs, note):
     started = time.monotonic()
     try:
         run(
-            _in_private_mounts(["sh", "-eu", "-c", _INSTALL_SCRIPT, "lab-install", target, debs, *packages]),
+            in_private_mounts(["sh", "-eu", "-c", _INSTALL_SCRIPT, "lab-install", target, debs, *packages]),
             timeout=1800,
         )
     except CommandError as exc:
-        raise RootfsError(f"installing the lab packages into the rootfs failed ({_tail(exc)}); "
+        raise RootfsError(f"installing the lab packages into the rootfs failed ({tail_lines(exc)}); "
                           "check the package names and that the Debian mirror is reachable") from exc
     LOG.info("package install took %.1f s", time.monotonic() - started)
 
@@ -443,7 +443,7 @@ def _strip_host_state(target):
 
 
 @contextlib.contextmanager
-def _locked(path):
+def file_lock(path):
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -463,22 +463,18 @@ def _mounts_under(path):
     return found
 
 
-def _remove_tree(path):
+def remove_tree(path):
     mounted = _mounts_under(path)
     if mounted:
         raise RootfsError(f"cannot remove {path}: {mounted[0]} is still mounted (unmount it, or stop the lab)")
     run(["rm", "-rf", "--one-file-system", path], timeout=600)
 
 
-def _tail(exc):
+def tail_lines(exc):
     lines = [line.strip() for line in (exc.stderr or exc.stdout or str(exc)).splitlines() if line.strip()]
     return "; ".join(lines[-2:]) or str(exc)
 
 
-def _tree_size(path):
+def tree_size(path):
     proc = run(["du", "-sxb", path], timeout=300)
     return int(proc.stdout.split()[0])
-
-
-def _write_atomic(path, text):
-    atomic_write(path, text)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from pibake.bake.synthetic import CONFIG_TXT, build_pi_image, cmdline_for, parse_size
 from pibake.errors import CommandError, PibakeError, TargetError
-from pibake.lab.rootfs import (_in_private_mounts, _locked, _remove_tree, _tail, _tree_size, _write_atomic,
+from pibake.files import atomic_write
+from pibake.lab.rootfs import (in_private_mounts, file_lock, remove_tree, tail_lines, tree_size,
                                debian_mirror)
 from pibake.run import run, which
 
@@ -237,7 +238,7 @@ def ensure_target_image(cache_dir=None, *, mirror=None, progress=None):
     found = cached_target_image(cache_dir)
     if found:
         return found
-    with _locked(root.parent / f"target-{root_key()}.lock"):  # one build of a root at a time
+    with file_lock(root.parent / f"target-{root_key()}.lock"):  # one build of a root at a time
         found = cached_target_image(cache_dir)
         if found:
             return found
@@ -266,7 +267,7 @@ def ensure_target_image(cache_dir=None, *, mirror=None, progress=None):
             "build_seconds": round(time.monotonic() - started, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_atomic(_stamp_path(image), json.dumps(stamp, indent=2) + "\n")
+        atomic_write(_stamp_path(image), json.dumps(stamp, indent=2) + "\n")
         note(f"target image built in {stamp['build_seconds']} s: {image}")
         LOG.info("target image %s built in %.1f s", image, stamp["build_seconds"])
         return TargetImage(path=image, stamp=stamp)
@@ -300,7 +301,7 @@ def _build_root(root, mirror, note, timings):
     for leftover in (root, partial):
         if leftover.exists():
             note(f"removing incomplete {leftover.name}")
-            _remove_tree(leftover)
+            remove_tree(leftover)
     _stamp_path(root).unlink(missing_ok=True)
     t0 = time.monotonic()
     note(f"mmdebstrap --arch={ARCH} {RELEASE}: {len(BASE_PACKAGES + ROLE_PACKAGES)} packages "
@@ -308,11 +309,11 @@ def _build_root(root, mirror, note, timings):
     try:
         _mmdebstrap(partial, mirror)
     except PibakeError:
-        _remove_tree(partial)
+        remove_tree(partial)
         raise
     timings["mmdebstrap_s"] = round(time.monotonic() - t0, 1)
     partial.rename(root)
-    _write_atomic(_stamp_path(root), json.dumps({"name": root.name, "timings": timings}) + "\n")
+    atomic_write(_stamp_path(root), json.dumps({"name": root.name, "timings": timings}) + "\n")
 
 
 def _mmdebstrap(target, mirror):
@@ -327,12 +328,12 @@ def _mmdebstrap(target, mirror):
         RELEASE, str(target), mirror,
     ]
     try:
-        run(_in_private_mounts(argv), timeout=MMDEBSTRAP_TIMEOUT)
+        run(in_private_mounts(argv), timeout=MMDEBSTRAP_TIMEOUT)
     except CommandError as exc:
         if exc.returncode == -1:
             raise TargetError(f"mmdebstrap --arch={ARCH} {RELEASE} did not finish within {MMDEBSTRAP_TIMEOUT} s "
                               "(emulated maintainer scripts on a busy machine): run it again on a quieter one") from exc
-        raise TargetError(f"mmdebstrap --arch={ARCH} {RELEASE} from {mirror} failed ({_tail(exc)}); "
+        raise TargetError(f"mmdebstrap --arch={ARCH} {RELEASE} from {mirror} failed ({tail_lines(exc)}); "
                           "check that the Debian mirror is reachable and qemu-user-static is installed") from exc
 
 
@@ -373,10 +374,10 @@ def _local_repo(root, mirror):
     sources = root.parent / f"{root.name}.mirror.list"
     sources.write_text(f"deb [signed-by=/tmp/pibake-repo-build/keyring.gpg] {mirror} {RELEASE} main\n")
     try:
-        run(_in_private_mounts(["sh", "-eu", "-c", _REPO_SCRIPT, "target-repo", root, LOCAL_REPO_DIR, sources,
+        run(in_private_mounts(["sh", "-eu", "-c", _REPO_SCRIPT, "target-repo", root, LOCAL_REPO_DIR, sources,
                                 keyring, *LOCAL_REPO_PACKAGES]), timeout=1200)
     except CommandError as exc:
-        raise TargetError(f"building the image's local apt repository failed ({_tail(exc)})") from exc
+        raise TargetError(f"building the image's local apt repository failed ({tail_lines(exc)})") from exc
     finally:
         sources.unlink(missing_ok=True)
     if not list((root / LOCAL_REPO_DIR).glob("*.deb")):
@@ -408,7 +409,7 @@ def _shape_like_raspios(root):
     try:
         run(["sh", "-eu", "-c", _SHAPE_SCRIPT, "target-shape", root], timeout=900)
     except CommandError as exc:
-        raise TargetError(f"shaping the target root failed ({_tail(exc)})") from exc
+        raise TargetError(f"shaping the target root failed ({tail_lines(exc)})") from exc
     _strip_identity(root)
 
 
@@ -466,7 +467,7 @@ def _assemble_image(root, image, disk_id):
         "kernel_2712.img": None, "bcm2711-rpi-4-b.dtb": None, "bcm2712-rpi-5-b.dtb": None,
         "start4.elf": None, "fixup4.dat": None, "overlays/README": None,
     }
-    size = image_size_for(_tree_size(root), parse_size(BOOT_SIZE))
+    size = image_size_for(tree_size(root), parse_size(BOOT_SIZE))
     partial = image.with_name(image.name + ".partial")
     partial.unlink(missing_ok=True)
     try:

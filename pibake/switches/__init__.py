@@ -119,7 +119,7 @@ def set_credentials(cluster_dir, name, *, username=None, password=None, mqtt_use
     """Store a switch's credentials in secrets/switch-NAME.json (0400, directory 0700); returns the path.
 
     Values not given are kept from the stored record (device and MQTT credentials are set separately)."""
-    from pibake.secrets import _write_private, secrets_dir
+    from pibake.secrets import write_private, secrets_dir
 
     switch_config(cluster_dir, name)  # an unknown name is an error before anything is written
     given = {k: v for k, v in (("username", username), ("password", password),
@@ -134,7 +134,7 @@ def set_credentials(cluster_dir, name, *, username=None, password=None, mqtt_use
     path = credentials_path(cluster_dir, name)
     if path.exists():
         path.unlink()  # 0400 files are replaced, not opened for writing
-    _write_private(path, json.dumps(record))
+    write_private(path, json.dumps(record))
     LOG.info("stored credentials for switch %s in %s", name, path)
     return path
 

@@ -79,7 +79,7 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
     round)."""
     from pibake import switches
     from pibake.cluster import load_cluster
-    from pibake.switches.recover import _probe, judge_down, make_node_connectors, recover_node
+    from pibake.switches.recover import probe_node, judge_down, make_node_connectors, recover_node
     from pibake.verify import served_slurm_conf
 
     say = progress or (lambda message: None)
@@ -92,7 +92,7 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
     for config in candidates(cluster):
         node = config.node
         nodes_connectors = connectors or make_node_connectors(cluster_dir, cluster, node, ssh_options=ssh_options)
-        down, why = judge_down(node, *_probe(nodes_connectors, cluster, node, slurm_conf))
+        down, why = judge_down(node, *probe_node(nodes_connectors, cluster, node, slurm_conf))
         now = clock()
         decision, detail = decide(node, down, why, history.get(node, []), now, policy)
         if decision in ("limit", "backoff"):

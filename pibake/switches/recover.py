@@ -60,7 +60,7 @@ def switch_of_node(cluster, node):
                        "see docs/switches.md)")
 
 
-def _probe(connectors, cluster, node, slurm_conf):
+def probe_node(connectors, cluster, node, slurm_conf):
     ssh = connectors.run(node, ["true"], timeout=10)
     sinfo = connectors.run(cluster.manager, ["env", f"SLURM_CONF={slurm_conf}", "sinfo", "-N", "-h", "-o",
                                              "%N|%T|%E", "-n", node], timeout=20)
@@ -105,7 +105,7 @@ def recover_node(cluster_dir, node, *, off_s=None, wait_s=DEFAULT_WAIT_S, force=
         steps.append({"step": name, "ok": ok, "detail": detail})
         say(f"{node}: {name}: {detail}")
 
-    down, why = judge_down(node, *_probe(connectors, cluster, node, slurm_conf))
+    down, why = judge_down(node, *probe_node(connectors, cluster, node, slurm_conf))
     step("check-down", down, why)
     if not down and not force:
         switches.record(cluster_dir, {"switch": config.name, "action": "recover", "node": node, "by": by,
@@ -119,7 +119,7 @@ def recover_node(cluster_dir, node, *, off_s=None, wait_s=DEFAULT_WAIT_S, force=
     deadline = clock() + wait_s
     last = "no answer yet"
     while True:
-        back, last = judge_back(node, *_probe(connectors, cluster, node, slurm_conf))
+        back, last = judge_back(node, *probe_node(connectors, cluster, node, slurm_conf))
         if back:
             step("back", True, last)
             break

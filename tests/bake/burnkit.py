@@ -1,4 +1,4 @@
-"""Helpers shared by the burn tests: a cluster directory, loop devices, filesystem checks."""
+"""Helpers shared by the burn tests: loop devices, filesystem checks (the cluster: ``make_cluster``)."""
 
 import contextlib
 import hashlib
@@ -8,18 +8,6 @@ from pathlib import Path
 
 from pibake.bake import bootpart
 from pibake.run import run
-
-
-def make_cluster(directory, key_dir):
-    """A real cluster directory (cluster.yaml + secrets) with one ssh key, via the real ``init_cluster``."""
-    from pibake.cluster import init_cluster
-
-    key = Path(key_dir) / "id_ed25519"
-    if not key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "burn-test", "-f", key])
-    init_cluster(directory, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24",
-                 ssh_key_files=[f"{key}.pub"])
-    return Path(directory)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pibake.bake.synthetic import build_pi_image
 from pibake.errors import PibakeError, PlanError, SeedError
 from pibake.model import PlannedNode
 from pibake.run import run
-from tests.bake.burnkit import check_filesystems, loop_device, make_cluster, random_file, region_sha256
+from tests.bake.burnkit import check_filesystems, loop_device, random_file, region_sha256
 from tests.conftest import needs_program, needs_root
 
 pytestmark = needs_program("sfdisk", "mkfs.vfat", "mke2fs", "mcopy", "fsck.vfat", "e2fsck", "ssh-keygen")
@@ -35,14 +35,9 @@ def pi(tmp_path_factory):
                           kernel_size=MIB)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return tmp_path_factory.mktemp("keys")
-
-
 @pytest.fixture
-def cluster(tmp_path, keys):
-    return make_cluster(tmp_path / "cluster", keys)
+def cluster(make_cluster, tmp_path):
+    return make_cluster(tmp_path / "cluster")
 
 
 def _root_file(path, offset, name):

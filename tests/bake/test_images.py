@@ -16,6 +16,7 @@ from pibake.bake import images
 from pibake.bake.images import CatalogImage
 from pibake.errors import ImageError
 from pibake.model import FAMILIES
+from tests.conftest import running_as_root
 
 # An image-like payload: some random bytes and long zero runs, like a mostly empty root filesystem.
 PAYLOAD = os.urandom(300_000) + bytes(2_000_000) + os.urandom(700_000)
@@ -321,7 +322,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert images.default_cache_dir() == tmp_path / "pibake" / "images"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    expected = "/var/cache/pibake/images" if os.geteuid() == 0 else os.path.expanduser("~/.cache/pibake/images")
+    expected = "/var/cache/pibake/images" if running_as_root() else os.path.expanduser("~/.cache/pibake/images")
     assert str(images.default_cache_dir()) == expected
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from pibake.bake import bootpart, burn
 from tests.conftest import needs_program
+from tests.fixtures_plugin import make_ssh_key
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 ROOT = Path(burn.__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def test_a_pip_installed_pibake_burns_a_manager_without_wheel_option(tmp_path):
 
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     cluster = tmp_path / "cluster"
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "key"])
+    make_ssh_key(tmp_path, name="key")
     pibake = [bin_ / "pibake", "--cluster", cluster]
     run([*pibake, "init", "--manager", "red00", "--manager-ip", "10.1.1.10", "--network", "10.1.1.0/24",
          "--ssh-key", tmp_path / "key.pub", "--timezone", "Etc/UTC"], cwd=tmp_path, env=env)

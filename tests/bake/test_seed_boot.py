@@ -13,9 +13,9 @@ import yaml
 from pibake.bake.seed import render_seed
 from pibake.model import PlannedNode
 from tests.bake.seed_fixtures import ssh_key
-from tests.conftest import needs_program, needs_root
+from tests.fixtures_plugin import needs_lab, new_cluster
 
-pytestmark = [needs_root("lab hosts need root"), needs_program("debootstrap", "unshare", "nsenter", "chroot")]
+pytestmark = [needs_lab("debootstrap", "unshare", "nsenter", "chroot")]
 
 NET = "10.77.251"
 
@@ -23,12 +23,12 @@ NET = "10.77.251"
 @pytest.fixture(scope="module")
 def lab_cluster(tmp_path_factory):
     """A real cluster directory (real CA, pinned join token, munge key) made by pibake.cluster.init_cluster."""
-    from pibake.cluster import init_cluster, load_cluster
+    from pibake.cluster import load_cluster
     from pibake.secrets import manager_bundle, seed_secrets
 
     cdir = tmp_path_factory.mktemp("bootcluster") / "cluster"
-    init_cluster(cdir, manager="red00", manager_ip=f"{NET}.10", network=f"{NET}.0/24", name="boot",
-                 ssh_keys=(ssh_key(),), timezone="Europe/Berlin", home=cdir.parent)
+    new_cluster(cdir, manager_ip=f"{NET}.10", network=f"{NET}.0/24", name="boot", ssh_keys=(ssh_key(),),
+                timezone="Europe/Berlin", home=cdir.parent)
     cluster = load_cluster(cdir)
     secrets = seed_secrets(cdir)
     bundle = manager_bundle(cdir)
@@ -36,21 +36,6 @@ def lab_cluster(tmp_path_factory):
     admin = bundle["secrets/admin-password"].decode().strip()
     return dataclasses.make_dataclass("LabCluster", ["cluster", "secrets", "bundle", "token", "admin"])(
         cluster, secrets, bundle, token, admin)
-
-
-def _lab_missing():
-    from tests.lab.sandbox import namespaces_missing
-
-    return namespaces_missing()
-
-
-@pytest.fixture(scope="module")
-def lab_rootfs():
-    if _lab_missing():
-        pytest.skip(_lab_missing())
-    from pibake.lab.rootfs import ensure_rootfs
-
-    return ensure_rootfs()
 
 
 class Booted:

@@ -17,7 +17,7 @@ from pibake.bake.synthetic import build_pi_image
 from pibake.bake.writer import write_image, written_ranges_sha256
 from pibake.errors import VerifyError, WriteError
 from pibake.errors import PibakeError
-from tests.conftest import needs_program, needs_root
+from tests.conftest import needs_program, needs_root, running_as_root
 
 pytestmark = needs_program("mkfs.vfat", "mke2fs", "e2fsck", "fsck.vfat", "mcopy", "sfdisk")
 
@@ -306,7 +306,7 @@ def test_bench_burn_runs_end_to_end_on_a_tiny_image(tmp_path):
     assert data["command"].startswith("bench/burn --size 96M")
     text = (report / "burn.md").read_text()
     assert "| dd bs=4M conv=fsync |" in text and data["date"] in text
-    if os.geteuid() == 0:  # the card-like target: a throttled loop device (root only)
+    if running_as_root():  # the card-like target: a throttled loop device (root only)
         card = data["card"]
         assert set(card["median_seconds"]) == set(data["median_seconds"])
         assert card["write_bps"] == 20_000_000 and card["pibake"]["verify_method"] == "direct"

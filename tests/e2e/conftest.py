@@ -9,12 +9,13 @@ Layout (subnet 10.77.<o>.0/24, <o> from this process id; names ``pe<pid>-*``):
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures_plugin import lab_missing, new_cluster
 
 FAMILY = "pe"
 AGENT = Path(__file__).resolve().parents[2] / "firstboot" / "agent.py"
@@ -22,14 +23,10 @@ DEBIAN_PYTHON = "/usr/bin/python3"
 
 
 def skip_reason():
-    if os.geteuid() != 0:
-        return "the e2e lab needs root (network, mount, UTS and PID namespaces)"
-    if not os.path.exists("/proc/self/ns/net"):
-        return "this kernel has no network namespaces"
-    tools = ("ip", "nsenter", "unshare", "munged", "slurmctld", "slurmd", "sinfo", "srun", "scontrol")
-    missing = [t for t in tools if not shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin")]
-    if missing:
-        return f"not installed: {', '.join(missing)} (apt-get install munge slurmctld slurmd slurm-client iproute2)"
+    reason = lab_missing("ip", "nsenter", "unshare", "munged", "slurmctld", "slurmd", "sinfo", "srun", "scontrol")
+    if reason:
+        return reason + (" (apt-get install munge slurmctld slurmd slurm-client iproute2)"
+                         if reason.startswith("not installed") else "")
     if not os.path.exists(DEBIAN_PYTHON):
         return "Debian's /usr/bin/python3 (the agent's interpreter on a node) is not installed"
     return None
@@ -60,7 +57,6 @@ class LabCluster:
     """The manager host with munge + registry (+ slurmctld once a worker enrolled), and worker factory."""
 
     def __init__(self, tmp, octet):
-        from pibake.cluster import init_cluster
         from pibake.lab import LabNetwork, cleanup_stale, run_prefix
 
         cleanup_stale(FAMILY)
@@ -71,8 +67,8 @@ class LabCluster:
         self.hosts = {}
         self.manager_ip = self.ip(10)
         self.cluster_dir = self.tmp / "cluster"
-        init_cluster(self.cluster_dir, manager="mgr", manager_ip=self.manager_ip,
-                     network=f"10.77.{octet}.0/24", name="e2e")
+        new_cluster(self.cluster_dir, manager="mgr", manager_ip=self.manager_ip,
+                    network=f"10.77.{octet}.0/24", name="e2e")
         self.sdir = self.cluster_dir / "secrets"
         self.registry_log = self.tmp / "registry.log"
         self.registry = None

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pibake.lab import LabNetwork, cleanup_stale, run_prefix
 from tests.e2e.conftest import LabCluster, skip_reason, wait_for
+from tests.fixtures_plugin import make_ssh_key, new_cluster
 
 FAMILY = "pd"
 LIB_DIR = "/usr/local/lib/pibake"
@@ -53,8 +54,6 @@ class DeployLab(LabCluster):
     """LabCluster under its own name family ``pd<pid>`` with a bridge address, plus sshd-only workers."""
 
     def __init__(self, tmp, octet, family=FAMILY, manager="mgr"):  # pylint: disable=super-init-not-called
-        from pibake.cluster import init_cluster
-
         cleanup_stale(family)
         self.tmp = Path(tmp)
         self.octet = octet
@@ -66,8 +65,8 @@ class DeployLab(LabCluster):
             self.manager_ip = self.ip(10)
             self.cluster_dir = self.tmp / "cluster"
             self.manager_name = manager
-            init_cluster(self.cluster_dir, manager=manager, manager_ip=self.manager_ip,
-                         network=f"10.77.{octet}.0/24", name="deploy")
+            new_cluster(self.cluster_dir, manager=manager, manager_ip=self.manager_ip,
+                        network=f"10.77.{octet}.0/24", name="deploy")
             self.sdir = self.cluster_dir / "secrets"
             self.registry_log = self.tmp / "registry.log"
             self.mgr = self.add_host(manager, 10)
@@ -83,9 +82,7 @@ class DeployLab(LabCluster):
         self.ssh_dir = self.tmp / "ssh"
         self.ssh_dir.mkdir(mode=0o700, exist_ok=True)
         self.key = self.ssh_dir / "id_ed25519"
-        if not self.key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pibake-deploy-test",
-                            "-f", str(self.key)], check=True, timeout=30)
+        make_ssh_key(self.ssh_dir, "pibake-deploy-test")
         self.ssh_config = self.ssh_dir / "config"
         self._names = {}
         self._write_ssh_config()

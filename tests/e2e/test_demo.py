@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_lab import _lab_missing
+from tests.fixtures_plugin import needs_lab
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok")]
+pytestmark = [pytest.mark.e2e, needs_lab("debootstrap")]
 
 
 @pytest.mark.skipif(not (ROOT / ".venv/bin/pibake").exists(),

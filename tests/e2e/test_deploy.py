@@ -16,6 +16,7 @@ import pytest
 from tests.e2e.conftest import wait_for
 from tests.e2e.deploy_fixtures import deploy_lab, deploy_lab_missing, module_lab
 from tests.e2e.verify_fixtures import doc_blocks as page_blocks
+from tests.fixtures_plugin import new_cluster
 
 WORKERS = (("red01", 11), ("red02", 12), ("red03", 13))
 NAMES = [n for n, _ in WORKERS]
@@ -223,10 +224,7 @@ def test_stopped_sshd_says_connection_refused(lab):
 def test_another_clusters_registry_is_never_taken_over(lab, tmp_path):
     """A registry answers at the manager's address, but with another CA: deploy must not set up (overwrite)
     that manager; it says why, and holds the workers back."""
-    from pibake.cluster import init_cluster
-
-    other = tmp_path / "other"
-    init_cluster(other, manager="red00", manager_ip=lab.manager_ip, network=f"10.77.{lab.octet}.0/24", name="other")
+    other = new_cluster(tmp_path / "other", manager_ip=lab.manager_ip, network=f"10.77.{lab.octet}.0/24", name="other")
     proc = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(other), "deploy", "--hosts", "red01",
                            "--json", "--ssh-option=-F", f"--ssh-option={lab.ssh_config}"],
                           capture_output=True, text=True, timeout=120)

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_lab import _lab_missing
+from tests.fixtures_plugin import lab_prefix, make_ssh_key
 from tests.test_docs import (BLOCKS, DOCS, doc_blocks, keys_of, page_block, split_line, synthetic_image,
                               touches_network)
 
@@ -166,22 +166,13 @@ def normalise(text):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    reason = _lab_missing()
-    if reason:
-        pytest.skip(reason)
+def lab(tmp_path_factory, lab_rootfs):  # lab_rootfs: skips (fails under CI) where no lab can run
     os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)  # ssh's home for known_hosts (absent on a new machine)
-    from pibake.lab import cleanup_stale, run_prefix
-    from pibake.lab.rootfs import ensure_rootfs
-
-    ensure_rootfs()  # cold build once (~1-2 min); a no-op when cached
-    cleanup_stale("pk")
-    prefix = run_prefix("pk")
+    prefix = lab_prefix("pk")
     home = tmp_path_factory.mktemp("docs-lab")
     home.chmod(0o755)
     (home / ".ssh").mkdir(mode=0o700)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "docs@lab", "-f",
-                    str(home / ".ssh" / "id_ed25519")], check=True)
+    make_ssh_key(home / ".ssh", "docs@lab")
     config = home / ".ssh" / "config"
     config.write_text("Host *\n  StrictHostKeyChecking accept-new\n  BatchMode yes\n  ConnectTimeout 10\n")
     config.chmod(0o600)

@@ -11,73 +11,25 @@ namespaces this test creates (the lab bridge has no address on this machine).
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.lab.sandbox import namespaces_missing
+from tests.fixtures_plugin import booted_lab, burned_cluster, lab_prefix, needs_lab, pibake
 
 NET = "10.77.77"
 WORKERS = ["red01", "red02", "red03"]
 
 
-def _lab_missing():
-    if os.geteuid() != 0:
-        return "the lab needs root"
-    if not shutil.which("debootstrap") and not os.path.exists("/usr/sbin/debootstrap"):
-        return "not installed: debootstrap"
-    return namespaces_missing()
-
-
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok")]
-
-
-def pibake(cluster_dir, *args, check=True, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(cluster_dir), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"pibake {' '.join(map(str, args))}: exit {proc.returncode}\n{proc.stderr}"
-    return proc
-
-
-def lab_prefix(family):
-    from pibake.lab import cleanup_stale, run_prefix
-
-    cleanup_stale(family)
-    return run_prefix(family)
+pytestmark = [pytest.mark.e2e, needs_lab("debootstrap")]
 
 
 def leftovers(prefix):
     from pibake.lab.cluster import lab_exists
 
     return lab_exists(prefix)
-
-
-def burned_cluster(tmp, net, *, workers, comment, configure=None):
-    """`pibake init` on <net>.0/24 (an ssh key made here) and `pibake burn --output` of red00 (manager) and
-    ``workers`` workers from red01 onto a synthetic Pi image: (tmp, cluster dir, images dir).
-    ``configure(cluster dir)``: called between init and burn (to edit cluster.yaml the manager's card carries)."""
-    from pibake.bake.synthetic import build_pi_image
-    from pibake.lab.rootfs import ensure_rootfs
-
-    ensure_rootfs()  # cold build once (~1-2 min); a no-op when cached
-    tmp.chmod(0o755)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", tmp / "key"], check=True)
-    cdir = tmp / "cluster"
-    pibake(cdir, "init", "--manager", "red00", "--manager-ip", f"{net}.10", "--network", f"{net}.0/24",
-           "--ssh-key", tmp / "key.pub", "--timezone", "Etc/UTC")
-    if configure is not None:
-        configure(cdir)
-    build_pi_image(tmp / "raspios.img", size="160M", boot_size="64M", family="raspios")
-    images = tmp / "images"
-    pibake(cdir, "burn", "--hostname", "red00", "--ip", f"{net}.10", "--role", "manager",
-           "--output", f"{images}/{{hostname}}.img", "--image", tmp / "raspios.img")
-    pibake(cdir, "burn", "--hostname", f"red[01-{workers:02d}]", "--ip", f"{net}.[11-{10 + workers}]",
-           "--output", f"{images}/{{hostname}}.img", "--image", tmp / "raspios.img")
-    return tmp, cdir, images
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +75,10 @@ def test_a_seed_failing_the_schema_boots_nothing_and_names_host_and_key(cluster,
 def lab(cluster):
     """The lab booted from the burned images, manager first (the normal order)."""
     tmp, cdir, images = cluster
-    prefix = lab_prefix("pt")
-    try:
-        proc = pibake(cdir, "lab", "up", "--from-images", images, "--prefix", prefix, "--json", "--timeout", 300,
-                      check=False)
-        assert proc.returncode == 0, proc.stderr + _diagnostics(cdir, prefix)
-        report = json.loads(proc.stdout)
-        print(proc.stderr, file=sys.stderr)  # the per-host timing table, for the CI log
-        yield cdir, prefix, report, proc.stderr
-    finally:
-        pibake(cdir, "lab", "down", "--prefix", prefix, check=False)
+    with booted_lab(cdir, images, "pt", diagnostics=lambda prefix: _diagnostics(cdir, prefix)) as (prefix, report,
+                                                                                                   stderr):
+        print(stderr, file=sys.stderr)  # the per-host timing table, for the CI log
+        yield cdir, prefix, report, stderr
 
 
 def _diagnostics(cdir, prefix):

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from tests.e2e.test_lab import _lab_missing, lab_prefix, pibake
+from tests.fixtures_plugin import lab_prefix, make_ssh_key, needs_lab, pibake
 from tests.firstboot.sensorkit import FIXTURES
 
 NET = "10.77.83"
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok")]
+pytestmark = [pytest.mark.e2e, needs_lab("debootstrap")]
 SEQS = ("import json, sqlite3; db = sqlite3.connect('/var/lib/pibake/cluster/readings.db'); "
         "print(json.dumps([r[0] for r in db.execute('SELECT seq FROM readings JOIN sensor_nodes ON node_id = id "
         "WHERE node = ? ORDER BY seq', ('red-zero',))]))")  # the manager sends its own (SoC) readings too
@@ -44,15 +44,13 @@ def wait_for(what, predicate, timeout):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, lab_rootfs):
     from pibake.bake.synthetic import build_pi_image
     from pibake.lab.cluster import lab_down, lab_up, load_state
-    from pibake.lab.rootfs import ensure_rootfs
 
-    ensure_rootfs()
     tmp = tmp_path_factory.mktemp("labsensor")
     tmp.chmod(0o755)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sensor@e2e", "-f", tmp / "key"], check=True)
+    make_ssh_key(tmp, "sensor@e2e", name="key")
     cdir = tmp / "cluster"
     pibake(cdir, "init", "--manager", "red00", "--manager-ip", f"{NET}.10", "--network", f"{NET}.0/24",
            "--ssh-key", tmp / "key.pub", "--timezone", "Etc/UTC")

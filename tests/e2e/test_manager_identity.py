@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_lab import _lab_missing, burned_cluster, pibake
+from tests.fixtures_plugin import booted_lab, burned_cluster, needs_lab, pibake
 import yaml
 
 
@@ -33,23 +33,14 @@ print(json.dumps([r.status_code, r.json()]))
 """
 
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok")]
+pytestmark = [pytest.mark.e2e, needs_lab("debootstrap")]
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from pibake.lab import cleanup_stale, run_prefix
-
     _, cdir, images = burned_cluster(tmp_path_factory.mktemp("ident"), NET, workers=2, comment="person@e2e")
-    cleanup_stale("pk")
-    prefix = run_prefix("pk")
-    try:
-        proc = pibake(cdir, "lab", "up", "--from-images", images, "--prefix", prefix, "--json", "--timeout", 300,
-                      check=False)
-        assert proc.returncode == 0, proc.stderr
+    with booted_lab(cdir, images, "pk") as (prefix, _, _):
         yield cdir, prefix
-    finally:
-        pibake(cdir, "lab", "down", "--prefix", prefix, check=False)
 
 
 def shell(lab, host, *argv, check=True):

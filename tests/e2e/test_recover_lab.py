@@ -30,14 +30,14 @@ import pytest
 import yaml
 
 from pibake.run import which
-from tests.e2e.test_lab import _lab_missing, burned_cluster, lab_prefix, pibake
+from tests.fixtures_plugin import burned_cluster, lab_prefix, needs_lab, pibake
 from tests.switches.conftest import HERE as SWITCH_TESTS, install_kasa_simulator, needs_kasa_simulator
 
 NET = "10.77.85"
 PLUG_IP, DESK_IP = f"{NET}.50", f"{NET}.60"
 NODE = "red01"
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok"),
+pytestmark = [pytest.mark.e2e, needs_lab("debootstrap"),
               needs_kasa_simulator]
 
 

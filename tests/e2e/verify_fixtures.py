@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import skip_reason
+from tests.fixtures_plugin import make_ssh_key
 from tests.test_docs import keys_of  # noqa: F401  (re-exported for the e2e modules)
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
@@ -61,9 +62,7 @@ class VerifyLab:
     def __init__(self, cluster, tmp):
         self.c = cluster
         self.tmp = Path(tmp)
-        self.key = self.tmp / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pibake-e2e", "-f", str(self.key)],
-                       check=True)
+        self.key = make_ssh_key(self.tmp, "pibake-e2e")
         self.public_key = self.key.with_suffix(".pub").read_text()
         self.known_hosts = self.tmp / "known_hosts"
 

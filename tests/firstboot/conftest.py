@@ -5,6 +5,12 @@ import pytest
 from pibake import secrets
 
 
+@pytest.fixture
+def cluster(loopback_cluster):
+    """The cluster the registry these tests serve belongs to (manager 127.0.0.1), new for each test."""
+    return loopback_cluster
+
+
 @pytest.fixture(scope="session")
 def cluster_a(tmp_path_factory):
     """Secrets of a cluster whose registry certificate names 127.0.0.1 (manager "localhost")."""

@@ -20,15 +20,6 @@ from tests.firstboot.conftest import write_agent_config
 pytest.importorskip("pibake.registry.app")
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    from pibake.cluster import init_cluster
-
-    d = tmp_path / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="agenttest")
-    return d
-
-
 def _serve(cluster, tmp_path, **options):
     from pibake.registry.app import create_app
 

@@ -11,13 +11,10 @@ import pytest
 
 from pibake.firstboot import agent
 from tests.conftest import needs_program
-
-FIX = Path(__file__).parent / "fixtures"
-
+from tests.fixtures_plugin import recorded, slurmd_c
 
 def fixture(name, binary=False):
-    path = FIX / name
-    return path.read_bytes() if binary else path.read_text()
+    return recorded(f"node/{name}", binary)
 
 
 @pytest.mark.parametrize("name, model", [
@@ -47,14 +44,15 @@ def test_meminfo():
     assert agent.parse_meminfo_mb("MemFree: 10 kB\n") is None
 
 
-@pytest.mark.parametrize("name, node, cpus, mem", [
-    ("slurmd-C-pi3bplus.txt", "red03", 4, 906),
-    ("slurmd-C-pi4b.txt", "red01", 4, 7806),
-    ("slurmd-C-pi5b.txt", "red05", 4, 8052),
-    ("slurmd-C-vm.txt", "vm", 2, 24105),
+@pytest.mark.parametrize("board, node, cpus, mem", [
+    ("pi3bplus", "red03", 4, 906),
+    ("pi4b-4g", "red02", 4, 3789),
+    ("pi4b-8g", "red01", 4, 7806),
+    ("pi5b", "red05", 4, 8052),
+    ("vm", "vm", 2, 24105),
 ])
-def test_slurmd_c(name, node, cpus, mem):
-    facts = agent.parse_slurmd_c(fixture(name))
+def test_slurmd_c(board, node, cpus, mem):
+    facts = agent.parse_slurmd_c(slurmd_c(board))
     assert facts["NodeName"] == node
     assert facts["CPUs"] == cpus and facts["RealMemory"] == mem
     assert facts["Boards"] == 1 and facts["SocketsPerBoard"] == 1 and facts["ThreadsPerCore"] == 1

@@ -7,12 +7,12 @@ import stat
 import threading
 
 import pytest
-import yaml
 from werkzeug.serving import make_server
 
 from pibake import mqtt, secrets
 from pibake.firstboot import agent
 from tests.firstboot.conftest import write_agent_config
+from tests.fixtures_plugin import LOOPBACK, new_cluster
 
 pytest.importorskip("pibake.registry.app")
 
@@ -32,14 +32,8 @@ def serve(cluster, tmp_path, etc_dir):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_agent_stores_the_mqtt_password(tmp_path, monkeypatch, enabled):
-    from pibake.cluster import init_cluster
-
-    cluster = tmp_path / "cluster"
-    init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="mq")
-    if enabled:
-        data = yaml.safe_load((cluster / "cluster.yaml").read_text())
-        data["mqtt"] = {"enabled": True}
-        (cluster / "cluster.yaml").write_text(yaml.safe_dump(data))
+    cluster = new_cluster(tmp_path / "cluster", name="mq", **LOOPBACK,
+                          settings={"mqtt": {"enabled": True}} if enabled else None)
     etc = tmp_path / "mosquitto"
     etc.mkdir(mode=0o700)
     server = serve(cluster, tmp_path, etc)

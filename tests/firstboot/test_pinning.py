@@ -43,7 +43,7 @@ def test_not_a_certificate(cluster_a):
 
 def registry(url, ca, **kw):
     kw.setdefault("deadline", 0)
-    return agent.Registry(url, str(ca), **kw)
+    return agent.AgentRegistryClient(url, str(ca), **kw)
 
 
 def test_tls_to_the_pinned_ca(cluster_a):

@@ -27,16 +27,7 @@ def test_metric_names_and_ranges_match_the_registry():
     assert sa.MAX_BATCH == sensors_model.MAX_BATCH
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    from pibake.cluster import init_cluster
-
-    d = tmp_path / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="sensortest")
-    return d
-
-
-class Registry:
+class ServedRegistry:
     """The registry app over TLS on a fixed port, which can be stopped and started again (same cluster dir)."""
 
     def __init__(self, cluster, tmp_path):
@@ -69,7 +60,7 @@ class Registry:
 
 @pytest.fixture
 def registry(cluster, tmp_path):
-    reg = Registry(cluster, tmp_path)
+    reg = ServedRegistry(cluster, tmp_path)
     reg.start()
     yield reg
     if reg.server is not None:

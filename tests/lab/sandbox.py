@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+from tests.conftest import running_as_root
+
 
 class Sandbox:
     def __init__(self, name):
@@ -63,7 +65,7 @@ def namespaces_missing():
     with open("/proc/filesystems") as handle:
         if "overlay" not in handle.read():
             return "the kernel has no overlayfs"
-    if os.geteuid() != 0:
+    if not running_as_root():
         return "needs root"
     proc = subprocess.run(["unshare", "--mount", "--uts", "--net", "--pid", "--fork", "true"],
                           capture_output=True, text=True)

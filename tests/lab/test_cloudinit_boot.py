@@ -9,18 +9,16 @@ import subprocess
 import pytest
 
 from pibake.errors import SeedError
-from pibake.lab.boot import BootResult, boot_host, read_host_file, validate_seed
 from pibake.errors import BootError
-from pibake.lab.rootfs import ensure_rootfs, make_host_root, remove_host_root
+from pibake.lab.boot import BootResult, boot_host, read_host_file, validate_seed
+from pibake.lab.rootfs import make_host_root, remove_host_root
 from pibake.model import Seed
 from tests.conftest import needs_program, needs_root
-from tests.lab.sandbox import Sandbox, mounted_under, namespaces_missing
+from tests.fixtures_plugin import needs_lab
+from tests.lab.sandbox import Sandbox, mounted_under
 
-lab = pytest.mark.skipif(bool(namespaces_missing()), reason=namespaces_missing() or "ok")
-pytestmark = [
-    needs_root("lab hosts need root"),
-    needs_program("debootstrap", "unshare", "nsenter", "chroot"),
-]
+pytestmark = [needs_root("lab hosts need root"), needs_program("debootstrap", "unshare", "nsenter", "chroot")]
+lab = needs_lab("debootstrap", "unshare", "nsenter", "chroot")  # and namespaces + overlayfs
 
 USER_DATA = """\
 #cloud-config
@@ -47,11 +45,6 @@ ethernets:
   eth0:
     addresses: [10.77.9.11/24]
 """
-
-
-@pytest.fixture(scope="session")
-def lab_rootfs():
-    return ensure_rootfs()
 
 
 @pytest.fixture

@@ -9,22 +9,13 @@ import textwrap
 
 import pytest
 
-from pibake.lab import LabHost, LabNetwork, cleanup_leftovers, cleanup_stale, run_prefix
 from pibake.errors import LabError
+from pibake.lab import LabNetwork, cleanup_stale
 from pibake.lab import hosts as lab_hosts
 from tests.conftest import needs_program
+from tests.fixtures_plugin import needs_lab
 
-
-def lab_skip_reason():
-    if os.geteuid() != 0:
-        return "lab hosts need root (network, mount, UTS and PID namespaces)"
-    if not os.path.exists("/proc/self/ns/net"):
-        return "this kernel has no network namespaces"
-    return None
-
-
-pytestmark = [pytest.mark.skipif(bool(lab_skip_reason()), reason=lab_skip_reason() or ""),
-              needs_program("ip", "nsenter", "unshare", "mount"), pytest.mark.root]
+pytestmark = [needs_lab("ip", "nsenter", "unshare", "mount"), pytest.mark.root]
 
 SUBNET_OCTET = 60 + os.getpid() % 100
 
@@ -34,24 +25,8 @@ def names_with(prefix):
 
 
 @pytest.fixture
-def lab(tmp_path):
-    prefix = run_prefix("pl")
-    cleanup_stale("pl")
-    net = LabNetwork.create(prefix, f"10.77.{SUBNET_OCTET}.0/24")
-    made = []
-
-    def host(name, last_octet, **kw):
-        ip = last_octet if isinstance(last_octet, str) else f"10.77.{SUBNET_OCTET}.{last_octet}"
-        h = LabHost.create(name, ip, network=net, base_dir=tmp_path / "hosts", **kw)
-        made.append(h)
-        return h
-
-    yield host
-    for h in made:
-        h.destroy()
-    net.destroy()
-    cleanup_leftovers(prefix)
-    assert names_with(prefix) == []
+def lab(make_lab):
+    return make_lab("pl", f"10.77.{SUBNET_OCTET}.0/24")
 
 
 def test_two_hosts_have_their_own_identity(lab):
@@ -153,7 +128,7 @@ def test_destroy_takes_every_process_down(lab):
     a = lab("alpha", 11)
     a.run(["sh", "-c", "setsid sleep 3131 >/dev/null 2>&1 < /dev/null &"])
     assert "sleep 3131" in a.run(["ps", "-e", "-o", "args="]).stdout
-    pids = lab_hosts._pids_in_netns(f"/run/netns/{a.netns}")
+    pids = lab_hosts.pids_in_netns(f"/run/netns/{a.netns}")
     assert pids
     a.destroy()
     assert not any(os.path.exists(f"/proc/{p}") and not lab_hosts._is_zombie(p) for p in pids)

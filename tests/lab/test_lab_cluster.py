@@ -13,17 +13,18 @@ import pytest
 from pibake.errors import PibakeError
 from pibake.lab import cluster as labc
 from pibake.model import PlannedNode, Seed
-from tests.conftest import needs_program
+from tests.conftest import needs_program, running_as_root
+from tests.fixtures_plugin import new_cluster
 
 
 @pytest.fixture(scope="module")
 def red(tmp_path_factory):
-    from pibake.cluster import init_cluster, load_cluster
+    from pibake.cluster import load_cluster
     from tests.bake.seed_fixtures import ssh_key
 
     cdir = tmp_path_factory.mktemp("labc") / "cluster"
-    init_cluster(cdir, manager="red00", manager_ip="10.77.7.10", network="10.77.7.0/24", name="red",
-                 ssh_keys=(ssh_key(),), timezone="Etc/UTC", home=cdir.parent)
+    new_cluster(cdir, manager_ip="10.77.7.10", network="10.77.7.0/24", name="red",
+                ssh_keys=(ssh_key(),), timezone="Etc/UTC", home=cdir.parent)
     return cdir, load_cluster(cdir)
 
 
@@ -229,7 +230,7 @@ def test_cli_up_refuses_missing_images_folder(red, tmp_path):
     cdir, _ = red
     proc = _pibake("--cluster", str(cdir), "lab", "up", "--from-images", str(tmp_path / "nope"), "--prefix", "pz9up")
     assert proc.returncode == 1
-    if os.geteuid() == 0:
+    if running_as_root():
         assert "--from-images" in proc.stderr and "no such folder" in proc.stderr
     else:
         assert "the lab needs root" in proc.stderr

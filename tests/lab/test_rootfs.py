@@ -20,20 +20,10 @@ from pibake.lab.rootfs import (
     rootfs_path,
     rootfs_stamp,
 )
-from tests.conftest import needs_program, needs_root
-from tests.lab.sandbox import Sandbox, mounted_under, namespaces_missing
+from tests.fixtures_plugin import needs_lab
+from tests.lab.sandbox import Sandbox, mounted_under
 
-lab = [
-    needs_root("the lab builds a rootfs and mounts overlays: needs root"),
-    needs_program("debootstrap", "unshare", "nsenter", "chroot"),
-    pytest.mark.skipif(bool(namespaces_missing()), reason=namespaces_missing() or "ok"),
-]
-
-
-@pytest.fixture(scope="session")
-def lab_rootfs():
-    # Built once per machine (~1 min cold), then a stamp read.
-    return ensure_rootfs()
+lab = [needs_lab("debootstrap", "unshare", "nsenter", "chroot")]
 
 
 def host_run(sandbox, argv, **kw):

@@ -2,32 +2,21 @@
 
 import base64
 import logging
+import re
 
 import pytest
 
-from pibake.cluster import init_cluster
 from pibake.registry.app import create_app
 from pibake.secrets import admin_password, load_join_token, munge_key_b64
+from tests.fixtures_plugin import slurmd_c
 
-# `slurmd -C` first lines. The Pi 4 lines are as printed on Raspberry Pi 4 boards (4 GB: 3789,
-# 8 GB: 7807, from a public Pi cluster write-up); Pi 3 B+ (1 GB) and Pi 5 (8 GB) follow the same
-# firmware-reported pattern (4 Cortex-A cores, one socket, MemTotal minus the firmware's carve-out).
-# "vm" is this machine's own output, recorded when these tests were written.
-SLURMD_C = {
-    "pi3": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=921\n"
-           "UpTime=0-00:03:12\n",
-    "pi4": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=3789\n"
-           "UpTime=0-00:02:41\n",
-    "pi4-8g": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 "
-              "RealMemory=7807\nUpTime=0-01:10:05\n",
-    "pi5": "NodeName={h} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=8052\n"
-           "UpTime=0-00:00:58\n",
-    "vm": "NodeName={h} CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105\n"
-          "UpTime=0-00:07:20\n",
-}
+# `slurmd -C` of each board kind, from the one corpus (tests/fixtures/slurm/README.md), as templates for
+# ``.format(h=hostname)``; MEMORY: their RealMemory.
+BOARDS = {"pi3": "pi3bplus", "pi4": "pi4b-4g", "pi4-8g": "pi4b-8g", "pi5": "pi5b", "vm": "vm"}
+SLURMD_C = {kind: slurmd_c(board, "{h}") for kind, board in BOARDS.items()}
 MODELS = {"pi3": "Raspberry Pi 3 Model B Plus Rev 1.3", "pi4": "Raspberry Pi 4 Model B Rev 1.4",
           "pi4-8g": "Raspberry Pi 4 Model B Rev 1.5", "pi5": "Raspberry Pi 5 Model B Rev 1.0", "vm": "vm"}
-MEMORY = {"pi3": 921, "pi4": 3789, "pi4-8g": 7807, "pi5": 8052, "vm": 24105}
+MEMORY = {kind: int(re.search(r"RealMemory=(\d+)", text).group(1)) for kind, text in SLURMD_C.items()}
 
 
 def enrolment(hostname="red01", index=1, kind="pi4", ip=None, mac=None, role="worker"):
@@ -46,10 +35,8 @@ def enrolment(hostname="red01", index=1, kind="pi4", ip=None, mac=None, role="wo
 
 
 @pytest.fixture
-def cluster_dir(tmp_path):
-    d = tmp_path / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="testlab")
-    return d
+def cluster_dir(loopback_cluster):
+    return loopback_cluster
 
 
 @pytest.fixture
@@ -57,9 +44,16 @@ def app_options(tmp_path):
     return {"slurm_conf": str(tmp_path / "etc" / "slurm.conf"), "slurm_apply": "none", "slurm_state": False}
 
 
+def no_real_job(cluster_dir, params, progress):
+    """The registry tests' job function unless a test passes its own: never deploy or verify for real (a
+    request's host list would get ssh connections)."""
+    raise RuntimeError("this test's app runs no real jobs; pass job_functions= to create_app")
+
+
 @pytest.fixture
 def app(cluster_dir, app_options):
-    return create_app(cluster_dir, test_config={"TESTING": True}, **app_options)
+    return create_app(cluster_dir, test_config={"TESTING": True},
+                      job_functions=dict.fromkeys(("deploy", "verify", "recover"), no_real_job), **app_options)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import running_as_root
+
 
 def free_port():
     with socket.socket() as s:
@@ -46,7 +48,7 @@ class SlurmSandbox:
         if missing:
             pytest.skip(f"Slurm/munge not installed: {', '.join(missing)} (apt-get install munge slurmctld "
                         f"slurm-client)")
-        if os.geteuid() != 0:
+        if not running_as_root():
             pytest.skip("needs root: slurmctld runs as SlurmUser=root here")
         # munged insists that every directory above its socket is searchable by all (not pytest's 0700 tmp).
         self.root = Path(tempfile.mkdtemp(prefix="pibake-slurm-", dir="/tmp"))

@@ -177,7 +177,8 @@ def test_rotated_join_token_refuses_the_old_one(client, creds, cluster_dir):
 BAD_ENROLMENTS = [
     ({"hostname": "Red01"}, "hostname:"),
     ({"hostname": "a\n  runcmd: [reboot]"}, "hostname:"),
-    ({"hostname": "admin"}, "hostname: admin is reserved"),
+    ({"hostname": "admin"}, "hostname: 'admin' is not a valid hostname"),  # the administrator's account
+    ({"hostname": "1234"}, "hostname: '1234' is not a valid hostname"),
     ({"mac": "zz:zz"}, "mac:"),
     ({"ips": []}, "ips:"),
     ({"ips": ["10.1.1.300"]}, "ips[0]:"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pibake.registry.service import OPTION_KEYS, Registry
+from pibake.registry.service import OPTION_KEYS, RegistryService
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "registry.md").read_text()
 
@@ -18,7 +18,7 @@ def test_settings_example_is_accepted_by_the_registry(cluster_dir, tmp_path):
     options = yaml.safe_load(block)["registry"]
     assert set(options) == set(OPTION_KEYS)
     options["slurm_conf"] = str(tmp_path / "slurm.conf")  # not /etc in a test
-    reg = Registry(cluster_dir, **options)
+    reg = RegistryService(cluster_dir, **options)
     assert reg.applier.mode == "auto" and reg.slurm_settings == {"SlurmdTimeout": 120}
     assert "SlurmdTimeout=120" in reg.slurm_conf()
 

@@ -16,6 +16,7 @@ from pibake.errors import PibakeError
 from pibake.jobs import JobRunner, validate, JobError
 from pibake.registry.app import create_app
 from tests.registry.conftest import Creds
+from tests.fixtures_plugin import new_cluster
 
 
 def wait_done(client, admin, job_id, timeout=30):
@@ -273,9 +274,7 @@ def test_only_the_registrys_jobs_log_in_as_the_manager(tmp_path, monkeypatch):
     import pibake.verify
     from pibake import jobs
     from pibake.registry.app import create_app
-    from pibake.cluster import init_cluster
-
-    init_cluster(tmp_path, manager="red00", manager_ip="10.1.1.10", network="10.1.1.0/24")
+    new_cluster(tmp_path)
     seen = []
 
     class Report:

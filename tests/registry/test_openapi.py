@@ -8,11 +8,11 @@ import base64
 import pytest
 from openapi_spec_validator import validate
 
-from pibake.cluster import init_cluster
 from pibake.model import ROLES
 from pibake.registry.app import create_app
 from pibake.registry.schema import openapi_document
 from pibake.secrets import admin_password, load_join_token
+from tests.fixtures_plugin import LOOPBACK
 from tests.registry.conftest import enrolment
 
 DOC = openapi_document()
@@ -78,10 +78,9 @@ def record_job(cluster_dir, params, progress):
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tmp_path_factory):
+def fuzz_app(make_cluster):
     """A real app over a real cluster directory (slurm apply mode none: no slurmctld here)."""
-    d = tmp_path_factory.mktemp("fuzz") / "cluster"
-    init_cluster(d, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="fuzz")
+    d = make_cluster(name="fuzz", **LOOPBACK)
     return create_app(d, slurm_conf=str(d / "slurm.conf"), slurm_apply="none", slurm_state=False,
                       job_functions={"deploy": record_job, "verify": record_job, "recover": record_job})
 
@@ -145,7 +144,7 @@ def refused_only_for_what_the_schema_cannot_say(ctx, response, case):
 @SCHEMA.parametrize()
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck),
           derandomize=True)
-def test_schemathesis_finds_nothing(case, fuzz_app, fuzz_auth):
+def test_schemathesis_finds_nothing(case, fuzz_app, fuzz_auth, no_remote_connections):
     """Every phase (examples, coverage incl. undeclared methods, fuzzing; positive and negative data), all
     checks, with the credential the operation asks for."""
     TARGET.app = fuzz_app
@@ -157,7 +156,8 @@ def test_schemathesis_finds_nothing(case, fuzz_app, fuzz_auth):
 
 
 @pytest.mark.parametrize("path,method", OPERATIONS, ids=[f"{m} {p}" for p, m in OPERATIONS])
-def test_generated_requests_reach_the_app_only_with_credentials(fuzz_app, fuzz_auth, path, method):
+def test_generated_requests_reach_the_app_only_with_credentials(fuzz_app, fuzz_auth, path, method,
+                                                                  no_remote_connections):
     """Schema-valid requests for one operation: without credentials always 401 (where it asks for one);
     with each credential it accepts, some pass authentication (the fuzzing above is not all 401s)."""
     op = SCHEMA[path][method.upper()]
@@ -181,7 +181,7 @@ def test_generated_requests_reach_the_app_only_with_credentials(fuzz_app, fuzz_a
         assert codes - {401}, (scheme, codes)  # authenticated: answered 2xx, or 4xx on what was asked
 
 
-def test_jobs_run_the_recording_function_with_the_validated_parameters(fuzz_app, fuzz_auth):
+def test_jobs_run_the_recording_function_with_the_validated_parameters(fuzz_app, fuzz_auth, no_remote_connections):
     """A job the REST API accepts runs its kind's function with the validated parameters (here
     ``record_job``: the fuzzer's hosts never get an ssh connection)."""
     client = fuzz_app.test_client()
@@ -192,3 +192,33 @@ def test_jobs_run_the_recording_function_with_the_validated_parameters(fuzz_app,
     assert job["state"] == "done" and job["result"] == {"params": {"hosts": ["10.1.1.[11-12]"],
                                                                   "options": {"parallel": 2}}}
     assert job["result"]["params"] in JOB_CALLS
+
+
+def test_the_network_guard_refuses_before_anything_is_sent(no_remote_connections):
+    """What keeps the fuzz tests honest: a connection to a non-loopback address (TEST-NET-1, refused before
+    a packet leaves) or an ssh started from any thread is refused and recorded; loopback still works."""
+    import socket
+    import subprocess
+    import threading
+
+    errors = []
+
+    def remote():
+        try:
+            socket.create_connection(("192.0.2.1", 22), timeout=1)
+        except ConnectionRefusedError as exc:
+            errors.append(str(exc))
+        try:
+            subprocess.run(["ssh", "-o", "BatchMode=yes", "red01", "true"], check=False)
+        except PermissionError as exc:
+            errors.append(str(exc))
+    worker = threading.Thread(target=remote)
+    worker.start()
+    worker.join(10)
+    assert [e.split(":")[0] for e in errors] == ["the network rule"] * 2
+    assert no_remote_connections == ["connect to ('192.0.2.1', 22)", "run ['ssh', '-o', 'BatchMode=yes', 'red01']"]
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        socket.create_connection(server.getsockname(), timeout=5).close()
+    no_remote_connections.clear()  # seen; the fixture's teardown checks for any others

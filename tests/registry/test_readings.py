@@ -13,6 +13,7 @@ from pibake.errors import ConfigError, RegistryError
 from pibake.registry.schema import openapi_document
 from pibake.sensors import Sensors
 from pibake.sensors_model import MAX_BATCH, METRICS, metrics_schema
+from tests.fixtures_plugin import update_cluster_yaml
 from tests.registry.conftest import enrolment
 
 T0 = 1796306400.0  # 2026-12-03 14:00 UTC, on an hour
@@ -167,9 +168,7 @@ def test_late_readings_reopen_their_hour_and_unrolled_hours_come_from_raw(sensor
 
 
 def test_retention_drops_raw_after_raw_days_and_keeps_the_hourly_history(sensors, cluster_dir):
-    data = yaml.safe_load((cluster_dir / "cluster.yaml").read_text())
-    data["sensors"] = {"raw_days": 1, "hourly_days": 3}
-    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump(data))
+    update_cluster_yaml(cluster_dir, {"sensors": {"raw_days": 1, "hourly_days": 3}})
     feed(sensors, T0, 2, every=600)
     sensors.run_pass(now=T0 + 2 * 86400)
     assert rows(cluster_dir) == [(0,)]
@@ -191,10 +190,8 @@ def test_the_pass_runs_from_ingest_at_most_every_pass_every_s(sensors, cluster_d
 # ------------------------------------------------------------------ thresholds, alerts, places, the list
 
 def test_thresholds_from_cluster_yaml_and_the_api_set_alert_states_with_since(sensors, cluster_dir):
-    data = yaml.safe_load((cluster_dir / "cluster.yaml").read_text())
-    data["sensors"] = {"thresholds": {"*": {"temperature_c": {"min": 15, "max": 28}},
-                                      "red-zero": {"humidity_pct": {"max": 60}}}}
-    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump(data))
+    update_cluster_yaml(cluster_dir, {"sensors": {"thresholds": {"*": {"temperature_c": {"min": 15, "max": 28}},
+                                                                "red-zero": {"humidity_pct": {"max": 60}}}}})
     sensors.ingest("red-zero", {"readings": [reading(1, T0, temperature_c=21.0, humidity_pct=40.0)]}, now=T0)
     sensors.ingest("red-zero", {"readings": [reading(2, T0 + 60, temperature_c=29.5, humidity_pct=65.0)]}, now=T0 + 60)
     sensors.ingest("red-zero", {"readings": [reading(3, T0 + 120, temperature_c=30.0, humidity_pct=50.0)]},
@@ -298,9 +295,7 @@ def test_the_published_metrics_schema_is_the_models():
 def test_bad_sensor_settings_in_cluster_yaml_are_named(cluster_dir, sensors_yaml, problem):
     from pibake.cluster import load_cluster
 
-    data = yaml.safe_load((cluster_dir / "cluster.yaml").read_text())
-    data["sensors"] = sensors_yaml
-    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump(data))
+    update_cluster_yaml(cluster_dir, {"sensors": sensors_yaml})
     with pytest.raises(ConfigError) as err:
         load_cluster(cluster_dir)
     assert problem in str(err.value)
@@ -322,9 +317,7 @@ def test_docs_settings_example_is_accepted(sensors, cluster_dir):
     """docs/sensors.md sens-settings: valid in cluster.yaml, and its thresholds are the ones in force."""
     from pibake.cluster import load_cluster
 
-    data = yaml.safe_load((cluster_dir / "cluster.yaml").read_text())
-    data.update(yaml.safe_load(_page_block("sens-settings", "yaml")))
-    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump(data))
+    update_cluster_yaml(cluster_dir, yaml.safe_load(_page_block("sens-settings", "yaml")))
     load_cluster(cluster_dir)
     assert sensors.settings()["raw_days"] == 14 and sensors.settings()["offline_after_s"] == 600
     assert sensors.readings.thresholds("red-zero", sensors.settings()["thresholds"]) == {

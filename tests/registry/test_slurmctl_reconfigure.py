@@ -9,7 +9,7 @@ write_configs_to_conf_cache), 7-8 of 32 per deploy."""
 
 import re
 
-from pibake.registry.service import Registry
+from pibake.registry.service import RegistryService
 from tests.registry.conftest import enrolment
 
 
@@ -26,7 +26,7 @@ def _events(log_text):
 
 def test_one_reconfigure_after_a_burst_of_restarts(cluster_dir, slurm_sandbox):
     box = slurm_sandbox
-    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+    reg = RegistryService(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
                    apply_timeout=30)
     # long enough that the three back-to-back enrolments below (about a second each) all fall inside it
     reg.applier.reconfigure_grace = 8.0
@@ -50,7 +50,7 @@ def test_one_reconfigure_after_a_burst_of_restarts(cluster_dir, slurm_sandbox):
 
 def test_no_grace_reconfigures_at_once(cluster_dir, slurm_sandbox):
     box = slurm_sandbox
-    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+    reg = RegistryService(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
                    apply_timeout=30)
     reg.applier.reconfigure_grace = 0
     reg.enrol(enrolment("red01", 1, kind="vm"))

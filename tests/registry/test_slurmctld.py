@@ -4,7 +4,7 @@ reconfigure for settings only; enrol returns once the node is known to slurmctld
 import pytest
 
 from pibake.registry.app import create_app
-from pibake.registry.service import Registry
+from pibake.registry.service import RegistryService
 from tests.registry.conftest import enrolment
 
 
@@ -64,7 +64,7 @@ def test_enrol_add_remove_nodes_on_real_slurmctld(slurm_app, creds):
     assert box.slurmctld_pid() == pid
 
     # settings only: reconfigure, no restart
-    reg = Registry(app.extensions["pibake_registry"].cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct",
+    reg = RegistryService(app.extensions["pibake_registry"].cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct",
                    slurm_settings={**box.settings, "MessageTimeout": "25"})
     assert reg.apply_slurm()["action"] == "reconfigured"
     assert box.slurmctld_pid() == pid
@@ -105,7 +105,7 @@ def test_unordered_addresses_reach_slurmctld_paired_right(cluster_dir, slurm_san
     from pibake.registry.service import validate_enrolment
 
     box = slurm_sandbox
-    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+    reg = RegistryService(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
                    apply_timeout=30)
     wanted = {"red01": "127.0.77.13", "red02": "127.0.77.11", "red03": "127.0.77.12", "red04": "127.0.78.2"}
     for i, (name, ip) in enumerate(wanted.items(), start=1):
@@ -149,7 +149,7 @@ def test_concurrent_enrolments_share_few_restarts(cluster_dir, slurm_sandbox):
     import threading
 
     box = slurm_sandbox
-    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+    reg = RegistryService(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
                    apply_timeout=30)
     reg.enrol(enrolment("red01", 1, kind="vm"))  # slurmctld starts with the first node
     assert reg.applier.counters.get("restarted") == 1
@@ -191,7 +191,7 @@ def test_the_conf_follows_this_machines_slurm_22_05(cluster_dir, slurm_sandbox):
     from pibake.registry.slurmconf import parse_slurm_version
 
     box = slurm_sandbox
-    reg = Registry(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
+    reg = RegistryService(cluster_dir, slurm_conf=str(box.conf), slurm_apply="direct", slurm_settings=box.settings,
                    apply_timeout=30)
     reg.applier.reconfigure_grace = 0
     version = reg.applier.slurm_version()

@@ -1,5 +1,5 @@
 """The store's one-statement enrolment, its parsed-facts cache, and the in-process apply gate of
-Registry.apply_slurm (group commit of slurm.conf applies). Real SQLite, real slurm.conf files; the only
+RegistryService.apply_slurm (group commit of slurm.conf applies). Real SQLite, real slurm.conf files; the only
 stand-in is a wrapper around the applier that holds its first call until the test releases it."""
 
 import threading
@@ -8,12 +8,12 @@ import time
 import pytest
 
 from pibake.errors import ConflictError
-from pibake.registry.service import Registry, validate_enrolment
+from pibake.registry.service import RegistryService, validate_enrolment
 from pibake.registry.slurmconf import expand_hostlist, nodes_section
 from pibake.errors import ApplyError
 from pibake.registry.store import Store, credential_matches
 
-from .conftest import enrolment
+from .conftest import MEMORY, enrolment
 
 WAIT_S = 60  # only a safety net for a hang: nothing below asserts on time
 
@@ -63,7 +63,7 @@ def test_reenrolment_updates_in_place_and_keeps_enrolled_at(cluster_dir):
     assert node["enrol_count"] == 2
     assert node["status"] == "enrolled" and node["message"] == ""  # an error is cleared by a new enrolment
     assert node["enrolled_at"] == first["enrolled_at"]
-    assert node["ip"] == "127.0.77.9" and node["slurmd_c"]["RealMemory"] == 7807
+    assert node["ip"] == "127.0.77.9" and node["slurmd_c"]["RealMemory"] == MEMORY["pi4-8g"]
     assert store.check_credential("red01", old_credential) is None  # the old credential stops working
     assert store.check_credential("red01", credential) is not None
     assert store.count() == 1
@@ -108,7 +108,7 @@ def test_slurm_rows_are_fresh_dicts_and_follow_changes(cluster_dir):
     store.enrol(record("red01", 1, kind="pi4-8g"))  # new facts for red01: parsed again
     store.delete("red02")
     rows = store.slurm_rows()
-    assert [(r["hostname"], r["facts"]["RealMemory"]) for r in rows] == [("red01", 7807)]
+    assert [(r["hostname"], r["facts"]["RealMemory"]) for r in rows] == [("red01", MEMORY["pi4-8g"])]
 
 
 def test_slurm_rows_cache_is_per_store_and_matches_a_fresh_store(cluster_dir):
@@ -117,10 +117,10 @@ def test_slurm_rows_cache_is_per_store_and_matches_a_fresh_store(cluster_dir):
     assert reader.slurm_rows() == writer.slurm_rows()
     writer.enrol(record("red01", 1, kind="pi3"))  # another process changed the row
     assert reader.slurm_rows() == Store(cluster_dir).slurm_rows()
-    assert reader.slurm_rows()[0]["facts"]["RealMemory"] == 921
+    assert reader.slurm_rows()[0]["facts"]["RealMemory"] == MEMORY["pi3"]
 
 
-# ---------------------------------------------------------------------- Registry.apply_slurm gate
+# ---------------------------------------------------------------------- RegistryService.apply_slurm gate
 
 class HeldApplier:
     """Wraps a registry's applier: the first call waits for ``release``, then runs (or raises)."""
@@ -163,7 +163,7 @@ def enrol_in_threads(reg, names, results):
 
 
 def test_enrolments_waiting_behind_an_apply_share_the_next_one(cluster_dir, tmp_path):
-    reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    reg = RegistryService(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     held = HeldApplier(reg)
     results = {}
     first = enrol_in_threads(reg, ["red01"], results)
@@ -186,7 +186,7 @@ def test_enrolments_waiting_behind_an_apply_share_the_next_one(cluster_dir, tmp_
 
 
 def test_a_failed_apply_lets_the_waiting_enrolments_apply_themselves(cluster_dir, tmp_path):
-    reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    reg = RegistryService(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     held = HeldApplier(reg, fail_first=True)
     results = {}
     first = enrol_in_threads(reg, ["red01"], results)
@@ -205,8 +205,8 @@ def test_a_failed_apply_lets_the_waiting_enrolments_apply_themselves(cluster_dir
 
 def test_an_apply_by_another_process_covers_this_one(cluster_dir, tmp_path):
     conf = str(tmp_path / "slurm.conf")
-    one = Registry(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)
-    two = Registry(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)  # its own gate
+    one = RegistryService(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)
+    two = RegistryService(cluster_dir, slurm_conf=conf, slurm_apply="none", slurm_state=False)  # its own gate
     one.store.enrol(record("red01", 1))
     seq = one.store.node_set_seq()
     assert one.apply_slurm(after_seq=seq)["action"] == "written"
@@ -218,7 +218,7 @@ def test_an_apply_by_another_process_covers_this_one(cluster_dir, tmp_path):
 
 
 def test_apply_without_a_counter_always_applies(cluster_dir, tmp_path):
-    reg = Registry(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
+    reg = RegistryService(cluster_dir, slurm_conf=str(tmp_path / "slurm.conf"), slurm_apply="none", slurm_state=False)
     reg.enrol(enrolment("red01", 1))
     assert reg.apply_slurm()["action"] == "unchanged"  # generated and compared, not skipped
 

@@ -57,7 +57,14 @@ def test_recover_is_a_job_and_refuses_a_bad_body(client, creds):
     assert client.post("/api/v1/recover", json={"node": "red01"}).status_code == 401
 
 
-def test_a_recover_job_fails_saying_why(app, client, creds):
+def test_a_recover_job_fails_saying_why(cluster_dir, app_options, creds, no_remote_connections):
+    """The real recover job (the conftest app runs none): it refuses before any connection is made."""
+    from pibake.jobs import MANAGER_FUNCTIONS
+    from pibake.registry.app import create_app
+
+    app = create_app(cluster_dir, test_config={"TESTING": True},
+                     job_functions={"recover": MANAGER_FUNCTIONS["recover"]}, **app_options)
+    client = app.test_client()
     job = client.post("/api/v1/recover", json={"node": "red01", "wait_s": 5}, auth=creds.admin)
     assert job.status_code == 202 and job.json["kind"] == "recover"
     done = app.extensions["pibake_jobs"].wait(job.json["id"], timeout=60)

@@ -7,7 +7,7 @@ import pytest
 
 from pibake.registry.app import create_app
 from tests.registry.browser import chromium_page, needs_chromium, served
-from tests.registry.conftest import enrolment
+from tests.registry.conftest import MEMORY, enrolment
 
 pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
@@ -56,7 +56,7 @@ def test_login_see_nodes_accept_pending(live_registry, page, creds):
     assert red01.locator(".memory").inner_text() == "3.7 GiB"
     assert red01.locator(".status").inner_text().strip() == "enrolled"
     assert rows["node-red02"].locator(".model").inner_text() == "Raspberry Pi 5 Model B Rev 1.0"
-    assert rows["node-red03"].locator(".memory").inner_text() == "921 MiB"
+    assert rows["node-red03"].locator(".memory").inner_text() == f"{MEMORY['pi3']} MiB"
     assert rows["node-red03"].locator(".status").inner_text().strip() == "pending"
     assert "1 waiting for approval" in page.inner_text(".summary")
     assert rows["node-red01"].locator("button.accept").count() == 0

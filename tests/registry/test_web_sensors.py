@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from pibake.registry.app import create_app
 from pibake.registry.logins import LoginThrottle, failure_delay
 from tests.registry.browser import chromium_page, needs_chromium
 from tests.registry.conftest import enrolment
 from tests.registry.test_server import Server
+from tests.fixtures_plugin import update_cluster_yaml
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 
@@ -50,9 +50,7 @@ def _history(now, days, every):
 
 @pytest.fixture
 def live(cluster_dir, tmp_path, creds):
-    data = yaml.safe_load((cluster_dir / "cluster.yaml").read_text())
-    data["sensors"] = {"thresholds": {"*": {"temperature_c": {"min": 18, "max": 24}}}}
-    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump(data))
+    update_cluster_yaml(cluster_dir, {"sensors": {"thresholds": {"*": {"temperature_c": {"min": 18, "max": 24}}}}})
     server = Server(cluster_dir, tmp_path).start()
     try:
         now = time.time()

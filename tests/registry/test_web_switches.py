@@ -5,12 +5,12 @@ Recover for a node's plug explained before anything happens, and no action witho
 
 import pytest
 import requests
-import yaml
 
 from pibake import switches
 from pibake.registry.app import create_app
 from tests.registry.browser import chromium_page, needs_chromium, served
 from tests.switches.conftest import kasa_plug, needs_kasa_simulator, shelly  # noqa: F401  (fixtures)
+from tests.fixtures_plugin import update_cluster_yaml
 
 pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
@@ -18,13 +18,10 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not ins
 
 @pytest.fixture
 def live(cluster_dir, app_options, kasa_plug, shelly):  # noqa: F811
-    path = cluster_dir / "cluster.yaml"
-    data = yaml.safe_load(path.read_text())
-    data["switches"] = [
+    update_cluster_yaml(cluster_dir, {"switches": [
         {"name": "lamp", "driver": "kasa", "address": kasa_plug.address, "thing": "lamp", "timeout": 2},
         {"name": "pi1", "driver": "shelly", "address": shelly.address, "node": "red01", "timeout": 2},
-    ]
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    ]})
     switches.set_credentials(cluster_dir, "pi1", password="shelly-pass-1")
     app = create_app(cluster_dir, **app_options)
     with served(app) as url:

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pibake.run import which
 from tests.conftest import needs_program
+from tests.fixtures_plugin import LOOPBACK, RED, new_cluster
 from tests.switches.fakes import FakeShelly, FakeTasmota
 
 # Marks for the tests that use the npm plug simulator or Mosquitto (the one place that says what they need).
@@ -126,14 +126,12 @@ def mosquitto(tmp_path_factory):
 def mosquitto_tls(tmp_path_factory):
     """Mosquitto with TLS only, its certificate from a pibake cluster CA (the registry certificate of a
     cluster whose manager is 127.0.0.1): yields (port, cluster directory)."""
-    from pibake.cluster import init_cluster
-
     broker, passwd = which("mosquitto"), which("mosquitto_passwd")
     if not (broker and passwd):
         pytest.skip("not installed: mosquitto (Debian package mosquitto)")
     where = tmp_path_factory.mktemp("mosquitto-tls")
     cluster = where / "cluster"
-    init_cluster(cluster, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="tls")
+    new_cluster(cluster, name="tls", **LOOPBACK)
     subprocess.run([passwd, "-b", "-c", str(where / "passwd"), MQTT_USER, MQTT_PASSWORD], check=True,
                    capture_output=True)
     port = free_port()
@@ -176,11 +174,12 @@ def tasmota():
     device.stop()
 
 
-BASE = {"name": "red", "manager": "red00", "manager_ip": "10.1.1.10", "network": "10.1.1.0/24"}
+BASE = {"name": "red", **RED}
 
 
-def write_cluster(cluster_dir, switches):
-    cluster_dir = Path(cluster_dir)
-    cluster_dir.mkdir(parents=True, exist_ok=True)
-    (cluster_dir / "cluster.yaml").write_text(yaml.safe_dump({**BASE, "switches": switches}, sort_keys=False))
-    return cluster_dir
+def write_cluster(cluster_dir, switches=None, **settings):
+    """A real cluster directory (tests/fixtures_plugin.py) whose cluster.yaml declares ``switches`` (and
+    ``settings``); no ssh keys (``home`` without .ssh)."""
+    if switches is not None:
+        settings["switches"] = switches
+    return new_cluster(cluster_dir, name="red", home=cluster_dir, settings=settings)

@@ -44,7 +44,6 @@ def test_commands_page_switch_block(tmp_path, kasa_plug, shelly, tasmota):
         {"name": "lamp", "driver": "kasa", "address": kasa_plug.address, "thing": "lamp"},
     ])
     (tmp_path / "fan-password").write_text("tasmota-pass-1\n")
-    (tmp_path / "cluster" / "secrets").mkdir(mode=0o700)
     from pibake import switches
     switches.set_credentials(tmp_path / "cluster", "rack-red01", password="shelly-pass-1")
     outputs = dict(run_block(block("commands.md", "cmd-switch"), tmp_path))

@@ -13,6 +13,7 @@ from pibake.errors import SwitchError
 from pibake.switches.kasa import KasaSwitch
 from pibake.switches.shelly import ShellySwitch
 from pibake.switches.tasmota import TasmotaSwitch
+from tests.fixtures_plugin import LOOPBACK, new_cluster
 from tests.switches.conftest import (
     MQTT_PASSWORD, MQTT_USER, free_port, needs_kasa_simulator, needs_mosquitto,
 )
@@ -207,8 +208,6 @@ def test_tasmota_mqtt_faults(tasmota, mosquitto):
 
 @needs_mosquitto
 def test_tasmota_mqtt_over_tls_checked_against_the_cluster_ca(tasmota, mosquitto_tls, tmp_path):
-    from pibake.cluster import init_cluster
-
     port, cluster = mosquitto_tls
     ca = cluster / "secrets" / "ca.crt"
     tasmota.connect_mqtt(port, MQTT_USER, MQTT_PASSWORD, ca_file=ca)
@@ -219,7 +218,7 @@ def test_tasmota_mqtt_over_tls_checked_against_the_cluster_ca(tasmota, mosquitto
     assert tasmota.power is True
 
     other = tmp_path / "other"  # another cluster's CA does not vouch for this broker
-    init_cluster(other, manager="localhost", manager_ip="127.0.0.1", network="127.0.0.0/8", name="other")
+    new_cluster(other, name="other", **LOOPBACK)
     with pytest.raises(SwitchError, match="TLS to the MQTT broker .* failed: self-signed certificate in certificate chain"):
         TasmotaSwitch(cfg, creds, ca_file=other / "secrets" / "ca.crt").state()
     with pytest.raises(SwitchError, match="mqtt_tls needs the cluster CA"):

@@ -12,7 +12,7 @@ import time
 import yaml
 
 from pibake.switches.kasa import KasaSwitch
-from tests.switches.conftest import BASE, needs_kasa_simulator
+from tests.switches.conftest import needs_kasa_simulator, write_cluster
 from tests.switches.test_docs_blocks import DOCS
 
 
@@ -20,10 +20,7 @@ def docs_cluster(tmp_path, plug, **switch):
     text = re.search(r"```yaml\n# doc-test: sw-rules\n(.*?)```", (DOCS / "switches.md").read_text(), re.S).group(1)
     data = yaml.safe_load(text)
     data["switches"][0].update(address=plug.address, **switch)  # the block's 10.1.1.50 is never contacted
-    cluster = tmp_path / "cluster"
-    cluster.mkdir()
-    (cluster / "cluster.yaml").write_text(yaml.safe_dump({**BASE, **data}, sort_keys=False))
-    return cluster, data
+    return write_cluster(tmp_path / "cluster", **data), data
 
 
 class Temp01:
@@ -133,9 +130,7 @@ def test_an_unreachable_plug_is_reported_and_the_exit_code_says_so(tmp_path, kas
 
 
 def test_no_rules_says_so(tmp_path):
-    cluster = tmp_path / "cluster"
-    cluster.mkdir()
-    (cluster / "cluster.yaml").write_text(yaml.safe_dump(BASE))
+    cluster = write_cluster(tmp_path / "cluster")
     proc = subprocess.run([sys.executable, "-m", "pibake", "--cluster", str(cluster), "switch", "rules", "--once"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr.strip() == "no rules in cluster.yaml (see docs/switches.md)"

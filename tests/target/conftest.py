@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 
+from tests.conftest import running_as_root
+
 BACKGROUND = {}
 
 
 def _can_build():
     tools = ("mmdebstrap", "arch-test", "qemu-system-aarch64", "debootstrap")
-    return os.geteuid() == 0 and all(shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") for t in tools)
+    return running_as_root() and all(shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") for t in tools)
 
 
 def pytest_collection_modifyitems(session, config, items):

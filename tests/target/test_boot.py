@@ -21,6 +21,7 @@ import subprocess
 import pytest
 
 from tests.conftest import needs_program, needs_root
+from tests.fixtures_plugin import make_ssh_key
 from tests.lab.sandbox import namespaces_missing
 
 pytestmark = [
@@ -50,9 +51,7 @@ def _prefix(family):
 
 
 def _key(tmp):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "target@test", "-f", tmp / "key"],
-                   check=True)
-    return tmp / "key"
+    return make_ssh_key(tmp, "target@test", name="key")
 
 
 @pytest.fixture(scope="module")
