@@ -639,6 +639,8 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
         from pibake.cluster import load_cluster
 
         image = images.image_for_board(image or load_cluster(cluster_dir).image, board)
+    elif inventory or (hostnames and ips):
+        image = boards_image(cluster_dir, image, hostnames=hostnames, ips=ips, role=role, inventory=inventory)
     if bool(devices_) == bool(output):
         raise BurnError("say where to write: --device /dev/sdX (cards) or --output 'out/{hostname}.img' (files), "
                         "not both")
@@ -689,6 +691,32 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
                              before_first_write=lambda: record_plan(cluster_dir, nodes))
     finally:
         _cleanup(prepared)
+
+
+def boards_image(cluster_dir, image, *, hostnames=None, ips=None, role=None, inventory=None):
+    """The image to burn when no --board is given: the one the ``board`` of cluster.yaml's ``nodes:`` needs for
+    the nodes of this burn (armhf for a Pi Zero / Zero W), ``image`` when none of them has a board. One burn
+    writes one image: nodes that need different images are a BurnError naming them."""
+    from pibake.cluster import load_cluster
+    from pibake.plan import resolve_plan
+
+    cluster = load_cluster(cluster_dir)
+    if not cluster.boards:
+        return image
+    base = image or cluster.image
+    nodes = resolve_plan(cluster, hostnames=hostnames, ips=ips, role=role, inventory=inventory)
+    wanted = {}  # image -> [hostname (board)]
+    for node in nodes:
+        node_board = cluster.board_of(node.hostname)
+        name = images.image_for_board(base, node_board)
+        wanted.setdefault(name, []).append(f"{node.hostname} ({node_board or 'no board'})")
+    if len(wanted) > 1:
+        needs = "; ".join(f"{', '.join(hosts)} need{'s' if len(hosts) == 1 else ''} {name}"
+                          for name, hosts in sorted(wanted.items()))
+        raise BurnError(f"one burn writes one image, and the boards in cluster.yaml's nodes: need more: {needs}; "
+                        "burn them in separate runs, or give --board")
+    (name,) = wanted
+    return image if name == base else name
 
 
 def _make_parents(paths):

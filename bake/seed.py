@@ -64,6 +64,28 @@ REGISTRY_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, 
 # without systemd the same program in the foreground, detached by pibake-start)
 MQTT_SETUP_COMMAND = ["/opt/pibake/bin/pibake", "--cluster", MANAGER_CLUSTER_DIR, "mqtt", "setup"]
 MOSQUITTO_COMMAND = ["/usr/sbin/mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"]
+# The manager's switch loops (pibake.switches.loop): the automatic recovery policy, which logs in to the nodes
+# with the manager's ssh identity (as the registry's jobs) and keeps the host keys it meets in the cluster
+# directory (the unit cannot write root's home), and the sensor -> switch rules.
+_PIBAKE = "/opt/pibake/bin/pibake"
+SWITCH_LOOPS = {
+    "auto": {
+        "command": [_PIBAKE, "--cluster", MANAGER_CLUSTER_DIR, "switch", "auto",
+                    "--identity", f"{MANAGER_CLUSTER_DIR}/secrets/manager-ssh.key",
+                    "--known-hosts", f"{MANAGER_CLUSTER_DIR}/switches/known_hosts"],
+        "description": "automatic recovery of hung nodes through their plugs (switches with auto_cycle)",
+        "what": "Recovers a hung node (ssh and Slurm both find it down) by cycling its plug, within a limit per hour.",
+        "needs": "switch with auto_cycle: true",
+        "timeout_stop_s": 900,  # a recovery waits up to 600 s for the node to come back idle
+    },
+    "rules": {
+        "command": [_PIBAKE, "--cluster", MANAGER_CLUSTER_DIR, "switch", "rules"],
+        "description": "rules from sensor readings to switches (rules: in cluster.yaml)",
+        "what": "Switches plugs from sensor readings (rules: in cluster.yaml), with hysteresis and minimum times.",
+        "needs": "rules:",
+        "timeout_stop_s": 120,
+    },
+}
 
 SCRIPTS = {  # name in templates -> (path on the node, template)
     "start": (f"{LIB_DIR}/pibake-start", "pibake-start.sh.j2"),
@@ -423,6 +445,10 @@ def _write_files(cluster, node, seed_secrets, bundle):
         files.append(_text_file(f"{SYSTEMD_DIR}/pibake-registry.service",
                                 render_template("pibake-registry.service.j2", registry_command=REGISTRY_COMMAND),
                                 "0644"))
+        for loop, unit in SWITCH_LOOPS.items():
+            files.append(_text_file(f"{SYSTEMD_DIR}/pibake-switch-{loop}.service",
+                                    render_template("pibake-switch.service.j2", switch_loop=loop,
+                                                    cluster_dir=MANAGER_CLUSTER_DIR, **unit), "0644"))
         for rel in sorted(bundle):
             files.append(_binary_file(f"{MANAGER_CLUSTER_DIR}/{rel}", bundle[rel],
                                       BUNDLE_MODES.get(rel, BUNDLE_DEFAULT_MODE)))
@@ -453,6 +479,7 @@ def render_user_data(cluster, node, seed_secrets, bundle=None, preinstalled=()):
         "sensor_command": SENSOR_COMMAND,
         "wifi_dns_command": wifi_dns_command(cluster, node),
         "registry_command": REGISTRY_COMMAND,
+        "switch_loops": {loop: unit["command"] for loop, unit in SWITCH_LOOPS.items()},
         "mqtt_enabled": node.role == "manager" and cluster.mqtt.enabled,
         "mqtt_setup_command": MQTT_SETUP_COMMAND,
         "mosquitto_command": MOSQUITTO_COMMAND,

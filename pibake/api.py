@@ -100,8 +100,13 @@ def serve_registry(cluster_dir, **options):
     from pibake.registry.server import serve  # start-up: gunicorn loads only for the registry commands
 
     return serve(cluster_dir, **options)
+
+
 from pibake.sensors import Sensors, parse_time as parse_sensor_time  # noqa: F401,E402
 from pibake.sensors_model import METRICS as SENSOR_METRICS  # noqa: F401,E402
+from pibake.switches.loop import LOOPS as SWITCH_LOOPS, LoopBusy, run_loop as run_switch_loop  # noqa: F401,E402
+from pibake.switches.rules import last_round as rules_last_round, rules_status  # noqa: F401,E402
+from pibake.switches import DriverMissing as SwitchDriverMissing  # noqa: F401,E402
 
 
 def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, image_cache_dir=None, mirror=None,

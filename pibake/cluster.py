@@ -28,7 +28,7 @@ from pibake import secrets as _secrets
 from pibake.errors import ConfigError, SecretsError
 from pibake.fields import ssh_key_problem, valid_hostname
 from pibake.files import atomic_write
-from pibake.model import FAMILIES, SWITCH_DRIVERS, Cluster, MqttSettings, SwitchConfig, Wifi
+from pibake.model import BOARDS, FAMILIES, SWITCH_DRIVERS, Cluster, MqttSettings, SwitchConfig, Wifi
 from pibake.sensors_model import SETTINGS_SCHEMA as SENSOR_SETTINGS_SCHEMA, settings_problems as sensor_settings_problems
 from pibake.rules_model import RULES_SCHEMA, rules_problems
 
@@ -91,7 +91,12 @@ _KEY_DOCS = {
     "sensors": (
         "Optional sensor history settings: raw_days, hourly_days, offline_after_s, pass_every_s and\n"
         "thresholds per node (or *) and metric ({min, max}). See docs/sensors.md."
-    ),    "rules": (
+    ),
+    "nodes": (
+        "Optional per-node settings by hostname: board (zero, zero-w, zero2-w, pi3, pi4, pi5), which picks\n"
+        "the image `pibake burn` writes when --board is not given. See docs/cluster-yaml.md."
+    ),
+    "rules": (
         "Optional rules from a sensor reading to a switch: name, sensor, metric, switch, on_above +\n"
         "off_below (or on_below + off_above), min_on_s, min_off_s, max_age_s. See docs/switches.md."
     ),
@@ -185,6 +190,15 @@ CLUSTER_SCHEMA = {
         },
         "sensors": SENSOR_SETTINGS_SCHEMA,
         "rules": RULES_SCHEMA,
+        "nodes": {
+            "type": ["object", "null"],
+            "maxProperties": 1024,
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"board": {"enum": list(BOARDS)}},
+            },
+        },
     },
 }
 
@@ -379,6 +393,9 @@ def validate_cluster_data(data):
     if isinstance(data.get("rules"), list) and not any(p in ("rules", "switches") for p in bad):
         broken = {i for i in range(len(data["rules"])) if any(p.startswith(f"rules[{i}]") for p in bad)}
         sem.extend(rules_problems(data["rules"], data.get("switches"), valid_name=valid_hostname, skip=broken))
+    if ok("nodes"):
+        sem.extend(f"nodes.{name}: {name!r} is not a valid hostname" for name in data["nodes"]
+                   if not valid_hostname(str(name)))
     out = [problems[k] for k in sorted(problems)] + sem
     psk = data.get("wifi", {}).get("psk") if isinstance(data.get("wifi"), dict) else None
     # never echo the PSK (or a passphrase put there); a value shorter than any passphrase (8) is no secret, and
@@ -554,6 +571,8 @@ def cluster_from_data(data, directory=None):
         directory=Path(directory) if directory is not None else None,
         switches=switches_from_data(data),
         mqtt=mqtt_from_data(data),
+        boards=tuple(sorted((str(name), entry["board"]) for name, entry in (data.get("nodes") or {}).items()
+                            if entry and entry.get("board"))),
     )
 
 

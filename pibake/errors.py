@@ -168,6 +168,15 @@ class SwitchBusy(SwitchError):
     """Another command holds the plug (a cycle takes seconds); raised only when asked not to wait."""
 
 
+class LoopBusy(PibakeError):
+    """Another process runs this switch loop (auto, rules) on this cluster directory."""
+
+
+class DriverMissing(SwitchError):
+    """The Python library a switch driver needs is not installed here (python-kasa on a manager: Debian has no
+    python3-kasa, and the manager installs pibake with --no-deps over Debian's packages)."""
+
+
 class RegistryClientError(PibakeError):
     """A request to the cluster's registry failed, as its client saw it (``pibake.registry_client``).
 

@@ -47,6 +47,11 @@ class Cluster:
     directory: Path | None = field(default=None, compare=False)
     switches: tuple["SwitchConfig", ...] = ()  # smart plugs/relays, see docs/switches.md
     mqtt: "MqttSettings" = field(default_factory=lambda: MqttSettings())  # the broker, see docs/mqtt.md
+    boards: tuple[tuple[str, str], ...] = ()  # (hostname, board) from cluster.yaml's nodes:
+
+    def board_of(self, hostname):
+        """The board cluster.yaml's ``nodes:`` gives ``hostname`` (a key of BOARDS), or None."""
+        return dict(self.boards).get(hostname)
 
     @property
     def registry_url(self):

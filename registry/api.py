@@ -172,8 +172,12 @@ def _switch_call(function, *args, **kwargs):
     """Run a pibake.api switch function; its user errors become JSON errors with a fitting status."""
     from pibake.errors import ConfigError, PibakeError, SecretsError, SwitchError  # pylint: disable=import-outside-toplevel
 
+    from pibake.api import SwitchDriverMissing  # pylint: disable=import-outside-toplevel
+
     try:
         return function(*args, **kwargs)
+    except SwitchDriverMissing as err:  # not the plug: this manager lacks the driver's library
+        raise RegistryError(500, str(err)) from None
     except SwitchError as err:  # the plug: unreachable, refused credentials, timed out, garbage
         raise RegistryError(502, str(err)) from None
     except ConfigError as err:
@@ -205,6 +209,21 @@ def switch_log():
     from pibake import api  # pylint: disable=import-outside-toplevel
 
     return jsonify(api.switch_log(registry().cluster_dir))
+
+
+@bp.get("/rules")
+@basic_auth.login_required(role="admin")
+def list_rules():
+    """The rules with the rules loop's last round (GET only: the loop, not a request, switches)."""
+    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake.errors import PibakeError  # pylint: disable=import-outside-toplevel
+
+    cluster_dir = registry().cluster_dir
+    try:
+        rules = api.rules_status(cluster_dir)
+    except PibakeError as err:  # cluster.yaml does not validate: a server-side problem, not a missing item
+        raise RegistryError(500, str(err)) from None
+    return jsonify({"rules": rules, "last_round": api.rules_last_round(cluster_dir)})
 
 
 @bp.get("/switches/<name>")

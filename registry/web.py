@@ -118,7 +118,7 @@ def index():
         pending=sum(1 for n in nodes if n["status"] == "pending"),
         slurm_known=any(s is not None for s in states), csrf=session.get("csrf", ""),
         report=latest_report(reg.cluster_dir), switches=switch_rows(reg.cluster_dir),
-        switch_log=_switch_log(reg.cluster_dir))
+        switch_log=_switch_log(reg.cluster_dir), rules=_rules(reg.cluster_dir))
 
 
 REPORT_FILE_RE = re.compile(r"^[a-z0-9_]{1,64}\.png$")
@@ -201,6 +201,17 @@ def switch_rows(cluster_dir):
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
         return list(pool.map(read, items))
+
+
+def _rules(cluster_dir):
+    """The rules with the rules loop's last round (no device contacted), or the error reading them."""
+    from pibake import api  # pylint: disable=import-outside-toplevel
+
+    try:
+        return {"rules": api.rules_status(cluster_dir), "last_round": api.rules_last_round(cluster_dir),
+                "error": None}
+    except PibakeError as err:
+        return {"rules": [], "last_round": None, "error": str(err)}
 
 
 def _switch_log(cluster_dir):

@@ -152,7 +152,22 @@ BAD = [
     ({"registry": {"require_approval": "yes"}}, "registry.require_approval: 'yes' is not of type 'boolean'"),
     ({"network": _DROP}, "network: missing (this key is required)"),
     ({"name": 7}, "name: 7 is not text; put the value in quotes"),
+    ({"nodes": {"red-zero": {"board": "zero-2-w"}}},
+     "nodes.red-zero.board: 'zero-2-w' is not one of zero, zero-w, zero2-w, pi3, pi4, pi5"),
+    ({"nodes": {"red-zero": {"bord": "pi4"}}}, "nodes.red-zero: unknown key 'bord' (known keys: board)"),
+    ({"nodes": {"Red_Zero": {"board": "pi4"}}}, "nodes.Red_Zero: 'Red_Zero' is not a valid hostname"),
 ]
+
+
+def test_node_boards_load():
+    from pibake.cluster import cluster_from_data
+
+    data = with_(nodes={"red-zero": {"board": "zero-w"}, "red01": {"board": "pi4"}, "red02": {}, "red03": None})
+    assert validate_cluster_data(data) == ["nodes.red03: None is not of type 'object'"]
+    del data["nodes"]["red03"]
+    cluster = cluster_from_data(data)
+    assert cluster.board_of("red-zero") == "zero-w" and cluster.board_of("red01") == "pi4"
+    assert cluster.board_of("red02") is None and cluster.board_of("red09") is None
 
 
 @pytest.mark.parametrize("changes, fragment", BAD, ids=[f[1][:40] for f in BAD])

@@ -271,9 +271,16 @@ def test_manager_plan_takes_the_seeds_own_steps(manager_seed):
     assert plan.install == [SCRIPTS["install_pibake"][0], plan.wheel] and plan.install in plan.setup
     assert plan.registry[:4] == [SCRIPTS["start"][0], "pibake-registry.service", "--", "/opt/pibake/bin/pibake"]
     assert plan.agent[:3] == [SCRIPTS["start"][0], "pibake-agent.service", "--"]
-    # the sensor agent's unit starts after the agent, as on a burned card
-    assert [line[:2] for line in plan.after] == [[SCRIPTS["start"][0], "pibake-sensor.service"]]
-    assert "pibake-sensor.service" in d.agent_script(plan.agent, plan.after).splitlines()[-2]
+    # the sensor agent's unit and the switch loops start after the agent, as on a burned card; their unit
+    # files come with the seed's write_files
+    assert [line[:2] for line in plan.after] == [[SCRIPTS["start"][0], "pibake-sensor.service"],
+                                                 [SCRIPTS["start"][0], "pibake-switch-auto.service"],
+                                                 [SCRIPTS["start"][0], "pibake-switch-rules.service"]]
+    assert plan.files["/etc/systemd/system/pibake-switch-rules.service"][1] == 0o644
+    script = d.agent_script(plan.agent, plan.after).splitlines()
+    assert [unit for unit in ("pibake-sensor.service", "pibake-switch-auto.service", "pibake-switch-rules.service")
+            if any(unit in line and line.startswith("if [ $rc -eq 0 ]") for line in script)] == [
+        "pibake-sensor.service", "pibake-switch-auto.service", "pibake-switch-rules.service"]
 
 
 def test_manager_plan_needs_the_seed_shape():

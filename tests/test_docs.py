@@ -196,6 +196,7 @@ BLOCKS = {
                     "a frozen lab node; tests/switches/test_auto.py runs the rounds with the Kasa simulator as the "
                     "plug)"),
         "sw-rules": "test: tests/switches/test_rules.py::test_the_docs_rule_switches_the_fan_from_stored_readings",
+        "sw-rules-list": "test: tests/registry/test_rules_api.py::test_rules_over_rest_on_the_page_and_in_the_cli",
     },
     "mqtt.md": {
         "mqtt-config": "test: tests/test_mqtt.py::test_docs_mqtt_page_blocks",

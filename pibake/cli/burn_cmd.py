@@ -113,7 +113,8 @@ def _report(results, as_json, what):
               help="Catalog image name or image file (.img, .img.xz, ...). Default: the cluster's image.")
 @click.option("--board", default=None, type=click.Choice(BOARD_NAMES),
               help="The board the card is for: zero and zero-w (32-bit only) get the armhf image of the cluster's "
-                   "family, the others arm64. Default: the cluster's image as it is.")
+                   "family, the others arm64. Default: each node's board from cluster.yaml's nodes: (one image "
+                   "per burn), else the cluster's image as it is.")
 @click.option("--sha256", default=None, metavar="HEX", help="Expected sha256 of a local image file or URL.")
 @click.option("--no-verify", is_flag=True, help="Skip the read-back of the written image (the seed is always read back).")
 @click.option("--full", is_flag=True, help="Write every byte of the image (default: only the blocks it uses).")

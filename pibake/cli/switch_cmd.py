@@ -270,30 +270,38 @@ def auto_cmd(state, once, interval, max_per_hour, backoff, off_seconds, wait_s, 
     Each round looks at every switch with auto_cycle: true (never the manager, never a
     switch that powers a thing) and recovers its node when ssh and Slurm both find it down,
     like `pibake recover`, within --max-per-hour and with --backoff between attempts. Every
-    attempt and every skip for the limit is recorded in `pibake switch log`."""
-    import time
-
-
+    attempt and every skip for the limit is recorded in `pibake switch log`. On the manager
+    pibake-switch-auto.service runs this loop; one copy per cluster directory."""
     policy = api.AutoPolicy(max_per_hour=max_per_hour, backoff_s=backoff, off_s=off_seconds, wait_s=wait_s)
-    while True:
-        report = api.auto_pass(state.cluster_dir, policy=policy, progress=lambda m: click.echo(m, err=True),
-                               ssh_options=_ssh(user, identity, known_hosts))
-        if once:
-            if as_json:
-                emit_json(report)
-            elif not report:
-                click.echo("no switch has auto_cycle: true", err=True)
-            return
-        time.sleep(interval)
+
+    def one_round():
+        # looping (the manager's pibake-switch-auto.service): a node found up is not worth a journal line
+        return api.auto_pass(state.cluster_dir, policy=policy, ssh_options=_ssh(user, identity, known_hosts),
+                             progress=lambda m: click.echo(m, err=True), quiet_up=not once)
+
+    report = api.run_switch_loop(state.cluster_dir, "auto", one_round, interval=interval, once=once,
+                                 on_error=_loop_error)
+    if once:
+        if as_json:
+            emit_json(report)
+        elif not report:
+            click.echo("no switch has auto_cycle: true", err=True)
+
+
+def _loop_error(err):
+    """A round of a loop failed with a user error: one line, and the loop goes on."""
+    click.echo(f"pibake: error: {err}", err=True)
 
 
 @switch_group.command("rules")
 @click.option("--once", is_flag=True, help="One round, then exit (for a timer or cron); else every --interval.")
 @click.option("--interval", type=click.FloatRange(5, 86400), default=60, show_default=True,
               help="Seconds between rounds.")
+@click.option("--list", "list_only", is_flag=True,
+              help="Show each rule with its last round's outcome (reading, decision, state) and switch nothing.")
 @json_option
 @pass_state
-def rules_cmd(state, once, interval, as_json):
+def rules_cmd(state, once, interval, list_only, as_json):
     """Apply the rules: of cluster.yaml (a sensor reading switches a plug): run on the manager.
 
     \b
@@ -302,22 +310,52 @@ def rules_cmd(state, once, interval, as_json):
     and off below off_below (or the other way round for heating), nothing in between
     (hysteresis), never before min_on_s / min_off_s since the switch last changed, never on a
     reading older than max_age_s. Every switching is recorded in `pibake switch log` with the
-    rule and the reason. See docs/switches.md."""
-    import time
+    rule and the reason. On the manager pibake-switch-rules.service runs this loop; --list shows
+    what it last decided (state ok, stale: no usable reading, error: the plug failed). See
+    docs/switches.md."""
+    if list_only:
+        _list_rules(state, as_json)
+        return
 
-    from pibake import api
+    def one_round():
+        return api.rules_pass(state.cluster_dir, progress=None if (as_json or not once) else
+                              lambda m: click.echo(m, err=True))
 
-    while True:
-        report = api.rules_pass(state.cluster_dir, progress=None if as_json else lambda m: click.echo(m, err=True))
-        if once:
-            if as_json:
-                emit_json(report)
-            elif not report:
-                click.echo("no rules in cluster.yaml (see docs/switches.md)", err=True)
-            if any(r["action"] == "error" for r in report):
-                sys.exit(1)
-            return
-        time.sleep(interval)
+    def changes(report):  # looping: a line for each switching or failure, not for every quiet round
+        for row in report:
+            if row["action"]:
+                click.echo(f"rule {row['rule']}: {row['why']} -> {row['switch']} {row['action']}", err=True)
+
+    report = api.run_switch_loop(state.cluster_dir, "rules", one_round, interval=interval, once=once,
+                                 on_report=None if once else changes, on_error=_loop_error)
+    if once:
+        if as_json:
+            emit_json(report)
+        elif not report:
+            click.echo("no rules in cluster.yaml (see docs/switches.md)", err=True)
+        if any(r["action"] == "error" for r in report):
+            sys.exit(1)
+
+
+def _list_rules(state, as_json):
+    items = api.rules_status(state.cluster_dir)
+    if as_json:
+        emit_json(items)
+        return
+    if not items:
+        click.echo("no rules in cluster.yaml (see docs/switches.md)", err=True)
+        return
+    rows = []
+    for r in items:
+        last = r["last"]
+        if last is None:
+            rows.append((r["rule"], r["describe"], "-", "-", "no round yet"))
+            continue
+        value = "-" if last["value"] is None else f"{last['value']:g}"
+        switch = "-" if last["on"] is None else ("on" if last["on"] else "off")
+        rows.append((r["rule"], r["describe"], f"{last['state']} since {last['since']}", f"{value} / {switch}",
+                     f"{last['time']}: {last['why']}"))
+    _table(rows, ("RULE", "WHAT", "STATE", "VALUE / SWITCH", "LAST DECISION"))
 
 
 @cli.command("recover")

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from pibake.errors import ConfigError, SecretsError, SwitchBusy, SwitchError  # noqa: F401 (pibake.switches.SwitchError)
+from pibake.errors import ConfigError, DriverMissing, SecretsError, SwitchBusy, SwitchError  # noqa: F401 (pibake.switches.SwitchError)
 from pibake.locks import file_lock
 from pibake.switches.base import SwitchState  # noqa: F401
 
@@ -35,9 +35,24 @@ _THREAD_LOCKS = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
 
+def kasa_missing_text():
+    """What to do when python-kasa is not installed in this Python (the manager's /opt/pibake venv, unless
+    someone installed it there): the one line the CLI, REST and the page show."""
+    import sys
+
+    pip = Path(sys.prefix) / "bin" / "pip"
+    return (f"the kasa driver needs python-kasa, which is not installed in {sys.prefix}: install it with "
+            f"`{pip} install python-kasa` (on the manager first `apt-get install python3-aiohttp`; Debian has no "
+            "python3-kasa; see docs/switches.md)")
+
+
 def _driver_class(driver):
     # imported on use: python-kasa (asyncio, aiohttp) and paho are only loaded for the plug in hand
     if driver == "kasa":
+        import importlib.util
+
+        if importlib.util.find_spec("kasa") is None:
+            raise DriverMissing(kasa_missing_text())
         from pibake.switches.kasa import KasaSwitch
 
         return KasaSwitch

@@ -73,9 +73,10 @@ def _save_history(cluster_dir, history, now):
 
 
 def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time, sleep=time.sleep, progress=None,
-              slurm_conf=None, ssh_options=None):
+              slurm_conf=None, ssh_options=None, quiet_up=False):
     """One round over the candidates; returns [{node, switch, decision, detail}]. ``ssh_options``: see
-    ``recover.make_node_connectors``."""
+    ``recover.make_node_connectors``; ``quiet_up``: no progress line for a node found up (a loop's every
+    round)."""
     from pibake import switches
     from pibake.cluster import load_cluster
     from pibake.switches.recover import probe_node, judge_down, make_node_connectors, recover_node
@@ -83,6 +84,8 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
 
     say = progress or (lambda message: None)
     cluster = load_cluster(cluster_dir)
+    if not candidates(cluster):  # the manager's loop with nothing to do: no ssh, no Slurm query
+        return []
     slurm_conf = slurm_conf or served_slurm_conf(cluster_dir)
     history = load_history(cluster_dir)
     report = []
@@ -107,6 +110,7 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
                 decision = "recovered" if result["recovered"] else "failed"
             except PibakeError as err:
                 decision, detail = "failed", str(err)
-        say(f"{node}: {decision}: {detail}")
+        if decision != "up" or not quiet_up:
+            say(f"{node}: {decision}: {detail}")
         report.append({"node": node, "switch": config.name, "decision": decision, "detail": detail})
     return report

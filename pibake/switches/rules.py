@@ -7,19 +7,28 @@ the rule's name and the reason (``by: "rule NAME"``, ``why``).
 The switch's last change (for ``min_on_s`` / ``min_off_s``) is the switch log's last successful on, off,
 toggle or cycle of that switch, by anyone: a fan a person just turned off by hand is not turned on again
 before ``min_off_s`` either.
+
+Each round also leaves its outcome per rule in ``<cluster>/switches/rules.json`` (``rules_status`` reads it
+for `pibake switch rules --list`, GET /api/v1/rules and the switches page): the reading used, the decision
+and when, and an alert-like state (``ok``, ``stale``: no usable reading, ``error``: the plug failed) with the
+time it started, kept across rounds while the state stays the same.
 """
 
 import datetime as dt
+import json
 import logging
 import time
 from pathlib import Path
 
 from pibake.errors import SwitchError
+from pibake.files import atomic_write
 
 LOG = logging.getLogger(__name__)
 
 CHANGES = ("on", "off", "toggle", "cycle")
 LOG_LOOKBACK = 2000  # switch log entries searched for a switch's last change
+STATE_FILE = "rules.json"  # in <cluster>/switches: the last round's outcome per rule
+STATES = ("ok", "stale", "error")
 
 
 def load_rules(cluster_dir):
@@ -74,6 +83,7 @@ def rules_pass(cluster_dir, *, clock=time.time, readings=None, progress=None):
             report.append(row)
             continue
         now = clock()
+        row["reading_time"] = _reading_time(newest.get(rule.sensor), rule.metric)
         changed = last_change(switches.switch_log(cluster_dir, LOG_LOOKBACK), rule.switch)
         decision = decide(rule, newest.get(rule.sensor), on, changed, now)
         row.update(value=decision.value, on=on, action=decision.action, why=decision.why)
@@ -86,4 +96,94 @@ def rules_pass(cluster_dir, *, clock=time.time, readings=None, progress=None):
                 row.update(action="error", why=f"{decision.why}; switching {decision.action} failed: {exc}")
         say(f"rule {rule.name}: {row['why']}" + (f" -> {rule.switch} {row['action']}" if row["action"] else ""))
         report.append(row)
+    _save_state(cluster_dir, rules, report, clock())
     return report
+
+
+def _reading_time(reading, metric):
+    """Epoch seconds of ``reading`` when it carries ``metric``, else None."""
+    if not reading or ((reading.get("metrics") or {}).get(metric)) is None:
+        return None
+    try:
+        return float(reading["time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _row_state(rule, row, now):
+    """The alert-like state of one rule after a round: error (the plug failed), stale (no reading of the metric,
+    or one older than max_age_s: the rule cannot act) or ok."""
+    if row["action"] == "error":
+        return "error"
+    when = row.get("reading_time")
+    if when is None or now - when > rule.max_age_s:
+        return "stale"
+    return "ok"
+
+
+def _iso(epoch):
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _state_path(cluster_dir):
+    return Path(cluster_dir) / "switches" / STATE_FILE
+
+
+def load_state(cluster_dir):
+    """{"round": epoch of the last round, "rules": {name: outcome}} from the last round; empty when none ran."""
+    try:
+        data = json.loads(_state_path(cluster_dir).read_text())
+    except (OSError, ValueError):
+        return {"round": None, "rules": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), dict):
+        return {"round": None, "rules": {}}
+    return data
+
+
+def _save_state(cluster_dir, rules, report, now):
+    before = load_state(cluster_dir)["rules"]
+    by_name = {rule.name: rule for rule in rules}
+    kept = {}
+    for row in report:
+        state = _row_state(by_name[row["rule"]], row, now)
+        previous = before.get(row["rule"]) or {}
+        since = previous.get("since") if previous.get("state") == state and previous.get("since") else now
+        kept[row["rule"]] = {"time": now, "value": row.get("value"), "reading_time": row.get("reading_time"),
+                             "on": row.get("on"), "action": row.get("action"), "why": row.get("why"),
+                             "state": state, "since": since}
+    atomic_write(_state_path(cluster_dir), json.dumps({"round": now, "rules": kept}, sort_keys=True), 0o644,
+                 make_parents=True)
+
+
+def rules_status(cluster_dir, *, clock=time.time):
+    """Every rule of cluster.yaml with the outcome of the last round that evaluated it (no device contacted):
+    [{rule, switch, sensor, metric, thresholds, describe, last}] where ``last`` is None before the first round,
+    else {time, value, reading_time, reading_age_s, on, action, why, state, since} (times ISO 8601 UTC;
+    ``on`` is the switch's state read in that round). ``state``: ok | stale | error, ``since``: when it
+    started."""
+    from dataclasses import asdict
+
+    saved = load_state(cluster_dir)
+    out = []
+    for rule in load_rules(cluster_dir):
+        fields = asdict(rule)
+        item = {"rule": rule.name, "switch": rule.switch, "sensor": rule.sensor, "metric": rule.metric,
+                "thresholds": {k: fields[k] for k in ("on_above", "off_below", "on_below", "off_above", "min_on_s",
+                                                      "min_off_s", "max_age_s") if fields[k] is not None},
+                "describe": rule.describe(), "last": None}
+        last = saved["rules"].get(rule.name)
+        if last:
+            when = last.get("reading_time")
+            item["last"] = {"time": _iso(last["time"]), "value": last.get("value"),
+                            "reading_time": _iso(when) if when is not None else None,
+                            "reading_age_s": round(last["time"] - when, 1) if when is not None else None,
+                            "on": last.get("on"), "action": last.get("action"), "why": last.get("why"),
+                            "state": last.get("state"), "since": _iso(last.get("since") or last["time"])}
+        out.append(item)
+    return out
+
+
+def last_round(cluster_dir):
+    """ISO time of the rules loop's last round, or None."""
+    when = load_state(cluster_dir).get("round")
+    return _iso(when) if when else None

@@ -549,3 +549,37 @@ def test_board_zero_w_picks_the_armhf_image(cluster, tmp_path):
         burn.burn(cluster, hostnames="red05", ips="10.1.1.15", role="sensor", board="zero-w",
                   output=f"{out}/{{hostname}}.img", cache_dir=tmp_path / "cache")
     assert not (out / "red05.img").exists()
+
+
+def _set_boards(cluster, boards):
+    import yaml
+
+    path = cluster / "cluster.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["nodes"] = {host: {"board": board} for host, board in boards.items()}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_the_board_of_cluster_yaml_picks_the_image_without_board(cluster, tmp_path):
+    """nodes: {red05: {board: zero-w}}: `pibake burn` without --board burns the armhf image for red05 (its
+    sha256 is not confirmed: refused before any download, naming it), the cluster's image for the others."""
+    _set_boards(cluster, {"red05": "zero-w", "red06": "zero2-w"})
+    out = tmp_path / "out"
+    with pytest.raises(PibakeError, match="raspios-trixie-lite-armhf.*--sha256"):
+        burn.burn(cluster, hostnames="red05", ips="10.1.1.15", role="sensor", output=f"{out}/{{hostname}}.img",
+                  cache_dir=tmp_path / "cache")
+    assert not (out / "red05.img").exists()
+    assert burn.boards_image(cluster, None, hostnames="red06", ips="10.1.1.16") is None  # zero2-w: arm64 as is
+    assert burn.boards_image(cluster, None, hostnames="red05", ips="10.1.1.15") == "raspios-trixie-lite-armhf"
+    assert burn.boards_image(cluster, "/x/pi.img", hostnames="red05", ips="10.1.1.15") == "/x/pi.img"  # a file: as is
+
+
+def test_nodes_needing_two_images_are_burned_in_two_runs(cluster, tmp_path):
+    _set_boards(cluster, {"red05": "zero-w"})
+    out = tmp_path / "out"
+    with pytest.raises(PibakeError) as err:
+        burn.burn(cluster, hostnames="red05,red06", ips="10.1.1.15,10.1.1.16", output=f"{out}/{{hostname}}.img")
+    assert str(err.value) == ("one burn writes one image, and the boards in cluster.yaml's nodes: need more: "
+                              "red06 (no board) needs raspios-trixie-lite-arm64; red05 (zero-w) needs "
+                              "raspios-trixie-lite-armhf; burn them in separate runs, or give --board")
+    assert not out.exists()

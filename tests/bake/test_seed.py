@@ -12,6 +12,7 @@ test_agent_source_shipped_verbatim checks the real one.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -270,8 +271,10 @@ def test_every_role_runs_the_sensor_agent(role):
     assert files["/usr/local/lib/pibake/sensor_agent.py"]["permissions"] == "0755"
     assert files["/etc/pibake/sensor.json"]["permissions"] == "0600"
     assert "pibake-sensor.service" in files["/etc/systemd/system/pibake-sensor.service"]["path"]
-    assert config["runcmd"][-1] == ["/usr/local/lib/pibake/pibake-start", "pibake-sensor.service", "--",
-                                    *seed_mod.SENSOR_COMMAND]
+    # the last line but on the manager, whose switch loops come after it
+    sensor_line = config["runcmd"][-3 if role == "manager" else -1]
+    assert sensor_line == ["/usr/local/lib/pibake/pibake-start", "pibake-sensor.service", "--",
+                           *seed_mod.SENSOR_COMMAND]
     settings = json.loads(files["/etc/pibake/sensor.json"]["content"])
     assert set(settings) <= set(sensor_agent.DEFAULTS)
     assert settings["bus"] == (1 if role == "sensor" else None)
@@ -303,7 +306,8 @@ def test_systemd_units_verify(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
     files = files_of(render("manager"))
-    for name in ("pibake-agent.service", "pibake-registry.service", "pibake-sensor.service"):
+    for name in ("pibake-agent.service", "pibake-registry.service", "pibake-sensor.service",
+                 "pibake-switch-auto.service", "pibake-switch-rules.service"):
         unit = tmp_path / name
         unit.write_text(files[f"/etc/systemd/system/{name}"]["content"])
         proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True,
@@ -316,6 +320,34 @@ def test_systemd_units_verify(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(broken)], capture_output=True, text=True,
                           timeout=60)
     assert "oneshoot" in proc.stderr
+
+
+def test_the_manager_runs_the_switch_loops_as_units_without_privileges(tmp_path):
+    """pibake-switch-auto/-rules: on the manager only, the loop's command, restarted on failure, root without a
+    single capability and a read-only system but for the cluster directory; systemd's own review of the
+    sandbox (`systemd-analyze security --offline`) rates them no worse than MEDIUM."""
+    files = files_of(render("manager"))
+    runcmd = yaml.safe_load(render("manager").user_data)["runcmd"]
+    for loop, unit in seed_mod.SWITCH_LOOPS.items():
+        name = f"pibake-switch-{loop}.service"
+        text = files[f"/etc/systemd/system/{name}"]["content"]
+        lines = text.splitlines()
+        assert f"ExecStart={' '.join(unit['command'])}" in lines
+        assert {"Restart=on-failure", "CapabilityBoundingSet=", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                f"ReadWritePaths={seed_mod.MANAGER_CLUSTER_DIR}", "UMask=0077"} <= set(lines)
+        assert [seed_mod.SCRIPTS["start"][0], name, "--", *unit["command"]] in runcmd
+        if shutil.which("systemd-analyze"):
+            path = tmp_path / name
+            path.write_text(text)
+            proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)], capture_output=True,
+                                  text=True, timeout=60)
+            level = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
+            assert level and float(level.group(1)) <= 5.0, proc.stdout[-400:]
+    assert seed_mod.SWITCH_LOOPS["auto"]["command"][-4:] == [
+        "--identity", f"{seed_mod.MANAGER_CLUSTER_DIR}/secrets/manager-ssh.key",
+        "--known-hosts", f"{seed_mod.MANAGER_CLUSTER_DIR}/switches/known_hosts"]
+    for role in ("worker", "sensor"):
+        assert not [p for p in files_of(render(role)) if "pibake-switch" in p]
 
 
 # --------------------------------------------------------------------------- validation

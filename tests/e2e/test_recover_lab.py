@@ -271,3 +271,31 @@ def test_the_docs_power_commands_are_the_ones_run_here(recover_lab):
     ran = {_without_prefix_and_json(argv) for argv, code in LAB_COMMANDS if code == 0}
     for argv in lines:
         assert _without_prefix_and_json(argv) in ran, (argv, LAB_COMMANDS)
+
+
+def test_the_manager_runs_the_switch_loops_and_says_kasa_is_missing(recover_lab):
+    """The manager booted from its seed runs both switch loops by themselves (pibake-start without systemd:
+    in the background, as the lab has no systemd; the unit files are the seed's), each holding its loop lock;
+    pibake there is the wheel installed with --no-deps over Debian's packages, which have no python-kasa, and
+    the manager's own CLI says so in one line with what to install."""
+    from pibake.lab.cluster import lab_run
+
+    lab = recover_lab
+    cdir = "/var/lib/pibake/cluster"
+    for loop in ("auto", "rules"):
+        alive = lab_run("red00", ["sh", "-c", f"kill -0 \"$(cat {cdir}/switches/{loop}.loop.lock)\" && echo alive"],
+                        prefix=lab["prefix"])
+        assert alive.stdout.strip() == "alive", (loop, alive.stderr)
+        unit = lab_run("red00", ["cat", f"/etc/systemd/system/pibake-switch-{loop}.service"], prefix=lab["prefix"])
+        assert "CapabilityBoundingSet=\n" in unit.stdout
+    proc = lab_run("red00", ["/opt/pibake/bin/pibake", "--cluster", cdir, "switch", "status", "--json"],
+                   prefix=lab["prefix"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [status] = json.loads(proc.stdout)
+    assert status["name"] == "plug-red01" and status["error"] == (
+        "the kasa driver needs python-kasa, which is not installed in /opt/pibake: install it with "
+        "`/opt/pibake/bin/pip install python-kasa` (on the manager first `apt-get install python3-aiohttp`; "
+        "Debian has no python3-kasa; see docs/switches.md)")
+    busy = lab_run("red00", ["/opt/pibake/bin/pibake", "--cluster", cdir, "switch", "rules", "--once"],
+                   prefix=lab["prefix"])
+    assert busy.returncode == 1 and "the rules loop already runs on /var/lib/pibake/cluster (pid " in busy.stderr
