@@ -44,14 +44,20 @@ import time
 import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pibake.bake import bootpart, devices, golden, images, manifest, writer
+from pibake.bake.golden import read_marker
+from pibake.bake.seed import ROLE_BOOT_CONFIG, render_checked
+
 import pibake
-from pibake.bake import bootpart, devices, images, manifest
-from pibake.bake.seed import ROLE_BOOT_CONFIG
-from pibake.errors import BurnError, PibakeError, PlanError
+from pibake.cluster import load_cluster
+from pibake.errors import BakeError, BurnError, PibakeError, PlanError
 from pibake.files import atomic_write
+from pibake.layout import role_packages
+from pibake.model import ROLES
+from pibake.plan import record_plan, resolve_plan
 from pibake.run import run
 
 LOG = logging.getLogger(__name__)
@@ -370,8 +376,6 @@ def _image_family(cluster, image_name):
 def render_checked_seeds(cluster, cluster_dir, nodes, family, baked=None):
     """{hostname: Seed}, every seed linted; SeedError naming each failing host, nothing written. ``baked``: the
     image's bake marker (nodes of its role get seeds without the packages it holds)."""
-    from pibake.bake.seed import render_checked
-
     return {node.hostname: seed
             for node, seed, _ in render_checked(cluster, cluster_dir, nodes, family=family, baked=baked)}
 
@@ -379,10 +383,6 @@ def render_checked_seeds(cluster, cluster_dir, nodes, family, baked=None):
 def _seeds_for_baked_image(cluster_dir, prepared):
     """A baked image (``pibake image bake``) already holds its role's packages: render the seeds of that role
     again without them (no apt at first boot). A plain image keeps the seeds rendered by ``prepare``."""
-    from dataclasses import replace
-
-    from pibake.bake import golden
-
     baked = golden.read_marker(prepared.raw_path)
     if not any(golden.baked_packages(baked, node.role) for node in prepared.nodes):
         return None
@@ -395,11 +395,6 @@ def _seeds_for_baked_image(cluster_dir, prepared):
 
 def prepare(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, image=None, wheel=None):
     """Plan, render and lint (steps 1-3). No target, no download."""
-    from dataclasses import replace
-
-    from pibake.cluster import load_cluster
-    from pibake.plan import resolve_plan
-
     cluster = load_cluster(cluster_dir)
     if not inventory and not (hostnames and ips):
         raise PlanError("say which nodes: --hostname HOSTLIST and --ip IPLIST (or --inventory FILE)")
@@ -419,8 +414,6 @@ def _raw_image(prepared, image_name, *, sha256=None, progress=None, cache_dir=No
     if local.format == "none":
         prepared.raw_path = Path(local.path)
     else:
-        from pibake.bake import writer
-
         # An image whose sha256 is known (catalog, or --sha256) is decompressed once and kept, sparse, in
         # the raw cache; any other compressed file goes to a scratch folder removed after the burn.
         cached = raw_cache_dir(cache_dir) / f"{local.sha256}.img" if local.sha256 else None
@@ -518,8 +511,6 @@ def burn_one(cluster_dir, prepared, node, target, *, verify=True, sparse=True, p
         card=result.card, mode="sparse" if sparse else "full")
     fd = None
     try:
-        from pibake.bake import writer
-
         if target.kind == "block":
             fd = devices.open_target(target, facts_provider=facts_provider)
             dest = fd
@@ -636,8 +627,6 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
     """
     devices_ = [d for d in (devices_ or ()) if d]
     if board is not None:
-        from pibake.cluster import load_cluster
-
         image = images.image_for_board(image or load_cluster(cluster_dir).image, board)
     elif inventory or (hostnames and ips):
         image = boards_image(cluster_dir, image, hostnames=hostnames, ips=ips, role=role, inventory=inventory)
@@ -655,17 +644,14 @@ def burn(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None, de
         raise BurnError(f"{len(nodes)} hosts on {len(devices_)} device(s) needs a card swap between burns: "
                         "run interactively, or give one --device per host")
     paths = output_paths(output, nodes) if output else None
-    from pibake.plan import record_plan
 
     try:
         if bake:
-            from pibake.bake import golden
-
             roles = sorted({node.role for node in nodes})
             if len(roles) != 1:
                 raise BurnError(f"--bake bakes one role's image: these hosts have roles {', '.join(roles)}; "
                                 "burn one role at a time")
-            baked = golden.bake_image(image or prepared.cluster.image, cluster_dir, roles[0], sha256=sha256,
+            baked = bake_image(image or prepared.cluster.image, cluster_dir, roles[0], sha256=sha256,
                                       image_cache_dir=cache_dir, mirror=bake_mirror, progress=bake_progress)
             image, sha256 = str(baked.path), None
         _raw_image(prepared, image or prepared.cluster.image, sha256=sha256, progress=progress, cache_dir=cache_dir)
@@ -697,9 +683,6 @@ def boards_image(cluster_dir, image, *, hostnames=None, ips=None, role=None, inv
     """The image to burn when no --board is given: the one the ``board`` of cluster.yaml's ``nodes:`` needs for
     the nodes of this burn (armhf for a Pi Zero / Zero W), ``image`` when none of them has a board. One burn
     writes one image: nodes that need different images are a BurnError naming them."""
-    from pibake.cluster import load_cluster
-    from pibake.plan import resolve_plan
-
     cluster = load_cluster(cluster_dir)
     if not cluster.boards:
         return image
@@ -804,11 +787,6 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
     A fresh instance-id makes cloud-init run again on the next boot. Returns a ``BurnResult``
     (action "reseed"), recorded in the manifest like a burn.
     """
-    from dataclasses import replace
-
-    from pibake.cluster import load_cluster
-    from pibake.plan import record_plan, resolve_plan
-
     if bool(device) == bool(image_file):
         raise BurnError("say what to reseed: --device /dev/sdX or --image FILE.img (one of them)")
     cluster = load_cluster(cluster_dir)
@@ -826,7 +804,6 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
             raise BurnError(f"{device} is not a block device: use --image for an image file")
     family = detect_family(target.path, cluster.family)
     seed_cluster = replace(cluster, family=family) if family != cluster.family else cluster
-    from pibake.bake.golden import read_marker
 
     seed = render_checked_seeds(seed_cluster, cluster_dir, [node], family,
                                 baked=read_marker(target.path))[node.hostname]
@@ -872,3 +849,20 @@ def reseed(cluster_dir, *, device=None, image_file=None, hostname, ip, role=None
     result.manifest_status = "complete"
     manifest.finish(cluster_dir, result.burn_id, "complete", seed_files=seeded["files"], seconds=result.seconds)
     return result
+
+
+def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, image_cache_dir=None, mirror=None,
+               offline=False, progress=None):
+    """Bake ``role``'s packages (its seed's list, in ``cluster_dir``'s cluster) into a copy of a catalog image
+    or an image file; a ``BakedImage`` (cached per image sha256, role and package set)."""
+    if role not in ROLES:
+        raise BakeError(f"--role {role}: not a role ({', '.join(ROLES)})")
+    packages = role_packages(role, mqtt=load_cluster(cluster_dir).mqtt.enabled)
+    prepared = Prepared(cluster=None, nodes=[], seeds={}, wheel=None, family="")
+    try:
+        _raw_image(prepared, name_or_path, sha256=sha256, cache_dir=image_cache_dir)
+        return golden.bake_raw_image(prepared.raw_path, image_sha256=prepared.raw_sha256,
+                                     source_name=prepared.image.name, role=role, packages=packages,
+                                     cache_dir=cache_dir, mirror=mirror, offline=offline, progress=progress)
+    finally:
+        _cleanup(prepared)

@@ -1,7 +1,8 @@
 """Golden images: a role's packages installed into a copy of an OS image at burn time, so first boot runs no apt.
 
 On a real Pi the first boot spends minutes in ``apt-get update`` and installing Slurm, munge and Python
-packages, once per card, from the internet. ``bake_image`` does that once per (image, role, package set) on
+packages, once per card, from the internet. ``bake_raw_image`` (``pibake.bake.burn.bake_image`` for a catalog
+name or an image file) does that once per (image, role, package set) on
 this machine, the way sdm and rpi-image-gen customise images:
 
 1. copy the image (sparse) next to the cache entry it will become;
@@ -23,7 +24,7 @@ this machine, the way sdm and rpi-image-gen customise images:
 ``pibake burn`` of a baked image renders seeds without ``package_update`` and without the packages the image
 already holds (``baked_packages``); a plain image still installs them at first boot.
 
-    baked = bake_image("raspios-trixie-lite-arm64", cluster_dir="~/cluster", role="worker", progress=print)
+    baked = burn.bake_image("raspios-trixie-lite-arm64", cluster_dir="~/cluster", role="worker", progress=print)
     # then: pibake burn --image baked.path ...
 """
 
@@ -35,6 +36,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pibake.bake import bootpart
 
 from pibake.errors import BakeError, CommandError, PibakeError
 from pibake.locks import file_lock
@@ -271,8 +274,6 @@ def _host_arch():
 
 def root_partition(image):
     """(offset, size, number) of the image's root partition: the first non-FAT partition after the boot one."""
-    from pibake.bake import bootpart
-
     parts = bootpart.partitions(image)
     bootpart.find_boot_partition(image)  # a Pi image has one (the bake's marker goes there)
     roots = [p for p in parts if not p["fat"] and p["size"] > 0]
@@ -431,8 +432,6 @@ def bake_raw_image(raw_path, *, image_sha256, source_name, role, packages, cache
     ``mirror``: the Debian mirror apt may fetch from (default: this machine's configured one); ``offline``:
     only the image's own ``file:`` repositories. The result is cached per (image sha256, role, packages).
     """
-    from pibake.bake import bootpart
-
     note = progress or (lambda message: None)
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
     packages = tuple(packages)
@@ -527,8 +526,6 @@ def _bake(raw_path, partial, work, *, role, packages, image_sha256, mirror, offl
 
 def read_marker(image):
     """The bake marker on an image's (or card's) boot partition, or None for a plain image."""
-    from pibake.bake import bootpart
-
     try:
         part = bootpart.find_boot_partition(image)
         return parse_marker(bootpart.read_files(part, [BOOT_MARKER]).get(BOOT_MARKER))
@@ -541,25 +538,3 @@ def baked_packages(marker_value, role):
     if not marker_value or marker_value.get("role") != role:
         return ()
     return tuple(marker_value.get("packages") or ())
-
-
-def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, image_cache_dir=None, mirror=None,
-               offline=False, progress=None):
-    """Bake ``role``'s packages (its seed's list, in ``cluster_dir``'s cluster) into a copy of a catalog image
-    or an image file; a ``BakedImage`` (cached per image sha256, role and package set)."""
-    from pibake.bake import burn
-    from pibake.layout import role_packages
-    from pibake.cluster import load_cluster
-    from pibake.model import ROLES
-
-    if role not in ROLES:
-        raise BakeError(f"--role {role}: not a role ({', '.join(ROLES)})")
-    packages = role_packages(role, mqtt=load_cluster(cluster_dir).mqtt.enabled)
-    prepared = burn.Prepared(cluster=None, nodes=[], seeds={}, wheel=None, family="")
-    try:
-        burn._raw_image(prepared, name_or_path, sha256=sha256, cache_dir=image_cache_dir)
-        return bake_raw_image(prepared.raw_path, image_sha256=prepared.raw_sha256, source_name=prepared.image.name,
-                              role=role, packages=packages, cache_dir=cache_dir, mirror=mirror, offline=offline,
-                              progress=progress)
-    finally:
-        burn._cleanup(prepared)

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import jinja2
 import yaml
+from pibake.bake.golden import baked_packages
+from pibake.bake.lint import lint_seed
 
 from pibake import fields
+from pibake.cluster import load_cluster
+from pibake.errors import SeedError
 from pibake.fields import show as _show
 from pibake.fields import ssh_key_problem, valid_hostname
-from pibake.errors import SeedError
 from pibake.files import atomic_write
 from pibake.layout import (
     AGENT_CONFIG,
@@ -42,6 +45,8 @@ from pibake.layout import (
 )
 from pibake.model import FAMILIES, ROLES, Seed
 from pibake.mqtt import node_settings as mqtt_node_settings
+from pibake.plan import record_plan, resolve_plan
+from pibake.secrets import manager_bundle, seed_secrets
 
 LOG = logging.getLogger(__name__)
 
@@ -595,10 +600,6 @@ def render_checked(cluster, cluster_dir, nodes, *, family, instance_ids=None, ba
     without the packages it holds. Returns [(node, seed, LintReport)]. Raises SeedError naming each failing host when any seed has lint
     errors: callers write nothing unless every seed passed. Used by ``render_seeds`` and by burn/reseed.
     """
-    from pibake.bake.golden import baked_packages
-    from pibake.bake.lint import lint_seed
-    from pibake.secrets import manager_bundle, seed_secrets
-
     secrets = seed_secrets(cluster_dir)
     bundle = manager_bundle(cluster_dir) if any(n.role == "manager" for n in nodes) else None
     rendered, failures = [], []
@@ -629,9 +630,6 @@ def render_seeds(cluster_dir, out_dir, *, hostnames=None, ips=None, role=None, i
     atomically. Returns a JSON-able list, one dict per node: hostname, ip, role, instance_id, paths,
     warnings. Nothing secret is in it.
     """
-    from pibake.cluster import load_cluster
-    from pibake.plan import record_plan, resolve_plan
-
     cluster = load_cluster(cluster_dir)
     if inventory is None and not hostnames and not ips:
         raise SeedError("say which nodes: --hostname HOSTLIST and --ip IPLIST, or --inventory FILE")

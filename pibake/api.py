@@ -114,8 +114,7 @@ def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, 
     """``pibake image bake``: the role's packages installed into a cached copy of the image
     (``pibake.bake.golden``); apt fetches only from ``mirror`` (default: this machine's configured Debian
     mirror) and the image's own local repositories (``offline``: only those)."""
-    from pibake.bake import golden
-
-    return golden.bake_image(name_or_path, cluster_dir, role, sha256=sha256, cache_dir=cache_dir,
-                             image_cache_dir=image_cache_dir, mirror=None if offline else (mirror or debian_mirror()),
-                             offline=offline, progress=progress)
+    return bake_burn.bake_image(name_or_path, cluster_dir, role, sha256=sha256, cache_dir=cache_dir,
+                                image_cache_dir=image_cache_dir,
+                                mirror=None if offline else (mirror or debian_mirror()), offline=offline,
+                                progress=progress)

@@ -110,6 +110,12 @@ def test_deploy_defers_imports_only_for_start_up(imports):
     assert [f"{i.module}:{i.line}: {i.text}" for i in local if "# start-up:" not in i.text] == []
 
 
+def test_every_function_local_import_says_why_on_its_line(imports):
+    """An import inside a function hides a dependency (issue 12): it stays only for start-up time, an optional
+    package or the registry's way to pibake.api, and says which in a comment on its line."""
+    assert [f"{i.module}:{i.line}: {i.text}" for i in imports if i.local and "#" not in i.text] == []
+
+
 def test_the_remote_programs_use_only_the_standard_library():
     folder = layers.package_dirs()["pibake.deploy"] / "remote"
     programs = sorted(folder.glob("*.py"))

@@ -13,7 +13,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pibake import switches
+from pibake.cluster import load_cluster
 from pibake.errors import PibakeError
+from pibake.switches.recover import (
+    judge_down,
+    make_node_connectors,
+    probe_node,
+    recover_node,
+)
+from pibake.verify import served_slurm_conf
 
 LOG = logging.getLogger(__name__)
 
@@ -77,11 +86,6 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
     """One round over the candidates; returns [{node, switch, decision, detail}]. ``ssh_options``: see
     ``recover.make_node_connectors``; ``quiet_up``: no progress line for a node found up (a loop's every
     round)."""
-    from pibake import switches
-    from pibake.cluster import load_cluster
-    from pibake.switches.recover import probe_node, judge_down, make_node_connectors, recover_node
-    from pibake.verify import served_slurm_conf
-
     say = progress or (lambda message: None)
     cluster = load_cluster(cluster_dir)
     if not candidates(cluster):  # the manager's loop with nothing to do: no ssh, no Slurm query

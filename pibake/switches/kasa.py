@@ -9,6 +9,19 @@ TP-Link account) python-kasa discovers the device's encryption first.
 import asyncio
 import errno
 import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from kasa import (
+    Credentials,
+    Device,
+    DeviceConfig,
+    DeviceConnectionParameters,
+    DeviceEncryptionType,
+    DeviceFamily,
+    Discover,
+    Module,
+)
+from kasa import exceptions as kasa_errors
 
 from pibake.switches.base import Switch, SwitchState
 
@@ -27,7 +40,6 @@ class KasaSwitch(Switch):
             asyncio.get_running_loop()
         except RuntimeError:
             return self._run_here(operation)
-        from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(self._run_here, operation).result()
@@ -39,8 +51,6 @@ class KasaSwitch(Switch):
             raise self.timed_out() from exc
 
     async def _with_device(self, operation):
-        from kasa import exceptions as kasa_errors  # python-kasa is imported only where a plug is used
-
         async with asyncio.timeout(self.timeout * 2):  # connect + one command, each bounded by timeout
             device = None
             try:
@@ -72,9 +82,6 @@ class KasaSwitch(Switch):
         return self.garbage(text.splitlines()[0][:80] if text else type(exc).__name__)
 
     async def _connect(self):
-        from kasa import Credentials, Device, DeviceConfig, Discover
-        from kasa import DeviceConnectionParameters, DeviceEncryptionType, DeviceFamily
-
         if self.credentials:
             creds = Credentials(self.credentials.get("username", ""), self.credentials.get("password", ""))
             device = await Discover.discover_single(
@@ -102,8 +109,6 @@ class KasaSwitch(Switch):
         return device
 
     def _state_of(self, device):
-        from kasa import Module
-
         outlet = self._outlet(device)
         meter = outlet.modules.get(Module.Energy) or device.modules.get(Module.Energy)
         power = energy = None

@@ -10,8 +10,15 @@ the manager, as verify reaches them).
 import logging
 import time
 
+from pibake import switches
+from pibake.cluster import load_cluster
 from pibake.errors import RecoverError
-from pibake.verify import parse_sinfo_reasons
+from pibake.verify import (
+    fetch_registry,
+    make_connectors,
+    parse_sinfo_reasons,
+    served_slurm_conf,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -70,8 +77,6 @@ def probe_node(connectors, cluster, node, slurm_conf):
 def make_node_connectors(cluster_dir, cluster, node, connect_timeout=5, ssh_options=None):
     """Connectors as verify makes them; ``ssh_options``: {"user", "identity", "known_hosts"} (as
     ``pibake verify --user -i --known-hosts``), None for the cluster's user and ssh's own choices."""
-    from pibake.verify import fetch_registry, make_connectors
-
     _health, nodes, error = fetch_registry(cluster_dir, cluster)
     addresses = {n["hostname"]: n["ip"] for n in nodes or () if n.get("ip")}
     if node not in addresses:
@@ -87,10 +92,6 @@ def recover_node(cluster_dir, node, *, off_s=None, wait_s=DEFAULT_WAIT_S, force=
     ``force``; always refuses the manager without ``force``. ``ssh_options``: see ``make_node_connectors``
     (ignored with ``connectors``).
     """
-    from pibake import switches
-    from pibake.cluster import load_cluster
-    from pibake.verify import served_slurm_conf
-
     say = progress or (lambda message: None)
     cluster = load_cluster(cluster_dir)
     config = switch_of_node(cluster, node)

@@ -18,10 +18,15 @@ import datetime as dt
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from pibake import switches
+from pibake.cluster import load_cluster_data
 from pibake.errors import SwitchError
 from pibake.files import atomic_write
+from pibake.registry.readings import DB_FILE, ReadingsStore
+from pibake.rules_model import decide, rules_from_data
 
 LOG = logging.getLogger(__name__)
 
@@ -33,17 +38,12 @@ STATES = ("ok", "stale", "error")
 
 def load_rules(cluster_dir):
     """The ``Rule``s of cluster.yaml (validated), in file order."""
-    from pibake.cluster import load_cluster_data
-    from pibake.rules_model import rules_from_data
-
     return list(rules_from_data(load_cluster_data(cluster_dir).get("rules")))
 
 
 def latest_readings(cluster_dir):
     """{node: its newest reading {"time", "metrics", ...}} from the manager's readings store; {} when the
     cluster has none (this machine is not the manager, or no sensor has reported yet)."""
-    from pibake.registry.readings import DB_FILE, ReadingsStore
-
     if not (Path(cluster_dir) / DB_FILE).exists():
         return {}
     return {n["node"]: n["latest"] for n in ReadingsStore(cluster_dir).nodes() if n.get("latest")}
@@ -64,9 +64,6 @@ def rules_pass(cluster_dir, *, clock=time.time, readings=None, progress=None):
     """One round over the rules; returns [{rule, switch, sensor, metric, value, on, action, why}] where ``on``
     is the switch's state after the round (None when it could not be read) and ``action`` what was done
     ("on", "off", None, or "error"). ``readings``: {node: newest reading} instead of the readings store."""
-    from pibake import switches
-    from pibake.rules_model import decide
-
     say = progress or (lambda message: None)
     rules = load_rules(cluster_dir)
     if not rules:
@@ -161,8 +158,6 @@ def rules_status(cluster_dir, *, clock=time.time):
     else {time, value, reading_time, reading_age_s, on, action, why, state, since} (times ISO 8601 UTC;
     ``on`` is the switch's state read in that round). ``state``: ok | stale | error, ``since``: when it
     started."""
-    from dataclasses import asdict
-
     saved = load_state(cluster_dir)
     out = []
     for rule in load_rules(cluster_dir):
