@@ -9,18 +9,17 @@ Subnet 10.77.84.0/24, names ``pq<pid>-*``: traffic stays inside namespaces this 
 """
 
 import json
-import subprocess
 import textwrap
 
 import pytest
 import yaml
 
-from tests.e2e.test_lab import _lab_missing, lab_prefix, pibake
 from tests.e2e.test_lab_sensor import in_host, wait_for
 from tests.firstboot.sensorkit import FIXTURES
+from tests.fixtures_plugin import lab_prefix, make_ssh_key, needs_lab, pibake
 
 NET = "10.77.84"
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_lab_missing()), reason=_lab_missing() or "ok")]
+pytestmark = [pytest.mark.e2e, needs_lab("debootstrap")]
 
 # Runs inside a lab host with its python3 and paho-mqtt 2.x: connects over TLS (the cluster CA), subscribes,
 # collects retained messages for a few seconds and prints {topic: payload}; or publishes one message.
@@ -53,15 +52,13 @@ CA = "/var/lib/pibake/cluster/secrets/ca.crt"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, lab_rootfs):
     from pibake.bake.synthetic import build_pi_image
     from pibake.lab.cluster import lab_down, lab_up, load_state
-    from pibake.lab.rootfs import ensure_rootfs
 
-    ensure_rootfs()
     tmp = tmp_path_factory.mktemp("labmqtt")
     tmp.chmod(0o755)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mqtt@e2e", "-f", tmp / "key"], check=True)
+    make_ssh_key(tmp, "mqtt@e2e", name="key")
     cdir = tmp / "cluster"
     init = ["init", "--manager", "red00", "--manager-ip", f"{NET}.10", "--network", f"{NET}.0/24",
             "--ssh-key", tmp / "key.pub", "--timezone", "Etc/UTC"]
