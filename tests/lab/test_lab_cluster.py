@@ -214,13 +214,14 @@ def test_boot_units_are_the_enabled_units_with_their_command(files, expected):
 
 def test_the_seeds_units_start_at_boot(red):
     """The units a worker's and the manager's seed write are the ones a power-on starts (the agent and the
-    sensor agent; on the manager the registry too)."""
+    sensor agent; on the manager the registry and the two switch loops too)."""
     import yaml
 
     seeds = {role: _seed(red, name, ip, role) for name, ip, role in (("red00", "10.77.7.10", "manager"),
                                                                      ("red01", "10.77.7.11", "worker"))}
     for role, units in (("worker", ["pibake-agent.service", "pibake-sensor.service"]),
-                        ("manager", ["pibake-agent.service", "pibake-registry.service", "pibake-sensor.service"])):
+                        ("manager", ["pibake-agent.service", "pibake-registry.service", "pibake-sensor.service",
+                                     "pibake-switch-auto.service", "pibake-switch-rules.service"])):
         files = {Path(f["path"]).name: f["content"] for f in yaml.safe_load(seeds[role].user_data)["write_files"]
                  if f["path"].startswith("/etc/systemd/system/pibake-")}
         assert [unit for unit, _argv in labc.boot_units(files)] == units, role
