@@ -317,19 +317,24 @@ class LoopDevice:
 # ----------------------------------------------------------------------------- inside the image
 
 
+# The chroot's mounts, shared by the bake and bench's plain image: the root partition ($dev on $mnt), /proc, a
+# /dev of the few nodes apt and dpkg use, and a tmpfs /run.
+CHROOT_MOUNTS = r"""
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount "$dev" "$mnt"
+mount -t proc proc "$mnt/proc"
+mount -t tmpfs -o mode=0755 tmpfs "$mnt/dev"
+for n in null zero full random urandom tty; do : > "$mnt/dev/$n"; mount --bind "/dev/$n" "$mnt/dev/$n"; done
+mount -t tmpfs -o mode=0755 tmpfs "$mnt/run"
+"""
+
 # Runs inside `unshare --mount --propagation private --pid --fork --kill-child`: every mount is private and
 # dropped when it exits. $1 root partition device, $2 mount point, $3 work dir (sources, keyring, marker),
 # $4.. packages. Prints the apt output; exit status is apt's.
 _BAKE_SCRIPT = r"""
 dev=$1 mnt=$2 work=$3
 shift 3
-export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mount "$dev" "$mnt"
-mount -t proc proc "$mnt/proc"
-mount -t tmpfs -o mode=0755 tmpfs "$mnt/dev"
-for n in null zero full random urandom tty; do : > "$mnt/dev/$n"; mount --bind "/dev/$n" "$mnt/dev/$n"; done
-ln -s /proc/self/fd "$mnt/dev/fd"
-mount -t tmpfs -o mode=0755 tmpfs "$mnt/run"
+""" + CHROOT_MOUNTS + r"""ln -s /proc/self/fd "$mnt/dev/fd"
 mkdir -p "$mnt/run/pibake-bake/lists/partial" "$mnt/run/lock"
 cp "$work/sources.list" "$work/keyring.gpg" "$mnt/run/pibake-bake/"
 if [ -s "$work/resolv.conf" ]; then
@@ -375,7 +380,8 @@ umount "$2"
 """
 
 
-def _private(argv):
+def in_private_namespaces(argv):
+    """``argv`` in its own mount, UTS, IPC and PID namespaces: its mounts and processes end with it."""
     return [which("unshare") or "unshare", "--mount", "--propagation", "private", "--uts", "--ipc", "--pid",
             "--fork", "--kill-child", "--", *argv]
 
@@ -383,7 +389,7 @@ def _private(argv):
 def inspect_root(device, mountpoint):
     """{"arch", "codename", "sources": {name: text}} of the root file system on ``device`` (mounted read-only
     in a private mount namespace)."""
-    out = run(_private(["sh", "-eu", "-c", _INSPECT_SCRIPT, "pibake-inspect", device, mountpoint]),
+    out = run(in_private_namespaces(["sh", "-eu", "-c", _INSPECT_SCRIPT, "pibake-inspect", device, mountpoint]),
               timeout=120).stdout
     sections, current = {}, None
     for line in out.splitlines(keepends=True):
@@ -514,7 +520,7 @@ def _bake(raw_path, partial, work, *, role, packages, image_sha256, mirror, offl
         t0 = time.monotonic()
         env = {**os.environ, "AGENT_STARTED_UNITS": " ".join(AGENT_STARTED_UNITS)}
         try:
-            proc = run(_private(["sh", "-u", "-c", _BAKE_SCRIPT, "pibake-bake", device, mountpoint, work,
+            proc = run(in_private_namespaces(["sh", "-u", "-c", _BAKE_SCRIPT, "pibake-bake", device, mountpoint, work,
                                  *packages]), timeout=APT_TIMEOUT, env=env)
         except CommandError as exc:
             raise BakeError(f"apt-get install {' '.join(packages)} in the image failed: {_apt_failure(exc)}") from exc

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pibake.bake.golden import DEFAULT_CACHE_DIR, LoopDevice, _private, cached_bake, root_partition
+from pibake.bake.golden import CHROOT_MOUNTS, DEFAULT_CACHE_DIR, LoopDevice, cached_bake, in_private_namespaces, root_partition
 from pibake.errors import CommandError, PibakeError
 from pibake.locks import file_lock
 from pibake.run import run, which
@@ -31,13 +31,7 @@ PLAIN_VERSION = 1
 _PLAIN_SCRIPT = r"""
 dev=$1 mnt=$2 work=$3 repo=$4
 shift 4
-export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mount "$dev" "$mnt"
-mount -t proc proc "$mnt/proc"
-mount -t tmpfs -o mode=0755 tmpfs "$mnt/dev"
-for n in null zero full random urandom tty; do : > "$mnt/dev/$n"; mount --bind "/dev/$n" "$mnt/dev/$n"; done
-mount -t tmpfs -o mode=0755 tmpfs "$mnt/run"
-mkdir -p "$mnt/run/plain/lists/partial"
+""" + CHROOT_MOUNTS + r"""mkdir -p "$mnt/run/plain/lists/partial"
 cp "$work/sources.list" "$work/keyring.gpg" "$mnt/run/plain/"
 printf '#!/bin/sh\nexit 101\n' > "$mnt/usr/sbin/policy-rc.d"; chmod 0755 "$mnt/usr/sbin/policy-rc.d"
 chroot "$mnt" apt-get -q -y -o Dpkg::Use-Pty=0 purge --autoremove "$@"
@@ -87,7 +81,7 @@ def plain_role_image(target_path, packages, *, mirror, repo_dir, cache_dir=None,
             note(f"plain image: purging {' '.join(packages)} (qemu-user), their debs into the local repository")
             with LoopDevice(partial) as loop:
                 device = loop.partition(number)
-                proc = run(_private(["sh", "-eu", "-c", _PLAIN_SCRIPT, "pibake-plain", device, work / "root",
+                proc = run(in_private_namespaces(["sh", "-eu", "-c", _PLAIN_SCRIPT, "pibake-plain", device, work / "root",
                                      work, repo_dir, *packages]), timeout=3 * 3600)
             names = proc.stdout.strip().splitlines()[-1]
             os.replace(partial, final)
