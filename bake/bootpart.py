@@ -386,6 +386,11 @@ def write_seed(target, seed, *, extra_files=None, verify=True, config_lines=()):
                      if n != base and re.fullmatch(r"pibake-.+\.whl", n)]
             remove_files(part, stale)
             removed_files += stale
+    # The manager's deps/ folder (python-kasa's wheels, bake/manager_wheels.py) is replaced whole.
+    for folder in sorted({n.rpartition("/")[0] for n in extra_files or {} if n.rpartition("/")[0].endswith("/deps")}):
+        stale = [f"{folder}/{n}" for n in list_files(part, folder) if f"{folder}/{n}" not in extra_files]
+        remove_files(part, stale)
+        removed_files += stale
     digests = put_files(part, files, verify=verify)
     LOG.info("seed %s written to %s partition %d", seed.instance_id, target, part.number)
     return {

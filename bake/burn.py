@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pibake.bake import bootpart, devices, golden, images, manifest, writer
+from pibake.bake import bootpart, devices, golden, images, manager_wheels, manifest, writer
 from pibake.bake.golden import read_marker
 from pibake.bake.seed import ROLE_BOOT_CONFIG, render_checked
 
@@ -55,7 +55,7 @@ import pibake
 from pibake.cluster import load_cluster
 from pibake.errors import BakeError, BurnError, PibakeError, PlanError
 from pibake.files import atomic_write
-from pibake.layout import role_packages
+from pibake.layout import role_packages, uses_kasa
 from pibake.model import ROLES
 from pibake.plan import record_plan, resolve_plan
 from pibake.run import run
@@ -356,6 +356,7 @@ class Prepared:
     seeds: dict  # hostname -> Seed
     wheel: Path | None
     family: str
+    deps: dict = field(default_factory=dict)  # the manager's deps/ folder: python-kasa's wheels (manager_wheels)
     image: object = None  # images.LocalImage
     raw_path: Path | None = None  # raw (decompressed) image to write
     raw_size: int = 0
@@ -402,8 +403,10 @@ def prepare(cluster_dir, *, hostnames=None, ips=None, role=None, inventory=None,
     family = _image_family(cluster, image or cluster.image)
     seed_cluster = replace(cluster, family=family) if family != cluster.family else cluster
     seeds = render_checked_seeds(seed_cluster, cluster_dir, nodes, family)
-    wheel_path = manager_wheel(wheel) if any(n.role == "manager" for n in nodes) else None
-    return Prepared(cluster=cluster, nodes=nodes, seeds=seeds, wheel=wheel_path, family=family)
+    manager = any(n.role == "manager" for n in nodes)
+    wheel_path = manager_wheel(wheel) if manager else None
+    deps = manager_wheels.manager_deps(cluster) if manager else {}
+    return Prepared(cluster=cluster, nodes=nodes, seeds=seeds, wheel=wheel_path, family=family, deps=deps)
 
 
 def _raw_image(prepared, image_name, *, sha256=None, progress=None, cache_dir=None):
@@ -481,7 +484,8 @@ def _progress_hook(progress, hostname):
 def _wheel_files(prepared, node):
     if node.role != "manager" or prepared.wheel is None:
         return {}
-    return {f"{WHEEL_DIR_ON_BOOT}/{prepared.wheel.name}": prepared.wheel.read_bytes()}
+    deps = {f"{WHEEL_DIR_ON_BOOT}/{manager_wheels.DEPS_DIR}/{name}": data for name, data in prepared.deps.items()}
+    return {f"{WHEEL_DIR_ON_BOOT}/{prepared.wheel.name}": prepared.wheel.read_bytes(), **deps}
 
 
 def _card_facts(target):
@@ -857,7 +861,8 @@ def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, 
     or an image file; a ``BakedImage`` (cached per image sha256, role and package set)."""
     if role not in ROLES:
         raise BakeError(f"--role {role}: not a role ({', '.join(ROLES)})")
-    packages = role_packages(role, mqtt=load_cluster(cluster_dir).mqtt.enabled)
+    cluster = load_cluster(cluster_dir)
+    packages = role_packages(role, mqtt=cluster.mqtt.enabled, kasa=uses_kasa(cluster))
     prepared = Prepared(cluster=None, nodes=[], seeds={}, wheel=None, family="")
     try:
         _raw_image(prepared, name_or_path, sha256=sha256, cache_dir=image_cache_dir)

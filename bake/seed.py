@@ -42,6 +42,7 @@ from pibake.layout import (
     SYSTEMD_DIR,
     TIMESYNCD_DROPIN,
     role_packages,
+    uses_kasa,
 )
 from pibake.model import FAMILIES, ROLES, Seed
 from pibake.mqtt import node_settings as mqtt_node_settings
@@ -131,7 +132,8 @@ def seed_packages(cluster, role, preinstalled=()):
     """What first boot must still install: the role's packages less those the image already holds (a golden
     image from ``pibake image bake``: ``pibake.bake.golden``)."""
     have = set(preinstalled)
-    return [name for name in role_packages(role, mqtt=cluster.mqtt.enabled) if name not in have]
+    return [name for name in role_packages(role, mqtt=cluster.mqtt.enabled, kasa=uses_kasa(cluster))
+            if name not in have]
 
 
 TOP_LEVEL_KEYS = {  # what each role's user-data holds, in order; tests hold the seed to exactly these

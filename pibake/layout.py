@@ -62,11 +62,24 @@ ROLE_PACKAGES = {
 }
 MQTT_PUBLISHER_PACKAGE = "python3-paho-mqtt"  # every node's sensor agent publishes when mqtt: is on
 MQTT_BROKER_PACKAGE = "mosquitto"  # the manager runs the broker when mqtt: is on (docs/mqtt.md)
+# The manager drives Kasa plugs (a `driver: kasa` switch in cluster.yaml) with python-kasa, which no Debian
+# release packages: it comes as wheels beside pibake's on the boot partition (bake/manager_wheels.py), and the
+# two of its dependencies that are compiled (PyPI has only platform wheels of them) come from Debian, whose
+# versions python-kasa accepts (aiohttp>=3, cryptography>=1.9). python3-cryptography is in the list above.
+KASA_PACKAGES = ("python3-aiohttp",)
 
 
-def role_packages(role, *, mqtt=False):
-    """The Debian packages ``role``'s first boot installs; ``mqtt``: cluster.yaml has ``mqtt:`` enabled."""
+def uses_kasa(cluster):
+    """Whether cluster.yaml has a Kasa switch: then the manager gets python-kasa (KASA_PACKAGES + wheels)."""
+    return any(switch.driver == "kasa" for switch in cluster.switches)
+
+
+def role_packages(role, *, mqtt=False, kasa=False):
+    """The Debian packages ``role``'s first boot installs; ``mqtt``: cluster.yaml has ``mqtt:`` enabled;
+    ``kasa``: cluster.yaml has a Kasa switch (only the manager talks to plugs)."""
     packages = list(ROLE_PACKAGES[role])
+    if kasa and role == "manager":
+        packages += KASA_PACKAGES
     if mqtt:
         # after psutil, where the publisher's library sat in the templates (the seed's order is kept)
         packages.insert(packages.index("python3-psutil") + 1, MQTT_PUBLISHER_PACKAGE)

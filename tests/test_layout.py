@@ -9,7 +9,7 @@ import yaml
 from pibake import layout
 from pibake.deploy import node as deploy_node
 from pibake.deploy.manager import manager_plan
-from pibake.model import MqttSettings
+from pibake.model import MqttSettings, SwitchConfig
 from tests.bake.seed_fixtures import NODES, SECRETS, cluster_for, render
 
 ROLES = ("manager", "worker", "sensor")
@@ -31,6 +31,18 @@ def test_the_seed_installs_the_layouts_packages(role, mqtt):
     assert tuple(config["packages"]) == layout.role_packages(role, mqtt=mqtt)
     assert ("python3-paho-mqtt" in config["packages"]) is mqtt
     assert ("mosquitto" in config["packages"]) is (mqtt and role == "manager")
+
+
+def test_a_kasa_clusters_manager_seed_installs_debians_part_of_python_kasa():
+    """python-kasa's compiled dependencies come from Debian on a manager whose cluster.yaml has a Kasa switch
+    (its pure-Python ones as wheels: bake/manager_wheels.py); no other node and no other manager gets them."""
+    kasa = (SwitchConfig(name="fan", driver="kasa", address="10.1.1.200", thing="fan"),)
+    tasmota = (SwitchConfig(name="lamp", driver="tasmota", address="10.1.1.201", thing="lamp"),)
+    for switches, role, wanted in (
+            (kasa, "manager", True), (tasmota, "manager", False), (kasa, "worker", False), (kasa, "sensor", False)):
+        config = yaml.safe_load(render(role, cluster=cluster_for(switches=switches)).user_data)
+        assert tuple(config["packages"]) == layout.role_packages(role, kasa=wanted), (role, switches)
+        assert ("python3-aiohttp" in config["packages"]) is wanted
 
 
 @pytest.mark.parametrize("mqtt", [False, True])
@@ -80,7 +92,7 @@ def test_the_lab_and_target_roots_hold_what_the_seeds_install():
 
     lab = set(rootfs.LAB_PACKAGES)
     on_target = set(target.BASE_PACKAGES + target.ROLE_PACKAGES + target.LOCAL_REPO_PACKAGES)
-    for role in ROLES:
-        assert set(layout.role_packages(role, mqtt=True)) - lab == set(), role
+    for role in ROLES:  # the lab boots every seed, a Kasa cluster's manager's too
+        assert set(layout.role_packages(role, mqtt=True, kasa=True)) - lab == set(), role
     for role in ("manager", "worker"):  # the emulated target boots these two
         assert set(layout.role_packages(role)) - on_target == set(), role

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pibake.bake import manager_wheels
 from pibake.bake.burn import manager_wheel
 from pibake.bake.seed import SCRIPTS, WHEEL_GLOB, render_checked
 from pibake.deploy.node import REMOTE_PATH
-from pibake.errors import DeployError
+from pibake.errors import DeployError, PibakeError
 from pibake.model import PlannedNode
 
 MANAGER_WHEEL_DIR = "/var/lib/pibake/wheel"  # where deploy ships the wheel (a burned card has it on /boot/firmware)
@@ -46,13 +47,15 @@ def _seed_file_bytes(entry):
     return str(entry.get("content", "")).encode("utf-8")
 
 
-def manager_plan(user_data, wheel_name, wheel_bytes):
+def manager_plan(user_data, wheel_name, wheel_bytes, deps=None):
     """The manager's ManagerPlan from its rendered user-data (``#cloud-config`` text) and the wheel (pure).
 
     Every step comes from the seed: its ``packages``, ``bootcmd``, ``write_files`` and ``runcmd``. Left out:
     the runcmd line that scrubs the seed file on the boot partition (deploy puts no seed there). Changed:
     ``pibake-install`` gets the wheel deploy ships (``MANAGER_WHEEL_DIR/<wheel_name>``) instead of the boot
-    partition's glob. Raises ValueError when the seed does not have the shape this relies on."""
+    partition's glob. ``deps``: {file name: bytes} of python-kasa's wheels and their requirements file
+    (``manager_wheels.manager_deps``), shipped to ``MANAGER_WHEEL_DIR/deps`` where pibake-install finds them
+    beside the wheel, as on a card. Raises ValueError when the seed does not have the shape this relies on."""
     config = yaml.safe_load(user_data)
     if not isinstance(config, dict):
         raise ValueError("the manager's user-data is not a cloud-config mapping")
@@ -63,6 +66,8 @@ def manager_plan(user_data, wheel_name, wheel_bytes):
             raise ValueError(f"write_files {entry['path']}: owner {entry['owner']} is not handled")
         files[entry["path"]] = (_seed_file_bytes(entry), int(str(entry.get("permissions", "0644")), 8))
     files[wheel] = (wheel_bytes, 0o644)
+    for name, data in (deps or {}).items():
+        files[f"{MANAGER_WHEEL_DIR}/{manager_wheels.DEPS_DIR}/{name}"] = (data, 0o644)
     start, scrub, install_script = SCRIPTS["start"][0], SCRIPTS["scrub"][0], SCRIPTS["install_pibake"][0]
     setup, install, registry, agent, after = [], None, None, None, []
     for line in config.get("runcmd") or ():
@@ -122,11 +127,16 @@ def agent_script(agent_line, after=()):
 
 def manager_plan_for(cluster, cluster_dir, wheel=None):
     """The ManagerPlan of this cluster's manager: its seed rendered and linted exactly as `pibake burn` does
-    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or the running pibake's own)."""
+    (``render_checked``), plus the wheel (``manager_wheel``: ``wheel`` or the running pibake's own) and, for
+    a cluster with Kasa switches, python-kasa's wheels (``manager_wheels.manager_deps``, as burn ships them)."""
     node = PlannedNode(hostname=cluster.manager, ip=cluster.manager_ip, role="manager")
     ((_node, seed, _report),) = render_checked(cluster, cluster_dir, [node], family=cluster.family)
     path = manager_wheel(wheel)
     try:
-        return manager_plan(seed.user_data, path.name, path.read_bytes())
+        deps = manager_wheels.manager_deps(cluster)
+    except PibakeError as exc:
+        raise DeployError(str(exc)) from None
+    try:
+        return manager_plan(seed.user_data, path.name, path.read_bytes(), deps)
     except (ValueError, KeyError) as exc:  # a seed template this version of deploy cannot follow: a bug
         raise DeployError(f"cannot take the manager's steps from its seed: {exc}") from None

@@ -93,6 +93,8 @@ LAB_PACKAGES = (
     # mqtt: in cluster.yaml (docs/mqtt.md): the broker on the manager, the publisher's library on every node
     "mosquitto",
     "python3-paho-mqtt",
+    # Kasa switches in cluster.yaml: python-kasa's compiled dependency on the manager (pibake.layout.KASA_PACKAGES)
+    "python3-aiohttp",
     # a network renderer, so cloud-init writes the seed's network-config as a file
     # (/etc/network/interfaces.d/50-cloud-init); the lab never brings it up
     "ifupdown",
