@@ -33,6 +33,7 @@ from pibake.errors import (  # noqa: F401 (pibake.switches.SwitchError)
     SwitchBusy,
     SwitchError,
 )
+from pibake.layout import KASA_PACKAGES
 from pibake.locks import file_lock
 from pibake.secrets import secrets_dir, write_private
 from pibake.switches.base import SwitchState  # noqa: F401
@@ -54,13 +55,24 @@ def kasa_missing_text():
             "python3-kasa; see docs/switches.md)")
 
 
+def kasa_broken_text(exc):
+    """What to do when python-kasa is installed but cannot be imported: a library it needs is missing (on a
+    manager: a Debian package of pibake.layout.KASA_PACKAGES, which a seed installs for a Kasa cluster)."""
+    missing = exc.name or str(exc)
+    return (f"the kasa driver cannot load python-kasa in {sys.prefix}: it needs the Python module {missing}, "
+            f"which is not installed (on the manager: `apt-get install {' '.join(KASA_PACKAGES)}`; "
+            "see docs/switches.md)")
+
+
 def _driver_class(driver):
     # imported on use: python-kasa (asyncio, aiohttp) and paho are only loaded for the plug in hand
     if driver == "kasa":
         if importlib.util.find_spec("kasa") is None:
             raise DriverMissing(kasa_missing_text())
-        from pibake.switches.kasa import KasaSwitch  # start-up: python-kasa loads in ~1.4 s
-
+        try:
+            from pibake.switches.kasa import KasaSwitch  # start-up: python-kasa loads in ~1.4 s
+        except ImportError as exc:  # python-kasa is there, a library it needs is not (Debian's aiohttp)
+            raise DriverMissing(kasa_broken_text(exc)) from None
         return KasaSwitch
     if driver == "shelly":
         from pibake.switches.shelly import ShellySwitch  # start-up: the plug in hand only

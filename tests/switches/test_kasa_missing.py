@@ -70,3 +70,24 @@ def test_rest_answers_500_with_the_same_line(monkeypatch, tmp_path):
                      slurm_apply="none", slurm_state=False)
     answer = app.test_client().post("/api/v1/switches/fan/on", auth=Creds(cluster).admin)
     assert answer.status_code == 500 and answer.json["error"] == expected(sys.prefix)
+
+
+BREAK_AIOHTTP = """
+import sys
+sys.modules["aiohttp"] = None  # python-kasa is installed, Debian's python3-aiohttp is not
+from pibake.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_python_kasa_without_aiohttp_is_one_line_too(fan_cluster):
+    """python-kasa installed (a card's deps/) but a library it imports missing (python3-aiohttp not installed):
+    the same one-line error with the package to install, never an ImportError traceback."""
+    prefix = subprocess.run([sys.executable, "-c", "import sys; print(sys.prefix)"], capture_output=True,
+                            text=True).stdout.strip()
+    proc = subprocess.run([sys.executable, "-c", BREAK_AIOHTTP, "--cluster", str(fan_cluster), "switch", "on", "fan"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"pibake: error: the kasa driver cannot load python-kasa in {prefix}: it needs the Python module aiohttp, "
+        "which is not installed (on the manager: `apt-get install python3-aiohttp`; see docs/switches.md)\n")
+    assert switches.switch_log(fan_cluster) == []
