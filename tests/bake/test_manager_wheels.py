@@ -284,3 +284,42 @@ def test_deploy_ships_the_same_deps_beside_the_wheel_it_installs(tmp_path, monke
         with pytest.raises(DeployError, match=r"^cluster.yaml has Kasa switches, but the manager cannot get "
                                               r"python-kasa: python-kasa>=0.10 \(offline\)\. "):
             dm.manager_plan_for(load_cluster(cdir), cdir, wheel)
+
+
+# --------------------------------------------------------------------------- pibake burn, through the CLI
+
+@needs_program("sfdisk", "mkfs.vfat", "mke2fs", "mcopy", "ssh-keygen")
+def test_burn_puts_the_deps_on_a_kasa_managers_card_or_refuses_in_one_line(tmp_path):
+    """`pibake burn` of a Kasa cluster's manager with no index (PIP_NO_INDEX) and an empty wheel cache: one line
+    naming what is missing, nothing written; with the cache filled: the card's pibake/deps/ holds the
+    wheels and the requirements file, and its seed installs python3-aiohttp."""
+    import sys
+
+    image = build_pi_image(tmp_path / "raspios.img", size="96M", boot_size="40M", kernel_size=64 * 1024).path
+    cdir = write_cluster(tmp_path / "cluster", [{"name": "fan", "driver": "kasa", "address": "127.0.0.1:9",
+                                                  "thing": "fan"}], image=str(image), family="raspios")
+    cache_home = tmp_path / "cache"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "",
+           "PIP_CONFIG_FILE": os.devnull}
+    args = [sys.executable, "-m", "pibake", "--cluster", cdir, "burn", "--hostname", "red00", "--ip", "10.1.1.10",
+            "--role", "manager", "--output", tmp_path / "out" / "red00.img"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("pibake: error: cluster.yaml has Kasa switches, but the manager cannot get "
+                           "python-kasa: python-kasa"), line
+    assert not (tmp_path / "out").exists()
+
+    kasa_index(cache_home / "pibake" / "pypi-wheels")  # what a burn with the index reachable leaves there
+    proc = subprocess.run(args + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    part = bootpart.find_boot_partition(tmp_path / "out" / "red00.img")
+    on_card = sorted(bootpart.list_files(part, "pibake/deps"))
+    assert on_card == ["asyncclick-8.4.2.1-py3-none-any.whl", "mashumaro-3.23-py3-none-any.whl",
+                       "python_kasa-0.12.0-py3-none-any.whl", "requirements.txt",
+                       "typing_extensions-4.16.0-py3-none-any.whl"]
+    requirements = bootpart.read_files(part, ["pibake/deps/requirements.txt"])["pibake/deps/requirements.txt"]
+    assert b"python-kasa==0.12.0 --hash=sha256:" in requirements
+    import yaml
+
+    assert "python3-aiohttp" in yaml.safe_load(bootpart.read_seed(tmp_path / "out" / "red00.img").user_data)["packages"]
