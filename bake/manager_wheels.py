@@ -8,10 +8,13 @@ sha256, and pibake-install installs exactly those (--no-deps --no-index --requir
 
 Which dependency comes from where (``select``, pure):
 
-- the compiled ones (``FROM_DEBIAN``: aiohttp, cryptography) come from Debian's packages
-  (``pibake.layout.KASA_PACKAGES``): PyPI has only platform wheels of them, and a card for an arm64 or armhf
-  Pi must not carry a wheel built for one machine kind. Every release pibake burns has versions python-kasa
-  accepts (aiohttp>=3: bookworm 3.8.4, trixie 3.11.16; cryptography>=1.9: bookworm 38, trixie 43);
+- ``FROM_DEBIAN`` (aiohttp, cryptography) come from Debian's packages (``pibake.layout.KASA_PACKAGES``;
+  python3-cryptography is a pibake dependency anyway). cryptography has only platform wheels on PyPI, and a
+  card for an arm64 or armhf Pi must not carry a wheel built for one machine kind. aiohttp and its yarl,
+  multidict, frozenlist and propcache do have py3-none-any wheels (checked 2026-12: aiohttp 3.14.5), but
+  those run without their C speedups and without Debian's security updates, while every release pibake
+  burns packages a version python-kasa accepts (aiohttp>=3: bookworm 3.8.4, trixie 3.11.16;
+  cryptography>=1.9: bookworm 38, trixie 43);
 - every other one is a pure-Python (py3-none-any) wheel. Debian has some of them, but too old: trixie's
   python3-mashumaro 3.15 where python-kasa 0.11+ asks >=3.20, python3-typing-extensions 4.13.2 where
   mashumaro 3.23 asks >=4.14. The wheel's version is the one installed on this machine when it fits (the

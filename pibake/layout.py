@@ -63,9 +63,10 @@ ROLE_PACKAGES = {
 MQTT_PUBLISHER_PACKAGE = "python3-paho-mqtt"  # every node's sensor agent publishes when mqtt: is on
 MQTT_BROKER_PACKAGE = "mosquitto"  # the manager runs the broker when mqtt: is on (docs/mqtt.md)
 # The manager drives Kasa plugs (a `driver: kasa` switch in cluster.yaml) with python-kasa, which no Debian
-# release packages: it comes as wheels beside pibake's on the boot partition (bake/manager_wheels.py), and the
-# two of its dependencies that are compiled (PyPI has only platform wheels of them) come from Debian, whose
-# versions python-kasa accepts (aiohttp>=3, cryptography>=1.9). python3-cryptography is in the list above.
+# release packages: it comes as wheels beside pibake's on the boot partition (bake/manager_wheels.py); aiohttp
+# and cryptography come from Debian, whose versions python-kasa accepts (aiohttp>=3, cryptography>=1.9):
+# cryptography has only platform wheels on PyPI, aiohttp's pure wheels lack its C speedups and Debian's
+# security updates. python3-cryptography is in the list above.
 KASA_PACKAGES = ("python3-aiohttp",)
 
 

@@ -54,7 +54,9 @@ def kasa_index(directory, mashumaro_tag="py3-none-any"):
                tag=mashumaro_tag)
     make_wheel(directory, "typing-extensions", "4.16.0", requires_python=">=3.9")
     make_wheel(directory, "typing-extensions", "4.15.0")
-    make_wheel(directory, "aiohttp", "3.14.5", ("yarl>=1.25",), tag="cp313-cp313-manylinux_2_17_aarch64")
+    # aiohttp has a pure wheel on PyPI too; the manager takes Debian's all the same (C speedups, security updates)
+    make_wheel(directory, "aiohttp", "3.14.5", ("yarl>=1.25",))
+    make_wheel(directory, "cryptography", "46.0.3", ("cffi>=2.0.0",), tag="cp311-abi3-manylinux_2_34_aarch64")
     return directory
 
 
