@@ -207,14 +207,15 @@ def kasa_wheels(*, cache=None, download=pip_download, preferred=None):
 
     cache = Path(cache) if cache else cache_dir()
     preferred = installed_versions() if preferred is None else preferred
-    failed = {}
+    failed, tried = {}, set()
     while True:
         selection = select(cached_pool(cache) if cache.is_dir() else [], preferred=preferred)
-        todo = [(req, why) for req, why in selection.missing if req not in failed and why == "no wheel"]
+        todo = [(req, why) for req, why in selection.missing if req not in tried and why == "no wheel"]
         if not todo:
             break
         cache.mkdir(parents=True, exist_ok=True)
         for text, _why in todo:
+            tried.add(text)  # once each: a download that brings no fitting wheel is not repeated
             req = Requirement(text)
             want = preferred.get(canonicalize_name(req.name))
             fits = want and req.specifier.contains(want, prereleases=True)

@@ -136,6 +136,17 @@ def test_kasa_wheels_fills_the_cache_once_at_the_installed_versions(tmp_path):
     assert calls == [] and names(again) == names(selection)  # offline from now on
 
 
+def test_a_download_that_brings_no_fitting_wheel_is_tried_once(tmp_path):
+    calls = []
+
+    def download(spec, dest):  # pip "succeeds" with a wheel that does not fit (e.g. a stale mirror)
+        calls.append(spec)
+        make_wheel(dest, "python-kasa", "0.9.0")
+
+    selection = mw.kasa_wheels(cache=tmp_path / "cache", download=download, preferred={})
+    assert calls == ["python-kasa>=0.10"] and selection.missing == [("python-kasa>=0.10", "no wheel")]
+
+
 def test_a_kasa_manager_without_index_or_cache_is_refused_with_what_to_do(tmp_path):
     kasa = write_cluster(tmp_path / "kasa", [{"name": "fan", "driver": "kasa", "address": "127.0.0.1:9",
                                                "thing": "fan"}])
