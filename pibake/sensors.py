@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pibake.errors import RegistryError
+from pibake.fields import anchored
 from pibake.registry import schema
 from pibake.registry.readings import ReadingsStore
 from pibake.registry.store import Store
@@ -34,7 +35,7 @@ METRIC_FIELD_RE = re.compile(r"^readings\[(\d+)\]\.metrics\.(\w+)$")
 CLOCK_PREFIX = "clock: "  # a reading's time ahead of the manager's clock ("now")
 RANGE_PREFIX = "range: "  # since/until/step that do not fit together
 THRESHOLD_PREFIX = "threshold: "  # min above max, or a bound outside the metric's plausible range
-TIME_PATTERN = r"^([0-9]{1,12}(\.[0-9]{1,6})?|-[0-9]{1,9}(\.[0-9]{1,6})?[smhd])$"
+TIME_PATTERN = anchored(r"([0-9]{1,12}(\.[0-9]{1,6})?|-[0-9]{1,9}(\.[0-9]{1,6})?[smhd])")
 
 
 def validate_batch(body, now):
