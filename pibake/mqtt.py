@@ -32,8 +32,13 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
 from pibake import fields
 from pibake import secrets as _secrets
+from pibake.cluster import load_cluster
 from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
 from pibake.run import run
@@ -60,8 +65,6 @@ SALT_BYTES = 12
 
 def load_settings(cluster_dir):
     """The ``MqttSettings`` (pibake.model) of the cluster in ``cluster_dir``; cluster.yaml is validated."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     return load_cluster(cluster_dir).mqtt
 
 
@@ -195,9 +198,6 @@ def broker_conf(settings, etc_dir=ETC_DIR, *, bind_address=None):
 def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
     """Create the broker's certificate (issued by the cluster CA, SAN = manager name + IP) and key, and the
     admin password, when missing (or ``rotate``). Returns {name: "created"|"kept"|"rotated"}."""
-    from cryptography import x509  # pylint: disable=import-outside-toplevel
-    from cryptography.hazmat.primitives import serialization  # pylint: disable=import-outside-toplevel
-
     sdir = _secrets.secrets_dir(cluster_dir)
     ca_key_path, ca_crt_path = sdir / "ca.key", sdir / "ca.crt"
     key_path, crt_path, admin_path = sdir / "mqtt.key", sdir / "mqtt.crt", sdir / "mqtt-admin-password"
@@ -228,9 +228,6 @@ def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
 
 def _issued_by(cert_path, ca_path):
     """True when the certificate at ``cert_path`` is signed by the CA at ``ca_path`` (a rotated CA: re-issue)."""
-    from cryptography import x509  # pylint: disable=import-outside-toplevel
-    from cryptography.exceptions import InvalidSignature  # pylint: disable=import-outside-toplevel
-
     try:
         cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
         cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))
@@ -295,8 +292,6 @@ def install_broker(cluster_dir, *, switch_passwords=None, etc_dir=ETC_DIR, conf_
     conf.d drop-in, and the password-file entries of the admin and of the Tasmota plugs (``switch_passwords``:
     {broker user: password}, from the switches' stored credentials); node entries already there are kept.
     Idempotent. Returns the list of paths written. Mosquitto must then be (re)started or reloaded."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     cluster = load_cluster(cluster_dir)
     settings = cluster.mqtt
     if not settings.enabled:
@@ -391,8 +386,6 @@ def processes_named(name, proc="/proc"):
 def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):
     """Remove node ``hostname``'s broker user when the cluster has MQTT (the registry removed the node).
     Returns True when the password file was changed. Never raises for a broker that is not set up here."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     if not load_cluster(cluster_dir).mqtt.enabled:
         return False
     try:

@@ -420,7 +420,7 @@ def fetch_registry(cluster_dir, cluster, timeout=10):
 def served_slurm_conf(cluster_dir):
     """The slurm.conf path the registry writes: what `registry serve` recorded, cluster.yaml, or the default."""
     try:
-        from pibake.registry.server import served_options  # pylint: disable=import-outside-toplevel
+        from pibake.registry.server import served_options  # start-up: Flask loads only when verify runs
 
         opts = served_options(cluster_dir) or {}
         if opts.get("slurm_conf"):
