@@ -1019,9 +1019,7 @@ def _write_cluster(cluster_dir, path, data, status, rotate, result):
         cluster_dir, data["name"], data["manager"], data["manager_ip"], rotate=rotate
     )
     if (data.get("mqtt") or {}).get("enabled"):  # the broker's certificate and admin password (docs/mqtt.md)
-        from pibake.mqtt import ensure_mqtt_secrets  # cycle: pibake.mqtt loads cluster.yaml through this module
-
-        result["secrets"].update(ensure_mqtt_secrets(cluster_dir, data["manager"], data["manager_ip"],
+        result["secrets"].update(_secrets.ensure_mqtt_secrets(cluster_dir, data["manager"], data["manager_ip"],
                                                      rotate=rotate is True))
     if status != "unchanged":
         if path.exists():
