@@ -69,15 +69,23 @@ MQTT_BROKER_PACKAGE = "mosquitto"  # the manager runs the broker when mqtt: is o
 # security updates. python3-cryptography is in the list above.
 KASA_PACKAGES = ("python3-aiohttp",)
 
+# apt_cache: true (docs/apt-cache.md): apt-cacher-ng on the manager; every other node's apt asks
+# APT_PROXY_DETECT (named in APT_PROXY_CONF) which proxy to use, the manager's cache or DIRECT.
+APT_CACHE_PACKAGE = "apt-cacher-ng"
+APT_CACHE_PORT = 3142  # apt-cacher-ng's default port
+APT_PROXY_DETECT = f"{LIB_DIR}/pibake-apt-proxy"
+APT_PROXY_CONF = "/etc/apt/apt.conf.d/90pibake-proxy"
+
 
 def uses_kasa(cluster):
     """Whether cluster.yaml has a Kasa switch: then the manager gets python-kasa (KASA_PACKAGES + wheels)."""
     return any(switch.driver == "kasa" for switch in cluster.switches)
 
 
-def role_packages(role, *, mqtt=False, kasa=False):
+def role_packages(role, *, mqtt=False, apt_cache=False, kasa=False):
     """The Debian packages ``role``'s first boot installs; ``mqtt``: cluster.yaml has ``mqtt:`` enabled;
-    ``kasa``: cluster.yaml has a Kasa switch (only the manager talks to plugs)."""
+    ``apt_cache``: it has ``apt_cache: true``; ``kasa``: it has a Kasa switch (only the manager talks to
+    plugs)."""
     packages = list(ROLE_PACKAGES[role])
     if kasa and role == "manager":
         packages += KASA_PACKAGES
@@ -86,4 +94,11 @@ def role_packages(role, *, mqtt=False, kasa=False):
         packages.insert(packages.index("python3-psutil") + 1, MQTT_PUBLISHER_PACKAGE)
         if role == "manager":
             packages.append(MQTT_BROKER_PACKAGE)
+    if apt_cache and role == "manager":
+        packages.append(APT_CACHE_PACKAGE)
     return tuple(packages)
+
+
+def cluster_role_packages(cluster, role):
+    """``role``'s packages with the options ``cluster`` (a pibake.model.Cluster) has on."""
+    return role_packages(role, mqtt=cluster.mqtt.enabled, apt_cache=cluster.apt_cache, kasa=uses_kasa(cluster))
