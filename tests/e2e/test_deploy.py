@@ -278,17 +278,24 @@ def test_manager_without_registry_and_unreachable_holds_the_workers_back(lab):
 
 
 def test_bench_deploy_smoke(tmp_path):
-    """bench/deploy runs (N=1, no sequential loop) and writes its report; the figures are not checked."""
+    """bench/deploy runs (N=1, no sequential loop, the single ssh operations measured first) and writes its
+    report; the figures are not checked."""
     reason = deploy_lab_missing()
     if reason:
         pytest.skip(reason)
     bench = Path(__file__).resolve().parents[2] / "bench" / "deploy"
-    proc = subprocess.run([sys.executable, str(bench), "--sizes", "1", "--no-sequential", "--report-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(bench), "--sizes", "1", "--no-sequential", "--ssh-costs",
+                           "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "deploy.json").read_text())
     assert [r["n"] for r in data["results"]] == [1]
     (host,) = data["results"][0]["hosts"]
     assert host["status"] == "changed" and host["step"] == "idle"
     assert data["results"][0]["rerun_hosts"][0]["status"] == "unchanged"
-    assert "| 1 |" in (tmp_path / "deploy.md").read_text()
+    page = (tmp_path / "deploy.md").read_text()
+    assert "| 1 |" in page and "shared CPU (manager + deploying machine" in page
+    ops = data["ssh_costs"]["ops"]  # every operation cost the deploying side something, a new connection most
+    assert len(ops) == 7 and all(op["deployer"] > 0 for op in ops.values())
+    assert ops["new connection + `true`, key exchange default"]["deployer"] > \
+        ops["session through an open master + `true`"]["deployer"]
+    assert "| session through an open master + `true` |" in page
