@@ -295,7 +295,7 @@ def test_bench_deploy_smoke(tmp_path):
     page = (tmp_path / "deploy.md").read_text()
     assert "| 1 |" in page and "shared CPU (manager + deploying machine" in page
     ops = data["ssh_costs"]["ops"]  # every operation cost the deploying side something, a new connection most
-    assert len(ops) == 7 and all(op["deployer"] > 0 for op in ops.values())
+    assert len(ops) == 6 and all(op["deployer"] > 0 for op in ops.values())
     assert ops["new connection + `true`, key exchange default"]["deployer"] > \
         ops["session through an open master + `true`"]["deployer"]
     assert "| session through an open master + `true` |" in page
