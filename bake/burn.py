@@ -55,7 +55,7 @@ import pibake
 from pibake.cluster import load_cluster
 from pibake.errors import BakeError, BurnError, PibakeError, PlanError
 from pibake.files import atomic_write
-from pibake.layout import role_packages
+from pibake.layout import cluster_role_packages
 from pibake.model import ROLES
 from pibake.plan import record_plan, resolve_plan
 from pibake.run import run
@@ -857,7 +857,7 @@ def bake_image(name_or_path, cluster_dir, role, *, sha256=None, cache_dir=None, 
     or an image file; a ``BakedImage`` (cached per image sha256, role and package set)."""
     if role not in ROLES:
         raise BakeError(f"--role {role}: not a role ({', '.join(ROLES)})")
-    packages = role_packages(role, mqtt=load_cluster(cluster_dir).mqtt.enabled)
+    packages = cluster_role_packages(load_cluster(cluster_dir), role)
     prepared = Prepared(cluster=None, nodes=[], seeds={}, wheel=None, family="")
     try:
         _raw_image(prepared, name_or_path, sha256=sha256, cache_dir=image_cache_dir)

@@ -29,6 +29,9 @@ from pibake.fields import show as _show
 from pibake.fields import ssh_key_problem, valid_hostname
 from pibake.files import atomic_write
 from pibake.layout import (
+    APT_CACHE_PORT,
+    APT_PROXY_CONF,
+    APT_PROXY_DETECT,
     AGENT_CONFIG,
     AGENT_PATH,
     CA_PATH,
@@ -41,7 +44,7 @@ from pibake.layout import (
     SENSOR_UNIT,
     SYSTEMD_DIR,
     TIMESYNCD_DROPIN,
-    role_packages,
+    cluster_role_packages,
 )
 from pibake.model import FAMILIES, ROLES, Seed
 from pibake.mqtt import node_settings as mqtt_node_settings
@@ -131,7 +134,7 @@ def seed_packages(cluster, role, preinstalled=()):
     """What first boot must still install: the role's packages less those the image already holds (a golden
     image from ``pibake image bake``: ``pibake.bake.golden``)."""
     have = set(preinstalled)
-    return [name for name in role_packages(role, mqtt=cluster.mqtt.enabled) if name not in have]
+    return [name for name in cluster_role_packages(cluster, role) if name not in have]
 
 
 TOP_LEVEL_KEYS = {  # what each role's user-data holds, in order; tests hold the seed to exactly these
@@ -428,6 +431,17 @@ def authorized_keys(cluster, node, seed_secrets):
     return keys
 
 
+def apt_cache_files(cluster, role):
+    """With ``apt_cache: true``, a node's apt asks the manager's apt-cacher-ng first (docs/apt-cache.md):
+    the write_files entries of the proxy-detect program and the apt.conf line naming it; none for the manager
+    (it runs the cache) or without apt_cache."""
+    if not cluster.apt_cache or role == "manager":
+        return []
+    detect = render_template("pibake-apt-proxy.sh.j2", manager_ip=cluster.manager_ip, port=APT_CACHE_PORT)
+    return [_text_file(APT_PROXY_DETECT, detect, "0755"),
+            _text_file(APT_PROXY_CONF, render_template("apt-proxy.conf.j2", detect=APT_PROXY_DETECT), "0644")]
+
+
 def _write_files(cluster, node, seed_secrets, bundle):
     config = agent_config(cluster, node)
     config["join_token"] = seed_secrets.join_token
@@ -440,6 +454,7 @@ def _write_files(cluster, node, seed_secrets, bundle):
                    "0644"),
     ]
     files += sensor_files(cluster, node)
+    files += apt_cache_files(cluster, node.role)
     for name in ROLE_SCRIPTS[node.role]:
         path, template = SCRIPTS[name]
         files.append(_text_file(path, render_template(template), "0755"))

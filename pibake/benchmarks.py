@@ -194,14 +194,14 @@ def write_plots(bench, out_dir):
     if "srun_latency" not in bench:
         return []
     try:
-        import matplotlib  # pylint: disable=import-outside-toplevel
+        import matplotlib  # start-up: matplotlib loads only to draw the plots
     except ImportError:
         LOG.warning("matplotlib is not installed: the report has no plots (pip install matplotlib)")
         bench["plots_error"] = "no plots: matplotlib is not installed on the machine that ran verify"
         return []
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib.pyplot as plt  # start-up: matplotlib loads only to draw the plots
 
     names = []
 

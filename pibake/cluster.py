@@ -92,6 +92,11 @@ _KEY_DOCS = {
         "Optional sensor history settings: raw_days, hourly_days, offline_after_s, pass_every_s and\n"
         "thresholds per node (or *) and metric ({min, max}). See docs/sensors.md."
     ),
+    "apt_cache": (
+        "true: the manager runs apt-cacher-ng and the other nodes' first-boot apt fetches through it, so each\n"
+        "package crosses your internet link once for the whole cluster (direct while it does not answer).\n"
+        "See docs/apt-cache.md."
+    ),
     "nodes": (
         "Optional per-node settings by hostname: board (zero, zero-w, zero2-w, pi3, pi4, pi5), which picks\n"
         "the image `pibake burn` writes when --board is not given. See docs/cluster-yaml.md."
@@ -140,6 +145,7 @@ CLUSTER_SCHEMA = {
         "image": {"type": "string", "minLength": 1, "maxLength": 4096},
         "family": {"enum": list(FAMILIES)},
         "ntp_servers": {"type": "array", "items": {"type": "string"}},
+        "apt_cache": {"type": "boolean"},
         "registry_port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "registry": {
             "type": ["object", "null"],
@@ -573,6 +579,7 @@ def cluster_from_data(data, directory=None):
         mqtt=mqtt_from_data(data),
         boards=tuple(sorted((str(name), entry["board"]) for name, entry in (data.get("nodes") or {}).items()
                             if entry and entry.get("board"))),
+        apt_cache=bool(data.get("apt_cache", False)),
     )
 
 
@@ -1012,9 +1019,7 @@ def _write_cluster(cluster_dir, path, data, status, rotate, result):
         cluster_dir, data["name"], data["manager"], data["manager_ip"], rotate=rotate
     )
     if (data.get("mqtt") or {}).get("enabled"):  # the broker's certificate and admin password (docs/mqtt.md)
-        from pibake.mqtt import ensure_mqtt_secrets  # pylint: disable=import-outside-toplevel
-
-        result["secrets"].update(ensure_mqtt_secrets(cluster_dir, data["manager"], data["manager_ip"],
+        result["secrets"].update(_secrets.ensure_mqtt_secrets(cluster_dir, data["manager"], data["manager_ip"],
                                                      rotate=rotate is True))
     if status != "unchanged":
         if path.exists():

@@ -1,12 +1,15 @@
-"""How verify (and bench) reach the manager and the nodes: a thin seam, nothing else.
+"""How pibake runs commands on the manager and the nodes: one connector, used by deploy, verify, bench and
+recover. ClusterShell does the fan-out (its event engine, at most ``fanout`` sessions at once); OpenSSH
+does the transport, with the options of ``pibake.ssh``.
 
-A connector runs an argument list on a named host and returns ``Output(host, rc, stdout, stderr)``;
-it never raises for a failing or unreachable host (rc 255 and the reason in stderr, as ssh does).
-
+* ``SshConnector``: ``ssh`` to a host, addressed by the IP the registry recorded when it has one;
 * ``LocalConnector``: this machine (verify running on the manager, as the registry's REST jobs do);
-* ``SshConnector``: OpenSSH with the options of ``pibake.ssh`` (so ~/.ssh/config, agents and ProxyJump
-  work), hosts addressed by the IP the registry recorded, many hosts in parallel;
-* ``Connectors``: picks local or ssh per host.
+* ``Connectors``: picks local or ssh per host and runs many commands at once (``run_each``).
+
+Both connectors ``start`` a command as a ClusterShell worker on a task; deploy's runner drives its own
+per-host state machine on such a task, everything else waits for the whole batch with ``run_each``. A
+finished command is an ``Output(host, rc, stdout, stderr)``: a connector never raises for a failing or
+unreachable host (rc 255 and the reason in stderr, as ssh does; 124 when it did not answer in time).
 
 The check logic (``pibake.verify``) is pure over the outputs, so it is tested on recorded outputs.
 """
@@ -14,24 +17,30 @@ The check logic (``pibake.verify``) is pure over the outputs, so it is tested on
 import logging
 import shlex
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
 
-from pibake.errors import CommandError
-from pibake.run import run
+from ClusterShell.Event import EventHandler
+from ClusterShell.Task import task_self
+
 from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
 
 UNREACHABLE = 255
+TIMED_OUT = 124
 
 
 @dataclass
 class Output:
+    """How one command ended; ``started``/``ended``: wall-clock times around it (verify's clock check)."""
+
     host: str
     rc: int
     stdout: str = ""
     stderr: str = ""
+    started: float | None = None
+    ended: float | None = None
 
     @property
     def ok(self):
@@ -42,16 +51,13 @@ class Output:
         return lines[-1].strip() if lines else f"exit code {self.rc}"
 
 
-def _run(argv, host, input, timeout, env=None):
-    """``argv``'s Output through pibake.run (the one subprocess seam); a missing program or a timeout is an
-    Output too (127, 124), as a connector reports a host and does not raise."""
-    try:
-        proc = run(argv, timeout=timeout, check=False, input=input, env=env)
-    except CommandError as exc:
-        if exc.returncode == 127:
-            return Output(host, 127, "", f"{argv[0]}: command not found")
-        return Output(host, 124, "", f"no answer within {timeout:g} s")
-    return Output(host, proc.returncode, proc.stdout, proc.stderr)
+@dataclass(frozen=True)
+class Job:
+    """One command for ``Connectors.run_each``: ``argv`` on ``host``, ``input`` on its stdin."""
+
+    host: str
+    argv: list
+    input: str | bytes | None = None
 
 
 def is_local_address(ip):
@@ -64,33 +70,114 @@ def is_local_address(ip):
         return False
 
 
+def command_line(argv):
+    """``argv`` as one shell command line (what ssh sends, what the local worker's shell runs)."""
+    return argv if isinstance(argv, str) else shlex.join([str(a) for a in argv])
+
+
+def _write_stdin(worker, data):
+    if data is not None:
+        worker.write(data.encode() if isinstance(data, str) else data)
+        worker.set_write_eof()
+
+
 class LocalConnector:
+    """Commands on this machine, as a ClusterShell local worker (``/bin/sh -c``)."""
+
     kind = "local"
+    connect_timeout = 0
+
+    def prepare(self, task, fanout):
+        task.set_info("fanout", max(1, int(fanout)))
+
+    def start(self, task, host, command, *, handler, timeout, stdin=None):
+        """Start ``command`` (a shell command line); the worker's events go to ``handler`` (a Session)."""
+        worker = task.shell(command, handler=handler, timeout=timeout, stdin=stdin is not None, stderr=True)
+        _write_stdin(worker, stdin)
+        return worker
 
     def run(self, host, argv, *, input=None, timeout=60):
-        return _run(argv, host, input, timeout)
+        return Connectors(self, local_hosts=[host], local=self).run(host, argv, input=input, timeout=timeout)
 
 
 class SshConnector:
     """``ssh`` with ``pibake.ssh.SshOptions`` (batch mode, a connect timeout, new host keys accepted and
-    remembered, ssh's own messages only for errors), hosts addressed by ``addresses``."""
+    remembered, ssh's own messages only for errors), hosts addressed by ``addresses``. ``options``: a whole
+    ``SshOptions`` instead (deploy's, with its multiplexed connections)."""
 
     kind = "ssh"
 
-    def __init__(self, *, user=None, identity=None, known_hosts=None, connect_timeout=5, addresses=None):
-        self.ssh = SshOptions(user=user, identity=identity, known_hosts=known_hosts, connect_timeout=connect_timeout,
-                              host_key_check="accept-new", log_level="ERROR")
-        self.connect_timeout = connect_timeout
+    def __init__(self, *, user=None, identity=None, known_hosts=None, connect_timeout=5, addresses=None,
+                 options=None):
+        self.ssh = options or SshOptions(user=user, identity=identity, known_hosts=known_hosts,
+                                         connect_timeout=connect_timeout, host_key_check="accept-new",
+                                         log_level="ERROR")
+        self.connect_timeout = self.ssh.connect_timeout
         self.addresses = dict(addresses or {})
 
+    def address(self, host):
+        return self.addresses.get(host, host)
+
     def argv(self, host, argv):
-        return self.ssh.argv(self.addresses.get(host, host), shlex.join([str(a) for a in argv]))
+        """The ssh command line that runs ``argv`` on ``host`` (what the ClusterShell worker starts)."""
+        return self.ssh.argv(self.address(host), command_line(argv))
+
+    def prepare(self, task, fanout):
+        """Make ``task``'s ssh workers start ``argv``'s ssh, at most ``fanout`` at once."""
+        task.set_info("fanout", max(1, int(fanout)))
+        for key, value in self.ssh.clustershell_info().items():
+            task.set_info(key, value)
+
+    def start(self, task, host, command, *, handler, timeout, stdin=None):
+        """Start ``command`` (a shell command line) on ``host``; its events go to ``handler``. ``timeout``
+        counts from ssh's start, so the connect timeout is added to it."""
+        worker = task.shell(command, nodes=self.address(host), handler=handler, timeout=timeout + self.connect_timeout,
+                            stdin=stdin is not None, stderr=True)
+        _write_stdin(worker, stdin)
+        return worker
 
     def run(self, host, argv, *, input=None, timeout=60):
-        out = _run(self.argv(host, argv), host, input, timeout + self.connect_timeout)
-        if out.rc == UNREACHABLE and not out.stdout:
-            LOG.info("ssh %s: %s", host, out.reason())
-        return out
+        return Connectors(self).run(host, argv, input=input, timeout=timeout)
+
+
+class Session(EventHandler):
+    """One running command's ClusterShell event handler: collects what it says, notes when it started, and
+    calls ``closed(session, timedout)`` at its end (``output()`` then turns it into an Output). ``key`` is
+    the caller's name for the command."""
+
+    def __init__(self, key, host, closed):
+        super().__init__()
+        self.key = key
+        self.host = host
+        self.closed = closed
+        self.out = []
+        self.err = []
+        self.rc = None
+        self.started = time.time()
+
+    def ev_start(self, worker):
+        self.started = time.time()
+
+    def ev_read(self, worker, node, sname, msg):
+        (self.err if sname == "stderr" else self.out).append(msg)
+
+    def ev_hup(self, worker, node, rc):
+        self.rc = rc
+
+    def ev_close(self, worker, timedout):
+        self.closed(self, timedout)
+
+    def text(self, stream):
+        lines = self.err if stream == "stderr" else self.out
+        return "".join(line.decode("utf-8", "replace") + "\n" for line in lines)
+
+    def output(self, timedout, timeout):
+        ended = time.time()
+        if timedout:
+            return Output(self.host, TIMED_OUT, self.text("stdout"), f"no answer within {timeout:g} s",
+                          self.started, ended)
+        rc = UNREACHABLE if self.rc is None else self.rc
+        return Output(self.host, rc, self.text("stdout"), self.text("stderr"), self.started, ended)
 
 
 class Connectors:
@@ -108,18 +195,32 @@ class Connectors:
         return self.for_host(host).kind
 
     def run(self, host, argv, *, input=None, timeout=60):
-        return self.for_host(host).run(host, argv, input=input, timeout=timeout)
+        return self.run_each({host: Job(host, argv, input)}, timeout=timeout)[host]
 
     def run_many(self, hosts, argv, *, input=None, timeout=60, fanout=32):
-        """{host: Output} of ``argv`` run on every host in parallel (``argv`` may be a function of the host;
-        ``input`` too)."""
-        hosts = list(hosts)
-        if not hosts:
-            return {}
+        """{host: Output} of ``argv`` run on every host at once (``argv`` and ``input`` may be functions of
+        the host)."""
+        jobs = {h: Job(h, argv(h) if callable(argv) else argv, input(h) if callable(input) else input)
+                for h in hosts}
+        return self.run_each(jobs, timeout=timeout, fanout=fanout)
 
-        def one(host):
-            a = argv(host) if callable(argv) else argv
-            i = input(host) if callable(input) else input
-            return self.run(host, a, input=i, timeout=timeout)
-        with ThreadPoolExecutor(max_workers=min(fanout, len(hosts))) as pool:
-            return dict(zip(hosts, pool.map(one, hosts)))
+    def run_each(self, jobs, *, timeout=60, fanout=32):
+        """{key: Output} for ``jobs`` ({key: Job}), at most ``fanout`` running at once; several jobs may
+        go to one host. Waits until every job has ended."""
+        if not jobs:
+            return {}
+        task = task_self()
+        outputs = {}
+
+        def closed(session, timedout):
+            outputs[session.key] = session.output(timedout, timeout)
+        for connector in {self.for_host(job.host) for job in jobs.values()}:
+            connector.prepare(task, fanout)
+        for key, job in jobs.items():
+            self.for_host(job.host).start(task, job.host, command_line(job.argv), handler=Session(key, job.host, closed),
+                                          timeout=timeout, stdin=job.input)
+        task.resume()
+        for output in outputs.values():
+            if output.rc == UNREACHABLE and not output.stdout:
+                LOG.info("ssh %s: %s", output.host, output.reason())
+        return outputs

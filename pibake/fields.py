@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from pibake.errors import ConfigError
 
 
-def _anchored(body):
+def anchored(body):
     """A pattern matching exactly ``body``, read alike by Python's ``re.search`` (JSON Schema validators
     use it) and by ECMA-262: Python's ``$`` also matches before a final newline, ``(?!\\n)`` refuses it."""
     return f"^{body}$(?!\\n)"
@@ -80,7 +80,7 @@ def _upper(value):
 
 # RFC 1123 label in lower case (a hostname, never an FQDN). All digits is refused: Slurm and resolvers read
 # such a name as a number/address. "admin" is the registry's administrator account (HTTP Basic user name).
-HOSTNAME_PATTERN = _anchored(r"(?![0-9]+$)(?!admin$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+HOSTNAME_PATTERN = anchored(r"(?![0-9]+$)(?!admin$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 HOSTNAME = Field(
     "hostname",
     "a valid hostname (RFC 1123 label: 1-63 lower-case letters, digits and '-', not starting or ending with "
@@ -95,7 +95,7 @@ CLUSTER_NAME = Field(
     lambda value: HOSTNAME.valid(value) and len(value) <= CLUSTER_NAME_MAX)
 
 # Debian's adduser NAME_REGEX (lower case, start with a letter or _), 32 characters (utmp).
-USERNAME_PATTERN = _anchored(r"[a-z_][a-z0-9_-]{0,31}")
+USERNAME_PATTERN = anchored(r"[a-z_][a-z0-9_-]{0,31}")
 RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "nobody", "munge", "slurm", "sshd"})
 USERNAME = Field(
     "user name",
@@ -106,7 +106,7 @@ USERNAME = Field(
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # A DNS name: RFC 1123 labels, at most 253 characters, no trailing dot; the last label is not all digits
 # (RFC 3696: no numeric top-level domain), so a mistyped address such as 10.1.1.300 is not taken for a name.
-DNS_NAME_PATTERN = _anchored(rf"(?=.{{1,253}}$)({_LABEL}\.)*(?![0-9]+$){_LABEL}")
+DNS_NAME_PATTERN = anchored(rf"(?=.{{1,253}}$)({_LABEL}\.)*(?![0-9]+$){_LABEL}")
 
 
 # ----------------------------------------------------------------------------- addresses
@@ -129,7 +129,7 @@ def _is_ip(value):
 
 
 # A MAC address as ip(8) and the kernel print it, or with '-' (Windows); stored with ':' in lower case.
-MAC_PATTERN = _anchored(r"[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}")
+MAC_PATTERN = anchored(r"[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}")
 MAC = Field("MAC address", "a MAC address (e.g. dc:a6:32:01:02:03)", _regex(MAC_PATTERN),
             normalise=lambda value: value.lower().replace("-", ":") if isinstance(value, str) else value,
             pattern=MAC_PATTERN)
@@ -168,11 +168,11 @@ HOST = Field(
 # ----------------------------------------------------------------------------- locale and time
 
 # glibc locale names: C, POSIX or language[_TERRITORY], then [.codeset][@modifier] (en_US.UTF-8, sr_RS@latin).
-LOCALE_PATTERN = _anchored(r"(?=.{1,64}$)(C|POSIX|[a-z]{2,3}(_[A-Z]{2})?)(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
+LOCALE_PATTERN = anchored(r"(?=.{1,64}$)(C|POSIX|[a-z]{2,3}(_[A-Z]{2})?)(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
 LOCALE = Field("locale", "a locale name (e.g. C.UTF-8, en_US.UTF-8)", _regex(LOCALE_PATTERN),
                pattern=LOCALE_PATTERN)
 
-TIMEZONE_PATTERN = _anchored(r"(?=.{1,64}$)[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
+TIMEZONE_PATTERN = anchored(r"(?=.{1,64}$)[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")
 
 
 def _known_zone(name):
@@ -205,7 +205,7 @@ COUNTRY = Field("country code", "an ISO 3166 country code (e.g. DE, US, GB)",
                 lambda value: value in ISO3166_ALPHA2, normalise=_upper)
 
 # The WPA PSK as wpa_supplicant and NetworkManager take it: 64 hex digits (either case; stored in lower case).
-PSK_PATTERN = _anchored(r"[0-9a-fA-F]{64}")
+PSK_PATTERN = anchored(r"[0-9a-fA-F]{64}")
 PSK = Field("WPA PSK", "a WPA PSK: 64 hex digits (`pibake init --wifi-ssid ...` computes it from the passphrase)",
             _regex(PSK_PATTERN), normalise=_lower, pattern=PSK_PATTERN, secret=True)
 

@@ -63,13 +63,28 @@ ROLE_PACKAGES = {
 MQTT_PUBLISHER_PACKAGE = "python3-paho-mqtt"  # every node's sensor agent publishes when mqtt: is on
 MQTT_BROKER_PACKAGE = "mosquitto"  # the manager runs the broker when mqtt: is on (docs/mqtt.md)
 
+# apt_cache: true (docs/apt-cache.md): apt-cacher-ng on the manager; every other node's apt asks
+# APT_PROXY_DETECT (named in APT_PROXY_CONF) which proxy to use, the manager's cache or DIRECT.
+APT_CACHE_PACKAGE = "apt-cacher-ng"
+APT_CACHE_PORT = 3142  # apt-cacher-ng's default port
+APT_PROXY_DETECT = f"{LIB_DIR}/pibake-apt-proxy"
+APT_PROXY_CONF = "/etc/apt/apt.conf.d/90pibake-proxy"
 
-def role_packages(role, *, mqtt=False):
-    """The Debian packages ``role``'s first boot installs; ``mqtt``: cluster.yaml has ``mqtt:`` enabled."""
+
+def role_packages(role, *, mqtt=False, apt_cache=False):
+    """The Debian packages ``role``'s first boot installs; ``mqtt``: cluster.yaml has ``mqtt:`` enabled;
+    ``apt_cache``: it has ``apt_cache: true``."""
     packages = list(ROLE_PACKAGES[role])
     if mqtt:
         # after psutil, where the publisher's library sat in the templates (the seed's order is kept)
         packages.insert(packages.index("python3-psutil") + 1, MQTT_PUBLISHER_PACKAGE)
         if role == "manager":
             packages.append(MQTT_BROKER_PACKAGE)
+    if apt_cache and role == "manager":
+        packages.append(APT_CACHE_PACKAGE)
     return tuple(packages)
+
+
+def cluster_role_packages(cluster, role):
+    """``role``'s packages with the options ``cluster`` (a pibake.model.Cluster) has on."""
+    return role_packages(role, mqtt=cluster.mqtt.enabled, apt_cache=cluster.apt_cache)

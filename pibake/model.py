@@ -48,6 +48,7 @@ class Cluster:
     switches: tuple["SwitchConfig", ...] = ()  # smart plugs/relays, see docs/switches.md
     mqtt: "MqttSettings" = field(default_factory=lambda: MqttSettings())  # the broker, see docs/mqtt.md
     boards: tuple[tuple[str, str], ...] = ()  # (hostname, board) from cluster.yaml's nodes:
+    apt_cache: bool = False  # apt-cacher-ng on the manager; the other nodes fetch through it (docs/apt-cache.md)
 
     def board_of(self, hostname):
         """The board cluster.yaml's ``nodes:`` gives ``hostname`` (a key of BOARDS), or None."""

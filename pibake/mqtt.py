@@ -2,8 +2,8 @@
 
 Mosquitto runs on the manager when cluster.yaml says ``mqtt: {enabled: true}``. Everything about it that is
 data lives here, as pure functions (``broker_conf``, ``broker_acl``, ``hash_password``, ``set_passwords``);
-the I/O is at the end (``ensure_mqtt_secrets`` on the machine that holds the CA key, ``install_broker`` and
-``reload_broker`` on the manager).
+the I/O is at the end (``install_broker`` and ``reload_broker`` on the manager); the broker's certificate and
+admin password are made with the cluster's other secrets (``pibake.secrets.ensure_mqtt_secrets``).
 
 Who may do what (``broker_acl``)::
 
@@ -27,13 +27,14 @@ import hmac
 import logging
 import os
 import pwd
-import secrets as _random
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+
 from pibake import fields
 from pibake import secrets as _secrets
+from pibake.cluster import load_cluster
 from pibake.errors import CommandError, ConfigError, SecretsError
 from pibake.files import atomic_write
 from pibake.run import run
@@ -60,8 +61,6 @@ SALT_BYTES = 12
 
 def load_settings(cluster_dir):
     """The ``MqttSettings`` (pibake.model) of the cluster in ``cluster_dir``; cluster.yaml is validated."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     return load_cluster(cluster_dir).mqtt
 
 
@@ -105,10 +104,6 @@ def check_password(password, hashed):
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(mine, base64.b64decode(digest))
-
-
-def new_password():
-    return _random.token_urlsafe(24)
 
 
 def parse_password_file(text):
@@ -192,53 +187,6 @@ def broker_conf(settings, etc_dir=ETC_DIR, *, bind_address=None):
 # --------------------------------------------------------------------------- secrets (machine with the CA key)
 
 
-def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
-    """Create the broker's certificate (issued by the cluster CA, SAN = manager name + IP) and key, and the
-    admin password, when missing (or ``rotate``). Returns {name: "created"|"kept"|"rotated"}."""
-    from cryptography import x509  # pylint: disable=import-outside-toplevel
-    from cryptography.hazmat.primitives import serialization  # pylint: disable=import-outside-toplevel
-
-    sdir = _secrets.secrets_dir(cluster_dir)
-    ca_key_path, ca_crt_path = sdir / "ca.key", sdir / "ca.crt"
-    key_path, crt_path, admin_path = sdir / "mqtt.key", sdir / "mqtt.crt", sdir / "mqtt-admin-password"
-    result = {}
-    exists = key_path.exists() and crt_path.exists()
-    if exists and not rotate and _issued_by(crt_path, ca_crt_path) \
-            and _secrets.cert_names_match(crt_path, manager, manager_ip):
-        result["mqtt-cert"] = "kept"
-    else:
-        if not ca_key_path.exists():
-            raise SecretsError(f"{ca_key_path} is missing: the MQTT broker's certificate is issued by the cluster "
-                               "CA; run this where `pibake init` made the cluster")
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
-        key, cert = _secrets.make_server_cert(ca_key, ca_cert, manager, manager_ip)
-        _secrets.write_private(key_path, _secrets.key_pem(key))
-        _secrets.write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
-        result["mqtt-cert"] = "rotated" if exists else "created"
-    if admin_path.exists() and not rotate:
-        result["mqtt-admin"] = "kept"
-    else:
-        result["mqtt-admin"] = "rotated" if admin_path.exists() else "created"
-        _secrets.write_private(admin_path, new_password() + "\n")
-    for name, what in result.items():
-        LOG.info("secret %s: %s", name, what)
-    return result
-
-
-def _issued_by(cert_path, ca_path):
-    """True when the certificate at ``cert_path`` is signed by the CA at ``ca_path`` (a rotated CA: re-issue)."""
-    from cryptography import x509  # pylint: disable=import-outside-toplevel
-    from cryptography.exceptions import InvalidSignature  # pylint: disable=import-outside-toplevel
-
-    try:
-        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))
-    except (ValueError, TypeError, OSError, InvalidSignature):
-        return False
-    return True
-
-
 def admin_password(cluster_dir):
     path = _secrets.secrets_dir(cluster_dir) / "mqtt-admin-password"
     try:
@@ -295,8 +243,6 @@ def install_broker(cluster_dir, *, switch_passwords=None, etc_dir=ETC_DIR, conf_
     conf.d drop-in, and the password-file entries of the admin and of the Tasmota plugs (``switch_passwords``:
     {broker user: password}, from the switches' stored credentials); node entries already there are kept.
     Idempotent. Returns the list of paths written. Mosquitto must then be (re)started or reloaded."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     cluster = load_cluster(cluster_dir)
     settings = cluster.mqtt
     if not settings.enabled:
@@ -391,8 +337,6 @@ def processes_named(name, proc="/proc"):
 def revoke_node_user(cluster_dir, hostname, etc_dir=ETC_DIR, pid_file=PID_FILE):
     """Remove node ``hostname``'s broker user when the cluster has MQTT (the registry removed the node).
     Returns True when the password file was changed. Never raises for a broker that is not set up here."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     if not load_cluster(cluster_dir).mqtt.enabled:
         return False
     try:

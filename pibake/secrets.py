@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -330,7 +331,7 @@ def ensure_secrets(cluster_dir, cluster_name, manager, manager_ip, *, rotate=(),
     admin_path = sdir / "admin-password"
     result["admin"] = status("admin", admin_path.exists())
     if result["admin"] != "kept":
-        write_private(admin_path, _random.token_urlsafe(24) + "\n")
+        write_private(admin_path, new_password() + "\n")
 
     # the manager's ssh identity (a cluster made before it existed gets it on its next `pibake init`)
     key_path, pub_path = sdir / MANAGER_SSH_KEY, sdir / f"{MANAGER_SSH_KEY}.pub"
@@ -446,3 +447,49 @@ def manager_bundle(cluster_dir):
             raise SecretsError(f"{path} is missing: run `pibake init` (again, with this cluster's options: it adds "
                                "missing secrets and keeps the others)") from None
     return bundle
+
+
+def new_password():
+    """A random password (24 bytes, URL-safe base64): the admin's and the MQTT broker's users'."""
+    return _random.token_urlsafe(24)
+
+
+def ensure_mqtt_secrets(cluster_dir, manager, manager_ip, *, rotate=False):
+    """Create the broker's certificate (issued by the cluster CA, SAN = manager name + IP) and key, and the
+    admin password, when missing (or ``rotate``). Returns {name: "created"|"kept"|"rotated"}."""
+    sdir = secrets_dir(cluster_dir)
+    ca_key_path, ca_crt_path = sdir / "ca.key", sdir / "ca.crt"
+    key_path, crt_path, admin_path = sdir / "mqtt.key", sdir / "mqtt.crt", sdir / "mqtt-admin-password"
+    result = {}
+    exists = key_path.exists() and crt_path.exists()
+    if exists and not rotate and issued_by(crt_path, ca_crt_path) \
+            and cert_names_match(crt_path, manager, manager_ip):
+        result["mqtt-cert"] = "kept"
+    else:
+        if not ca_key_path.exists():
+            raise SecretsError(f"{ca_key_path} is missing: the MQTT broker's certificate is issued by the cluster "
+                               "CA; run this where `pibake init` made the cluster")
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
+        key, cert = make_server_cert(ca_key, ca_cert, manager, manager_ip)
+        write_private(key_path, key_pem(key))
+        write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o444)
+        result["mqtt-cert"] = "rotated" if exists else "created"
+    if admin_path.exists() and not rotate:
+        result["mqtt-admin"] = "kept"
+    else:
+        result["mqtt-admin"] = "rotated" if admin_path.exists() else "created"
+        write_private(admin_path, new_password() + "\n")
+    for name, what in result.items():
+        LOG.info("secret %s: %s", name, what)
+    return result
+
+
+def issued_by(cert_path, ca_path):
+    """True when the certificate at ``cert_path`` is signed by the CA at ``ca_path`` (a rotated CA: re-issue)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(ca_path).read_bytes()))
+    except (ValueError, TypeError, OSError, InvalidSignature):
+        return False
+    return True

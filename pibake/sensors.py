@@ -19,12 +19,21 @@ import threading
 import time
 from pathlib import Path
 
+from pibake.cluster import load_cluster_data
 from pibake.errors import RegistryError
+from pibake.fields import anchored
 from pibake.registry import schema
 from pibake.registry.readings import ReadingsStore
 from pibake.registry.store import Store
-from pibake.sensors_model import (MAX_BATCH, MAX_FUTURE_S, METRICS, PLACE_RE, metric_value_problem,
-                                  sensor_settings, threshold_problem)
+from pibake.sensors_model import (
+    MAX_BATCH,
+    MAX_FUTURE_S,
+    METRICS,
+    PLACE_RE,
+    metric_value_problem,
+    sensor_settings,
+    threshold_problem,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -34,7 +43,7 @@ METRIC_FIELD_RE = re.compile(r"^readings\[(\d+)\]\.metrics\.(\w+)$")
 CLOCK_PREFIX = "clock: "  # a reading's time ahead of the manager's clock ("now")
 RANGE_PREFIX = "range: "  # since/until/step that do not fit together
 THRESHOLD_PREFIX = "threshold: "  # min above max, or a bound outside the metric's plausible range
-TIME_PATTERN = r"^([0-9]{1,12}(\.[0-9]{1,6})?|-[0-9]{1,9}(\.[0-9]{1,6})?[smhd])$"
+TIME_PATTERN = anchored(r"([0-9]{1,12}(\.[0-9]{1,6})?|-[0-9]{1,9}(\.[0-9]{1,6})?[smhd])")
 
 
 def validate_batch(body, now):
@@ -97,8 +106,6 @@ class Sensors:
 
     def settings(self):
         """cluster.yaml ``sensors:`` over the defaults, re-read when the file changes."""
-        from pibake.cluster import load_cluster_data  # pylint: disable=import-outside-toplevel
-
         path = self.cluster_dir / "cluster.yaml"
         stamp = os.stat(path).st_mtime_ns
         with self._lock:

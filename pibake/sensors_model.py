@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from pibake.fields import anchored
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -37,7 +39,7 @@ METRICS = {m.name: m for m in (
 MAX_BATCH = 500  # readings per POST /api/v1/readings; more: 413
 MAX_FUTURE_S = 300  # a reading's node clock may be ahead of the manager's by this much
 MIN_TIME = 946684800  # 2000-01-01: a Pi without RTC before its first NTP sync reports 1970
-PLACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.,'()/-]{0,63}$")
+PLACE_RE = re.compile(anchored(r"[A-Za-z0-9][A-Za-z0-9 _.,'()/-]{0,63}"))
 PLACE_PATTERN = PLACE_RE.pattern
 
 # cluster.yaml ``sensors:`` defaults (docs/sensors.md)

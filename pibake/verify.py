@@ -26,7 +26,7 @@ from pathlib import Path
 from pibake.bake.manifest import latest_by_hostname
 from pibake.benchmarks import bench_markdown, run_bench, write_plots
 from pibake.cluster import load_cluster
-from pibake.connect import Connectors, LocalConnector, SshConnector, is_local_address
+from pibake.connect import Connectors, Job, LocalConnector, SshConnector, is_local_address
 from pibake.errors import RegistryClientError
 from pibake.files import atomic_write
 from pibake.plan import recorded_plan
@@ -420,7 +420,7 @@ def fetch_registry(cluster_dir, cluster, timeout=10):
 def served_slurm_conf(cluster_dir):
     """The slurm.conf path the registry writes: what `registry serve` recorded, cluster.yaml, or the default."""
     try:
-        from pibake.registry.server import served_options  # pylint: disable=import-outside-toplevel
+        from pibake.registry.server import served_options  # start-up: Flask loads only when verify runs
 
         opts = served_options(cluster_dir) or {}
         if opts.get("slurm_conf"):
@@ -444,17 +444,11 @@ def make_connectors(cluster, addresses, *, user=None, identity=None, known_hosts
     return Connectors(ssh, local_hosts=local, local=LocalConnector())
 
 
-def _timed(connectors, host, argv, timeout):
-    t0 = time.time()
-    out = connectors.run(host, argv, timeout=timeout)
-    t1 = time.time()
-    return out, t0, t1
-
-
-def _offset(facts, t0, t1):
-    if "time" not in facts:
+def _offset(facts, out):
+    """(clock offset, its uncertainty) of the host that answered ``out`` with ``facts``, or None."""
+    if "time" not in facts or out.started is None or out.ended is None:
         return None
-    return facts["time"] - (t0 + t1) / 2, (t1 - t0) / 2
+    return facts["time"] - (out.started + out.ended) / 2, (out.ended - out.started) / 2
 
 
 def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=None, known_hosts=None,
@@ -495,20 +489,13 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
                       if n.get("role") == "worker" and n.get("status") != "pending"} | set(sinfo))
 
     step("reaching the manager and the nodes")
-    facts_runs = {}
-
-    def gather(host):
-        if host == cluster.manager:
-            return _timed(connectors, host, ["sh", "-c", MANAGER_FACTS, "sh", slurm_conf], 30)
-        return _timed(connectors, host, ["sh", "-c", NODE_FACTS], 30)
-    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
     hosts = [cluster.manager] + workers
-    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        for host, res in zip(hosts, pool.map(gather, hosts)):
-            facts_runs[host] = res
-    manager_out = facts_runs[cluster.manager][0]
+    facts_runs = connectors.run_many(
+        hosts, lambda host: ["sh", "-c", MANAGER_FACTS, "sh", slurm_conf] if host == cluster.manager
+        else ["sh", "-c", NODE_FACTS], timeout=30)
+    manager_out = facts_runs[cluster.manager]
     manager_facts = parse_verify_facts(manager_out.stdout) if manager_out.ok else {}
-    node_outs = {n: facts_runs[n][0] for n in workers}
+    node_outs = {n: facts_runs[n] for n in workers}
     checks.append(check_reachable(workers, node_outs, {n: connectors.describe(n) for n in workers}))
     reachable = [n for n in workers if node_outs[n].ok]
     node_facts = {n: parse_verify_facts(node_outs[n].stdout) for n in reachable}
@@ -539,9 +526,8 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
         to_nodes = {n: parse_unmunge(o.rc, o.stdout, o.stderr) for n, o in outs.items()}
     creds = {n: f["cred"] for n, f in node_facts.items() if f.get("cred")}
     if creds and manager_out.ok:
-        with ThreadPoolExecutor(max_workers=min(16, len(creds))) as pool:
-            outs = dict(zip(creds, pool.map(
-                lambda n: connectors.run(cluster.manager, ["unmunge"], input=creds[n] + "\n", timeout=30), creds)))
+        outs = connectors.run_each({n: Job(cluster.manager, ["unmunge"], cred + "\n") for n, cred in creds.items()},
+                                   timeout=30, fanout=16)
         from_nodes = {n: parse_unmunge(o.rc, o.stdout, o.stderr) for n, o in outs.items()}
     if not manager_out.ok:
         checks.append(CheckResult("munge", FAIL, f"the manager {cluster.manager} does not answer: "
@@ -551,9 +537,9 @@ def verify(cluster_dir, *, bench=False, report_dir=None, user=None, identity=Non
 
     step("clocks and slurm.conf")
     offsets = {}
-    for host, (out, t0, t1) in facts_runs.items():
+    for host, out in facts_runs.items():
         facts = manager_facts if host == cluster.manager else node_facts.get(host, {})
-        off = _offset(facts, t0, t1)
+        off = _offset(facts, out)
         if off is not None:
             offsets[host] = off
     checks.append(check_skew(cluster.manager, offsets, reachable))

@@ -3,11 +3,18 @@
 import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
-
-from pibake.errors import ApplyError, RegistryError
 from pibake.registry.auth import basic_auth, join_auth, registry
 from pibake.registry.schema import openapi_document
+from werkzeug.exceptions import HTTPException
+
+from pibake.errors import (
+    ApplyError,
+    ConfigError,
+    PibakeError,
+    RegistryError,
+    SecretsError,
+    SwitchError,
+)
 from pibake.secrets import munge_key_b64
 
 LOG = logging.getLogger(__name__)
@@ -170,9 +177,7 @@ def get_job(job_id):
 
 def _switch_call(function, *args, **kwargs):
     """Run a pibake.api switch function; its user errors become JSON errors with a fitting status."""
-    from pibake.errors import ConfigError, PibakeError, SecretsError, SwitchError  # pylint: disable=import-outside-toplevel
-
-    from pibake.api import SwitchDriverMissing  # pylint: disable=import-outside-toplevel
+    from pibake.api import SwitchDriverMissing  # layer: the REST API reuses pibake.api, which imports the registry
 
     try:
         return function(*args, **kwargs)
@@ -187,7 +192,7 @@ def _switch_call(function, *args, **kwargs):
 
 
 def _switch_item(name):
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     item = next((s for s in _switch_call(api.list_switches, registry().cluster_dir) if s["name"] == name), None)
     if item is None:
@@ -198,7 +203,7 @@ def _switch_item(name):
 @bp.get("/switches")
 @basic_auth.login_required(role="admin")
 def list_switches():
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     return jsonify(_switch_call(api.list_switches, registry().cluster_dir))
 
@@ -206,7 +211,7 @@ def list_switches():
 @bp.get("/switches/log")
 @basic_auth.login_required(role="admin")
 def switch_log():
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     return jsonify(api.switch_log(registry().cluster_dir))
 
@@ -215,8 +220,7 @@ def switch_log():
 @basic_auth.login_required(role="admin")
 def list_rules():
     """The rules with the rules loop's last round (GET only: the loop, not a request, switches)."""
-    from pibake import api  # pylint: disable=import-outside-toplevel
-    from pibake.errors import PibakeError  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     cluster_dir = registry().cluster_dir
     try:
@@ -229,7 +233,7 @@ def list_rules():
 @bp.get("/switches/<name>")
 @basic_auth.login_required(role="admin")
 def switch_status(name):
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     _switch_item(name)
     return jsonify(_switch_call(api.switch_status, registry().cluster_dir, name))
@@ -239,7 +243,7 @@ def switch_status(name):
 @basic_auth.login_required(role="admin")
 def switch_action(name, action):
     """on, off, toggle, cycle; the state read back. Cycling a node's plug is a recovery: POST /recover."""
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     if action not in ("on", "off", "toggle", "cycle"):
         raise RegistryError(404, f"no switch action {action[:32]!r} (on, off, toggle, cycle)")

@@ -18,6 +18,7 @@ from flask import Blueprint, current_app, jsonify
 from pibake import mqtt
 from pibake.cluster import load_cluster
 from pibake.errors import RegistryError
+from pibake.secrets import new_password
 from pibake.registry.auth import basic_auth, registry
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def issue_password(cluster_dir, hostname, etc_dir=mqtt.ETC_DIR, pid_file=mqtt.PI
         raise RegistryError(404, "MQTT is not enabled on this cluster (cluster.yaml mqtt: enabled: true)")
     if not mqtt.valid_node_user(hostname):
         raise RegistryError(400, "this node's name cannot be an MQTT user name")
-    password = mqtt.new_password()
+    password = new_password()
     mqtt.update_password_file(etc_dir, {hostname: mqtt.hash_password(password)})
     how = mqtt.reload_broker(pid_file)
     LOG.info("new MQTT password for %s (broker reload: %s)", hostname, how or "not running")

@@ -3,11 +3,12 @@ next to ``api.bp`` (same prefix, same JSON errors, contract in ``openapi.json``)
 ``pibake.sensors.Sensors`` (through ``pibake.api``), one instance per app."""
 
 from flask import Blueprint, current_app, jsonify, request
+from pibake.registry.api import http_error_response, json_body, registry_error_response
+from pibake.registry.auth import basic_auth, registry
+from pibake.registry.schema import problems
+from werkzeug.exceptions import HTTPException
 
 from pibake.errors import RegistryError
-from pibake.registry.api import json_body, registry_error_response, http_error_response
-from pibake.registry.auth import basic_auth, registry
-from werkzeug.exceptions import HTTPException
 
 bp = Blueprint("sensors_api", __name__, url_prefix="/api/v1")
 bp.register_error_handler(RegistryError, registry_error_response)
@@ -20,7 +21,7 @@ def sensors():
     """The app's ``pibake.api.Sensors`` (made on first use: the readings DB is opened only when needed)."""
     found = current_app.extensions.get("pibake_sensors")
     if found is None:
-        from pibake import api  # pylint: disable=import-outside-toplevel
+        from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
         found = current_app.extensions.setdefault("pibake_sensors", api.Sensors(registry().cluster_dir))
     return found
@@ -67,7 +68,7 @@ def _query_step():
 @bp.get("/sensors/<node>/readings")
 @basic_auth.login_required(role="admin")
 def sensor_readings(node):
-    from pibake.api import parse_sensor_time as parse_time  # pylint: disable=import-outside-toplevel
+    from pibake.api import parse_sensor_time as parse_time  # layer: the REST API reuses pibake.api, which imports the registry
 
     metric = request.args.get("metric")
     if not metric:
@@ -80,8 +81,6 @@ def sensor_readings(node):
 @bp.post("/sensors/<node>/place")
 @basic_auth.login_required(role="admin")
 def mark_place(node):
-    from pibake.registry.schema import problems  # pylint: disable=import-outside-toplevel
-
     body = json_body()
     found = problems("PlaceRequest", body)
     if found:
@@ -92,8 +91,6 @@ def mark_place(node):
 @bp.put("/sensors/<node>/thresholds/<metric>")
 @basic_auth.login_required(role="admin")
 def set_threshold(node, metric):
-    from pibake.registry.schema import problems  # pylint: disable=import-outside-toplevel
-
     body = json_body()
     found = problems("ThresholdRequest", body)
     if found:

@@ -6,11 +6,22 @@ its place and thresholds. Charts are inline SVG drawn by ``charts.py``: no JavaS
 import datetime as dt
 import time
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    abort,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from pibake.registry import charts
+from pibake.registry.sensors_api import sensors
+from pibake.registry.web import check_csrf, login_required
 
 from pibake.errors import RegistryError
-from pibake.registry import charts
-from pibake.registry.web import check_csrf, login_required
+from pibake.sensors_model import METRICS
 
 bp = Blueprint("sensors_web", __name__, template_folder="templates")
 
@@ -19,8 +30,6 @@ SUMMARY_METRICS = ("temperature_c", "humidity_pct", "pressure_hpa", "wifi_signal
 
 
 def _sensors():
-    from pibake.registry.sensors_api import sensors  # pylint: disable=import-outside-toplevel
-
     return sensors()
 
 
@@ -50,16 +59,12 @@ def _num_filter(value):
 @bp.get("/sensors")
 @login_required
 def sensors_list():
-    from pibake.sensors_model import METRICS  # pylint: disable=import-outside-toplevel
-
     return render_template("sensors.html", sensors=_sensors().list(), metrics=METRICS, columns=SUMMARY_METRICS)
 
 
 @bp.get("/sensors/<node>")
 @login_required
 def sensor_page(node):
-    from pibake.sensors_model import METRICS  # pylint: disable=import-outside-toplevel
-
     sensors = _sensors()
     span_name = request.args.get("range", "24h")
     if span_name not in RANGES:

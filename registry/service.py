@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import yaml
-
-from pibake import __version__
-from pibake import fields, mqtt
-from pibake.errors import ConfigError, RegistryError
 from pibake.registry import schema, slurmconf
 from pibake.registry.slurmctl import DEFAULT_CONF, SlurmApplier, slurm_states
 from pibake.registry.store import Store
+
+from pibake import __version__, fields, mqtt
+from pibake.cluster import load_cluster
+from pibake.errors import ConfigError, RegistryError
 
 LOG = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ SINFO_CACHE_SECONDS = 0.5  # deploy polls GET /nodes every 0.5 s while it waits 
 def cluster_settings(cluster_dir):
     """What the registry needs from cluster.yaml (validated by ``pibake.cluster.load_cluster``): name,
     manager, manager_ip, network, registry_port, and the optional ``registry:`` mapping of options."""
-    from pibake.cluster import load_cluster  # pylint: disable=import-outside-toplevel
-
     cluster = load_cluster(cluster_dir)
     path = Path(cluster_dir) / "cluster.yaml"
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -11,14 +11,26 @@ import logging
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import wraps
 from pathlib import Path
 
-from flask import (Blueprint, abort, flash, redirect, render_template, request, send_from_directory, session,
-                   url_for)
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    send_from_directory,
+    session,
+    url_for,
+)
+from pibake.registry.auth import admin_matches, registry
+from pibake.registry.logins import LoginThrottle
 
 from pibake.errors import PibakeError, RegistryError
-from pibake.registry.auth import admin_matches, registry
 
 LOG = logging.getLogger(__name__)
 
@@ -53,10 +65,6 @@ def _headers(response):
 
 def _throttle():
     """The app's LoginThrottle (made on first use)."""
-    from flask import current_app  # pylint: disable=import-outside-toplevel
-
-    from pibake.registry.logins import LoginThrottle  # pylint: disable=import-outside-toplevel
-
     found = current_app.extensions.get("pibake_logins")
     if found is None:
         found = current_app.extensions.setdefault("pibake_logins", LoginThrottle(
@@ -67,8 +75,6 @@ def _throttle():
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     """Failed logins are answered late and limited per client address (``logins.py``)."""
-    from flask import current_app  # pylint: disable=import-outside-toplevel
-
     error = None
     status = 200
     if request.method == "POST":
@@ -134,7 +140,7 @@ def latest_report(cluster_dir):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("checks"), list):
         return None
-    from pibake.api import bench_summary_rows as summary_rows  # orchestration only through pibake.api, when used
+    from pibake.api import bench_summary_rows as summary_rows  # layer: the page reuses pibake.api, which imports the registry
     bench = data.get("bench") or {}
     plots = [p for p in bench.get("plots", []) if isinstance(p, str) and REPORT_FILE_RE.match(p)]
     return {"ok": data.get("ok"), "started": data.get("started"), "checks": data["checks"],
@@ -182,9 +188,7 @@ SWITCH_ACTIONS = ("on", "off", "toggle", "cycle")
 
 def switch_rows(cluster_dir):
     """Every switch of cluster.yaml with its state read now (in parallel; a failing plug shows its error)."""
-    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
-
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     try:
         items = api.list_switches(cluster_dir)
@@ -205,7 +209,7 @@ def switch_rows(cluster_dir):
 
 def _rules(cluster_dir):
     """The rules with the rules loop's last round (no device contacted), or the error reading them."""
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     try:
         return {"rules": api.rules_status(cluster_dir), "last_round": api.rules_last_round(cluster_dir),
@@ -215,7 +219,7 @@ def _rules(cluster_dir):
 
 
 def _switch_log(cluster_dir):
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     return list(reversed(api.switch_log(cluster_dir, 10)))
 
@@ -228,7 +232,7 @@ def _needs_confirmation(item, action):
 @bp.post("/switches/<name>/<action>")
 @login_required
 def switch_action(name, action):
-    from pibake import api  # pylint: disable=import-outside-toplevel
+    from pibake import api  # layer: the REST API reuses pibake.api, which imports the registry
 
     if not check_csrf():
         flash("The form expired; please try again.", "error")
@@ -256,6 +260,4 @@ def switch_action(name, action):
 
 
 def _start_recover(node):
-    from flask import current_app  # pylint: disable=import-outside-toplevel
-
     return current_app.extensions["pibake_jobs"].submit("recover", {"node": node})

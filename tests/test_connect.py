@@ -1,7 +1,15 @@
-"""pibake.connect's local connector runs programs through pibake.run and reports every end as an Output
-(a connector reports a host; it does not raise)."""
+"""pibake.connect, the one connector of deploy, verify, bench and recover: commands run as ClusterShell workers
+(here local ones, the same engine and events as ssh's) and every end is an Output; a connector reports a
+host, it does not raise. The ssh side is checked against the real ssh in tests/test_ssh.py and end to end by
+the lab's deploy and verify tests."""
 
-from pibake.connect import LocalConnector
+import time
+
+from pibake.connect import Connectors, Job, LocalConnector
+
+
+def local(hosts=("red00",)):
+    return Connectors(LocalConnector(), local_hosts=hosts)
 
 
 def test_exit_code_output_and_stdin():
@@ -12,6 +20,50 @@ def test_exit_code_output_and_stdin():
 
 def test_a_missing_program_and_a_timeout_are_outputs():
     missing = LocalConnector().run("red00", ["pibake-no-such-program"])
-    assert (missing.rc, missing.stderr) == (127, "pibake-no-such-program: command not found")
+    assert missing.rc == 127 and missing.reason().endswith("pibake-no-such-program: not found")
     slow = LocalConnector().run("red00", ["sleep", "5"], timeout=0.2)
     assert (slow.rc, slow.reason()) == (124, "no answer within 0.2 s")
+
+
+def test_arguments_reach_the_program_unsplit():
+    out = LocalConnector().run("red00", ["printf", "%s|", "a b", "$HOME", "it's"])
+    assert out.stdout == "a b|$HOME|it's|\n"
+
+
+def test_run_many_gives_each_host_its_own_command_and_input():
+    outs = local(("red01", "red02")).run_many(["red01", "red02"], lambda h: ["sh", "-c", f"echo {h}; cat"],
+                                              input=lambda h: f"to {h}\n")
+    assert {h: o.stdout for h, o in outs.items()} == {"red01": "red01\nto red01\n", "red02": "red02\nto red02\n"}
+
+
+def _max_overlap(outputs):
+    """The most commands that were running at one moment (from the start/end stamps each printed)."""
+    events = []
+    for out in outputs:
+        start, end = (float(x) for x in out.stdout.split())
+        events += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_run_each_runs_several_jobs_on_one_host_at_most_fanout_at_once():
+    stamp = 'date +%s.%N; sleep 0.3; date +%s.%N'
+    jobs = {i: Job("red00", ["sh", "-c", stamp]) for i in range(4)}
+    for fanout in (1, 2):
+        outs = local().run_each(jobs, fanout=fanout)
+        assert sorted(outs) == [0, 1, 2, 3] and all(o.ok for o in outs.values())
+        assert _max_overlap(outs.values()) == fanout
+
+
+def test_an_output_carries_the_wall_clock_around_its_command():
+    before = time.time()
+    out = LocalConnector().run("red00", ["date", "+%s.%N"])
+    after = time.time()
+    assert before <= out.started <= float(out.stdout) <= out.ended <= after
+
+
+def test_no_jobs_no_work():
+    assert local().run_each({}) == {} and local().run_many([], ["true"]) == {}

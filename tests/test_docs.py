@@ -137,6 +137,9 @@ BLOCKS = {
         "agent-run": "lab",
         "agent-config": "lab",
     },
+    "apt-cache.md": {
+        "apt-cache-yaml": "test: tests/test_apt_cache.py::test_the_docs_block_turns_the_cache_on",
+    },
     "cluster-yaml.md": {
         "cy-errors": "check",
         "cy-full": "test: tests/test_cluster.py::test_docs_full_example_loads_and_validates",

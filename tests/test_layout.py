@@ -15,8 +15,8 @@ from tests.bake.seed_fixtures import NODES, SECRETS, cluster_for, render
 ROLES = ("manager", "worker", "sensor")
 
 
-def seed_config(role, mqtt):
-    cluster = cluster_for(mqtt=MqttSettings(enabled=mqtt))
+def seed_config(role, mqtt, apt_cache=False):
+    cluster = cluster_for(mqtt=MqttSettings(enabled=mqtt), apt_cache=apt_cache)
     return cluster, yaml.safe_load(render(role, cluster=cluster).user_data)
 
 
@@ -24,13 +24,17 @@ def seed_files(config):
     return {entry["path"]: entry for entry in config["write_files"]}
 
 
+@pytest.mark.parametrize("apt_cache", [False, True])
 @pytest.mark.parametrize("mqtt", [False, True])
 @pytest.mark.parametrize("role", ROLES)
-def test_the_seed_installs_the_layouts_packages(role, mqtt):
-    cluster, config = seed_config(role, mqtt)
-    assert tuple(config["packages"]) == layout.role_packages(role, mqtt=mqtt)
+def test_the_seed_installs_the_layouts_packages(role, mqtt, apt_cache):
+    cluster, config = seed_config(role, mqtt, apt_cache)
+    assert tuple(config["packages"]) == layout.role_packages(role, mqtt=mqtt, apt_cache=apt_cache)
     assert ("python3-paho-mqtt" in config["packages"]) is mqtt
     assert ("mosquitto" in config["packages"]) is (mqtt and role == "manager")
+    assert ("apt-cacher-ng" in config["packages"]) is (apt_cache and role == "manager")
+    files = seed_files(config)
+    assert ({layout.APT_PROXY_DETECT, layout.APT_PROXY_CONF} <= set(files)) is (apt_cache and role != "manager")
 
 
 @pytest.mark.parametrize("mqtt", [False, True])
@@ -40,18 +44,21 @@ def test_deploy_installs_what_the_worker_seed_installs(mqtt):
     assert deploy_node.missing_packages("worker", {}) == list(layout.ROLE_PACKAGES["worker"])
 
 
-def test_deploy_ships_the_worker_seeds_files_at_the_same_paths_and_modes():
+@pytest.mark.parametrize("apt_cache", [False, True])
+def test_deploy_ships_the_worker_seeds_files_at_the_same_paths_and_modes(apt_cache):
     """A systemd worker set up by deploy has the seed's node files: same paths, same modes, and (where
     neither carries per-boot secrets) the same content."""
-    cluster, config = seed_config("worker", mqtt=True)
+    cluster, config = seed_config("worker", mqtt=True, apt_cache=apt_cache)
     seed = seed_files(config)
     facts = {"systemd": True}
     shipped = deploy_node.wanted_files(cluster, NODES["worker"].hostname, "worker", facts, b"agent", b"ca")
     assert set(shipped) <= set(seed), set(shipped) - set(seed)
     for path, (content, mode) in shipped.items():
         assert int(seed[path]["permissions"], 8) == mode, path
-    for path in (layout.TIMESYNCD_DROPIN, layout.SENSOR_CONFIG, layout.SENSOR_UNIT):
+    same = (layout.TIMESYNCD_DROPIN, layout.SENSOR_CONFIG, layout.SENSOR_UNIT)
+    for path in same + ((layout.APT_PROXY_DETECT, layout.APT_PROXY_CONF) if apt_cache else ()):
         assert shipped[path][0].decode() == seed[path]["content"], path
+    assert set(deploy_node.WORKER_FACT_FILES) >= set(shipped)
     assert shipped[layout.CA_PATH][0] == b"ca" and seed[layout.CA_PATH]["content"] == SECRETS.ca_cert_pem
     seed_agent = json.loads(seed[layout.AGENT_CONFIG]["content"])
     deploy_agent = json.loads(shipped[layout.AGENT_CONFIG][0])

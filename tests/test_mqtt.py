@@ -20,6 +20,7 @@ import yaml
 from pibake import mqtt
 from pibake.cluster import init_cluster, validate_cluster_data
 from pibake.run import which
+from pibake import secrets
 from pibake.secrets import admin_password
 from tests.conftest import needs_program, needs_root
 from tests.fixtures_plugin import LOOPBACK, RED, new_cluster
@@ -502,7 +503,7 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
         time.sleep(0.2)
         owner = subprocess.run(["ps", "-o", "user=", "-p", str(proc.pid)], capture_output=True, text=True).stdout
         assert owner.strip() == "mosquitto"
-        password = mqtt.new_password()
+        password = secrets.new_password()
         mqtt.update_password_file(where / "etc", {"red05": mqtt.hash_password(password)})
         assert mqtt.reload_broker(pid_file) == "sighup"
         time.sleep(0.3)
@@ -511,7 +512,7 @@ def test_broker_as_the_mosquitto_user_reloads_node_passwords(tmp_path):
         close(client)
         # no pid file (Debian's mosquitto.conf writes none; the lab has no systemd): found by its name
         assert proc.pid in mqtt.processes_named("mosquitto")
-        again = mqtt.new_password()
+        again = secrets.new_password()
         mqtt.update_password_file(where / "etc", {"red05": mqtt.hash_password(again)})
         assert mqtt.reload_broker(where / "no-pid-file") == "sighup"
         time.sleep(0.3)
@@ -615,4 +616,4 @@ def test_mqtt_secrets_follow_the_ca(tmp_path):
     rotated = init_cluster(cluster, name="red", **RED,
                            rotate=("ca",))
     assert (rotated["secrets"]["mqtt-cert"], rotated["secrets"]["mqtt-admin"]) == ("rotated", "kept")
-    assert mqtt._issued_by(cluster / "secrets" / "mqtt.crt", cluster / "secrets" / "ca.crt")  # noqa: SLF001
+    assert secrets.issued_by(cluster / "secrets" / "mqtt.crt", cluster / "secrets" / "ca.crt")

@@ -3,6 +3,7 @@ ClusterShell task and the lab's ssh to emulated Pis. The checks run the real ssh
 configuration it would use and connects nowhere), so what is compared is what ssh itself understood."""
 
 import pytest
+from ClusterShell.Task import task_self
 
 from pibake.connect import SshConnector
 from pibake.lab.targetrun import ssh_argv
@@ -77,24 +78,33 @@ def test_verify_and_the_lab_take_their_ssh_from_it():
     assert (conf["stricthostkeychecking"], conf["userknownhostsfile"], conf["user"]) == ("false", "/dev/null", "pi")
 
 
-@pytest.mark.parametrize("user", [None, "pi"])
-def test_deploys_clustershell_task_starts_the_same_ssh(tmp_path, user):
-    """ClusterShell builds its own ssh command line from the task settings; with ``-G`` among the options the
-    real ssh prints the configuration it got: the same as SshOptions' own argv gives."""
-    from ClusterShell.Task import task_self
-
-    ssh = SshOptions(user=user, connect_timeout=4, extra=("-o", "Port=2202"), control_dir=str(tmp_path))
+def _started_config(connector, host, address):
+    """The configuration ssh got when ``connector`` started it through ClusterShell (``-G`` appended to the
+    task's options makes the real ssh print it instead of connecting)."""
     task = task_self()
-    saved = {key: task.info(key) for key in ssh.clustershell_info()}
+    saved = {key: task.info(key) for key in ("fanout", *connector.ssh.clustershell_info())}
     try:
-        for key, value in ssh.clustershell_info().items():
-            task.set_info(key, value)
+        connector.prepare(task, 4)
         task.set_info("ssh_options", task.info("ssh_options") + " -G")
-        worker = task.shell("true", nodes="red01", timeout=20)
+        worker = connector.start(task, host, "true", handler=None, timeout=20)
         task.resume()
-        got = bytes(worker.node_buffer("red01")).decode()
+        return config_of(bytes(worker.node_buffer(address)).decode())
     finally:
         for key, value in saved.items():
             task.set_info(key, value)
-    conf = config_of(got)
+
+
+@pytest.mark.parametrize("user", [None, "pi"])
+def test_deploys_clustershell_task_starts_the_same_ssh(tmp_path, user):
+    """ClusterShell builds its own ssh command line from the task settings: deploy's connector (its
+    SshOptions with multiplexing) starts the same ssh as SshOptions' own argv gives."""
+    ssh = SshOptions(user=user, connect_timeout=4, extra=("-o", "Port=2202"), control_dir=str(tmp_path))
+    conf = _started_config(SshConnector(options=ssh), "red01", "red01")
     assert conf and conf == resolved(ssh.argv("red01", "true"))
+
+
+def test_verifys_connector_starts_the_same_ssh_at_the_recorded_address():
+    conn = SshConnector(user="pi", identity="/k", known_hosts="/kh", connect_timeout=3, addresses={"red01": "10.1.1.11"})
+    conf = _started_config(conn, "red01", "10.1.1.11")
+    assert conf and conf == resolved(conn.argv("red01", ["true"]))
+    assert (conf["hostname"], conf["stricthostkeychecking"], conf["user"]) == ("10.1.1.11", "accept-new", "pi")

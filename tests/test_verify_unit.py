@@ -11,7 +11,7 @@ import pytest
 
 from pibake import verify as v
 from pibake.benchmarks import parse_iperf3, parse_timings, percentile
-from pibake.connect import Output, SshConnector
+from pibake.connect import Connectors, Output, SshConnector
 from tests.fixtures_plugin import new_cluster
 
 UNMUNGE_OK = """STATUS:          Success (0)
@@ -188,24 +188,21 @@ def test_bench_parsers():
     assert parse_iperf3("iperf3: error - unable to connect") is None
 
 
-class RecordedConnectors:
-    """Answers from recorded outputs (a dead manager here): verify's orchestration without a cluster."""
-
-    kind = "ssh"
+class RecordedConnectors(Connectors):
+    """Answers from recorded outputs (a dead manager here): verify's orchestration without a cluster. Only
+    ``run_each`` is replaced; ``run`` and ``run_many`` are the real connector's."""
 
     def __init__(self, answers):
+        super().__init__(remote=None)
         self.answers = answers
         self.calls = []
 
     def describe(self, host):
         return "ssh"
 
-    def run(self, host, argv, *, input=None, timeout=60):
-        self.calls.append((host, argv[0]))
-        return self.answers(host, argv)
-
-    def run_many(self, hosts, argv, *, input=None, timeout=60, fanout=32):
-        return {h: self.run(h, argv, input=input, timeout=timeout) for h in hosts}
+    def run_each(self, jobs, *, timeout=60, fanout=32):
+        self.calls += [(job.host, job.argv[0]) for job in jobs.values()]
+        return {key: self.answers(job.host, job.argv) for key, job in jobs.items()}
 
 
 def test_verify_with_nothing_running_fails_each_check_with_a_reason(tmp_path):

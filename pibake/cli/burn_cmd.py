@@ -46,7 +46,7 @@ class _BurnProgressBar:
     def _ensure(self):
         if self._progress is None:
             from rich.console import Console  # start-up: rich.progress costs ~0.2 s, only a long write shows a bar
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up: as above
                                        TransferSpeedColumn)
 
             self._progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),

@@ -37,7 +37,7 @@ class _Bar:
 
     def __init__(self, description):
         from rich.console import Console  # start-up: rich.progress costs ~0.2 s, only a long write shows a bar
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,  # start-up: as above
                                    TransferSpeedColumn)
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

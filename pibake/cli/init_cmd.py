@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from pibake.cli import cli
-from pibake.cli import options
-from pibake.cli.options import emit_json, json_option, pass_state
+from pibake import api
 from pibake.api import ConfigError, PibakeError, SecretsError, load_cluster, secrets_dir
+from pibake.cli import cli, options
+from pibake.cli.options import emit_json, json_option, pass_state
 
 
 def _say(text=""):
@@ -107,8 +107,6 @@ def init_cmd(state, manager, manager_ip, network, name, gateway, dns, user, ssh_
     certificate, join token, munge key, admin password, the manager's ssh key).
 
     The directory is --cluster (default ./cluster or $PIBAKE_CLUSTER)."""
-    from pibake import api  # pylint: disable=import-outside-toplevel
-
     wifi_password = None
     if wifi_password_file is not None:
         if not wifi_ssid:
@@ -203,8 +201,6 @@ def token_show(state, as_json):
 
     Anyone holding the token can enrol a machine into the cluster until it expires:
     treat it like a password."""
-    from pibake import api  # pylint: disable=import-outside-toplevel
-
     token = api.load_join_token(state.cluster_path)
     expired = token.expired()
     if as_json:
@@ -230,7 +226,6 @@ def token_rotate(state, ttl, as_json):
 
     Cards burned with the old token can no longer enrol: re-burn or re-seed them. The new
     token is not printed (see `pibake token show`)."""
-    from pibake import api  # pylint: disable=import-outside-toplevel
     delta = parse_ttl(ttl)
     if not (secrets_dir(state.cluster_path) / "ca.crt").exists():
         raise SecretsError(f"{secrets_dir(state.cluster_path)}/ca.crt is missing: run `pibake init` first")

@@ -9,6 +9,8 @@ from pibake.firstboot.agent import config_without_token
 from pibake.layout import (  # noqa: F401 (ROLE_PACKAGES, CREDENTIAL_FILE, NODE_DIRS, TOKEN_FILE: pibake.deploy's names)
     AGENT_CONFIG,
     AGENT_PATH,
+    APT_PROXY_CONF,
+    APT_PROXY_DETECT,
     CA_PATH,
     CREDENTIAL_FILE,
     NODE_DIRS,
@@ -19,7 +21,7 @@ from pibake.layout import (  # noqa: F401 (ROLE_PACKAGES, CREDENTIAL_FILE, NODE_
     SENSOR_UNIT,
     TIMESYNCD_DROPIN,
     TOKEN_FILE,
-    role_packages as layout_role_packages,
+    cluster_role_packages,
 )
 from pibake.model import PlannedNode
 
@@ -27,7 +29,8 @@ from pibake.model import PlannedNode
 SENSOR_FILES = (SENSOR_AGENT_PATH, SENSOR_CONFIG, SENSOR_UNIT)  # the sensor agent, on every role as the seeds
 REMOTE_PYTHON = "/usr/bin/python3"
 AGENT_DEADLINE_S = 240  # how long the agent keeps retrying the registry (a busy manager restarts slurmctld)
-WORKER_FACT_FILES = (AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES + (SENSOR_MQTT_PATH,)
+WORKER_FACT_FILES = ((AGENT_PATH, AGENT_CONFIG, CA_PATH, TIMESYNCD_DROPIN) + SENSOR_FILES + (SENSOR_MQTT_PATH,)
+                     + (APT_PROXY_DETECT, APT_PROXY_CONF))
 
 VENV_PIBAKE = "/opt/pibake/bin/pibake"  # what the manager seed's pibake-install puts there
 REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # as cloud-init's runcmd has
@@ -82,6 +85,8 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
         AGENT_CONFIG: ((json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o600),
         CA_PATH: (ca_bytes, 0o644),
     }
+    for entry in seed_module.apt_cache_files(cluster, role):
+        wanted[entry["path"]] = (entry["content"].encode(), int(entry["permissions"], 8))
     if facts.get("systemd"):
         wanted[TIMESYNCD_DROPIN] = (timesyncd_dropin(cluster).encode(), 0o644)
         for entry in seed_module.sensor_files(cluster, PlannedNode(hostname, "", role)):
@@ -91,7 +96,7 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
 
 def role_packages(cluster, role):
     """What a role's seed installs (pibake/layout.py), with the MQTT packages when cluster.yaml has mqtt: on."""
-    return layout_role_packages(role, mqtt=cluster.mqtt.enabled)
+    return cluster_role_packages(cluster, role)
 
 
 def missing_packages(role, installed, packages=None):

@@ -1,43 +1,18 @@
-"""The one place deploy's steps meet ssh: a ClusterShell task (OpenSSH underneath, at most ``parallel``
-sessions at once) that starts each host's next command as soon as its previous one ends, and records every
-host's result (step, status, timings, changes, error) as it goes. What to run comes from ``steps.py``."""
+"""The one place deploy's steps meet ssh: ``pibake.connect``'s ssh connector on a ClusterShell task (OpenSSH
+underneath, at most ``parallel`` sessions at once) that starts each host's next command as soon as its
+previous one ends, and records every host's result (step, status, timings, changes, error) as it goes. What
+to run comes from ``steps.py``."""
 
 import logging
 import time
 
-from ClusterShell.Event import EventHandler
 from ClusterShell.Task import task_self
 
+from pibake.connect import Session, SshConnector
 from pibake.deploy import steps
 from pibake.deploy.results import final_status
 
 LOG = logging.getLogger(__name__)
-
-
-class _Session:
-    """The output of one host's running command."""
-
-    def __init__(self, host):
-        self.host = host
-        self.out = []
-        self.err = []
-        self.rc = None
-
-
-class _Events(EventHandler):
-    def __init__(self, runner):
-        super().__init__()
-        self.runner = runner
-
-    def ev_read(self, worker, node, sname, msg):
-        session = self.runner.sessions[worker]
-        (session.err if sname == "stderr" else session.out).append(msg)
-
-    def ev_hup(self, worker, node, rc):
-        self.runner.sessions[worker].rc = rc
-
-    def ev_close(self, worker, timedout):
-        self.runner.closed(self.runner.sessions.pop(worker), timedout)
 
 
 class Runner:
@@ -47,13 +22,9 @@ class Runner:
         """``ssh``: a ``pibake.ssh.SshOptions``, the one description of how to reach the hosts."""
         self.inputs = inputs
         self.progress = progress
+        self.connector = SshConnector(options=ssh)
         self.task = task_self()
-        self.task.set_info("fanout", max(1, int(parallel)))
-        for key, value in ssh.clustershell_info().items():
-            self.task.set_info(key, value)
-        self.task.set_default("stderr", True)
-        self.sessions = {}
-        self.events = _Events(self)
+        self.connector.prepare(self.task, parallel)
 
     def run(self, hosts, step="connect"):
         """Take ``hosts`` from ``step`` on until none has an ssh session left (workers then wait in ``idle``,
@@ -87,16 +58,12 @@ class Runner:
         steps.started(host, command)
         host.step_started = time.monotonic()
         self.note(host, step=command.step, status="running")
-        worker = self.task.shell(steps.remote(command.shell, self.inputs.user), nodes=host.result.host,
-                                 handler=self.events, timeout=command.timeout, stdin=command.stdin is not None,
-                                 stderr=True)
-        self.sessions[worker] = _Session(host)
-        if command.stdin is not None:
-            worker.write(command.stdin)
-            worker.set_write_eof()
+        self.connector.start(self.task, host.result.host, steps.remote(command.shell, self.inputs.user),
+                             handler=Session(host, host.result.host, self.closed), timeout=command.timeout,
+                             stdin=command.stdin)
 
     def closed(self, session, timedout):
-        host = session.host
+        host = session.key
         try:
             self._advance(host, session, timedout)
         except Exception as exc:  # noqa: BLE001  a bug must not hang the other hosts
@@ -106,8 +73,8 @@ class Runner:
     def _advance(self, host, session, timedout):
         step = host.step
         host.result.timings[step] = host.result.timings.get(step, 0.0) + time.monotonic() - host.step_started
-        outcome = steps.Outcome(rc=session.rc, out=b"\n".join(session.out).decode("utf-8", "replace"),
-                                err=b"\n".join(session.err).decode("utf-8", "replace"), timedout=timedout)
+        outcome = steps.Outcome(rc=session.rc, out=session.text("stdout"), err=session.text("stderr"),
+                                timedout=timedout)
         try:
             following = steps.step_done(host, outcome, self.inputs)
         except steps.StepFailed as exc:

@@ -276,6 +276,20 @@ def test_rest_series_place_and_threshold_endpoints(client, node, creds):
     assert r.status_code == 200 and r.json is None
 
 
+
+def test_a_final_newline_does_not_slip_through_a_pattern(client, node, creds):
+    """Python's ``$`` (and so a JSON Schema validator's re.search) also matches before a final newline: the
+    published patterns end in ``$(?!\\n)`` so that "attic\\n" is not a place label nor a BSSID."""
+    net = {"ssid": "home", "bssid": "aa:bb:cc:dd:ee:01\n", "signal_dbm": -48, "signal_pct": 96}
+    r = client.post("/api/v1/readings", json={"readings": [dict(reading(0, time.time()), networks=[net])]}, auth=node)
+    assert r.status_code == 400 and "bssid" in r.json["error"], r.json
+    r = client.post("/api/v1/readings", json={"readings": [dict(reading(0, time.time()), place="attic\n")]}, auth=node)
+    assert r.status_code == 400 and "place" in r.json["error"], r.json
+    r = client.post("/api/v1/sensors/red-zero/place", json={"place": "attic\n"}, auth=creds.admin)
+    assert r.status_code == 400 and "place" in r.json["error"], r.json
+    r = client.get("/api/v1/sensors/red-zero/readings?metric=temperature_c&since=-1h%0A", auth=creds.admin)
+    assert r.status_code == 400, r.json
+
 # ------------------------------------------------------------------ one home for the metrics
 
 def test_the_published_metrics_schema_is_the_models():

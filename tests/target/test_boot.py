@@ -221,6 +221,12 @@ def test_manager_image_boots_registry_and_slurmctld_under_systemd(manager_boot):
             break
         time.sleep(5)
     assert munge.splitlines() == ["active", "400 munge"], munge
+    # the switch loops (issue 14) run under their sandboxed units: idle rounds with no switch in cluster.yaml,
+    # but a unit that cannot start (its sandbox, its command) would be "activating" (auto-restart) or "failed"
+    loops = _manager_ssh(manager_boot, "systemctl is-active pibake-switch-auto.service pibake-switch-rules.service; "
+                                       "sudo journalctl -b --no-pager -o cat -u pibake-switch-auto.service "
+                                       "-u pibake-switch-rules.service | tail -20")
+    assert loops.stdout.splitlines()[:2] == ["active", "active"], loops.stdout + loops.stderr
 
 
 def test_a_lab_worker_joins_the_emulated_manager(manager_boot):
