@@ -89,27 +89,68 @@ def test_files_command_is_skipped_when_the_node_has_everything():
     assert stdin_spec(steps.files_command(host, INPUTS))["authorize"] == AUTH
 
 
+def files_then_agent(written, agent_output):
+    """What a worker's files + agent session prints: the installer's list, the marker, the agent's JSON."""
+    return f"{json.dumps(written)}\n@@pibake {steps.FILES_DONE}\n{agent_output}"
+
+
 def test_a_worker_goes_connect_files_agent_and_waits_for_idle():
-    """The whole worker sequence from recorded outputs, as the runner drives it."""
+    """The whole worker sequence from recorded outputs, as the runner drives it: the files and the agent share
+    one ssh session (the agent runs only when the installer succeeded)."""
     host = steps.HostState.for_target("red01")
     seen = []
 
     def run(step, outcome):
         command = steps.next_command(host, step, INPUTS)
         steps.started(host, command)
-        seen.append(command.step)
+        seen.append((command.step, command.ships_files))
         return steps.step_done(host, outcome, INPUTS)
 
     following = run("connect", steps.Outcome(0, recorded("facts-lab-bookworm.txt")))
     assert following == "packages"
-    written = json.dumps([node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, node.TOKEN_FILE])
-    assert run(following, steps.Outcome(0, written + "\n")) == "agent"  # packages skipped: all installed
-    assert host.token_sent
-    assert run("agent", steps.Outcome(0, recorded("agent-ready-new.json"))) == steps.WAIT_IDLE
-    assert seen == ["connect", "files", "agent"]
+    command = steps.next_command(host, following, INPUTS)  # packages skipped: all installed
+    assert command.step == "agent" and command.stdin and command.timeout == 300 + steps.AGENT_DEADLINE_S + 60
+    installer, agent = command.shell.split(f" && echo '@@pibake {steps.FILES_DONE}' && ")
+    assert installer.startswith("/usr/bin/python3 -c ") and agent == steps.agent_command(host, INPUTS).shell
+    written = [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, node.TOKEN_FILE]
+    assert run(following, steps.Outcome(0, files_then_agent(written, recorded("agent-ready-new.json")))) == \
+        steps.WAIT_IDLE
+    assert host.token_sent and host.written == written
+    assert seen == [("connect", False), ("agent", True)]
     assert host.result.hostname == "red01"
     assert host.result.changes == [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, "enrolment new", "/etc/hosts",
                                    "/etc/munge/munge.key", "/etc/default/slurmd", "munge started", "slurmd started"]
+
+
+def test_with_nothing_to_ship_the_agent_runs_alone():
+    host = worker("facts-pi-trixie-old-agent.txt")
+    wanted = steps.host_wanted_files(host, INPUTS)
+    host.facts["sha256"] = {p: hashlib.sha256(data).hexdigest() for p, (data, _m) in wanted.items()}
+    host.facts["authorized"] = "present"
+    command = steps.next_command(host, "files", INPUTS)
+    assert (command.step, command.ships_files, command.stdin) == ("agent", False, None)
+    assert command == steps.agent_command(host, INPUTS)
+
+
+@pytest.mark.parametrize("outcome, step, error", [
+    # the installer failed: the agent never ran, the row stops at files
+    (steps.Outcome(1, "", "PermissionError: [Errno 13] Permission denied: '/etc/pibake'\n"), "files",
+     "files: PermissionError: [Errno 13] Permission denied: '/etc/pibake'"),
+    (steps.Outcome(None, "", "", timedout=True), "files", "files: did not finish in time on the node"),
+    # the files were written, then the agent failed
+    (steps.Outcome(1, files_then_agent([node.AGENT_PATH], '{"status": "error", "message": "join token expired"}')),
+     "agent", "agent: join token expired"),
+    (steps.Outcome(None, files_then_agent([node.AGENT_PATH], ""), timedout=True), "agent",
+     "agent: did not finish in time on the node"),
+])
+def test_a_failed_files_then_agent_session_names_its_part(outcome, step, error):
+    host = worker("facts-lab-bookworm.txt")
+    steps.started(host, steps.next_command(host, "files", INPUTS))
+    host.result.step = "agent"  # as the runner notes it when the session starts
+    with pytest.raises(steps.StepFailed) as exc:
+        steps.step_done(host, outcome, INPUTS)
+    assert (str(exc.value), host.result.step) == (error, step)
+    assert host.written == ([node.AGENT_PATH] if step == "agent" else [])
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -158,9 +199,9 @@ def test_a_rejected_credential_sends_the_token_once():
     command = steps.next_command(host, "files", INPUTS)
     assert command.sends_token and node.TOKEN_FILE in [f["path"] for f in stdin_spec(command)["files"]]
     steps.started(host, command)
-    host.step = "agent"
+    assert host.step == "agent" and host.token_sent
     with pytest.raises(steps.StepFailed, match="rejected this node's credential"):
-        steps.step_done(host, rejected, INPUTS)
+        steps.step_done(host, steps.Outcome(1, files_then_agent([node.TOKEN_FILE], rejected.out)), INPUTS)
 
 
 def test_an_agent_that_changed_nothing():

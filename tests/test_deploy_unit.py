@@ -499,3 +499,27 @@ def test_role_packages_follow_the_seed_with_mqtt():
         cluster = cluster_for(mqtt=mqtt)
         seed = yaml.safe_load(render("worker", cluster=cluster).user_data)
         assert sorted(d.role_packages(cluster, "worker")) == sorted(seed["packages"])
+
+
+def test_the_masters_of_a_deploy_are_found_by_their_control_directory(tmp_path):
+    """deploy stops its ssh masters with a signal each (no `ssh -O exit` process per host): the processes it
+    finds are the ssh processes whose command line names its own control directory, nothing else."""
+    from pibake.deploy.session import master_pids
+
+    mine, other = tmp_path / "pibake-ssh-mine", tmp_path / "pibake-ssh-other"
+    sleeper = "import time; time.sleep(60)"
+
+    def fake_ssh(control_dir, argv0="ssh"):  # a real process whose argv reads like an ssh master's
+        return subprocess.Popen([argv0, "-c", sleeper, "-o", f"ControlPath={control_dir}/%C", "-fN", "red01"],
+                                executable=sys.executable)
+
+    procs = [fake_ssh(mine), fake_ssh(other), fake_ssh(mine, argv0="python3")]
+    try:
+        found = master_pids(str(mine))
+        assert procs[0].pid in found and procs[1].pid not in found and procs[2].pid not in found
+        assert master_pids(str(tmp_path / "nothing")) == []
+        assert master_pids(str(mine), proc=str(tmp_path / "no-proc")) is None  # no /proc: deploy uses ssh -O exit
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

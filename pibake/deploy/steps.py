@@ -5,8 +5,9 @@ next. Nothing here opens a connection or sleeps: ``runner.py`` executes the comm
 
     connect (facts) -> packages -> files -> [manager: install -> registry -> (deploy waits for /health)] -> agent
 
-A worker then waits for ``idle`` in sinfo (``session.py``), the manager is ``ready``. docs/deploy.md says what
-each step does on the host.
+A worker's files and agent run in one ssh session (the agent only once the files are written; its row says
+``agent`` while they run, ``files`` when the files part failed). A worker then waits for ``idle`` in sinfo
+(``session.py``), the manager is ``ready``. docs/deploy.md says what each step does on the host.
 """
 
 import base64
@@ -15,7 +16,7 @@ import logging
 import shlex
 from dataclasses import dataclass, field
 
-from pibake.deploy.facts import facts_command, parse_host_facts, remote_program
+from pibake.deploy.facts import _MARK, facts_command, parse_host_facts, remote_program
 from pibake.deploy.hosts import ssh_error
 from pibake.deploy.manager import agent_script, setup_script, shell_line
 from pibake.deploy.node import (
@@ -39,6 +40,7 @@ from pibake.deploy.results import HostResult
 
 LOG = logging.getLogger(__name__)
 
+FILES_DONE = "files-done"  # the marker line between a worker's files and agent output (after facts' _MARK)
 WAIT_IDLE = "idle"  # a worker whose agent is done: deploy polls the registry until sinfo says idle
 WAIT_HEALTH = "health"  # the manager's registry was started: deploy polls /health, then runs its agent
 READY = "ready"  # the manager is done
@@ -65,6 +67,7 @@ class Command:
     timeout: int = 120
     changes: tuple = ()
     sends_token: bool = False
+    ships_files: bool = False  # the files step's installer runs (alone, or first in a worker's agent session)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class HostState:
     token_sent: bool = False
     installed: bool = False  # the manager went through install + registry in this run
     force_ship: set = field(default_factory=set)  # files to send again whatever their checksum
+    files_then_agent: bool = False  # the running session writes the files, then runs the agent
     started: float | None = None
     step_started: float | None = None
 
@@ -218,11 +222,16 @@ def files_command(host, inputs):
     if need_auth:
         spec["authorize"] = inputs.secrets["authorize"]
     command = f"{REMOTE_PYTHON} -c {shlex.quote(remote_program('install_files.py'))}"
+    stdin = json.dumps(spec).encode()  # secrets (join token, the manager's bundle) travel here, never on a command line
     if manager:  # the seed's bootcmd first: the registry's cluster directory exists 0700 before its secrets
         command = " && ".join([f"export PATH={REMOTE_PATH}"] + [shell_line(c) for c in host.plan.bootcmd]
                               + [command])
-    # secrets (join token, the manager's cluster bundle) travel on stdin, never on a command line
-    return Command("files", command, stdin=json.dumps(spec).encode(), timeout=300, sends_token=need_token)
+        return Command("files", command, stdin=stdin, timeout=300, sends_token=need_token, ships_files=True)
+    # a worker's agent runs right after its files, in the same ssh session: one session less per host (each
+    # costs a process and a channel on both ends); the marker line tells the two outputs apart
+    agent = agent_command(host, inputs)
+    return Command("agent", f"{command} && echo {shlex.quote(_MARK + FILES_DONE)} && {agent.shell}", stdin=stdin,
+                   timeout=300 + agent.timeout, sends_token=need_token, ships_files=True)
 
 
 def install_command(host, inputs):
@@ -274,8 +283,9 @@ def next_command(host, step, inputs):
 def started(host, command):
     """Bookkeeping when ``command`` starts on ``host``."""
     host.step = command.step
+    host.files_then_agent = command.ships_files and command.step == "agent"
     host.result.changes += list(command.changes)
-    if command.step == "files":
+    if command.ships_files:
         host.force_ship = set()
         host.token_sent = host.token_sent or command.sends_token
 
@@ -320,6 +330,24 @@ def files_done(host, outcome, inputs):
     return after_files(host)
 
 
+def split_files_then_agent(host, outcome, inputs):
+    """A worker's session that wrote its files, then ran the agent: record the files part as ``files_done``
+    does and return the agent's part of the outcome; raises StepFailed (at step ``files``) when the files
+    part failed, in which case the agent did not run."""
+    marker = _MARK + FILES_DONE
+    lines = outcome.out.splitlines()
+    if marker not in lines:  # the installer failed (or did not finish): the agent did not run
+        host.result.step = "files"
+        if outcome.timedout or outcome.rc is None:
+            raise StepFailed("files: did not finish in time on the node")
+        if outcome.rc != 0:
+            raise StepFailed(f"files: {ssh_error(outcome.err, outcome.rc)}")
+        raise StepFailed(f"files: unexpected answer from the node: {ssh_error(outcome.err, outcome.rc)}")
+    at = lines.index(marker)
+    files_done(host, Outcome(0, "\n".join(lines[:at]), outcome.err), inputs)
+    return Outcome(outcome.rc, "\n".join(lines[at + 1:]), outcome.err, outcome.timedout)
+
+
 def install_done(host, outcome, inputs):
     if outcome.rc != 0:
         raise StepFailed(f"install: {ssh_error(outcome.err, outcome.rc)}")
@@ -362,6 +390,9 @@ DONE = {"connect": connect_done, "packages": packages_done, "files": files_done,
 def step_done(host, outcome, inputs):
     """Read the outcome of the host's running step: the next step (a key of COMMANDS) or a wait state
     (WAIT_IDLE, WAIT_HEALTH, READY); raises StepFailed with the host's error."""
+    if host.files_then_agent:  # a worker's files + agent session: the files part is read first
+        host.files_then_agent = False
+        outcome = split_files_then_agent(host, outcome, inputs)
     if host.step != "connect" and (outcome.timedout or outcome.rc is None):
         raise StepFailed(f"{host.step}: did not finish in time on the node")
     return DONE[host.step](host, outcome, inputs)

@@ -84,6 +84,21 @@ def daemons(lab, name):
     return {d: host.run(["pgrep", "-x", d], check=False).stdout.split() for d in ("munged", "slurmd")}
 
 
+def leftover_masters():
+    """ssh processes started with a deploy's ControlPath whose directory no longer exists (deploy removes its
+    directory when it ends, after stopping the masters; a deploy still running has its directory)."""
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        paths = [a.split("ControlPath=", 1)[1] for a in argv if "ControlPath=" in a and "/pibake-ssh-" in a]
+        if os.path.basename(argv[0]) == "ssh" and paths and not os.path.isdir(os.path.dirname(paths[0])):
+            left.append((pid, paths[0]))
+    return left
+
+
 def test_three_sshd_only_hosts_become_idle(lab):
     for name in NAMES:  # nothing but sshd runs there, nothing of pibake is installed
         assert daemons(lab, name) == {"munged": [], "slurmd": []}
@@ -97,11 +112,14 @@ def test_three_sshd_only_hosts_become_idle(lab):
         assert (host["step"], host["status"], host["slurm_state"], host["error"]) == ("idle", "changed", "idle", None)
         assert "enrolment new" in host["changes"] and "slurmd started" in host["changes"]
         assert "/etc/pibake/agent.json" in host["changes"] and "/usr/local/lib/pibake/agent.py" in host["changes"]
-        assert set(host["timings"]) == {"connect", "files", "agent", "idle"}  # packages: all installed here
+        # packages: all installed here; the files were written in the agent's ssh session (timed as agent)
+        assert set(host["timings"]) == {"connect", "agent", "idle"}
     # the per-host table on stderr
     table = proc.stderr[proc.stderr.index("HOST "):].splitlines()
     assert [line.split()[:4] for line in table[1:4]] == [[n, n, "idle", "changed"] for n in NAMES]
     assert table[4] == "3 host(s): 3 changed, 0 unchanged, 0 failed"
+    # deploy stopped its ssh masters: no ssh process names a control directory that is gone
+    assert not leftover_masters()
     # Slurm agrees, and runs a job on all three
     assert all(lab.wait_idle(NAMES)[n] == "idle" for n in NAMES)
     out = lab.mgr.run(["srun", "-N3", "hostname"], timeout=60).stdout
@@ -260,17 +278,24 @@ def test_manager_without_registry_and_unreachable_holds_the_workers_back(lab):
 
 
 def test_bench_deploy_smoke(tmp_path):
-    """bench/deploy runs (N=1, no sequential loop) and writes its report; the figures are not checked."""
+    """bench/deploy runs (N=1, no sequential loop, the single ssh operations measured first) and writes its
+    report; the figures are not checked."""
     reason = deploy_lab_missing()
     if reason:
         pytest.skip(reason)
     bench = Path(__file__).resolve().parents[2] / "bench" / "deploy"
-    proc = subprocess.run([sys.executable, str(bench), "--sizes", "1", "--no-sequential", "--report-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(bench), "--sizes", "1", "--no-sequential", "--ssh-costs",
+                           "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "deploy.json").read_text())
     assert [r["n"] for r in data["results"]] == [1]
     (host,) = data["results"][0]["hosts"]
     assert host["status"] == "changed" and host["step"] == "idle"
     assert data["results"][0]["rerun_hosts"][0]["status"] == "unchanged"
-    assert "| 1 |" in (tmp_path / "deploy.md").read_text()
+    page = (tmp_path / "deploy.md").read_text()
+    assert "| 1 |" in page and "shared CPU (manager + deploying machine" in page
+    ops = data["ssh_costs"]["ops"]  # every operation cost the deploying side something, a new connection most
+    assert len(ops) == 6 and all(op["deployer"] > 0 for op in ops.values())
+    assert ops["new connection + `true`, key exchange default"]["deployer"] > \
+        ops["session through an open master + `true`"]["deployer"]
+    assert "| session through an open master + `true` |" in page
