@@ -8,11 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from pibake import deploy as d
+from pibake.deploy import steps
 from pibake.errors import PlanError
 from pibake.model import Cluster
 from pibake.ssh import SshOptions
@@ -293,6 +295,21 @@ def test_manager_plan_needs_the_seed_shape():
         d.manager_plan(late, "w.whl", b"")
     with pytest.raises(ValueError, match="owner pi:pi"):
         d.manager_plan("#cloud-config\nwrite_files:\n  - {path: /x, owner: 'pi:pi', content: x}\n", "w", b"")
+
+
+@pytest.mark.parametrize("venv, written, reinstall", [
+    (False, [], True),  # a manager without pibake's venv yet
+    (True, [], False),  # nothing new: pibake-install is not run again
+    (True, ["WHEEL"], True),  # a new pibake wheel
+    (True, [f"{d.MANAGER_WHEEL_DIR}/deps/python_kasa-0.12.0-py3-none-any.whl"], True),  # only a dependency's wheel
+    (True, ["/etc/pibake/agent.json"], False),
+])
+def test_the_manager_reinstalls_pibake_when_a_wheel_it_installs_changed(manager_seed, venv, written, reinstall):
+    plan = manager_seed["plan"]
+    host = types.SimpleNamespace(plan=plan, facts={"venv": venv},
+                                 written=[plan.wheel if p == "WHEEL" else p for p in written])
+    command = steps.install_command(host, None)
+    assert ("pibake-install" in command.shell) is reinstall and bool(command.changes) is reinstall
 
 
 def test_setup_and_agent_scripts(manager_seed):

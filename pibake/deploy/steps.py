@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pibake.deploy.facts import _MARK, facts_command, parse_host_facts, remote_program
 from pibake.deploy.hosts import ssh_error
-from pibake.deploy.manager import agent_script, setup_script, shell_line
+from pibake.deploy.manager import MANAGER_WHEEL_DIR, agent_script, setup_script, shell_line
 from pibake.deploy.node import (
     AFTER_WRITE,
     AGENT_CONFIG,
@@ -235,7 +235,9 @@ def files_command(host, inputs):
 
 
 def install_command(host, inputs):
-    reinstall = host.plan.wheel in host.written or not host.facts.get("venv")
+    # a new pibake wheel, or new wheels of its dependencies (python-kasa for a Kasa manager), or no venv yet
+    reinstall = (not host.facts.get("venv")
+                 or any(path == host.plan.wheel or path.startswith(f"{MANAGER_WHEEL_DIR}/deps/") for path in host.written))
     changes = (f"pibake installed into {VENV_PIBAKE.rsplit('/bin/', 1)[0]}",) if reinstall else ()
     return Command("install", setup_script(host.plan, reinstall=reinstall), timeout=900, changes=changes)
 
