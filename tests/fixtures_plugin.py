@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,21 @@ def make_ssh_key(directory, comment=SSH_KEY_COMMENT, name="id_ed25519"):
 @pytest.fixture(scope="session")
 def ssh_key(tmp_path_factory):
     return make_ssh_key(tmp_path_factory.mktemp("ssh-key"))
+
+
+def wait_for_port(port, proc, name, timeout=10):
+    """Wait until something accepts connections on loopback ``port``; fail the test, with the program's
+    stderr, if ``proc`` (a Popen with stderr=PIPE) exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited: {proc.stderr.read()}")
+            time.sleep(0.05)
+    pytest.fail(f"{name} does not accept connections on 127.0.0.1:{port} after {timeout} s")
 
 
 def update_cluster_yaml(cluster_dir, settings):

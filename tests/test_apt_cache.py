@@ -11,7 +11,6 @@ import random
 import socket
 import subprocess
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pibake.cluster import load_cluster
 from pibake.errors import ConfigError
 from tests.bake.seed_fixtures import cluster_for, render
 from tests.conftest import needs_program
-from tests.fixtures_plugin import update_cluster_yaml
+from tests.fixtures_plugin import update_cluster_yaml, wait_for_port
 
 pytestmark = needs_program("apt-cacher-ng", "apt-get", "dpkg-deb", "dpkg-scanpackages")
 
@@ -64,6 +63,20 @@ def mirror(tmp_path_factory):
     served = Counter()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
+        # Keep the connection open, 404s included, as a real mirror does: apt-cacher-ng pipelines its requests
+        # upstream, and http.server's own 404 closes the connection, losing the requests queued behind it
+        # (acng then answers 503)
+        protocol_version = "HTTP/1.1"
+
+        def send_error(self, code, message=None, explain=None):
+            body = f"{code}\n".encode()
+            self.send_response(code, message)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(repo), **kwargs)
 
@@ -95,15 +108,8 @@ def cache(tmp_path, mirror):
     for d in ("cache", "log"):
         (tmp_path / d).mkdir()
     program = "/usr/sbin/apt-cacher-ng"
-    proc = subprocess.Popen([program, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.05)
+    proc = subprocess.Popen([program, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_port(port, proc, "apt-cacher-ng")
     yield {"port": port, "proc": proc}
     proc.terminate()
     proc.wait(10)

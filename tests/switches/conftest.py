@@ -6,14 +6,13 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from pibake.run import which
 from tests.conftest import needs_program
-from tests.fixtures_plugin import LOOPBACK, RED, new_cluster
+from tests.fixtures_plugin import LOOPBACK, RED, new_cluster, wait_for_port
 from tests.switches.fakes import FakeShelly, FakeTasmota
 
 # Marks for the tests that use the npm plug simulator or Mosquitto (the one place that says what they need).
@@ -108,15 +107,7 @@ def mosquitto(tmp_path_factory):
     conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
                     f"password_file {where / 'passwd'}\npersistence false\nlog_dest stderr\n")
     proc = subprocess.Popen([broker, "-c", str(conf)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto exited: {proc.stderr.read()}")
-            time.sleep(0.05)
+    wait_for_port(port, proc, "mosquitto")
     yield port
     proc.terminate()
     proc.wait(5)
@@ -141,23 +132,10 @@ def mosquitto_tls(tmp_path_factory):
         f"cafile {secrets / 'ca.crt'}\ncertfile {secrets / 'registry.crt'}\nkeyfile {secrets / 'registry.key'}\n"
         "persistence false\nlog_dest stderr\n")
     proc = subprocess.Popen([broker, "-c", str(where / "mosquitto.conf")], stderr=subprocess.PIPE, text=True)
-    _wait_port(proc, port)
+    wait_for_port(port, proc, "mosquitto")
     yield port, cluster
     proc.terminate()
     proc.wait(5)
-
-
-def _wait_port(proc, port):
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto exited: {proc.stderr.read()}")
-            time.sleep(0.05)
-    pytest.fail("mosquitto did not listen within 10 s")
 
 
 @pytest.fixture
