@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 from ClusterShell.Event import EventHandler
-from ClusterShell.Task import task_self
 
 from pibake.ssh import SshOptions
 
@@ -209,6 +208,8 @@ class Connectors:
         go to one host. Waits until every job has ended."""
         if not jobs:
             return {}
+        from ClusterShell.Task import task_self  # start-up: the task engine (~20-50 ms) loads only when commands run
+
         task = task_self()
         outputs = {}
 
