@@ -1,13 +1,12 @@
 """How pibake calls OpenSSH, in one place: the options every session gets, login user, identity,
 known_hosts, host key policy, connection multiplexing (ControlMaster) and the argv of ssh itself.
 
-verify's ``pibake.connect.SshConnector`` runs ``SshOptions.argv`` through ``pibake.run``; deploy hands the
-same options to a ClusterShell task (``clustershell_info``), which does the fan-out and adds nothing that
+``pibake.connect.SshConnector`` (deploy, verify, bench, recover) hands these options to a ClusterShell task
+(``clustershell_info``), which does the fan-out and starts the same ssh as ``SshOptions.argv`` (nothing that
 differs (its hard-wired ``-oForwardAgent=no -oForwardX11=no -oBatchMode=yes`` are in ``options()``
-already). Options the user gives (``extra``: ``-F file``, ``-o Key=value``, ``-i file``) come first: ssh
+already)). Options the user gives (``extra``: ``-F file``, ``-o Key=value``, ``-i file``) come first: ssh
 keeps the first value it reads, so they win over pibake's defaults. Key exchange, ciphers and MACs stay
-OpenSSH's defaults (and the user's config): OpenSSH 9.x's post-quantum sntrup761x25519 exchange costs the
-client ~140 ms of CPU per connection here, curve25519-sha256 ~17 ms, but dropping the post-quantum part is the
+OpenSSH's defaults (and the user's config): dropping the post-quantum exchange for a cheaper one is the
 user's choice (``-o KexAlgorithms=...``, docs/deploy.md "What ssh costs"); multiplexing makes it one exchange
 per host."""
 
