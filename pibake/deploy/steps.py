@@ -334,17 +334,13 @@ def files_done(host, outcome, inputs):
 
 def split_files_then_agent(host, outcome, inputs):
     """A worker's session that wrote its files, then ran the agent: record the files part as ``files_done``
-    does and return the agent's part of the outcome; raises StepFailed (at step ``files``) when the files
-    part failed, in which case the agent did not run."""
+    does and return the agent's part of the outcome. Without the marker the files part failed and the agent
+    did not run: the host is back at step ``files``, whose reading of the whole outcome says why."""
     marker = _MARK + FILES_DONE
     lines = outcome.out.splitlines()
-    if marker not in lines:  # the installer failed (or did not finish): the agent did not run
-        host.result.step = "files"
-        if outcome.timedout or outcome.rc is None:
-            raise StepFailed("files: did not finish in time on the node")
-        if outcome.rc != 0:
-            raise StepFailed(f"files: {ssh_error(outcome.err, outcome.rc)}")
-        raise StepFailed(f"files: unexpected answer from the node: {ssh_error(outcome.err, outcome.rc)}")
+    if marker not in lines:  # the installer failed (or did not finish): the agent did not run; the files
+        host.step = host.result.step = "files"  # step's own reading says why
+        return outcome
     at = lines.index(marker)
     files_done(host, Outcome(0, "\n".join(lines[:at]), outcome.err), inputs)
     return Outcome(outcome.rc, "\n".join(lines[at + 1:]), outcome.err, outcome.timedout)
