@@ -85,13 +85,16 @@ def wanted_files(cluster, hostname, role, facts, agent_bytes, ca_bytes):
         AGENT_CONFIG: ((json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o600),
         CA_PATH: (ca_bytes, 0o644),
     }
-    for entry in seed_module.apt_cache_files(cluster, role):
-        wanted[entry["path"]] = (entry["content"].encode(), int(entry["permissions"], 8))
+    wanted.update(_from_seed(seed_module.apt_cache_files(cluster, role)))
     if facts.get("systemd"):
         wanted[TIMESYNCD_DROPIN] = (timesyncd_dropin(cluster).encode(), 0o644)
-        for entry in seed_module.sensor_files(cluster, PlannedNode(hostname, "", role)):
-            wanted[entry["path"]] = (entry["content"].encode(), int(entry["permissions"], 8))
+        wanted.update(_from_seed(seed_module.sensor_files(cluster, PlannedNode(hostname, "", role))))
     return wanted
+
+
+def _from_seed(entries):
+    """{path: (bytes, mode)} of the seed's write_files ``entries`` (text files)."""
+    return {e["path"]: (e["content"].encode(), int(e["permissions"], 8)) for e in entries}
 
 
 def role_packages(cluster, role):
