@@ -61,3 +61,12 @@ def test_mqtt_credential_sees_mqtt_turned_on_while_the_registry_runs(cluster_dir
         assert resp.status_code == 200 and resp.get_json()["username"] == "red01"
     assert "red01:" in (etc / "passwd").read_text()
     assert len(calls) == 2  # once before the edit, once after: not once per request
+
+
+def test_munge_key_answer_says_whether_the_cluster_has_mqtt(cluster_dir, app, client, creds):
+    resp = client.post("/api/v1/enrol", json=enrolment("red01", 1), headers=creds.join)
+    auth = ("red01", resp.get_json()["credential"])
+    for enabled in (False, True, False):
+        set_mqtt(cluster_dir, enabled)
+        body = client.get("/api/v1/munge-key", auth=auth).get_json()
+        assert body["mqtt"] is enabled and body["munge_key_b64"] == creds.munge_b64
