@@ -29,7 +29,8 @@ Optional config keys (defaults in ``DEFAULTS``):
 ``slurmctld_port``    the manager's slurmctld port, when the registry names no conf server (6817).
 ``mqtt_password_file`` where the node's MQTT broker password goes (0400) when the cluster has MQTT: the
                       agent asks the registry for one (POST /mqtt-credential) when the file is missing or
-                      the node just enrolled; a 404 (no MQTT) is fine (docs/mqtt.md).
+                      the node just enrolled, unless the munge key answer says ``"mqtt": false`` (an
+                      older registry does not say: it asks); a 404 (no MQTT) is fine (docs/mqtt.md).
 
 What the agent removes after a successful enrolment (and only then):
 
@@ -1093,7 +1094,9 @@ class Agent:
             self.result["hostname"] = hostname
             munge_resp = self._fetch_munge_key(hostname, credential, state)
         self._configure(munge_resp, state, hostname, credential)
-        self._mqtt_password(hostname, credential)
+        # a registry that says the cluster has no MQTT saves the request; an older one says nothing: ask
+        if _json(munge_resp, "munge key download").get("mqtt", True) is not False:
+            self._mqtt_password(hostname, credential)
         return self.result
 
     def _enrol(self, facts, token, ca_hash, state):

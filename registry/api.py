@@ -88,7 +88,9 @@ def munge_key():
                                  f"(`pibake registry accept {user['name']}`)")
     reg = registry()
     reg.store.touch(user["name"])
-    return jsonify(munge_key_b64=munge_key_b64(reg.cluster_dir))
+    # mqtt: whether the agent should ask for a broker password (POST /mqtt-credential); without MQTT it
+    # saves that request (one TLS request per node per deploy)
+    return jsonify(munge_key_b64=munge_key_b64(reg.cluster_dir), mqtt=reg.cluster_config().mqtt.enabled)
 
 
 @bp.get("/slurm.conf")

@@ -16,7 +16,6 @@ import logging
 from flask import Blueprint, current_app, jsonify
 
 from pibake import mqtt
-from pibake.cluster import load_cluster
 from pibake.errors import RegistryError
 from pibake.secrets import new_password
 from pibake.registry.auth import basic_auth, registry
@@ -36,10 +35,10 @@ def _paths(app=None):
     return config.get("PIBAKE_MQTT_ETC_DIR", mqtt.ETC_DIR), config.get("PIBAKE_MQTT_PID_FILE", mqtt.PID_FILE)
 
 
-def issue_password(cluster_dir, hostname, etc_dir=mqtt.ETC_DIR, pid_file=mqtt.PID_FILE):
-    """A new broker password for node ``hostname``: its hash goes into the password file, the broker reloads.
-    Returns (password, MqttSettings, Cluster). RegistryError(404) when MQTT is off."""
-    cluster = load_cluster(cluster_dir)
+def issue_password(cluster, hostname, etc_dir=mqtt.ETC_DIR, pid_file=mqtt.PID_FILE):
+    """A new broker password for node ``hostname`` of ``cluster`` (``pibake.model.Cluster``, e.g.
+    ``RegistryService.cluster_config()``): its hash goes into the password file, the broker reloads.
+    Returns (password, MqttSettings). RegistryError(404) when MQTT is off."""
     if not cluster.mqtt.enabled:
         raise RegistryError(404, "MQTT is not enabled on this cluster (cluster.yaml mqtt: enabled: true)")
     if not mqtt.valid_node_user(hostname):
@@ -48,7 +47,7 @@ def issue_password(cluster_dir, hostname, etc_dir=mqtt.ETC_DIR, pid_file=mqtt.PI
     mqtt.update_password_file(etc_dir, {hostname: mqtt.hash_password(password)})
     how = mqtt.reload_broker(pid_file)
     LOG.info("new MQTT password for %s (broker reload: %s)", hostname, how or "not running")
-    return password, cluster.mqtt, cluster
+    return password, cluster.mqtt
 
 
 @bp.post("/mqtt-credential")
@@ -59,7 +58,8 @@ def mqtt_credential():
         raise RegistryError(403, f"{user['name']} is pending approval; an admin must accept it first")
     reg = registry()
     etc_dir, pid_file = _paths()
-    password, settings, cluster = issue_password(reg.cluster_dir, user["name"], etc_dir, pid_file)
+    cluster = reg.cluster_config()
+    password, settings = issue_password(cluster, user["name"], etc_dir, pid_file)
     return jsonify(username=user["name"], password=password, host=cluster.manager, port=settings.port,
                    base=settings.base, discovery_prefix=settings.discovery_prefix)
 

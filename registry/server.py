@@ -7,6 +7,8 @@ must still be answered meanwhile.
 
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -15,10 +17,14 @@ from gunicorn.config import KNOWN_SETTINGS
 from pibake.errors import ConfigError, PibakeError
 from pibake.files import atomic_write
 from pibake.registry.app import create_app
+from pibake.registry.service import file_stamp
 from pibake.secrets import secrets_dir
 
 LOG = logging.getLogger(__name__)
 _SETTINGS = {s.name for s in KNOWN_SETTINGS}
+# Seconds an idle client connection stays open: a node's agent and `pibake deploy` make several requests in
+# a row (enrol, munge key, slurm.conf, status); each new connection costs the registry a TLS handshake.
+KEEPALIVE_S = 30
 
 
 LOGCONFIG = {
@@ -91,10 +97,31 @@ def gunicorn_options(cluster_dir, bind, *, workers=2, threads=32, timeout=120):
         "graceful_timeout": 10,
         "proc_name": "pibake-registry",
         "forwarded_allow_ips": "",
+        "keepalive": KEEPALIVE_S,
     }
+    if "ssl_context" in _SETTINGS:  # gunicorn >= 21 (Debian bookworm has 20.1: a context per connection there)
+        opts["ssl_context"] = shared_ssl_context
     if "control_socket_disable" in _SETTINGS:  # gunicorn >= 24: one shared ~/.gunicorn socket would clash
         opts["control_socket_disable"] = True
     return opts
+
+
+_SSL_CONTEXTS = {}  # (pid, certfile stamp, keyfile stamp) -> the SSLContext of this worker
+_SSL_LOCK = threading.Lock()
+
+
+def shared_ssl_context(conf, default_ssl_context_factory):
+    """gunicorn's ``ssl_context`` hook: one context per worker process instead of one per connection
+    (gunicorn's gthread worker calls it for every connection, and each new context loads the certificate
+    and key again). The context is gunicorn's own, unchanged (same certificate, minimum TLS version and
+    ciphers); a new one is made when the certificate or key file changes (a rotated CA)."""
+    key = (os.getpid(), file_stamp(conf.certfile), file_stamp(conf.keyfile))
+    with _SSL_LOCK:
+        context = _SSL_CONTEXTS.get(key)
+        if context is None:
+            _SSL_CONTEXTS.clear()
+            context = _SSL_CONTEXTS[key] = default_ssl_context_factory()
+        return context
 
 
 SERVE_OPTIONS_FILE = "registry-serve.json"

@@ -244,8 +244,16 @@ class SlurmApplier:
 
     # ------------------------------------------------------------------ slurmctld control
     def slurmctld_up(self):
-        """True when ``scontrol ping`` reports the primary controller UP."""
-        if not which("scontrol") or self.current_text() is None:
+        """True when ``scontrol ping`` reports the primary controller UP.
+
+        A TCP connect to SlurmctldHost:SlurmctldPort comes first: when nothing listens there (slurmctld
+        stopped, or starting: ``_wait_up`` polls every 0.1 s after a restart) the answer is False without
+        starting a process (scontrol costs the manager ~10 ms of CPU per run). When something listens,
+        ``scontrol ping`` still decides: the callers choose between "unchanged", reconfigure and restart
+        from this answer, and only the ping shows that the controller answers RPCs with this cluster's
+        munge key (a slurmctld that cannot authenticate is restarted, as before)."""
+        text = self.current_text()
+        if not which("scontrol") or text is None or not controller_listening(text):
             return False
         try:
             proc = run(["scontrol", "ping"], timeout=15, check=False, env=self.env)

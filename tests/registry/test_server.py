@@ -176,3 +176,61 @@ def test_kill_9_during_concurrent_enrolments_loses_no_acknowledged_one(cluster_d
         assert set(acknowledged) <= set(names)
     finally:
         srv.stop()
+
+
+def tls_client(maximum):
+    """A client context trusting only the cluster CA, capped at TLS version ``maximum``."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = maximum
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer old versions: the server must refuse
+    return context
+
+
+def test_served_tls_keeps_its_minimum_version_and_connections_stay_open(server):
+    import http.client
+    import ssl
+
+    def connect(maximum):
+        context = tls_client(maximum)
+        context.load_verify_locations(server.ca)
+        return http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+
+    with pytest.raises(ssl.SSLError):
+        connect(ssl.TLSVersion.TLSv1_1).request("GET", "/api/v1/health")
+    conn = connect(ssl.TLSVersion.TLSv1_2)
+    try:
+        for pause in (0, 3):  # longer than gunicorn's default keepalive (2 s): the connection must still serve
+            time.sleep(pause)
+            conn.request("GET", "/api/v1/health")
+            resp = conn.getresponse()
+            assert resp.status == 200 and b'"ok"' in resp.read()
+            if pause == 0:
+                sock = conn.sock
+                assert sock.version() == "TLSv1.2"
+        assert conn.sock is sock  # one TLS connection for both requests
+    finally:
+        conn.close()
+
+
+def test_one_ssl_context_per_worker_until_the_certificate_changes(cluster_dir):
+    from gunicorn import sock
+    from gunicorn.config import Config
+
+    from pibake.registry.server import gunicorn_options
+
+    options = gunicorn_options(cluster_dir, "127.0.0.1:0")
+    if "ssl_context" not in options:
+        pytest.skip("gunicorn < 21 has no ssl_context hook: it builds a context per connection")
+    cfg = Config()
+    for key in ("certfile", "keyfile", "ssl_context"):
+        cfg.set(key, options[key])
+    first = sock.ssl_context(cfg)
+    assert sock.ssl_context(cfg) is first
+    cert = cluster_dir / "secrets" / "registry.crt"
+    stat = cert.stat()
+    os.utime(cert, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a rotated certificate
+    renewed = sock.ssl_context(cfg)
+    assert renewed is not first and sock.ssl_context(cfg) is renewed

@@ -257,3 +257,35 @@ def test_munge_socket_from_authinfo():
     assert munge_socket("AuthInfo=cred_expire=120,socket=/s\n") == "/s"
     assert munge_socket("ClusterName=red\n") == DEFAULT_MUNGE_SOCKET
     assert munge_socket(None) == DEFAULT_MUNGE_SOCKET
+
+
+def test_slurmctld_up_starts_scontrol_only_when_the_port_answers(slurm_app, creds, monkeypatch):
+    """While nothing listens at SlurmctldPort (stopped, or starting after a restart) the answer comes from a
+    TCP connect, without a process; when slurmctld listens, `scontrol ping` still decides."""
+    import os
+    import signal
+    import time
+
+    from pibake.registry import slurmctl
+
+    app, box = slurm_app
+    r = app.test_client().post("/api/v1/enrol", json=enrolment("red01", 1, kind="vm"), headers=creds.join)
+    assert r.status_code == 201, r.get_data(as_text=True) + box.log()[-2000:]
+    applier = app.extensions["pibake_registry"].applier
+    commands = []
+    real_run = slurmctl.run
+
+    def counting_run(argv, *args, **kwargs):
+        commands.append(argv)
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(slurmctl, "run", counting_run)
+    assert applier.slurmctld_up() and commands == [["scontrol", "ping"]]
+
+    pid = box.slurmctld_pid()
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while slurmctl.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    commands.clear()
+    assert not applier.slurmctld_up() and commands == []
