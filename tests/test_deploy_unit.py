@@ -520,7 +520,9 @@ def test_role_packages_follow_the_seed_with_mqtt():
 
 def test_the_masters_of_a_deploy_are_found_by_their_control_directory(tmp_path):
     """deploy stops its ssh masters with a signal each (no `ssh -O exit` process per host): the processes it
-    finds are the ssh processes whose command line names its own control directory, nothing else."""
+    finds are the ssh processes whose command line names its own control directory, nothing else: a master
+    still starting (its original argv) and a running one (renamed to `ssh: <ControlPath> [mux]`; a real one
+    is stopped in tests/e2e/test_deploy.py)."""
     from pibake.deploy.session import master_pids
 
     mine, other = tmp_path / "pibake-ssh-mine", tmp_path / "pibake-ssh-other"
@@ -530,10 +532,14 @@ def test_the_masters_of_a_deploy_are_found_by_their_control_directory(tmp_path):
         return subprocess.Popen([argv0, "-c", sleeper, "-o", f"ControlPath={control_dir}/%C", "-fN", "red01"],
                                 executable=sys.executable)
 
-    procs = [fake_ssh(mine), fake_ssh(other), fake_ssh(mine, argv0="python3")]
+    def renamed_master(control_dir):  # a running master's title (OpenSSH's setproctitle), nothing else
+        return subprocess.Popen([f"ssh: {control_dir}/0f3a9c [mux]", "-c", sleeper], executable=sys.executable)
+
+    procs = [fake_ssh(mine), fake_ssh(other), fake_ssh(mine, argv0="python3"), renamed_master(mine),
+             renamed_master(other)]
     try:
         found = master_pids(str(mine))
-        assert procs[0].pid in found and procs[1].pid not in found and procs[2].pid not in found
+        assert sorted(found) == sorted([procs[0].pid, procs[3].pid])
         assert master_pids(str(tmp_path / "nothing")) == []
         assert master_pids(str(mine), proc=str(tmp_path / "no-proc")) is None  # no /proc: deploy uses ssh -O exit
     finally:
