@@ -404,10 +404,12 @@ def test_split_config_option_takes_out_only_the_config_file():
 def test_address_config_reads_the_users_config_first(tmp_path):
     text = d.address_config(["red01"], {"red01": "10.1.1.11"}, None, home=str(tmp_path))
     lines = text.splitlines()
-    first_host = next(i for i, ln in enumerate(lines) if ln.startswith("Host "))
+    first_host = next(i for i, ln in enumerate(lines) if ln.startswith("Match "))
     assert f'Include "{tmp_path}/.ssh/config"' in lines[:first_host]
     assert 'Include "/etc/ssh/ssh_config"' in lines[:first_host]
-    assert lines[first_host:] == ["Host red01", "    HostName 10.1.1.11", "    HostKeyAlias red01"]
+    # the block applies only while ssh still goes to the name itself (no HostName from the user)
+    assert lines[first_host:] == ["Match originalhost red01 host red01", "    HostName 10.1.1.11",
+                                  "    HostKeyAlias red01"]
     assert 'Include' not in d.address_config(["a"], {"a": "10.1.1.2"}, "none")
 
 
@@ -428,8 +430,12 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     r1 = resolved("red01")
     assert (r1["hostname"], r1["hostkeyalias"], r1["user"]) == ("10.1.1.11", "red01", "pi")
     r2 = resolved("red02")
-    assert (r2["hostname"], r2["port"]) == ("10.99.0.2", "2202")
+    assert (r2["hostname"], r2["port"], r2.get("hostkeyalias")) == ("10.99.0.2", "2202", None)
     assert resolved("blue01")["hostname"] == "blue01"
+    # a HostName given on the command line wins too
+    by_option = dataclasses.replace(ssh, extra=(*ssh.extra, "-o", "HostName=10.99.0.1"))
+    out = subprocess.run(by_option.config_argv("red01"), capture_output=True, text=True, check=True).stdout
+    assert "hostname 10.99.0.1" in out.splitlines() and not any(ln.startswith("hostkeyalias") for ln in out.splitlines())
     # nothing to map: the options come back as given, and no file is written
     unchanged = SshOptions(extra=("-v",))
     assert d.with_planned_addresses(["10.1.1.13"], planned, unchanged, tmp_path / "none") is unchanged
