@@ -98,16 +98,39 @@ def control_path(argv):
     return path if path and "/pibake-ssh-" in path else None
 
 
-def leftover_masters():
+def _peers(pid):
+    """The IPv4 addresses process ``pid``'s TCP sockets are connected to (its fds' socket inodes looked up
+    in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    peers = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            addr = bytes.fromhex(fields[2].split(":")[0])[::-1]
+            peers.add(".".join(str(b) for b in addr))
+    return peers
+
+
+def leftover_masters(lab=None):
     """ssh processes of a deploy's ControlPath whose directory no longer exists (deploy removes its directory
-    when it ends, after stopping the masters; a deploy still running has its directory)."""
+    when it ends, after stopping the masters; a deploy still running has its directory). ``lab``: only those
+    connected to its hosts (other deploys may run on this machine meanwhile, e.g. a CI run)."""
     left = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            path = control_path(argv)
+            if path and lab is not None and not any(ip.startswith(f"10.77.{lab.octet}.") for ip in _peers(pid)):
+                continue
+        except OSError:  # exited meanwhile
             continue
-        path = control_path(argv)
         if path and not os.path.isdir(os.path.dirname(path)):
             left.append((pid, path))
     return left
@@ -133,7 +156,7 @@ def test_three_sshd_only_hosts_become_idle(lab):
     assert [line.split()[:4] for line in table[1:4]] == [[n, n, "idle", "changed"] for n in NAMES]
     assert table[4] == "3 host(s): 3 changed, 0 unchanged, 0 failed"
     # deploy stopped its ssh masters: no ssh process names a control directory that is gone
-    assert not leftover_masters()
+    assert not leftover_masters(lab)
     # Slurm agrees, and runs a job on all three
     assert all(lab.wait_idle(NAMES)[n] == "idle" for n in NAMES)
     out = lab.mgr.run(["srun", "-N3", "hostname"], timeout=60).stdout
@@ -175,11 +198,11 @@ def test_a_real_ssh_master_is_found_and_stopped(lab):
     moved = Path(f"{control}-moved")
     control.rename(moved)  # as after a deploy that removed its directory without stopping its masters
     try:
-        assert sorted(int(pid) for pid, _ in leftover_masters() if int(pid) in pids) == sorted(pids)
+        assert sorted(int(pid) for pid, _ in leftover_masters(lab)) == sorted(pids)
     finally:
         moved.rename(control)
     _close_masters([], ssh, str(control))
-    assert master_pids(str(control)) == [] and not leftover_masters()
+    assert master_pids(str(control)) == [] and not leftover_masters(lab)
     shutil.rmtree(control)
 
 
