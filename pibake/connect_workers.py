@@ -68,7 +68,9 @@ if ExecClient is not None:
 
         def __init__(self, key, argv, handler, timeout, stderr):
             self.argv = list(argv)
-            super().__init__(key, handler, timeout=timeout, command=" ".join(self.argv), stderr=stderr)
+            # ExecWorker wants a command string and treats one containing "%hosts" as a command for all its
+            # nodes at once; the process starts from ``argv`` (SpawnClient._start), so the program's path will do
+            super().__init__(key, handler, timeout=timeout, command=self.argv[0], stderr=stderr)
 
         def _on_node_msgline(self, node, msg, sname):
             # ClusterShell's own: a message-tree entry and an ev_read signature check per line (see above)

@@ -33,8 +33,8 @@ def test_a_missing_program_and_a_timeout_are_outputs():
 
 
 def test_arguments_reach_the_program_unsplit():
-    out = LocalConnector().run("red00", ["printf", "%s|", "a b", "$HOME", "it's"])
-    assert out.stdout == "a b|$HOME|it's|\n"
+    out = LocalConnector().run("red00", ["printf", "%s|", "a b", "$HOME", "it's", "%hosts"])
+    assert out.stdout == "a b|$HOME|it's|%hosts|\n"  # %hosts: a ClusterShell placeholder, here a word
 
 
 def test_run_many_gives_each_host_its_own_command_and_input():
