@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ClusterShell.Event import EventHandler
 
+from pibake import connect_workers
 from pibake.ssh import SshOptions
 
 LOG = logging.getLogger(__name__)
@@ -74,10 +75,8 @@ def command_line(argv):
     return argv if isinstance(argv, str) else shlex.join([str(a) for a in argv])
 
 
-def _write_stdin(worker, data):
-    if data is not None:
-        worker.write(data.encode() if isinstance(data, str) else data)
-        worker.set_write_eof()
+def _stdin_bytes(data):
+    return data.encode() if isinstance(data, str) else data
 
 
 class LocalConnector:
@@ -90,10 +89,10 @@ class LocalConnector:
         task.set_info("fanout", max(1, int(fanout)))
 
     def start(self, task, host, command, *, handler, timeout, stdin=None):
-        """Start ``command`` (a shell command line); the worker's events go to ``handler`` (a Session)."""
-        worker = task.shell(command, handler=handler, timeout=timeout, stdin=stdin is not None, stderr=True)
-        _write_stdin(worker, stdin)
-        return worker
+        """Start ``command`` (a shell command line, run by ``/bin/sh -c``); the worker's events go to
+        ``handler`` (a Session)."""
+        return connect_workers.start(task, host, ["/bin/sh", "-c", command], command, handler=handler,
+                                     timeout=timeout, stdin=_stdin_bytes(stdin))
 
     def run(self, host, argv, *, input=None, timeout=60):
         return Connectors(self, local_hosts=[host], local=self).run(host, argv, input=input, timeout=timeout)
@@ -113,6 +112,7 @@ class SshConnector:
                                          log_level="ERROR")
         self.connect_timeout = self.ssh.connect_timeout
         self.addresses = dict(addresses or {})
+        self._head = self.ssh.head()  # ssh and its options: built once, not per session
 
     def address(self, host):
         return self.addresses.get(host, host)
@@ -130,10 +130,10 @@ class SshConnector:
     def start(self, task, host, command, *, handler, timeout, stdin=None):
         """Start ``command`` (a shell command line) on ``host``; its events go to ``handler``. ``timeout``
         counts from ssh's start, so the connect timeout is added to it."""
-        worker = task.shell(command, nodes=self.address(host), handler=handler, timeout=timeout + self.connect_timeout,
-                            stdin=stdin is not None, stderr=True)
-        _write_stdin(worker, stdin)
-        return worker
+        address = self.address(host)
+        return connect_workers.start(task, host, [*self._head, address, "--", command], command, handler=handler,
+                                     timeout=timeout + self.connect_timeout, stdin=_stdin_bytes(stdin),
+                                     remote_nodes=address)
 
     def run(self, host, argv, *, input=None, timeout=60):
         return Connectors(self).run(host, argv, input=input, timeout=timeout)

@@ -59,9 +59,14 @@ class SshOptions:
     def _login(self):
         return ["-l", self.user] if self.user else []
 
+    def head(self):
+        """``ssh`` and its options up to the host: what ``argv`` puts before ``host -- command`` (a connector
+        builds it once and reuses it for every session)."""
+        return [ssh_program(), *self.options(), *self._login()]
+
     def argv(self, host, command):
         """``ssh ... host -- command`` (``command``: one shell command line, as ssh sends it)."""
-        return [ssh_program(), *self.options(), *self._login(), host, "--", command]
+        return [*self.head(), host, "--", command]
 
     def control_argv(self, host, operation="exit"):
         """``ssh -O operation host``: ask (or stop, with ``exit``) the host's master connection."""

@@ -299,3 +299,15 @@ def booted_lab(cdir, images, family, *, diagnostics=None):
         yield prefix, json.loads(proc.stdout), proc.stderr
     finally:
         pibake(cdir, "lab", "down", "--prefix", prefix, check=False)
+
+
+@pytest.fixture(params=["spawn", "clustershell"])
+def process_start(request, monkeypatch):
+    """How pibake.connect starts a command's process: "spawn" (pibake.connect_workers, subprocess) or
+    "clustershell" (its fallback, ClusterShell's own start, as with a ClusterShell without the internals
+    connect_workers uses)."""
+    from pibake import connect_workers
+
+    if request.param == "clustershell":
+        monkeypatch.setattr(connect_workers, "ExecClient", None)
+    return request.param

@@ -404,10 +404,12 @@ def test_split_config_option_takes_out_only_the_config_file():
 def test_address_config_reads_the_users_config_first(tmp_path):
     text = d.address_config(["red01"], {"red01": "10.1.1.11"}, None, home=str(tmp_path))
     lines = text.splitlines()
-    first_host = next(i for i, ln in enumerate(lines) if ln.startswith("Host "))
+    first_host = next(i for i, ln in enumerate(lines) if ln.startswith("Match "))
     assert f'Include "{tmp_path}/.ssh/config"' in lines[:first_host]
     assert 'Include "/etc/ssh/ssh_config"' in lines[:first_host]
-    assert lines[first_host:] == ["Host red01", "    HostName 10.1.1.11", "    HostKeyAlias red01"]
+    # the block applies only while ssh still goes to the name itself (no HostName from the user)
+    assert lines[first_host:] == ["Match originalhost red01 host red01", "    HostName 10.1.1.11",
+                                  "    HostKeyAlias red01"]
     assert 'Include' not in d.address_config(["a"], {"a": "10.1.1.2"}, "none")
 
 
@@ -428,8 +430,12 @@ def test_planned_names_reach_their_address_and_the_users_config_wins(tmp_path):
     r1 = resolved("red01")
     assert (r1["hostname"], r1["hostkeyalias"], r1["user"]) == ("10.1.1.11", "red01", "pi")
     r2 = resolved("red02")
-    assert (r2["hostname"], r2["port"]) == ("10.99.0.2", "2202")
+    assert (r2["hostname"], r2["port"], r2.get("hostkeyalias")) == ("10.99.0.2", "2202", None)
     assert resolved("blue01")["hostname"] == "blue01"
+    # a HostName given on the command line wins too
+    by_option = dataclasses.replace(ssh, extra=(*ssh.extra, "-o", "HostName=10.99.0.1"))
+    out = subprocess.run(by_option.config_argv("red01"), capture_output=True, text=True, check=True).stdout
+    assert "hostname 10.99.0.1" in out.splitlines() and not any(ln.startswith("hostkeyalias") for ln in out.splitlines())
     # nothing to map: the options come back as given, and no file is written
     unchanged = SshOptions(extra=("-v",))
     assert d.with_planned_addresses(["10.1.1.13"], planned, unchanged, tmp_path / "none") is unchanged
@@ -520,7 +526,9 @@ def test_role_packages_follow_the_seed_with_mqtt():
 
 def test_the_masters_of_a_deploy_are_found_by_their_control_directory(tmp_path):
     """deploy stops its ssh masters with a signal each (no `ssh -O exit` process per host): the processes it
-    finds are the ssh processes whose command line names its own control directory, nothing else."""
+    finds are the ssh processes whose command line names its own control directory, nothing else: a master
+    still starting (its original argv) and a running one (renamed to `ssh: <ControlPath> [mux]`; a real one
+    is stopped in tests/e2e/test_deploy.py)."""
     from pibake.deploy.session import master_pids
 
     mine, other = tmp_path / "pibake-ssh-mine", tmp_path / "pibake-ssh-other"
@@ -530,10 +538,14 @@ def test_the_masters_of_a_deploy_are_found_by_their_control_directory(tmp_path):
         return subprocess.Popen([argv0, "-c", sleeper, "-o", f"ControlPath={control_dir}/%C", "-fN", "red01"],
                                 executable=sys.executable)
 
-    procs = [fake_ssh(mine), fake_ssh(other), fake_ssh(mine, argv0="python3")]
+    def renamed_master(control_dir):  # a running master's title (OpenSSH's setproctitle), nothing else
+        return subprocess.Popen([f"ssh: {control_dir}/0f3a9c [mux]", "-c", sleeper], executable=sys.executable)
+
+    procs = [fake_ssh(mine), fake_ssh(other), fake_ssh(mine, argv0="python3"), renamed_master(mine),
+             renamed_master(other)]
     try:
         found = master_pids(str(mine))
-        assert procs[0].pid in found and procs[1].pid not in found and procs[2].pid not in found
+        assert sorted(found) == sorted([procs[0].pid, procs[3].pid])
         assert master_pids(str(tmp_path / "nothing")) == []
         assert master_pids(str(mine), proc=str(tmp_path / "no-proc")) is None  # no /proc: deploy uses ssh -O exit
     finally:

@@ -2,10 +2,12 @@
 ClusterShell task and the lab's ssh to emulated Pis. The checks run the real ssh with ``-G`` (it prints the
 configuration it would use and connects nowhere), so what is compared is what ssh itself understood."""
 
+import dataclasses
+
 import pytest
 from ClusterShell.Task import task_self
 
-from pibake.connect import SshConnector
+from pibake.connect import Connectors, SshConnector
 from pibake.lab.targetrun import ssh_argv
 from pibake.run import run
 from pibake.ssh import SshOptions
@@ -78,9 +80,17 @@ def test_verify_and_the_lab_take_their_ssh_from_it():
     assert (conf["stricthostkeychecking"], conf["userknownhostsfile"], conf["user"]) == ("false", "/dev/null", "pi")
 
 
-def _started_config(connector, host, address):
-    """The configuration ssh got when ``connector`` started it through ClusterShell (``-G`` appended to the
-    task's options makes the real ssh print it instead of connecting)."""
+def _started_config(connector, host, address, start):
+    """The configuration ssh got when ``connector`` started it on a ClusterShell task (``-G`` among its
+    options makes the real ssh print it instead of connecting). ``start``: "spawn" (pibake.connect_workers
+    starts the ssh) or "clustershell" (its fallback: ClusterShell builds the ssh command line from the task
+    settings and starts it)."""
+    if start == "spawn":
+        with_g = SshConnector(options=dataclasses.replace(connector.ssh, extra=(*connector.ssh.extra, "-G")),
+                              addresses=connector.addresses)
+        out = Connectors(with_g).run(host, ["true"], timeout=20)
+        assert out.rc == 0, out.stderr
+        return config_of(out.stdout)
     task = task_self()
     saved = {key: task.info(key) for key in ("fanout", *connector.ssh.clustershell_info())}
     try:
@@ -95,16 +105,16 @@ def _started_config(connector, host, address):
 
 
 @pytest.mark.parametrize("user", [None, "pi"])
-def test_deploys_clustershell_task_starts_the_same_ssh(tmp_path, user):
-    """ClusterShell builds its own ssh command line from the task settings: deploy's connector (its
-    SshOptions with multiplexing) starts the same ssh as SshOptions' own argv gives."""
+def test_deploys_clustershell_task_starts_the_same_ssh(tmp_path, user, process_start):
+    """deploy's connector (its SshOptions with multiplexing) starts the same ssh as SshOptions' own argv
+    gives, whether it starts the process itself or ClusterShell builds the command line from the task."""
     ssh = SshOptions(user=user, connect_timeout=4, extra=("-o", "Port=2202"), control_dir=str(tmp_path))
-    conf = _started_config(SshConnector(options=ssh), "red01", "red01")
+    conf = _started_config(SshConnector(options=ssh), "red01", "red01", process_start)
     assert conf and conf == resolved(ssh.argv("red01", "true"))
 
 
-def test_verifys_connector_starts_the_same_ssh_at_the_recorded_address():
+def test_verifys_connector_starts_the_same_ssh_at_the_recorded_address(process_start):
     conn = SshConnector(user="pi", identity="/k", known_hosts="/kh", connect_timeout=3, addresses={"red01": "10.1.1.11"})
-    conf = _started_config(conn, "red01", "10.1.1.11")
+    conf = _started_config(conn, "red01", "10.1.1.11", process_start)
     assert conf and conf == resolved(conn.argv("red01", ["true"]))
     assert (conf["hostname"], conf["stricthostkeychecking"], conf["user"]) == ("10.1.1.11", "accept-new", "pi")

@@ -5,6 +5,7 @@ of the packages deploy may install, sha256 of the files it ships, whether the no
 credential, whether /opt/pibake has pibake, whether the cluster user has the manager's ssh key. One ssh
 session, nothing changed on the host."""
 
+import functools
 import json
 import shlex
 from importlib import resources
@@ -14,8 +15,10 @@ from pibake.deploy.node import CREDENTIAL_FILE, REMOTE_PYTHON, VENV_PIBAKE
 _MARK = "@@pibake "
 
 
+@functools.lru_cache(maxsize=None)
 def remote_program(name):
-    """The source of a program deploy runs on a node (``pibake/deploy/remote/NAME``, package data)."""
+    """The source of a program deploy runs on a node (``pibake/deploy/remote/NAME``, package data); read
+    from disk once per process, not once per host."""
     return resources.files("pibake.deploy").joinpath("remote", name).read_text(encoding="utf-8")
 
 

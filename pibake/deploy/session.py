@@ -225,9 +225,11 @@ def _alive(pid):
 
 
 def master_pids(control_dir, proc="/proc"):
-    """PIDs of this user's ssh processes started with ``ControlPath=<control_dir>/...`` (the masters a deploy's
-    sessions left running; its directory is private to it), or None when there is no ``proc`` to read."""
-    needle = f"ControlPath={control_dir}/".encode()
+    """PIDs of this user's ssh masters of ``control_dir`` (the masters a deploy's sessions left running; its
+    directory is private to it), or None when there is no ``proc`` to read. A running master has renamed
+    itself (OpenSSH's setproctitle): its whole command line reads ``ssh: <control_dir>/<hash> [mux]``, the
+    ControlPath= option is gone; an ssh still starting up has its original argv (``ssh ... -o
+    ControlPath=<control_dir>/%C ...``). Both are recognised."""
     try:
         entries = [e for e in os.scandir(proc) if e.name.isdigit()]
     except OSError:
@@ -241,9 +243,19 @@ def master_pids(control_dir, proc="/proc"):
                 argv = fh.read().split(b"\0")
         except OSError:  # exited meanwhile
             continue
-        if os.path.basename(argv[0]) == b"ssh" and any(needle in a for a in argv):
+        if is_master_of(argv, control_dir):
             pids.append(int(entry.name))
     return pids
+
+
+def is_master_of(argv, control_dir):
+    """True when ``argv`` (a /proc cmdline split at NUL, bytes) is an ssh process of ``control_dir`` (pure):
+    the renamed master's title ``ssh: <control_dir>/... [mux]`` or the original ``ssh ... ControlPath=<control_dir>/...``."""
+    prefix = os.fsencode(control_dir) + b"/"
+    if argv[0].startswith(b"ssh: " + prefix) and argv[0].rstrip().endswith(b" [mux]"):
+        return True
+    needle = b"ControlPath=" + prefix
+    return os.path.basename(argv[0]) == b"ssh" and any(needle in a for a in argv)
 
 
 def _wait_idle(registry, host_runs, timeout, progress, final=True, budget=None):

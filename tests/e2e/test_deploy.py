@@ -7,8 +7,10 @@ lab: manager red00 (registry, no sshd), workers red01-red03 with sshd only."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,18 +86,53 @@ def daemons(lab, name):
     return {d: host.run(["pgrep", "-x", d], check=False).stdout.split() for d in ("munged", "slurmd")}
 
 
-def leftover_masters():
-    """ssh processes started with a deploy's ControlPath whose directory no longer exists (deploy removes its
-    directory when it ends, after stopping the masters; a deploy still running has its directory)."""
+def control_path(argv):
+    """The ControlPath a deploy's ssh process names, or None: a running master's title (OpenSSH renames it
+    `ssh: <ControlPath> [mux]`) or a starting ssh's `-o ControlPath=...`."""
+    if argv[0].startswith("ssh: ") and argv[0].rstrip().endswith(" [mux]"):
+        path = argv[0][len("ssh: "):].rstrip()[:-len(" [mux]")]
+    elif os.path.basename(argv[0]) == "ssh":
+        path = next((a.split("ControlPath=", 1)[1] for a in argv if "ControlPath=" in a), None)
+    else:
+        return None
+    return path if path and "/pibake-ssh-" in path else None
+
+
+def _peers(pid):
+    """The IPv4 addresses process ``pid``'s TCP sockets are connected to (its fds' socket inodes looked up
+    in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    peers = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            addr = bytes.fromhex(fields[2].split(":")[0])[::-1]
+            peers.add(".".join(str(b) for b in addr))
+    return peers
+
+
+def leftover_masters(lab=None):
+    """ssh processes of a deploy's ControlPath whose directory no longer exists (deploy removes its directory
+    when it ends, after stopping the masters; a deploy still running has its directory). ``lab``: only those
+    connected to its hosts (other deploys may run on this machine meanwhile, e.g. a CI run)."""
     left = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            path = control_path(argv)
+            if path and lab is not None and not any(ip.startswith(f"10.77.{lab.octet}.") for ip in _peers(pid)):
+                continue
+        except OSError:  # exited meanwhile
             continue
-        paths = [a.split("ControlPath=", 1)[1] for a in argv if "ControlPath=" in a and "/pibake-ssh-" in a]
-        if os.path.basename(argv[0]) == "ssh" and paths and not os.path.isdir(os.path.dirname(paths[0])):
-            left.append((pid, paths[0]))
+        if path and not os.path.isdir(os.path.dirname(path)):
+            left.append((pid, path))
     return left
 
 
@@ -119,7 +156,7 @@ def test_three_sshd_only_hosts_become_idle(lab):
     assert [line.split()[:4] for line in table[1:4]] == [[n, n, "idle", "changed"] for n in NAMES]
     assert table[4] == "3 host(s): 3 changed, 0 unchanged, 0 failed"
     # deploy stopped its ssh masters: no ssh process names a control directory that is gone
-    assert not leftover_masters()
+    assert not leftover_masters(lab)
     # Slurm agrees, and runs a job on all three
     assert all(lab.wait_idle(NAMES)[n] == "idle" for n in NAMES)
     out = lab.mgr.run(["srun", "-N3", "hostname"], timeout=60).stdout
@@ -138,6 +175,35 @@ def test_three_sshd_only_hosts_become_idle(lab):
     for secret in (lab.token(), lab.token().split(".")[1], (lab.sdir / "admin-password").read_text().strip(),
                    h.path("/etc/pibake/node-credential").read_text().strip()):
         assert secret not in proc.stdout and secret not in proc.stderr
+
+
+def test_a_real_ssh_master_is_found_and_stopped(lab):
+    """A real OpenSSH master renames itself `ssh: <ControlPath> [mux]`: deploy finds it by its control
+    directory and stops it with SIGTERM; once its directory is gone, the leftover check sees a master that
+    was not stopped."""
+    from pibake.deploy.session import _close_masters, master_pids
+    from pibake.ssh import SshOptions
+
+    # as deploy makes it: a short path (a unix socket path is at most 107 bytes)
+    control = Path(tempfile.mkdtemp(prefix="pibake-ssh-"))
+    ssh = SshOptions(extra=lab.ssh_options, control_dir=str(control), control_persist=60)
+    for _name, last in WORKERS[:2]:
+        proc = subprocess.run(ssh.argv(f"10.77.{lab.octet}.{last}", "true"), capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    pids = master_pids(str(control))
+    assert len(pids) == 2
+    titles = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode() for p in pids]
+    assert all(t.startswith(f"ssh: {control}/") and t.endswith(" [mux]") for t in titles), titles
+    moved = Path(f"{control}-moved")
+    control.rename(moved)  # as after a deploy that removed its directory without stopping its masters
+    try:
+        assert sorted(int(pid) for pid, _ in leftover_masters(lab)) == sorted(pids)
+    finally:
+        moved.rename(control)
+    _close_masters([], ssh, str(control))
+    assert master_pids(str(control)) == [] and not leftover_masters(lab)
+    shutil.rmtree(control)
 
 
 def test_rerun_by_ip_changes_nothing(lab):
