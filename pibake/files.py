@@ -1,5 +1,6 @@
 """Writing a file so that readers see the old content or the new, never half of it, and never with looser
-permissions than asked: the one ``atomic_write`` of pibake."""
+permissions than asked: the one ``atomic_write`` of pibake. And the other side: noticing that a file changed
+(``file_stamp``), and a value read from a file kept until it does (``FileDerived``)."""
 
 import os
 import threading
@@ -41,3 +42,31 @@ def atomic_write(path, data, mode=0o644, *, make_parents=False, owner=None):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def file_stamp(path):
+    """What changes when a file is edited or replaced (an atomic_write renames a new file over it):
+    (st_mtime_ns, st_size, st_ino). Raises OSError."""
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class FileDerived:
+    """A value computed from ``path`` by ``compute()``, computed again only when ``file_stamp(path)`` changes
+    (thread-safe). When the file cannot be stat'ed, ``compute()`` runs uncached and says why (its own error)."""
+
+    def __init__(self, path, compute):
+        self.path = Path(path)
+        self.compute = compute
+        self._cached = (None, None)  # (file_stamp, value)
+        self._lock = threading.Lock()
+
+    def get(self):
+        try:
+            stamp = file_stamp(self.path)
+        except OSError:
+            return self.compute()
+        with self._lock:
+            if self._cached[0] != stamp:
+                self._cached = (stamp, self.compute())
+            return self._cached[1]

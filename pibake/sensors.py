@@ -13,14 +13,13 @@ changes; thresholds set with ``set_threshold`` (the API) override cluster.yaml's
 
 import logging
 import math
-import os
 import re
-import threading
 import time
 from pathlib import Path
 
 from pibake.cluster import load_cluster_data
 from pibake.errors import RegistryError
+from pibake.files import FileDerived
 from pibake.fields import anchored
 from pibake.registry import schema
 from pibake.registry.readings import ReadingsStore
@@ -101,17 +100,12 @@ class Sensors:
         self.cluster_dir = Path(cluster_dir)
         self.readings = ReadingsStore(cluster_dir)
         self.nodes_store = Store(cluster_dir)
-        self._settings = (None, None)
-        self._lock = threading.Lock()
+        self._settings = FileDerived(self.cluster_dir / "cluster.yaml",
+                                     lambda: sensor_settings(load_cluster_data(self.cluster_dir).get("sensors")))
 
     def settings(self):
         """cluster.yaml ``sensors:`` over the defaults, re-read when the file changes."""
-        path = self.cluster_dir / "cluster.yaml"
-        stamp = os.stat(path).st_mtime_ns
-        with self._lock:
-            if self._settings[0] != stamp:
-                self._settings = (stamp, sensor_settings(load_cluster_data(self.cluster_dir).get("sensors")))
-            return self._settings[1]
+        return self._settings.get()
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, node, body, *, now=None):

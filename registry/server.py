@@ -15,9 +15,8 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.config import KNOWN_SETTINGS
 
 from pibake.errors import ConfigError, PibakeError
-from pibake.files import atomic_write
+from pibake.files import atomic_write, file_stamp
 from pibake.registry.app import create_app
-from pibake.registry.service import file_stamp
 from pibake.secrets import secrets_dir
 
 LOG = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ apply_timeout       apply_timeout               seconds to wait for slurmctld (d
 
 import ipaddress
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pibake.registry.store import Store
 from pibake import __version__, fields, mqtt
 from pibake.cluster import CLUSTER_FILE, load_cluster
 from pibake.errors import ConfigError, RegistryError
+from pibake.files import FileDerived
 
 LOG = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ def cluster_settings(cluster_dir):
                           f"known: {', '.join(OPTION_KEYS)}")
     return {"name": cluster.name, "manager": cluster.manager, "manager_ip": cluster.manager_ip,
             "network": cluster.network, "registry_port": cluster.registry_port, "registry": registry}
-
-
-def file_stamp(path):
-    """What changes when a file is edited or replaced: (st_mtime_ns, st_size, st_ino). Raises OSError."""
-    st = os.stat(path)
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def validate_enrolment(payload, peer_ip=None, network=None):
@@ -121,8 +115,7 @@ class RegistryService:
         # the MQTT broker's files on the manager (pibake.mqtt): a removed node loses its broker user too
         self.mqtt_paths = (mqtt.ETC_DIR, mqtt.PID_FILE)
         self._sinfo_cache = (0.0, None)
-        self._cluster_config = (None, None)  # (file_stamp of cluster.yaml, pibake.model.Cluster)
-        self._cluster_lock = threading.Lock()
+        self._cluster_config = FileDerived(self.cluster_dir / CLUSTER_FILE, lambda: load_cluster(self.cluster_dir))
         # apply_slurm's in-process gate: the newest node_set_seq known to be in force, and whether a
         # thread of this process is applying now.
         self._apply_gate = threading.Condition()
@@ -135,15 +128,7 @@ class RegistryService:
         Parsing and validating it (``load_cluster``) costs 13-20 ms of CPU; requests of every node (the MQTT
         credential) need it, so a deploy of N nodes paid it N times. An edited cluster.yaml is still seen: its
         (mtime, size, inode) changes, also when an editor replaces the file."""
-        path = self.cluster_dir / CLUSTER_FILE
-        try:
-            stamp = file_stamp(path)
-        except OSError:
-            return load_cluster(self.cluster_dir)  # missing or unreadable: load_cluster's ConfigError says so
-        with self._cluster_lock:
-            if self._cluster_config[0] != stamp:
-                self._cluster_config = (stamp, load_cluster(self.cluster_dir))
-            return self._cluster_config[1]
+        return self._cluster_config.get()  # missing or unreadable: load_cluster's ConfigError says so
 
     # ------------------------------------------------------------------ slurm
     @property
