@@ -98,6 +98,10 @@ class CpuWindow:
         return False
 
 
+# OpenSSH 9.8 on (trixie's 10.0) runs each connection as sshd-session (and sshd-auth from 10.0), not as sshd
+SSHD_COMMS = ("sshd", "sshd-session", "sshd-auth")
+
+
 def account(root, before, after, exited, wall, busy, acct_on=True):
     """Per-process CPU inside the window for ``root`` and its descendants, grouped (pure given the inputs)."""
     procs = []  # (pid, ppid, comm, cpu_s, cmdline, existed_before)
@@ -127,7 +131,7 @@ def account(root, before, after, exited, wall, busy, acct_on=True):
             return "deployer", "deploy (this process)"
         if comm == "ssh":
             return "deployer", "ssh client"
-        if comm == "sshd":
+        if comm in SSHD_COMMS:
             return "node", "sshd"
         if comm == "slurmd":
             return "node", "slurmd"
@@ -142,7 +146,7 @@ def account(root, before, after, exited, wall, busy, acct_on=True):
         while up and up != root and hops < 64:
             if up in info:
                 c, cl, ex = info[up]
-                if c in ("sshd", "slurmd") or (c == "munged" and not ex):
+                if c in SSHD_COMMS or c == "slurmd" or (c == "munged" and not ex):
                     return "node", _name(comm, "node")
                 if "registry serve" in cl or c in ("slurmctld", "gunicorn") or (c == "munged" and ex):
                     return "manager", _name(comm, "manager")

@@ -21,6 +21,11 @@ venv pibake-install makes), /var/lib/pibake (the registry's cluster directory an
 mount namespace, so nothing deploy installs there lands on this machine (only the empty mount points are
 created). Its Python libraries are this machine's Debian packages (python3-flask, gunicorn, ...: the manager
 seed's package list, installed by scripts/setup), as on a manager Pi: the lab has no internet.
+
+With ``rootfs`` (a built lab rootfs, pibake.lab.rootfs.ensure_rootfs: Debian trixie by default) every host gets
+its own root instead, an overlay over that rootfs as `pibake lab up` makes them (``RootfsHost``): the target's
+own sshd (OpenSSH 10), Python 3.13, Slurm 24.11 and munge, nothing of this machine's. The manager then always
+runs only sshd (deploy sets it up with the rootfs's Debian packages).
 """
 
 import contextlib
@@ -50,13 +55,48 @@ PidFile /run/sshd.pid
 """
 
 
+class RootfsHost:
+    """A lab host (pibake.lab.LabHost: its namespaces and address) whose root is its own overlay over a built
+    lab rootfs (pibake.lab.rootfs.make_host_root). ``run`` runs a command chrooted into that root; ``root`` is
+    where that root is seen from this machine (through the host's PID 1), so ``root / "etc/ssh"`` and ``path``
+    read and write the host's own files. The overlay's upper layer lives under ``host_dir``."""
+
+    def __init__(self, host, host_dir, rootfs):
+        from pibake.lab.cluster import enter_argv
+        from pibake.lab.rootfs import make_host_root
+
+        self.host = host
+        self.host_dir = Path(host_dir)
+        self.inner_root = make_host_root(rootfs, self.host_dir, enter=enter_argv(host.pid), timeout=120)
+
+    def __getattr__(self, name):  # name, ip, pid, netns, alive, ...: the LabHost's
+        return getattr(self.host, name)
+
+    @property
+    def root(self):
+        return Path(f"/proc/{self.host.pid}/root") / str(self.inner_root).lstrip("/")
+
+    def path(self, inside):
+        return self.root / str(inside).lstrip("/")
+
+    def run(self, argv, **kwargs):
+        return self.host.run(["chroot", str(self.inner_root), *argv], **kwargs)
+
+    def popen(self, argv, **kwargs):
+        return self.host.popen(["chroot", str(self.inner_root), *argv], **kwargs)
+
+    def destroy(self):
+        self.host.destroy()
+
+
 class DeployLab(LabCluster):
     """LabCluster under its own name family ``pd<pid>`` with a bridge address, plus sshd-only workers."""
 
-    def __init__(self, tmp, octet, family=FAMILY, manager="mgr"):  # pylint: disable=super-init-not-called
+    def __init__(self, tmp, octet, family=FAMILY, manager="mgr", rootfs=None):  # pylint: disable=super-init-not-called
         cleanup_stale(family)
         self.tmp = Path(tmp)
         self.octet = octet
+        self.rootfs = rootfs
         self.prefix = run_prefix(family)
         self.net = LabNetwork.create(self.prefix, f"10.77.{octet}.0/24", bridge_ip="auto")
         self.hosts = {}
@@ -108,6 +148,18 @@ class DeployLab(LabCluster):
     def ssh_options(self):
         return ("-F", str(self.ssh_config))
 
+    def add_host(self, name, last):
+        host = super().add_host(name, last)
+        if self.rootfs is None:
+            return host
+        try:
+            own = RootfsHost(host, self.tmp / "roots" / name, self.rootfs)
+        except BaseException:
+            self.hosts.pop(name).destroy()
+            raise
+        self.hosts[name] = own
+        return own
+
     # ---------------------------------------------------------------- workers
     def add_ssh_worker(self, name, last):
         """A host running only sshd (root login with the test key), reachable as ``name`` or its IP."""
@@ -117,7 +169,8 @@ class DeployLab(LabCluster):
 
     def make_manager_sshd(self):
         """The manager as a host running only sshd, with its own /opt/pibake, /var/lib/pibake, ... and /etc."""
-        self.private_etc(self.mgr)
+        if self.rootfs is None:
+            self.private_etc(self.mgr)
         self.make_ssh_host(self.mgr, MANAGER_PRIVATE_DIRS)
         self.registry_log = self.private_path(self.mgr, "/var/log/pibake/pibake-registry.log")
 
@@ -143,12 +196,14 @@ class DeployLab(LabCluster):
 
     @staticmethod
     def private_path(host, inside):
-        """Where ``inside`` (a path in one of the host's per-host directories) is on this machine."""
+        """Where ``inside`` (a path in one of the host's per-host directories, or anywhere in a RootfsHost) is
+        on this machine."""
         return host.root / inside.lstrip("/")
 
     def make_ssh_host(self, host, private_dirs):
-        """Bind-mount per-host directories over ``private_dirs`` inside ``host`` and start its sshd."""
-        for path in private_dirs:
+        """Bind-mount per-host directories over ``private_dirs`` inside ``host`` (a RootfsHost has its own root:
+        nothing to bind) and start its sshd."""
+        for path in private_dirs if self.rootfs is None else ():
             own = self.private_path(host, path)
             own.mkdir(parents=True, exist_ok=True)
             if not os.path.isdir(path):
@@ -214,14 +269,15 @@ class DeployLab(LabCluster):
         return host
 
 
-def deploy_lab(tmp, octet, workers=(), family=FAMILY, manager="mgr", manager_sshd=False):
+def deploy_lab(tmp, octet, workers=(), family=FAMILY, manager="mgr", manager_sshd=False, rootfs=None):
     """A started DeployLab (manager ``manager`` at .10 with munge + registry; with ``manager_sshd`` only
-    sshd, for deploy to set up) with sshd-only ``workers`` ((name, last octet), ...). The caller destroys it."""
+    sshd, for deploy to set up) with sshd-only ``workers`` ((name, last octet), ...). The caller destroys it.
+    ``rootfs``: every host on its own root over that built lab rootfs (the manager then runs only sshd)."""
     tmp = Path(tmp)
     tmp.chmod(0o755)  # munged and slurm insist on searchable parents
-    lab = DeployLab(tmp, octet, family=family, manager=manager)
+    lab = DeployLab(tmp, octet, family=family, manager=manager, rootfs=rootfs)
     try:
-        if manager_sshd:
+        if manager_sshd or rootfs is not None:
             lab.make_manager_sshd()
         else:
             lab.start_manager()

@@ -1,0 +1,94 @@
+"""`pibake deploy` onto hosts that run the target's software, not this machine's: every host (manager red00,
+workers red01-red02, later red03) is a lab host on its own root over the lab's Debian trixie rootfs, as `pibake
+lab up` makes them (tests/e2e/deploy_fixtures.py ``rootfs=``): OpenSSH 10's sshd, Python 3.13, Slurm 24.11 and
+munge 0.5.16, as on Raspberry Pi OS trixie. Each runs nothing but sshd until deploy sets it up. Shows: one
+deploy sets up the manager and makes the workers idle; a re-run changes nothing; a worker added later joins by
+`scontrol reconfigure`, without a slurmctld restart (Slurm 23.11 on; 22.05 on this machine must restart).
+Tests run in file order on one lab."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.e2e.deploy_fixtures import deploy_lab, deploy_lab_missing, module_lab
+from tests.e2e.test_deploy import run_pibake
+
+WORKERS = (("red01", 11), ("red02", 12))
+LATER = ("red03", 13)
+MANAGER = "red00"
+RESTARTED = "restarting slurmctld"
+RECONFIGURED = "in force (scontrol reconfigure)"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, request, lab_rootfs):
+    reason = deploy_lab_missing()
+    if reason:
+        pytest.skip(reason)
+    from pibake.bake.burn import manager_wheel
+
+    tmp = tmp_path_factory.mktemp("deploy-trixie")
+    lab = deploy_lab(tmp, 180 + os.getpid() % 20, WORKERS, family="px", manager=MANAGER, rootfs=lab_rootfs)
+    with module_lab(request, lab):
+        built = manager_wheel()  # one wheel for the module: a re-run must not see a new build
+        lab.wheel = tmp / built.name
+        shutil.copyfile(built, lab.wheel)
+        yield lab
+
+
+def deploy(lab, hosts):
+    proc = run_pibake(lab, ["deploy", "--hosts", hosts, "--json", "--wheel", str(lab.wheel)])
+    assert proc.returncode == 0, f"{proc.stderr}\n{lab.diagnostics()}"
+    return json.loads(proc.stdout)
+
+
+def registry_log(lab):
+    return lab.registry_log.read_text(errors="replace")
+
+
+def test_the_hosts_run_the_targets_software(lab):
+    for name in (MANAGER, *dict(WORKERS)):
+        out = lab.ssh(name, "python3 -V; slurmd -V; sshd -V 2>&1 | head -1 || true").stdout
+        assert "Python 3.13." in out and "slurm-wlm 24.11." in out, (name, out)
+    assert "OpenSSH_10." in lab.ssh(MANAGER, "ssh -V 2>&1").stdout
+
+
+def test_one_deploy_sets_up_the_manager_and_the_workers(lab):
+    report = deploy(lab, f"{MANAGER},red[01-02]")
+    assert report["summary"] == {"hosts": 3, "changed": 3, "unchanged": 0, "failed": 0}
+    m, *workers = report["hosts"]
+    assert (m["host"], m["role"], m["step"], m["status"]) == (MANAGER, "manager", "ready", "changed")
+    assert "pibake installed into /opt/pibake" in m["changes"] and "pibake-registry started" in m["changes"]
+    assert [(h["host"], h["step"], h["status"], h["slurm_state"]) for h in workers] == [
+        (name, "idle", "changed", "idle") for name, _ in WORKERS]
+    # the registry runs from the wheel on the rootfs's python3 (3.13) and its Debian packages
+    version = lab.mgr.run(["/opt/pibake/bin/python3", "-c", "import sys, flask; print(sys.version_info[:2])"])
+    assert version.stdout.strip() == "(3, 13)"
+    out = lab.mgr.run(["srun", "-N2", "hostname"], timeout=60).stdout
+    assert sorted(out.split()) == [name for name, _ in WORKERS]
+
+
+def test_rerun_changes_nothing(lab):
+    restarts = registry_log(lab).count(RESTARTED)
+    report = deploy(lab, f"{MANAGER},red[01-02]")
+    assert report["summary"] == {"hosts": 3, "changed": 0, "unchanged": 3, "failed": 0}
+    assert registry_log(lab).count(RESTARTED) == restarts
+
+
+def test_a_worker_added_later_joins_by_reconfigure_without_a_restart(lab):
+    """Slurm 24.11 takes a new NodeName by `scontrol reconfigure` (slurmctld restarts itself in place, jobs and
+    node states kept): the registry does that instead of stopping and starting slurmctld (registry/slurmctl.py)."""
+    log = registry_log(lab)
+    restarts, reconfigures = log.count(RESTARTED), log.count(RECONFIGURED)
+    assert restarts >= 1  # the first workers' enrolment started slurmctld (it waits for a first node)
+    lab.add_ssh_worker(*LATER)
+    report = deploy(lab, LATER[0])
+    assert [(h["host"], h["step"], h["status"], h["slurm_state"]) for h in report["hosts"]] == [
+        (LATER[0], "idle", "changed", "idle")]
+    log = registry_log(lab)
+    assert log.count(RESTARTED) == restarts, log[-3000:]
+    assert log.count(RECONFIGURED) > reconfigures, log[-3000:]
+    states = dict(line.split() for line in lab.mgr.run(["sinfo", "-N", "-h", "-o", "%N %T"]).stdout.splitlines())
+    assert states == {"red01": "idle", "red02": "idle", "red03": "idle"}
