@@ -133,9 +133,9 @@ def account(root, before, after, exited, wall, busy, acct_on=True):
             return "deployer", "ssh client"
         if comm in SSHD_COMMS:
             return "node", "sshd"
-        if comm == "slurmd":
+        if comm in ("slurmd", "slurmd-wlm"):  # trixie's slurmd re-executes itself under the -wlm name
             return "node", "slurmd"
-        if comm == "slurmctld":
+        if comm in ("slurmctld", "slurmctld-wlm", "slurmscriptd"):  # a reconfigure re-executes slurmctld-wlm
             return "manager", "slurmctld"
         if comm == "munged":
             return ("manager", "munged (manager)") if existed else ("node", "munged (nodes)")
