@@ -9,6 +9,9 @@ Tests run in file order on one lab."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +95,32 @@ def test_a_worker_added_later_joins_by_reconfigure_without_a_restart(lab):
     assert log.count(RECONFIGURED) > reconfigures, log[-3000:]
     states = dict(line.split() for line in lab.mgr.run(["sinfo", "-N", "-h", "-o", "%N %T"]).stdout.splitlines())
     assert states == {"red01": "idle", "red02": "idle", "red03": "idle"}
+
+
+def test_bench_deploy_on_trixie_smoke(tmp_path, lab_rootfs):
+    """bench/deploy --rootfs --ssh-client rootfs runs (N=1, the single ssh operations first): the hosts are the
+    rootfs's, deploy's ssh is the rootfs's OpenSSH 10 client, so the key exchange is OpenSSH 10's post-quantum
+    default; the wrapper's own cost is measured and on the page. The figures are not checked."""
+    reason = deploy_lab_missing()
+    if reason:
+        pytest.skip(reason)
+    bench = Path(__file__).resolve().parents[2] / "bench" / "deploy"
+    before = set(Path("/run").glob("pibake-bench-ssh-*"))
+    proc = subprocess.run([sys.executable, str(bench), "--rootfs", "--ssh-client", "rootfs", "--sizes", "1",
+                           "--no-sequential", "--ssh-costs", "--report-dir", str(tmp_path), "--report-name", "t"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "t.json").read_text())
+    (host,) = data["results"][0]["hosts"]
+    assert (host["status"], host["step"]) == ("changed", "idle")
+    assert data["results"][0]["rerun_hosts"][0]["status"] == "unchanged"
+    info = data["lab_rootfs"]
+    assert info["hosts"] == "rootfs" and info["versions"]["slurmd"].startswith("24.11")
+    assert info["ssh_client"]["version"].startswith("OpenSSH_10.") and info["ssh_client"]["wrapper_overhead_ms"] > 0
+    costs = data["ssh_costs"]
+    assert costs["ssh_version"].startswith("OpenSSH_10.")
+    assert any("mlkem768x25519-sha256" in line for line in costs["negotiated"]), costs["negotiated"]
+    page = (tmp_path / "t.md").read_text()
+    assert page.startswith("# bench/deploy --rootfs:") and "exec wrapper (bench/rootfs_ssh.py)" in page
+    # the wrapper's work directory (its mounts lived in the holder's namespace) is gone with the run
+    assert set(Path("/run").glob("pibake-bench-ssh-*")) <= before
