@@ -151,7 +151,7 @@ def phases(lab, host):
 
     create (namespaces, veth) and mount (the host root) run in a pool that starts after the rootfs
     lookup (``rootfs_s``); cloud-init runs from ``boot_start_s`` for ``cloud_init_s``; a worker is
-    "to idle" from the end of its boot (sshd started) until sinfo shows it idle (``idle_s``)."""
+    "to idle" from the end of its boot (cloud-init done; sshd runs since its init stage) until sinfo shows it idle (``idle_s``)."""
     out = []
     t = lab.get("rootfs_s", 0.0)
     for name, key in (("create", "host_s"), ("mount", "root_s")):
@@ -223,7 +223,7 @@ The timeline is drawn from lab up's own timings (`bench/lab_rootfs.py --replot`)
 namespace, veth, UTS/mount/PID namespaces) and mount (the host's root over the shared rootfs) run in a pool
 of up to 8 threads that starts after the rootfs lookup, so their start is that of the pool; cloud-init is
 the host's first boot (`pibake.lab.boot.boot_host`: cloud-init's stages inside the host); "to idle" is
-from the end of the boot (sshd started) until sinfo on the manager shows the worker idle (enrolment,
+from the end of the boot (cloud-init done; sshd runs since its init stage) until sinfo on the manager shows the worker idle (enrolment,
 slurm.conf, slurmctld restart, slurmd start).
 The gaps: before the first boot every host's seed is validated (the "seed validation" column); the
 manager boots first and the workers when its registry answers, as a person powering on Pis would.

@@ -162,7 +162,7 @@ def validate_seed(root, seed, *, enter, host="host", timeout=60):
         raise SeedError(f"{host}: user-data fails cloud-init's schema: {detail}")
 
 
-def boot_host(root, seed, *, enter, host="host", timeout=300, validate=True):
+def boot_host(root, seed, *, enter, host="host", timeout=300, validate=True, after_init=None):
     """Boot a lab host from ``seed`` and return a ``BootResult``.
 
     ``root`` is the host's root as returned by ``make_host_root`` (valid inside ``enter``'s
@@ -174,6 +174,10 @@ def boot_host(root, seed, *, enter, host="host", timeout=300, validate=True):
     ``SeedError`` and nothing is booted. All four stages run even if one fails, as on a
     Pi; the result carries cloud-init's status, per-stage exit codes and log tails. Use
     ``result.check()`` to turn a failed boot into a ``BootError``.
+
+    ``after_init()`` is called once cloud-init's init stage is done (host keys written, network up), where
+    a Pi's systemd starts ssh.service: the config and final stages (packages, runcmd, the agent) then run
+    with sshd up, as on a Pi.
     """
     enter = [str(a) for a in enter]
     root = str(root)
@@ -187,21 +191,21 @@ def boot_host(root, seed, *, enter, host="host", timeout=300, validate=True):
                     + yaml.safe_dump(PI_CLOUD_CFG, sort_keys=False), enter=enter, timeout=timeout)
     run([*enter, "sh", "-eu", "-c", 'mkdir -p "$(dirname "$1")" && ln -sfn "$2" "$1"', "link-seed",
          f"{root}{SEED_DIR}", BOOT_PARTITION], timeout=timeout)
-    return _run_stages(root, enter, host, timeout)
+    return _run_stages(root, enter, host, timeout, after_init)
 
 
-def reboot_host(root, *, enter, host="host", timeout=300):
+def reboot_host(root, *, enter, host="host", timeout=300, after_init=None):
     """Boot a lab host again, as a Pi boots after a power cut: cloud-init's four stages on what the card
     holds now (the seed already on /boot/firmware, the root's /var/lib/cloud from earlier boots). Nothing is
     written first; cloud-init itself skips what runs once per instance (users, write_files, runcmd) and
-    runs what runs every boot. Returns a ``BootResult``."""
+    runs what runs every boot. Returns a ``BootResult``; ``after_init``: as for ``boot_host``."""
     enter = [str(a) for a in enter]
     root = str(root)
     _require_own_uts(enter, host, timeout)
-    return _run_stages(root, enter, host, timeout)
+    return _run_stages(root, enter, host, timeout, after_init)
 
 
-def _run_stages(root, enter, host, timeout):
+def _run_stages(root, enter, host, timeout, after_init=None):
     started = time.monotonic()
     stages = []
     for name, args in STAGES:
@@ -210,6 +214,8 @@ def _run_stages(root, enter, host, timeout):
         stage = StageResult(name, proc.returncode, round(time.monotonic() - t0, 2))
         stages.append(stage)
         LOG.info("%s: cloud-init %s exited %d after %.2f s", host, name, proc.returncode, stage.seconds)
+        if name == "init" and after_init is not None:
+            after_init()
     seconds = round(time.monotonic() - started, 2)
 
     proc = run([*enter, "chroot", root, "cloud-init", "status", "--format", "json"], timeout=timeout,

@@ -15,7 +15,8 @@ into running lab hosts:
 4. boot = cloud-init's four stages (``boot.boot_host``): the manager first (its registry and
    slurmctld come up from its own cloud-init), then the workers, which enrol through their agent;
    ``manager_delay`` boots the workers first instead (their agents retry);
-5. sshd started in every host (on a Pi, systemd starts the enabled ssh.service at boot);
+5. sshd started in every host once cloud-init's init stage is done, before its config and final stages
+   (on a Pi, systemd starts the enabled ssh.service then: the agent enrols a node that answers ssh);
 6. wait until every worker is ``idle`` in ``sinfo`` on the manager.
 
 Every name starts with the lab's prefix (default ``pblab``), so ``lab_down`` removes a crashed
@@ -493,12 +494,13 @@ def sensor_dropin(record, *, sim_bus=None, settings=None):
 
 def _boot(record, seed, started):
     record["timings"]["boot_start_s"] = round(time.monotonic() - started, 2)
-    result = boot_host(record["root"], seed, enter=enter_argv(record["pid"]), host=record["name"], validate=False)
+    # sshd starts after cloud-init's init stage, as ssh.service does on a Pi: the agent (final stage) enrols a
+    # node that already answers ssh, so the manager's switch loops never see an enrolled node without ssh
+    result = boot_host(record["root"], seed, enter=enter_argv(record["pid"]), host=record["name"], validate=False,
+                       after_init=lambda: record.update(sshd=_start_sshd(record)))
     record["timings"]["cloud_init_s"] = result.seconds
     record["boot"] = {"ok": result.ok, "status": result.status.get("status"), "errors": result.errors,
                       "hostname": result.hostname}
-    if result.ok:
-        record["sshd"] = _start_sshd(record)
     record["timings"]["boot_done_s"] = round(time.monotonic() - started, 2)
     LOG.info("%s booted: %s", record["name"], record["boot"])
     return record
@@ -756,12 +758,12 @@ def _power_on(state, host, note, timeout):
     host.update(pid=pid, netns_id=os.readlink(f"/proc/{pid}/ns/net"))
     make_host_root(state["rootfs"], base / ROOTS_DIR / name, enter=enter_argv(pid), timeout=timeout)
     note(f"{name}: power on; booting (cloud-init)")
-    result = reboot_host(host["root"], enter=enter_argv(pid), host=name, timeout=timeout)
+    result = reboot_host(host["root"], enter=enter_argv(pid), host=name, timeout=timeout,
+                         after_init=lambda: host.update(sshd=_start_sshd(host)))  # as at first boot (_boot)
     host["boot"] = {"ok": result.ok, "status": result.status.get("status"), "errors": result.errors,
                     "hostname": result.hostname}
     units = []
     if result.ok:
-        host["sshd"] = _start_sshd(host)
         units = _start_boot_units(host)
     note(f"{name}: cloud-init {host['boot']['status']} in {result.seconds:.1f} s; started "
          + (", ".join(units) or "no units"))

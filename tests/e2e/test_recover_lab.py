@@ -150,7 +150,11 @@ def stop_manager_loop(prefix, loop):
         lab_run("red00", ["kill", "-TERM", str(pid)], prefix=prefix)
     deadline = time.monotonic() + 60
     while manager_loop_pid(prefix, loop) is not None:
-        assert time.monotonic() < deadline, f"the manager's {loop} loop did not stop on SIGTERM"
+        if time.monotonic() >= deadline:  # a round in progress (a recovery waits for its node): say which
+            seen = lab_run("red00", ["sh", "-c", f"tail -n 30 /var/log/pibake/*switch-{loop}*.log; "
+                                     f"cat {MANAGER_CLUSTER}/switches/{loop}.json"], prefix=prefix)
+            raise AssertionError(f"the manager's {loop} loop did not stop on SIGTERM within 60 s; its log and "
+                                 f"history:\n{seen.stdout}{seen.stderr}")
         time.sleep(0.5)
 
 
