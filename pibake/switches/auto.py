@@ -20,6 +20,7 @@ from pibake.switches.recover import (
     judge_down,
     make_node_connectors,
     probe_node,
+    registry_addresses,
     recover_node,
 )
 from pibake.verify import served_slurm_conf
@@ -92,10 +93,20 @@ def auto_pass(cluster_dir, *, policy=Policy(), connectors=None, clock=time.time,
         return []
     slurm_conf = slurm_conf or served_slurm_conf(cluster_dir)
     history = load_history(cluster_dir)
+    addresses, error = (None, None) if connectors else registry_addresses(cluster_dir, cluster)
     report = []
     for config in candidates(cluster):
         node = config.node
-        nodes_connectors = connectors or make_node_connectors(cluster_dir, cluster, node, ssh_options=ssh_options)
+        if addresses is not None and node not in addresses:
+            # never enrolled (a first boot still running), or the registry does not answer: ssh could only try
+            # the name, and a failure there says nothing about the node; never cycle on that
+            detail = f"the registry has no address for {node} ({error or 'not enrolled yet'}); not judged"
+            if not quiet_up:
+                say(f"{node}: unknown: {detail}")
+            report.append({"node": node, "switch": config.name, "decision": "unknown", "detail": detail})
+            continue
+        nodes_connectors = connectors or make_node_connectors(cluster_dir, cluster, node, ssh_options=ssh_options,
+                                                              addresses=addresses)
         down, why = judge_down(node, *probe_node(nodes_connectors, cluster, node, slurm_conf))
         now = clock()
         decision, detail = decide(node, down, why, history.get(node, []), now, policy)

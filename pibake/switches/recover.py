@@ -74,11 +74,19 @@ def probe_node(connectors, cluster, node, slurm_conf):
     return ssh, sinfo
 
 
-def make_node_connectors(cluster_dir, cluster, node, connect_timeout=5, ssh_options=None):
-    """Connectors as verify makes them; ``ssh_options``: {"user", "identity", "known_hosts"} (as
-    ``pibake verify --user -i --known-hosts``), None for the cluster's user and ssh's own choices."""
+def registry_addresses(cluster_dir, cluster):
+    """({hostname: ip} the registry recorded, the error line when it did not answer or None)."""
     _health, nodes, error = fetch_registry(cluster_dir, cluster)
-    addresses = {n["hostname"]: n["ip"] for n in nodes or () if n.get("ip")}
+    return {n["hostname"]: n["ip"] for n in nodes or () if n.get("ip")}, error
+
+
+def make_node_connectors(cluster_dir, cluster, node, connect_timeout=5, ssh_options=None, addresses=None):
+    """Connectors as verify makes them; ``ssh_options``: {"user", "identity", "known_hosts"} (as
+    ``pibake verify --user -i --known-hosts``), None for the cluster's user and ssh's own choices.
+    ``addresses``: the registry's, when the caller fetched them already."""
+    error = None
+    if addresses is None:
+        addresses, error = registry_addresses(cluster_dir, cluster)
     if node not in addresses:
         LOG.info("the registry has no address for %s (%s); ssh uses the name", node, error or "not enrolled")
     return make_connectors(cluster, addresses, connect_timeout=connect_timeout, **(ssh_options or {}))

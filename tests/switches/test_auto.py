@@ -87,3 +87,35 @@ def test_rounds_recover_once_then_respect_backoff_and_limit(tmp_path, kasa_plug)
     assert log.count(("cycle", "auto", True)) == 2 and log.count(("recover", "auto", True)) == 2
     assert ("auto-skip", "auto", False) in log
     assert switches.switch_status(cluster, "pi1")["state"]["on"] is True
+
+
+@needs_kasa_simulator
+def test_a_node_the_registry_has_no_address_for_is_never_judged_nor_cycled(tmp_path, kasa_plug, monkeypatch):
+    """A node still in its first boot (not enrolled) or a registry that does not answer: ssh could only try the
+    name, and its failure (no DNS for it) says nothing about the node. Found in the lab: the manager's loop judged
+    a worker that enrolled a moment after its address lookup down ("Could not resolve hostname") and then waited
+    600 s for it to answer by that name."""
+    import pibake.switches.auto as auto
+
+    cluster = write_cluster(tmp_path / "c", [
+        {"name": "pi1", "driver": "kasa", "address": kasa_plug.address, "node": "red01", "auto_cycle": True,
+         "timeout": 2}])
+    switches.switch_command(cluster, "pi1", "on")
+    probed = []
+    monkeypatch.setattr(auto, "probe_node", lambda *a, **k: probed.append(a) or (SSH_DOWN, SINFO_DOWN))
+    for answer, why in (({}, None), ({}, "https://10.1.1.10:8443: connection refused")):
+        monkeypatch.setattr(auto, "registry_addresses", lambda *a, answer=answer, why=why: (answer, why))
+        (row,) = auto_pass(cluster, policy=POLICY, slurm_conf="/etc/slurm/slurm.conf")
+        assert (row["node"], row["decision"]) == ("red01", "unknown")
+        assert row["detail"].startswith("the registry has no address for red01 (") and row["detail"].endswith(
+            "); not judged")
+        assert (why or "not enrolled yet") in row["detail"]
+    assert probed == []  # not even probed
+    assert switches.switch_status(cluster, "pi1")["state"]["on"] is True  # never switched
+    assert [e for e in switches.switch_log(cluster) if e.get("by") == "auto"] == []
+    # once the registry knows it, the round judges it as before (here: down by both, so recovered)
+    monkeypatch.setattr(auto, "registry_addresses", lambda *a: ({"red01": "10.1.1.11"}, None))
+    monkeypatch.setattr(auto, "recover_node", lambda *a, **k: {"recovered": True})
+    assert [r["decision"] for r in auto_pass(cluster, policy=POLICY, slurm_conf="/etc/slurm/slurm.conf")] == [
+        "recovered"]
+    assert len(probed) == 1
