@@ -127,13 +127,14 @@ class SshConnector:
         for key, value in self.ssh.clustershell_info().items():
             task.set_info(key, value)
 
-    def start(self, task, host, command, *, handler, timeout, stdin=None):
+    def start(self, task, host, command, *, handler, timeout, stdin=None, keep_stdin_open=False):
         """Start ``command`` (a shell command line) on ``host``; its events go to ``handler``. ``timeout``
-        counts from ssh's start, so the connect timeout is added to it."""
+        counts from ssh's start, so the connect timeout is added to it (None: no timeout). With
+        ``keep_stdin_open`` the caller writes to the returned worker's stdin and closes it."""
         address = self.address(host)
         return connect_workers.start(task, host, [*self._head, address, "--", command], command, handler=handler,
-                                     timeout=timeout + self.connect_timeout, stdin=_stdin_bytes(stdin),
-                                     remote_nodes=address)
+                                     timeout=None if timeout is None else timeout + self.connect_timeout,
+                                     stdin=_stdin_bytes(stdin), remote_nodes=address, keep_stdin_open=keep_stdin_open)
 
     def run(self, host, argv, *, input=None, timeout=60):
         return Connectors(self).run(host, argv, input=input, timeout=timeout)

@@ -77,20 +77,24 @@ if ExecClient is not None:
             self.eh.ev_read(self, node, sname, msg)
 
 
-def start(task, key, argv, command, *, handler, timeout, stdin, remote_nodes=None):
+def start(task, key, argv, command, *, handler, timeout, stdin, remote_nodes=None, keep_stdin_open=False):
     """Start ``argv`` on ``task`` as a worker for ``key`` whose events go to ``handler``; ``stdin``: bytes for
-    its standard input, or None (closed). Without the internals above: ClusterShell's own ``task.shell`` of
-    ``command`` (to ``remote_nodes`` with the task's ssh settings, else locally)."""
+    its standard input, or None; then its stdin is closed, unless ``keep_stdin_open`` (the caller writes more
+    with ``worker.write`` and closes it with ``worker.set_write_eof``). Without the internals above:
+    ClusterShell's own ``task.shell`` of ``command`` (to ``remote_nodes`` with the task's ssh settings, else
+    locally)."""
     if ExecClient is not None:
         worker = SpawnWorker(key, argv, handler, timeout, stderr=True)
     elif remote_nodes is not None:
-        worker = task.shell(command, nodes=remote_nodes, handler=handler, timeout=timeout, stdin=stdin is not None,
-                            stderr=True)
+        worker = task.shell(command, nodes=remote_nodes, handler=handler, timeout=timeout,
+                            stdin=stdin is not None or keep_stdin_open, stderr=True)
     else:
-        worker = task.shell(command, handler=handler, timeout=timeout, stdin=stdin is not None, stderr=True)
+        worker = task.shell(command, handler=handler, timeout=timeout, stdin=stdin is not None or keep_stdin_open,
+                            stderr=True)
     if stdin is not None:
         worker.write(stdin)
-    worker.set_write_eof()
+    if not keep_stdin_open:
+        worker.set_write_eof()
     if ExecClient is not None:
         task.schedule(worker)
     return worker

@@ -1,5 +1,5 @@
 """How pibake calls OpenSSH, in one place: the options every session gets, login user, identity,
-known_hosts, host key policy, connection multiplexing (ControlMaster) and the argv of ssh itself.
+known_hosts, host key policy and the argv of ssh itself.
 
 ``pibake.connect.SshConnector`` (deploy, verify, bench, recover) hands these options to a ClusterShell task
 (``clustershell_info``), which does the fan-out and starts the same ssh as ``SshOptions.argv`` (nothing that
@@ -7,8 +7,8 @@ differs (its hard-wired ``-oForwardAgent=no -oForwardX11=no -oBatchMode=yes`` ar
 already)). Options the user gives (``extra``: ``-F file``, ``-o Key=value``, ``-i file``) come first: ssh
 keeps the first value it reads, so they win over pibake's defaults. Key exchange, ciphers and MACs stay
 OpenSSH's defaults (and the user's config): dropping the post-quantum exchange for a cheaper one is the
-user's choice (``-o KexAlgorithms=...``, docs/deploy.md "What ssh costs"); multiplexing makes it one exchange
-per host."""
+user's choice (``-o KexAlgorithms=...``, docs/deploy.md "What ssh costs"); deploy runs one session per host,
+so it is one exchange per host."""
 
 import shlex
 from dataclasses import dataclass
@@ -25,8 +25,7 @@ class SshOptions:
     """One way of reaching hosts over ssh. None leaves a setting to ssh (and its config files).
 
     ``host_key_check``: StrictHostKeyChecking (``accept-new`` for verify, ``no`` only for throwaway VMs);
-    ``known_hosts``: UserKnownHostsFile; ``log_level``: LogLevel; ``control_dir``: one multiplexed
-    connection per host with its socket there (``control_persist`` seconds after the last session)."""
+    ``known_hosts``: UserKnownHostsFile; ``log_level``: LogLevel."""
 
     user: str | None = None
     identity: str | None = None
@@ -35,8 +34,6 @@ class SshOptions:
     host_key_check: str | None = None
     log_level: str | None = None
     extra: tuple = ()
-    control_dir: str | None = None
-    control_persist: int = 120
 
     def options(self):
         """The option arguments of every ssh pibake starts (no login, host or command)."""
@@ -51,9 +48,6 @@ class SshOptions:
             opts += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
         if self.log_level:
             opts += ["-o", f"LogLevel={self.log_level}"]
-        if self.control_dir:
-            opts += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C",
-                     "-o", f"ControlPersist={self.control_persist}"]
         return opts
 
     def _login(self):
@@ -67,10 +61,6 @@ class SshOptions:
     def argv(self, host, command):
         """``ssh ... host -- command`` (``command``: one shell command line, as ssh sends it)."""
         return [*self.head(), host, "--", command]
-
-    def control_argv(self, host, operation="exit"):
-        """``ssh -O operation host``: ask (or stop, with ``exit``) the host's master connection."""
-        return [ssh_program(), *self.options(), *self._login(), "-O", operation, host]
 
     def config_argv(self, host):
         """``ssh -G host``: the configuration ssh would use for ``host`` (no connection is made)."""

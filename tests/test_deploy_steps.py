@@ -89,14 +89,9 @@ def test_files_command_is_skipped_when_the_node_has_everything():
     assert stdin_spec(steps.files_command(host, INPUTS))["authorize"] == AUTH
 
 
-def files_then_agent(written, agent_output):
-    """What a worker's files + agent session prints: the installer's list, the marker, the agent's JSON."""
-    return f"{json.dumps(written)}\n@@pibake {steps.FILES_DONE}\n{agent_output}"
-
-
 def test_a_worker_goes_connect_files_agent_and_waits_for_idle():
-    """The whole worker sequence from recorded outputs, as the runner drives it: the files and the agent share
-    one ssh session (the agent runs only when the installer succeeded)."""
+    """The whole worker sequence from recorded outputs, as the runner drives it (each step's outcome is its
+    result in the host's one session)."""
     host = steps.HostState.for_target("red01")
     seen = []
 
@@ -106,23 +101,26 @@ def test_a_worker_goes_connect_files_agent_and_waits_for_idle():
         seen.append((command.step, command.ships_files))
         return steps.step_done(host, outcome, INPUTS)
 
+    connect = steps.next_command(host, "connect", INPUTS)
+    assert connect.shell == "" and connect.facts["files"] == list(node.WORKER_FACT_FILES)
     following = run("connect", steps.Outcome(0, recorded("facts-lab-bookworm.txt")))
     assert following == "packages"
     command = steps.next_command(host, following, INPUTS)  # packages skipped: all installed
-    assert command.step == "agent" and command.stdin and command.timeout == 300 + steps.AGENT_DEADLINE_S + 60
-    installer, agent = command.shell.split(f" && echo '@@pibake {steps.FILES_DONE}' && ")
-    assert installer.startswith("/usr/bin/python3 -c ") and agent == steps.agent_command(host, INPUTS).shell
+    assert command.step == "files" and command.stdin and command.timeout == 300
+    assert command.shell.startswith("/usr/bin/python3 -c ")
     written = [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, node.TOKEN_FILE]
-    assert run(following, steps.Outcome(0, files_then_agent(written, recorded("agent-ready-new.json")))) == \
-        steps.WAIT_IDLE
+    assert run(following, steps.Outcome(0, json.dumps(written))) == "agent"
     assert host.token_sent and host.written == written
-    assert seen == [("connect", False), ("agent", True)]
+    assert run("agent", steps.Outcome(0, recorded("agent-ready-new.json"))) == steps.WAIT_IDLE
+    assert steps.next_command(host, "agent", INPUTS).shell == \
+        f"/usr/bin/python3 {node.AGENT_PATH} --config {node.AGENT_CONFIG} --json"
+    assert seen == [("connect", False), ("files", True), ("agent", False)]
     assert host.result.hostname == "red01"
     assert host.result.changes == [node.AGENT_PATH, node.AGENT_CONFIG, node.CA_PATH, "enrolment new", "/etc/hosts",
                                    "/etc/munge/munge.key", "/etc/default/slurmd", "munge started", "slurmd started"]
 
 
-def test_with_nothing_to_ship_the_agent_runs_alone():
+def test_with_nothing_to_ship_the_agent_comes_next():
     host = worker("facts-pi-trixie-old-agent.txt")
     wanted = steps.host_wanted_files(host, INPUTS)
     host.facts["sha256"] = {p: hashlib.sha256(data).hexdigest() for p, (data, _m) in wanted.items()}
@@ -130,27 +128,6 @@ def test_with_nothing_to_ship_the_agent_runs_alone():
     command = steps.next_command(host, "files", INPUTS)
     assert (command.step, command.ships_files, command.stdin) == ("agent", False, None)
     assert command == steps.agent_command(host, INPUTS)
-
-
-@pytest.mark.parametrize("outcome, step, error", [
-    # the installer failed: the agent never ran, the row stops at files
-    (steps.Outcome(1, "", "PermissionError: [Errno 13] Permission denied: '/etc/pibake'\n"), "files",
-     "files: PermissionError: [Errno 13] Permission denied: '/etc/pibake'"),
-    (steps.Outcome(None, "", "", timedout=True), "files", "files: did not finish in time on the node"),
-    # the files were written, then the agent failed
-    (steps.Outcome(1, files_then_agent([node.AGENT_PATH], '{"status": "error", "message": "join token expired"}')),
-     "agent", "agent: join token expired"),
-    (steps.Outcome(None, files_then_agent([node.AGENT_PATH], ""), timedout=True), "agent",
-     "agent: did not finish in time on the node"),
-])
-def test_a_failed_files_then_agent_session_names_its_part(outcome, step, error):
-    host = worker("facts-lab-bookworm.txt")
-    steps.started(host, steps.next_command(host, "files", INPUTS))
-    host.result.step = "agent"  # as the runner notes it when the session starts
-    with pytest.raises(steps.StepFailed) as exc:
-        steps.step_done(host, outcome, INPUTS)
-    assert (str(exc.value), host.result.step) == (error, step)
-    assert host.written == ([node.AGENT_PATH] if step == "agent" else [])
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -199,9 +176,11 @@ def test_a_rejected_credential_sends_the_token_once():
     command = steps.next_command(host, "files", INPUTS)
     assert command.sends_token and node.TOKEN_FILE in [f["path"] for f in stdin_spec(command)["files"]]
     steps.started(host, command)
-    assert host.step == "agent" and host.token_sent
+    assert host.step == "files" and host.token_sent
+    assert steps.step_done(host, steps.Outcome(0, json.dumps([node.TOKEN_FILE])), INPUTS) == "agent"
+    steps.started(host, steps.next_command(host, "agent", INPUTS))
     with pytest.raises(steps.StepFailed, match="rejected this node's credential"):
-        steps.step_done(host, steps.Outcome(1, files_then_agent([node.TOKEN_FILE], rejected.out)), INPUTS)
+        steps.step_done(host, rejected, INPUTS)
 
 
 def test_an_agent_that_changed_nothing():
@@ -219,7 +198,7 @@ def test_a_non_root_login_runs_through_sudo():
 
 
 def test_the_remote_programs_are_package_data_and_stdlib_only():
-    for name in ("facts.py", "install_files.py"):
+    for name in ("session.py", "install_files.py"):
         source = facts.remote_program(name)
         proc = subprocess.run([PYTHON, "-I", "-c", "import ast, json, sys; tree = ast.parse(sys.stdin.read()); "
                                "print(json.dumps(sorted({a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import)"
@@ -228,10 +207,10 @@ def test_the_remote_programs_are_package_data_and_stdlib_only():
                               check=True)
         assert set(json.loads(proc.stdout)) <= set(sys.stdlib_module_names), name
     assert facts._MARK == "@@pibake "
-    assert 'MARK = "@@pibake "' in facts.remote_program("facts.py")  # the parser's marker
+    assert 'MARK = "@@pibake "' in facts.remote_program("session.py")  # the parser's marker
 
 
-def test_the_facts_program_reports_this_machine(tmp_path):
+def test_the_session_reports_the_facts_of_this_machine(tmp_path):
     credential = tmp_path / "credential"
     credential.write_text("secret\n")
     shipped = tmp_path / "agent.py"
@@ -239,8 +218,9 @@ def test_the_facts_program_reports_this_machine(tmp_path):
     spec = {"packages": ["dpkg", "no-such-package-pibake"], "files": [str(shipped), str(tmp_path / "absent")],
             "credential": str(credential), "venv": str(tmp_path / "no-venv"), "auth_user": "no-such-user-pibake",
             "auth_line": "x"}
-    out = subprocess.run([PYTHON, "-c", facts.remote_program("facts.py"), json.dumps(spec)], capture_output=True,
-                         text=True, timeout=30, check=True).stdout
+    out = subprocess.run(["sh", "-c", facts.session_command(spec).replace("/usr/bin/python3", PYTHON, 1)],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.endswith("@@pibake end\n")  # stdin ended: no step, the session exits 0
     got = facts.parse_host_facts(out)
     assert got["hostname"] == socket.gethostname() and got["uid"] == str(os.geteuid())
     assert got["sha256"] == {str(shipped): hashlib.sha256(b"print('agent')\n").hexdigest()}
@@ -253,3 +233,30 @@ def test_the_facts_program_reports_this_machine(tmp_path):
 
 def test_host_result_rows_start_pending():
     assert steps.HostState.for_target("red02").result == HostResult(host="red02")
+
+
+def test_the_session_runs_each_step_it_is_sent_and_answers_with_a_result_line(tmp_path):
+    """Steps after the facts: stdin (a secret, base64 in the request) reaches the step, a failing step
+    gives its exit code and stderr, and a step past its timeout is killed with its whole process group (the
+    grandchild too, as apt-get's children would be)."""
+    pidfile = tmp_path / "grandchild.pid"
+    requests = [facts.step_request("cat; echo; echo to-err >&2", b"join-token-secret", 30),
+                facts.step_request("echo out; exit 3", None, 30),
+                facts.step_request(f"sleep 60 & echo $! > {pidfile}; wait", None, 1)]
+    proc = subprocess.run(["sh", "-c", facts.session_command(None).replace("/usr/bin/python3", PYTHON, 1)],
+                          input=b"".join(requests), capture_output=True, timeout=60, check=True)
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0] == facts.END and len(lines) == 4  # no facts asked for: the end marker, then one line a step
+    results = [facts.parse_step_result(line) for line in lines[1:]]
+    assert results[0] == (0, "join-token-secret\n", "to-err\n", False)
+    assert results[1] == (3, "out\n", "", False)
+    assert results[2][0] is None and results[2][3] is True
+    grandchild = int(pidfile.read_text())
+    assert not Path(f"/proc/{grandchild}").exists() or \
+        Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("line", ["@@pibake end", "@@pibake result [1]", "@@pibake result {", "ok"])
+def test_a_line_that_is_not_a_step_result_is_refused(line):
+    with pytest.raises(ValueError):
+        facts.parse_step_result(line)

@@ -467,7 +467,7 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
     def facts():
-        script = d.facts_command(["slurmd"], ["/nonexistent"], auth)
+        script = d.session_command(d.facts_spec(["slurmd"], ["/nonexistent"], auth))
         return d.parse_host_facts(_as_node_with_user(tmp_path, ["sh", "-c", script], "")[0])["authorized"]
 
     def install():
@@ -489,9 +489,9 @@ def test_the_manager_key_is_authorized_for_the_cluster_user_once(tmp_path):
     assert keys.read_text() == f"{person}\n{auth['line']}\n"
     assert facts() == "present"
     other = dataclasses.replace(cluster, user="nosuchuser")
-    script = d.facts_command(["x"], ["/nonexistent"], {**auth, "user": other.user})
-    assert d.parse_host_facts(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                                        timeout=30).stdout)["authorized"] == "no-user"
+    script = d.session_command(d.facts_spec(["x"], ["/nonexistent"], {**auth, "user": other.user}))
+    assert d.parse_host_facts(subprocess.run(["sh", "-c", script], stdin=subprocess.DEVNULL, capture_output=True,
+                                             text=True, timeout=30).stdout)["authorized"] == "no-user"
 
 
 def test_deploy_installs_the_sensor_agent_as_the_seed_does():
@@ -522,33 +522,3 @@ def test_role_packages_follow_the_seed_with_mqtt():
         cluster = cluster_for(mqtt=mqtt)
         seed = yaml.safe_load(render("worker", cluster=cluster).user_data)
         assert sorted(d.role_packages(cluster, "worker")) == sorted(seed["packages"])
-
-
-def test_the_masters_of_a_deploy_are_found_by_their_control_directory(tmp_path):
-    """deploy stops its ssh masters with a signal each (no `ssh -O exit` process per host): the processes it
-    finds are the ssh processes whose command line names its own control directory, nothing else: a master
-    still starting (its original argv) and a running one (renamed to `ssh: <ControlPath> [mux]`; a real one
-    is stopped in tests/e2e/test_deploy.py)."""
-    from pibake.deploy.session import master_pids
-
-    mine, other = tmp_path / "pibake-ssh-mine", tmp_path / "pibake-ssh-other"
-    sleeper = "import time; time.sleep(60)"
-
-    def fake_ssh(control_dir, argv0="ssh"):  # a real process whose argv reads like an ssh master's
-        return subprocess.Popen([argv0, "-c", sleeper, "-o", f"ControlPath={control_dir}/%C", "-fN", "red01"],
-                                executable=sys.executable)
-
-    def renamed_master(control_dir):  # a running master's title (OpenSSH's setproctitle), nothing else
-        return subprocess.Popen([f"ssh: {control_dir}/0f3a9c [mux]", "-c", sleeper], executable=sys.executable)
-
-    procs = [fake_ssh(mine), fake_ssh(other), fake_ssh(mine, argv0="python3"), renamed_master(mine),
-             renamed_master(other)]
-    try:
-        found = master_pids(str(mine))
-        assert sorted(found) == sorted([procs[0].pid, procs[3].pid])
-        assert master_pids(str(tmp_path / "nothing")) == []
-        assert master_pids(str(mine), proc=str(tmp_path / "no-proc")) is None  # no /proc: deploy uses ssh -O exit
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()

@@ -36,7 +36,7 @@ def test_the_options_say_what_each_setting_asks_for(tmp_path):
     key = tmp_path / "key"
     key.write_text("")  # ssh -G lists an identity only when the file exists
     ssh = SshOptions(user="pi", identity=str(key), known_hosts="/kh", connect_timeout=3, host_key_check="accept-new",
-                     log_level="ERROR", extra=("-p", "2222"), control_dir=str(tmp_path), control_persist=30)
+                     log_level="ERROR", extra=("-p", "2222"))
     argv = ssh.argv("10.1.1.11", "echo 'a b'")
     assert argv[-3:] == ["10.1.1.11", "--", "echo 'a b'"] and argv[-5:-3] == ["-l", "pi"]
     assert argv[1:3] == ["-p", "2222"]  # the user's own options first: ssh keeps the first value it reads
@@ -45,8 +45,7 @@ def test_the_options_say_what_each_setting_asks_for(tmp_path):
     assert (conf["stricthostkeychecking"], conf["userknownhostsfile"], conf["identitiesonly"]) == \
         ("accept-new", "/kh", "yes")
     assert (conf["forwardagent"], conf["forwardx11"], conf["loglevel"]) == ("no", "no", "ERROR")
-    assert (conf["controlmaster"], conf["controlpersist"]) == ("auto", "30")
-    assert conf["controlpath"].startswith(f"{tmp_path}/")  # %C: ssh's hash of the connection
+    assert (conf["controlmaster"], conf.get("controlpath")) == ("false", None)  # one session per host: no master
     assert conf["identityfile"] == str(key)
 
 
@@ -63,10 +62,8 @@ def test_an_unset_setting_is_left_to_ssh():
     assert "-l" not in argv and "-i" not in argv
 
 
-def test_control_and_config_commands_name_the_host_last():
-    ssh = SshOptions(user="pi", control_dir="/tmp/x")
-    assert ssh.control_argv("red01")[-4:] == ["pi", "-O", "exit", "red01"]
-    assert ssh.config_argv("red01")[-2:] == ["-G", "red01"]
+def test_the_config_command_names_the_host_last():
+    assert SshOptions(user="pi").config_argv("red01")[-2:] == ["-G", "red01"]
 
 
 def test_verify_and_the_lab_take_their_ssh_from_it():
@@ -106,9 +103,9 @@ def _started_config(connector, host, address, start):
 
 @pytest.mark.parametrize("user", [None, "pi"])
 def test_deploys_clustershell_task_starts_the_same_ssh(tmp_path, user, process_start):
-    """deploy's connector (its SshOptions with multiplexing) starts the same ssh as SshOptions' own argv
-    gives, whether it starts the process itself or ClusterShell builds the command line from the task."""
-    ssh = SshOptions(user=user, connect_timeout=4, extra=("-o", "Port=2202"), control_dir=str(tmp_path))
+    """deploy's connector (its own SshOptions) starts the same ssh as SshOptions' own argv gives, whether it
+    starts the process itself or ClusterShell builds the command line from the task."""
+    ssh = SshOptions(user=user, connect_timeout=4, extra=("-o", "Port=2202"))
     conf = _started_config(SshConnector(options=ssh), "red01", "red01", process_start)
     assert conf and conf == resolved(ssh.argv("red01", "true"))
 

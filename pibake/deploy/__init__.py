@@ -11,7 +11,7 @@ manager's steps from its seed; ``remote/`` holds the programs that run on the no
 each step does on a host: docs/deploy.md.
 """
 
-from pibake.deploy.facts import _MARK, facts_command, parse_host_facts, remote_program  # noqa: F401
+from pibake.deploy.facts import _MARK, facts_spec, parse_host_facts, remote_program, session_command  # noqa: F401
 from pibake.deploy.hosts import (  # noqa: F401
     address_config,
     manager_ssh_target,

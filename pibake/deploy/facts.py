@@ -1,10 +1,12 @@
 """The facts of a host (pyinfra's model: a command plus a pure parser of its output).
 
-The command runs ``remote/facts.py`` with Debian's python3: os-release, PID 1, hostname, uid, the dpkg state
-of the packages deploy may install, sha256 of the files it ships, whether the node holds an enrolment
-credential, whether /opt/pibake has pibake, whether the cluster user has the manager's ssh key. One ssh
-session, nothing changed on the host."""
+The command starts ``remote/session.py`` with Debian's python3, deploy's one session on the host, which prints
+the facts first: os-release, PID 1, hostname, uid, the dpkg state of the packages deploy may install, sha256
+of the files it ships, whether the node holds an enrolment credential, whether /opt/pibake has pibake,
+whether the cluster user has the manager's ssh key. Reading them changes nothing on the host; the session then
+runs the steps deploy sends (``pibake.deploy.runner``)."""
 
+import base64
 import functools
 import json
 import shlex
@@ -13,6 +15,8 @@ from importlib import resources
 from pibake.deploy.node import CREDENTIAL_FILE, REMOTE_PYTHON, VENV_PIBAKE
 
 _MARK = "@@pibake "
+RESULT = _MARK + "result "  # a step's result line in the session's output, after the facts' end marker
+END = _MARK + "end"
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,12 +26,33 @@ def remote_program(name):
     return resources.files("pibake.deploy").joinpath("remote", name).read_text(encoding="utf-8")
 
 
-def facts_command(packages, files, authorize):
-    """The shell command that prints a host's facts (pure): ``packages`` whose dpkg state to report,
-    ``files`` whose sha256 to report, ``authorize`` the files step's entry for the manager's ssh key."""
-    spec = {"packages": list(packages), "files": list(files), "credential": CREDENTIAL_FILE, "venv": VENV_PIBAKE,
+def facts_spec(packages, files, authorize):
+    """What the session reports (pure): ``packages`` whose dpkg state, ``files`` whose sha256, ``authorize``
+    the files step's entry for the manager's ssh key."""
+    return {"packages": list(packages), "files": list(files), "credential": CREDENTIAL_FILE, "venv": VENV_PIBAKE,
             "auth_user": authorize["user"], "auth_line": authorize["line"]}
-    return f"{REMOTE_PYTHON} -c {shlex.quote(remote_program('facts.py'))} {shlex.quote(json.dumps(spec))}"
+
+
+def session_command(spec):
+    """The shell command of a host's session (pure): it prints the facts of ``spec`` (none when None), the end
+    marker, then runs the steps it reads on stdin."""
+    return f"{REMOTE_PYTHON} -c {shlex.quote(remote_program('session.py'))} {shlex.quote(json.dumps(spec))}"
+
+
+def step_request(shell, stdin, timeout):
+    """One step for the session (pure): a JSON line with the shell text, its stdin (base64) and timeout."""
+    return (json.dumps({"shell": shell, "stdin": base64.b64encode(stdin).decode() if stdin else None,
+                        "timeout": timeout}) + "\n").encode()
+
+
+def parse_step_result(line):
+    """A session's ``@@pibake result {...}`` line -> (rc, out, err, timedout); ValueError when it is not one."""
+    if not line.startswith(RESULT):
+        raise ValueError("not a step result")
+    result = json.loads(line[len(RESULT):])
+    if not isinstance(result, dict):
+        raise ValueError("not a step result")
+    return result.get("rc"), result.get("out") or "", result.get("err") or "", bool(result.get("timedout"))
 
 
 def parse_host_facts(text):

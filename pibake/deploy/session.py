@@ -2,9 +2,7 @@
 then the workers through their steps, then the wait until Slurm reports them idle. The manual: docs/deploy.md."""
 
 import logging
-import os
 import shutil
-import signal
 import tempfile
 import time
 
@@ -14,9 +12,8 @@ from pibake.deploy.manager import manager_plan_for
 from pibake.deploy.node import agent_source, manager_key_authorization
 from pibake.deploy.results import DeployReport, final_status, manager_not_ready
 from pibake.deploy.steps import HostState, Inputs
-from pibake.errors import CommandError, ConfigError, DeployError, RegistryClientError
+from pibake.errors import ConfigError, DeployError, RegistryClientError
 from pibake.registry_client import NOTHING_LISTENS, RegistryClient
-from pibake.run import run
 from pibake.secrets import seed_secrets
 from pibake.ssh import SshOptions
 
@@ -27,8 +24,6 @@ DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 180
 IDLE_POLL_S = 0.5  # each poll makes the registry run sinfo on the manager
 AGENT_RETRY_AFTER_S = 20  # a node not idle this long after its agent ran gets one more agent run
-CONTROL_PERSIST_S = 120  # an ssh master outlives its host's last session this long; deploy stops them at the end
-MASTER_EXIT_WAIT_S = 5  # at most this long for the ssh masters to exit after SIGTERM
 MANAGER_REGISTRY_TIMEOUT = 90  # seconds from starting the manager's registry until /health must answer
 
 
@@ -117,16 +112,13 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
         host_runs.insert(0, mgr)  # deploy sets the manager up: it gets its row, first
     LOG.info("deploy: %d host(s), up to %d ssh sessions at once, registry %s", len(targets), parallel,
              registry.api)
-    # One ssh connection per host for all its steps (OpenSSH ControlMaster): the key exchange is most of what
-    # an ssh session costs (OpenSSH 9.2, default sntrup761x25519 KEX: ~140 ms of client CPU for `ssh host true`,
-    # ~7 ms through an open master: bench/deploy --ssh-costs), so a host's sessions cost one handshake plus
-    # cheap multiplexed ones.
-    control_dir = tempfile.mkdtemp(prefix="pibake-ssh-")  # 0700; one socket per host, named by ssh's %C hash
-    ssh = SshOptions(user=user, connect_timeout=connect_timeout, extra=tuple(ssh_options), control_dir=control_dir,
-                     control_persist=CONTROL_PERSIST_S)
+    # One ssh session per host runs all its steps (runner.py): each ssh session costs the deploying machine a
+    # process, and a connection (the key exchange) or a channel of a multiplexed one (bench/deploy --ssh-costs)
+    ssh_dir = tempfile.mkdtemp(prefix="pibake-ssh-")  # 0700: the planned addresses' ssh config
+    ssh = SshOptions(user=user, connect_timeout=connect_timeout, extra=tuple(ssh_options))
     try:
         ssh = with_planned_addresses([h.result.host for h in host_runs], planned_addresses(cluster, cluster_dir),
-                                     ssh, control_dir)
+                                     ssh, ssh_dir)
         runner = Runner(Inputs(cluster, secrets, user), parallel=parallel, ssh=ssh, progress=progress)
         if problem is not None and plan is None:
             # something answers at the registry's address, but not this cluster's healthy registry: never
@@ -167,9 +159,8 @@ def deploy(cluster_dir, hosts, *, manager=None, user=None, parallel=DEFAULT_PARA
                             registry=registry.base, parallel=parallel,
                             started_at=started_wall, duration_s=time.monotonic() - t0)
     finally:
-        _close_masters(host_runs, ssh, control_dir)
         registry.close()
-        shutil.rmtree(control_dir, ignore_errors=True)
+        shutil.rmtree(ssh_dir, ignore_errors=True)
 
 
 def _setup_manager(runner, mgr, registry):
@@ -190,72 +181,6 @@ def _setup_manager(runner, mgr, registry):
         return
     LOG.info("deploy: the manager's registry answers; running its agent")
     runner.run([mgr], "agent")
-
-
-def _close_masters(host_runs, ssh, control_dir):
-    """Stop this deploy's ssh master connections. Each gets SIGTERM (it closes its connection and exits):
-    ``ssh -O exit`` would start one more ssh per host (~8 ms of CPU each on the deploying machine, measured
-    with bench/deploy --ssh-costs). Without /proc, ``ssh -O exit`` per host (a host never reached has none)."""
-    pids = master_pids(control_dir)
-    if pids is not None:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:  # gone meanwhile
-                pass
-        end = time.monotonic() + MASTER_EXIT_WAIT_S  # deploy returns once its connections are closed
-        while pids and time.monotonic() < end:
-            time.sleep(0.01)
-            pids = [p for p in pids if _alive(p)]
-        return
-    for h in host_runs:
-        try:
-            run(ssh.control_argv(h.result.host, "exit"), timeout=10, check=False)
-        except CommandError:
-            LOG.debug("deploy: %s: no ssh master to stop", h.result.host)
-
-
-def _alive(pid):
-    """True while ``pid`` runs (an exited master not yet reaped by its new parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def master_pids(control_dir, proc="/proc"):
-    """PIDs of this user's ssh masters of ``control_dir`` (the masters a deploy's sessions left running; its
-    directory is private to it), or None when there is no ``proc`` to read. A running master has renamed
-    itself (OpenSSH's setproctitle): its whole command line reads ``ssh: <control_dir>/<hash> [mux]``, the
-    ControlPath= option is gone; an ssh still starting up has its original argv (``ssh ... -o
-    ControlPath=<control_dir>/%C ...``). Both are recognised."""
-    try:
-        entries = [e for e in os.scandir(proc) if e.name.isdigit()]
-    except OSError:
-        return None
-    pids = []
-    for entry in entries:
-        try:
-            if entry.stat().st_uid != os.geteuid():
-                continue
-            with open(os.path.join(entry.path, "cmdline"), "rb") as fh:
-                argv = fh.read().split(b"\0")
-        except OSError:  # exited meanwhile
-            continue
-        if is_master_of(argv, control_dir):
-            pids.append(int(entry.name))
-    return pids
-
-
-def is_master_of(argv, control_dir):
-    """True when ``argv`` (a /proc cmdline split at NUL, bytes) is an ssh process of ``control_dir`` (pure):
-    the renamed master's title ``ssh: <control_dir>/... [mux]`` or the original ``ssh ... ControlPath=<control_dir>/...``."""
-    prefix = os.fsencode(control_dir) + b"/"
-    if argv[0].startswith(b"ssh: " + prefix) and argv[0].rstrip().endswith(b" [mux]"):
-        return True
-    needle = b"ControlPath=" + prefix
-    return os.path.basename(argv[0]) == b"ssh" and any(needle in a for a in argv)
 
 
 def _wait_idle(registry, host_runs, timeout, progress, final=True, budget=None):

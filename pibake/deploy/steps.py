@@ -1,13 +1,13 @@
 """The steps deploy takes on one host, in pyinfra's manner: a step's command is a pure function of the host's
 facts and the deploy's inputs (None when the facts say it is not needed), and a step's outcome (exit code,
 stdout, stderr) is read by a function that records what changed on the host and names the step that comes
-next. Nothing here opens a connection or sleeps: ``runner.py`` executes the commands over ssh. The order:
+next. Nothing here opens a connection or sleeps: ``runner.py`` executes the commands over ssh, all of a
+host's steps in one ssh session. The order:
 
     connect (facts) -> packages -> files -> [manager: install -> registry -> (deploy waits for /health)] -> agent
 
-A worker's files and agent run in one ssh session (the agent only once the files are written; its row says
-``agent`` while they run, ``files`` when the files part failed). A worker then waits for ``idle`` in sinfo
-(``session.py``), the manager is ``ready``. docs/deploy.md says what each step does on the host.
+A worker then waits for ``idle`` in sinfo (``session.py``), the manager is ``ready``. docs/deploy.md says what
+each step does on the host.
 """
 
 import base64
@@ -16,7 +16,7 @@ import logging
 import shlex
 from dataclasses import dataclass, field
 
-from pibake.deploy.facts import _MARK, facts_command, parse_host_facts, remote_program
+from pibake.deploy.facts import facts_spec, parse_host_facts, remote_program
 from pibake.deploy.hosts import ssh_error
 from pibake.deploy.manager import MANAGER_WHEEL_DIR, agent_script, setup_script, shell_line
 from pibake.deploy.node import (
@@ -40,7 +40,6 @@ from pibake.deploy.results import HostResult
 
 LOG = logging.getLogger(__name__)
 
-FILES_DONE = "files-done"  # the marker line between a worker's files and agent output (after facts' _MARK)
 WAIT_IDLE = "idle"  # a worker whose agent is done: deploy polls the registry until sinfo says idle
 WAIT_HEALTH = "health"  # the manager's registry was started: deploy polls /health, then runs its agent
 READY = "ready"  # the manager is done
@@ -58,8 +57,9 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Command:
-    """One ssh session of a step: shell text, optional stdin (secrets travel there), a timeout, and what the
-    step changes by running at all (e.g. the manager's reinstall)."""
+    """One step on a host: shell text, optional stdin (secrets travel there), a timeout, and what the step
+    changes by running at all (e.g. the manager's reinstall). ``facts``: the connect step's facts spec (the
+    session starts with them; it has no shell text)."""
 
     step: str
     shell: str
@@ -67,7 +67,8 @@ class Command:
     timeout: int = 120
     changes: tuple = ()
     sends_token: bool = False
-    ships_files: bool = False  # the files step's installer runs (alone, or first in a worker's agent session)
+    ships_files: bool = False  # the files step's installer runs
+    facts: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,6 @@ class HostState:
     token_sent: bool = False
     installed: bool = False  # the manager went through install + registry in this run
     force_ship: set = field(default_factory=set)  # files to send again whatever their checksum
-    files_then_agent: bool = False  # the running session writes the files, then runs the agent
     started: float | None = None
     step_started: float | None = None
 
@@ -177,8 +177,8 @@ def remote(command, user):
 
 
 def connect_command(host, inputs):
-    return Command("connect", facts_command(host.packages(inputs.cluster), host.fact_files, inputs.secrets["authorize"]),
-                   timeout=60)
+    return Command("connect", "", timeout=60,
+                   facts=facts_spec(host.packages(inputs.cluster), host.fact_files, inputs.secrets["authorize"]))
 
 
 def packages_command(host, inputs):
@@ -226,12 +226,7 @@ def files_command(host, inputs):
     if manager:  # the seed's bootcmd first: the registry's cluster directory exists 0700 before its secrets
         command = " && ".join([f"export PATH={REMOTE_PATH}"] + [shell_line(c) for c in host.plan.bootcmd]
                               + [command])
-        return Command("files", command, stdin=stdin, timeout=300, sends_token=need_token, ships_files=True)
-    # a worker's agent runs right after its files, in the same ssh session: one session less per host (each
-    # costs a process and a channel on both ends); the marker line tells the two outputs apart
-    agent = agent_command(host, inputs)
-    return Command("agent", f"{command} && echo {shlex.quote(_MARK + FILES_DONE)} && {agent.shell}", stdin=stdin,
-                   timeout=300 + agent.timeout, sends_token=need_token, ships_files=True)
+    return Command("files", command, stdin=stdin, timeout=300, sends_token=need_token, ships_files=True)
 
 
 def install_command(host, inputs):
@@ -285,7 +280,6 @@ def next_command(host, step, inputs):
 def started(host, command):
     """Bookkeeping when ``command`` starts on ``host``."""
     host.step = command.step
-    host.files_then_agent = command.ships_files and command.step == "agent"
     host.result.changes += list(command.changes)
     if command.ships_files:
         host.force_ship = set()
@@ -332,20 +326,6 @@ def files_done(host, outcome, inputs):
     return after_files(host)
 
 
-def split_files_then_agent(host, outcome, inputs):
-    """A worker's session that wrote its files, then ran the agent: record the files part as ``files_done``
-    does and return the agent's part of the outcome. Without the marker the files part failed and the agent
-    did not run: the host is back at step ``files``, whose reading of the whole outcome says why."""
-    marker = _MARK + FILES_DONE
-    lines = outcome.out.splitlines()
-    if marker not in lines:  # the installer failed (or did not finish): the agent did not run; the files
-        host.step = host.result.step = "files"  # step's own reading says why
-        return outcome
-    at = lines.index(marker)
-    files_done(host, Outcome(0, "\n".join(lines[:at]), outcome.err), inputs)
-    return Outcome(outcome.rc, "\n".join(lines[at + 1:]), outcome.err, outcome.timedout)
-
-
 def install_done(host, outcome, inputs):
     if outcome.rc != 0:
         raise StepFailed(f"install: {ssh_error(outcome.err, outcome.rc)}")
@@ -388,9 +368,6 @@ DONE = {"connect": connect_done, "packages": packages_done, "files": files_done,
 def step_done(host, outcome, inputs):
     """Read the outcome of the host's running step: the next step (a key of COMMANDS) or a wait state
     (WAIT_IDLE, WAIT_HEALTH, READY); raises StepFailed with the host's error."""
-    if host.files_then_agent:  # a worker's files + agent session: the files part is read first
-        host.files_then_agent = False
-        outcome = split_files_then_agent(host, outcome, inputs)
     if host.step != "connect" and (outcome.timedout or outcome.rc is None):
         raise StepFailed(f"{host.step}: did not finish in time on the node")
     return DONE[host.step](host, outcome, inputs)

@@ -7,10 +7,8 @@ lab: manager red00 (registry, no sshd), workers red01-red03 with sshd only."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -86,18 +84,6 @@ def daemons(lab, name):
     return {d: host.run(["pgrep", "-x", d], check=False).stdout.split() for d in ("munged", "slurmd")}
 
 
-def control_path(argv):
-    """The ControlPath a deploy's ssh process names, or None: a running master's title (OpenSSH renames it
-    `ssh: <ControlPath> [mux]`) or a starting ssh's `-o ControlPath=...`."""
-    if argv[0].startswith("ssh: ") and argv[0].rstrip().endswith(" [mux]"):
-        path = argv[0][len("ssh: "):].rstrip()[:-len(" [mux]")]
-    elif os.path.basename(argv[0]) == "ssh":
-        path = next((a.split("ControlPath=", 1)[1] for a in argv if "ControlPath=" in a), None)
-    else:
-        return None
-    return path if path and "/pibake-ssh-" in path else None
-
-
 def _peers(pid):
     """The IPv4 addresses process ``pid``'s TCP sockets are connected to (its fds' socket inodes looked up
     in /proc/net/tcp)."""
@@ -118,21 +104,18 @@ def _peers(pid):
     return peers
 
 
-def leftover_masters(lab=None):
-    """ssh processes of a deploy's ControlPath whose directory no longer exists (deploy removes its directory
-    when it ends, after stopping the masters; a deploy still running has its directory). ``lab``: only those
-    connected to its hosts (other deploys may run on this machine meanwhile, e.g. a CI run)."""
+def leftover_ssh(lab):
+    """ssh processes still connected to the lab's hosts (deploy returns once every host's session ended; another
+    run on this machine, e.g. CI, has other addresses)."""
     left = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            path = control_path(argv)
-            if path and lab is not None and not any(ip.startswith(f"10.77.{lab.octet}.") for ip in _peers(pid)):
-                continue
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[0]
+            if (os.path.basename(argv0) == "ssh" or argv0.startswith("ssh: ")) and \
+                    any(ip.startswith(f"10.77.{lab.octet}.") for ip in _peers(pid)):
+                left.append((pid, argv0))
         except OSError:  # exited meanwhile
             continue
-        if path and not os.path.isdir(os.path.dirname(path)):
-            left.append((pid, path))
     return left
 
 
@@ -149,14 +132,14 @@ def test_three_sshd_only_hosts_become_idle(lab):
         assert (host["step"], host["status"], host["slurm_state"], host["error"]) == ("idle", "changed", "idle", None)
         assert "enrolment new" in host["changes"] and "slurmd started" in host["changes"]
         assert "/etc/pibake/agent.json" in host["changes"] and "/usr/local/lib/pibake/agent.py" in host["changes"]
-        # packages: all installed here; the files were written in the agent's ssh session (timed as agent)
-        assert set(host["timings"]) == {"connect", "agent", "idle"}
+        # packages: all installed here; the other steps ran in the host's one ssh session
+        assert set(host["timings"]) == {"connect", "files", "agent", "idle"}
     # the per-host table on stderr
     table = proc.stderr[proc.stderr.index("HOST "):].splitlines()
     assert [line.split()[:4] for line in table[1:4]] == [[n, n, "idle", "changed"] for n in NAMES]
     assert table[4] == "3 host(s): 3 changed, 0 unchanged, 0 failed"
-    # deploy stopped its ssh masters: no ssh process names a control directory that is gone
-    assert not leftover_masters(lab)
+    # every host's ssh session ended with the deploy
+    assert not leftover_ssh(lab)
     # Slurm agrees, and runs a job on all three
     assert all(lab.wait_idle(NAMES)[n] == "idle" for n in NAMES)
     out = lab.mgr.run(["srun", "-N3", "hostname"], timeout=60).stdout
@@ -175,35 +158,6 @@ def test_three_sshd_only_hosts_become_idle(lab):
     for secret in (lab.token(), lab.token().split(".")[1], (lab.sdir / "admin-password").read_text().strip(),
                    h.path("/etc/pibake/node-credential").read_text().strip()):
         assert secret not in proc.stdout and secret not in proc.stderr
-
-
-def test_a_real_ssh_master_is_found_and_stopped(lab):
-    """A real OpenSSH master renames itself `ssh: <ControlPath> [mux]`: deploy finds it by its control
-    directory and stops it with SIGTERM; once its directory is gone, the leftover check sees a master that
-    was not stopped."""
-    from pibake.deploy.session import _close_masters, master_pids
-    from pibake.ssh import SshOptions
-
-    # as deploy makes it: a short path (a unix socket path is at most 107 bytes)
-    control = Path(tempfile.mkdtemp(prefix="pibake-ssh-"))
-    ssh = SshOptions(extra=lab.ssh_options, control_dir=str(control), control_persist=60)
-    for _name, last in WORKERS[:2]:
-        proc = subprocess.run(ssh.argv(f"10.77.{lab.octet}.{last}", "true"), capture_output=True, text=True,
-                              timeout=30)
-        assert proc.returncode == 0, proc.stderr
-    pids = master_pids(str(control))
-    assert len(pids) == 2
-    titles = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode() for p in pids]
-    assert all(t.startswith(f"ssh: {control}/") and t.endswith(" [mux]") for t in titles), titles
-    moved = Path(f"{control}-moved")
-    control.rename(moved)  # as after a deploy that removed its directory without stopping its masters
-    try:
-        assert sorted(int(pid) for pid, _ in leftover_masters(lab)) == sorted(pids)
-    finally:
-        moved.rename(control)
-    _close_masters([], ssh, str(control))
-    assert master_pids(str(control)) == [] and not leftover_masters(lab)
-    shutil.rmtree(control)
 
 
 def test_rerun_by_ip_changes_nothing(lab):
@@ -275,6 +229,36 @@ def test_a_node_removed_in_the_registry_is_enrolled_again(lab):
     assert before, ("red01's slurmd is gone after the registry's reconfigure that followed its re-enrolment (deploy "
                     f"had seen it idle)\n{lab.diagnostics()}")
     assert lab.wait_idle(NAMES)["red01"] == "idle" and daemons(lab, "red01")["slurmd"] == before
+
+
+def test_a_step_that_overruns_or_loses_its_session_fails_its_host_alone(lab, monkeypatch):
+    """The runner's three ways a step ends without its result line, through real ssh sessions: the session on
+    the node kills a step at its timeout (red01, its whole process group); a session that stops answering is
+    closed by deploy at the step's deadline (red02); a session that dies in the middle of a step (red03)."""
+    from pibake.cluster import load_cluster
+    from pibake.deploy import manager_key_authorization, runner, steps
+    from pibake.secrets import seed_secrets
+    from pibake.ssh import SshOptions
+
+    cluster = load_cluster(lab.cluster_dir)
+    auth = manager_key_authorization(cluster, seed_secrets(lab.cluster_dir).manager_ssh_key)
+    inputs = steps.Inputs(cluster, {"agent": b"", "ca": b"", "token": "", "authorize": auth})
+    shells = {"red01": ("sleep 60 & wait", 1), "red02": ("kill -STOP $PPID; sleep 60", 1),
+              "red03": ("kill -KILL $PPID; sleep 60", 60)}
+    monkeypatch.setitem(steps.COMMANDS, "packages", lambda host, _inputs: steps.Command(
+        "packages", shells[host.result.host][0], timeout=shells[host.result.host][1]))
+    monkeypatch.setattr(runner, "STEP_GRACE_S", 0)  # red02's deadline: 1 s + ssh's connect timeout (2 s)
+    hosts = [steps.HostState.for_target(name) for name in NAMES]
+    try:
+        runner.Runner(inputs, parallel=3, ssh=SshOptions(extra=lab.ssh_options, connect_timeout=2)).run(hosts)
+        rows = {h.result.host: (h.result.step, h.result.status, h.result.error) for h in hosts}
+        assert rows["red01"] == rows["red02"] == ("packages", "failed", "packages: did not finish in time on the node")
+        assert rows["red03"][:2] == ("packages", "failed") and rows["red03"][2].startswith("packages: apt-get exited")
+        assert all(set(h.result.timings) == {"connect", "packages"} for h in hosts)
+        assert lab.hosts["red01"].run(["pgrep", "-x", "sleep"], check=False).stdout == ""  # killed with its group
+        assert not leftover_ssh(lab)
+    finally:  # the stopped session on red02
+        lab.hosts["red02"].run(["pkill", "-KILL", "-f", "one ssh session there"], check=False)
 
 
 def test_stopped_host_is_reported_alone(lab):

@@ -1,15 +1,24 @@
-"""Runs on a node (``python3 -c``, standard library only): prints what deploy needs to know about it.
+"""Runs on a node (``python3 -c``, standard library only): deploy's one ssh session there. It prints the
+node's facts, then runs the step commands deploy sends on stdin, one at a time, until stdin ends.
 
 Argument: one JSON object {"packages": [...], "files": [...], "credential": path, "venv": path,
-"auth_user": name, "auth_line": line}. Output: sections, each after a ``@@pibake NAME`` line, ending with
-``@@pibake end``; parsed by ``pibake.deploy.facts.parse_host_facts``. It changes nothing and always exits 0:
-a fact it cannot read is left empty.
+"auth_user": name, "auth_line": line}, or ``null`` (no facts: a later session of a host deploy knows).
+Facts: sections, each after a ``@@pibake NAME`` line, parsed by ``pibake.deploy.facts.parse_host_facts``;
+reading them changes nothing, and a fact that cannot be read is left empty. ``@@pibake end`` follows.
+
+Then each line on stdin is one step: {"shell": text, "stdin": base64 or null, "timeout": seconds}. The text
+runs under ``/bin/sh -c`` with the given stdin (secrets travel there, never on a command line), in its own
+process group, killed whole at the timeout. Its answer is one line, ``@@pibake result {"rc", "out", "err",
+"timedout"}``. One session per host instead of one per step: each ssh session costs the deploying machine a
+process, and a connection or a channel (bench/deploy --ssh-costs).
 """
 
+import base64
 import hashlib
 import json
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +75,7 @@ def authorized(user, line):
     return "present" if line in keys else "absent"
 
 
-def main(spec):
+def facts(spec):
     section("os-release", read_lines("/etc/os-release"))
     section("pid1", read_lines("/proc/1/comm")[:1])
     section("hostname", [socket.gethostname()])
@@ -79,7 +88,35 @@ def main(spec):
     venv = spec.get("venv")
     section("venv", ["present"] if venv and os.path.isfile(venv) and os.access(venv, os.X_OK) else [])
     section("authorized", [authorized(spec.get("auth_user") or "", spec.get("auth_line") or "")])
+
+
+def run_step(request):
+    """Run one step's shell text; its result as a dict (rc None when it was killed at its timeout)."""
+    stdin = base64.b64decode(request["stdin"]) if request.get("stdin") else b""
+    proc = subprocess.Popen(["/bin/sh", "-c", request["shell"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=request.get("timeout") or None)
+        rc, timedout = proc.returncode, False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # apt-get and its children too, not only the shell
+        except OSError:
+            pass
+        out, err = proc.communicate()
+        rc, timedout = None, True
+    return {"rc": rc, "out": out.decode("utf-8", "replace"), "err": err.decode("utf-8", "replace"),
+            "timedout": timedout}
+
+
+def main(spec):
+    if spec is not None:
+        facts(spec)
     section("end")
+    sys.stdout.flush()
+    for line in sys.stdin.buffer:
+        if line.strip():
+            print(MARK + "result " + json.dumps(run_step(json.loads(line))), flush=True)
 
 
 if __name__ == "__main__":
