@@ -2,7 +2,7 @@
 
 The rootfs's ssh needs its own glibc and OpenSSL, so it runs chrooted into an overlay of that rootfs
 (pibake.lab.rootfs.make_host_root: /proc, /dev, /run) with this machine's /tmp bound in, where the lab's ssh config,
-keys, known_hosts and deploy's ControlPath sockets live. The overlay is mounted in the mount namespace of a holder
+keys and known_hosts live (and --ssh-costs' ControlPath sockets). The overlay is mounted in the mount namespace of a holder
 process (``unshare --mount``, private propagation), so nothing is mounted on this machine and it all goes when the
 holder ends. ``ssh`` in ``bin_dir`` (put first on PATH) is a small C program compiled here: setns into the holder's
 mount namespace, chroot, execv /usr/bin/ssh with the arguments unchanged. One exec more than a plain `ssh`, no
@@ -29,7 +29,7 @@ WRAPPER_C = r"""
 #include <sched.h>
 #include <stdio.h>
 #include <unistd.h>
-/* argv passes through unchanged: argv[0] stays what the caller gave (pibake's master check reads it) */
+/* argv passes through unchanged: argv[0] stays what the caller gave (bench/cpuacct classifies by it) */
 int main(int argc, char **argv) {
     (void)argc;
     int fd = open(NS_PATH, O_RDONLY | O_CLOEXEC);

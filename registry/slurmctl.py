@@ -187,6 +187,12 @@ class SlurmApplier:
             self._wait_for_munge(text)
         self._restart(running)
         self._wait_up()
+        if old is None or not nodes_section(old):
+            # the first nodes: no slurmd can hold an older node list, so there is nothing for a reconfigure to
+            # push (on 23.11+ it would restart slurmctld once more, and every node shows `unknown` until it
+            # registers again)
+            LOG.info("slurm.conf with %d node line(s) in force (slurmctld started)", len(nodes_section(text)))
+            return {"action": "restarted", "conf": str(self.conf_path)}
         _touch(self._marker("restarted"))
         if self.reconfigure_grace > 0:
             self._schedule_reconfigure()
@@ -197,7 +203,7 @@ class SlurmApplier:
 
     # ------------------------------------------------------------------ the reconfigure after a restart
     def _marker(self, what):
-        return self.conf_path.with_name(f"{self.conf_path.name}.{what}")
+        return marker_path(self.conf_path, what)
 
     def _schedule_reconfigure(self):
         key = str(self.conf_path)
@@ -225,7 +231,7 @@ class SlurmApplier:
                     restarted = _mtime(self._marker("restarted"))
                     if restarted + self.reconfigure_grace > time.time():
                         continue  # restarted again meanwhile
-                    if _mtime(self._marker("reconfigured")) < restarted and self.slurmctld_up():
+                    if reconfigure_pending(restarted, _mtime(self._marker("reconfigured"))) and self.slurmctld_up():
                         self._reconfigure()
                         self._count("reconfigured_after_restart")
                         LOG.info("scontrol reconfigure sent %.1f s after the last restart",
@@ -353,6 +359,19 @@ class SlurmApplier:
             run(["scontrol", "reconfigure"], timeout=self.timeout, env=self.env)
         except CommandError as exc:
             raise ApplyError(f"scontrol reconfigure failed: {exc}") from None
+
+
+def marker_path(conf_path, what):
+    """The file whose mtime records the latest ``what`` ("restarted", "reconfigured") of ``conf_path``: the
+    deferred reconfigure is shared by every process of the registry, and read by ``pibake lab``'s wait."""
+    conf = Path(conf_path)
+    return conf.with_name(f"{conf.name}.{what}")
+
+
+def reconfigure_pending(restarted_mtime, reconfigured_mtime):
+    """True while a restart's deferred ``scontrol reconfigure`` has not been sent (pure: the two markers'
+    mtimes, 0 for a missing one). Until it is sent, nodes that are idle will show ``unknown`` once more."""
+    return reconfigured_mtime < restarted_mtime
 
 
 def _touch(path):

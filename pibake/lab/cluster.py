@@ -79,7 +79,7 @@ from pibake.lab.rootfs import (
 )
 from pibake.layout import AGENT_CONFIG
 from pibake.plan import recorded_plan
-from pibake.registry.slurmctl import parse_sinfo
+from pibake.registry.slurmctl import DEFAULT_CONF, marker_path, parse_sinfo, reconfigure_pending
 from pibake.run import run, which
 from pibake.secrets import admin_password, secrets_dir
 
@@ -553,7 +553,7 @@ def _wait_idle(state, started, timeout):
         for h in workers:
             if states.get(h["name"]) == "idle" and "idle_s" not in h["timings"]:
                 h["timings"]["idle_s"] = round(time.monotonic() - started, 2)
-        if all(states.get(h["name"]) == "idle" for h in workers):
+        if all(states.get(h["name"]) == "idle" for h in workers) and not _reconfigure_pending(manager):
             return
         time.sleep(0.5)
     missing = ", ".join(f"{h['name']} ({states.get(h['name'], 'not in sinfo')})" for h in workers
@@ -561,6 +561,15 @@ def _wait_idle(state, started, timeout):
     raise LabClusterError(f"not idle after {timeout:g} s: {missing}. The lab stays up: look with "
                           f"`pibake lab status` and `pibake lab shell {manager['name']}`; remove it with "
                           "`pibake lab down`")
+
+
+def _reconfigure_pending(manager):
+    """True while the manager's registry has a restart's `scontrol reconfigure` still to send: after it the
+    idle nodes show `unknown` until they register again, so the lab is not up yet."""
+    marks = [str(marker_path(DEFAULT_CONF, what)) for what in ("restarted", "reconfigured")]
+    proc = run(host_argv(manager, ["stat", "-c", "%.9Y %n", *marks]), check=False, timeout=30)
+    mtimes = dict(reversed(line.split(" ", 1)) for line in proc.stdout.splitlines() if " " in line)
+    return reconfigure_pending(*(float(mtimes.get(m, 0.0)) for m in marks))
 
 
 def slurm_states(manager):
