@@ -233,8 +233,9 @@ def test_a_node_removed_in_the_registry_is_enrolled_again(lab):
 
 def test_a_step_that_overruns_or_loses_its_session_fails_its_host_alone(lab, monkeypatch):
     """The runner's three ways a step ends without its result line, through real ssh sessions: the session on
-    the node kills a step at its timeout (red01, its whole process group); a session that stops answering is
-    closed by deploy at the step's deadline (red02); a session that dies in the middle of a step (red03)."""
+    the node kills a step at its timeout (red01, its whole process group); a session that dies in the middle of
+    a step (red02); a session that stops answering is closed by deploy at the step's deadline (red03, whose
+    session waited for a free slot first: its deadline counts from its start)."""
     from pibake.cluster import load_cluster
     from pibake.deploy import manager_key_authorization, runner, steps
     from pibake.secrets import seed_secrets
@@ -243,22 +244,23 @@ def test_a_step_that_overruns_or_loses_its_session_fails_its_host_alone(lab, mon
     cluster = load_cluster(lab.cluster_dir)
     auth = manager_key_authorization(cluster, seed_secrets(lab.cluster_dir).manager_ssh_key)
     inputs = steps.Inputs(cluster, {"agent": b"", "ca": b"", "token": "", "authorize": auth})
-    shells = {"red01": ("sleep 60 & wait", 1), "red02": ("kill -STOP $PPID; sleep 60", 1),
-              "red03": ("kill -KILL $PPID; sleep 60", 60)}
+    shells = {"red01": ("sleep 60 & wait", 1), "red02": ("kill -KILL $PPID; sleep 60", 60),
+              "red03": ("kill -STOP $PPID; sleep 60", 1)}
     monkeypatch.setitem(steps.COMMANDS, "packages", lambda host, _inputs: steps.Command(
         "packages", shells[host.result.host][0], timeout=shells[host.result.host][1]))
-    monkeypatch.setattr(runner, "STEP_GRACE_S", 0)  # red02's deadline: 1 s + ssh's connect timeout (2 s)
+    monkeypatch.setattr(runner, "STEP_GRACE_S", 0)  # red03's deadline: 1 s + ssh's connect timeout (2 s)
     hosts = [steps.HostState.for_target(name) for name in NAMES]
     try:
-        runner.Runner(inputs, parallel=3, ssh=SshOptions(extra=lab.ssh_options, connect_timeout=2)).run(hosts)
+        # two sessions at once: red03's waits for a slot, and its deadlines count from its own start
+        runner.Runner(inputs, parallel=2, ssh=SshOptions(extra=lab.ssh_options, connect_timeout=2)).run(hosts)
         rows = {h.result.host: (h.result.step, h.result.status, h.result.error) for h in hosts}
-        assert rows["red01"] == rows["red02"] == ("packages", "failed", "packages: did not finish in time on the node")
-        assert rows["red03"][:2] == ("packages", "failed") and rows["red03"][2].startswith("packages: apt-get exited")
+        assert rows["red01"] == rows["red03"] == ("packages", "failed", "packages: did not finish in time on the node")
+        assert rows["red02"][:2] == ("packages", "failed") and rows["red02"][2].startswith("packages: apt-get exited")
         assert all(set(h.result.timings) == {"connect", "packages"} for h in hosts)
         assert lab.hosts["red01"].run(["pgrep", "-x", "sleep"], check=False).stdout == ""  # killed with its group
         assert not leftover_ssh(lab)
-    finally:  # the stopped session on red02
-        lab.hosts["red02"].run(["pkill", "-KILL", "-f", "one ssh session there"], check=False)
+    finally:  # the stopped session on red03
+        lab.hosts["red03"].run(["pkill", "-KILL", "-f", "one ssh session there"], check=False)
 
 
 def test_stopped_host_is_reported_alone(lab):
