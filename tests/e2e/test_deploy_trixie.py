@@ -3,8 +3,9 @@ workers red01-red02, later red03) is a lab host on its own root over the lab's D
 lab up` makes them (tests/e2e/deploy_fixtures.py ``rootfs=``): OpenSSH 10's sshd, Python 3.13, Slurm 24.11 and
 munge 0.5.16, as on Raspberry Pi OS trixie. Each runs nothing but sshd until deploy sets it up. Shows: one
 deploy sets up the manager and makes the workers idle; a re-run changes nothing; a worker added later joins by
-`scontrol reconfigure`, without a slurmctld restart (Slurm 23.11 on; 22.05 on this machine must restart).
-Tests run in file order on one lab."""
+`scontrol reconfigure`, without a slurmctld restart (Slurm 23.11 on; 22.05 on this machine must restart); a worker
+reached as a user with passwordless sudo (`--user pi`) is deployed through `sudo -n`. Tests run in file order on
+one lab."""
 
 import json
 import os
@@ -95,6 +96,42 @@ def test_a_worker_added_later_joins_by_reconfigure_without_a_restart(lab):
     assert log.count(RECONFIGURED) > reconfigures, log[-3000:]
     states = dict(line.split() for line in lab.mgr.run(["sinfo", "-N", "-h", "-o", "%N %T"]).stdout.splitlines())
     assert states == {"red01": "idle", "red02": "idle", "red03": "idle"}
+
+
+def test_a_login_that_is_not_root_deploys_through_sudo(lab):
+    """`--user pi` with passwordless sudo, as Raspberry Pi OS sets up its first user: the host's one ssh session
+    runs under `sudo -n` (every step goes down its stdin, through sudo), and the files step authorizes the
+    manager's key for pi, cluster.yaml's user, beside the key deploy logged in with."""
+    name = "red04"
+    lab.add_ssh_worker(name, 14)
+    host = lab.hosts[name]
+    login_key = Path(f"{lab.key}.pub").read_text().strip()
+    # no password, not a locked one ("!"): without PAM sshd refuses a locked account even with a key
+    host.run(["useradd", "--create-home", "--shell", "/bin/bash", "--password", "*", "pi"])
+    host.run(["sh", "-c", "echo 'pi ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/010_pi-nopasswd && "
+                          "chmod 0440 /etc/sudoers.d/010_pi-nopasswd"])
+    host.run(["install", "-d", "-m", "0700", "-o", "pi", "-g", "pi", "/home/pi/.ssh"])
+    host.run(["install", "-m", "0600", "-o", "pi", "-g", "pi", "/dev/stdin", "/home/pi/.ssh/authorized_keys"],
+             input=login_key + "\n")
+    # the lab's sshd reads root's key from a file in /etc/ssh; pi's own file as on a Pi too (sshd started again)
+    dropin = host.path("/etc/ssh/sshd_config.d/pibake-lab.conf")
+    dropin.write_text(dropin.read_text().replace("AuthorizedKeysFile /etc/ssh/pibake_lab_authorized_keys",
+                                                 "AuthorizedKeysFile /etc/ssh/pibake_lab_authorized_keys "
+                                                 ".ssh/authorized_keys"))
+    lab.stop_sshd(host)
+    host.run(["/usr/sbin/sshd"], timeout=30)
+    check = lab.ssh(f"pi@{name}", "sudo -n id -un", check=False)  # sshd daemonized listening
+    assert check.stdout.strip() == "root", check.stderr
+    proc = run_pibake(lab, ["deploy", "--hosts", name, "--json", "--wheel", str(lab.wheel), "--user", "pi"])
+    assert proc.returncode == 0, f"{proc.stderr}\n{lab.diagnostics()}"
+    (row,) = json.loads(proc.stdout)["hosts"]
+    assert (row["step"], row["status"], row["slurm_state"]) == ("idle", "changed", "idle"), row
+    assert "/home/pi/.ssh/authorized_keys" in row["changes"]
+    keys = host.path("/home/pi/.ssh/authorized_keys").read_text().splitlines()
+    assert keys[0] == login_key and len(keys) == 2 and keys[1].endswith(" pibake-manager@deploy"), keys
+    assert host.path("/etc/pibake/agent.json").stat().st_uid == 0  # written as root, through sudo
+    # the sudo session ended with the deploy: nothing of it is left on the host
+    assert host.run(["pgrep", "-u", "pi"], check=False).stdout == ""
 
 
 def test_bench_deploy_on_trixie_smoke(tmp_path, lab_rootfs):
