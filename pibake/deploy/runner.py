@@ -83,7 +83,7 @@ class HostSession(EventHandler):
             self.err.append(line)
         elif line == END:
             if self.step is not None and self.step.facts is not None:
-                self._finish(steps.Outcome(0, "".join(f"{ln}\n" for ln in self.out + [line]), self._err()))
+                self._finish(steps.Outcome(0, _text(self.out + [line]), _text(self.err)))
             else:
                 self.out = []  # a later session's: no facts before it
         elif line.startswith(RESULT) and self.step is not None and self.step.facts is None:
@@ -107,14 +107,17 @@ class HostSession(EventHandler):
             self.worker.abort()
 
     def ev_close(self, worker, timedout):
+        # ``timedout`` is ClusterShell's own timeout, which a session has none of: its deadline is ``killed``
         self.open = False
         self.runner.session_ended(self)
         if self.step is not None:  # the session ended in the middle of a step: the step's outcome is how
-            self._finish(steps.Outcome(None if self.killed else self.rc, "".join(f"{ln}\n" for ln in self.out),
-                                       self._err(), self.killed or timedout))
+            self._finish(steps.Outcome(None if self.killed else self.rc, _text(self.out), _text(self.err),
+                                       self.killed))
 
-    def _err(self):
-        return "".join(f"{ln}\n" for ln in self.err)
+
+def _text(lines):
+    """Lines as one text, each ending in a newline (as the program printed them)."""
+    return "".join(f"{ln}\n" for ln in lines)
 
 
 class Runner:
